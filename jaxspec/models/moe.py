@@ -1,0 +1,53 @@
+"""Mixture-of-experts feed-forward block: router, experts, optional shared expert."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspec.config import ModelConfig
+from jaxspec.models.layers import MLP, param
+from jaxspec.models.moe_dispatch import dispatch
+
+
+def route(router_logits: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    """Softmax over all experts, then top-k (Mixtral, Qwen-MoE). -> (weights [N,k] f32, expert ids [N,k])."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, expert_ids = jax.lax.top_k(probs, top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, expert_ids.astype(jnp.int32)
+
+
+class MoEBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        dt = jnp.dtype(cfg.dtype)
+        e, d, f = cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim
+        self.cfg = cfg
+        self.router = param(rngs, (d, e), ("embed", "expert"), dt)
+        self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), dt)
+        self.w_up = param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), dt)
+        self.w_down = param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), dt)
+        if cfg.shared_expert_mlp_dim:
+            self.shared_expert = MLP(d, cfg.shared_expert_mlp_dim, dt, rngs)
+            self.shared_gate = param(rngs, (d, 1), ("embed", None), dt)
+
+    def __call__(self, x: jax.Array, valid: jax.Array, backend: str | None = None) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D], valid [B, T] bool -> (out [B, T, D], tokens routed per expert [E] over valid tokens)."""
+        cfg = self.cfg
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        router_logits = jnp.einsum("nd,de->ne", flat, self.router[...], preferred_element_type=jnp.float32)
+        weights, expert_ids = route(router_logits, cfg.num_experts_per_tok, cfg.router_renormalize)
+        out = dispatch(
+            flat, expert_ids, weights, self.w_gate[...], self.w_up[...], self.w_down[...],
+            backend=backend or cfg.moe_backend,
+        )
+        if cfg.shared_expert_mlp_dim:
+            gate = jax.nn.sigmoid(flat @ self.shared_gate[...])
+            out = out + gate * self.shared_expert(flat)
+        counts = jnp.sum(
+            jax.nn.one_hot(expert_ids, cfg.num_experts, dtype=jnp.int32) * valid.reshape(-1, 1, 1), axis=(0, 1)
+        )
+        return out.reshape(b, t, d), counts

@@ -1,0 +1,126 @@
+"""Expert dispatch: compute sum_k w[n,k] * expert_{e[n,k]}(x[n]) with a selectable backend.
+
+Every backend is dropless (no capacity): a token's output never depends on which
+other tokens share the batch, which speculative verification relies on.
+
+Backends (``BACKENDS``):
+  dense   every expert computes every token; masked combine. Reference, and the
+          fastest at tiny batches where it is one fused matmul per weight.
+  sorted  assignments sorted by expert and packed into row tiles that each belong
+          to one expert; each tile multiplies only its expert's weights; results
+          scattered back. Work ~ assigned rows, not rows x experts.
+  ragged  sorted rows through ``jax.lax.ragged_dot`` (XLA's grouped matmul; on CPU
+          it computes every group densely, so it is only chosen on accelerators).
+  pallas  registered by ``pallas_kernels`` (grouped matmul kernel).
+``auto`` picks per platform and token count (see ``choose_backend``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# fn(x[N,D], expert_ids[N,k], weights[N,k], w_gate[E,D,F], w_up[E,D,F], w_down[E,F,D]) -> [N,D]
+DispatchFn = Callable[..., jax.Array]
+BACKENDS: dict[str, DispatchFn] = {}
+
+
+def register_backend(name: str, fn: DispatchFn) -> None:
+    BACKENDS[name] = fn
+
+
+def _swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, spec: str, out_spec: str) -> jax.Array:
+    h = jax.nn.silu(jnp.einsum(spec, x, w_gate)) * jnp.einsum(spec, x, w_up)
+    return jnp.einsum(out_spec, h, w_down)
+
+
+def dispatch_dense(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+    num_experts = w_gate.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # [N,E]
+    y = _swiglu(x, w_gate, w_up, w_down, "nd,edf->enf", "enf,efd->end")  # [E,N,D]
+    return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine).astype(x.dtype)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def sorted_tile_rows(num_assignments: int, num_experts: int) -> int:
+    """Rows per tile: about the mean group size, a power of two in [1, 128]."""
+    return int(min(128, _next_pow2(max(1, num_assignments // num_experts))))
+
+
+def _sort_assignments(expert_ids: jax.Array, num_experts: int):
+    n, k = expert_ids.shape
+    flat_e = expert_ids.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)  # [A]
+    token_of = (order // k).astype(jnp.int32)  # token index of each sorted assignment
+    sorted_e = flat_e[order]
+    group_sizes = jnp.bincount(flat_e, length=num_experts).astype(jnp.int32)
+    return order, token_of, sorted_e, group_sizes
+
+
+def dispatch_sorted(x, expert_ids, weights, w_gate, w_up, w_down, tile_rows: int | None = None) -> jax.Array:
+    n, k = expert_ids.shape
+    num_experts = w_gate.shape[0]
+    a = n * k
+    tile = tile_rows or sorted_tile_rows(a, num_experts)
+    order, token_of, sorted_e, group_sizes = _sort_assignments(expert_ids, num_experts)
+    # Pad every group to a multiple of `tile` so each tile holds one expert's rows.
+    padded_sizes = (group_sizes + tile - 1) // tile * tile
+    padded_ends = jnp.cumsum(padded_sizes)
+    padded_starts = padded_ends - padded_sizes
+    group_starts = jnp.cumsum(group_sizes) - group_sizes
+    dest = padded_starts[sorted_e] + jnp.arange(a, dtype=jnp.int32) - group_starts[sorted_e]  # [A]
+    num_tiles = -(-(a + num_experts * (tile - 1)) // tile)  # static bound on padded rows / tile
+    rows = num_tiles * tile
+    row_token = jnp.full((rows,), n, jnp.int32).at[dest].set(token_of)  # n = the zero row
+    row_weight = jnp.zeros((rows,), jnp.float32).at[dest].set(weights.reshape(-1)[order].astype(jnp.float32))
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(padded_ends, jnp.arange(num_tiles, dtype=jnp.int32) * tile, side="right"), num_experts - 1
+    )
+    x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
+    xs = x_pad[row_token].reshape(num_tiles, tile, -1)  # [tiles, tile, D]
+    y = _swiglu(xs, w_gate[tile_expert], w_up[tile_expert], w_down[tile_expert], "trd,tdf->trf", "trf,tfd->trd")
+    y = y.reshape(rows, -1).astype(jnp.float32) * row_weight[:, None]
+    out = jnp.zeros((n + 1, x.shape[1]), jnp.float32).at[row_token].add(y)
+    return out[:n].astype(x.dtype)
+
+
+def dispatch_ragged(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+    n, k = expert_ids.shape
+    num_experts = w_gate.shape[0]
+    order, token_of, _, group_sizes = _sort_assignments(expert_ids, num_experts)
+    xs = x[token_of]  # [A, D], rows grouped by expert
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
+    y = jax.lax.ragged_dot(h, w_down, group_sizes).astype(jnp.float32)
+    y = y * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
+    return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of].add(y).astype(x.dtype)
+
+
+register_backend("dense", dispatch_dense)
+register_backend("sorted", dispatch_sorted)
+register_backend("ragged", dispatch_ragged)
+
+# Measured on the 2-core CPU with tools/bench_decode.py (small-moe, 8 experts, top-2): see choose_backend.
+CPU_DENSE_MAX_TOKENS = 4
+
+
+def choose_backend(requested: str, num_tokens: int, platform: str | None = None) -> str:
+    """Resolve ``auto`` to a concrete backend for this platform and token count (a static int)."""
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown MoE dispatch backend {requested!r}; available: {', '.join(sorted(BACKENDS))}, auto")
+        return requested
+    platform = platform or jax.default_backend()
+    if platform in ("tpu", "gpu", "cuda", "rocm"):
+        return "pallas" if "pallas" in BACKENDS else "ragged"
+    return "dense" if num_tokens <= CPU_DENSE_MAX_TOKENS else "sorted"
+
+
+def dispatch(x, expert_ids, weights, w_gate, w_up, w_down, backend: str = "auto") -> jax.Array:
+    """x [N, D], expert_ids/weights [N, k], expert weights [E, D, F] / [E, F, D] -> [N, D]."""
+    name = choose_backend(backend, x.shape[0])
+    return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)

@@ -1,0 +1,113 @@
+"""The decoder-only transformer (dense, MoE, or mixed per layer) with the slot-cache forward.
+
+Forward contract (used by prefill, decode and speculative verification alike):
+
+    out = model(tokens[B, T], start[B], cache, slot_ids=None, num_valid=None)
+    out.logits  [B, T, V] float32
+    out.hidden  [B, T, D] final hidden states (after the final norm), for EAGLE-style drafters
+    out.cache   cache with the rows' K/V written at start..start+T-1 and
+                lengths[slot] = start + num_valid
+    out.expert_load [L, E] int32 tokens routed per expert per layer (valid tokens only; zeros for dense layers)
+
+Row b uses slot ``slot_ids[b]`` (``None``: row b is slot b). A padding row uses
+slot id == num_slots: nothing of it is written. T > 1 is causal inside the block,
+and different rows may start at different positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspec.config import ModelConfig
+from jaxspec.models.kv_cache import KVCache
+from jaxspec.models.layers import MLP, Attention, RMSNorm, param, rope_inv_frequencies
+from jaxspec.models.moe import MoEBlock
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array
+    hidden: jax.Array
+    cache: KVCache
+    expert_load: jax.Array
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        dt = jnp.dtype(cfg.dtype)
+        self.layer = layer
+        self.is_moe = cfg.layer_is_moe(layer)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dt)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dt)
+        if self.is_moe:
+            self.moe = MoEBlock(cfg, rngs)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.mlp_dim, dt, rngs)
+
+    def __call__(self, x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend):
+        attn_out, cache_k, cache_v = self.attn(
+            self.attn_norm(x), positions, cache_k, cache_v, self.layer, slot_ids, inv_freq
+        )
+        x = x + attn_out
+        h = self.mlp_norm(x)
+        if self.is_moe:
+            mlp_out, counts = self.moe(h, valid, moe_backend)
+        else:
+            mlp_out, counts = self.mlp(h), None
+        return x + mlp_out, cache_k, cache_v, counts
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        dt = jnp.dtype(cfg.dtype)
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dt)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, dt)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dt)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int32
+        start: jax.Array,  # [B] int32 absolute position of tokens[:, 0]
+        cache: KVCache,
+        slot_ids: jax.Array | None = None,  # [B] int32
+        num_valid: jax.Array | None = None,  # [B] int32 real tokens per row (rest is padding)
+        moe_backend: str | None = None,
+    ) -> ForwardOutput:
+        cfg = self.cfg
+        b, t = tokens.shape
+        positions = start[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+        if num_valid is None:
+            num_valid = jnp.full((b,), t, jnp.int32)
+        valid = jnp.arange(t, dtype=jnp.int32)[None, :] < num_valid[:, None]  # [B, T]
+        inv_freq = rope_inv_frequencies(cfg)
+
+        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        cache_k, cache_v = cache.k, cache.v
+        loads = []
+        for layer in self.layers:
+            x, cache_k, cache_v, counts = layer(x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend)
+            loads.append(counts if counts is not None else jnp.zeros((max(cfg.num_experts, 1),), jnp.int32))
+        hidden = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
+
+        rows = jnp.arange(b) if slot_ids is None else slot_ids
+        lengths = cache.lengths.at[rows].set(start + num_valid, mode="drop")
+        return ForwardOutput(logits, hidden, KVCache(cache_k, cache_v, lengths), jnp.stack(loads))
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialised model (tests, benchmarks, training from scratch)."""
+    return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model's structure with shape-only parameters (no memory allocated)."""
+    return nnx.eval_shape(lambda: create_model(cfg))

@@ -1,0 +1,1 @@
+"""gRPC serving: the jaxspec.v1 API, server and client."""
