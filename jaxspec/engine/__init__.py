@@ -1,0 +1,19 @@
+"""Generation engine: slots, jitted prefill/decode, continuous batching."""
+
+from jaxspec.engine.engine import Engine, PlainRunner, StepRunner
+from jaxspec.engine.model_runner import ModelRunner, prefill_buckets
+from jaxspec.engine.request import (
+    Completion,
+    FinishReason,
+    InvalidRequestError,
+    QueueFullError,
+    Request,
+    RequestOutput,
+    SpecStats,
+)
+from jaxspec.engine.slots import SlotTable
+
+__all__ = [
+    "Completion", "Engine", "FinishReason", "InvalidRequestError", "ModelRunner", "PlainRunner", "QueueFullError",
+    "Request", "RequestOutput", "SlotTable", "SpecStats", "StepRunner", "prefill_buckets",
+]

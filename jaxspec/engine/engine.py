@@ -1,0 +1,306 @@
+"""Continuous-batching generation engine.
+
+The engine is driven by one thread (the one that owns the device): callers add
+requests, then call ``step()`` repeatedly; each step admits waiting requests
+into free slots (prefill), runs one batched decode step over every active slot
+(plain, or draft+verify when the runner speculates), and returns per-request
+``RequestOutput`` deltas. Requests can join and leave between any two steps.
+
+Runners (``StepRunner``) do the device work; the engine does scheduling,
+validation, stopping and detokenisation, so plain and speculative decoding
+share every host-side rule.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+import time
+from typing import Iterable, Protocol, Sequence
+
+from jaxspec.config import ModelConfig
+from jaxspec.engine.request import (
+    Completion,
+    FinishReason,
+    InvalidRequestError,
+    QueueFullError,
+    Request,
+    RequestOutput,
+    SpecStats,
+)
+from jaxspec.engine.slots import SlotTable
+from jaxspec.engine.stopping import OutputTracker
+from jaxspec.sampling import SamplingParams
+from jaxspec.tokenizer import Tokenizer
+
+
+class StepRunner(Protocol):
+    """Device work for one engine. ``decode`` returns, per active slot, the new tokens
+    (one for plain decoding, 1..k+1 under speculation) and (drafted, accepted) counts."""
+
+    cfg: ModelConfig
+    num_slots: int
+    max_len: int
+
+    def prefill(self, slot: int, request: Request, slots: SlotTable) -> int: ...
+
+    def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]: ...
+
+    def release(self, slot: int) -> None: ...
+
+    def warmup(self) -> None: ...
+
+
+class PlainRunner:
+    """One token per active slot per step, through ``ModelRunner``."""
+
+    def __init__(self, model_runner):
+        self.runner = model_runner
+        self.cfg = model_runner.cfg
+        self.num_slots = model_runner.num_slots
+        self.max_len = model_runner.max_len
+
+    def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
+        return self.runner.prefill(slot, request.prompt_ids, slots)
+
+    def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
+        tokens = self.runner.decode(slots)
+        return {s: ([int(tokens[s])], 0, 0) for s in slots.active_slots()}
+
+    def release(self, slot: int) -> None:
+        self.runner.set_length(slot, 0)
+
+    def warmup(self) -> None:
+        self.runner.warmup()
+
+
+class _Live:
+    """Engine-side state of a request that holds a slot."""
+
+    def __init__(self, request: Request, tracker: OutputTracker, speculative: bool):
+        self.request = request
+        self.tracker = tracker
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.spec = SpecStats() if speculative else None
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: StepRunner,
+        tokenizer: Tokenizer,
+        max_waiting: int = 1024,
+        eos_ids: Sequence[int] | None = None,
+        speculative: bool = False,
+    ):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.cfg = runner.cfg
+        self.max_waiting = max_waiting
+        self.eos_ids = tuple(eos_ids if eos_ids is not None else tokenizer.eos_ids or self.cfg.eos_ids)
+        self.speculative = speculative
+        self.slots = SlotTable(runner.num_slots)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.live: dict[int, _Live] = {}  # slot -> live request
+        self._ids = itertools.count()
+        self._seed_rng = random.Random()
+        self._in_flight: set[str] = set()
+
+    # ------------------------------------------------------------- admission
+    @property
+    def max_len(self) -> int:
+        return self.runner.max_len
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        if len(prompt_ids) == 0:
+            raise InvalidRequestError("prompt", "prompt is empty")
+        vocab = self.cfg.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise InvalidRequestError("prompt_token_ids", f"token id {bad[0]} outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_len:
+            raise InvalidRequestError(
+                "prompt", f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_len} (prompt + output)"
+            )
+        if len(prompt_ids) + params.max_tokens > self.max_len:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {self.max_len}",
+            )
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad_stop:
+            raise InvalidRequestError("stop_token_ids", f"token id {bad_stop[0]} outside the vocabulary [0, {vocab})")
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        deadline: float | None = None,
+        num_speculative_tokens: int | None = None,
+    ) -> str:
+        """Queue a request (text or token ids). Raises InvalidRequestError / QueueFullError."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        self.validate(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._in_flight:
+            raise InvalidRequestError("request_id", f"request id {request_id!r} is already in flight")
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests)")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        self.waiting.append(
+            Request(request_id, prompt_ids, params, seed, deadline=deadline, num_speculative_tokens=num_speculative_tokens)
+        )
+        self._in_flight.add(request_id)
+        return request_id
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORTED) -> RequestOutput | None:
+        """End a request wherever it is; returns its final output (None if unknown)."""
+        for req in list(self.waiting):
+            if req.request_id == request_id:
+                self.waiting.remove(req)
+                self._in_flight.discard(request_id)
+                return RequestOutput(request_id, [], "", True, reason, arrival_time=req.arrival_time,
+                                     num_prompt_tokens=len(req.prompt_ids))
+        for slot, live in list(self.live.items()):
+            if live.request.request_id == request_id:
+                return self._finish(slot, reason, live.tracker.finish(reason))
+        return None
+
+    # ------------------------------------------------------------------ loop
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.live)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.live)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        outputs += self._expire_deadlines()
+        outputs += self._admit()
+        if self.slots.active.any():
+            results = self.runner.decode(self.slots)
+            now = time.monotonic()
+            for slot, (tokens, drafted, accepted) in results.items():
+                live = self.live.get(slot)
+                if live is None:
+                    continue
+                if live.spec is not None:
+                    live.spec.add(drafted, accepted)
+                outputs.append(self._emit(slot, tokens, now))
+        return outputs
+
+    def _admit(self) -> list[RequestOutput]:
+        outputs = []
+        for slot in self.slots.free_slots():
+            if not self.waiting:
+                break
+            req = self.waiting.popleft()
+            tracker = OutputTracker(self.tokenizer, req.params, self.eos_ids)
+            self.live[slot] = _Live(req, tracker, self.speculative)
+            self.slots.assign(slot, req)
+            try:
+                first = self.runner.prefill(slot, req, self.slots)
+            except Exception as e:  # one bad request must not take the engine down
+                outputs.append(self._fail(slot, e))
+                continue
+            self.slots.active[slot] = True
+            outputs.append(self._emit(slot, [first], time.monotonic()))
+        return outputs
+
+    def _emit(self, slot: int, tokens: list[int], now: float) -> RequestOutput:
+        live = self.live[slot]
+        res = live.tracker.append(tokens)
+        if tokens:
+            live.first_token_time = live.first_token_time or now
+            live.last_token_time = now
+        # The runner already advanced its own caches; the slot table advances the host counters.
+        self.slots.num_generated[slot] += len(tokens)
+        self.slots.last_token[slot] = tokens[-1] if tokens else self.slots.last_token[slot]
+        if res.finish_reason is not None:
+            return self._finish(slot, res.finish_reason, res.text_delta, res.token_ids, res.stop_match)
+        return self._output(slot, res.token_ids, res.text_delta)
+
+    def _output(self, slot, token_ids, text, finished=False, reason=None, match=None, error=None) -> RequestOutput:
+        live = self.live[slot]
+        req = live.request
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=list(token_ids),
+            text_delta=text,
+            finished=finished,
+            finish_reason=reason,
+            stop_match=match,
+            num_prompt_tokens=len(req.prompt_ids),
+            num_generated_tokens=len(live.tracker.token_ids),
+            arrival_time=req.arrival_time,
+            first_token_time=live.first_token_time,
+            last_token_time=live.last_token_time,
+            error=error,
+            spec=live.spec,
+        )
+
+    def _finish(self, slot, reason, text="", token_ids=(), match=None, error=None) -> RequestOutput:
+        out = self._output(slot, token_ids, text, True, reason, match, error)
+        self._in_flight.discard(out.request_id)
+        del self.live[slot]
+        self.slots.release(slot)
+        self.runner.release(slot)
+        return out
+
+    def _fail(self, slot: int, exc: Exception) -> RequestOutput:
+        live = self.live[slot]
+        text = live.tracker.finish(FinishReason.ERROR)
+        return self._finish(slot, FinishReason.ERROR, text, error=f"{type(exc).__name__}: {exc}")
+
+    def _expire_deadlines(self) -> list[RequestOutput]:
+        now = time.monotonic()
+        expired = [r.request_id for r in self.waiting if r.deadline is not None and r.deadline <= now]
+        expired += [l.request.request_id for l in self.live.values()
+                    if l.request.deadline is not None and l.request.deadline <= now]
+        return [o for rid in expired if (o := self.abort(rid, FinishReason.DEADLINE)) is not None]
+
+    # ------------------------------------------------------------ convenience
+    def generate(
+        self,
+        prompts: Iterable[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Run prompts to completion (batched over the slots); results in prompt order."""
+        prompts = list(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        parts: dict[str, list[RequestOutput]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in parts:
+                    parts[out.request_id].append(out)
+        return [_assemble(parts[i]) for i in ids]
+
+
+def _assemble(outputs: list[RequestOutput]) -> Completion:
+    last = outputs[-1]
+    return Completion(
+        request_id=last.request_id,
+        text="".join(o.text_delta for o in outputs),
+        token_ids=[t for o in outputs for t in o.new_token_ids],
+        finish_reason=last.finish_reason,
+        stop_match=last.stop_match,
+        num_prompt_tokens=last.num_prompt_tokens,
+        arrival_time=last.arrival_time,
+        first_token_time=last.first_token_time,
+        last_token_time=last.last_token_time,
+        spec=last.spec,
+    )

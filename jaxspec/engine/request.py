@@ -1,0 +1,105 @@
+"""Requests, their outputs, and the errors a bad request gets."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from jaxspec.sampling import SamplingParams
+
+
+class InvalidRequestError(ValueError):
+    """A request was refused; ``field`` names the offending input (for INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is at its limit (RESOURCE_EXHAUSTED)."""
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"  # a stop string or stop token id matched
+    EOS = "eos"
+    ABORTED = "aborted"
+    DEADLINE = "deadline"
+    ERROR = "error"
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int  # resolved seed (the request's own, or drawn by the engine)
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    deadline: float | None = None  # time.monotonic() value after which the request is ended
+    num_speculative_tokens: int | None = None  # per-request override (None: engine default)
+
+
+@dataclasses.dataclass
+class SpecStats:
+    """Speculation counters for one request (names as vLLM reports them)."""
+
+    num_drafts: int = 0  # verification steps that carried at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+    def add(self, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
+        if len(self.accepted_per_position) < drafted:
+            self.accepted_per_position.extend([0] * (drafted - len(self.accepted_per_position)))
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One step's news for one request (deltas), plus cumulative state on the last one."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_match: str | int | None = None  # the stop string or token id that ended it
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    error: str | None = None
+    spec: SpecStats | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request, assembled from its outputs (``Engine.generate``)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    stop_match: str | int | None
+    num_prompt_tokens: int
+    arrival_time: float
+    first_token_time: float | None
+    last_token_time: float | None
+    spec: SpecStats | None = None

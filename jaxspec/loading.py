@@ -1,0 +1,49 @@
+"""Resolve ``--model NAME_OR_PATH``: a config name, an orbax model directory or a Hugging Face folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jaxspec.checkpoint.orbax_io import is_model_dir, load_model
+from jaxspec.config import ConfigError, load_config
+from jaxspec.models import Transformer, create_model
+from jaxspec.tokenizer import ByteTokenizer, Tokenizer
+
+DEFAULT_MODEL = "small-moe"
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "config.json").exists() and (
+        any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()
+    )
+
+
+def load_any(name_or_path: str | None = None, dtype: str | None = None, seed: int = 0) -> tuple[Transformer, Tokenizer]:
+    """Load a model and its tokenizer.
+
+    - an orbax model directory written by ``jaxspec.checkpoint.save_model``;
+    - a Hugging Face folder (config.json + safetensors);
+    - a config name under configs/models (random weights, byte tokenizer; for tests and benchmarks).
+    """
+    name_or_path = name_or_path or DEFAULT_MODEL
+    path = Path(name_or_path)
+    if path.is_dir():
+        if is_model_dir(path):
+            return load_model(path, dtype=dtype)
+        if is_hf_dir(path):
+            from jaxspec.checkpoint.hf_loader import load_hf
+
+            return load_hf(path, dtype=dtype)
+        raise ConfigError(
+            f"{path} is neither a jaxspec model directory (config.json + params/) nor a Hugging Face folder "
+            "(config.json + *.safetensors)"
+        )
+    cfg = load_config(name_or_path)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    tokenizer = ByteTokenizer()
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"config {cfg.name} has vocab_size {cfg.vocab_size} < the byte tokenizer's 259")
+    return create_model(cfg, seed), tokenizer
