@@ -108,8 +108,18 @@ register_backend("ragged", dispatch_ragged)
 CPU_DENSE_MAX_TOKENS = 4
 
 
+def _load_optional_backends() -> None:
+    """Register backends that live outside jaxspec (``pallas``) on first use, so importing jaxspec stays light."""
+    if "pallas" not in BACKENDS:
+        try:
+            import pallas_kernels.moe_backend  # noqa: F401  (registers "pallas")
+        except ImportError:  # Pallas unavailable in this jax build: the other backends still work
+            pass
+
+
 def choose_backend(requested: str, num_tokens: int, platform: str | None = None) -> str:
     """Resolve ``auto`` to a concrete backend for this platform and token count (a static int)."""
+    _load_optional_backends()
     if requested != "auto":
         if requested not in BACKENDS:
             raise ValueError(f"unknown MoE dispatch backend {requested!r}; available: {', '.join(sorted(BACKENDS))}, auto")

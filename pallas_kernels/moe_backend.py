@@ -1,0 +1,59 @@
+"""MoE expert dispatch through the Pallas grouped matmul: the ``pallas`` backend of ``jaxspec.models.moe_dispatch``.
+
+Importing this module registers the backend; ``moe_dispatch.choose_backend`` does
+so lazily, so jaxspec imports no Pallas code unless it is used.
+
+The computation is the one of ``dispatch_ragged``: assignments sorted by expert
+(stable, so ties keep token order), rows gathered, three grouped matmuls for the
+SwiGLU expert FFN, and a weighted scatter-add back to tokens. It is dropless: a
+token's output never depends on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxspec.models.moe_dispatch import register_backend
+from pallas_kernels._common import default_interpret
+from pallas_kernels.gmm import Tiling, gmm
+
+
+def dispatch_pallas(
+    x: jax.Array,  # [N, D]
+    expert_ids: jax.Array,  # [N, k] int32
+    weights: jax.Array,  # [N, k] combine weights
+    w_gate: jax.Array,  # [E, D, F]
+    w_up: jax.Array,  # [E, D, F]
+    w_down: jax.Array,  # [E, F, D]
+    *,
+    interpret: bool | None = None,
+    backend: str = "auto",
+    tiling: Tiling | None = None,
+    down_tiling: Tiling | None = None,
+) -> jax.Array:
+    """sum_k weights[n, k] * FFN_{expert_ids[n, k]}(x[n]) -> [N, D] (x's dtype).
+
+    ``interpret=None`` runs the kernels in the Pallas interpreter where no
+    accelerator is present (CPU), so the backend works everywhere.
+    """
+    if interpret is None:
+        interpret = default_interpret()
+    n, k = expert_ids.shape
+    num_experts = w_gate.shape[0]
+    flat_e = expert_ids.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    token_of = (order // k).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat_e, length=num_experts).astype(jnp.int32)
+    xs = x[token_of]  # [N*k, D], rows grouped by expert
+
+    def mm(lhs, w, tile):
+        return gmm(lhs, w.astype(lhs.dtype), group_sizes, tiling=tile, interpret=interpret, backend=backend)
+
+    h = jax.nn.silu(mm(xs, w_gate, tiling)) * mm(xs, w_up, tiling)
+    y = mm(h.astype(x.dtype), w_down, down_tiling).astype(jnp.float32)
+    y = y * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
+    return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of].add(y).astype(x.dtype)
+
+
+register_backend("pallas", dispatch_pallas)
