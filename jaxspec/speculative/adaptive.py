@@ -1,0 +1,217 @@
+"""Adaptive speculation length: acceptance estimates, step costs, and the choice of k.
+
+Design. Every decode step runs all slots through one compiled draft loop and one
+compiled verification, so the step's cost is set by the proposal length ``kb``
+(a bucket from a small fixed set: 0, 1, 2, 4, ..., k_max), not by each slot's k.
+Given the bucket, proposing fewer than kb tokens for a slot saves nothing, so
+the policy picks the bucket that maximises the batch's expected tokens per second
+
+    sum_s E(a_s, k_s(kb)) / (cost_draft(kb) + cost_verify(kb + 1)),
+    E(a, k) = (1 - a^(k+1)) / (1 - a),   k_s(kb) = min(kb, cap_s),
+
+which for one slot is exactly "maximise that request's tokens per unit time";
+a_s is the slot's acceptance estimate, cap_s the tokens it can still use. kb = 0
+(verify one token, skip the draft) wins whenever speculation would slow the
+batch down, e.g. at large batches, where verifying kb+1 tokens per row costs
+much more than one.
+
+Costs are measured, not guessed: the runner times every compiled draft loop and
+verification at warm-up (at its slot count, the only batch shape it runs) and
+keeps refining them from the steps it actually runs. ``CostModel.analytic`` is a
+roofline model (weight bytes read, with an MoE layer reading the
+``N * (1 - (1 - top_k/N)^T)`` experts that T tokens touch, plus FLOPs) for
+planning and deterministic tests; the engine does not use it unless asked.
+
+While kb = 0 nothing is learned about acceptance, so every ``probe_every``
+steps the smallest bucket is run anyway to refresh the estimates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxspec.config import ModelConfig
+
+
+def expected_tokens(alpha: np.ndarray | float, k: np.ndarray | int) -> np.ndarray:
+    """Expected tokens a step emits with k drafts accepted i.i.d. with probability alpha."""
+    alpha = np.clip(np.asarray(alpha, np.float64), 0.0, 1.0)
+    k = np.asarray(k, np.float64)
+    near_one = alpha > 1.0 - 1e-9
+    safe = np.where(near_one, 0.5, alpha)
+    return np.where(near_one, k + 1.0, (1.0 - safe ** (k + 1.0)) / (1.0 - safe))
+
+
+def expected_experts_touched(num_tokens: int | float, num_experts: int, top_k: int) -> float:
+    """Distinct experts T uniformly routed tokens reach in one layer: N (1 - (1 - k/N)^T)."""
+    if num_experts <= 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
+
+
+def k_buckets(k_max: int, extra: tuple[int, ...] = ()) -> list[int]:
+    """Proposal lengths with a compiled step: powers of two below k_max, k_max, and ``extra``."""
+    out, b = set(), 1
+    while b < k_max:
+        out.add(b)
+        b *= 2
+    if k_max > 0:
+        out.add(k_max)
+    out.update(e for e in extra if 0 < e <= k_max)
+    return sorted(out)
+
+
+def bucket_for(k: int, buckets: list[int]) -> int:
+    """The smallest bucket holding k proposals (0 for k <= 0)."""
+    if k <= 0:
+        return 0
+    for b in buckets:
+        if k <= b:
+            return b
+    raise ValueError(f"k={k} exceeds the largest bucket {buckets[-1] if buckets else 0}")
+
+
+class AcceptanceEstimator:
+    """Per-slot acceptance rate: Beta posterior over exponentially forgotten counts.
+
+    A round with ``drafted`` proposals of which ``accepted`` were kept observed
+    ``accepted`` successes and, if it stopped early, one failure (positions past
+    the first rejection were never tested). New requests start from the
+    engine-wide estimate (same rule, slower forgetting) as their prior.
+    """
+
+    def __init__(self, num_slots: int, prior_mean: float = 0.6, prior_strength: float = 2.0,
+                 decay: float = 0.9, global_decay: float = 0.99):
+        self.prior_mean, self.prior_strength = prior_mean, prior_strength
+        self.decay, self.global_decay = decay, global_decay
+        self.acc = np.zeros(num_slots)
+        self.rej = np.zeros(num_slots)
+        self.global_acc = 0.0
+        self.global_rej = 0.0
+
+    def reset(self, slot: int) -> None:
+        self.acc[slot] = self.rej[slot] = 0.0
+
+    def update(self, slot: int, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        rejected = 1.0 if accepted < drafted else 0.0
+        self.acc[slot] = self.decay * self.acc[slot] + accepted
+        self.rej[slot] = self.decay * self.rej[slot] + rejected
+        self.global_acc = self.global_decay * self.global_acc + accepted
+        self.global_rej = self.global_decay * self.global_rej + rejected
+
+    def global_mean(self) -> float:
+        n0 = self.prior_strength
+        return (self.global_acc + self.prior_mean * n0) / (self.global_acc + self.global_rej + n0)
+
+    def mean(self, slots: np.ndarray) -> np.ndarray:
+        n0, m0 = self.prior_strength, self.global_mean()
+        a, r = self.acc[slots], self.rej[slots]
+        return (a + m0 * n0) / (a + r + n0)
+
+
+@dataclasses.dataclass
+class CostModel:
+    """Seconds per step for each proposal bucket (kb = 0: verification of one token, no draft)."""
+
+    draft_s: dict[int, float]
+    verify_s: dict[int, float]
+    source: str = "measured"
+    smoothing: float = 0.05  # weight of each observed step in the running refinement
+
+    def step_cost(self, kb: int) -> float:
+        return self.draft_s.get(kb, 0.0) + self.verify_s[kb]
+
+    def observe(self, kb: int, draft_s: float, verify_s: float) -> None:
+        """Fold a step's measured times in (the machine may be busier than at warm-up)."""
+        w = self.smoothing
+        if kb in self.verify_s:
+            self.verify_s[kb] = (1 - w) * self.verify_s[kb] + w * verify_s
+            if kb > 0:
+                self.draft_s[kb] = (1 - w) * self.draft_s.get(kb, draft_s) + w * draft_s
+
+    def rows(self) -> list[tuple[int, float, float]]:
+        return [(kb, self.draft_s.get(kb, 0.0), self.verify_s[kb]) for kb in sorted(self.verify_s)]
+
+    @classmethod
+    def analytic(cls, target: ModelConfig, draft: ModelConfig | None, num_slots: int, buckets: list[int],
+                 context_len: int = 512, hw: "Roofline | None" = None) -> "CostModel":
+        hw = hw or Roofline()
+        verify = {kb: hw.forward_s(target, num_slots, kb + 1, context_len) for kb in [0, *buckets]}
+        drafts = {0: 0.0}
+        for kb in buckets:
+            drafts[kb] = 0.0 if draft is None else (
+                hw.forward_s(draft, num_slots, 2, context_len) + (kb - 1) * hw.forward_s(draft, num_slots, 1, context_len)
+            )
+        return cls(drafts, verify, source="analytic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+    """Time of one forward = launch overhead + max(bytes / bandwidth, flops / peak).
+    Defaults are H100-like (bf16 weights); only relative costs matter to the policy."""
+
+    bandwidth: float = 3.0e12  # bytes/s
+    peak_flops: float = 4.0e14
+    overhead_s: float = 3e-5
+    bytes_per_param: int = 2
+
+    def forward_s(self, cfg: ModelConfig, rows: int, tokens_per_row: int, context_len: int) -> float:
+        n = rows * tokens_per_row
+        d = cfg.d_model
+        attn = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+        params_read = cfg.vocab_size * d  # lm head (the embedding lookup reads n rows only)
+        flops = 2.0 * n * cfg.vocab_size * d
+        for layer in range(cfg.num_layers):
+            params_read += attn
+            flops += 2.0 * n * attn + 4.0 * n * context_len * cfg.num_heads * cfg.head_dim
+            if cfg.layer_is_moe(layer):
+                expert = 3 * d * cfg.moe_mlp_dim
+                touched = expected_experts_touched(n, cfg.num_experts, cfg.num_experts_per_tok)
+                shared = 3 * d * cfg.shared_expert_mlp_dim
+                params_read += touched * expert + shared + d * cfg.num_experts
+                flops += 2.0 * n * (cfg.num_experts_per_tok * expert + shared)
+            else:
+                params_read += 3 * d * cfg.mlp_dim
+                flops += 2.0 * n * 3 * d * cfg.mlp_dim
+        kv_bytes = rows * context_len * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * self.bytes_per_param
+        byte_count = params_read * self.bytes_per_param + kv_bytes
+        return self.overhead_s + max(byte_count / self.bandwidth, flops / self.peak_flops)
+
+
+class KPolicy:
+    """Chooses each step's proposal bucket (module docstring)."""
+
+    def __init__(self, buckets: list[int], probe_every: int = 16, min_gain: float = 0.02):
+        self.buckets = list(buckets)
+        self.probe_every = probe_every
+        self.min_gain = min_gain  # a longer bucket must beat a shorter one by this much (timing noise)
+        self._off_steps = 0
+        self.last_rates: dict[int, float] = {}
+
+    def choose(self, alphas: np.ndarray, caps: np.ndarray, forced: np.ndarray, cost: CostModel) -> int:
+        """alphas/caps/forced per active slot (forced < 0: free). Returns kb."""
+        forced_k = np.minimum(forced, caps)
+        floor = bucket_for(int(forced_k.max(initial=0)), self.buckets)
+        free = forced < 0
+        best_kb, best_rate = None, -1.0
+        self.last_rates = {}
+        for kb in [0, *self.buckets]:
+            if kb < floor:
+                continue
+            k = np.where(free, np.minimum(kb, caps), forced_k)
+            rate = float(np.sum(expected_tokens(alphas, k))) / cost.step_cost(kb)
+            self.last_rates[kb] = rate
+            if best_kb is None or rate > best_rate * (1.0 + self.min_gain):
+                best_kb, best_rate = kb, rate
+        if best_kb == 0 and free.any() and self.buckets and (caps[free] > 0).any():
+            self._off_steps += 1
+            if self._off_steps >= self.probe_every:
+                self._off_steps = 0
+                return self.buckets[0]
+        else:
+            self._off_steps = 0
+        return best_kb

@@ -1,0 +1,209 @@
+"""A separate draft model (dense or MoE, sharing the target's vocabulary) as proposer.
+
+Cache protocol. ``lengths[s]`` (host, authoritative; mirrored into the device
+cache) counts the context tokens the draft has processed for slot s. The context
+is held in the runner's ``TokenHistory``; the tokens from ``lengths[s]`` to its
+end are *pending*. Normally one token is pending (the target's last emitted
+token), or two when every proposal was accepted (the last proposal was sampled
+but never fed back, then the bonus). Each round:
+
+  step 0   one forward over a [S, 2] block of the pending tokens (num_valid 1 or 2)
+           -> q_0 at the last pending token, sample d_0;
+  step i   feed d_{i-1}, sample d_i (i = 1..kb-1), inside one ``lax.scan``.
+
+Proposals are sampled with ``logits_to_probs`` on the request's own settings and
+Exp(1) noise keyed (seed, output position, PURPOSE_DRAFT); the q's are returned
+for verification. After verification kept ``a`` proposals, the draft has seen
+exactly the accepted context when ``lengths = L + 1 + min(a, kb - 1)``, L being
+the cache position of the last pending token (see ``commit``); entries past the
+length are stale and overwritten before any query reads them (see kv_cache).
+
+A slot whose draft fell further behind (speculation was off for the whole batch,
+so the draft was skipped) is caught up by chunked batched forwards first.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxspec.config import ModelConfig
+from jaxspec.engine.model_runner import prefill_buckets
+from jaxspec.models import KVCache, Transformer
+from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, exponential_noise, logits_to_probs, sample_from_probs
+from jaxspec.speculative.jit_cache import cached_jit
+from jaxspec.speculative.proposer import Proposal, SpecContext
+
+PENDING_BLOCK = 2  # pending tokens step 0 can absorb (last proposal + bonus)
+
+
+def _make_extend(graphdef, backend):
+    def extend(state, cache, tokens, start, slot_ids, num_valid):
+        return nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend).cache
+
+    return extend
+
+
+def _make_loop(graphdef, backend, kb: int):
+    def loop(state, cache, block, block_valid, start, sampling: BatchSampling, out_pos):
+        model = nnx.merge(graphdef, state)
+        vocab = model.cfg.vocab_size
+        rows = block.shape[0]
+
+        def draw(logits, pos):
+            q = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+            noise = jax.vmap(lambda s, p: exponential_noise(s, p, vocab, PURPOSE_DRAFT))(sampling.seed, pos)
+            return sample_from_probs(q, noise), q
+
+        out = model(block, start, cache, None, block_valid, moe_backend=backend)
+        last = jnp.take_along_axis(out.logits, jnp.maximum(block_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+        tok0, q0 = draw(last, out_pos)
+        first = start + block_valid  # cache position where d_0 goes
+        ones = jnp.ones((rows,), jnp.int32)
+
+        def step(carry, i):
+            cache, tok = carry
+            o = model(tok[:, None], first + i - 1, cache, None, ones, moe_backend=backend)
+            t, q = draw(o.logits[:, 0], out_pos + i)
+            return (o.cache, t), (t, q)
+
+        (cache, _), (toks, qs) = jax.lax.scan(step, (out.cache, tok0), jnp.arange(1, kb, dtype=jnp.int32))
+        tokens = jnp.concatenate([tok0[:, None], jnp.swapaxes(toks, 0, 1)], axis=1)
+        probs = jnp.concatenate([q0[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)
+        return cache, tokens, probs
+
+    return loop
+
+
+class DraftModelProposer:
+    """Proposals sampled from a smaller model with its own slot KV cache."""
+
+    name = "draft"
+    deterministic = False
+
+    def __init__(self, model: Transformer, moe_backend: str | None = None, catchup_chunk: int = 16):
+        self.cfg: ModelConfig = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self.moe_backend = moe_backend
+        self.catchup_chunk = catchup_chunk
+        self.cache: KVCache | None = None
+        self.lengths = np.zeros(0, np.int32)
+        self._round: tuple[np.ndarray, np.ndarray] | None = None  # (slots that drafted, their L)
+
+    # ------------------------------------------------------------------ setup
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
+        if self.cfg.vocab_size != target_cfg.vocab_size:
+            raise ValueError(
+                f"draft {self.cfg.name} has vocab_size {self.cfg.vocab_size}, the target {target_cfg.name} has "
+                f"{target_cfg.vocab_size}: a draft must share the target's vocabulary"
+            )
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"draft {self.cfg.name} holds {self.cfg.max_seq_len} positions; the engine needs {max_len}")
+        self.num_slots, self.max_len = num_slots, max_len
+        self.cache = KVCache.create(self.cfg, num_slots, max_len)
+        self.lengths = np.zeros(num_slots, np.int32)
+        self.buckets = prefill_buckets(max_len)
+
+    def _extend(self):
+        return cached_jit(("draft_extend", self.graphdef, self.moe_backend),
+                          lambda: _make_extend(self.graphdef, self.moe_backend), donate_argnums=(1,))
+
+    def _loop(self, kb: int):
+        return cached_jit(("draft_loop", self.graphdef, self.moe_backend, kb),
+                          lambda: _make_loop(self.graphdef, self.moe_backend, kb), donate_argnums=(1,))
+
+    def _sync_lengths(self) -> None:
+        self.cache = self.cache.with_lengths(jnp.asarray(self.lengths))
+
+    # ---------------------------------------------------------------- requests
+    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
+        n = len(prompt_ids)
+        bucket = next(b for b in self.buckets if n <= b)
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, :n] = prompt_ids
+        self.cache = self._extend()(
+            self.state, self.cache, tokens, np.zeros(1, np.int32), np.array([slot], np.int32), np.array([n], np.int32)
+        )
+        self.lengths[slot] = n
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self._sync_lengths()
+
+    def _catch_up(self, ctx: SpecContext) -> None:
+        """Feed all but the last pending token of slots more than PENDING_BLOCK behind."""
+        hist_len = ctx.history.length
+        while True:
+            lag = np.where(ctx.active, hist_len - self.lengths, 0)
+            todo = np.where(lag > PENDING_BLOCK, np.minimum(lag - 1, self.catchup_chunk), 0).astype(np.int32)
+            if not todo.any():
+                return
+            block = ctx.history.window(self.lengths, self.catchup_chunk, todo)
+            self.cache = self._extend()(self.state, self.cache, block, self.lengths.copy(), None, todo)
+            self.lengths = self.lengths + todo
+
+    def propose(self, ctx: SpecContext) -> Proposal:
+        self._catch_up(ctx)
+        pending = np.where(ctx.active, ctx.history.length - self.lengths, 0).astype(np.int32)
+        assert pending.max(initial=0) <= PENDING_BLOCK, "draft cache out of step with the context"
+        block = ctx.history.window(self.lengths, PENDING_BLOCK, pending)
+        self.cache, tokens, probs = self._loop(ctx.kb)(
+            self.state, self.cache, block, pending, self.lengths.copy(), ctx.sampling, ctx.out_pos
+        )
+        drafted = np.flatnonzero(ctx.active)
+        self._round = (drafted, ctx.history.length[drafted] - 1)
+        return Proposal(tokens, probs, np.where(ctx.active, ctx.k, 0).astype(np.int32))
+
+    def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
+        # The round fed the pending tokens (ending with the one at position L) and
+        # d_0..d_{kb-2} at L+1..; accepted d_0..d_{a-1} are therefore in the cache
+        # up to d_{kb-2}. d_{kb-1} (all accepted) stays pending with the bonus.
+        slots, last_pos = self._round
+        self.lengths[slots] = last_pos + 1 + np.minimum(num_accepted[slots], ctx.kb - 1)
+        self._round = None
+        self._sync_lengths()
+
+    # ----------------------------------------------------------------- warm-up
+    def warmup(self, buckets: list[int]) -> None:
+        saved = self.lengths.copy()
+        for b in self.buckets:
+            self.prefill(0, [0] * b)
+        for kb in buckets:
+            self._run_dummy(kb)
+        idle = np.zeros(self.num_slots, np.int32)
+        self.cache = self._extend()(
+            self.state, self.cache, np.zeros((self.num_slots, self.catchup_chunk), np.int32),
+            np.full(self.num_slots, self.max_len, np.int32), None, idle,
+        )
+        self.lengths = saved
+        self._sync_lengths()
+
+    def _run_dummy(self, kb: int) -> None:
+        """One loop whose writes all fall past the cache end (dropped): timing only."""
+        s = self.num_slots
+        sampling = BatchSampling(
+            np.zeros(s, np.float32), np.zeros(s, np.int32), np.ones(s, np.float32), np.zeros(s, np.float32),
+            np.zeros((s, 2), np.uint32),
+        )
+        self.cache, tokens, _ = self._loop(kb)(
+            self.state, self.cache, np.zeros((s, PENDING_BLOCK), np.int32), np.ones(s, np.int32),
+            np.full(s, self.max_len, np.int32), sampling, np.zeros(s, np.int32),
+        )
+        tokens.block_until_ready()
+
+    def measure(self, kb: int, reps: int) -> float:
+        if kb == 0:
+            return 0.0
+        self._run_dummy(kb)  # compile / warm
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            self._run_dummy(kb)
+            times.append(time.perf_counter() - t)
+        self._sync_lengths()
+        return statistics.median(times)

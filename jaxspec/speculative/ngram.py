@@ -1,0 +1,83 @@
+"""Prompt lookup: propose the continuation of the most recent earlier occurrence of
+the context's last n tokens (n from ``max_n`` down to ``min_n``). No model; the
+drafts are a deterministic function of the context, so their q is one-hot and
+verification accepts x with probability p(x) — exact for sampled requests too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from jaxspec.config import ModelConfig
+from jaxspec.speculative.proposer import Proposal, SpecContext, TokenHistory
+
+
+def lookup(context: np.ndarray, k: int, max_n: int = 3, min_n: int = 1) -> np.ndarray:
+    """Up to k tokens that followed the latest earlier match of the context's suffix."""
+    length = len(context)
+    if k <= 0:
+        return context[:0]
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = context[length - n :]
+        # Windows that start before the suffix itself and have at least one token after them.
+        windows = sliding_window_view(context[: length - 1], n)
+        hits = np.flatnonzero(np.all(windows == suffix, axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return context[start : start + k]
+    return context[:0]
+
+
+class NgramProposer:
+    name = "ngram"
+    deterministic = True
+
+    def __init__(self, max_n: int = 3, min_n: int = 1):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.max_n, self.min_n = max_n, min_n
+
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
+        self.num_slots, self.max_len = num_slots, max_len
+
+    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
+        pass
+
+    def propose(self, ctx: SpecContext) -> Proposal:
+        tokens = np.zeros((len(ctx.active), ctx.kb), np.int32)
+        num = np.zeros(len(ctx.active), np.int32)
+        for s in np.flatnonzero(ctx.active & (ctx.k > 0)):
+            found = lookup(ctx.history.context(s), int(ctx.k[s]), self.max_n, self.min_n)
+            tokens[s, : len(found)] = found
+            num[s] = len(found)
+        return Proposal(tokens, None, num)
+
+    def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
+        pass
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def warmup(self, buckets: list[int]) -> None:
+        pass
+
+    def measure(self, kb: int, reps: int) -> float:
+        """Lookup time over full-length synthetic contexts (host work only)."""
+        if kb == 0:
+            return 0.0
+        rng = np.random.default_rng(0)
+        hist = TokenHistory(self.num_slots, self.max_len)
+        for s in range(self.num_slots):
+            hist.start(s, rng.integers(0, 50, self.max_len).tolist())
+        ctx = SpecContext(hist, np.ones(self.num_slots, bool), np.full(self.num_slots, kb, np.int32), kb, None,
+                          np.zeros(self.num_slots, np.int32))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            self.propose(ctx)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)

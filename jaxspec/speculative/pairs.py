@@ -1,0 +1,45 @@
+"""Building target/draft pairs and proposers (CLI, benchmarks, tests).
+
+Random weights make acceptance meaningless: a noisy copy of the target accepts
+as much as its noise level allows, an unrelated random draft almost nothing.
+They exercise every code path; trained pairs are the real benchmark.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspec.models import Transformer
+from jaxspec.speculative.draft_model import DraftModelProposer
+from jaxspec.speculative.ngram import NgramProposer
+from jaxspec.speculative.proposer import NoProposer, Proposer
+
+SPEC_METHODS = ("none", "draft", "ngram")
+
+
+def perturbed_copy(model: Transformer, noise: float, seed: int = 0) -> Transformer:
+    """The model with every weight w replaced by w + noise * std(w) * N(0, 1)
+    (noise 0: an identical copy). Norm scales, whose std is 0, stay put."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    new = []
+    for key, w in zip(keys, leaves):
+        w32 = w.astype(jnp.float32)
+        new.append((w32 + noise * jnp.std(w32) * jax.random.normal(key, w.shape, jnp.float32)).astype(w.dtype))
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, new))
+
+
+def make_proposer(method: str, draft: Transformer | None = None, moe_backend: str | None = None,
+                  ngram_max: int = 3, ngram_min: int = 1) -> Proposer:
+    if method == "none":
+        return NoProposer()
+    if method == "ngram":
+        return NgramProposer(max_n=ngram_max, min_n=ngram_min)
+    if method == "draft":
+        if draft is None:
+            raise ValueError("--spec-method draft needs a draft model (--draft NAME_OR_PATH)")
+        return DraftModelProposer(draft, moe_backend=moe_backend)
+    raise ValueError(f"unknown speculative method {method!r}; choose from {', '.join(SPEC_METHODS)}")

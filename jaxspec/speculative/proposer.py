@@ -1,0 +1,134 @@
+"""The proposer interface, the per-slot token history it reads, and the "none" proposer.
+
+A proposer guesses the next tokens of every active slot; verification decides
+which of them the target keeps. Proposers plug in behind ``Proposer`` (a draft
+model, prompt lookup, and later EAGLE-style or MTP heads reading the target's
+hidden states) and never see the acceptance rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Protocol
+
+import jax
+import numpy as np
+
+from jaxspec.config import ModelConfig
+from jaxspec.sampling import BatchSampling
+
+
+class TokenHistory:
+    """Host-side copy of every slot's context (prompt + generated tokens), which
+    proposers read (n-gram lookup, a lagging draft model's catch-up)."""
+
+    def __init__(self, num_slots: int, capacity: int):
+        self.tokens = np.zeros((num_slots, capacity), np.int32)
+        self.length = np.zeros(num_slots, np.int32)
+
+    @property
+    def capacity(self) -> int:
+        return self.tokens.shape[1]
+
+    def start(self, slot: int, ids: list[int]) -> None:
+        n = len(ids)
+        if n > self.capacity:
+            raise ValueError(f"context of {n} tokens exceeds the history capacity {self.capacity}")
+        self.tokens[slot, :n] = ids
+        self.length[slot] = n
+
+    def extend(self, slot: int, ids: list[int] | np.ndarray) -> None:
+        n, at = len(ids), int(self.length[slot])
+        # Tokens beyond the capacity can only lie past a request's max_tokens (the
+        # engine truncates them), so they are dropped rather than an error.
+        keep = max(0, min(n, self.capacity - at))
+        self.tokens[slot, at : at + keep] = np.asarray(ids[:keep], np.int32)
+        self.length[slot] = at + n
+
+    def clear(self, slot: int) -> None:
+        self.length[slot] = 0
+
+    def context(self, slot: int) -> np.ndarray:
+        return self.tokens[slot, : min(int(self.length[slot]), self.capacity)]
+
+    def last(self) -> np.ndarray:
+        """The newest token per slot [S] (0 for empty slots): the next step's input."""
+        idx = np.clip(np.minimum(self.length, self.capacity) - 1, 0, None)
+        return self.tokens[np.arange(len(idx)), idx]
+
+    def window(self, starts: np.ndarray, width: int, counts: np.ndarray) -> np.ndarray:
+        """tokens[s, starts[s] : starts[s] + counts[s]] left-aligned in a [S, width] block (rest 0)."""
+        cols = starts[:, None] + np.arange(width)[None, :]
+        block = np.take_along_axis(self.tokens, np.clip(cols, 0, self.capacity - 1), axis=1)
+        return np.where(np.arange(width)[None, :] < counts[:, None], block, 0).astype(np.int32)
+
+
+@dataclasses.dataclass
+class SpecContext:
+    """A proposer's view of one step (host arrays, one row per slot)."""
+
+    history: TokenHistory
+    active: np.ndarray  # [S] bool
+    k: np.ndarray  # [S] i32 tokens wanted per slot (0 for inactive slots)
+    kb: int  # static proposal length (a compiled bucket), >= k.max()
+    sampling: BatchSampling  # the requests' settings (numpy arrays)
+    out_pos: np.ndarray  # [S] i32 output position of the first proposed token
+
+
+class Proposal(NamedTuple):
+    tokens: jax.Array | np.ndarray  # [S, kb] i32; entries at or past num_draft are ignored
+    probs: jax.Array | None  # [S, kb, V] f32 the q each token was sampled from; None: deterministic (one-hot)
+    num_draft: np.ndarray  # [S] i32 tokens proposed per slot (<= ctx.k)
+
+
+class Proposer(Protocol):
+    name: str
+    deterministic: bool  # proposals are a function of the context (one-hot q; Proposal.probs is None)
+
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
+        """Bind to a target: check compatibility, allocate per-slot state."""
+
+    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
+        """A request entered ``slot`` (its first output token is not processed yet)."""
+
+    def propose(self, ctx: SpecContext) -> Proposal: ...
+
+    def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
+        """Verification kept ``num_accepted[s]`` proposals of slot s (plus one target token)."""
+
+    def release(self, slot: int) -> None: ...
+
+    def warmup(self, buckets: list[int]) -> None:
+        """Compile whatever ``propose`` runs for these proposal lengths."""
+
+    def measure(self, kb: int, reps: int) -> float:
+        """Seconds one ``propose`` of length kb takes over all slots (no state touched)."""
+
+
+class NoProposer:
+    """Plain decoding through the speculative loop (k = 0 for every slot)."""
+
+    name = "none"
+    deterministic = True
+
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
+        self.num_slots = num_slots
+
+    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
+        pass
+
+    def propose(self, ctx: SpecContext) -> Proposal:
+        s = len(ctx.active)
+        return Proposal(np.zeros((s, ctx.kb), np.int32), None, np.zeros(s, np.int32))
+
+    def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
+        pass
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def warmup(self, buckets: list[int]) -> None:
+        pass
+
+    def measure(self, kb: int, reps: int) -> float:
+        return 0.0

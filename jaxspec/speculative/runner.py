@@ -1,0 +1,244 @@
+"""``SpeculativeRunner``: the engine's ``StepRunner`` for draft-then-verify decoding.
+
+One decode step for every active slot s (context of L+1 tokens; the last one,
+t0, not yet in the target's cache; g tokens generated so far):
+
+  1. choose k_s (fixed, per-request override, or adaptive) and the step's
+     proposal length kb = the smallest compiled bucket >= max k_s;
+  2. the proposer drafts d_0..d_{kb-1} (q's for sampled drafts);
+  3. one target forward over [t0, d_0..d_{kb-1}] at positions L..L+kb with
+     num_valid = k_s + 1 (``ModelRunner.forward_fn``), p = ``logits_to_probs``
+     with the request's own settings, and the acceptance rule of ``verify``;
+  4. the target cache is rolled back to the accepted length (L + 1 + a_s), the
+     proposer catches up, and the slot gets its a_s accepted drafts plus one
+     target token.
+
+Shapes are static per bucket (all slots, T = kb + 1), so a changing mix of k,
+greedy and sampled requests never recompiles; ``warmup`` compiles every bucket.
+With k = 0 for every slot the step is plain decoding: same forward shape, same
+one-hot/exponential-race draw with the same (seed, position, PURPOSE_TARGET)
+noise, hence the same tokens as ``PlainRunner``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.engine.model_runner import ModelRunner
+from jaxspec.engine.request import InvalidRequestError, Request
+from jaxspec.engine.slots import SlotTable
+from jaxspec.sampling import BatchSampling, logits_to_probs
+from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy, bucket_for, k_buckets
+from jaxspec.speculative.jit_cache import cached_jit
+from jaxspec.speculative.proposer import NoProposer, Proposal, Proposer, SpecContext, TokenHistory
+from jaxspec.speculative.verify import get_backend, verify_with_keys
+
+AUTO = "auto"
+
+
+def _make_verify(fwd, backend: str):
+    def verify(state, cache, last_tokens, start, draft_tokens, draft_probs, num_draft, sampling: BatchSampling,
+               out_pos, active):
+        tokens = jnp.concatenate([last_tokens[:, None], draft_tokens.astype(jnp.int32)], axis=1)
+        num_draft = jnp.where(active, num_draft, 0)
+        out = fwd(state, tokens, start, cache, None, jnp.where(active, num_draft + 1, 0))
+        col = lambda x: x[:, None]  # noqa: E731  per-row settings broadcast over the kb+1 positions
+        p = logits_to_probs(out.logits, col(sampling.temperature), col(sampling.top_k), col(sampling.top_p),
+                            col(sampling.min_p))
+        out_tokens, accepted = verify_with_keys(p, draft_probs, draft_tokens, num_draft, sampling.seed, out_pos, backend)
+        # Roll back to the accepted context; rows without a request keep their length.
+        lengths = jnp.where(active, start + 1 + accepted, cache.lengths)
+        return out.cache.with_lengths(lengths), out_tokens, accepted, out.expert_load
+
+    return verify
+
+
+class SpeculativeRunner:
+    """Draft-then-verify decoding over a target ``ModelRunner`` and a ``Proposer``."""
+
+    speculative = True
+
+    def __init__(
+        self,
+        target: ModelRunner,
+        proposer: Proposer | None = None,
+        num_speculative_tokens: int | str = AUTO,
+        k_max: int = 8,
+        verify_backend: str = "xla",
+        cost_model: CostModel | None = None,
+        measure_reps: int = 5,
+        probe_every: int = 16,
+        profile: bool = True,
+    ):
+        """``num_speculative_tokens``: a fixed k for every request, or "auto" (adaptive,
+        the default). ``k_max`` bounds k everywhere, including per-request overrides.
+        ``cost_model``: costs for the adaptive policy (default: measured at warm-up,
+        or before the first adaptive step). ``profile``: wait for the draft before
+        verifying, so the step's time splits into drafting and verification."""
+        self.target = target
+        self.cfg = target.cfg
+        self.num_slots = target.num_slots
+        self.max_len = target.max_len
+        self.proposer: Proposer = proposer if proposer is not None else NoProposer()
+        self.proposer.attach(self.cfg, self.num_slots, self.max_len)
+        if isinstance(self.proposer, NoProposer):
+            k_max, num_speculative_tokens = 0, 0
+        if k_max < 0:
+            raise ValueError(f"k_max must be >= 0, got {k_max}")
+        self.adaptive = num_speculative_tokens == AUTO
+        if not self.adaptive:
+            k = int(num_speculative_tokens)
+            if not 0 <= k <= k_max:
+                raise ValueError(f"num_speculative_tokens must be 'auto' or in [0, k_max={k_max}], got {k}")
+            self.default_k = k
+        self.k_max = k_max
+        self.buckets = k_buckets(k_max, extra=() if self.adaptive else (self.default_k,))
+        get_backend(verify_backend)  # fail now on an unknown backend, not at the first step
+        self.verify_backend = verify_backend
+        self.cost_model = cost_model
+        self.measure_reps = measure_reps
+        self.profile = profile
+        self.history = TokenHistory(self.num_slots, self.max_len + k_max + 1)
+        self.override = np.full(self.num_slots, -1, np.int32)
+        self.estimator = AcceptanceEstimator(self.num_slots)
+        self.policy = KPolicy(self.buckets, probe_every=probe_every)
+        self.last_step_times: tuple[float, float] | None = None  # (draft_s, verify_s) of the last decode
+        self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length (reporting)
+
+    # ---------------------------------------------------------------- compiled steps
+    def _verify_fn(self, kb: int, deterministic: bool):
+        target = self.target
+        key = ("verify", target.graphdef, target.moe_backend, kb, self.verify_backend, deterministic)
+        return cached_jit(key, lambda: _make_verify(target.forward_fn(), self.verify_backend), donate_argnums=(1,))
+
+    def _run_verify(self, kb: int, deterministic: bool, last_tokens, start, draft_tokens, draft_probs, num_draft,
+                    sampling, out_pos, active):
+        fn = self._verify_fn(kb, deterministic or kb == 0)
+        self.target.cache, out_tokens, accepted, load = fn(
+            self.target.state, self.target.cache, last_tokens, start, draft_tokens,
+            None if (deterministic or kb == 0) else draft_probs, num_draft, sampling, out_pos, active,
+        )
+        return out_tokens, accepted, load
+
+    def _dummy_verify(self, kb: int) -> None:
+        """A verification whose writes all fall past the cache end and whose rows are
+        inactive (lengths kept): compiles and times without touching any request."""
+        s = self.num_slots
+        probs = None if self.proposer.deterministic else jnp.zeros((s, kb, self.cfg.vocab_size), jnp.float32)
+        out, _, _ = self._run_verify(
+            kb, self.proposer.deterministic, np.zeros(s, np.int32), np.full(s, self.max_len, np.int32),
+            np.zeros((s, kb), np.int32), probs, np.zeros(s, np.int32), SlotTable(s).sampling(),
+            np.zeros(s, np.int32), np.zeros(s, bool),
+        )
+        out.block_until_ready()
+
+    # ------------------------------------------------------------------ StepRunner
+    def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
+        override = request.num_speculative_tokens
+        if override is not None and override < 0:
+            raise InvalidRequestError("num_speculative_tokens", f"must be >= 0, got {override}")
+        first = self.target.prefill(slot, request.prompt_ids, slots)
+        self.proposer.prefill(slot, request.prompt_ids)
+        self.history.start(slot, [*request.prompt_ids, first])
+        self.override[slot] = -1 if override is None else min(int(override), self.k_max)
+        self.estimator.reset(slot)
+        return first
+
+    def release(self, slot: int) -> None:
+        self.target.set_length(slot, 0)
+        self.proposer.release(slot)
+        self.history.clear(slot)
+        self.override[slot] = -1
+        self.estimator.reset(slot)
+
+    def warmup(self) -> None:
+        """Compile prefill, every draft loop and verification; measure costs if adaptive."""
+        self.target.warmup()
+        self.proposer.warmup(self.buckets)
+        for kb in [0, *self.buckets]:
+            self._dummy_verify(kb)
+        if self.adaptive and self.cost_model is None:
+            self.cost_model = self.measure_costs(self.measure_reps)
+
+    def measure_costs(self, reps: int = 5) -> CostModel:
+        """Median seconds of each compiled draft loop and verification at this runner's slot count."""
+        draft_s, verify_s = {}, {}
+        for kb in [0, *self.buckets]:
+            draft_s[kb] = self.proposer.measure(kb, reps)
+            self._dummy_verify(kb)  # compile / warm
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                self._dummy_verify(kb)
+                times.append(time.perf_counter() - t)
+            verify_s[kb] = statistics.median(times)
+        return CostModel(draft_s, verify_s, source="measured")
+
+    def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
+        active = slots.active.copy()
+        act = np.flatnonzero(active)
+        out_pos = slots.num_generated.astype(np.int32).copy()
+        k = self._choose_k(slots, act, out_pos)
+        kb = bucket_for(int(k.max(initial=0)), self.buckets)
+        sampling = slots.sampling()
+        ctx = SpecContext(self.history, active, k, kb, sampling, out_pos)
+        t0 = time.perf_counter()
+        proposal = Proposal(np.zeros((self.num_slots, 0), np.int32), None, np.zeros(self.num_slots, np.int32))
+        kb_run = 0
+        if kb > 0:
+            proposal = self.proposer.propose(ctx)
+            kb_run = kb
+            if self.proposer.deterministic:  # a lookup may find fewer tokens than asked: verify a shorter block
+                kb_run = bucket_for(int(proposal.num_draft.max(initial=0)), self.buckets)
+                proposal = proposal._replace(tokens=np.asarray(proposal.tokens)[:, :kb_run])
+            if self.profile:
+                jax.block_until_ready(proposal.tokens)
+        t1 = time.perf_counter()
+        start = np.where(active, self.history.length - 1, self.max_len).astype(np.int32)
+        out_tokens, accepted, load = self._run_verify(
+            kb_run, self.proposer.deterministic, self.history.last(), start, proposal.tokens, proposal.probs,
+            proposal.num_draft, sampling, out_pos, active,
+        )
+        out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
+        t2 = time.perf_counter()
+        self.target.expert_load = self.target.expert_load + load
+        if kb > 0:
+            self.proposer.commit(ctx, proposal, accepted)
+        results = {}
+        for s in act:
+            a = int(accepted[s])
+            tokens = out_tokens[s, : a + 1].tolist()
+            drafted = int(proposal.num_draft[s])
+            self.history.extend(s, tokens)
+            self.estimator.update(s, drafted, a)
+            results[int(s)] = (tokens, drafted, a)
+        if self.cost_model is not None:
+            self.cost_model.observe(kb_run, t1 - t0, t2 - t1)
+        self.bucket_steps[kb_run] += 1
+        self.last_step_times = (t1 - t0, t2 - t1)
+        return results
+
+    # ---------------------------------------------------------------- choosing k
+    def _choose_k(self, slots: SlotTable, act: np.ndarray, out_pos: np.ndarray) -> np.ndarray:
+        """Proposals per slot [S]: capped so a step never drafts past what a request can use."""
+        k = np.zeros(self.num_slots, np.int32)
+        if self.k_max == 0 or act.size == 0:
+            return k
+        max_tokens = np.array([slots.requests[s].params.max_tokens for s in act])
+        caps = np.clip(max_tokens - out_pos[act] - 1, 0, self.k_max)
+        forced = self.override[act]
+        if not self.adaptive:
+            forced = np.where(forced < 0, self.default_k, forced)
+            k[act] = np.minimum(forced, caps)
+            return k
+        if self.cost_model is None:
+            self.cost_model = self.measure_costs(self.measure_reps)
+        kb = self.policy.choose(self.estimator.mean(act), caps, forced, self.cost_model)
+        k[act] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
+        return k
