@@ -93,14 +93,16 @@ class Engine:
         tokenizer: Tokenizer,
         max_waiting: int = 1024,
         eos_ids: Sequence[int] | None = None,
-        speculative: bool = False,
+        speculative: bool | None = None,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
         self.cfg = runner.cfg
         self.max_waiting = max_waiting
         self.eos_ids = tuple(eos_ids if eos_ids is not None else tokenizer.eos_ids or self.cfg.eos_ids)
-        self.speculative = speculative
+        # None: speculative iff the runner is (SpeculativeRunner sets ``speculative = True``).
+        self.speculative = bool(getattr(runner, "speculative", False)) if speculative is None else speculative
+        self.spec_stats = SpecStats() if self.speculative else None  # aggregate over all requests
         self.slots = SlotTable(runner.num_slots)
         self.waiting: collections.deque[Request] = collections.deque()
         self.live: dict[int, _Live] = {}  # slot -> live request
@@ -149,6 +151,8 @@ class Engine:
         else:
             prompt_ids = [int(t) for t in prompt]
         self.validate(prompt_ids, params)
+        if num_speculative_tokens is not None and num_speculative_tokens < 0:
+            raise InvalidRequestError("num_speculative_tokens", f"must be >= 0, got {num_speculative_tokens}")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._in_flight:
             raise InvalidRequestError("request_id", f"request id {request_id!r} is already in flight")
@@ -193,12 +197,18 @@ class Engine:
         if self.slots.active.any():
             results = self.runner.decode(self.slots)
             now = time.monotonic()
+            # (draft_s, verify_s) of this step, from runners that time their phases.
+            times = getattr(self.runner, "last_step_times", None) or (0.0, 0.0)
+            if self.spec_stats is not None:
+                self.spec_stats.add_step(*times)
             for slot, (tokens, drafted, accepted) in results.items():
                 live = self.live.get(slot)
                 if live is None:
                     continue
                 if live.spec is not None:
                     live.spec.add(drafted, accepted)
+                    live.spec.add_step(*times)
+                    self.spec_stats.add(drafted, accepted)
                 outputs.append(self._emit(slot, tokens, now))
         return outputs
 

@@ -43,12 +43,16 @@ class Request:
 
 @dataclasses.dataclass
 class SpecStats:
-    """Speculation counters for one request (names as vLLM reports them)."""
+    """Speculation counters for one request, or aggregated over an engine (names as vLLM reports them)."""
 
     num_drafts: int = 0  # verification steps that carried at least one draft token
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+    drafted_per_position: list[int] = dataclasses.field(default_factory=list)
+    num_steps: int = 0  # decode steps, with or without drafts
+    draft_time_s: float = 0.0  # wall time of the steps' drafting (each request counts its steps in full)
+    verify_time_s: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -58,6 +62,11 @@ class SpecStats:
     def mean_acceptance_length(self) -> float:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
 
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """P(draft i accepted | draft i proposed), i = 0, 1, ..."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position)]
+
     def add(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
@@ -66,8 +75,29 @@ class SpecStats:
         self.num_accepted_tokens += accepted
         if len(self.accepted_per_position) < drafted:
             self.accepted_per_position.extend([0] * (drafted - len(self.accepted_per_position)))
+            self.drafted_per_position.extend([0] * (drafted - len(self.drafted_per_position)))
         for i in range(accepted):
             self.accepted_per_position[i] += 1
+        for i in range(drafted):
+            self.drafted_per_position[i] += 1
+
+    def add_step(self, draft_s: float, verify_s: float) -> None:
+        self.num_steps += 1
+        self.draft_time_s += draft_s
+        self.verify_time_s += verify_s
+
+    def to_dict(self) -> dict:
+        return {
+            "num_steps": self.num_steps,
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_acceptance_length": self.mean_acceptance_length,
+            "acceptance_per_position": self.acceptance_per_position,
+            "draft_time_s": self.draft_time_s,
+            "verify_time_s": self.verify_time_s,
+        }
 
 
 @dataclasses.dataclass
