@@ -1,0 +1,142 @@
+"""Serve a model over gRPC (jaxspec.v1), e.g. python -m jaxspec.serve --model tiny-moe --port 50051
+
+Continuous batching on one engine thread, streaming, grpc.health.v1, server
+reflection and Prometheus metrics. SIGTERM/SIGINT drain the server: new requests
+are refused (UNAVAILABLE), in-flight ones get --grace-period seconds to finish,
+then the process exits 0; a second signal aborts what is left at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from jaxspec.config import ConfigError
+from jaxspec.loading import DEFAULT_MODEL
+from serving.auth import load_token
+from serving.build import SPEC_METHODS, EngineOptions, enable_compilation_cache, load_engine
+from serving.server import JaxSpecServer, ServerOptions
+
+log = logging.getLogger("jaxspec.serving")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's paragraphs and shows defaults only where there is one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS, False) and "%(default)" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxspec.serve",
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+    )
+    m = p.add_argument_group("model and decoding")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help="config name (random weights), jaxspec model directory or Hugging Face folder")
+    m.add_argument("--draft", default=None, help="draft model for --spec-method draft (same forms as --model)")
+    m.add_argument("--spec-method", choices=SPEC_METHODS, default="none", help="speculative decoding method")
+    m.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="draft tokens per step; also the most a request may ask for")
+    m.add_argument("--slots", type=int, metavar="N", default=8, help="requests decoded together (continuous batching)")
+    m.add_argument("--max-len", type=int, metavar="N", default=None,
+                   help="context length per request (prompt + output); default: the model's max_seq_len")
+    m.add_argument("--max-waiting", type=int, metavar="N", default=256,
+                   help="queued requests beyond the slots; more are refused with RESOURCE_EXHAUSTED")
+    m.add_argument("--default-max-tokens", type=int, metavar="N", default=256,
+                   help="output budget of requests that do not set max_tokens (capped by the context)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="override the parameter dtype")
+    m.add_argument("--compilation-cache-dir", default=None, metavar="DIR",
+                   help="JAX persistent compilation cache (restarts skip most of warm-up); keep it private")
+
+    n = p.add_argument_group("network and security")
+    n.add_argument("--host", metavar="ADDR", default="127.0.0.1", help="address to listen on (use 0.0.0.0 to accept remote clients)")
+    n.add_argument("--port", type=int, metavar="PORT", default=50051, help="gRPC port (0: pick a free one and log it)")
+    n.add_argument("--tls-cert", default=None, metavar="PEM", help="TLS certificate chain (needs --tls-key)")
+    n.add_argument("--tls-key", default=None, metavar="PEM", help="TLS private key (needs --tls-cert)")
+    n.add_argument("--auth-token-file", default=None, metavar="FILE",
+                   help="require 'authorization: Bearer <token>' with the token in FILE (health stays open)")
+
+    o = p.add_argument_group("operations")
+    o.add_argument("--metrics-port", type=int, metavar="PORT", default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: pick a free port)")
+    o.add_argument("--grace-period", type=float, metavar="SECONDS", default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT")
+    o.add_argument("--expert-load-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="how often the per-expert routing counters are read from the device")
+    o.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p.parse_args(argv)
+
+
+def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOptions]:
+    """Checked options (raises ConfigError / ValueError / OSError before anything slow starts)."""
+    engine = EngineOptions(
+        model=args.model, draft=args.draft, spec_method=args.spec_method,
+        num_speculative_tokens=args.num_speculative_tokens, slots=args.slots, max_len=args.max_len,
+        max_waiting=args.max_waiting, dtype=args.dtype, default_max_tokens=args.default_max_tokens,
+    )
+    engine.validate()
+    server = ServerOptions(
+        host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        auth_token=load_token(args.auth_token_file) if args.auth_token_file else None,
+        metrics_port=args.metrics_port, grace_period=args.grace_period,
+        expert_load_interval_s=args.expert_load_interval,
+    )
+    server.validate()
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None:
+            open(path, "rb").close()  # fail now, not after the model loaded
+    return engine, server
+
+
+async def serve(engine_opts: EngineOptions, server_opts: ServerOptions) -> int:
+    """Run until drained by a signal (exit code 0) or failed (1)."""
+    server = JaxSpecServer(lambda: load_engine(engine_opts), server_opts)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: draining (grace period %.1fs)", sig.name, server_opts.grace_period)
+            asyncio.ensure_future(server.drain())
+        else:
+            log.warning("%s again: aborting in-flight requests", sig.name)
+            asyncio.ensure_future(server.stop())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return await server.wait_stopped()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)  # some dependencies install a root handler at import
+    try:
+        engine_opts, server_opts = options_from_args(args)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.compilation_cache_dir:
+        enable_compilation_cache(args.compilation_cache_dir)
+    try:
+        return asyncio.run(serve(engine_opts, server_opts))
+    except OSError as e:  # port in use, unreadable certificate...
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Building the engine a server runs: model loading, the step runner, and what ModelInfo reports.
+
+``build_runner`` is the one place that chooses plain or speculative decoding;
+everything else (engine loop, servicer, metrics) only sees the ``StepRunner``
+interface and the ``speculative`` flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxspec.config import ConfigError
+from jaxspec.engine import Engine, ModelRunner, PlainRunner, StepRunner
+from jaxspec.loading import DEFAULT_MODEL, load_any
+from jaxspec.models import Transformer
+from jaxspec.tokenizer import Tokenizer
+from serving.engine_loop import GuardedRunner
+from serving.protocol import RequestLimits
+
+log = logging.getLogger("jaxspec.serving")
+
+SPEC_METHODS = ("none", "draft", "ngram")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    model: str = DEFAULT_MODEL  # config name, orbax model directory or Hugging Face folder
+    draft: str | None = None  # draft model (spec_method "draft")
+    spec_method: str = "none"
+    num_speculative_tokens: int = 4  # server maximum (and default) draft length
+    slots: int = 8
+    max_len: int | None = None  # per-slot context; None: the model's max_seq_len
+    max_waiting: int = 256
+    dtype: str | None = None
+    seed: int = 0  # random-weight configs only
+    default_max_tokens: int = 256
+
+    def validate(self) -> None:
+        if self.spec_method not in SPEC_METHODS:
+            raise ConfigError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {self.spec_method!r}")
+        if self.spec_method == "draft" and not self.draft:
+            raise ConfigError("spec_method 'draft' needs a draft model (--draft)")
+        if self.draft and self.spec_method != "draft":
+            raise ConfigError(f"--draft is only used with --spec-method draft (got {self.spec_method!r})")
+        if self.spec_method != "none" and self.num_speculative_tokens < 1:
+            raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        for name in ("slots", "max_waiting", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len is not None and self.max_len < 2:
+            raise ConfigError(f"max_len must be >= 2, got {self.max_len}")
+
+    @property
+    def speculative(self) -> bool:
+        return self.spec_method != "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDescription:
+    """Static facts for GetModelInfo."""
+
+    model_id: str
+    context_length: int
+    vocab_size: int
+    eos_ids: tuple[int, ...]
+    num_slots: int
+    spec_method: str = "none"
+    max_speculative_tokens: int = 0
+    draft_model_id: str = ""
+    platform: str = ""
+    devices: tuple[str, ...] = ()
+    mesh_shape: dict[str, int] = dataclasses.field(default_factory=dict)
+    dtype: str = ""
+    num_experts: int = 0
+    num_experts_per_token: int = 0
+
+
+@dataclasses.dataclass
+class EngineBundle:
+    engine: Engine
+    tokenizer: Tokenizer
+    description: ModelDescription
+    limits: RequestLimits
+
+
+def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) -> StepRunner:
+    """The step runner for ``opts``: plain decoding, or the speculative runner.
+
+    This is where speculative decoding plugs in: a runner that implements
+    ``StepRunner`` and honours ``Request.num_speculative_tokens`` (0 = plain
+    for that request) is all the serving layer needs.
+    """
+    target = ModelRunner(model, opts.slots, opts.max_len)
+    if not opts.speculative:
+        return PlainRunner(target)
+    try:
+        from jaxspec.speculative import SpeculativeRunner  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(
+            f"--spec-method {opts.spec_method} needs jaxspec.speculative.SpeculativeRunner, which this build lacks"
+        ) from e
+    raise ConfigError(f"--spec-method {opts.spec_method}: the speculative runner is not wired into serving yet")
+
+
+def load_engine(opts: EngineOptions) -> EngineBundle:
+    """Load the model(s) and build the engine (slow: call on the engine thread)."""
+    opts.validate()
+    log.info("loading model %s", opts.model)
+    model, tokenizer = load_any(opts.model, dtype=opts.dtype, seed=opts.seed)
+    runner = build_runner(opts, model, tokenizer)
+    return bundle_engine(
+        runner, tokenizer, model_id=_model_id(opts.model), max_waiting=opts.max_waiting,
+        spec_method=opts.spec_method, max_speculative_tokens=opts.num_speculative_tokens if opts.speculative else 0,
+        draft_model_id=_model_id(opts.draft) if opts.draft else "", default_max_tokens=opts.default_max_tokens,
+    )
+
+
+def bundle_engine(
+    runner: StepRunner,
+    tokenizer: Tokenizer,
+    *,
+    model_id: str,
+    max_waiting: int = 256,
+    spec_method: str = "none",
+    max_speculative_tokens: int = 0,
+    draft_model_id: str = "",
+    default_max_tokens: int = 256,
+) -> EngineBundle:
+    """An engine around ``runner`` (wrapped so request failures are logged) and its descriptions."""
+    speculative = spec_method != "none"
+    engine = Engine(GuardedRunner(runner), tokenizer, max_waiting=max_waiting, speculative=speculative)
+    cfg = runner.cfg
+    platform, devices, mesh = _placement(runner)
+    description = ModelDescription(
+        model_id=model_id, context_length=engine.max_len, vocab_size=cfg.vocab_size, eos_ids=engine.eos_ids,
+        num_slots=runner.num_slots, spec_method=spec_method, max_speculative_tokens=max_speculative_tokens,
+        draft_model_id=draft_model_id, platform=platform, devices=devices, mesh_shape=mesh, dtype=cfg.dtype,
+        num_experts=cfg.num_experts, num_experts_per_token=cfg.num_experts_per_tok,
+    )
+    limits = RequestLimits(
+        context_length=engine.max_len, vocab_size=cfg.vocab_size, default_max_tokens=default_max_tokens,
+        speculative=speculative, max_speculative_tokens=max_speculative_tokens,
+    )
+    return EngineBundle(engine, tokenizer, description, limits)
+
+
+def _model_id(name_or_path: str) -> str:
+    path = Path(name_or_path)
+    return path.name if path.is_dir() else name_or_path
+
+
+def _placement(runner: Any) -> tuple[str, tuple[str, ...], dict[str, int]]:
+    """Platform, devices and mesh shape of the target model's parameters."""
+    obj, state = runner, None
+    for _ in range(4):  # PlainRunner -> ModelRunner; a speculative runner -> its target
+        state = getattr(obj, "state", None)
+        if state is not None:
+            break
+        obj = getattr(obj, "runner", None) or getattr(obj, "target", None)
+        if obj is None:
+            break
+    leaves = jax.tree.leaves(state) if state is not None else []
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    if sharding is None:
+        devs = jax.local_devices()[:1]
+        return devs[0].platform, tuple(str(d) for d in devs), {}
+    devs = sorted(sharding.device_set, key=lambda d: d.id)
+    mesh = getattr(sharding, "mesh", None)
+    shape = {str(k): int(v) for k, v in mesh.shape.items()} if mesh is not None and hasattr(mesh, "shape") else {}
+    return devs[0].platform, tuple(str(d) for d in devs), shape
+
+
+def enable_compilation_cache(directory: str | Path) -> None:
+    """Persist compiled executables under ``directory`` so restarts skip most of warm-up.
+
+    Must run before the first compilation of the process. The cache is trusted
+    code: keep the directory writable only by the serving user.
+    """
+    path = Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Cache every executable, however quick to compile: warm-up compiles many small ones.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    log.info("persistent compilation cache at %s", path)
