@@ -407,8 +407,10 @@ def _gmm_gpu_kernel(
             w = plgpu.load(rhs_ref.at[g, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)], mask=k_ok[:, None] & col_ok[None, :], other=0)
             return acc + plgpu.dot(a, w, precision=precision)
 
-        # An empty group in the range runs no k iterations.
-        return lax.fori_loop(0, jnp.where(end > start, num_k_tiles, 0), k_body, acc)
+        # An empty group in the range runs no k iterations. (Not jnp.where(c, int, int): the Triton
+        # lowering of jax 0.10.2 turns a select of two Python-int literals into i1 constants.)
+        trips = (end > start).astype(jnp.int32) * num_k_tiles
+        return lax.fori_loop(0, trips, k_body, acc)
 
     acc = lax.fori_loop(group_lo_ref[t], group_hi_ref[t], group_body, jnp.zeros((tm, tn), jnp.float32))
     plgpu.store(
