@@ -105,6 +105,31 @@ def cached_attention(
     return out.reshape(b, t, h, dh).astype(q.dtype)
 
 
+
+# Attention implementation used by Attention.__call__. Read when a forward is traced, so set it
+# before jitting. "pallas" is pallas_kernels.verify_attention (same semantics; the Pallas
+# interpreter on CPU), imported only when selected.
+ATTENTION_BACKENDS = ("xla", "pallas")
+_attention_backend = "xla"
+
+
+def set_attention_backend(name: str) -> str:
+    """Select the attention implementation ("xla" = cached_attention, or "pallas"); returns the previous one."""
+    global _attention_backend
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
+    previous, _attention_backend = _attention_backend, name
+    return previous
+
+
+def attention(q, k, v, q_positions, sliding_window=None) -> jax.Array:
+    """cached_attention through the selected backend."""
+    if _attention_backend == "pallas":
+        from pallas_kernels.verify_attention import cached_attention_pallas
+
+        return cached_attention_pallas(q, k, v, q_positions, sliding_window)
+    return cached_attention(q, k, v, q_positions, sliding_window)
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
@@ -152,7 +177,7 @@ class Attention(nnx.Module):
         else:
             keys = jnp.take(cache_k[layer], slot_ids, axis=0, mode="clip")
             values = jnp.take(cache_v[layer], slot_ids, axis=0, mode="clip")
-        attn = cached_attention(q, keys, values, positions, cfg.sliding_window)
+        attn = attention(q, keys, values, positions, cfg.sliding_window)
         out = jnp.einsum("bthk,hkd->btd", attn, self.wo[...])
         return out, cache_k, cache_v
 
