@@ -11,7 +11,7 @@ the first rejection j stops the run and emits the replacement
 ``argmax_v max(0, p_j - q_j)(v) / E_j(v)`` (``p_j`` itself if that residual is all
 zero); if every draft is accepted the bonus ``argmax_v p_n(v) / E_n(v)`` (n =
 num_draft) is emitted. ``argmax w / E`` with E ~ Exp(1) draws from w / sum(w), so
-the residual needs no normalisation. Greedy rows carry one-hot p (and q), which
+the residual needs no normalisation (entries with w = 0 score 0: see ``race``). Greedy rows carry one-hot p (and q), which
 turns the same rule into "accept while the draft equals the target argmax, then
 emit the target argmax". Deterministic drafters (n-gram) carry one-hot q.
 
@@ -25,6 +25,7 @@ kept, so reusing those keys in the next round keeps the draws independent.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from typing import Callable
@@ -86,6 +87,12 @@ def emit_distribution(
     return jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p_j)
 
 
+def race(weights: jax.Array, exp_noise: jax.Array) -> jax.Array:
+    """argmax_v w(v) / E(v): a draw from w / sum(w). Zero weights score 0 rather than
+    0 / E, since E can be exactly 0 and 0 / 0 = NaN would win the argmax."""
+    return jnp.argmax(jnp.where(weights > 0, weights / exp_noise, 0.0), axis=-1).astype(jnp.int32)
+
+
 def assemble(draft_tokens: jax.Array, num_accepted: jax.Array, emitted: jax.Array) -> jax.Array:
     """out[b] = accepted drafts, then the emitted token, then -1 -> [B, K+1] i32."""
     b, k = draft_tokens.shape
@@ -110,8 +117,7 @@ def rejection_sample(
     num_accepted = accepted_prefix(target_probs, draft_probs, draft_tokens, num_draft, uniforms)
     weights = emit_distribution(target_probs, draft_probs, draft_tokens, num_draft, num_accepted)
     noise = jnp.take_along_axis(exp_noise, num_accepted[:, None, None], axis=1)[:, 0]
-    emitted = jnp.argmax(weights / noise, axis=-1).astype(jnp.int32)
-    return assemble(draft_tokens, num_accepted, emitted), num_accepted
+    return assemble(draft_tokens, num_accepted, race(weights, noise)), num_accepted
 
 
 # ------------------------------------------------------------------- random numbers
@@ -119,17 +125,23 @@ def _uniform(seed_data: jax.Array, position: jax.Array) -> jax.Array:
     return jax.random.uniform(position_key(seed_data, position, PURPOSE_ACCEPT), (), jnp.float32)
 
 
+def _per_position(draw, seeds: jax.Array, positions: jax.Array, n: int) -> jax.Array:
+    """draw(seed, position) for positions[b] + i, i < n -> [B, n, ...]. One flat vmap
+    rather than two nested ones: the same numbers, and XLA compiles it much faster."""
+    b = seeds.shape[0]
+    pos = (positions[:, None].astype(jnp.int32) + jnp.arange(n, dtype=jnp.int32)[None, :]).reshape(-1)
+    out = jax.vmap(draw)(jnp.repeat(seeds, n, axis=0), pos)
+    return out.reshape(b, n, *out.shape[1:])
+
+
 def acceptance_uniforms(seeds: jax.Array, positions: jax.Array, k: int) -> jax.Array:
     """U[0,1) [B, K] for the accept tests at output positions positions[b] + i."""
-    pos = positions[:, None].astype(jnp.int32) + jnp.arange(k, dtype=jnp.int32)[None, :]
-    return jax.vmap(jax.vmap(_uniform, in_axes=(None, 0)))(seeds, pos)
+    return _per_position(_uniform, seeds, positions, k)
 
 
 def target_noise(seeds: jax.Array, positions: jax.Array, k_plus_1: int, vocab: int) -> jax.Array:
     """Exp(1) [B, K+1, V] for the emitted token at output positions positions[b] + i."""
-    pos = positions[:, None].astype(jnp.int32) + jnp.arange(k_plus_1, dtype=jnp.int32)[None, :]
-    one = lambda s, p: exponential_noise(s, p, vocab, PURPOSE_TARGET)  # noqa: E731
-    return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(seeds, pos)
+    return _per_position(lambda s, p: exponential_noise(s, p, vocab, PURPOSE_TARGET), seeds, positions, k_plus_1)
 
 
 def verify_with_keys(
@@ -157,8 +169,7 @@ def verify_with_keys(
         num_accepted = accepted_prefix(target_probs, draft_probs, draft_tokens, num_draft, uniforms)
         weights = emit_distribution(target_probs, draft_probs, draft_tokens, num_draft, num_accepted)
         noise = jax.vmap(lambda s, p: exponential_noise(s, p, vocab, PURPOSE_TARGET))(seeds, positions + num_accepted)
-        emitted = jnp.argmax(weights / noise, axis=-1).astype(jnp.int32)
-        return assemble(draft_tokens, num_accepted, emitted), num_accepted
+        return assemble(draft_tokens, num_accepted, race(weights, noise)), num_accepted
     if draft_probs is None:
         draft_probs = jax.nn.one_hot(jnp.clip(draft_tokens, 0, vocab - 1), vocab, dtype=jnp.float32)
     noise = target_noise(seeds, positions, k + 1, vocab)
@@ -201,7 +212,12 @@ def get_backend(name: str) -> RejectionSampleFn:
             raise ValueError(f"verify backend {name!r} needs {module_name}, which is not available ({e})") from e
         for fn_name in fn_names:
             if hasattr(module, fn_name):
-                _BACKENDS[name] = getattr(module, fn_name)
-                return _BACKENDS[name]
+                fn = getattr(module, fn_name)
+                if name == "pallas":  # no accelerator: run the kernel in the Pallas interpreter
+                    from pallas_kernels._common import default_interpret
+
+                    fn = functools.partial(fn, interpret=default_interpret())
+                _BACKENDS[name] = fn
+                return fn
         raise ValueError(f"{module_name} has none of {fn_names}")
     raise ValueError(f"unknown verify backend {name!r}; available: {', '.join(available_backends())}")
