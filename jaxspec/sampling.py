@@ -147,9 +147,11 @@ def sample_from_probs(probs: jax.Array, exp_noise: jax.Array) -> jax.Array:
     """Exponential race: argmax_v p_v / E_v with E ~ Exp(1) draws exactly from p (unnormalised is fine).
 
     The same form serves residual sampling in verification, so plain and
-    speculative paths consume random numbers the same way.
+    speculative paths consume random numbers the same way. Zero-probability
+    entries score 0, not 0 / E: an Exp(1) draw is exactly 0 about once in 2**23,
+    and the NaN of 0 / 0 would win the argmax (a filtered or non-argmax token).
     """
-    return jnp.argmax(probs / exp_noise, axis=-1).astype(jnp.int32)
+    return jnp.argmax(jnp.where(probs > 0, probs / exp_noise, 0.0), axis=-1).astype(jnp.int32)
 
 
 def exponential_noise(seed_data: jax.Array, position: jax.Array, vocab: int, purpose: int = PURPOSE_TARGET) -> jax.Array:
