@@ -68,7 +68,7 @@ def load_model(
     if mesh is not None:
         shardings = state_shardings(abs_state, mesh, rules or {})
         target = jax.tree.map(
-            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s[...]),
+            lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
             nnx.to_pure_dict(abs_state),
             nnx.to_pure_dict(shardings),
         )

@@ -8,6 +8,7 @@ every step (updated in place).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -32,6 +33,30 @@ def prefill_buckets(max_len: int, min_bucket: int = MIN_PREFILL_BUCKET) -> list[
     return buckets
 
 
+def _forward(graphdef, moe_backend, state, tokens, start, cache, slot_ids=None, num_valid=None):
+    return nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=moe_backend)
+
+
+# The steps are module-level with the graph definition static, so runners of the same
+# model architecture share compiled executables (a new engine does not recompile).
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _prefill_step(graphdef, moe_backend, state, cache, tokens, slot, num_valid, sampling: BatchSampling):
+    """tokens [1, bucket], slot/num_valid [1] -> (cache, first token [1], last logits [1, V], expert load)."""
+    out = _forward(graphdef, moe_backend, state, tokens, jnp.zeros((1,), jnp.int32), cache, slot, num_valid)
+    last = jnp.take_along_axis(out.logits, (num_valid - 1)[:, None, None], axis=1)[:, 0]  # [1, V]
+    token = sample_tokens(last, sampling, jnp.zeros((1,), jnp.int32))
+    return out.cache, token, last, out.expert_load
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _decode_step(graphdef, moe_backend, state, cache, last_tokens, active, sampling: BatchSampling, out_positions):
+    """One token for every slot: last_tokens/active/out_positions [S] -> (cache, tokens [S], expert load)."""
+    out = _forward(graphdef, moe_backend, state, last_tokens[:, None], cache.lengths, cache, None,
+                   active.astype(jnp.int32))
+    tokens = sample_tokens(out.logits[:, 0], sampling, out_positions)
+    return out.cache, tokens, out.expert_load
+
+
 class ModelRunner:
     """Jitted prefill / decode over a slot cache for one model."""
 
@@ -54,8 +79,6 @@ class ModelRunner:
         self.cache = cache if cache_sharding is None else jax.tree.map(jax.device_put, cache, cache_sharding)
         self.buckets = prefill_buckets(self.max_len)
         self.expert_load = jnp.zeros((self.cfg.num_layers, max(self.cfg.num_experts, 1)), jnp.int32)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
 
     # ----------------------------------------------------------------- helpers
     def model(self, state=None) -> Transformer:
@@ -70,26 +93,7 @@ class ModelRunner:
     def forward_fn(self) -> Callable:
         """A pure function (state, tokens, start, cache, slot_ids, num_valid) -> ForwardOutput,
         for other runners (speculative verification) to jit with their own steps."""
-        graphdef, backend = self.graphdef, self.moe_backend
-
-        def fwd(state, tokens, start, cache, slot_ids=None, num_valid=None):
-            return nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend)
-
-        return fwd
-
-    # ------------------------------------------------------------ jitted steps
-    def _prefill_fn(self, state, cache, tokens, slot, num_valid, sampling: BatchSampling):
-        """tokens [1, bucket], slot/num_valid [1] -> (cache, first token [1], logits [1, V], load)."""
-        out = self.forward_fn()(state, tokens, jnp.zeros((1,), jnp.int32), cache, slot, num_valid)
-        last = jnp.take_along_axis(out.logits, (num_valid - 1)[:, None, None], axis=1)[:, 0]  # [1, V]
-        token = sample_tokens(last, sampling, jnp.zeros((1,), jnp.int32))
-        return out.cache, token, last, out.expert_load
-
-    def _decode_fn(self, state, cache, last_tokens, active, sampling: BatchSampling, out_positions):
-        """One token for every slot: last_tokens/active/out_positions [S] -> (cache, tokens [S], load)."""
-        out = self.forward_fn()(state, last_tokens[:, None], cache.lengths, cache, None, active.astype(jnp.int32))
-        tokens = sample_tokens(out.logits[:, 0], sampling, out_positions)
-        return out.cache, tokens, out.expert_load
+        return functools.partial(_forward, self.graphdef, self.moe_backend)
 
     # -------------------------------------------------------------- host API
     def prefill(self, slot: int, prompt_ids: list[int], slots: SlotTable) -> int:
@@ -98,8 +102,8 @@ class ModelRunner:
         bucket = self.bucket_for(n)
         tokens = np.full((1, bucket), self.cfg.pad_id, np.int32)
         tokens[0, :n] = prompt_ids
-        self.cache, token, _, load = self._prefill(
-            self.state, self.cache, tokens, np.array([slot], np.int32), np.array([n], np.int32),
+        self.cache, token, _, load = _prefill_step(
+            self.graphdef, self.moe_backend, self.state, self.cache, tokens, np.array([slot], np.int32), np.array([n], np.int32),
             slots.sampling(np.array([slot])),
         )
         self.expert_load = self.expert_load + load
@@ -107,8 +111,8 @@ class ModelRunner:
 
     def decode(self, slots: SlotTable) -> np.ndarray:
         """One decode step over all slots; returns the sampled token per slot [S] (inactive: ignore)."""
-        self.cache, tokens, load = self._decode(
-            self.state, self.cache, slots.last_token, slots.active, slots.sampling(), slots.num_generated
+        self.cache, tokens, load = _decode_step(
+            self.graphdef, self.moe_backend, self.state, self.cache, slots.last_token, slots.active, slots.sampling(), slots.num_generated
         )
         self.expert_load = self.expert_load + load
         return np.asarray(tokens)

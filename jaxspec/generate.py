@@ -1,0 +1,101 @@
+"""Command-line generation: ``python -m jaxspec.generate [options] PROMPT``.
+
+Prints the completion; with ``--json`` prints text, token ids, finish reason and timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from jaxspec.checkpoint import CheckpointError
+from jaxspec.config import ConfigError
+from jaxspec.engine import Engine, InvalidRequestError, ModelRunner, PlainRunner
+from jaxspec.loading import DEFAULT_MODEL, load_any
+from jaxspec.sampling import SamplingError, SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxspec.generate",
+        description="Generate a completion for PROMPT with a jaxspec model.",
+    )
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"config name (configs/models/*.json), orbax model directory, or Hugging Face folder "
+        f"(default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override parameter dtype")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-len", type=int, default=None, help="cache length (default: min(model context, 2048))")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
+    return p
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    model, tokenizer = load_any(args.model, dtype=args.dtype)
+    max_len = args.max_len or min(model.cfg.max_seq_len, 2048)
+    return Engine(PlainRunner(ModelRunner(model, num_slots=1, max_len=max_len)), tokenizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+            seed=args.seed, max_tokens=args.max_tokens, stop_strings=tuple(args.stop), ignore_eos=args.ignore_eos,
+        )
+    except SamplingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        engine = build_engine(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - t0
+    try:
+        t1 = time.perf_counter()
+        (result,) = engine.generate([args.prompt], params)
+        gen_s = time.perf_counter() - t1
+    except InvalidRequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        ttft = (result.first_token_time - result.arrival_time) if result.first_token_time else None
+        decode_s = (result.last_token_time - result.first_token_time) if result.first_token_time else 0.0
+        n = len(result.token_ids)
+        out = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason.value,
+            "stop_match": result.stop_match,
+            "usage": {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": n},
+            "timing": {
+                "load_s": round(load_s, 4),
+                "generate_s": round(gen_s, 4),
+                "time_to_first_token_s": round(ttft, 4) if ttft is not None else None,
+                # First-call compilation is included in both figures.
+                "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None,
+            },
+        }
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        print(result.text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Small shared test helpers."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxspec.config import load_config
+from jaxspec.models import KVCache, create_model
+
+
+def scaled_model(name: str, seed: int = 0, scale: float = 4.0, **overrides):
+    """A random model whose weights are scaled up so logits are far from uniform
+    (more sensitive comparisons than 0.02-std init)."""
+    cfg = load_config(name)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    model = create_model(cfg, seed)
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1000), len(leaves))
+    new = []
+    for key, v in zip(keys, leaves):
+        noise = jax.random.normal(key, v.shape, jnp.float32)
+        if bool(jnp.all(v == 1.0)):  # norm scales: around 1
+            new.append((1.0 + 0.1 * noise).astype(v.dtype))
+        elif bool(jnp.all(v == 0.0)):  # biases: small, non-zero
+            new.append((0.05 * noise).astype(v.dtype))
+        else:
+            new.append((v * scale).astype(v.dtype))
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, new))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward_fresh_cache(graphdef, state, toks):
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.create(model.cfg, 1, toks.shape[1])
+    return model(toks, jnp.zeros((1,), jnp.int32), cache).logits[0]
+
+
+def full_forward(model, tokens: np.ndarray) -> np.ndarray:
+    """Logits [T, V] of one sequence in one (jitted) forward through a fresh cache.
+
+    The sequence is padded to a power-of-two length; causal masking makes the
+    padding invisible to the real positions. Models of one architecture share
+    the compiled function."""
+    graphdef, state = nnx.split(model)
+    t = len(tokens)
+    padded = np.zeros((1, max(16, 1 << (t - 1).bit_length())), np.int32)
+    padded[0, :t] = tokens
+    return np.asarray(_forward_fresh_cache(graphdef, state, jnp.asarray(padded)))[:t]

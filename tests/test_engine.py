@@ -1,0 +1,156 @@
+"""Plain generation engine: batching, continuous admission, no recompilation, stopping, bad input."""
+
+import random
+
+import jax
+import numpy as np
+import pytest
+from jax._src import dispatch
+
+from helpers import full_forward, scaled_model
+from jaxspec.engine import Engine, FinishReason, InvalidRequestError, ModelRunner, PlainRunner, QueueFullError
+from jaxspec.sampling import SamplingParams
+from jaxspec.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scaled_model("tiny-moe", scale=3.0)
+
+
+def make_engine(model, slots=4, max_len=96, **kw):
+    return Engine(PlainRunner(ModelRunner(model, num_slots=slots, max_len=max_len)), ByteTokenizer(), **kw)
+
+
+def greedy_reference(model, prompt_ids, n):
+    seq = list(prompt_ids)
+    for _ in range(n):
+        seq.append(int(np.argmax(full_forward(model, np.array(seq))[-1])))
+    return seq[len(prompt_ids):]
+
+
+def test_batched_greedy_equals_single_sequence_reference(model):
+    eng = make_engine(model)
+    prompts = ["def f(x):", "import os", "class A:\n    pass\n", "z"]
+    res = eng.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    tok = ByteTokenizer()
+    for p, r in zip(prompts, res):
+        assert r.token_ids == greedy_reference(model, tok.encode(p), 8)
+        assert r.finish_reason == FinishReason.LENGTH
+
+
+def test_seeded_output_independent_of_batch(model):
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    alone = make_engine(model).generate(["hello"], params)[0].token_ids
+    others = [SamplingParams(temperature=0.7, seed=i, max_tokens=5 + i) for i in range(5)]
+    mixed = make_engine(model, slots=3).generate(["a", "bb", "hello", "ccc", "d", "ee"],
+                                                 others[:2] + [params] + others[2:] + [others[0]])
+    assert mixed[2].token_ids == alone
+
+
+class CompileCounter:
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            self.count += 1
+
+
+def test_no_recompilation_after_warmup_with_continuous_batching(model):
+    counter = CompileCounter()
+    eng = make_engine(model, slots=4, max_len=64)
+    eng.runner.warmup()
+    before = counter.count
+    rng = random.Random(0)
+    done = 0
+    submitted = 0
+    # Requests join and leave between steps with mixed prompt lengths and settings.
+    for step in range(120):
+        if submitted < 24 and rng.random() < 0.5:
+            n = rng.randint(1, 40)
+            text = "".join(rng.choice("abcdefgh ") for _ in range(n))
+            sp = SamplingParams(temperature=rng.choice([0.0, 0.8]), top_k=rng.choice([0, 5]),
+                                max_tokens=rng.randint(1, 12), seed=step)
+            eng.add_request(text, sp)
+            submitted += 1
+        for out in eng.step():
+            done += out.finished
+    while eng.has_unfinished():
+        for out in eng.step():
+            done += out.finished
+    assert done == submitted >= 10
+    assert counter.count == before, f"{counter.count - before} compilation(s) after warm-up"
+
+
+def test_stop_string_cuts_output(model):
+    eng = make_engine(model)
+    free = eng.generate(["xyz"], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    text = free.text
+    assert len(text) >= 6
+    stop = text[3:5]
+    cut = eng.generate(["xyz"], SamplingParams(max_tokens=12, ignore_eos=True, stop_strings=(stop,)))[0]
+    assert cut.finish_reason == FinishReason.STOP and cut.stop_match == stop
+    assert cut.text == text[: text.find(stop)]
+
+
+def test_stop_token_and_eos(model):
+    eng = make_engine(model)
+    free = eng.generate(["xyz"], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    stop_tok = free.token_ids[4]
+    first = free.token_ids.index(stop_tok)
+    res = eng.generate(["xyz"], SamplingParams(max_tokens=10, stop_token_ids=(stop_tok,)))[0]
+    assert res.finish_reason == FinishReason.STOP and res.stop_match == stop_tok
+    assert res.token_ids == free.token_ids[:first]
+    eos_eng = make_engine(model, eos_ids=[stop_tok])
+    res = eos_eng.generate(["xyz"], SamplingParams(max_tokens=10))[0]
+    assert res.finish_reason == FinishReason.EOS and res.token_ids == free.token_ids[:first]
+    res = eos_eng.generate(["xyz"], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    assert res.token_ids == free.token_ids
+
+
+def test_abort_frees_slot(model):
+    eng = make_engine(model, slots=1)
+    a = eng.add_request("aaaa", SamplingParams(max_tokens=50, ignore_eos=True))
+    b = eng.add_request("bbbb", SamplingParams(max_tokens=3, ignore_eos=True))
+    eng.step()
+    assert eng.num_running == 1 and eng.num_waiting == 1
+    out = eng.abort(a)
+    assert out.finished and out.finish_reason == FinishReason.ABORTED
+    finished = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                finished[o.request_id] = o
+    assert finished[b].finish_reason == FinishReason.LENGTH and finished[b].num_generated_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ("", SamplingParams(), "prompt"),
+        ([], SamplingParams(), "prompt"),
+        ("x" * 200, SamplingParams(max_tokens=1), "prompt"),
+        ("x" * 50, SamplingParams(max_tokens=60), "max_tokens"),
+        ([5, 999], SamplingParams(), "prompt_token_ids"),
+        ([5, -1], SamplingParams(), "prompt_token_ids"),
+        ("ok", SamplingParams(stop_token_ids=(400,)), "stop_token_ids"),
+    ],
+)
+def test_bad_requests_name_the_problem(model, prompt, params, field):
+    eng = make_engine(model)
+    with pytest.raises(InvalidRequestError, match=field) as e:
+        eng.add_request(prompt, params)
+    assert e.value.field == field
+    assert not eng.has_unfinished()
+
+
+def test_queue_limit_and_duplicate_ids(model):
+    eng = make_engine(model, max_waiting=2)
+    eng.add_request("a", request_id="same")
+    with pytest.raises(InvalidRequestError, match="request_id"):
+        eng.add_request("b", request_id="same")
+    eng.add_request("c")
+    with pytest.raises(QueueFullError):
+        eng.add_request("d")
