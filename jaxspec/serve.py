@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--spec-method", choices=SPEC_METHODS, default="none", help="speculative decoding method")
     m.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="draft tokens per step; also the most a request may ask for")
+    m.add_argument("--adaptive-k", action="store_true",
+                   help="choose the draft length per step (up to K) from measured acceptance and step costs")
     m.add_argument("--slots", type=int, metavar="N", default=8, help="requests decoded together (continuous batching)")
     m.add_argument("--max-len", type=int, metavar="N", default=None,
                    help="context length per request (prompt + output); default: the model's max_seq_len")
@@ -81,7 +83,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
     """Checked options (raises ConfigError / ValueError / OSError before anything slow starts)."""
     engine = EngineOptions(
         model=args.model, draft=args.draft, spec_method=args.spec_method,
-        num_speculative_tokens=args.num_speculative_tokens, slots=args.slots, max_len=args.max_len,
+        num_speculative_tokens=args.num_speculative_tokens, adaptive_k=args.adaptive_k, slots=args.slots,
+        max_len=args.max_len,
         max_waiting=args.max_waiting, dtype=args.dtype, default_max_tokens=args.default_max_tokens,
     )
     engine.validate()

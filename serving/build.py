@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -18,13 +18,13 @@ from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, ModelRunner, PlainRunner, StepRunner
 from jaxspec.loading import DEFAULT_MODEL, load_any
 from jaxspec.models import Transformer
+from jaxspec.speculative import SPEC_METHODS
 from jaxspec.tokenizer import Tokenizer
 from serving.engine_loop import GuardedRunner
 from serving.protocol import RequestLimits
 
 log = logging.getLogger("jaxspec.serving")
 
-SPEC_METHODS = ("none", "draft", "ngram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,8 @@ class EngineOptions:
     model: str = DEFAULT_MODEL  # config name, orbax model directory or Hugging Face folder
     draft: str | None = None  # draft model (spec_method "draft")
     spec_method: str = "none"
-    num_speculative_tokens: int = 4  # server maximum (and default) draft length
+    num_speculative_tokens: int = 4  # draft length, and the most a request may ask for
+    adaptive_k: bool = False  # choose k per step (up to num_speculative_tokens) from measured acceptance
     slots: int = 8
     max_len: int | None = None  # per-slot context; None: the model's max_seq_len
     max_waiting: int = 256
@@ -47,6 +48,8 @@ class EngineOptions:
             raise ConfigError("spec_method 'draft' needs a draft model (--draft)")
         if self.draft and self.spec_method != "draft":
             raise ConfigError(f"--draft is only used with --spec-method draft (got {self.spec_method!r})")
+        if self.adaptive_k and self.spec_method == "none":
+            raise ConfigError("--adaptive-k needs a speculative method (--spec-method draft or ngram)")
         if self.spec_method != "none" and self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         for name in ("slots", "max_waiting", "default_max_tokens"):
@@ -89,30 +92,46 @@ class EngineBundle:
 
 
 def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) -> StepRunner:
-    """The step runner for ``opts``: plain decoding, or the speculative runner.
+    """The step runner for ``opts``: plain decoding, or draft-then-verify.
 
-    This is where speculative decoding plugs in: a runner that implements
-    ``StepRunner`` and honours ``Request.num_speculative_tokens`` (0 = plain
-    for that request) is all the serving layer needs.
+    This is the one place that picks the decoding method. The serving layer only
+    needs a ``StepRunner`` that honours ``Request.num_speculative_tokens`` (0 =
+    plain decoding for that request), as ``SpeculativeRunner`` does.
     """
     target = ModelRunner(model, opts.slots, opts.max_len)
     if not opts.speculative:
         return PlainRunner(target)
+    from jaxspec.speculative import AUTO, SpeculativeRunner, make_proposer
+
+    draft_model = None
+    if opts.spec_method == "draft":
+        log.info("loading draft model %s", opts.draft)
+        draft_model, draft_tokenizer = load_any(opts.draft, dtype=opts.dtype, seed=opts.seed)
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise ConfigError(
+                f"draft tokenizer has {draft_tokenizer.vocab_size} tokens, the target's {tokenizer.vocab_size}: "
+                "a draft must share the target's vocabulary"
+            )
     try:
-        from jaxspec.speculative import SpeculativeRunner  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(
-            f"--spec-method {opts.spec_method} needs jaxspec.speculative.SpeculativeRunner, which this build lacks"
-        ) from e
-    raise ConfigError(f"--spec-method {opts.spec_method}: the speculative runner is not wired into serving yet")
+        proposer = make_proposer(opts.spec_method, draft_model)
+        return SpeculativeRunner(
+            target, proposer, num_speculative_tokens=AUTO if opts.adaptive_k else opts.num_speculative_tokens,
+            k_max=opts.num_speculative_tokens,
+        )
+    except ValueError as e:  # incompatible draft (vocabulary, context length)
+        raise ConfigError(str(e)) from e
 
 
-def load_engine(opts: EngineOptions) -> EngineBundle:
-    """Load the model(s) and build the engine (slow: call on the engine thread)."""
+def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRunner] | None = None) -> EngineBundle:
+    """Load the model(s) and build the engine (slow: call on the engine thread).
+
+    ``wrap_runner`` may wrap the step runner (tests inject faults and delays this way)."""
     opts.validate()
     log.info("loading model %s", opts.model)
     model, tokenizer = load_any(opts.model, dtype=opts.dtype, seed=opts.seed)
     runner = build_runner(opts, model, tokenizer)
+    if wrap_runner is not None:
+        runner = wrap_runner(runner)
     return bundle_engine(
         runner, tokenizer, model_id=_model_id(opts.model), max_waiting=opts.max_waiting,
         spec_method=opts.spec_method, max_speculative_tokens=opts.num_speculative_tokens if opts.speculative else 0,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from jaxspec.engine import FinishReason, RequestOutput, SpecStats
+from jaxspec.engine import FinishReason, RequestOutput
 from serving.engine_loop import RequestHandle
 
 request_log = logging.getLogger("jaxspec.serving.requests")
@@ -52,9 +52,10 @@ class ServingMetrics:
                                             registry=r)
         self.spec_accepted_per_pos = Counter("jaxspec_spec_decode_num_accepted_tokens_per_pos",
                                              "Draft tokens accepted at each draft position", ["position"], registry=r)
+        self.spec_drafted_per_pos = Counter("jaxspec_spec_decode_num_draft_tokens_per_pos",
+                                            "Draft tokens proposed at each draft position", ["position"], registry=r)
         self.expert_tokens = Counter("jaxspec_expert_routed_tokens", "Tokens routed to each expert of each MoE layer",
                                      ["layer", "expert"], registry=r)
-        self.totals = SpecStats()  # over all finished speculative requests (GetServerInfo)
         self.num_finished = 0
         self._expert_prev: np.ndarray | None = None
         self._http: Any = None
@@ -85,12 +86,13 @@ class ServingMetrics:
         self.num_finished += 1
         spec = out.spec if handle.speculative else None
         if spec is not None and spec.num_drafts:
-            _accumulate(self.totals, spec)
             self.spec_drafts.inc(spec.num_drafts)
             self.spec_draft_tokens.inc(spec.num_draft_tokens)
             self.spec_accepted_tokens.inc(spec.num_accepted_tokens)
             for pos, count in enumerate(spec.accepted_per_position):
                 self.spec_accepted_per_pos.labels(str(pos)).inc(count)
+            for pos, count in enumerate(spec.drafted_per_position):
+                self.spec_drafted_per_pos.labels(str(pos)).inc(count)
         log_request(handle, out, ttft, e2e)
 
     def on_engine_state(self, num_waiting: int, num_running: int) -> None:
@@ -124,16 +126,6 @@ class ServingMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
-
-
-def _accumulate(total: SpecStats, spec: SpecStats) -> None:
-    total.num_drafts += spec.num_drafts
-    total.num_draft_tokens += spec.num_draft_tokens
-    total.num_accepted_tokens += spec.num_accepted_tokens
-    per_pos = total.accepted_per_position
-    per_pos.extend([0] * (len(spec.accepted_per_position) - len(per_pos)))
-    for i, n in enumerate(spec.accepted_per_position):
-        per_pos[i] += n
 
 
 def log_request(handle: RequestHandle, out: RequestOutput, ttft: float | None, e2e: float) -> None:

@@ -190,6 +190,7 @@ def spec_stats_to_proto(spec: SpecStats) -> pb.SpeculationStats:
         acceptance_rate=spec.acceptance_rate,
         mean_acceptance_length=spec.mean_acceptance_length,
         accepted_per_position=spec.accepted_per_position,
+        drafted_per_position=spec.drafted_per_position,
     )
 
 

@@ -1,20 +1,29 @@
-"""Run a ``JaxSpecServer`` on a background event loop, for tests and notebooks.
+"""Test support: a server on a background event loop, a controllable runner, tiny engines.
 
-The server's event loop lives in its own thread, so synchronous gRPC clients in
-the calling thread talk to it over loopback exactly as a remote client would.
+``BackgroundServer`` runs a ``JaxSpecServer`` on its own event loop thread, so
+synchronous gRPC clients in the calling thread talk to it over loopback exactly
+as a remote client would. ``ControlledRunner`` wraps a real runner to slow its
+steps, fail them, or hold warm-up, so that timing-dependent behaviour
+(cancellation, deadlines, queueing, draining, faults) can be tested without
+races.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, Iterator, Sequence
 
-from serving.build import EngineBundle
+import jax
+
+from jaxspec.engine import Request, SlotTable, StepRunner
+from serving.build import EngineBundle, enable_compilation_cache
 from serving.engine_loop import ServerState
 from serving.server import JaxSpecServer, ServerOptions
 
@@ -85,3 +94,59 @@ def compilation_cache_dir_for_tests() -> Path:
     if st.st_uid != os.getuid() or st.st_mode & 0o022:
         raise PermissionError(f"{path} must be owned by this user and not group/world-writable")
     return path
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: str | Path | None = None) -> Iterator[Path]:
+    """Enable the persistent compilation cache for a block, then restore the previous settings."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = {name: getattr(jax.config, name) for name in names}
+    path = Path(directory) if directory is not None else compilation_cache_dir_for_tests()
+    enable_compilation_cache(path)
+    try:
+        yield path
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
+class ControlledRunner:
+    """Wraps a StepRunner; tests switch on slow steps, injected faults or a held warm-up."""
+
+    def __init__(self, inner: StepRunner, poison_prompt_ids: Sequence[int] | None = None):
+        self.inner = inner
+        self.cfg = inner.cfg
+        self.num_slots = inner.num_slots
+        self.max_len = inner.max_len
+        self.poison = tuple(poison_prompt_ids) if poison_prompt_ids is not None else None
+        self.step_delay_s = 0.0  # sleep before every decode step
+        self.fail_next_decode = False  # raise in the next decode step (once)
+        self.warmup_gate: threading.Event | None = None  # warm-up waits for it
+
+    def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
+        if self.poison is not None and tuple(request.prompt_ids) == self.poison:
+            raise RuntimeError("injected prefill fault")
+        return self.inner.prefill(slot, request, slots)
+
+    def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        if self.fail_next_decode:
+            self.fail_next_decode = False
+            raise RuntimeError("injected decode fault")
+        return self.inner.decode(slots)
+
+    def release(self, slot: int) -> None:
+        self.inner.release(slot)
+
+    def warmup(self) -> None:
+        if self.warmup_gate is not None and not self.warmup_gate.wait(300):
+            raise TimeoutError("warm-up gate was never opened")
+        self.inner.warmup()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
