@@ -125,13 +125,13 @@ async def serve(engine_opts: EngineOptions, server_opts: ServerOptions) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)  # some dependencies install a root handler at import
     try:
         engine_opts, server_opts = options_from_args(args)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)  # some dependencies install a root handler at import
     if args.compilation_cache_dir:
         enable_compilation_cache(args.compilation_cache_dir)
     try:
