@@ -143,11 +143,16 @@ def _jit_forward(model):
 
         _FORWARDS[key] = forward
     fn = _FORWARDS[key]
-    device = jax.devices()[0]
+    # Commit the inputs where the weights are (replicated over a mesh): committed and
+    # uncommitted arguments would otherwise compile separately.
+    weights = jax.tree.leaves(state)[0].sharding
+    if isinstance(weights, jax.sharding.NamedSharding):
+        where = jax.sharding.NamedSharding(weights.mesh, jax.sharding.PartitionSpec())
+    else:
+        where = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def call(tokens, start, cache, num_valid):
-        # Commit every input to one device: committed and uncommitted arrays compile separately.
-        tokens, start, num_valid = (jax.device_put(jnp.asarray(x, jnp.int32), device) for x in (tokens, start, num_valid))
+        tokens, start, num_valid = (jax.device_put(jnp.asarray(x, jnp.int32), where) for x in (tokens, start, num_valid))
         return fn(state, tokens, start, cache, num_valid)
 
     return call
