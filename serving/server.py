@@ -45,7 +45,7 @@ class ServerOptions:
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on host; None disables
     grace_period: float = 30.0  # seconds in-flight requests get to finish on drain
     expert_load_interval_s: float = 10.0
-    max_message_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC's default; far above any prompt a context holds
 
     def validate(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -115,10 +115,14 @@ class JaxSpecServer:
             self.port = server.add_insecure_port(address)
         if not self.port:
             raise OSError(f"could not bind {address}")
+        if opts.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve_http(opts.host, opts.metrics_port)
+            except OSError as e:
+                await server.stop(None)
+                raise OSError(f"metrics port {opts.metrics_port}: {e}") from e
         self._server = server
         await server.start()
-        if opts.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(opts.host, opts.metrics_port)
         log.info(
             "listening on %s (%s%s)%s", _address(opts.host, self.port), "TLS" if opts.tls_cert else "plaintext",
             ", bearer-token auth" if opts.auth_token else "",

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
+import jax
 import pytest
 
 from serving.build import EngineOptions, load_engine
@@ -93,8 +94,17 @@ def test_health_transitions_warmup_serving_draining():
             server.close()
 
 
-def _start_cli(*extra: str) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+def _server_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    # Same numerics settings as the in-process servers, so the subprocess reuses their compiled executables.
+    precision = jax.config.jax_default_matmul_precision
+    if precision is not None:
+        env["JAX_DEFAULT_MATMUL_PRECISION"] = str(precision)
+    return env
+
+
+def _start_cli(*extra: str) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    env = _server_env()
     cmd = [sys.executable, "-m", "jaxspec.serve", "--model", "tiny-moe", "--slots", "16", "--max-len", "64",
            "--port", "0", "--compilation-cache-dir", str(compilation_cache_dir_for_tests()), *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

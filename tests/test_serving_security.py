@@ -139,10 +139,18 @@ def test_load_token(tmp_path):
         load_token(path)
 
 
-def test_cli_defaults_are_loopback_and_no_auth():
+def test_cli_defaults_are_loopback_and_no_auth(capsys):
     args = serve.parse_args([])
     assert args.host == "127.0.0.1"
     assert args.tls_cert is None and args.auth_token_file is None
+    with pytest.raises(SystemExit) as exit_info:
+        serve.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--model", "--draft", "--spec-method", "--num-speculative-tokens", "--slots", "--max-len", "--port",
+                 "--host", "--tls-cert", "--tls-key", "--auth-token-file", "--metrics-port", "--max-waiting",
+                 "--compilation-cache-dir", "--grace-period"):
+        assert flag in help_text
 
 
 @pytest.mark.parametrize("argv,message", [
