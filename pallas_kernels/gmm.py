@@ -164,14 +164,14 @@ def _row_tile_metadata(starts: jax.Array, ends: jax.Array, m: int, tm: int, num_
     total = tile_end[-1]
 
     item = jnp.arange(num_items, dtype=jnp.int32)
-    tile = jnp.minimum(jnp.searchsorted(tile_end, item, side="right"), num_tiles - 1).astype(jnp.int32)
+    tile = jnp.minimum(jnp.searchsorted(tile_end, item, side="right", method="compare_all"), num_tiles - 1).astype(jnp.int32)
     j = item - tile_start[tile]
     valid = item < total
     # Non-empty local groups in order; the first overlapping a tile is the first not ending before it.
     rank = jnp.cumsum(one) - one
     ne_ids = jnp.zeros((g,), jnp.int32).at[jnp.where(nonempty, rank, g)].set(jnp.arange(g, dtype=jnp.int32), mode="drop")
     ne_ends = jnp.where(jnp.arange(g) < jnp.sum(one), ends[ne_ids], _INT32_MAX)
-    first_rank = jnp.searchsorted(ne_ends, tile * tm, side="right").astype(jnp.int32)
+    first_rank = jnp.searchsorted(ne_ends, tile * tm, side="right", method="compare_all").astype(jnp.int32)
     group = ne_ids[jnp.clip(first_rank + j, 0, g - 1)]
     active = valid & (count[tile] > 0)
     return {
@@ -197,7 +197,7 @@ def _group_metadata(starts: jax.Array, ends: jax.Array, m: int, tm: int, num_ite
     total = group_end[-1]
 
     item = jnp.arange(num_items, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(group_end, item, side="right"), g - 1).astype(jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(group_end, item, side="right", method="compare_all"), g - 1).astype(jnp.int32)
     j = item - group_start[group]
     valid = item < total
     active = valid & nonempty[group]
@@ -234,25 +234,16 @@ def _gmm_tpu_kernel(
             lhs_ref[...], rhs_ref[...], (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
 
-    def in_group() -> jax.Array:
+    @pl.when(kk == num_k_tiles - 1)
+    def _():
         g = group_ref[i]
         rows = tile_ref[i] * tm + lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
-        return (rows >= starts_ref[g]) & (rows < ends_ref[g])
-
-    last_k = kk == num_k_tiles - 1
-
-    @pl.when(last_k & active & first)
-    def _():
-        out_ref[...] = jnp.where(in_group(), acc_ref[...], 0.0).astype(out_ref.dtype)
-
-    @pl.when(last_k & active & jnp.logical_not(first))
-    def _():
-        # Later visit of the same row tile: the block is still resident; fill in this group's rows only.
-        out_ref[...] = jnp.where(in_group(), acc_ref[...].astype(out_ref.dtype), out_ref[...])
-
-    @pl.when(last_k & jnp.logical_not(active) & first)
-    def _():
-        out_ref[...] = jnp.zeros_like(out_ref)  # a row tile that no local group touches
+        mine = active & (rows >= starts_ref[g]) & (rows < ends_ref[g])
+        # The first visit of a row tile starts from zeros (rows no local group owns stay zero); later
+        # visits keep the resident block and fill in this group's rows. Idle padding items rewrite
+        # the block unchanged. Selects, not arithmetic: unwritten VMEM may hold NaN patterns.
+        kept = jnp.where(first, jnp.zeros(out_ref.shape, out_ref.dtype), out_ref[...])
+        out_ref[...] = jnp.where(mine, acc_ref[...].astype(out_ref.dtype), kept)
 
 
 def _gmm_tpu(lhs, rhs, starts, ends, cfg: _Config, tiling: Tiling, out_dtype) -> jax.Array:
@@ -427,8 +418,8 @@ def _gmm_gpu(lhs, rhs, starts, ends, cfg: _Config, tiling: Tiling, out_dtype) ->
     num_tiles = cdiv(m, tm)
     tile_first_row = jnp.arange(num_tiles, dtype=jnp.int32) * tm
     # Local groups overlapping tile t: those ending after its first row and starting before its end.
-    group_lo = jnp.searchsorted(ends, tile_first_row, side="right").astype(jnp.int32)
-    group_hi = jnp.searchsorted(starts, tile_first_row + tm - 1, side="right").astype(jnp.int32)
+    group_lo = jnp.searchsorted(ends, tile_first_row, side="right", method="compare_all").astype(jnp.int32)
+    group_hi = jnp.searchsorted(starts, tile_first_row + tm - 1, side="right", method="compare_all").astype(jnp.int32)
     kernel = functools.partial(
         _gmm_gpu_kernel, m=m, k=k, n=n, tm=tm, tk=tk, tn=tn, transpose_rhs=cfg.transpose_rhs,
         precision=_precision(lhs.dtype),
