@@ -1,4 +1,10 @@
-"""Mixture-of-experts feed-forward block: router, experts, optional shared expert."""
+"""Mixture-of-experts feed-forward block: router, experts, optional shared expert.
+
+Training hooks (inference never sets them, so its forward is unchanged): with
+``router_stats=True`` the block sows its router logits as ``nnx.Intermediate``
+"router_logits" (collect them with ``nnx.capture``) for the load-balancing and
+z-losses; ``capacity_factor`` drops assignments beyond each expert's capacity.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,23 @@ def route(router_logits: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.
     return weights, expert_ids.astype(jnp.int32)
 
 
+def drop_over_capacity(expert_ids: jax.Array, weights: jax.Array, num_experts: int, capacity_factor: float) -> jax.Array:
+    """Zero the weights of assignments beyond each expert's capacity (training only).
+
+    capacity = ceil(capacity_factor * N * k / E). Assignments queue per expert by
+    choice rank first (every token's first choice before any second choice, as in
+    Switch/GShard), then token order. A dropped assignment contributes nothing, so a
+    token that loses all its choices passes through on the residual alone. This makes a
+    token's output depend on the rest of its batch, which is why inference never uses it.
+    """
+    n, k = expert_ids.shape
+    capacity = -(-int(capacity_factor * n * k) // num_experts)
+    onehot = jax.nn.one_hot(expert_ids.T.reshape(-1), num_experts, dtype=jnp.int32)  # [k*N, E], rank-major
+    position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # place in its expert's queue
+    keep = (position < capacity).reshape(k, n).T
+    return jnp.where(keep, weights, 0.0)
+
+
 class MoEBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
@@ -33,13 +56,24 @@ class MoEBlock(nnx.Module):
             self.shared_expert = MLP(d, cfg.shared_expert_mlp_dim, dt, rngs)
             self.shared_gate = param(rngs, (d, 1), ("embed", None), dt)
 
-    def __call__(self, x: jax.Array, valid: jax.Array, backend: str | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self,
+        x: jax.Array,
+        valid: jax.Array,
+        backend: str | None = None,
+        router_stats: bool = False,
+        capacity_factor: float | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
         """x [B, T, D], valid [B, T] bool -> (out [B, T, D], tokens routed per expert [E] over valid tokens)."""
         cfg = self.cfg
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         router_logits = jnp.einsum("nd,de->ne", flat, self.router[...], preferred_element_type=jnp.float32)
         weights, expert_ids = route(router_logits, cfg.num_experts_per_tok, cfg.router_renormalize)
+        if router_stats:
+            self.sow(nnx.Intermediate, "router_logits", router_logits)  # [B*T, E] float32
+        if capacity_factor is not None:
+            weights = drop_over_capacity(expert_ids, weights, cfg.num_experts, capacity_factor)
         out = dispatch(
             flat, expert_ids, weights, self.w_gate[...], self.w_up[...], self.w_down[...],
             backend=backend or cfg.moe_backend,

@@ -9,6 +9,10 @@ Forward contract (used by prefill, decode and speculative verification alike):
                 lengths[slot] = start + num_valid
     out.expert_load [L, E] int32 tokens routed per expert per layer (valid tokens only; zeros for dense layers)
 
+Training-only keywords (defaults leave the forward as above): ``router_stats`` sows
+each MoE layer's router logits (see jaxspec.models.moe), ``capacity_factor``
+drops expert assignments beyond capacity.
+
 Row b uses slot ``slot_ids[b]`` (``None``: row b is slot b). A padding row uses
 slot id == num_slots: nothing of it is written. T > 1 is causal inside the block,
 and different rows may start at different positions.
@@ -48,14 +52,15 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.mlp_dim, dt, rngs)
 
-    def __call__(self, x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend):
+    def __call__(self, x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend,
+                 router_stats=False, capacity_factor=None):
         attn_out, cache_k, cache_v = self.attn(
             self.attn_norm(x), positions, cache_k, cache_v, self.layer, slot_ids, inv_freq
         )
         x = x + attn_out
         h = self.mlp_norm(x)
         if self.is_moe:
-            mlp_out, counts = self.moe(h, valid, moe_backend)
+            mlp_out, counts = self.moe(h, valid, moe_backend, router_stats, capacity_factor)
         else:
             mlp_out, counts = self.mlp(h), None
         return x + mlp_out, cache_k, cache_v, counts
@@ -79,6 +84,8 @@ class Transformer(nnx.Module):
         slot_ids: jax.Array | None = None,  # [B] int32
         num_valid: jax.Array | None = None,  # [B] int32 real tokens per row (rest is padding)
         moe_backend: str | None = None,
+        router_stats: bool = False,
+        capacity_factor: float | None = None,
     ) -> ForwardOutput:
         cfg = self.cfg
         b, t = tokens.shape
@@ -92,7 +99,9 @@ class Transformer(nnx.Module):
         cache_k, cache_v = cache.k, cache.v
         loads = []
         for layer in self.layers:
-            x, cache_k, cache_v, counts = layer(x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend)
+            x, cache_k, cache_v, counts = layer(
+                x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend, router_stats, capacity_factor
+            )
             loads.append(counts if counts is not None else jnp.zeros((max(cfg.num_experts, 1),), jnp.int32))
         hidden = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
