@@ -174,6 +174,7 @@ class EngineLoop:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop = threading.Event()
+        self._thread_done = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = asyncio.Event()
@@ -304,9 +305,21 @@ class EngineLoop:
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine thread (between steps) and await its result."""
+        if self._thread_done.is_set():
+            raise EngineUnavailableError(f"server is {self.state.value}")
         fut = asyncio.get_running_loop().create_future()
         self._send(fn, fut)
         return await fut
+
+    def _fail_pending(self) -> None:
+        """Event loop, after the engine thread ended: nothing will run what is still queued."""
+        while True:
+            try:
+                _, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if fut is not None and not fut.done():
+                fut.set_exception(EngineUnavailableError(f"server is {self.state.value}"))
 
     def _forget(self, handle: RequestHandle) -> None:
         handle.finished = True
@@ -341,6 +354,13 @@ class EngineLoop:
 
     def _thread_main(self) -> None:
         try:
+            self._serve()
+        finally:
+            self._thread_done.set()
+            self._post(self._fail_pending)
+
+    def _serve(self) -> None:
+        try:
             engine = self._factory()
             t0 = time.monotonic()
             engine.runner.warmup()
@@ -355,6 +375,9 @@ class EngineLoop:
         self._post(self._warmed_up)
         try:
             self._run(engine)
+        except BaseException:  # a bug in the loop itself: fail loudly rather than hang every client
+            log.exception("engine loop crashed")
+            self._post(self.set_state, ServerState.FAILED)
         finally:
             self._shutdown(engine)
 

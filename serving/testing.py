@@ -124,7 +124,7 @@ class ControlledRunner:
         self.max_len = inner.max_len
         self.poison = tuple(poison_prompt_ids) if poison_prompt_ids is not None else None
         self.step_delay_s = 0.0  # sleep before every decode step
-        self.fail_next_decode = False  # raise in the next decode step (once)
+        self.fail_decodes = 0  # raise in this many of the next decode steps
         self.warmup_gate: threading.Event | None = None  # warm-up waits for it
 
     def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
@@ -135,8 +135,8 @@ class ControlledRunner:
     def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
-        if self.fail_next_decode:
-            self.fail_next_decode = False
+        if self.fail_decodes > 0:
+            self.fail_decodes -= 1
             raise RuntimeError("injected decode fault")
         return self.inner.decode(slots)
 

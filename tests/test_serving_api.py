@@ -323,7 +323,7 @@ def test_step_fault_fails_running_requests_and_server_goes_on(slow, caplog):
     caplog.set_level(logging.ERROR, logger="jaxspec.serving")
     call = env.client.generate_stream([1, 70], max_tokens=60, ignore_eos=True)
     next(call)
-    env.runner.fail_next_decode = True
+    env.runner.fail_decodes = 1
     err = rpc_error(list, call)
     assert err.code() == grpc.StatusCode.INTERNAL and "injected decode fault" in err.details()
     assert any(r.exc_info for r in caplog.records if "engine step failed" in r.getMessage())

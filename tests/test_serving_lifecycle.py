@@ -94,6 +94,33 @@ def test_health_transitions_warmup_serving_draining():
             server.close()
 
 
+def test_repeated_step_failures_mark_the_server_failed():
+    runners: list[ControlledRunner] = []
+
+    def wrap(runner):
+        runners.append(ControlledRunner(runner))
+        return runners[-1]
+
+    with persistent_compilation_cache():
+        server = BackgroundServer(lambda: load_engine(OPTS, wrap_runner=wrap), ServerOptions(port=0)).start()
+        client = JaxSpecClient(server.target, timeout=30)
+        try:
+            runners[0].fail_decodes = 3  # MAX_CONSECUTIVE_STEP_FAILURES
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as err:
+                    client.generate("hello", max_tokens=4)
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+            # The engine is considered broken: the server stops itself with exit code 1.
+            assert server.run(server.server.wait_stopped(), timeout=60) == 1
+            assert server.server.engine_loop.state == ServerState.FAILED
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate("hello", max_tokens=4, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            client.close()
+            server.close()
+
+
 def _server_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     # Same numerics settings as the in-process servers, so the subprocess reuses their compiled executables.
@@ -130,9 +157,8 @@ def _port(lines: list[str], proc: subprocess.Popen) -> int:
 
 
 def _run_client(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "jaxspec.client", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "jaxspec.client", *args], cwd=REPO, env=_server_env(),
+                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
