@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 Backend = Literal["auto", "tpu", "gpu"]
 
@@ -55,3 +57,14 @@ def resolve_backend(backend: str, interpret: bool) -> Literal["tpu", "gpu"]:
 def default_interpret() -> bool:
     """True where no accelerator can run a compiled kernel (the CPU), so callers fall back to the interpreter."""
     return jax.default_backend() not in _TPU_PLATFORMS + _GPU_PLATFORMS
+
+
+def matmul_precision(dtype) -> lax.Precision:
+    """Explicit precision for in-kernel matmuls of ``dtype`` operands.
+
+    float32 gets true float32 products (no bf16 passes / TF32), matching the jnp
+    references. Everything else gets DEFAULT, stated explicitly: with precision=None
+    a process-wide ``jax_default_matmul_precision="highest"`` (as the test suite sets)
+    would ask Mosaic for fp32 contraction of bf16 operands, which it refuses.
+    """
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT

@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, next_pow2, resolve_backend, round_up
+from pallas_kernels._common import cdiv, matmul_precision, next_pow2, resolve_backend
 from pallas_kernels.gmm_reference import local_group_bounds
 
 Tiling = tuple[int, int, int]  # (tm, tk, tn): rows, contraction, output columns
@@ -130,11 +130,6 @@ def _resolve_tiling(cfg: _Config, m: int, k: int, n: int, num_groups: int, dtype
     tiling = cfg.tiling or choose_tiling(m, k, n, num_groups, dtype, cfg.backend)
     validate_tiling(tiling, m, k, n, cfg.backend, op)
     return tuple(int(t) for t in tiling)  # type: ignore[return-value]
-
-
-def _precision(dtype) -> lax.Precision | None:
-    # float32 inputs get true float32 products (no bf16 passes / TF32), matching the reference.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 # ------------------------------------------------------------------ TPU work-item metadata
@@ -273,7 +268,7 @@ def _gmm_tpu(lhs, rhs, starts, ends, cfg: _Config, tiling: Tiling, out_dtype) ->
 
     rhs_block = (None, tn, tk) if cfg.transpose_rhs else (None, tk, tn)
     kernel = functools.partial(
-        _gmm_tpu_kernel, tm=tm, num_k_tiles=num_k_tiles, transpose_rhs=cfg.transpose_rhs, precision=_precision(lhs.dtype)
+        _gmm_tpu_kernel, tm=tm, num_k_tiles=num_k_tiles, transpose_rhs=cfg.transpose_rhs, precision=matmul_precision(lhs.dtype)
     )
     itemsize = jnp.dtype(lhs.dtype).itemsize
     cost = pl.CostEstimate(
@@ -354,7 +349,7 @@ def _tgmm_tpu(lhs, rhs, starts, ends, cfg: _Config, tiling: Tiling, out_dtype) -
         bytes_accessed=int((m * k + m * n) * itemsize + g_local * k * n * jnp.dtype(out_dtype).itemsize),
     )
     return pl.pallas_call(
-        functools.partial(_tgmm_tpu_kernel, tm=tm, precision=_precision(lhs.dtype)),
+        functools.partial(_tgmm_tpu_kernel, tm=tm, precision=matmul_precision(lhs.dtype)),
         out_shape=jax.ShapeDtypeStruct((g_local, k, n), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(scalars),
@@ -422,7 +417,7 @@ def _gmm_gpu(lhs, rhs, starts, ends, cfg: _Config, tiling: Tiling, out_dtype) ->
     group_hi = jnp.searchsorted(starts, tile_first_row + tm - 1, side="right", method="compare_all").astype(jnp.int32)
     kernel = functools.partial(
         _gmm_gpu_kernel, m=m, k=k, n=n, tm=tm, tk=tk, tn=tn, transpose_rhs=cfg.transpose_rhs,
-        precision=_precision(lhs.dtype),
+        precision=matmul_precision(lhs.dtype),
     )
     return pl.pallas_call(
         kernel,
@@ -463,7 +458,7 @@ def _tgmm_gpu(lhs, rhs, starts, ends, cfg: _Config, tiling: Tiling, out_dtype) -
     n = rhs.shape[1]
     g_local = starts.shape[0]
     tm, tk, tn = tiling
-    kernel = functools.partial(_tgmm_gpu_kernel, m=m, k=k, n=n, tm=tm, tk=tk, tn=tn, precision=_precision(lhs.dtype))
+    kernel = functools.partial(_tgmm_gpu_kernel, m=m, k=k, n=n, tm=tm, tk=tk, tn=tn, precision=matmul_precision(lhs.dtype))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((g_local, k, n), out_dtype),

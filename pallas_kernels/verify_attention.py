@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, default_interpret, next_pow2, resolve_backend
+from pallas_kernels._common import cdiv, default_interpret, matmul_precision, next_pow2, resolve_backend
 from pallas_kernels.verify_attention_reference import MASK_VALUE
 
 DEFAULT_BLOCK_KV = {"tpu": 256, "gpu": 64}
@@ -68,6 +68,7 @@ def _tpu_kernel(
     *, heads: int, head_dim: int, block_kv: int, num_keys: int, sliding_window: int | None,
 ):
     b, kt = pl.program_id(0), pl.program_id(1)
+    precision = matmul_precision(k_ref.dtype)
 
     @pl.when(kt == 0)
     def _():
@@ -84,7 +85,9 @@ def _tpu_kernel(
         for h in range(heads):  # static: one matmul pair per kv head
             k = k_ref[:, h, :]
             v = jnp.where(key_ok, v_ref[:, h, :], 0)
-            s = lax.dot_general(q_ref[h], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            s = lax.dot_general(
+                q_ref[h], k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+            )
             s = jnp.where(mask, s / math.sqrt(head_dim), MASK_VALUE)
             m_prev = m_ref[h]
             m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -92,7 +95,7 @@ def _tpu_kernel(
             corr = jnp.exp(m_prev - m_new)
             l_ref[h] = corr * l_ref[h] + jnp.sum(p, axis=1, keepdims=True)
             acc_ref[h] = corr * acc_ref[h] + lax.dot_general(
-                p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+                p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
             )
             m_ref[h] = m_new
 
@@ -158,6 +161,7 @@ def _gpu_kernel(
     sliding_window: int | None,
 ):
     b, h = pl.program_id(0), pl.program_id(1)
+    precision = matmul_precision(k_ref.dtype)
     r = jnp.arange(block_rows)
     d = jnp.arange(block_d)
     row_ok, d_ok = r < rows, d < head_dim
@@ -172,13 +176,13 @@ def _gpu_kernel(
         k = plgpu.load(k_ref.at[b, pl.ds(kt * block_kv, block_kv), h, pl.ds(0, block_d)], mask=kv_mask, other=0)
         v = plgpu.load(v_ref.at[b, pl.ds(kt * block_kv, block_kv), h, pl.ds(0, block_d)], mask=kv_mask, other=0)
         mask = _visible(keys[None, :], q_pos, num_keys, sliding_window)
-        s = plgpu.dot(q, k, trans_b=True) * scale
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * scale
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         corr = jnp.exp(m_prev - m_new)
         l_new = corr * l_prev + jnp.sum(p, axis=1)
-        acc = corr[:, None] * acc + plgpu.dot(p.astype(v.dtype), v)
+        acc = corr[:, None] * acc + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, l_new, acc
 
     init = (
