@@ -209,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     impl=name, batch=batch, seconds=seconds, tok_s=batch * args.new_tokens / seconds,
                     same=float(np.mean(tokens == reference)),
                 ))
+                print(f"  {name} batch {batch}: {rows[-1]['tok_s']:.1f} tokens/s", flush=True)
     base = {r["batch"]: r["tok_s"] for r in rows if r["impl"] == "transformers"}
     print(f"\n| {'implementation':<15} | batch | {'seconds':>8} | {'tokens/s':>9} | vs transformers | same tokens |")
     print(f"|{'-' * 17}|-------|{'-' * 10}|{'-' * 11}|-----------------|-------------|")
