@@ -184,8 +184,7 @@ class SpeculativeRunner:
         active = slots.active.copy()
         act = np.flatnonzero(active)
         out_pos = slots.num_generated.astype(np.int32).copy()
-        k = self._choose_k(slots, act, out_pos)
-        kb = bucket_for(int(k.max(initial=0)), self.buckets)
+        k, kb = self._choose_k(slots, act, out_pos)
         sampling = slots.sampling()
         ctx = SpecContext(self.history, active, k, kb, sampling, out_pos)
         t0 = time.perf_counter()
@@ -194,9 +193,10 @@ class SpeculativeRunner:
         if kb > 0:
             proposal = self.proposer.propose(ctx)
             kb_run = kb
-            if self.proposer.deterministic:  # a lookup may find fewer tokens than asked: verify a shorter block
-                kb_run = bucket_for(int(proposal.num_draft.max(initial=0)), self.buckets)
-                proposal = proposal._replace(tokens=np.asarray(proposal.tokens)[:, :kb_run])
+            if self.proposer.deterministic and not proposal.num_draft.any():
+                # No lookup found anything: verify one token instead of an empty block.
+                kb_run = 0
+                proposal = proposal._replace(tokens=np.asarray(proposal.tokens)[:, :0])
             if self.profile:
                 jax.block_until_ready(proposal.tokens)
         t1 = time.perf_counter()
@@ -225,20 +225,25 @@ class SpeculativeRunner:
         return results
 
     # ---------------------------------------------------------------- choosing k
-    def _choose_k(self, slots: SlotTable, act: np.ndarray, out_pos: np.ndarray) -> np.ndarray:
-        """Proposals per slot [S]: capped so a step never drafts past what a request can use."""
+    def _choose_k(self, slots: SlotTable, act: np.ndarray, out_pos: np.ndarray) -> tuple[np.ndarray, int]:
+        """(proposals per slot [S], the step's proposal length kb >= their max).
+
+        A slot's k is capped by the tokens its request can still use, but with a fixed
+        k the bucket is not: the step keeps one compiled shape from the first token to
+        the last (kb = 0 only once every slot is on its final token), which also keeps a
+        request's numerics independent of where the others are in their generation."""
         k = np.zeros(self.num_slots, np.int32)
         if self.k_max == 0 or act.size == 0:
-            return k
+            return k, 0
         max_tokens = np.array([slots.requests[s].params.max_tokens for s in act])
         caps = np.clip(max_tokens - out_pos[act] - 1, 0, self.k_max)
         forced = self.override[act]
         if not self.adaptive:
-            forced = np.where(forced < 0, self.default_k, forced)
-            k[act] = np.minimum(forced, caps)
-            return k
+            wanted = np.where(forced < 0, self.default_k, forced)
+            k[act] = np.minimum(wanted, caps)
+            return k, (bucket_for(int(wanted.max()), self.buckets) if k.any() else 0)
         if self.cost_model is None:
             self.cost_model = self.measure_costs(self.measure_reps)
         kb = self.policy.choose(self.estimator.mean(act), caps, forced, self.cost_model)
         k[act] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
-        return k
+        return k, (kb if k.any() else 0)

@@ -1,0 +1,269 @@
+"""Speculation changes speed, never output: greedy speculative decoding through the
+engine equals plain greedy decoding of the target token for token, for every
+proposer, k, batch size and draft quality; verification logits equal step-by-step
+decoding; stops inside accepted runs land exactly where plain decoding stops.
+
+Target: tiny-moe (MoE, 2 layers). Drafts share its architecture (one compiled
+draft loop per k serves them all): an identical copy (everything accepted), a
+noisy copy (partial acceptance) and an unrelated random model (almost nothing
+accepted); one dense draft checks the mixed pairing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.config import load_config
+from jaxspec.engine import Engine, FinishReason, InvalidRequestError, ModelRunner, PlainRunner
+from jaxspec.models import KVCache, create_model
+from jaxspec.sampling import SamplingParams
+from jaxspec.speculative import (
+    CostModel,
+    DraftModelProposer,
+    NgramProposer,
+    NoProposer,
+    SpeculativeRunner,
+    perturbed_copy,
+)
+from jaxspec.tokenizer import ByteTokenizer
+
+SLOTS, MAX_LEN, K_MAX = 8, 64, 8
+TOK = ByteTokenizer()
+CFG = load_config("tiny-moe")
+TARGET = create_model(CFG, 0)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+@functools.cache
+def draft(kind: str):
+    if kind == "identical":
+        return perturbed_copy(TARGET, 0.0)
+    if kind == "noisy":
+        return perturbed_copy(TARGET, 0.15, seed=1)
+    if kind == "unrelated":
+        return create_model(CFG, 7)
+    if kind == "dense":
+        return create_model(load_config("tiny-dense").replace(num_layers=1, name="tiny-dense-1l"), 3)
+    raise KeyError(kind)
+
+
+def _prompts() -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for n in (3, 5, 7, 9, 11, 13, 6, 4):
+        base = rng.integers(3, CFG.vocab_size, n).tolist()
+        out.append(base + base[: n // 2])  # a repeat gives prompt lookup something to find
+    return out
+
+
+PROMPTS = _prompts()
+
+
+def proposer(kind: str):
+    if kind == "ngram":
+        return NgramProposer()
+    if kind == "none":
+        return NoProposer()
+    return DraftModelProposer(draft(kind))
+
+
+def spec_runner(kind: str, k, slots: int = SLOTS, **kw) -> SpeculativeRunner:
+    return SpeculativeRunner(ModelRunner(TARGET, slots, MAX_LEN), proposer(kind), num_speculative_tokens=k,
+                             k_max=K_MAX, **kw)
+
+
+def generate(runner, prompts, params, concurrent: bool = True):
+    """Completions (and the engine); concurrent=False feeds one request at a time (batch size 1)."""
+    engine = Engine(runner, TOK)
+    if concurrent:
+        return engine.generate(prompts, params), engine
+    return [engine.generate([p], params)[0] for p in prompts], engine
+
+
+@functools.cache
+def plain_tokens(params: SamplingParams, slots: int = SLOTS) -> tuple[tuple[int, ...], ...]:
+    outs, _ = generate(PlainRunner(ModelRunner(TARGET, slots, MAX_LEN)), PROMPTS, params)
+    return tuple(tuple(o.token_ids) for o in outs)
+
+
+def assert_same_as_plain(outs, params=GREEDY):
+    want = plain_tokens(params)
+    for i, o in enumerate(outs):
+        assert tuple(o.token_ids) == want[i], f"prompt {i}: {o.token_ids} != {list(want[i])}"
+
+
+# --------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("k", [1, 2, 4, 8, "auto"])
+@pytest.mark.parametrize("kind", ["noisy", "ngram"])
+def test_greedy_equals_plain(kind, k):
+    runner = spec_runner(kind, k)
+    outs, engine = generate(runner, PROMPTS, GREEDY)  # batch of 8
+    assert_same_as_plain(outs)
+    stats = engine.spec_stats
+    assert stats.num_accepted_tokens <= stats.num_draft_tokens
+    if k != "auto":
+        assert stats.num_draft_tokens > 0
+    outs, _ = generate(spec_runner(kind, k), PROMPTS, GREEDY, concurrent=False)  # one request at a time
+    assert_same_as_plain(outs)
+
+
+@pytest.mark.parametrize("kind", ["identical", "unrelated", "dense"])
+def test_greedy_equals_plain_any_draft(kind):
+    for k in (4, "auto") if kind != "dense" else (4,):  # auto would compile every bucket for the dense draft
+        outs, engine = generate(spec_runner(kind, k), PROMPTS, GREEDY)
+        assert_same_as_plain(outs)
+        if kind == "identical":
+            assert engine.spec_stats.acceptance_rate == 1.0
+
+
+@pytest.mark.slow
+def test_greedy_equals_plain_single_slot_engine():
+    """A true one-slot engine (its own compiled shapes); the tests above run batch size 1
+    as one request at a time in the 8-slot engine."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs, _ = generate(spec_runner("noisy", 4, slots=1), PROMPTS[:3], params)
+    plain, _ = generate(PlainRunner(ModelRunner(TARGET, 1, MAX_LEN)), PROMPTS[:3], params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+
+
+def test_none_method_reproduces_plain_decoding_exactly():
+    """k = 0 through the speculative loop: the same tokens as plain decoding, greedy and seeded sampled."""
+    sampled = [SamplingParams(temperature=t, top_k=tk, seed=100 + i, max_tokens=12, ignore_eos=True)
+               for i, (t, tk) in enumerate([(1.0, 0), (0.7, 5), (1.3, 0), (0.0, 0)] * 2)]
+    outs, engine = generate(spec_runner("none", 0), PROMPTS, sampled)
+    plain, _ = generate(PlainRunner(ModelRunner(TARGET, SLOTS, MAX_LEN)), PROMPTS, sampled)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert engine.spec_stats.num_draft_tokens == 0
+
+
+def test_verification_logits_equal_step_by_step_decoding():
+    """The target's logits over a k+1 block (padded rows, MoE routing over the whole
+    block) equal feeding the same tokens one at a time."""
+    runner = ModelRunner(TARGET, 4, MAX_LEN)
+    fwd = jax.jit(runner.forward_fn())
+    rng = np.random.default_rng(1)
+    prompt_len, k = 6, 4
+    ctx = rng.integers(3, CFG.vocab_size, (4, prompt_len + k + 1)).astype(np.int32)
+    cache = KVCache.create(CFG, 4, MAX_LEN)
+    for i in range(prompt_len):
+        cache = fwd(runner.state, ctx[:, i : i + 1], np.full(4, i, np.int32), cache).cache
+    start = np.full(4, prompt_len, np.int32)
+    num_valid = np.array([k + 1, 3, 1, 0], np.int32)  # several k per row, and a padding row
+    block = fwd(runner.state, ctx[:, prompt_len:], start, cache, None, num_valid)
+    step_cache, steps = cache, []
+    for i in range(k + 1):
+        out = fwd(runner.state, ctx[:, prompt_len + i : prompt_len + i + 1], start + i, step_cache)
+        step_cache = out.cache
+        steps.append(np.asarray(out.logits[:, 0]))
+    steps = np.stack(steps, 1)
+    for row in range(3):
+        n = num_valid[row]
+        np.testing.assert_allclose(np.asarray(block.logits)[row, :n], steps[row, :n], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(block.cache.lengths), start + num_valid)
+
+
+# --------------------------------------------------------------------- stop handling
+def _first_occurrence_inside_a_run(plain, run: int) -> tuple[int, int]:
+    """(row, index) of a token that first appears at that index, not at the end of a run
+    (token 0 comes from prefill, then runs of `run` tokens)."""
+    for row, toks in enumerate(plain):
+        for at in range(2, len(toks) - 1):
+            if (at - 1) % run != run - 1 and toks[at] not in toks[:at]:
+                return row, at
+    raise AssertionError("no suitable stop token in the plain outputs")
+
+
+def test_stops_inside_an_accepted_run():
+    """EOS and a stop token inside an accepted run (identical draft, k=4: runs of 5) end
+    the output exactly where plain decoding ends it; so does max_tokens (the runner never
+    drafts past max_tokens, so that one lands on a run's end)."""
+    plain = plain_tokens(GREEDY)
+    row, at = _first_occurrence_inside_a_run(plain, 5)
+    tok = plain[row][at]
+    cases = [
+        (SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop_token_ids=(tok,)), FinishReason.STOP, {}),
+        (SamplingParams(temperature=0.0, max_tokens=24), FinishReason.EOS, dict(eos_ids=(tok,))),
+        (SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True), FinishReason.LENGTH, {}),
+    ]
+    for params, reason, engine_kw in cases:
+        engine = Engine(spec_runner("identical", 4), TOK, **engine_kw)
+        (out,) = engine.generate([PROMPTS[row]], params)
+        want = list(plain[row][:7]) if reason == FinishReason.LENGTH else list(plain[row][:at])
+        assert out.token_ids == want and out.finish_reason == reason
+        if reason != FinishReason.LENGTH:
+            assert out.stop_match == tok
+            assert engine.spec_stats.num_accepted_tokens > len(want) - 1  # the run went past the stop
+
+
+# ---------------------------------------------------------------- per-request k, stats
+def test_per_request_override_and_stats():
+    runner = spec_runner("identical", "auto", cost_model=_cheap_draft_costs())
+    engine = Engine(runner, TOK)
+    ks = [0, 1, 3, 50, None, 2, 0, 8]
+    ids = [engine.add_request(p, GREEDY, num_speculative_tokens=k) for p, k in zip(PROMPTS, ks)]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    final = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens[o.request_id] += o.new_token_ids
+            if o.finished:
+                final[o.request_id] = o
+    assert [tuple(tokens[i]) for i in ids] == list(plain_tokens(GREEDY))
+    by_k = {k: final[i].spec for i, k in zip(ids, ks)}
+    assert by_k[0].num_draft_tokens == 0
+    assert len(by_k[1].drafted_per_position) == 1
+    assert len(by_k[3].drafted_per_position) == 3
+    assert len(by_k[50].drafted_per_position) == K_MAX  # bounded by k_max
+    assert by_k[8].acceptance_rate == 1.0 and by_k[8].mean_acceptance_length > 4
+    agg = engine.spec_stats
+    assert agg.num_draft_tokens == sum(o.spec.num_draft_tokens for o in final.values())
+    assert agg.acceptance_per_position[0] == 1.0
+    assert agg.num_steps > 0 and agg.verify_time_s > 0 and agg.draft_time_s > 0
+    with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
+        engine.add_request(PROMPTS[0], GREEDY, num_speculative_tokens=-1)
+
+
+def _cheap_draft_costs() -> CostModel:
+    """Synthetic costs under which speculating is worth it (draft nearly free)."""
+    buckets = [1, 2, 4, 8]
+    return CostModel({0: 0.0, **{b: 1e-4 * b for b in buckets}}, {0: 1e-2, **{b: 1e-2 * (1 + 0.02 * b) for b in buckets}})
+
+
+# ------------------------------------------------------- adaptive k and batch mixing
+def test_adaptive_backs_off_with_an_unrelated_draft_and_stays_exact():
+    """Almost nothing is accepted: the policy turns speculation off (kb = 0) except for
+    probes, which catch the lagging draft cache up first — output still exact."""
+    runner = spec_runner("unrelated", "auto", cost_model=_cheap_draft_costs(), probe_every=4)
+    outs, engine = generate(runner, PROMPTS, GREEDY)
+    assert_same_as_plain(outs)
+    assert runner.bucket_steps[0] > sum(n for kb, n in runner.bucket_steps.items() if kb > 0)
+    runner = spec_runner("identical", "auto", cost_model=_cheap_draft_costs())
+    outs, engine = generate(runner, PROMPTS, GREEDY)
+    assert_same_as_plain(outs)
+    assert runner.bucket_steps[K_MAX] >= runner.bucket_steps[0]
+
+
+def test_measured_costs_cover_every_bucket():
+    runner = spec_runner("noisy", "auto", measure_reps=1)
+    costs = runner.measure_costs(reps=1)
+    assert sorted(costs.verify_s) == [0, *runner.buckets]
+    assert all(t > 0 for t in costs.verify_s.values()) and costs.draft_s[0] == 0.0
+    assert all(costs.draft_s[kb] > 0 for kb in runner.buckets)
+
+
+def test_sampled_requests_do_not_depend_on_batch_composition():
+    """A seeded request gives the same tokens alone and in a mixed greedy/sampled batch,
+    in a different slot (fixed k, so the compiled shapes are the same)."""
+    mixed = [SamplingParams(temperature=[0.0, 1.0, 0.8][i % 3], top_p=[1.0, 0.9][i % 2], seed=1000 + i,
+                            max_tokens=16, ignore_eos=True) for i in range(len(PROMPTS))]
+    batch, _ = generate(spec_runner("noisy", 4), PROMPTS, mixed)
+    for i in (1, 4, 5):
+        alone, _ = generate(spec_runner("noisy", 4), [PROMPTS[i]], [mixed[i]])
+        assert alone[0].token_ids == batch[i].token_ids
+    for i in (0, 3, 6):  # the greedy members of the mixed batch
+        assert tuple(batch[i].token_ids) == plain_tokens(GREEDY)[i][:16]
