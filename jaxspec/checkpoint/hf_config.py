@@ -27,7 +27,7 @@ SUPPORTED_ARCHITECTURES = MOE_ARCHITECTURES + DENSE_ARCHITECTURES
 _ROPE_REQUIRED_KEYS = {
     "default": (),
     "linear": ("factor",),
-    "llama3": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -92,7 +92,8 @@ def _rope(hf: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | None]:
     missing = [k for k in _ROPE_REQUIRED_KEYS[kind] if merged.get(k) is None]
     if missing:
         raise ConfigError(f"{arch}: rope_scaling type {kind!r} needs {', '.join(missing)}")
-    # Only the partial-rotary factor would change the math among the leftover keys: refuse it.
+    # Of the keys left over, only a partial rotary factor would change the math (linear and
+    # llama3 scaling have no attention factor in transformers): refuse it.
     partial = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial is not None and float(partial) != 1.0:
         raise ConfigError(f"{arch}: partial_rotary_factor={partial} is not supported (only full rotary)")
@@ -150,7 +151,7 @@ def _sliding_window(hf: dict[str, Any], arch: str, num_layers: int) -> int | Non
     return int(window)
 
 
-def _dense_layers(hf: dict[str, Any], arch: str, num_layers: int, num_experts: int) -> tuple[int, ...]:
+def _dense_layers(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[int, ...]:
     """Qwen-MoE layers that use the dense MLP: mlp_only_layers plus those decoder_sparse_step skips."""
     if arch == "MixtralForCausalLM":
         return ()
@@ -185,7 +186,7 @@ def _token_ids(hf: dict[str, Any], generation: dict[str, Any] | None) -> tuple[i
 
 def _check_unsupported(hf: dict[str, Any], arch: str) -> None:
     act = hf.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # transformers maps both names to SiLU
         raise ConfigError(f"{arch}: hidden_act {act!r} is not supported (only 'silu')")
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "unknown")
@@ -249,7 +250,7 @@ def hf_to_model_config(
                 num_experts_per_tok=int(_require(hf, "num_experts_per_tok", arch)),
                 moe_mlp_dim=int(_require(hf, "moe_intermediate_size", arch)),
                 router_renormalize=bool(hf.get("norm_topk_prob", False)),
-                dense_layers=_dense_layers(hf, arch, num_layers, num_experts),
+                dense_layers=_dense_layers(hf, arch, num_layers),
             )
             if arch == "Qwen2MoeForCausalLM":
                 moe["shared_expert_mlp_dim"] = int(_get(hf, "shared_expert_intermediate_size", 0))
