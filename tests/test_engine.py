@@ -154,3 +154,28 @@ def test_queue_limit_and_duplicate_ids(model):
     eng.add_request("c")
     with pytest.raises(QueueFullError):
         eng.add_request("d")
+
+
+class _FragileTokenizer(ByteTokenizer):
+    """Fails to detokenise one poisoned token id (a stand-in for any host-side fault)."""
+
+    def __init__(self, poison: int):
+        self.poison = poison
+
+    def decode_bytes(self, ids):
+        if self.poison in ids:
+            raise RuntimeError("detokenizer exploded")
+        return super().decode_bytes(ids)
+
+
+def test_host_side_failure_fails_only_that_request(model):
+    probe = make_engine(model).generate(["poison"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    poison = probe.token_ids[2]
+    eng = Engine(PlainRunner(ModelRunner(model, num_slots=4, max_len=96)), _FragileTokenizer(poison))
+    healthy = "".join(chr(c) for c in range(97, 103))
+    res = eng.generate(["poison", healthy], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert res[0].finish_reason == FinishReason.ERROR
+    reference = make_engine(model).generate([healthy], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    if poison not in reference.token_ids:
+        assert res[1].finish_reason == FinishReason.LENGTH and res[1].token_ids == reference.token_ids
+    assert not eng.has_unfinished()

@@ -209,8 +209,16 @@ class Engine:
                     live.spec.add(drafted, accepted)
                     live.spec.add_step(*times)
                     self.spec_stats.add(drafted, accepted)
-                outputs.append(self._emit(slot, tokens, now))
+                outputs.append(self._emit_or_fail(slot, tokens, now))
         return outputs
+
+    def _emit_or_fail(self, slot: int, tokens: list[int], now: float) -> RequestOutput:
+        """Host-side processing of one request's tokens; a failure there (detokenizer,
+        stop handling) fails that request alone."""
+        try:
+            return self._emit(slot, tokens, now)
+        except Exception as e:
+            return self._fail(slot, e)
 
     def _admit(self) -> list[RequestOutput]:
         outputs = []
@@ -227,7 +235,7 @@ class Engine:
                 outputs.append(self._fail(slot, e))
                 continue
             self.slots.active[slot] = True
-            outputs.append(self._emit(slot, [first], time.monotonic()))
+            outputs.append(self._emit_or_fail(slot, [first], time.monotonic()))
         return outputs
 
     def _emit(self, slot: int, tokens: list[int], now: float) -> RequestOutput:
@@ -272,7 +280,10 @@ class Engine:
 
     def _fail(self, slot: int, exc: Exception) -> RequestOutput:
         live = self.live[slot]
-        text = live.tracker.finish(FinishReason.ERROR)
+        try:
+            text = live.tracker.finish(FinishReason.ERROR)
+        except Exception:  # the tracker itself may be what failed
+            text = ""
         return self._finish(slot, FinishReason.ERROR, text, error=f"{type(exc).__name__}: {exc}")
 
     def _expire_deadlines(self) -> list[RequestOutput]:
