@@ -12,8 +12,12 @@ the policy picks the bucket that maximises the batch's expected tokens per secon
 which for one slot is exactly "maximise that request's tokens per unit time";
 a_s is the slot's acceptance estimate, cap_s the tokens it can still use. kb = 0
 (verify one token, skip the draft) wins whenever speculation would slow the
-batch down, e.g. at large batches, where verifying kb+1 tokens per row costs
-much more than one.
+batch down. For an MoE target that happens at both ends: at batch 1, verifying
+T tokens reads the weights of ~N(1 - (1 - top_k/N)^T) experts per layer instead
+of top_k (qwen3-30b-a3b: ~57 of 128 for T = 9, against 8), so verification is
+several times a plain step; at large batches every expert is read anyway but
+compute (and the draft's KV reads) grow with kb, and verification is no longer
+free. The sweet spot is in between, and measured costs find it per machine.
 
 Costs are measured, not guessed: the runner times every compiled draft loop and
 verification at warm-up (at its slot count, the only batch shape it runs) and

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxspec.models import Transformer
@@ -21,14 +22,18 @@ SPEC_METHODS = ("none", "draft", "ngram")
 
 def perturbed_copy(model: Transformer, noise: float, seed: int = 0) -> Transformer:
     """The model with every weight w replaced by w + noise * std(w) * N(0, 1)
-    (noise 0: an identical copy). Norm scales, whose std is 0, stay put."""
+    (noise 0: an identical copy). Norm scales, whose std is 0, stay put.
+
+    The noise is drawn on the host with numpy: op-by-op JAX would compile every
+    random op of every parameter shape, which costs far more than drawing it."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    rng = np.random.default_rng(seed)
     new = []
-    for key, w in zip(keys, leaves):
-        w32 = w.astype(jnp.float32)
-        new.append((w32 + noise * jnp.std(w32) * jax.random.normal(key, w.shape, jnp.float32)).astype(w.dtype))
+    for w in leaves:
+        w32 = np.asarray(w, np.float32)
+        perturbed = w32 + noise * w32.std() * rng.standard_normal(w32.shape, np.float32)
+        new.append(jnp.asarray(perturbed, w.dtype))
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, new))
 
 

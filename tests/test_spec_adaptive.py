@@ -1,0 +1,152 @@
+"""Adaptive k (estimator, cost model, policy) and prompt lookup, without models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxspec.config import load_config
+from jaxspec.speculative.adaptive import (
+    AcceptanceEstimator,
+    CostModel,
+    KPolicy,
+    Roofline,
+    bucket_for,
+    expected_experts_touched,
+    expected_tokens,
+    k_buckets,
+)
+from jaxspec.speculative.ngram import NgramProposer, lookup
+from jaxspec.speculative.proposer import SpecContext, TokenHistory
+
+BUCKETS = k_buckets(8)
+
+
+def test_expected_tokens_formula():
+    assert float(expected_tokens(0.0, 5)) == 1.0
+    assert float(expected_tokens(1.0, 5)) == 6.0
+    a, k = 0.6, 4
+    assert float(expected_tokens(a, k)) == pytest.approx(sum(a**i for i in range(k + 1)))
+    assert np.all(np.diff(expected_tokens(0.7, np.arange(9))) > 0)
+
+
+def test_experts_touched():
+    assert expected_experts_touched(1, 8, 2) == pytest.approx(2.0)
+    assert expected_experts_touched(9, 128, 8) == pytest.approx(128 * (1 - (1 - 8 / 128) ** 9))
+    assert expected_experts_touched(10_000, 64, 4) == pytest.approx(64.0)
+    assert expected_experts_touched(3, 0, 0) == 0.0
+
+
+def test_buckets():
+    assert BUCKETS == [1, 2, 4, 8]
+    assert k_buckets(6, extra=(3,)) == [1, 2, 3, 4, 6]
+    assert k_buckets(0) == []
+    assert [bucket_for(k, BUCKETS) for k in (0, 1, 3, 5, 8)] == [0, 1, 4, 8, 8]
+    with pytest.raises(ValueError):
+        bucket_for(9, BUCKETS)
+
+
+def test_estimator_tracks_each_slot_and_forgets():
+    est = AcceptanceEstimator(2, prior_mean=0.5, prior_strength=2.0, decay=0.9)
+    assert est.mean(np.array([0, 1])) == pytest.approx([0.5, 0.5])
+    for _ in range(30):
+        est.update(0, 4, 4)  # everything accepted
+        est.update(1, 4, 0)  # first draft rejected
+    hi, lo = est.mean(np.array([0, 1]))
+    assert hi > 0.9 and lo < 0.15
+    for _ in range(40):  # slot 0's draft got worse: the estimate follows
+        est.update(0, 4, 1)
+    assert est.mean(np.array([0]))[0] < 0.6
+    est.reset(0)  # a new request starts from the engine-wide estimate
+    assert est.mean(np.array([0]))[0] == pytest.approx(est.global_mean())
+    est.update(1, 0, 0)  # a step without drafts tells nothing
+    assert est.mean(np.array([1]))[0] == pytest.approx(lo, rel=0.2)
+
+
+def _costs(draft_per_token: float, verify_growth: float) -> CostModel:
+    """Verification 10 ms plus verify_growth per extra token; drafting draft_per_token per token."""
+    return CostModel({0: 0.0, **{b: draft_per_token * b for b in BUCKETS}},
+                     {0: 1e-2, **{b: 1e-2 * (1 + verify_growth * b) for b in BUCKETS}})
+
+
+def test_policy_follows_acceptance_and_cost():
+    free, caps = np.full(4, -1), np.full(4, 8)
+    cheap = _costs(1e-4, 0.02)
+    assert KPolicy(BUCKETS).choose(np.full(4, 0.95), caps, free, cheap) == 8
+    assert KPolicy(BUCKETS).choose(np.full(4, 0.6), caps, free, cheap) in (2, 4)
+    assert KPolicy(BUCKETS).choose(np.full(4, 0.02), caps, free, cheap) == 0
+    expensive = _costs(4e-3, 0.3)  # a draft 40% of the target per token, verification cost growing fast
+    assert KPolicy(BUCKETS).choose(np.full(4, 0.6), caps, free, expensive) == 0
+    # The choice maximises the batch's expected tokens per second exactly.
+    pol = KPolicy(BUCKETS, min_gain=0.0)
+    alphas = np.array([0.9, 0.3, 0.7, 0.5])
+    kb = pol.choose(alphas, caps, free, cheap)
+    rates = {b: expected_tokens(alphas, b).sum() / cheap.step_cost(b) for b in [0, *BUCKETS]}
+    assert kb == max(rates, key=rates.get)
+
+
+def test_policy_respects_overrides_caps_and_probes_when_off():
+    cheap = _costs(1e-4, 0.02)
+    pol = KPolicy(BUCKETS, probe_every=3)
+    forced = np.array([4, -1])
+    # A request that asked for k=4 sets the floor even when acceptance says "off".
+    assert pol.choose(np.array([0.01, 0.01]), np.array([8, 8]), forced, cheap) == 4
+    # Caps: a request with one token left cannot use drafts.
+    assert pol.choose(np.array([0.99]), np.array([0]), np.array([-1]), cheap) == 0
+    # Off for probe_every steps -> one probe at the smallest bucket, so the estimate can recover.
+    low = np.array([0.01])
+    picks = [pol.choose(low, np.array([8]), np.array([-1]), cheap) for _ in range(6)]
+    assert picks == [0, 0, 1, 0, 0, 1]
+
+
+def test_observed_step_times_refine_costs():
+    cm = _costs(1e-4, 0.02)
+    before = cm.step_cost(4)
+    for _ in range(200):
+        cm.observe(4, 1e-3, 5e-2)
+    assert cm.step_cost(4) == pytest.approx(5.1e-2, rel=1e-3) and before < 2e-2
+
+
+def test_roofline_prices_moe_verification_by_experts_touched():
+    """Verifying 9 tokens in a sparse MoE reads the weights of many more experts than
+    decoding one (at batch 1), so it costs far more relative to plain decoding than in a
+    dense model with the same active size; at large batches every expert is read anyway
+    and compute takes over, where speculation stops paying."""
+    moe, dense = load_config("qwen3-30b-a3b"), load_config("qwen3-0.6b")
+    hw = Roofline()
+    ratio_moe = hw.forward_s(moe, 1, 9, 1024) / hw.forward_s(moe, 1, 1, 1024)
+    ratio_dense = hw.forward_s(dense, 1, 9, 1024) / hw.forward_s(dense, 1, 1, 1024)
+    assert ratio_moe > 3.0 and ratio_dense < 1.2
+    picks = {}
+    for batch in (1, 32, 1024):
+        costs = CostModel.analytic(moe, dense, batch, BUCKETS, context_len=1024)
+        picks[batch] = KPolicy(BUCKETS).choose(np.full(batch, 0.7), np.full(batch, 8), np.full(batch, -1), costs)
+    assert picks[1] == 0  # batch 1: nine tokens touch ~4.5x the experts of one — not worth it at a = 0.7
+    assert picks[32] >= 2  # mid batch: experts are shared, verification is nearly free
+    assert picks[1024] < picks[32]  # large batch: compute-bound, back off
+
+
+# ------------------------------------------------------------------- prompt lookup
+def test_lookup_prefers_longest_most_recent_match():
+    ctx = np.array([1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3])
+    # Suffix [5, 2, 3]: no earlier 3-gram; [2, 3] occurs at 1 and 6 -> the most recent (6) continues 7, 8, ...
+    assert lookup(ctx, 3).tolist() == [7, 8, 5]
+    assert lookup(np.array([4, 1, 2, 3, 4, 1, 2]), 2, max_n=3).tolist() == [3, 4]  # 3-gram [4,1,2] wins
+    assert lookup(np.array([1, 2, 3]), 4).tolist() == []  # nothing repeats
+    assert lookup(np.array([5, 6, 5]), 4).tolist() == [6, 5]  # continuation stops at the context end
+    assert lookup(np.array([7]), 2).tolist() == []
+    assert lookup(np.array([1, 2, 1, 2]), 0).tolist() == []
+
+
+def test_ngram_proposer_per_slot_k():
+    hist = TokenHistory(3, 32)
+    hist.start(0, [1, 2, 3, 4, 1, 2])
+    hist.start(1, [9, 8, 7])
+    hist.start(2, [5, 5, 5, 5])
+    prop = NgramProposer()
+    prop.attach(None, 3, 32)
+    ctx = SpecContext(hist, np.array([True, True, False]), np.array([2, 4, 4], np.int32), 4, None,
+                      np.zeros(3, np.int32))
+    p = prop.propose(ctx)
+    assert p.probs is None and p.num_draft.tolist() == [2, 0, 0]
+    assert p.tokens[0, :2].tolist() == [3, 4]
