@@ -110,6 +110,8 @@ CPU_DENSE_MAX_TOKENS = 4
 
 def _load_optional_backends() -> None:
     """Register backends that live outside jaxspec (``pallas``) on first use, so importing jaxspec stays light."""
+    if "expert_parallel" not in BACKENDS:
+        import jaxspec.models.moe_parallel  # noqa: F401  (registers "expert_parallel"; imports this module)
     if "pallas" not in BACKENDS:
         try:
             import pallas_kernels.moe_backend  # noqa: F401  (registers "pallas")
@@ -130,7 +132,12 @@ def choose_backend(requested: str, num_tokens: int, platform: str | None = None)
     return "dense" if num_tokens <= CPU_DENSE_MAX_TOKENS else "sorted"
 
 
-def dispatch(x, expert_ids, weights, w_gate, w_up, w_down, backend: str = "auto") -> jax.Array:
-    """x [N, D], expert_ids/weights [N, k], expert weights [E, D, F] / [E, F, D] -> [N, D]."""
+def dispatch(x, expert_ids, weights, w_gate, w_up, w_down, backend: str | DispatchFn = "auto") -> jax.Array:
+    """x [N, D], expert_ids/weights [N, k], expert weights [E, D, F] / [E, F, D] -> [N, D].
+
+    ``backend`` is a name, or a hashable callable with the dispatch signature that carries its
+    own configuration (``moe_parallel.ExpertParallel`` holds its mesh this way)."""
+    if callable(backend):
+        return backend(x, expert_ids, weights, w_gate, w_up, w_down)
     name = choose_backend(backend, x.shape[0])
     return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)
