@@ -49,6 +49,9 @@ def _nvcc_bin() -> Path | None:
 def tpu_device():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip('libtpu not installed (pip install "jax[tpu]==<jax version>")')
+    # Compiling needs no TPU, but libtpu takes a machine-wide lock file unless told otherwise, and other
+    # test processes on this host may hold it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(
@@ -62,12 +65,15 @@ def tpu_device():
 def gpu_device():
     if importlib.util.find_spec("jax_cuda12_plugin") is None or _nvcc_bin() is None:
         pytest.skip("jax-cuda12-plugin / nvidia-cuda-nvcc-cu12 not installed")
-    # ptxas and libdevice from the pip wheel, ahead of any system CUDA of another major version.
-    os.environ["PATH"] = f"{_nvcc_bin()}{os.pathsep}{os.environ.get('PATH', '')}"
+    # ptxas and libdevice from the pip wheel, ahead of any system CUDA of another major version
+    # (for this module only).
+    saved_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{_nvcc_bin()}{os.pathsep}{saved_path}"
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=H100_TARGET)
-    return topo.devices[0]
+    yield topo.devices[0]
+    os.environ["PATH"] = saved_path
 
 
 def _structs(device, *specs):

@@ -21,6 +21,11 @@ from jaxspec.models.layers import cached_attention
 from pallas_kernels.verify_attention import verify_attention
 from pallas_kernels.verify_attention_reference import verify_attention_reference
 
+# The Pallas interpreter turns each kernel into a large XLA:CPU program whose compile dominates these
+# tests; LLVM optimisation buys nothing at these sizes, so executed functions compile without it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+
 
 def slot_starts(num_keys: int, t: int, block: int) -> list[int]:
     """Cache lengths (= first query position) worth testing for one slot."""
@@ -38,12 +43,12 @@ def operands(b, t, h, kvh, dh, m, dtype, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def jitted(backend: str, block_kv: int, window: int | None):
-    return jax.jit(
+    return jit(
         functools.partial(verify_attention, interpret=True, backend=backend, block_kv=block_kv, sliding_window=window)
     )
 
 
-_reference = jax.jit(cached_attention, static_argnums=4)
+_reference = jit(cached_attention, static_argnums=4)
 
 
 CASES = [
@@ -81,7 +86,7 @@ def test_reference_is_cached_attention():
     pos = jnp.asarray([[0, 1, 2, 3], [20, 21, 22, 23], [60, 61, 62, 63]], jnp.int32)
     for window in (None, 7):
         np.testing.assert_array_equal(
-            np.asarray(jax.jit(verify_attention_reference, static_argnums=4)(q, k, v, pos, window)),
+            np.asarray(jit(verify_attention_reference, static_argnums=4)(q, k, v, pos, window)),
             np.asarray(_reference(q, k, v, pos, window)),
         )
 
@@ -128,7 +133,7 @@ def test_tiles_before_the_window_are_never_read():
 def test_default_block_sizes_and_validation():
     q, k, v = operands(3, 5, 4, 2, 24, 40, jnp.float32)
     pos = jnp.asarray([[0, 1, 2, 3, 4], [20, 21, 22, 23, 24], [35, 36, 37, 38, 39]], jnp.int32)
-    out = jax.jit(functools.partial(verify_attention, interpret=True))(q, k, v, pos)  # auto: whole cache, one tile
+    out = jit(functools.partial(verify_attention, interpret=True))(q, k, v, pos)  # auto: whole cache, one tile
     np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(q, k, v, pos, None)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"illegal TPU block_kv=12"):
         verify_attention(q, k, v, pos, block_kv=12, backend="tpu", interpret=True)
@@ -162,7 +167,7 @@ def test_model_attention_backend_hook():
     start = jnp.asarray([0, 9], jnp.int32)  # slot 1 continues after 9 cached (here: zero) entries
 
     def logits():
-        @jax.jit
+        @jit
         def run(state):
             cache = KVCache.create(model.cfg, 2, 32)
             return nnx.merge(graphdef, state)(tokens, start, cache).logits

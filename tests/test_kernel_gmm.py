@@ -26,6 +26,11 @@ from pallas_kernels.gmm_reference import gmm_reference, tgmm_reference
 
 F32_TOL = dict(rtol=1e-5, atol=1e-4)
 
+# The Pallas interpreter turns each kernel into a large XLA:CPU program whose compile dominates these
+# tests; LLVM optimisation buys nothing at these sizes, so executed functions compile without it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+
 
 # --------------------------------------------------------------------------- oracle + data
 def group_bounds(sizes: np.ndarray, m: int) -> np.ndarray:
@@ -98,7 +103,7 @@ def operands(m, k, n, groups, dtype=jnp.float32, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def jitted_gmm(backend: str, tiling=None, preferred_element_type=None, transpose_rhs=False):
-    return jax.jit(
+    return jit(
         functools.partial(
             gmm, interpret=True, backend=backend, tiling=tiling, preferred_element_type=preferred_element_type,
             transpose_rhs=transpose_rhs,
@@ -108,7 +113,7 @@ def jitted_gmm(backend: str, tiling=None, preferred_element_type=None, transpose
 
 @functools.lru_cache(maxsize=None)
 def jitted_tgmm(backend: str, num_groups: int):
-    return jax.jit(functools.partial(tgmm, interpret=True, backend=backend, num_groups=num_groups))
+    return jit(functools.partial(tgmm, interpret=True, backend=backend, num_groups=num_groups))
 
 
 # ------------------------------------------------------------------------------ forward
@@ -223,7 +228,7 @@ def test_property_random_layouts_and_shards(sizes, offset, backend):
 def test_reference_matches_oracle_with_offsets():
     m, k, n = 64, 64, 128
     lhs, rhs = operands(m, k, n, 4, seed=12)
-    ref = jax.jit(gmm_reference)
+    ref = jit(gmm_reference)
     for sizes, offset in [([10, 0, 30, 5, 60, 0, 0, 1], 0), ([10, 0, 30, 5, 60, 0, 0, 1], 3), ([0] * 8, 6), ([64] + [0] * 7, 6)]:
         sizes = np.asarray(sizes, np.int32)
         np.testing.assert_allclose(np.asarray(ref(lhs, rhs, sizes, offset)), np_gmm(lhs, rhs, sizes, offset), **F32_TOL)
@@ -254,7 +259,7 @@ def test_gradients_match_vjp_of_reference(backend):
     offset = 1
     cot = jnp.asarray(np.random.default_rng(1).standard_normal((m, n)), jnp.float32)
 
-    @jax.jit
+    @jit
     def kernel_vjp(lhs, rhs, cot):
         fn = lambda a, b: gmm(a, b, sizes, group_offset=offset, interpret=True, backend=backend)  # noqa: E731
         out, pullback = jax.vjp(fn, lhs, rhs)
@@ -360,7 +365,7 @@ def test_pallas_dispatch_matches_dense_dispatch():
     ids = jnp.asarray(np.stack([rng.choice(e, top, replace=False) for _ in range(n)]), jnp.int32)
     ids = ids.at[:10].set(jnp.asarray([3, 5], jnp.int32))  # an overloaded expert; others empty
     weights = jax.nn.softmax(jnp.asarray(rng.standard_normal((n, top)), jnp.float32), axis=-1)
-    out = jax.jit(dispatch_pallas)(x, ids, weights, w_gate, w_up, w_down)
+    out = jit(dispatch_pallas)(x, ids, weights, w_gate, w_up, w_down)
     np.testing.assert_allclose(
         np.asarray(out), np.asarray(dispatch_dense(x, ids, weights, w_gate, w_up, w_down)), rtol=1e-5, atol=1e-5
     )
@@ -377,7 +382,7 @@ def test_model_with_pallas_moe_matches_dense():
         model = scaled_model("tiny-moe", seed=3, moe_backend=backend)
         graphdef, state = nnx.split(model)
 
-        @jax.jit
+        @jit
         def logits(state, tokens):
             cache = KVCache.create(model.cfg, 1, tokens.shape[1])
             return nnx.merge(graphdef, state)(tokens, jnp.zeros((1,), jnp.int32), cache).logits[0]

@@ -23,6 +23,11 @@ from pallas_kernels.rejection_sampling_reference import rejection_sample as refe
 VOCAB = 300
 KINDS = ("sampled", "greedy", "det_draft", "p_eq_q", "q_zero_at_draft", "zero_residual", "greedy_det")
 
+# The Pallas interpreter turns each kernel into a large XLA:CPU program whose compile dominates these
+# tests; LLVM optimisation buys nothing at these sizes, so executed functions compile without it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+
 
 # ------------------------------------------------------------------------------------ oracle
 def oracle(p, q, tokens, num_draft, uniforms, noise):
@@ -110,10 +115,10 @@ def make_batch(k: int, rows: int, seed: int, vocab: int = VOCAB):
 
 @functools.lru_cache(maxsize=None)
 def jitted_kernel(backend: str, block_v: int):
-    return jax.jit(functools.partial(rejection_sample, interpret=True, backend=backend, block_v=block_v))
+    return jit(functools.partial(rejection_sample, interpret=True, backend=backend, block_v=block_v))
 
 
-_jitted_reference = jax.jit(reference)
+_jitted_reference = jit(reference)
 
 
 # ------------------------------------------------------------------------------------- tests
