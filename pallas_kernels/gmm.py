@@ -268,7 +268,8 @@ def _gmm_tpu(lhs, rhs, starts, ends, cfg: _Config, tiling: Tiling, out_dtype) ->
 
     rhs_block = (None, tn, tk) if cfg.transpose_rhs else (None, tk, tn)
     kernel = functools.partial(
-        _gmm_tpu_kernel, tm=tm, num_k_tiles=num_k_tiles, transpose_rhs=cfg.transpose_rhs, precision=matmul_precision(lhs.dtype)
+        _gmm_tpu_kernel, tm=tm, num_k_tiles=num_k_tiles, transpose_rhs=cfg.transpose_rhs,
+        precision=matmul_precision(lhs.dtype),
     )
     itemsize = jnp.dtype(lhs.dtype).itemsize
     cost = pl.CostEstimate(
@@ -390,7 +391,9 @@ def _gmm_gpu_kernel(
                     rhs_ref.at[g, pl.ds(j * tn, tn), pl.ds(kk * tk, tk)], mask=col_ok[:, None] & k_ok[None, :], other=0
                 )
                 return acc + plgpu.dot(a, w, trans_b=True, precision=precision)
-            w = plgpu.load(rhs_ref.at[g, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)], mask=k_ok[:, None] & col_ok[None, :], other=0)
+            w = plgpu.load(
+                rhs_ref.at[g, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)], mask=k_ok[:, None] & col_ok[None, :], other=0
+            )
             return acc + plgpu.dot(a, w, precision=precision)
 
         # An empty group in the range runs no k iterations. (Not jnp.where(c, int, int): the Triton

@@ -255,7 +255,10 @@ def verify_attention(
     variant = resolve_backend(backend, interpret)
     if block_kv is None:
         block_kv = DEFAULT_BLOCK_KV[variant]
-        block_kv = (num_keys if num_keys <= block_kv else block_kv) if variant == "tpu" else min(block_kv, max(16, next_pow2(num_keys)))
+        if variant == "tpu":  # a cache no longer than one tile is taken whole (always a legal block)
+            block_kv = num_keys if num_keys <= block_kv else block_kv
+        else:
+            block_kv = min(block_kv, max(16, next_pow2(num_keys)))
     validate_block_kv(block_kv, num_keys, variant)
     group = h // kv_heads
     positions = q_positions.astype(jnp.int32)

@@ -229,7 +229,8 @@ def test_reference_matches_oracle_with_offsets():
     m, k, n = 64, 64, 128
     lhs, rhs = operands(m, k, n, 4, seed=12)
     ref = jit(gmm_reference)
-    for sizes, offset in [([10, 0, 30, 5, 60, 0, 0, 1], 0), ([10, 0, 30, 5, 60, 0, 0, 1], 3), ([0] * 8, 6), ([64] + [0] * 7, 6)]:
+    cases = [([10, 0, 30, 5, 60, 0, 0, 1], 0), ([10, 0, 30, 5, 60, 0, 0, 1], 3), ([0] * 8, 6), ([64] + [0] * 7, 6)]
+    for sizes, offset in cases:
         sizes = np.asarray(sizes, np.int32)
         np.testing.assert_allclose(np.asarray(ref(lhs, rhs, sizes, offset)), np_gmm(lhs, rhs, sizes, offset), **F32_TOL)
 

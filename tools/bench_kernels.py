@@ -168,7 +168,8 @@ def bench_verification(args, rng) -> list[Result]:
             out.append(Result("verify", label, name, None, None, None, "skipped: needs an accelerator or --interpret"))
             continue
         ms = timed(fn, args_rs, args.iters)
-        out.append(Result("verify", label, name, ms, None, nbytes / ms / 1e6, "interpreter" if name == "pallas" and args.interpret else ""))
+        note = "interpreter" if name == "pallas" and args.interpret else ""
+        out.append(Result("verify", label, name, ms, None, nbytes / ms / 1e6, note))
 
     # Verification attention: 64 slots x 5 tokens, 32 query / 8 kv heads of 128, 4k cache, slots at random lengths.
     b, t, h, kvh, dh, m = max(1, 64 // s), 5, 32, 8, 128, max(256, 4096 // s)
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.problem:<{width}}  {r.impl:<20} {fmt(r.ms, '10.3f'):>10} {fmt(r.gflops, '9.2f'):>9} "
               f"{fmt(r.gbps, '9.2f'):>9}  {r.note}")
     if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+        payload = {"device": str(device), "results": [dataclasses.asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=1))
     return 0
 
 
