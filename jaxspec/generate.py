@@ -15,6 +15,7 @@ from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, InvalidRequestError, ModelRunner, PlainRunner
 from jaxspec.loading import DEFAULT_MODEL, load_any
 from jaxspec.sampling import SamplingError, SamplingParams
+from jaxspec.speculative import SPEC_METHODS, SpeculativeRunner, make_proposer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: min(model context, 2048))")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
+    spec = p.add_argument_group("speculative decoding (output is unchanged; only speed differs)")
+    spec.add_argument("--draft", default=None, metavar="NAME_OR_PATH",
+                      help="draft model sharing the target's vocabulary (config name, orbax dir or HF folder)")
+    spec.add_argument("--spec-method", default=None, choices=list(SPEC_METHODS),
+                      help="none: plain decoding; draft: a draft model proposes; ngram: prompt lookup "
+                      "(default: draft if --draft is given, else none)")
+    spec.add_argument("--num-speculative-tokens", type=_k_arg, default="auto", metavar="{K,auto}",
+                      help="tokens proposed per step, or auto: adapt k to the measured acceptance and step "
+                      "costs (default; measuring compiles every k bucket on the first step)")
+    spec.add_argument("--k-max", type=int, default=8, help="largest k (default 8)")
     return p
+
+
+def _k_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {value!r}") from None
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {value!r}")
+    return k
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
     model, tokenizer = load_any(args.model, dtype=args.dtype)
     max_len = args.max_len or min(model.cfg.max_seq_len, 2048)
-    return Engine(PlainRunner(ModelRunner(model, num_slots=1, max_len=max_len)), tokenizer)
+    target = ModelRunner(model, num_slots=1, max_len=max_len)
+    method = args.spec_method or ("draft" if args.draft else "none")
+    if method == "none":
+        return Engine(PlainRunner(target), tokenizer)
+    draft = load_any(args.draft, dtype=args.dtype)[0] if method == "draft" and args.draft else None
+    k = args.num_speculative_tokens
+    runner = SpeculativeRunner(target, make_proposer(method, draft), num_speculative_tokens=k,
+                               k_max=max(args.k_max, k if isinstance(k, int) else 0))
+    return Engine(runner, tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_tokens_per_s": round((n - 1) / decode_s, 2) if n > 1 and decode_s > 0 else None,
             },
         }
+        if result.spec is not None:
+            out["spec"] = result.spec.to_dict()
         print(json.dumps(out, ensure_ascii=False))
     else:
         print(result.text)
