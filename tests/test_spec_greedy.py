@@ -267,3 +267,17 @@ def test_sampled_requests_do_not_depend_on_batch_composition():
         assert alone[0].token_ids == batch[i].token_ids
     for i in (0, 3, 6):  # the greedy members of the mixed batch
         assert tuple(batch[i].token_ids) == plain_tokens(GREEDY)[i][:16]
+
+
+def test_kernel_backend_through_the_runner_matches_the_xla_path():
+    """The runner's full-tensor path (uniforms and [B, K+1, V] noise handed to the kernel
+    engineer's reference implementation) emits exactly what the XLA path emits."""
+    from jaxspec.speculative.verify import available_backends
+
+    if "reference" not in available_backends():
+        pytest.skip("pallas_kernels.rejection_sampling_reference is not in this tree")
+    mixed = [SamplingParams(temperature=[0.0, 1.0, 0.8][i % 3], top_k=[0, 20][i % 2], seed=2000 + i, max_tokens=12,
+                            ignore_eos=True) for i in range(len(PROMPTS))]
+    xla, _ = generate(spec_runner("noisy", 4), PROMPTS, mixed)
+    ref, _ = generate(spec_runner("noisy", 4, verify_backend="reference"), PROMPTS, mixed)
+    assert [o.token_ids for o in ref] == [o.token_ids for o in xla]
