@@ -276,9 +276,14 @@ def test_greedy_generation_matches_transformers(family):
 def test_sharded_checkpoint(tmp_path):
     hf_model = _build_hf("mixtral", tmp_path, seed=5, max_shard_size="60KB")
     shards = sorted(tmp_path.glob("model-*.safetensors"))
-    assert (tmp_path / "model.safetensors.index.json").exists() and len(shards) > 2
-    model, _ = load_hf(tmp_path, dtype="float32")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(shards) > 2 and set(index.values()) == {s.name for s in shards}
+    seen: list[tuple[int, int, str]] = []
+    model, _ = load_hf(tmp_path, dtype="float32", progress=lambda done, total, name: seen.append((done, total, name)))
     _assert_prefill_matches(model, hf_model, _prompts())
+    # Every tensor is read exactly once, one at a time, across all shards.
+    assert [d for d, _, _ in seen] == list(range(1, len(index) + 1))
+    assert {t for _, t, _ in seen} == {len(index)} and sorted(n for _, _, n in seen) == sorted(index)
 
     shards[1].unlink()
     with pytest.raises(CheckpointError, match=shards[1].name):
