@@ -74,14 +74,9 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
     """Place a model's parameters on ``mesh`` by the rules (in place, returns the model)."""
     graphdef, state = nnx.split(model)
-    shardings = state_shardings(state, mesh, rules)
-    state = jax.tree.map(
-        lambda v, s: v.replace(jax.device_put(v[...], s[...])),
-        state,
-        shardings,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    nnx.update(model, state)
+    # Variables are pytree nodes, so the state and its shardings have matching leaves (indexing
+    # a Variable that holds a NamedSharding with [...] is an error in flax 0.12).
+    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
     return model
 
 

@@ -4,12 +4,18 @@
 bucketed to powers of two and decode always runs all slots, so after
 ``warmup()`` no new request shape causes a compilation. The cache is donated to
 every step (updated in place).
+
+On a mesh (``placement=``, see ``jaxspec.mesh``) the parameters and the cache are
+placed by the logical-axis rules, MoE layers dispatch through
+``moe_parallel.ExpertParallel`` when experts or their width are split, and the
+steps are compiled with explicit in/out shardings: the cache comes back with the
+sharding it went in with, so nothing is resharded between decode steps.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +23,9 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.engine.slots import SlotTable
+from jaxspec.mesh import Placement, check_placement
 from jaxspec.models import KVCache, Transformer
+from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.sampling import BatchSampling, sample_tokens
 
 MIN_PREFILL_BUCKET = 16
@@ -33,14 +41,29 @@ def prefill_buckets(max_len: int, min_bucket: int = MIN_PREFILL_BUCKET) -> list[
     return buckets
 
 
+class PlacedBackend(NamedTuple):
+    """The ``moe_backend`` of a runner on a mesh: the MoE dispatch plus the placement.
+
+    Steps built from ``ModelRunner.forward_fn`` (speculative verification) then pin the
+    cache they return to its input sharding too, and jit caches keyed on ``moe_backend``
+    tell runners on different meshes apart. Hashable (a static jit argument)."""
+
+    dispatch: Any  # backend name, ExpertParallel, or None (the model config's)
+    placement: Placement
+
+
 def _forward(graphdef, moe_backend, state, tokens, start, cache, slot_ids=None, num_valid=None):
-    return nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=moe_backend)
+    placed = moe_backend if isinstance(moe_backend, PlacedBackend) else None
+    backend = placed.dispatch if placed else moe_backend
+    out = nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend)
+    if placed is not None:
+        out = out._replace(cache=jax.lax.with_sharding_constraint(out.cache, placed.placement.cache_shardings(out.cache)))
+    return out
 
 
 # The steps are module-level with the graph definition static, so runners of the same
 # model architecture share compiled executables (a new engine does not recompile).
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _prefill_step(graphdef, moe_backend, state, cache, tokens, slot, num_valid, sampling: BatchSampling):
+def _prefill_impl(graphdef, moe_backend, state, cache, tokens, slot, num_valid, sampling: BatchSampling):
     """tokens [1, bucket], slot/num_valid [1] -> (cache, first token [1], last logits [1, V], expert load)."""
     out = _forward(graphdef, moe_backend, state, tokens, jnp.zeros((1,), jnp.int32), cache, slot, num_valid)
     last = jnp.take_along_axis(out.logits, (num_valid - 1)[:, None, None], axis=1)[:, 0]  # [1, V]
@@ -48,13 +71,40 @@ def _prefill_step(graphdef, moe_backend, state, cache, tokens, slot, num_valid, 
     return out.cache, token, last, out.expert_load
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _decode_step(graphdef, moe_backend, state, cache, last_tokens, active, sampling: BatchSampling, out_positions):
+def _decode_impl(graphdef, moe_backend, state, cache, last_tokens, active, sampling: BatchSampling, out_positions):
     """One token for every slot: last_tokens/active/out_positions [S] -> (cache, tokens [S], expert load)."""
     out = _forward(graphdef, moe_backend, state, last_tokens[:, None], cache.lengths, cache, None,
                    active.astype(jnp.int32))
     tokens = sample_tokens(out.logits[:, 0], sampling, out_positions)
     return out.cache, tokens, out.expert_load
+
+
+_prefill_step = jax.jit(_prefill_impl, static_argnums=(0, 1), donate_argnums=(3,))
+_decode_step = jax.jit(_decode_impl, static_argnums=(0, 1), donate_argnums=(3,))
+
+# Steps of placed runners, compiled with explicit shardings; keyed on everything the
+# shardings depend on, so runners of one architecture on one mesh share executables.
+_PLACED_STEPS: dict[tuple, tuple[Callable, Callable]] = {}
+
+
+def placed_steps(graphdef, moe_backend: PlacedBackend, state_sharding, cache_sharding: KVCache, key: tuple):
+    """(prefill, decode) jitted with in/out shardings: parameters and cache as placed, the small
+    per-step inputs and outputs (tokens, sampling settings, logits, expert load) replicated."""
+    steps = _PLACED_STEPS.get(key)
+    if steps is None:
+        rep = moe_backend.placement.replicated()
+        prefill = jax.jit(
+            functools.partial(_prefill_impl, graphdef, moe_backend), donate_argnums=(1,),
+            in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep),
+            out_shardings=(cache_sharding, rep, rep, rep),
+        )
+        decode = jax.jit(
+            functools.partial(_decode_impl, graphdef, moe_backend), donate_argnums=(1,),
+            in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep),
+            out_shardings=(cache_sharding, rep, rep),
+        )
+        steps = _PLACED_STEPS[key] = (prefill, decode)
+    return steps
 
 
 class ModelRunner:
@@ -67,16 +117,34 @@ class ModelRunner:
         max_len: int | None = None,
         moe_backend: str | None = None,
         cache_sharding: KVCache | None = None,
+        placement: Placement | None = None,
     ):
+        """``placement``: run on a mesh (parameters moved to their shardings if they are not
+        there yet; ``moe_backend`` then names the per-device expert computation's backend only
+        where experts are not split). ``cache_sharding`` alone places just the cache."""
         self.cfg = model.cfg
         self.num_slots = num_slots
         self.max_len = max_len or self.cfg.max_seq_len
         if self.max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len {self.max_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
         self.moe_backend = moe_backend
+        self.placement = placement
         self.graphdef, self.state = nnx.split(model)
-        cache = KVCache.create(self.cfg, num_slots, self.max_len)
-        self.cache = cache if cache_sharding is None else jax.tree.map(jax.device_put, cache, cache_sharding)
+        self._steps: tuple[Callable, Callable] | None = None
+        if placement is not None:
+            check_placement(self.cfg, placement)
+            self.moe_backend = PlacedBackend(moe_backend_for(placement) or moe_backend, placement)
+            state_sharding = placement.state_shardings(self.state)
+            self.state = jax.device_put(self.state, state_sharding)
+            abstract = KVCache.abstract(self.cfg, num_slots, self.max_len)
+            cache_sharding = placement.cache_shardings(abstract)
+            key = (self.graphdef, self.moe_backend, num_slots, self.max_len)
+            self._steps = placed_steps(self.graphdef, self.moe_backend, state_sharding, cache_sharding, key)
+        self.cache_sharding = cache_sharding
+        if cache_sharding is None:
+            self.cache = KVCache.create(self.cfg, num_slots, self.max_len)
+        else:  # created in place, shard by shard (never whole on one device)
+            self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, self.max_len), out_shardings=cache_sharding)()
         self.buckets = prefill_buckets(self.max_len)
         self.expert_load = jnp.zeros((self.cfg.num_layers, max(self.cfg.num_experts, 1)), jnp.int32)
 
@@ -102,23 +170,34 @@ class ModelRunner:
         bucket = self.bucket_for(n)
         tokens = np.full((1, bucket), self.cfg.pad_id, np.int32)
         tokens[0, :n] = prompt_ids
-        self.cache, token, _, load = _prefill_step(
-            self.graphdef, self.moe_backend, self.state, self.cache, tokens, np.array([slot], np.int32), np.array([n], np.int32),
-            slots.sampling(np.array([slot])),
-        )
+        args = (self.state, self.cache, tokens, np.array([slot], np.int32), np.array([n], np.int32),
+                slots.sampling(np.array([slot])))
+        if self._steps is not None:
+            self.cache, token, _, load = self._steps[0](*args)
+        else:
+            self.cache, token, _, load = _prefill_step(self.graphdef, self.moe_backend, *args)
         self.expert_load = self.expert_load + load
         return int(token[0])
 
     def decode(self, slots: SlotTable) -> np.ndarray:
         """One decode step over all slots; returns the sampled token per slot [S] (inactive: ignore)."""
-        self.cache, tokens, load = _decode_step(
-            self.graphdef, self.moe_backend, self.state, self.cache, slots.last_token, slots.active, slots.sampling(), slots.num_generated
-        )
+        args = (self.state, self.cache, slots.last_token, slots.active, slots.sampling(), slots.num_generated)
+        if self._steps is not None:
+            self.cache, tokens, load = self._steps[1](*args)
+        else:
+            self.cache, tokens, load = _decode_step(self.graphdef, self.moe_backend, *args)
         self.expert_load = self.expert_load + load
         return np.asarray(tokens)
 
     def set_length(self, slot: int, length: int) -> None:
-        self.cache = self.cache.set_length(slot, length)
+        self._set_lengths(self.cache.set_length(slot, length).lengths)
+
+    def _set_lengths(self, lengths) -> None:
+        # Host-side edits of the lengths go back to the cache's own sharding, so the next
+        # step's input matches its compiled sharding (no transfer, no recompilation).
+        if self.cache_sharding is not None:
+            lengths = jax.device_put(lengths, self.cache_sharding.lengths)
+        self.cache = self.cache.with_lengths(lengths)
 
     def lengths(self) -> np.ndarray:
         return np.asarray(self.cache.lengths)
@@ -130,5 +209,5 @@ class ModelRunner:
         for bucket in self.buckets:
             self.prefill(0, [self.cfg.pad_id] * min(bucket, self.max_len), dummy)
         self.decode(dummy)
-        self.cache = self.cache.with_lengths(jnp.asarray(saved))
+        self._set_lengths(jnp.asarray(saved))
         self.expert_load = jnp.zeros_like(self.expert_load)

@@ -1,0 +1,203 @@
+"""Models on 8 virtual CPU devices (1x8, 2x4, 8x1 and 2x2x2 meshes; TP-only, EP-only and EP+TP rules)
+compute what one device computes: logits to 1e-5 (float32), identical greedy engine output, identical
+speculative greedy output; and the compiled decode / verify steps move no weight or cache."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+from helpers import scaled_model
+from jaxspec.engine import Engine, ModelRunner, PlainRunner, SlotTable
+from jaxspec.mesh import EP_RULES, EP_TP_RULES, TP_RULES, Placement, draft_placement
+from jaxspec.models import KVCache
+from jaxspec.sampling import SamplingParams
+from jaxspec.sharding import shard_model
+from jaxspec.tokenizer import ByteTokenizer
+
+# 8 heads / 8 kv heads / vocab 264 / 8 experts divide every axis size used here, so each rule
+# really splits its dimension (an indivisible one would silently stay replicated).
+MOE = dict(num_heads=8, num_kv_heads=8, head_dim=16, vocab_size=264)
+SLOTS, MAX_LEN = 8, 64
+
+LAYOUTS = [  # (data, expert, tensor), rules
+    pytest.param((1, 1, 8), TP_RULES, id="1x8-tp"),
+    pytest.param((1, 8, 1), EP_RULES, id="1x8-ep"),
+    pytest.param((2, 1, 4), TP_RULES, id="2x4-tp"),
+    pytest.param((2, 4, 1), EP_RULES, id="2x4-ep"),
+    pytest.param((1, 2, 4), EP_TP_RULES, id="2x4-eptp"),
+    pytest.param((2, 2, 2), EP_TP_RULES, id="2x2x2-eptp"),
+    pytest.param((8, 1, 1), EP_TP_RULES, id="8x1-data"),
+]
+
+
+def placement_for(shape, rules) -> Placement:
+    devs = np.asarray(jax.devices()[: int(np.prod(shape))], dtype=object).reshape(shape)
+    return Placement.create(Mesh(devs, ("data", "expert", "tensor")), rules)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return scaled_model("tiny-qwen3-moe", scale=3.0, **MOE)
+
+
+def _logits(runner: ModelRunner, tokens: np.ndarray):
+    """Prefill-shaped forward of every slot, then one decode-shaped step, through the runner's forward."""
+    fwd = runner.forward_fn()
+
+    @jax.jit
+    def run(state, cache):
+        start = jnp.zeros((tokens.shape[0],), jnp.int32)
+        out = fwd(state, tokens, start, cache)
+        step = fwd(state, tokens[:, :1], out.cache.lengths, out.cache)
+        return out.logits, step.logits
+
+    return run(runner.state, runner.cache)
+
+
+@pytest.mark.parametrize("shape,rules", LAYOUTS)
+def test_logits_equal_single_device(target, shape, rules):
+    tokens = np.random.default_rng(1).integers(3, 259, size=(SLOTS, 12)).astype(np.int32)
+    want = _logits(ModelRunner(target, SLOTS, MAX_LEN, moe_backend="dense"), tokens)
+    placement = placement_for(shape, rules)
+    runner = ModelRunner(scaled_model("tiny-qwen3-moe", scale=3.0, **MOE), SLOTS, MAX_LEN, placement=placement)
+    if placement.axis_size("expert") > 1:  # the experts really are split
+        w_gate = runner.state["layers"][0]["moe"]["w_gate"][...]
+        assert w_gate.addressable_shards[0].data.shape[0] == 8 // placement.axis_size("expert")
+    got = _logits(runner, tokens)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
+
+
+PROMPTS = ["def f(x):", "import os", "class A:\n    pass\n", "z", "hello world", "for i in", "x = [", "#"]
+
+
+def _greedy(runner) -> list[list[int]]:
+    eng = Engine(runner, ByteTokenizer())
+    return [r.token_ids for r in eng.generate(PROMPTS, SamplingParams(max_tokens=10, ignore_eos=True))]
+
+
+@pytest.fixture(scope="module")
+def single_device_greedy(target):
+    return _greedy(PlainRunner(ModelRunner(target, SLOTS, MAX_LEN, moe_backend="dense")))
+
+
+@pytest.mark.parametrize("shape,rules", [LAYOUTS[1], LAYOUTS[4], LAYOUTS[5], LAYOUTS[6]])
+def test_engine_greedy_identical_on_mesh(target, single_device_greedy, shape, rules):
+    placement = placement_for(shape, rules)
+    runner = ModelRunner(target, SLOTS, MAX_LEN, placement=placement)
+    assert _greedy(PlainRunner(runner)) == single_device_greedy
+    # The cache kept its placement through prefills, decodes and slot releases.
+    assert runner.cache.k.sharding.is_equivalent_to(runner.cache_sharding.k, 5)
+    assert runner.cache.lengths.sharding.is_equivalent_to(runner.cache_sharding.lengths, 1)
+
+
+def test_speculative_greedy_identical_on_mesh(target, single_device_greedy):
+    from jaxspec.speculative import DraftModelProposer, SpeculativeRunner
+
+    placement = placement_for((2, 2, 2), EP_TP_RULES)
+    draft = scaled_model("tiny-dense", seed=7, scale=3.0, vocab_size=264)
+    d_place = draft_placement(draft.cfg, placement)
+    assert d_place.rules["heads"] is None, "a tiny draft is replicated"
+    shard_model(draft, d_place.mesh, d_place.rules)
+    runner = SpeculativeRunner(ModelRunner(target, SLOTS, MAX_LEN, placement=placement), DraftModelProposer(draft),
+                               num_speculative_tokens=3, k_max=3)
+    assert _greedy(runner) == single_device_greedy
+
+
+# ------------------------------------------------------------------------------- HLO
+_COLLECTIVE = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\s(all-gather|all-to-all|collective-permute)(?:-start)?\(")
+
+
+def _collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for dtype, dims, op in _COLLECTIVE.findall(hlo):
+        out.append((op, tuple(int(d) for d in dims.split(",") if d)))
+    return out
+
+
+def _forbidden_shapes(arrays) -> tuple[set[tuple[int, ...]], set[int]]:
+    """Shapes (and sizes) a gather of a sharded array would produce: any mix of its local and
+    global dimensions other than the local shard itself."""
+    shapes, sizes = set(), set()
+    for a in arrays:
+        local = a.addressable_shards[0].data.shape
+        if local == a.shape:
+            continue  # replicated: nothing to gather
+        sizes.add(int(np.prod(a.shape)))
+        for pick in itertools.product(*[(lo, gl) for lo, gl in zip(local, a.shape)]):
+            if pick != tuple(local):
+                shapes.add(pick)
+    return shapes, sizes
+
+
+def _assert_moves_no_state(compiled, runner: ModelRunner) -> None:
+    hlo = compiled.as_text()
+    arrays = [*jax.tree.leaves(runner.state), runner.cache.k, runner.cache.v]
+    shapes, sizes = _forbidden_shapes(arrays)
+    for op, shape in _collectives(hlo):
+        assert shape not in shapes and int(np.prod(shape)) not in sizes, (
+            f"{op} producing {shape} moves a sharded weight or cache inside the step"
+        )
+
+
+@pytest.mark.parametrize("shape,rules", [LAYOUTS[0], LAYOUTS[3], LAYOUTS[5]])
+def test_decode_and_verify_move_no_weights_or_cache(target, shape, rules):
+    placement = placement_for(shape, rules)
+    runner = ModelRunner(target, SLOTS, MAX_LEN, placement=placement)
+    slots = SlotTable(SLOTS)
+    decode = runner._steps[1]
+    args = (runner.state, runner.cache, slots.last_token, slots.active, slots.sampling(), slots.num_generated)
+    compiled = decode.lower(*args).compile()
+    _assert_moves_no_state(compiled, runner)
+    # The cache comes out exactly as it went in: the next step takes it without a transfer.
+    out_cache = compiled.output_shardings[0]
+    assert out_cache.k.is_equivalent_to(runner.cache_sharding.k, 5)
+    assert out_cache.lengths.is_equivalent_to(runner.cache_sharding.lengths, 1)
+    assert "all-reduce" in compiled.as_text()  # sanity: the mesh really is used
+
+    # Speculative verification of 3 drafts, built from forward_fn as SpeculativeRunner does.
+    fwd = runner.forward_fn()
+
+    def verify(state, cache, tokens, start):
+        out = fwd(state, tokens, start, cache, None, jnp.full((SLOTS,), 4, jnp.int32))
+        return out.cache, jnp.argmax(out.logits, -1)
+
+    tokens = np.zeros((SLOTS, 4), np.int32)
+    compiled = jax.jit(verify, donate_argnums=(1,)).lower(runner.state, runner.cache, tokens,
+                                                          np.zeros(SLOTS, np.int32)).compile()
+    _assert_moves_no_state(compiled, runner)
+    assert compiled.output_shardings[0].k.is_equivalent_to(runner.cache_sharding.k, 5)
+
+
+def test_hlo_check_catches_a_weight_all_gather(target):
+    """The inspection itself can fail: a step that gathers a tensor-parallel weight is caught."""
+    placement = placement_for((1, 1, 8), TP_RULES)
+    runner = ModelRunner(target, SLOTS, MAX_LEN, placement=placement)
+    wq_sharding = runner.state["layers"][0]["attn"]["wq"][...].sharding
+
+    def gathers(state):
+        wq = state["layers"][0]["attn"]["wq"][...]
+        return jax.lax.with_sharding_constraint(wq * 2, placement.replicated())
+
+    compiled = jax.jit(gathers).lower(runner.state).compile()
+    assert wq_sharding.spec[1] == "tensor"
+    with pytest.raises(AssertionError, match="all-gather"):
+        _assert_moves_no_state(compiled, runner)
+
+
+def test_nnx_state_of_placed_runner_is_sharded(target):
+    runner = ModelRunner(target, SLOTS, MAX_LEN, placement=placement_for((2, 2, 2), EP_TP_RULES))
+    graph, _ = nnx.split(target)
+    assert graph == runner.graphdef
+    assert runner.state["layers"][0]["attn"]["wq"][...].sharding.spec[1] == "tensor"
+    assert runner.cache.k.sharding.spec[1] == "data" and runner.cache.k.sharding.spec[3] == "tensor"
+    assert runner.cache.k.addressable_shards[0].data.shape == (2, SLOTS // 2, MAX_LEN, 4, 16)
+    assert KVCache  # imported for the shape contract above
