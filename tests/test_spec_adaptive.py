@@ -93,10 +93,15 @@ def test_policy_respects_overrides_caps_and_probes_when_off():
     assert pol.choose(np.array([0.01, 0.01]), np.array([8, 8]), forced, cheap) == 4
     # Caps: a request with one token left cannot use drafts.
     assert pol.choose(np.array([0.99]), np.array([0]), np.array([-1]), cheap) == 0
-    # Off for probe_every steps -> one probe at the smallest bucket, so the estimate can recover.
+    # Off for probe_every steps -> one probe at the smallest bucket, so the estimate can recover;
+    # probes that change nothing come at doubling intervals (every 3, then 6, then 12 steps).
     low = np.array([0.01])
-    picks = [pol.choose(low, np.array([8]), np.array([-1]), cheap) for _ in range(6)]
-    assert picks == [0, 0, 1, 0, 0, 1]
+    picks = [pol.choose(low, np.array([8]), np.array([-1]), cheap) for _ in range(24)]
+    assert [i for i, kb in enumerate(picks) if kb] == [2, 8, 20] and set(picks) == {0, 1}
+    # Acceptance recovered: speculation is back on, and the probe interval starts over.
+    assert pol.choose(np.array([0.95]), np.array([8]), np.array([-1]), cheap) == 8
+    picks = [pol.choose(low, np.array([8]), np.array([-1]), cheap) for _ in range(3)]
+    assert picks == [0, 0, 1]
 
 
 def test_observed_step_times_refine_costs():

@@ -26,8 +26,10 @@ roofline model (weight bytes read, with an MoE layer reading the
 ``N * (1 - (1 - top_k/N)^T)`` experts that T tokens touch, plus FLOPs) for
 planning and deterministic tests; the engine does not use it unless asked.
 
-While kb = 0 nothing is learned about acceptance, so every ``probe_every``
-steps the smallest bucket is run anyway to refresh the estimates.
+While kb = 0 nothing is learned about acceptance, so after ``probe_every``
+steps off the smallest bucket is run once anyway to refresh the estimates; each
+probe that does not turn speculation back on doubles the wait (up to
+``max_probe_every``), so a draft that never pays costs almost nothing.
 """
 
 from __future__ import annotations
@@ -189,11 +191,15 @@ class Roofline:
 class KPolicy:
     """Chooses each step's proposal bucket (module docstring)."""
 
-    def __init__(self, buckets: list[int], probe_every: int = 16, min_gain: float = 0.02):
+    def __init__(self, buckets: list[int], probe_every: int = 16, min_gain: float = 0.02,
+                 max_probe_every: int = 512):
         self.buckets = list(buckets)
         self.probe_every = probe_every
+        self.max_probe_every = max(max_probe_every, probe_every)
         self.min_gain = min_gain  # a longer bucket must beat a shorter one by this much (timing noise)
         self._off_steps = 0
+        self._wait = probe_every  # steps off before the next probe (doubles while probes fail)
+        self._probed = False
         self.last_rates: dict[int, float] = {}
 
     def choose(self, alphas: np.ndarray, caps: np.ndarray, forced: np.ndarray, cost: CostModel) -> int:
@@ -212,10 +218,16 @@ class KPolicy:
             if best_kb is None or rate > best_rate * (1.0 + self.min_gain):
                 best_kb, best_rate = kb, rate
         if best_kb == 0 and free.any() and self.buckets and (caps[free] > 0).any():
+            if self._probed:  # the last probe did not make speculation worth it: back off
+                self._wait = min(2 * self._wait, self.max_probe_every)
+                self._probed = False
             self._off_steps += 1
-            if self._off_steps >= self.probe_every:
+            if self._off_steps >= self._wait:
                 self._off_steps = 0
+                self._probed = True
                 return self.buckets[0]
         else:
             self._off_steps = 0
+            if best_kb > 0:
+                self._wait, self._probed = self.probe_every, False
         return best_kb

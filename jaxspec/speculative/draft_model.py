@@ -150,7 +150,8 @@ class DraftModelProposer:
     def propose(self, ctx: SpecContext) -> Proposal:
         self._catch_up(ctx)
         pending = np.where(ctx.active, ctx.history.length - self.lengths, 0).astype(np.int32)
-        assert pending.max(initial=0) <= PENDING_BLOCK, "draft cache out of step with the context"
+        if pending.max(initial=0) > PENDING_BLOCK or (pending[ctx.active] < 1).any():
+            raise RuntimeError(f"draft cache out of step with the context: pending tokens {pending.tolist()}")
         block = ctx.history.window(self.lengths, PENDING_BLOCK, pending)
         self.cache, tokens, probs = self._loop(ctx.kb)(
             self.state, self.cache, block, pending, self.lengths.copy(), ctx.sampling, ctx.out_pos
