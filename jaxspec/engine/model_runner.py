@@ -142,7 +142,9 @@ class ModelRunner:
             self._steps = placed_steps(self.graphdef, self.moe_backend, state_sharding, cache_sharding, key)
         self.cache_sharding = cache_sharding
         if cache_sharding is None:
-            self.cache = KVCache.create(self.cfg, num_slots, self.max_len)
+            # Committed to a device like every later (jit-output) cache, so the first and
+            # later steps see the same argument placement and share one compilation.
+            self.cache = jax.device_put(KVCache.create(self.cfg, num_slots, self.max_len), jax.devices()[0])
         else:  # created in place, shard by shard (never whole on one device)
             self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, self.max_len), out_shardings=cache_sharding)()
         self.buckets = prefill_buckets(self.max_len)
