@@ -48,7 +48,7 @@ def _nvcc_bin() -> Path | None:
 @pytest.fixture(scope="module")
 def tpu_device():
     if importlib.util.find_spec("libtpu") is None:
-        pytest.skip('libtpu not installed (pip install "jax[tpu]==<jax version>")')
+        pytest.fail('libtpu not installed: pip install -e ".[test]" brings it (jax[tpu])')
     # Compiling needs no TPU, but libtpu takes a machine-wide lock file unless told otherwise, and other
     # test processes on this host may hold it.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -64,7 +64,7 @@ def tpu_device():
 @pytest.fixture(scope="module")
 def gpu_device():
     if importlib.util.find_spec("jax_cuda12_plugin") is None or _nvcc_bin() is None:
-        pytest.skip("jax-cuda12-plugin / nvidia-cuda-nvcc-cu12 not installed")
+        pytest.fail('jax-cuda12-plugin / nvidia-cuda-nvcc-cu12 not installed: pip install -e ".[test]" brings them')
     # ptxas and libdevice from the pip wheel, ahead of any system CUDA of another major version
     # (for this module only).
     saved_path = os.environ.get("PATH", "")
