@@ -174,12 +174,28 @@ def topology_devices(cfg: MeshConfig) -> list[jax.Device]:
             chips_per_host_bounds=tuple(topo["chips_per_host_bounds"]), num_slices=topo.get("num_slices", 1),
         )
     elif cfg.platform == "gpu":
+        _prefer_pip_ptxas()
         desc = topologies.get_topology_desc(
             platform="cuda", topology=topo["name"], target_config=target_config_text(topo["target_config"])
         )
     else:
         raise MeshConfigError(f"mesh {cfg.name}: no ahead-of-time topology for platform {cfg.platform}")
     return list(desc.devices)
+
+
+def _prefer_pip_ptxas() -> None:
+    """Put pip's CUDA 12 ptxas / libdevice (nvidia-cuda-nvcc-cu12) first on PATH: a system ptxas of
+    another CUDA major version may build code a CUDA 12 driver cannot load."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        bin_dir = Path(root) / "cuda_nvcc" / "bin"
+        if (bin_dir / "ptxas").exists():
+            path = os.environ.get("PATH", "")
+            if not path.startswith(str(bin_dir)):
+                os.environ["PATH"] = f"{bin_dir}{os.pathsep}{path}"
+            return
 
 
 def default_mesh_config(devices: Sequence[jax.Device] | None = None) -> MeshConfig:

@@ -13,7 +13,8 @@ from jaxspec.sharding import TENSOR_PARALLEL_RULES, cache_shardings, shard_cache
 
 def test_tensor_parallel_forward_equals_single_device():
     assert len(jax.devices()) >= 8, "conftest sets 8 virtual CPU devices"
-    model = scaled_model("tiny-qwen3-moe")
+    # 4 kv heads: the 4-way model axis divides them, so the cache really is split over it.
+    model = scaled_model("tiny-qwen3-moe", num_kv_heads=4)
     cfg = model.cfg
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, size=(2, 12)), jnp.int32)
     start = jnp.zeros((2,), jnp.int32)
@@ -32,7 +33,7 @@ def test_tensor_parallel_forward_equals_single_device():
     single = run(model, KVCache.create(cfg, 2, 32))
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-    sharded_model = shard_model(scaled_model("tiny-qwen3-moe"), mesh, TENSOR_PARALLEL_RULES)
+    sharded_model = shard_model(scaled_model("tiny-qwen3-moe", num_kv_heads=4), mesh, TENSOR_PARALLEL_RULES)
     cache = shard_cache(KVCache.create(cfg, 2, 32), mesh, TENSOR_PARALLEL_RULES)
     wq = sharded_model.layers[0].attn.wq[...]
     assert wq.sharding.spec[1] == "model", "heads must be split over the model axis"

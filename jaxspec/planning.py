@@ -1,0 +1,270 @@
+"""Per-device memory plans: weights, KV cache and compiled temporaries, and whether they fit.
+
+``plan_memory`` places a model (and optionally its draft) on a mesh by the mesh
+config's rules and counts, per device:
+
+  weights      the local shard of every parameter (exact, from the shardings)
+  kv cache     the local shard of the [layers, slots, max_len, kv_heads, head_dim] K and V
+  temporaries  from ``compiled.memory_analysis()`` of ahead-of-time compiles of the real
+               steps (prefill at the longest bucket, decode, and with a draft the draft loop
+               and verification) with abstract weights: the largest temp + non-aliased output
+
+and compares their sum with the device memory less a headroom for the runtime.
+Compiling needs no weights and no accelerator: the mesh is built from the target's
+topology (``jaxspec.mesh.topology_devices``) when the mesh config has one and the
+devices present are not that target.
+
+``check_fits`` raises ``DoesNotFit`` with the numbers when the plan does not fit;
+``python -m jaxspec.serve`` calls it at start-up (serving/build.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxspec.config import ModelConfig
+from jaxspec.mesh import MeshConfig, Placement, build_mesh, check_placement, draft_placement, topology_devices
+from jaxspec.models import KVCache, abstract_model
+
+DEFAULT_HEADROOM = 0.08  # device memory kept free for the runtime, fragmentation and collectives' buffers
+GiB = float(1 << 30)
+
+
+class DoesNotFit(RuntimeError):
+    """The requested model, slots and context do not fit the devices' memory."""
+
+    def __init__(self, plan: "MemoryPlan"):
+        self.plan = plan
+        super().__init__(plan.refusal())
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    model: str
+    mesh: str
+    num_devices: int
+    slots: int
+    max_len: int
+    draft: str | None
+    weights: int  # bytes per device (the largest over devices)
+    kv_cache: int
+    draft_weights: int
+    draft_kv_cache: int
+    temporaries: int  # largest temp + non-aliased outputs over the compiled steps (0: not compiled)
+    temp_by_step: dict[str, int]
+    capacity: int | None  # usable bytes per device (None: unknown, e.g. host memory)
+    hbm: int | None
+    kv_bytes_per_token: int  # per device, target + draft, one position of one slot
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.draft_weights + self.draft_kv_cache + self.temporaries
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+    def max_tokens(self) -> int | None:
+        """Slot-positions (slots x context) the cache could hold beside the rest (temporaries as
+        measured at the requested shape, so larger contexts are an estimate)."""
+        if self.capacity is None:
+            return None
+        free = self.capacity - (self.weights + self.draft_weights + self.temporaries)
+        return max(0, free // self.kv_bytes_per_token)
+
+    def largest(self) -> tuple[int, int] | None:
+        """(slots at the requested context, context at the requested slots) that would fit."""
+        tokens = self.max_tokens()
+        if tokens is None:
+            return None
+        return tokens // self.max_len, tokens // self.slots
+
+    def refusal(self) -> str:
+        head = (f"{self.model}{' + draft ' + self.draft if self.draft else ''} on {self.mesh}: needs "
+                f"{self.total / GiB:.2f} GiB per device (weights {self.weights / GiB:.2f}, KV cache "
+                f"{self.kv_cache / GiB:.2f} for {self.slots} slots x {self.max_len} tokens")
+        if self.draft:
+            head += f", draft weights {self.draft_weights / GiB:.2f} + cache {self.draft_kv_cache / GiB:.2f}"
+        head += f", temporaries {self.temporaries / GiB:.2f})"
+        if self.capacity is None:
+            return head + "; device memory unknown"
+        head += f", {self.capacity / GiB:.2f} GiB usable of {self.hbm / GiB:.2f} GiB"
+        largest = self.largest()
+        fixed = self.weights + self.draft_weights
+        if fixed > self.capacity:
+            return head + f"; the weights alone exceed a device: use a mesh with more devices or a smaller dtype"
+        slots, ctx = largest
+        return head + (f"; at most {slots} slots of {self.max_len} tokens or {self.slots} slots of {ctx} tokens "
+                       f"would fit (estimate)")
+
+    def table(self) -> str:
+        rows = [("weights", self.weights), ("KV cache", self.kv_cache)]
+        if self.draft:
+            rows += [("draft weights", self.draft_weights), ("draft KV cache", self.draft_kv_cache)]
+        rows += [(f"temporaries ({name})", b) for name, b in self.temp_by_step.items()]
+        rows += [("temporaries (peak step)", self.temporaries), ("total", self.total)]
+        if self.capacity is not None:
+            rows.append((f"usable ({self.hbm / GiB:.2f} GiB less headroom)", self.capacity))
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{self.model}{' + ' + self.draft if self.draft else ''} on {self.mesh} ({self.num_devices} devices), "
+                 f"{self.slots} slots x {self.max_len} tokens, per device:"]
+        lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB" for name, b in rows]
+        if self.capacity is not None:
+            slots, ctx = self.largest()
+            lines.append(f"  fits: {'yes' if self.fits else 'NO'}; largest: {slots} slots x {self.max_len} "
+                         f"or {self.slots} slots x {ctx} tokens (estimate)")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ bytes per device
+def _local_bytes(shape: Sequence[int], dtype, sharding) -> int:
+    return int(np.prod(sharding.shard_shape(tuple(shape)))) * jnp.dtype(dtype).itemsize
+
+
+def _abstract_state(cfg: ModelConfig, placement: Placement):
+    graphdef, state = nnx.split(abstract_model(cfg))
+    shardings = placement.state_shardings(state)
+    structs = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+    weights = sum(_local_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(structs))
+    return graphdef, structs, shardings, weights
+
+
+def _abstract_cache(cfg: ModelConfig, placement: Placement, slots: int, max_len: int):
+    abstract = KVCache.abstract(cfg, slots, max_len)
+    shardings = placement.cache_shardings(abstract)
+    structs = KVCache(*(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(abstract, shardings)))
+    kv = sum(_local_bytes(a.shape, a.dtype, a.sharding) for a in structs)
+    return structs, shardings, kv
+
+
+def _step_bytes(compiled) -> int:
+    """Transient bytes of one executable: temporaries plus outputs that do not reuse an input."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    return int(m.temp_size_in_bytes + max(0, m.output_size_in_bytes - m.alias_size_in_bytes))
+
+
+def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, slots, max_len,
+                   draft=None, k: int = 4) -> dict[str, Callable]:
+    """The real engine steps, lowered with abstract arguments; returns name -> compile thunk."""
+    from jaxspec.engine.model_runner import PlacedBackend, _decode_impl, _prefill_impl
+    from jaxspec.models.moe_parallel import moe_backend_for
+    from jaxspec.sampling import BatchSampling
+
+    rep = placement.replicated()
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)  # noqa: E731
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rep)  # noqa: E731
+    u32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.uint32, sharding=rep)  # noqa: E731
+    sampling = lambda b: BatchSampling(f32(b), i32(b), f32(b), f32(b), u32(b, 2))  # noqa: E731
+    backend = PlacedBackend(moe_backend_for(placement), placement)
+    steps: dict[str, Callable] = {}
+
+    prefill = jax.jit(functools.partial(_prefill_impl, graphdef, backend), donate_argnums=(1,),
+                      out_shardings=(cache_sh, rep, rep, rep))
+    steps[f"prefill 1x{max_len}"] = lambda: prefill.lower(state, cache, i32(1, max_len), i32(1), i32(1), sampling(1)).compile()
+    decode = jax.jit(functools.partial(_decode_impl, graphdef, backend), donate_argnums=(1,),
+                     out_shardings=(cache_sh, rep, rep))
+    steps[f"decode {slots}"] = lambda: decode.lower(state, cache, i32(slots), jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=rep),
+                                                   sampling(slots), i32(slots)).compile()
+    if draft is not None:
+        from jaxspec.engine.model_runner import _forward
+        from jaxspec.speculative.draft_model import PENDING_BLOCK, _make_loop
+        from jaxspec.speculative.runner import _make_verify
+
+        d_graph, d_state, d_backend, d_cache, d_cache_sh = draft
+        verify = jax.jit(_make_verify(functools.partial(_forward, graphdef, backend), "xla"), donate_argnums=(1,),
+                         out_shardings=(cache_sh, rep, rep, rep))
+        steps[f"verify {slots}x{k + 1}"] = lambda: verify.lower(
+            state, cache, i32(slots), i32(slots), i32(slots, k), f32(slots, k, cfg.vocab_size), i32(slots),
+            sampling(slots), i32(slots), jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=rep)).compile()
+        loop = jax.jit(_make_loop(d_graph, d_backend, k), donate_argnums=(1,), out_shardings=(d_cache_sh, rep, rep))
+        steps[f"draft loop {slots}x{k}"] = lambda: loop.lower(
+            d_state, d_cache, i32(slots, PENDING_BLOCK), i32(slots), i32(slots), sampling(slots), i32(slots)).compile()
+    return steps
+
+
+def _device_memory(mesh_cfg: MeshConfig, devices) -> int | None:
+    if mesh_cfg.hbm_bytes_per_device:
+        return int(mesh_cfg.hbm_bytes_per_device)
+    stats = getattr(devices[0], "memory_stats", lambda: None)
+    try:
+        stats = stats()
+    except Exception:  # noqa: BLE001  (CPU and AOT topology devices have no statistics)
+        stats = None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def plan_memory(
+    cfg: ModelConfig,
+    mesh_cfg: MeshConfig,
+    slots: int,
+    max_len: int,
+    draft_cfg: ModelConfig | None = None,
+    num_speculative_tokens: int = 4,
+    devices: Sequence[jax.Device] | None = None,
+    compile: bool = True,
+    headroom: float = DEFAULT_HEADROOM,
+    on_step: Callable[[str, int], None] | None = None,
+) -> MemoryPlan:
+    """Per-device memory of serving ``cfg`` (and ``draft_cfg``) with ``slots`` x ``max_len`` on the mesh.
+
+    ``devices``: the devices to build the mesh from (default: the mesh config's ahead-of-time
+    topology when it has one, else ``jax.devices()``). ``compile=False`` skips the temporaries
+    (fast: weights and cache only)."""
+    if devices is None:
+        devices = topology_devices(mesh_cfg) if mesh_cfg.topology else jax.devices()
+    mesh = build_mesh(mesh_cfg, devices)
+    placement = Placement.create(mesh, mesh_cfg.rules)
+    check_placement(cfg, placement)
+    graphdef, state, state_sh, weights = _abstract_state(cfg, placement)
+    cache, cache_sh, kv = _abstract_cache(cfg, placement, slots, max_len)
+    per_token = _abstract_cache(cfg, placement, slots, 1)[2] / slots
+
+    draft = None
+    d_weights = d_kv = 0
+    if draft_cfg is not None:
+        from jaxspec.models.moe_parallel import moe_backend_for
+
+        d_place = draft_placement(draft_cfg, placement)
+        check_placement(draft_cfg, d_place)
+        d_graph, d_state, _, d_weights = _abstract_state(draft_cfg, d_place)
+        d_cache, d_cache_sh, d_kv = _abstract_cache(draft_cfg, d_place, slots, max_len)
+        per_token += _abstract_cache(draft_cfg, d_place, slots, 1)[2] / slots
+        draft = (d_graph, d_state, moe_backend_for(d_place), d_cache, d_cache_sh)
+
+    temp_by_step: dict[str, int] = {}
+    if compile:
+        steps = _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, slots, max_len, draft,
+                               num_speculative_tokens)
+        for name, thunk in steps.items():
+            temp_by_step[name] = _step_bytes(thunk())
+            if on_step is not None:
+                on_step(name, temp_by_step[name])
+    hbm = _device_memory(mesh_cfg, devices)
+    return MemoryPlan(
+        model=cfg.name, mesh=mesh_cfg.name, num_devices=mesh_cfg.num_devices, slots=slots, max_len=max_len,
+        draft=draft_cfg.name if draft_cfg else None, weights=weights, kv_cache=kv, draft_weights=d_weights,
+        draft_kv_cache=d_kv, temporaries=max(temp_by_step.values(), default=0), temp_by_step=temp_by_step,
+        capacity=None if hbm is None else int(hbm * (1 - headroom)), hbm=hbm,
+        kv_bytes_per_token=max(1, int(np.ceil(per_token))),
+    )
+
+
+def check_fits(cfg: ModelConfig, mesh_cfg: MeshConfig, slots: int, max_len: int, **kwargs) -> MemoryPlan:
+    """``plan_memory``, raising ``DoesNotFit`` (message with the numbers and what would fit) when
+    the plan exceeds the usable device memory. Unknown device memory (CPU) passes."""
+    plan = plan_memory(cfg, mesh_cfg, slots, max_len, **kwargs)
+    if not plan.fits:
+        raise DoesNotFit(plan)
+    return plan

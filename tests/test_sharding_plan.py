@@ -1,0 +1,82 @@
+"""Memory planning (jaxspec.planning): exact per-device bytes, refusal with numbers, and real AOT
+compiles of the sharded engine steps for a TPU v5e 2x4 and an 8x H100 topology (tiny shapes).
+
+The AOT tests need the compiler plugins (``pip install -e ".[test,aot]"``, see pyproject.toml):
+without them they fail, by design, rather than skip."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+
+from jaxspec.config import load_config
+from jaxspec.engine import ModelRunner
+from jaxspec.mesh import load_mesh_config
+from jaxspec.models import create_model
+from jaxspec.planning import DoesNotFit, check_fits, plan_memory
+
+MOE = dict(num_heads=8, num_kv_heads=8, head_dim=16, vocab_size=264)
+
+
+def test_plan_bytes_match_a_placed_runner():
+    cfg = load_config("tiny-qwen3-moe").replace(**MOE)
+    mesh_cfg = load_mesh_config("cpu-8")
+    plan = plan_memory(cfg, mesh_cfg, 8, 64, devices=jax.devices(), compile=False)
+    from jaxspec.mesh import Placement, build_mesh
+
+    runner = ModelRunner(create_model(cfg), 8, 64,
+                         placement=Placement.create(build_mesh(mesh_cfg, jax.devices()), mesh_cfg.rules))
+    on_device0 = lambda arrays: sum(  # noqa: E731
+        s.data.nbytes for a in arrays for s in a.addressable_shards if s.device == jax.devices()[0])
+    assert plan.weights == on_device0(jax.tree.leaves(runner.state))
+    assert plan.kv_cache == on_device0([runner.cache.k, runner.cache.v, runner.cache.lengths])
+    assert plan.fits and plan.capacity is None  # host memory: unknown, so never refused
+
+
+def test_refusal_names_the_numbers():
+    cfg = load_config("tiny-qwen3-moe").replace(**MOE)
+    small = dataclasses.replace(load_mesh_config("cpu-8"), hbm_bytes_per_device=300_000)
+    with pytest.raises(DoesNotFit, match=r"tiny-qwen3-moe on cpu-8: needs .* GiB per device .*8 slots x 4096 tokens"
+                                         r".*at most \d+ slots of 4096 tokens or 8 slots of \d+ tokens"):
+        check_fits(cfg, small, 8, 4096, devices=jax.devices(), compile=False)
+    plan = check_fits(cfg, small, 1, 64, devices=jax.devices(), compile=False)
+    assert plan.fits
+    tiny = dataclasses.replace(small, hbm_bytes_per_device=1000)
+    with pytest.raises(DoesNotFit, match="weights alone exceed"):
+        check_fits(cfg, tiny, 1, 64, devices=jax.devices(), compile=False)
+
+
+def test_uneven_experts_refused_by_the_plan():
+    cfg = load_config("tiny-qwen3-moe").replace(num_experts=6, **MOE)
+    with pytest.raises(ValueError, match="6 experts cannot be split evenly over an expert axis of size 2"):
+        plan_memory(cfg, load_mesh_config("cpu-8"), 8, 64, devices=jax.devices(), compile=False)
+
+
+def _require(module: str, install: str) -> None:
+    assert importlib.util.find_spec(module) is not None, f"{module} missing: {install} (the AOT tests do not skip)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["tpu-v5e-8", "gpu-8xh100"])
+def test_sharded_steps_compile_for_real_topologies(mesh):
+    if mesh.startswith("tpu"):
+        _require("libtpu", 'pip install "jax[tpu]==0.10.2"')
+    else:
+        _require("jax_cuda12_plugin", "pip install jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2")
+        _require("nvidia.cuda_nvcc", "pip install nvidia-cuda-nvcc-cu12")
+    cfg = load_config("tiny-qwen3-moe").replace(dtype="bfloat16", **MOE)
+    draft = load_config("tiny-dense").replace(dtype="bfloat16", vocab_size=264)
+    steps = []
+    plan = plan_memory(cfg, load_mesh_config(mesh), 8, 64, draft_cfg=draft, num_speculative_tokens=2,
+                       on_step=lambda name, b: steps.append(name))
+    assert steps == ["prefill 1x64", "decode 8", "verify 8x3", "draft loop 8x2"]
+    assert plan.fits and plan.hbm > 15 * 2**30
+    assert all(b > 0 for b in plan.temp_by_step.values()), plan.temp_by_step
+    # Experts split 2 ways and their width 4 ways: each device holds an eighth of the expert weights.
+    e = cfg.num_experts * 3 * cfg.d_model * cfg.moe_mlp_dim * 2 * cfg.num_layers
+    assert plan.weights < e / 8 + (cfg.param_counts()["total"] * 2 - e)
+    assert np.isclose(plan.kv_cache, 2 * cfg.num_layers * 8 * 64 * cfg.num_kv_heads * cfg.head_dim * 2 / 4 + 8 * 4)

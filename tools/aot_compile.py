@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Compile the engine's real steps for full-size models on real TPU / H100 topologies, on a CPU host.
+
+    python tools/aot_compile.py                 # every row of TARGETS, markdown table on stdout
+    python tools/aot_compile.py --only v5p      # rows whose mesh or model contains "v5p"
+
+For each (target model, draft, mesh, slots x context) the prefill, decode, verification and
+draft-loop steps are lowered with abstract weights placed by the mesh config's rules and
+compiled by the target's own compiler (libtpu / XLA:GPU + ptxas); the per-device bytes come
+from the shardings (weights, KV cache) and ``compiled.memory_analysis()`` (temporaries). See
+docs/sharding.md for the results and jaxspec/planning.py for how the numbers are combined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jaxspec.config import ModelConfig, load_config  # noqa: E402
+from jaxspec.mesh import load_mesh_config  # noqa: E402
+from jaxspec.planning import GiB, plan_memory  # noqa: E402
+
+
+def llama_1b_draft_for(target: ModelConfig) -> ModelConfig:
+    """A Llama-3.2-1B-shaped draft with the target's vocabulary (Mixtral's 32000-token Llama-2
+    tokenizer has no official 1B sibling; a draft must share the vocabulary, so this is the shape
+    a distilled 1B draft would have)."""
+    base = load_config("llama-3.2-1b")
+    return base.replace(name=f"llama-1b-v{target.vocab_size}", vocab_size=target.vocab_size,
+                        bos_id=target.bos_id, eos_ids=target.eos_ids, pad_id=target.pad_id)
+
+
+# (model, draft, mesh, slots, max_len). Draft None = no speculation; "llama-1b" = llama_1b_draft_for(model).
+TARGETS = [
+    ("mixtral-8x7b", "llama-1b", "tpu-v5p-8", 16, 4096),
+    ("mixtral-8x7b", "llama-1b", "gpu-8xh100", 16, 4096),
+    ("mixtral-8x7b", "llama-1b", "tpu-v5e-8", 16, 4096),
+    ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-8", 8, 4096),
+    ("qwen3-30b-a3b", "qwen3-0.6b", "gpu-1xh100", 8, 4096),
+    ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-4", 8, 4096),
+]
+
+
+def run_row(model: str, draft: str | None, mesh: str, slots: int, max_len: int, k: int) -> str:
+    cfg = load_config(model)
+    draft_cfg = None if draft is None else llama_1b_draft_for(cfg) if draft == "llama-1b" else load_config(draft)
+    t = time.perf_counter()
+    plan = plan_memory(cfg, load_mesh_config(mesh), slots, max_len, draft_cfg=draft_cfg, num_speculative_tokens=k,
+                       on_step=lambda n, b: print(f"  {model} on {mesh}: compiled {n} ({b / GiB:.3f} GiB)",
+                                                  file=sys.stderr, flush=True))
+    seconds = time.perf_counter() - t
+    print(plan.table(), file=sys.stderr, flush=True)
+    g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    slots_fit, ctx_fit = plan.largest()
+    verdict = "yes" if plan.fits else "**no**"
+    return (f"| {model} + {plan.draft or '-'} | {mesh} ({plan.num_devices}) | {slots}x{max_len} | {g(plan.weights)} | "
+            f"{g(plan.kv_cache)} | {g(plan.draft_weights + plan.draft_kv_cache)} | {g(plan.temporaries)} | "
+            f"{g(plan.total)} | {g(plan.hbm)} | {verdict} | {slots}x{ctx_fit} | {seconds:.0f} |")
+
+
+HEADER = ("| model + draft | mesh (devices) | slots x ctx | weights | KV cache | draft w+KV | temporaries | total | "
+          "HBM | fits | largest ctx at these slots (est.) | compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=None, help="rows whose model or mesh name contains this")
+    p.add_argument("--k", type=int, default=4, help="draft tokens per verification")
+    args = p.parse_args(argv)
+    rows = [r for r in TARGETS if args.only is None or args.only in r[0] or args.only in r[2]]
+    print("Per-device GiB.")
+    print(HEADER, flush=True)
+    for row in rows:
+        print(run_row(*row, k=args.k), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

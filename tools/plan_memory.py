@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Per-device memory of serving MODEL on MESH: weights, KV cache, compiled temporaries; does it fit?
+
+    python tools/plan_memory.py qwen3-30b-a3b tpu-v5e-8 --slots 8 --max-len 4096 --draft qwen3-0.6b
+
+MODEL and --draft are config names (configs/models) or JSON paths; MESH is a mesh config
+(configs/meshes: cpu-8, tpu-v5e-8, tpu-v5e-4, tpu-v5p-8, gpu-8xh100, gpu-1xh100). Temporaries
+come from ahead-of-time compiles of the real prefill / decode (/ verify / draft) steps with
+abstract weights for the mesh's topology (TPU: libtpu; GPU: jax-cuda12-plugin and ptxas), so no
+accelerator and no weights are needed. Exit status 0 when it fits, 1 (with the largest
+slots x context that would fit) when it does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compute nowhere: the topology only describes the target
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from jaxspec.config import load_config  # noqa: E402
+from jaxspec.mesh import load_mesh_config  # noqa: E402
+from jaxspec.planning import DEFAULT_HEADROOM, plan_memory  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("mesh")
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=None, help="context per slot (default: the model's max_seq_len)")
+    p.add_argument("--draft", default=None, help="draft model config (must share the target's vocabulary size)")
+    p.add_argument("--k", type=int, default=4, help="draft tokens per step (verification shape)")
+    p.add_argument("--dtype", default=None, help="override the parameter dtype of both models")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="fraction of device memory kept free")
+    p.add_argument("--no-compile", action="store_true", help="weights and cache only (skip the AOT compiles)")
+    args = p.parse_args(argv)
+
+    cfg = load_config(args.model)
+    draft = load_config(args.draft) if args.draft else None
+    if args.dtype:
+        cfg = cfg.replace(dtype=args.dtype)
+        draft = draft.replace(dtype=args.dtype) if draft else None
+    plan = plan_memory(
+        cfg, load_mesh_config(args.mesh), args.slots, args.max_len or cfg.max_seq_len, draft_cfg=draft,
+        num_speculative_tokens=args.k, compile=not args.no_compile, headroom=args.headroom,
+        on_step=lambda name, b: print(f"  compiled {name}: {b / 2**30:.3f} GiB transient", file=sys.stderr, flush=True),
+    )
+    print(plan.table())
+    if not plan.fits:
+        print(f"DOES NOT FIT: {plan.refusal()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
