@@ -37,6 +37,14 @@ DEFAULT_HEADROOM = 0.08  # device memory kept free for the runtime, fragmentatio
 GiB = float(1 << 30)
 
 
+def fmt_bytes(b: float) -> str:
+    """GiB for model-sized numbers, MiB / KiB for small ones (tests, tiny models)."""
+    for unit, size in (("GiB", GiB), ("MiB", float(1 << 20)), ("KiB", 1024.0)):
+        if b >= size or unit == "KiB":
+            return f"{b / size:.2f} {unit}"
+    return f"{b} B"
+
+
 class DoesNotFit(RuntimeError):
     """The requested model, slots and context do not fit the devices' memory."""
 
@@ -87,15 +95,16 @@ class MemoryPlan:
         return tokens // self.max_len, tokens // self.slots
 
     def refusal(self) -> str:
+        f = fmt_bytes
         head = (f"{self.model}{' + draft ' + self.draft if self.draft else ''} on {self.mesh}: needs "
-                f"{self.total / GiB:.2f} GiB per device (weights {self.weights / GiB:.2f}, KV cache "
-                f"{self.kv_cache / GiB:.2f} for {self.slots} slots x {self.max_len} tokens")
+                f"{f(self.total)} per device (weights {f(self.weights)}, KV cache "
+                f"{f(self.kv_cache)} for {self.slots} slots x {self.max_len} tokens")
         if self.draft:
-            head += f", draft weights {self.draft_weights / GiB:.2f} + cache {self.draft_kv_cache / GiB:.2f}"
-        head += f", temporaries {self.temporaries / GiB:.2f})"
+            head += f", draft weights {f(self.draft_weights)} + cache {f(self.draft_kv_cache)}"
+        head += f", temporaries {f(self.temporaries)})"
         if self.capacity is None:
             return head + "; device memory unknown"
-        head += f", {self.capacity / GiB:.2f} GiB usable of {self.hbm / GiB:.2f} GiB"
+        head += f", {f(self.capacity)} usable of {f(self.hbm)}"
         largest = self.largest()
         fixed = self.weights + self.draft_weights
         if fixed > self.capacity:
@@ -268,3 +277,18 @@ def check_fits(cfg: ModelConfig, mesh_cfg: MeshConfig, slots: int, max_len: int,
     if not plan.fits:
         raise DoesNotFit(plan)
     return plan
+
+
+def check_fits_on_device(cfg: ModelConfig, slots: int, max_len: int, draft_cfg: ModelConfig | None = None,
+                         device: jax.Device | None = None, headroom: float = DEFAULT_HEADROOM) -> MemoryPlan:
+    """``check_fits`` for serving on one local device (what ``python -m jaxspec.serve`` does):
+    weights and cache only, so start-up pays no extra compile (temporaries show at warm-up).
+    Device memory comes from ``memory_stats()``; a device without it (CPU) passes."""
+    from jaxspec.mesh import REPLICATED_RULES
+
+    device = device or jax.devices()[0]
+    platform = "gpu" if device.platform in ("cuda", "rocm", "gpu") else device.platform
+    local = MeshConfig(name=f"one {device.device_kind}", platform=platform if platform in ("cpu", "tpu", "gpu") else "cpu",
+                       axes={"data": 1, "expert": 1, "tensor": 1}, rules=dict(REPLICATED_RULES))
+    return check_fits(cfg, local, slots, max_len, draft_cfg=draft_cfg, devices=[device], compile=False,
+                      headroom=headroom)

@@ -129,6 +129,7 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
     opts.validate()
     log.info("loading model %s", opts.model)
     model, tokenizer = load_any(opts.model, dtype=opts.dtype, seed=opts.seed)
+    _check_memory(opts, model)
     runner = build_runner(opts, model, tokenizer)
     if wrap_runner is not None:
         runner = wrap_runner(runner)
@@ -137,6 +138,19 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
         spec_method=opts.spec_method, max_speculative_tokens=opts.num_speculative_tokens if opts.speculative else 0,
         draft_model_id=_model_id(opts.draft) if opts.draft else "", default_max_tokens=opts.default_max_tokens,
     )
+
+
+def _check_memory(opts: EngineOptions, model: Transformer) -> None:
+    """Refuse slots x context that cannot fit the device before the KV cache is allocated
+    (an out-of-memory at allocation or mid-warm-up says much less)."""
+    from jaxspec.planning import DoesNotFit, check_fits_on_device
+
+    try:
+        plan = check_fits_on_device(model.cfg, opts.slots, opts.max_len or model.cfg.max_seq_len)
+    except DoesNotFit as e:
+        raise ConfigError(f"--slots/--max-len do not fit: {e}") from e
+    log.info("memory per device: %.2f GiB (weights %.2f, KV cache %.2f)", plan.total / 2**30,
+             plan.weights / 2**30, plan.kv_cache / 2**30)
 
 
 def bundle_engine(

@@ -39,8 +39,8 @@ def test_plan_bytes_match_a_placed_runner():
 
 def test_refusal_names_the_numbers():
     cfg = load_config("tiny-qwen3-moe").replace(**MOE)
-    small = dataclasses.replace(load_mesh_config("cpu-8"), hbm_bytes_per_device=300_000)
-    with pytest.raises(DoesNotFit, match=r"tiny-qwen3-moe on cpu-8: needs .* GiB per device .*8 slots x 4096 tokens"
+    small = dataclasses.replace(load_mesh_config("cpu-8"), hbm_bytes_per_device=3_000_000)
+    with pytest.raises(DoesNotFit, match=r"tiny-qwen3-moe on cpu-8: needs .* per device .*8 slots x 4096 tokens"
                                          r".*at most \d+ slots of 4096 tokens or 8 slots of \d+ tokens"):
         check_fits(cfg, small, 8, 4096, devices=jax.devices(), compile=False)
     plan = check_fits(cfg, small, 1, 64, devices=jax.devices(), compile=False)
@@ -51,8 +51,8 @@ def test_refusal_names_the_numbers():
 
 
 def test_uneven_experts_refused_by_the_plan():
-    cfg = load_config("tiny-qwen3-moe").replace(num_experts=6, **MOE)
-    with pytest.raises(ValueError, match="6 experts cannot be split evenly over an expert axis of size 2"):
+    cfg = load_config("tiny-qwen3-moe").replace(num_experts=5, **MOE)
+    with pytest.raises(ValueError, match="5 experts cannot be split evenly over an expert axis of size 2"):
         plan_memory(cfg, load_mesh_config("cpu-8"), 8, 64, devices=jax.devices(), compile=False)
 
 
@@ -80,3 +80,15 @@ def test_sharded_steps_compile_for_real_topologies(mesh):
     e = cfg.num_experts * 3 * cfg.d_model * cfg.moe_mlp_dim * 2 * cfg.num_layers
     assert plan.weights < e / 8 + (cfg.param_counts()["total"] * 2 - e)
     assert np.isclose(plan.kv_cache, 2 * cfg.num_layers * 8 * 64 * cfg.num_kv_heads * cfg.head_dim * 2 / 4 + 8 * 4)
+
+
+def test_serving_start_up_refuses_what_cannot_fit(monkeypatch):
+    from jaxspec import planning
+    from jaxspec.config import ConfigError
+    from serving.build import EngineOptions, _check_memory
+
+    model = create_model(load_config("tiny-moe"))
+    _check_memory(EngineOptions(model="tiny-moe", slots=4, max_len=64), model)  # CPU: memory unknown, passes
+    monkeypatch.setattr(planning, "_device_memory", lambda mesh_cfg, devices: 2 << 20)  # a 2 MiB device
+    with pytest.raises(ConfigError, match=r"--slots/--max-len do not fit: .*4 slots x 4096 tokens"):
+        _check_memory(EngineOptions(model="tiny-moe", slots=4, max_len=4096), model)
