@@ -248,6 +248,19 @@ def test_adaptive_backs_off_with_an_unrelated_draft_and_stays_exact():
     assert runner.bucket_steps[K_MAX] >= runner.bucket_steps[0]
 
 
+def test_draft_catches_up_after_steps_without_drafting():
+    """Drafting far too expensive: the draft is skipped except for probes, each of which
+    first feeds the draft the tokens it missed. An identical draft that caught up
+    correctly proposes exactly the target's tokens: every probe is fully accepted."""
+    buckets = [1, 2, 4, 8]
+    expensive = CostModel({0: 0.0, **{b: 1.0 * b for b in buckets}}, {0: 1e-2, **{b: 1e-2 for b in buckets}})
+    runner = spec_runner("identical", "auto", cost_model=expensive, probe_every=3)
+    outs, engine = generate(runner, PROMPTS, GREEDY)
+    assert_same_as_plain(outs)
+    assert runner.bucket_steps[0] > 0 and engine.spec_stats.num_draft_tokens > 0
+    assert engine.spec_stats.acceptance_rate == 1.0
+
+
 def test_measured_costs_cover_every_bucket():
     runner = spec_runner("noisy", "auto", measure_reps=1)
     costs = runner.measure_costs(reps=1)
