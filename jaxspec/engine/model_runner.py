@@ -197,8 +197,9 @@ class ModelRunner:
     def _set_lengths(self, lengths) -> None:
         # Host-side edits of the lengths go back to the cache's own sharding, so the next
         # step's input matches its compiled sharding (no transfer, no recompilation).
-        if self.cache_sharding is not None:
-            lengths = jax.device_put(lengths, self.cache_sharding.lengths)
+        # A host array would be uncommitted and change the step's signature (a recompile).
+        target = self.cache_sharding.lengths if self.cache_sharding is not None else self.cache.lengths.sharding
+        lengths = jax.device_put(lengths, target)
         self.cache = self.cache.with_lengths(lengths)
 
     def lengths(self) -> np.ndarray:
@@ -211,5 +212,6 @@ class ModelRunner:
         for bucket in self.buckets:
             self.prefill(0, [self.cfg.pad_id] * min(bucket, self.max_len), dummy)
         self.decode(dummy)
+        self.set_length(0, 0)  # the release path's small update, compiled here rather than mid-serving
         self._set_lengths(jnp.asarray(saved))
         self.expert_load = jnp.zeros_like(self.expert_load)
