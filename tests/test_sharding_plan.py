@@ -68,8 +68,11 @@ def test_sharded_steps_compile_for_real_topologies(mesh):
     else:
         _require("jax_cuda12_plugin", "pip install jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2")
         _require("nvidia.cuda_nvcc", "pip install nvidia-cuda-nvcc-cu12")
-    cfg = load_config("tiny-qwen3-moe").replace(dtype="bfloat16", **MOE)
-    draft = load_config("tiny-dense").replace(dtype="bfloat16", vocab_size=264)
+    # head_dim 64 / d_model 128: XLA:GPU's deviceless dot tiling found no tiles for the
+    # [24, 32] x [32, 64] output projection of head_dim 16 (verify step, 2 local heads).
+    sizes = dict(MOE, head_dim=64, d_model=128)
+    cfg = load_config("tiny-qwen3-moe").replace(dtype="bfloat16", **sizes)
+    draft = load_config("tiny-dense").replace(dtype="bfloat16", vocab_size=264, head_dim=64, d_model=128)
     steps = []
     # Serving's precision: conftest's global "highest" asks for fp32 passes on bf16 dots, which
     # neither Mosaic nor the H100 dot emitter take (and no production step uses).
