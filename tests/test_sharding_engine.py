@@ -123,6 +123,9 @@ def _collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+_MIN_SIZE_CHECKED = 4096
+
+
 def _forbidden_shapes(arrays) -> tuple[set[tuple[int, ...]], set[int]]:
     """Shapes (and sizes) a gather of a sharded array would produce: any mix of its local and
     global dimensions other than the local shard itself."""
@@ -131,7 +134,10 @@ def _forbidden_shapes(arrays) -> tuple[set[tuple[int, ...]], set[int]]:
         local = a.addressable_shards[0].data.shape
         if local == a.shape:
             continue  # replicated: nothing to gather
-        sizes.add(int(np.prod(a.shape)))
+        # Sizes catch a gather that reshapes on the way; small arrays (routers, norms) share their
+        # element count with per-step activations of these tiny models, so only large ones count.
+        if a.size >= _MIN_SIZE_CHECKED:
+            sizes.add(int(np.prod(a.shape)))
         for pick in itertools.product(*[(lo, gl) for lo, gl in zip(local, a.shape)]):
             if pick != tuple(local):
                 shapes.add(pick)
