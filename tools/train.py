@@ -32,7 +32,6 @@ import numpy as np
 
 from jaxspec.checkpoint import save_model
 from jaxspec.config import ConfigError, load_config
-from jaxspec.models import create_model
 from jaxspec.training.corpus import add_corpus_args, corpus_fingerprint, corpus_from_args
 from jaxspec.training.data import (
     PackedWindows,
@@ -52,6 +51,7 @@ from jaxspec.training.state import (
     check_resume_compatible,
     init_state,
     model_from_params,
+    new_model,
 )
 
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
     )
     lc = LMLossConfig(args.aux_weight, args.z_weight, args.capacity_factor, args.moe_backend)
-    graphdef, state = init_state(create_model(cfg, args.seed), optim)
+    graphdef, state = init_state(new_model(cfg, args.seed), optim)
 
     # Anything that would silently change the run if it differed on resume.
     identity = {

@@ -56,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     train, heldout = corpus.split()
     out = Path(args.out)
     t0 = time.perf_counter()
-    path = train_sentencepiece(
-        train, out / "tokenizer.model", vocab_size=args.vocab_size, character_coverage=args.character_coverage,
-        max_sentences=args.max_sentences, chunk_chars=args.chunk_chars, seed=args.seed, num_threads=args.threads,
-    )
+    try:
+        path = train_sentencepiece(
+            train, out / "tokenizer.model", vocab_size=args.vocab_size, character_coverage=args.character_coverage,
+            max_sentences=args.max_sentences, chunk_chars=args.chunk_chars, seed=args.seed, num_threads=args.threads,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     train_s = time.perf_counter() - t0
     tok = SentencePieceTokenizer(path)
     # Held-out files are the round-trip test set; with no held-out file (tiny corpora) check the training files.

@@ -19,11 +19,18 @@ from jaxspec.speculative import DraftModelProposer, SpeculativeRunner
 from jaxspec.tokenizer import Tokenizer
 
 
-def _max_len(prompts: Sequence[Sequence[int]], max_tokens: int, *models: Transformer) -> int:
+def engine_max_len(prompts: Sequence[Sequence[int]], max_tokens: int, *models: Transformer,
+                   max_len: int | None = None) -> int:
+    """The cache length an engine needs for ``prompts`` (or ``max_len`` when given: callers pass
+    one fixed length to every engine so their compiled steps are shared)."""
     need = max(len(p) for p in prompts) + max_tokens
     cap = min(m.cfg.max_seq_len for m in models)
     if need > cap:
         raise ValueError(f"prompt + {max_tokens} new tokens needs {need} positions; the models hold {cap}")
+    if max_len is not None:
+        if max_len < need:
+            raise ValueError(f"max_len {max_len} < the {need} positions these prompts need")
+        return min(max_len, cap)
     return need
 
 
@@ -42,10 +49,11 @@ def measure_acceptance(
     k: int = 4,
     max_tokens: int = 64,
     num_slots: int = 8,
+    max_len: int | None = None,
 ) -> dict:
     """Greedy speculative decoding of every prompt; the engine's aggregate speculation counters."""
-    max_len = _max_len(prompts, max_tokens, target, draft)
-    engine = speculative_engine(target, draft, tokenizer, k, min(num_slots, len(prompts)), max_len)
+    max_len = engine_max_len(prompts, max_tokens, target, draft, max_len=max_len)
+    engine = speculative_engine(target, draft, tokenizer, k, num_slots, max_len)
     t = time.perf_counter()
     completions = engine.generate([list(p) for p in prompts], SamplingParams(temperature=0.0, max_tokens=max_tokens))
     stats = engine.spec_stats
@@ -78,14 +86,17 @@ def decode_throughput(
 ) -> dict:
     """End-to-end greedy tokens/s at batch 1 (one slot; prefill included), plain vs speculative.
 
-    Each engine first generates the same prompts once untimed, so every shape the timed
-    pass needs is compiled and the timed pass measures decoding only."""
-    max_len = _max_len(prompts, max_tokens, target, draft)
+    Each engine first generates the same prompts twice untimed, so every shape the timed
+    pass needs is compiled and the timed pass measures decoding only. (Twice: a fresh
+    runner's cache starts uncommitted to a device and becomes committed after its first
+    donated step, and jit compiles the prefill again for the committed layout.)"""
+    max_len = engine_max_len(prompts, max_tokens, target, draft)
     plain = Engine(PlainRunner(ModelRunner(target, 1, max_len)), tokenizer)
     spec = speculative_engine(target, draft, tokenizer, k, 1, max_len)
     out = {"k": k, "prompts": len(prompts), "max_tokens": max_tokens}
     for name, engine in (("plain", plain), ("speculative", spec)):
-        _timed_generate(engine, prompts, max_tokens)  # compile
+        for _ in range(2):
+            _timed_generate(engine, prompts, max_tokens)  # compile (see above)
         tokens, seconds = _timed_generate(engine, prompts, max_tokens)
         out[f"{name}_tokens"] = tokens
         out[f"{name}_tokens_per_s"] = tokens / seconds

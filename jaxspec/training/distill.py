@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,6 +29,7 @@ from jaxspec.engine import Engine, ModelRunner, PlainRunner
 from jaxspec.models import Transformer
 from jaxspec.sampling import SamplingParams
 from jaxspec.tokenizer import Tokenizer
+from jaxspec.training.acceptance import engine_max_len
 from jaxspec.training.corpus import Document
 from jaxspec.training.data import Batch, epoch_order
 from jaxspec.training.lm import LMLossConfig, forward_train
@@ -119,9 +119,11 @@ def generate_continuations(
     seed: int = 0,
     num_slots: int = 8,
     pad_id: int = 0,
+    max_len: int | None = None,
 ) -> DistillData:
-    """Continue every prompt with the target (continuous batching over ``num_slots``)."""
-    max_len = max(len(p) for p in prompts) + new_tokens
+    """Continue every prompt with the target (continuous batching over ``num_slots``; rows
+    padded to ``max_len``, by default the longest prompt + ``new_tokens``)."""
+    max_len = engine_max_len(prompts, new_tokens, target, max_len=max_len)
     engine = Engine(PlainRunner(ModelRunner(target, num_slots, max_len)), tokenizer)
     rng = random.Random(seed)
     sampled = np.array([rng.random() < sampled_fraction for _ in prompts], bool)

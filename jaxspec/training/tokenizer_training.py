@@ -89,6 +89,21 @@ def train_sentencepiece(
     if not sentences:
         raise ValueError("no training text")
     model = io.BytesIO()
+    try:
+        _train(spm, sentences, model, vocab_size, character_coverage, chunk_chars, num_threads)
+    except RuntimeError as e:
+        if "required_chars" in str(e):  # more distinct characters than the vocabulary can hold
+            raise ValueError(f"vocab_size {vocab_size} is too small for this corpus' characters "
+                             f"(raise it or lower character_coverage): {e}") from e
+        raise
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.getvalue())
+    return out
+
+
+def _train(spm, sentences: list[str], model: io.BytesIO, vocab_size: int, character_coverage: float,
+           chunk_chars: int, num_threads: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=model,
@@ -111,10 +126,6 @@ def train_sentencepiece(
         num_threads=num_threads,
         minloglevel=2,
     )
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(model.getvalue())
-    return out
 
 
 def check_roundtrip(tokenizer: SentencePieceTokenizer, documents: Sequence[Document]) -> list[str]:

@@ -1,0 +1,154 @@
+"""MODEL_CARD.md for the built-in models, rendered from the reports the tools write.
+
+Inputs: eval.json (tools/eval_builtin.py), the target's training_report.json
+(tools/train.py), the draft's distill_report.json (tools/distill_draft.py) and
+the tokenizer's tokenizer_report.json (tools/train_tokenizer.py). A missing
+report leaves its section saying so rather than inventing figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _params(counts: dict) -> str:
+    return f"{counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active per token"
+
+
+def _config_rows(cfg: dict) -> str:
+    keys = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+            "num_experts", "num_experts_per_tok", "moe_mlp_dim", "max_seq_len", "tie_embeddings", "dtype")
+    return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg and (cfg[k] or k in ("num_experts",)))
+
+
+def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tokenizer_dir: Path | None,
+                      rebuild_command: str) -> str:
+    train = _load(target_dir / "training_report.json")
+    distill = _load(draft_dir / "distill_report.json")
+    tok = _load(tokenizer_dir / "tokenizer_report.json") if tokenizer_dir else None
+    target_cfg = json.loads((target_dir / "config.json").read_text())
+    draft_cfg = json.loads((draft_dir / "config.json").read_text())
+    ev = eval_results
+    bpb, xz, acc, speed = ev["bits_per_byte"], ev["xz"], ev["acceptance"], ev["throughput"]
+    c = ev["corpus"]
+    if ev.get("corpus_is_stdlib"):
+        source = (f"{c['documents']} `.py` files ({c['bytes'] / 1e6:.2f} MB) of the CPython "
+                  f"{ev['environment']['python']} standard library (PSF licence), without the directories listed in "
+                  "`jaxspec.training.corpus.STDLIB_EXCLUDE_DIRS` (test suites, site-packages, generated tables, "
+                  "GUI demos).")
+    else:
+        source = f"{c['documents']} files ({c['bytes'] / 1e6:.2f} MB) from `{c['source']}`."
+    lines = [
+        "# jaxspec built-in models",
+        "",
+        "A small Mixture-of-Experts Python code model (the target) and a dense draft distilled from it,",
+        "shipped so that `python -m jaxspec.generate` and speculative decoding work out of the box on CPU.",
+        "They are demonstration models: trained for about an hour on two CPU cores, they write",
+        "Python-looking text, not reliable code.",
+        "",
+        "## Data",
+        "",
+        f"- Corpus: {source}",
+        f"- Split: {c['split_rule']}, the id being the path relative to the corpus root: "
+        f"{c['heldout_documents']} held-out files ({c['heldout_bytes'] / 1e3:.0f} kB), "
+        "never seen by the tokenizer or either model.",
+        "",
+        "## Tokenizer",
+        "",
+    ]
+    if tok:
+        h = tok.get("heldout") or {}
+        lines += [
+            f"sentencepiece BPE, {tok['vocab_size']} pieces, byte fallback, no normalisation (whitespace and "
+            f"indentation preserved exactly), split digits; ids pad=0 bos=1 eos=2 unk=3. "
+            f"{_f(h.get('bytes_per_token'))} bytes per token on the held-out files; decode(encode(x)) == x on all "
+            f"{tok['roundtrip_documents']} held-out files ({len(tok['roundtrip_failures'])} failures).",
+        ]
+    else:
+        lines.append("(no tokenizer_report.json found)")
+    lines += ["", "## Target (MoE)", "", f"`{_config_rows(target_cfg)}`", ""]
+    if train:
+        lines += [
+            f"- Parameters: {_params(train['params'])}.",
+            f"- Training: {train['steps']} steps of {train['batch_size']} x {train['seq_len']} tokens "
+            f"({train['tokens_seen'] / 1e6:.2f}M tokens, {train['epochs']:.2f} epochs), AdamW (peak lr "
+            f"{train['optimizer']['lr']}, warm-up {train['optimizer']['warmup_steps']}, cosine to "
+            f"{train['optimizer']['min_lr_ratio']} x), load-balancing loss weight {train['loss']['aux_weight']}, "
+            f"router z-loss weight {train['loss']['z_weight']}, capacity factor "
+            f"{train['loss']['capacity_factor'] or 'none (dropless)'}; {train['train_seconds'] / 60:.1f} min on "
+            f"{train['environment']['cpu_count']} CPU cores.",
+            f"- Final training loss {_f(train['final_train'].get('ce'))} nats/token.",
+        ]
+    else:
+        lines.append("(no training_report.json found)")
+    lines += ["", "## Draft (dense)", "", f"`{_config_rows(draft_cfg)}`", ""]
+    if distill:
+        b, a = distill["before"], distill["after"]
+        lines += [
+            f"- Parameters: {_params(distill['draft_params'])}; the target has "
+            f"{distill['active_param_ratio']:.1f}x the draft's active parameters.",
+            f"- Distillation: {distill['steps']} steps of {distill['batch_size']} sequences on "
+            f"{distill['sequences']} target continuations ({distill['sampled_fraction']:.0%} sampled at temperature "
+            f"{distill['temperature']}, the rest greedy), loss `{distill['loss']}` on the target's full "
+            f"distributions; {distill['train_seconds'] / 60:.1f} min (+{distill['generation_seconds'] / 60:.1f} min "
+            "generating).",
+            f"- Held-out KL {_f(b['divergences']['eval_kl'])} -> {_f(a['divergences']['eval_kl'])}, "
+            f"TV {_f(b['divergences']['eval_tv'])} -> {_f(a['divergences']['eval_tv'])}, argmax agreement "
+            f"{_f(b['divergences']['eval_agree'])} -> {_f(a['divergences']['eval_agree'])}.",
+        ]
+    else:
+        lines.append("(no distill_report.json found)")
+    balance = ", ".join(f"{x:.2f}" for x in bpb["expert_balance_per_layer"])
+    lines += [
+        "",
+        "## Evaluation (held-out files)",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| target bits per byte | {_f(bpb['bits_per_byte'])} |",
+        f"| `xz -9e` bits per byte, each file alone | {_f(xz['xz_per_file_bpb'])} |",
+        f"| `xz -9e` bits per byte, files concatenated | {_f(xz['xz_concatenated_bpb'])} |",
+        f"| draft acceptance rate (greedy, k={acc['k']}) | {_f(acc['acceptance_rate'])} |",
+        f"| mean acceptance length (tokens per verification, greedy, k={acc['k']}) | "
+        f"{_f(acc['mean_acceptance_length'])} |",
+        f"| plain decoding, batch 1 | {_f(speed['plain_tokens_per_s'], 1)} tokens/s |",
+        f"| speculative decoding (draft, k={speed['k']}), batch 1 | {_f(speed['speculative_tokens_per_s'], 1)} "
+        f"tokens/s ({_f(speed['speedup'], 2)}x) |",
+        f"| expert load max/mean per layer (1.00 = even) | {balance} |",
+        "",
+        f"Bits per byte: {bpb['tokens']} held-out tokens in windows of {bpb['seq_len']}, eos included "
+        f"({bpb['bytes']} bytes). Acceptance: {acc['prompts']} held-out prompts, {acc['generated_tokens']} greedy "
+        f"tokens. Throughput: {speed['prompts']} prompts x up to {speed['max_tokens']} tokens, end to end "
+        f"(prefill included) after compilation, on {ev['environment']['cpu_count']} CPU cores "
+        f"({ev['environment']['backend']}, jax {ev['environment']['jax']}); timings depend on machine load.",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "python -m jaxspec.generate --model jaxspec/assets/target \"def fibonacci(n):\"",
+        "python -m jaxspec.generate --model jaxspec/assets/target --draft jaxspec/assets/draft "
+        "--num-speculative-tokens 4 \"def fibonacci(n):\"",
+        "```",
+        "",
+        "## Rebuild",
+        "",
+        "```bash",
+        rebuild_command,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
