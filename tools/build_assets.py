@@ -16,10 +16,10 @@ four outputs first. The corpus is this interpreter's standard library unless
 --corpus says otherwise (see jaxspec/training/corpus.py for what is left out and
 the held-out split).
 
-Full-size plan (measured; see the model card and tools' reports for actual times):
-target 1000 steps x 8 x 512 tokens (4.1M tokens, ~60 min at ~1150 tokens/s on two
-quiet cores), draft 800 steps x 16 x 128 tokens (~13 min) after ~3 min generating
-its 2048 training continuations, evaluation ~4 min.
+Full-size plan, timed on two quiet cores (jaxspec/training/README.md): target 1000
+steps x 8 x 512 tokens (4.1M tokens, ~64 min at the ~1060 tokens/s tools/train.py
+reaches), draft 600 steps x 16 x 128 tokens (~9 min at ~2280 tokens/s) after ~6 min
+generating its 1536 training continuations, evaluation ~5 min: ~85-90 min in all.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ SCALES: dict[str, dict[str, object]] = {
         "vocab_size": 4096, "target_config": "builtin-target", "draft_config": "builtin-draft",
         "target_steps": 1000, "target_batch": 8, "seq_len": 512, "target_lr": 3e-3,
         "eval_every": 250, "eval_windows": 64, "save_every": 100, "log_every": 10,
-        "distill_steps": 800, "distill_batch": 16, "distill_lr": 3e-3, "num_prompts": 2048,
+        "distill_steps": 600, "distill_batch": 16, "distill_lr": 3e-3, "num_prompts": 1536, "gen_slots": 16,
         "prompt_tokens": 64, "new_tokens": 64, "distill_eval_prompts": 16,
         "eval_prompts": 32, "eval_new_tokens": 128, "speed_prompts": 4, "eval_seq_len": 512, "k": 4,
     },
@@ -50,7 +50,7 @@ SCALES: dict[str, dict[str, object]] = {
         "vocab_size": 512, "target_config": "tiny-moe", "draft_config": "tiny-dense",
         "target_steps": 20, "target_batch": 4, "seq_len": 32, "target_lr": 1e-2,
         "eval_every": 0, "eval_windows": 0, "save_every": 5, "log_every": 1,
-        "distill_steps": 8, "distill_batch": 4, "distill_lr": 1e-2, "num_prompts": 8,
+        "distill_steps": 8, "distill_batch": 4, "distill_lr": 1e-2, "num_prompts": 8, "gen_slots": 8,
         "prompt_tokens": 16, "new_tokens": 8, "distill_eval_prompts": 2,
         # k=2: every proposal-length bucket is a compiled step; two buckets keep the smoke test short.
         "eval_prompts": 2, "eval_new_tokens": 8, "speed_prompts": 1, "eval_seq_len": 32, "k": 2,
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         "--num-prompts", str(plan["num_prompts"]), "--prompt-tokens", str(plan["prompt_tokens"]),
         "--new-tokens", str(plan["new_tokens"]), "--eval-prompts", str(plan["distill_eval_prompts"]),
         "--eval-new-tokens", str(plan["new_tokens"]), "--save-every", str(plan["save_every"]),
-        "--log-every", str(plan["log_every"]), "--k", str(plan["k"]), "--seed", str(args.seed),
+        "--gen-slots", str(plan["gen_slots"]), "--log-every", str(plan["log_every"]), "--k", str(plan["k"]),
+        "--seed", str(args.seed),
     ], done=(draft / "distill_report.json").exists())
     rebuild = shlex.join(["python", "tools/build_assets.py", *(sys.argv[1:] if argv is None else argv)])
     _stage("eval_builtin", [

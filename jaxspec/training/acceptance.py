@@ -97,8 +97,16 @@ def decode_throughput(
     for name, engine in (("plain", plain), ("speculative", spec)):
         for _ in range(2):
             _timed_generate(engine, prompts, max_tokens)  # compile (see above)
+        stats = engine.spec_stats
+        before = (stats.num_steps, stats.draft_time_s, stats.verify_time_s) if stats is not None else None
         tokens, seconds = _timed_generate(engine, prompts, max_tokens)
         out[f"{name}_tokens"] = tokens
         out[f"{name}_tokens_per_s"] = tokens / seconds
+        if stats is not None:  # where a speculative step's time goes (the engine's own counters)
+            steps = stats.num_steps - before[0]
+            out["speculative_steps"] = steps
+            out["draft_ms_per_step"] = 1000 * (stats.draft_time_s - before[1]) / max(steps, 1)
+            out["verify_ms_per_step"] = 1000 * (stats.verify_time_s - before[2]) / max(steps, 1)
+            out["step_ms"] = 1000 * seconds / max(steps, 1)
     out["speedup"] = out["speculative_tokens_per_s"] / out["plain_tokens_per_s"]
     return out

@@ -127,7 +127,8 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
         f"{_f(acc['mean_acceptance_length'])} |",
         f"| plain decoding, batch 1 | {_f(speed['plain_tokens_per_s'], 1)} tokens/s |",
         f"| speculative decoding (draft, k={speed['k']}), batch 1 | {_f(speed['speculative_tokens_per_s'], 1)} "
-        f"tokens/s ({_f(speed['speedup'], 2)}x) |",
+        f"tokens/s ({_f(speed['speedup'], 2)}x; per step {_f(speed.get('draft_ms_per_step'), 1)} ms drafting + "
+        f"{_f(speed.get('verify_ms_per_step'), 1)} ms verifying of {_f(speed.get('step_ms'), 1)} ms) |",
         f"| expert load max/mean per layer (1.00 = even) | {balance} |",
         "",
         f"Bits per byte: {bpb['tokens']} held-out tokens in windows of {bpb['seq_len']}, eos included "
