@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--prefill", type=int, nargs="*", default=[256, 512, 1024, 2048])
-    p.add_argument("--backends", nargs="+", default=[b for b in ("dense", "sorted", "ragged") if b in BACKENDS])
+    p.add_argument("--backends", nargs="+", default=[b for b in ("dense", "per_expert", "sorted", "ragged") if b in BACKENDS])
     p.add_argument("--context", type=int, default=128, help="tokens already in each slot during decode")
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args(argv)

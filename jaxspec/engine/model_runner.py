@@ -79,8 +79,21 @@ def _decode_impl(graphdef, moe_backend, state, cache, last_tokens, active, sampl
     return out.cache, tokens, out.expert_load
 
 
-_prefill_step = jax.jit(_prefill_impl, static_argnums=(0, 1), donate_argnums=(3,))
-_decode_step = jax.jit(_decode_impl, static_argnums=(0, 1), donate_argnums=(3,))
+# Jitted steps with the graphdef bound, resolved once per runner: hashing a graphdef
+# costs ~1 ms, too much to pay on every decode step as a static argument.
+_STEPS: dict[tuple, tuple[Callable, Callable]] = {}
+
+
+def unplaced_steps(graphdef, moe_backend) -> tuple[Callable, Callable]:
+    """(prefill, decode) for a single-device runner, shared by every runner of this architecture."""
+    key = (graphdef, moe_backend)
+    steps = _STEPS.get(key)
+    if steps is None:
+        steps = _STEPS[key] = (
+            jax.jit(functools.partial(_prefill_impl, graphdef, moe_backend), donate_argnums=(1,)),
+            jax.jit(functools.partial(_decode_impl, graphdef, moe_backend), donate_argnums=(1,)),
+        )
+    return steps
 
 # Steps of placed runners, compiled with explicit shardings; keyed on everything the
 # shardings depend on, so runners of one architecture on one mesh share executables.
@@ -130,7 +143,7 @@ class ModelRunner:
         self.moe_backend = moe_backend
         self.placement = placement
         self.graphdef, self.state = nnx.split(model)
-        self._steps: tuple[Callable, Callable] | None = None
+        self._steps = unplaced_steps(self.graphdef, moe_backend)
         if placement is not None:
             check_placement(self.cfg, placement)
             self.moe_backend = PlacedBackend(moe_backend_for(placement) or moe_backend, placement)
@@ -148,7 +161,9 @@ class ModelRunner:
         else:  # created in place, shard by shard (never whole on one device)
             self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, self.max_len), out_shardings=cache_sharding)()
         self.buckets = prefill_buckets(self.max_len)
-        self.expert_load = jnp.zeros((self.cfg.num_layers, max(self.cfg.num_experts, 1)), jnp.int32)
+        # Tokens routed to each expert [L, E], summed on the host: the step's outputs are
+        # ready together, and a device add would cost one more dispatch per step.
+        self.expert_load = np.zeros((self.cfg.num_layers, max(self.cfg.num_experts, 1)), np.int64)
 
     # ----------------------------------------------------------------- helpers
     def model(self, state=None) -> Transformer:
@@ -174,22 +189,22 @@ class ModelRunner:
         tokens[0, :n] = prompt_ids
         args = (self.state, self.cache, tokens, np.array([slot], np.int32), np.array([n], np.int32),
                 slots.sampling(np.array([slot])))
-        if self._steps is not None:
-            self.cache, token, _, load = self._steps[0](*args)
-        else:
-            self.cache, token, _, load = _prefill_step(self.graphdef, self.moe_backend, *args)
-        self.expert_load = self.expert_load + load
-        return int(token[0])
+        self.cache, token, _, load = self._steps[0](*args)
+        token = int(token[0])
+        self.add_expert_load(load)
+        return token
 
     def decode(self, slots: SlotTable) -> np.ndarray:
         """One decode step over all slots; returns the sampled token per slot [S] (inactive: ignore)."""
         args = (self.state, self.cache, slots.last_token, slots.active, slots.sampling(), slots.num_generated)
-        if self._steps is not None:
-            self.cache, tokens, load = self._steps[1](*args)
-        else:
-            self.cache, tokens, load = _decode_step(self.graphdef, self.moe_backend, *args)
-        self.expert_load = self.expert_load + load
-        return np.asarray(tokens)
+        self.cache, tokens, load = self._steps[1](*args)
+        tokens = np.asarray(tokens)
+        self.add_expert_load(load)
+        return tokens
+
+    def add_expert_load(self, load) -> None:
+        """Add a step's routed-token counts [L, E] (a device array) to ``expert_load``."""
+        self.expert_load += np.asarray(load)
 
     def set_length(self, slot: int, length: int) -> None:
         self._set_lengths(self.cache.set_length(slot, length).lengths)
@@ -214,4 +229,4 @@ class ModelRunner:
         self.decode(dummy)
         self.set_length(0, 0)  # the release path's small update, compiled here rather than mid-serving
         self._set_lengths(jnp.asarray(saved))
-        self.expert_load = jnp.zeros_like(self.expert_load)
+        self.expert_load[:] = 0

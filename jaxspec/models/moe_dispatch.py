@@ -4,11 +4,15 @@ Every backend is dropless (no capacity): a token's output never depends on which
 other tokens share the batch, which speculative verification relies on.
 
 Backends (``BACKENDS``):
-  dense   every expert computes every token; masked combine. Reference, and the
-          fastest at tiny batches where it is one fused matmul per weight.
+  dense   every expert computes every token; masked combine. The reference.
   sorted  assignments sorted by expert and packed into row tiles that each belong
           to one expert; each tile multiplies only its expert's weights; results
           scattered back. Work ~ assigned rows, not rows x experts.
+  per_expert  a loop over experts that skips (``lax.cond``) every expert no token
+          chose; a chosen expert computes all N rows, weighted by the combine
+          matrix. Reads only the chosen experts' weights and copies none, so on
+          CPU it is the fastest for decode and verification-sized batches, where
+          the step is bound by reading expert weights.
   ragged  sorted rows through ``jax.lax.ragged_dot`` (XLA's grouped matmul; on CPU
           it computes every group densely, so it is only chosen on accelerators).
   pallas  registered by ``pallas_kernels`` (grouped matmul kernel).
@@ -100,12 +104,31 @@ def dispatch_ragged(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of].add(y).astype(x.dtype)
 
 
+def dispatch_per_expert(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+    num_experts = w_gate.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # [N,E]
+    chosen = jnp.any(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.bool_), axis=(0, 1))  # [E]
+
+    def one_expert(e, out):  # out [N, D] f32
+        def run(out):
+            take = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
+            y = _swiglu(x, take(w_gate), take(w_up), take(w_down), "nd,df->nf", "nf,fd->nd")
+            return out + y.astype(jnp.float32) * jax.lax.dynamic_slice_in_dim(combine, e, 1, axis=1)
+
+        return jax.lax.cond(chosen[e], run, lambda out: out, out)
+
+    out = jax.lax.fori_loop(0, num_experts, one_expert, jnp.zeros(x.shape, jnp.float32))
+    return out.astype(x.dtype)
+
+
 register_backend("dense", dispatch_dense)
+register_backend("per_expert", dispatch_per_expert)
 register_backend("sorted", dispatch_sorted)
 register_backend("ragged", dispatch_ragged)
 
-# Measured on the 2-core CPU with tools/bench_decode.py (small-moe, 8 experts, top-2): see choose_backend.
-CPU_DENSE_MAX_TOKENS = 4
+# Measured on the 2-core CPU with tools/bench_decode.py (8 experts, top-2): per_expert up to this many
+# tokens (decode, verification, short prefills), sorted above (it computes assigned rows only).
+CPU_PER_EXPERT_MAX_TOKENS = 32
 
 
 def _load_optional_backends() -> None:
@@ -129,7 +152,7 @@ def choose_backend(requested: str, num_tokens: int, platform: str | None = None)
     platform = platform or jax.default_backend()
     if platform in ("tpu", "gpu", "cuda", "rocm"):
         return "pallas" if "pallas" in BACKENDS else "ragged"
-    return "dense" if num_tokens <= CPU_DENSE_MAX_TOKENS else "sorted"
+    return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "sorted"
 
 
 def dispatch(x, expert_ids, weights, w_gate, w_up, w_down, backend: str | DispatchFn = "auto") -> jax.Array:

@@ -94,6 +94,7 @@ class DraftModelProposer:
         self.cache: KVCache | None = None
         self.lengths = np.zeros(0, np.int32)
         self._round: tuple[np.ndarray, np.ndarray] | None = None  # (slots that drafted, their L)
+        self._fns: dict = {}
 
     # ------------------------------------------------------------------ setup
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
@@ -109,13 +110,21 @@ class DraftModelProposer:
         self.lengths = np.zeros(num_slots, np.int32)
         self.buckets = prefill_buckets(max_len)
 
+    # Resolved once per proposer: the shared cache's key hashes the graphdef (~1 ms).
     def _extend(self):
-        return cached_jit(("draft_extend", self.graphdef, self.moe_backend),
-                          lambda: _make_extend(self.graphdef, self.moe_backend), donate_argnums=(1,))
+        fn = self._fns.get("extend")
+        if fn is None:
+            fn = self._fns["extend"] = cached_jit(("draft_extend", self.graphdef, self.moe_backend),
+                                                  lambda: _make_extend(self.graphdef, self.moe_backend),
+                                                  donate_argnums=(1,))
+        return fn
 
     def _loop(self, kb: int):
-        return cached_jit(("draft_loop", self.graphdef, self.moe_backend, kb),
-                          lambda: _make_loop(self.graphdef, self.moe_backend, kb), donate_argnums=(1,))
+        fn = self._fns.get(kb)
+        if fn is None:
+            fn = self._fns[kb] = cached_jit(("draft_loop", self.graphdef, self.moe_backend, kb),
+                                            lambda: _make_loop(self.graphdef, self.moe_backend, kb), donate_argnums=(1,))
+        return fn
 
     def _sync_lengths(self) -> None:
         self.cache = self.cache.with_lengths(jnp.asarray(self.lengths))

@@ -110,12 +110,18 @@ class SpeculativeRunner:
         self.policy = KPolicy(self.buckets, probe_every=probe_every)
         self.last_step_times: tuple[float, float] | None = None  # (draft_s, verify_s) of the last decode
         self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length (reporting)
+        self._verify_fns: dict[tuple[int, bool], object] = {}
 
     # ---------------------------------------------------------------- compiled steps
     def _verify_fn(self, kb: int, deterministic: bool):
-        target = self.target
-        key = ("verify", target.graphdef, target.moe_backend, kb, self.verify_backend, deterministic)
-        return cached_jit(key, lambda: _make_verify(target.forward_fn(), self.verify_backend), donate_argnums=(1,))
+        # Resolved once per runner: the shared cache's key hashes the graphdef (~1 ms).
+        fn = self._verify_fns.get((kb, deterministic))
+        if fn is None:
+            target = self.target
+            key = ("verify", target.graphdef, target.moe_backend, kb, self.verify_backend, deterministic)
+            fn = self._verify_fns[(kb, deterministic)] = cached_jit(
+                key, lambda: _make_verify(target.forward_fn(), self.verify_backend), donate_argnums=(1,))
+        return fn
 
     def _run_verify(self, kb: int, deterministic: bool, last_tokens, start, draft_tokens, draft_probs, num_draft,
                     sampling, out_pos, active):
@@ -207,7 +213,7 @@ class SpeculativeRunner:
         )
         out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
         t2 = time.perf_counter()
-        self.target.expert_load = self.target.expert_load + load
+        self.target.add_expert_load(load)
         if kb > 0:
             self.proposer.commit(ctx, proposal, accepted)
         results = {}
