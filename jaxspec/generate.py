@@ -13,7 +13,8 @@ import time
 from jaxspec.checkpoint import CheckpointError
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, InvalidRequestError, ModelRunner, PlainRunner
-from jaxspec.loading import DEFAULT_MODEL, load_any
+from jaxspec.loading import DEFAULT_MODEL, default_draft, load_any
+from jaxspec.mesh import AUTO_MESH, mesh_for_option, placement_for_mesh
 from jaxspec.sampling import SamplingError, SamplingParams
 from jaxspec.speculative import SPEC_METHODS, SpeculativeRunner, make_proposer
 
@@ -27,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help=f"config name (configs/models/*.json), orbax model directory, or Hugging Face folder "
-        f"(default: {DEFAULT_MODEL})",
+        help=f"'builtin' (the shipped MoE code model), config name (configs/models/*.json; random weights), "
+        f"orbax model directory, or Hugging Face folder (default: {DEFAULT_MODEL}, with the built-in draft)",
     )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override parameter dtype")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -40,13 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: min(model context, 2048))")
+    p.add_argument("--mesh", default=AUTO_MESH, metavar="NAME",
+                   help="device mesh config (configs/meshes) or path; 'auto': one for the accelerators present")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
     spec = p.add_argument_group("speculative decoding (output is unchanged; only speed differs)")
     spec.add_argument("--draft", default=None, metavar="NAME_OR_PATH",
-                      help="draft model sharing the target's vocabulary (config name, orbax dir or HF folder)")
+                      help="draft model sharing the target's vocabulary ('builtin', config name, orbax dir or HF folder; "
+                      "default: the built-in draft when the model is the built-in one)")
     spec.add_argument("--spec-method", default=None, choices=list(SPEC_METHODS),
                       help="none: plain decoding; draft: a draft model proposes; ngram: prompt lookup "
-                      "(default: draft if --draft is given, else none)")
+                      "(default: draft if there is a draft, else none)")
     spec.add_argument("--num-speculative-tokens", type=_k_arg, default="auto", metavar="{K,auto}",
                       help="tokens proposed per step, or auto: adapt k to the measured acceptance and step "
                       "costs (default; measuring compiles every k bucket on the first step)")
@@ -69,11 +73,14 @@ def _k_arg(value: str) -> int | str:
 def build_engine(args: argparse.Namespace) -> Engine:
     model, tokenizer = load_any(args.model, dtype=args.dtype)
     max_len = args.max_len or min(model.cfg.max_seq_len, 2048)
-    target = ModelRunner(model, num_slots=1, max_len=max_len)
-    method = args.spec_method or ("draft" if args.draft else "none")
+    mesh_cfg = mesh_for_option(args.mesh)
+    placement = placement_for_mesh(mesh_cfg) if mesh_cfg is not None else None
+    target = ModelRunner(model, num_slots=1, max_len=max_len, placement=placement)
+    draft_name = default_draft(args.model, args.draft, args.spec_method)
+    method = args.spec_method or ("draft" if draft_name else "none")
     if method == "none":
         return Engine(PlainRunner(target), tokenizer)
-    draft = load_any(args.draft, dtype=args.dtype)[0] if method == "draft" and args.draft else None
+    draft = load_any(draft_name, dtype=args.dtype, role="draft")[0] if method == "draft" and draft_name else None
     k = args.num_speculative_tokens
     runner = SpeculativeRunner(target, make_proposer(method, draft), num_speculative_tokens=k,
                                k_max=max(args.k_max, k if isinstance(k, int) else 0))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxspec import builtin
 from jaxspec.checkpoint.orbax_io import is_model_dir, load_model
 from jaxspec.config import ConfigError, load_config
 from jaxspec.models import Transformer, create_model
 from jaxspec.tokenizer import ByteTokenizer, Tokenizer
 
-DEFAULT_MODEL = "small-moe"
+DEFAULT_MODEL = builtin.BUILTIN  # the shipped, trained MoE code model (jaxspec/builtin.py)
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -20,14 +21,16 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     )
 
 
-def load_any(name_or_path: str | None = None, dtype: str | None = None, seed: int = 0) -> tuple[Transformer, Tokenizer]:
+def load_any(name_or_path: str | None = None, dtype: str | None = None, seed: int = 0,
+             role: str = "target") -> tuple[Transformer, Tokenizer]:
     """Load a model and its tokenizer.
 
+    - ``builtin``: the shipped model for ``role`` ("target", or "draft" where a draft is named);
     - an orbax model directory written by ``jaxspec.checkpoint.save_model``;
     - a Hugging Face folder (config.json + safetensors);
     - a config name under configs/models (random weights, byte tokenizer; for tests and benchmarks).
     """
-    name_or_path = name_or_path or DEFAULT_MODEL
+    name_or_path = builtin.resolve(name_or_path or DEFAULT_MODEL, role)
     path = Path(name_or_path)
     if path.is_dir():
         if is_model_dir(path):
@@ -47,3 +50,13 @@ def load_any(name_or_path: str | None = None, dtype: str | None = None, seed: in
     if cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"config {cfg.name} has vocab_size {cfg.vocab_size} < the byte tokenizer's 259")
     return create_model(cfg, seed), tokenizer
+
+
+def default_draft(model: str | None, draft: str | None, spec_method: str | None) -> str | None:
+    """The draft a CLI uses: the one named, else the built-in draft when the model is the built-in
+    target and no speculative method was chosen (so the default serves with speculation)."""
+    if draft:
+        return draft
+    if (model or DEFAULT_MODEL) == builtin.BUILTIN and spec_method in (None, "draft"):
+        return builtin.BUILTIN
+    return None

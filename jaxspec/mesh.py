@@ -219,6 +219,33 @@ def default_mesh_config(devices: Sequence[jax.Device] | None = None) -> MeshConf
     )
 
 
+AUTO_MESH = "auto"
+
+
+def mesh_for_option(value: str | None, devices: Sequence[jax.Device] | None = None) -> MeshConfig | None:
+    """What ``--mesh`` means: None -> one device; "auto" -> ``default_mesh_config`` when several
+    accelerators are present (one device, or virtual CPU devices: one device); else a mesh
+    config name or path, checked against the devices present."""
+    if value is None:
+        return None
+    devices = list(jax.devices() if devices is None else devices)
+    if value == AUTO_MESH:
+        if len(devices) < 2 or devices[0].platform == "cpu":
+            return None
+        return default_mesh_config(devices)
+    cfg = load_mesh_config(value)
+    platform = "gpu" if devices[0].platform in ("gpu", "cuda", "rocm") else devices[0].platform
+    if cfg.platform != platform:
+        raise MeshConfigError(f"mesh {cfg.name} is for {cfg.platform} devices; this host has {platform} devices "
+                              f"(available meshes: {', '.join(available_mesh_configs())})")
+    build_mesh(cfg, devices)  # too few devices: a clear error now, before loading weights
+    return cfg
+
+
+def placement_for_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> "Placement":
+    return Placement.create(build_mesh(cfg, devices), cfg.rules)
+
+
 # ------------------------------------------------------------------------- placement
 def _freeze(rules: Rules) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rules.items()))

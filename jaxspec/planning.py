@@ -108,7 +108,7 @@ class MemoryPlan:
         largest = self.largest()
         fixed = self.weights + self.draft_weights
         if fixed > self.capacity:
-            return head + f"; the weights alone exceed a device: use a mesh with more devices or a smaller dtype"
+            return head + "; the weights alone exceed a device: use a mesh with more devices or a smaller dtype"
         slots, ctx = largest
         return head + (f"; at most {slots} slots of {self.max_len} tokens or {self.slots} slots of {ctx} tokens "
                        f"would fit (estimate)")

@@ -15,7 +15,8 @@ import signal
 import sys
 
 from jaxspec.config import ConfigError
-from jaxspec.loading import DEFAULT_MODEL
+from jaxspec.loading import DEFAULT_MODEL, default_draft
+from jaxspec.mesh import AUTO_MESH
 from serving.auth import load_token
 from serving.build import SPEC_METHODS, EngineOptions, enable_compilation_cache, load_engine
 from serving.server import JaxSpecServer, ServerOptions
@@ -41,13 +42,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     m = p.add_argument_group("model and decoding")
     m.add_argument("--model", default=DEFAULT_MODEL,
-                   help="config name (random weights), jaxspec model directory or Hugging Face folder")
-    m.add_argument("--draft", default=None, help="draft model for --spec-method draft (same forms as --model)")
-    m.add_argument("--spec-method", choices=SPEC_METHODS, default="none", help="speculative decoding method")
+                   help="'builtin' (the shipped MoE code model), config name (random weights), jaxspec model "
+                   "directory or Hugging Face folder")
+    m.add_argument("--draft", default=None,
+                   help="draft model for --spec-method draft (same forms as --model; default: the built-in draft "
+                   "when the model is the built-in one)")
+    m.add_argument("--spec-method", choices=SPEC_METHODS, default=None,
+                   help="speculative decoding method (default: draft if there is a draft, else none)")
     m.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="draft tokens per step; also the most a request may ask for")
     m.add_argument("--adaptive-k", action="store_true",
                    help="choose the draft length per step (up to K) from measured acceptance and step costs")
+    m.add_argument("--mesh", default=AUTO_MESH, metavar="NAME",
+                   help="device mesh: a config under configs/meshes (e.g. tpu-v5e-8, gpu-8xh100) or a path; "
+                   "'auto' picks one for the accelerators present (one device: no mesh)")
     m.add_argument("--slots", type=int, metavar="N", default=8, help="requests decoded together (continuous batching)")
     m.add_argument("--max-len", type=int, metavar="N", default=None,
                    help="context length per request (prompt + output); default: the model's max_seq_len")
@@ -81,11 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOptions]:
     """Checked options (raises ConfigError / ValueError / OSError before anything slow starts)."""
+    draft = default_draft(args.model, args.draft, args.spec_method)
     engine = EngineOptions(
-        model=args.model, draft=args.draft, spec_method=args.spec_method,
+        model=args.model, draft=draft, spec_method=args.spec_method or ("draft" if draft else "none"),
         num_speculative_tokens=args.num_speculative_tokens, adaptive_k=args.adaptive_k, slots=args.slots,
         max_len=args.max_len,
-        max_waiting=args.max_waiting, dtype=args.dtype, default_max_tokens=args.default_max_tokens,
+        max_waiting=args.max_waiting, dtype=args.dtype, mesh=args.mesh, default_max_tokens=args.default_max_tokens,
     )
     engine.validate()
     server = ServerOptions(

@@ -16,7 +16,9 @@ import jax
 
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, ModelRunner, PlainRunner, StepRunner
+from jaxspec.builtin import BUILTIN
 from jaxspec.loading import DEFAULT_MODEL, load_any
+from jaxspec.mesh import MeshConfigError, mesh_for_option, placement_for_mesh
 from jaxspec.models import Transformer
 from jaxspec.speculative import SPEC_METHODS
 from jaxspec.tokenizer import Tokenizer
@@ -40,6 +42,7 @@ class EngineOptions:
     dtype: str | None = None
     seed: int = 0  # random-weight configs only
     default_max_tokens: int = 256
+    mesh: str | None = None  # mesh config name/path or "auto" (jaxspec.mesh.mesh_for_option); None: one device
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
@@ -57,6 +60,10 @@ class EngineOptions:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"max_len must be >= 2, got {self.max_len}")
+        try:
+            mesh_for_option(self.mesh)
+        except MeshConfigError as e:
+            raise ConfigError(f"--mesh: {e}") from e
 
     @property
     def speculative(self) -> bool:
@@ -98,7 +105,11 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
     needs a ``StepRunner`` that honours ``Request.num_speculative_tokens`` (0 =
     plain decoding for that request), as ``SpeculativeRunner`` does.
     """
-    target = ModelRunner(model, opts.slots, opts.max_len)
+    mesh_cfg = mesh_for_option(opts.mesh)
+    placement = placement_for_mesh(mesh_cfg) if mesh_cfg is not None else None
+    if placement is not None:
+        log.info("mesh %s %s", mesh_cfg.name, mesh_cfg.axes)
+    target = ModelRunner(model, opts.slots, opts.max_len, placement=placement)
     if not opts.speculative:
         return PlainRunner(target)
     from jaxspec.speculative import AUTO, SpeculativeRunner, make_proposer
@@ -106,7 +117,7 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
     draft_model = None
     if opts.spec_method == "draft":
         log.info("loading draft model %s", opts.draft)
-        draft_model, draft_tokenizer = load_any(opts.draft, dtype=opts.dtype, seed=opts.seed)
+        draft_model, draft_tokenizer = load_any(opts.draft, dtype=opts.dtype, seed=opts.seed, role="draft")
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise ConfigError(
                 f"draft tokenizer has {draft_tokenizer.vocab_size} tokens, the target's {tokenizer.vocab_size}: "
@@ -136,7 +147,7 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
     return bundle_engine(
         runner, tokenizer, model_id=_model_id(opts.model), max_waiting=opts.max_waiting,
         spec_method=opts.spec_method, max_speculative_tokens=opts.num_speculative_tokens if opts.speculative else 0,
-        draft_model_id=_model_id(opts.draft) if opts.draft else "", default_max_tokens=opts.default_max_tokens,
+        draft_model_id=_model_id(opts.draft, "draft") if opts.draft else "", default_max_tokens=opts.default_max_tokens,
     )
 
 
@@ -145,8 +156,17 @@ def _check_memory(opts: EngineOptions, model: Transformer) -> None:
     (an out-of-memory at allocation or mid-warm-up says much less)."""
     from jaxspec.planning import DoesNotFit, check_fits_on_device
 
+    from jaxspec.planning import check_fits
+
+    max_len = opts.max_len or model.cfg.max_seq_len
     try:
-        plan = check_fits_on_device(model.cfg, opts.slots, opts.max_len or model.cfg.max_seq_len)
+        mesh_cfg = mesh_for_option(opts.mesh)
+        if mesh_cfg is None:
+            plan = check_fits_on_device(model.cfg, opts.slots, max_len)
+        else:
+            plan = check_fits(model.cfg, mesh_cfg, opts.slots, max_len, devices=jax.devices(), compile=False)
+    except MeshConfigError as e:
+        raise ConfigError(f"--mesh: {e}") from e
     except DoesNotFit as e:
         raise ConfigError(f"--slots/--max-len do not fit: {e}") from e
     log.info("memory per device: %.2f GiB (weights %.2f, KV cache %.2f)", plan.total / 2**30,
@@ -182,7 +202,9 @@ def bundle_engine(
     return EngineBundle(engine, tokenizer, description, limits)
 
 
-def _model_id(name_or_path: str) -> str:
+def _model_id(name_or_path: str, role: str = "target") -> str:
+    if name_or_path == BUILTIN:
+        return f"{BUILTIN}-{role}"
     path = Path(name_or_path)
     return path.name if path.is_dir() else name_or_path
 

@@ -19,7 +19,6 @@ from jaxspec.engine import Engine, ModelRunner, PlainRunner, SlotTable
 from jaxspec.mesh import EP_RULES, EP_TP_RULES, TP_RULES, Placement, draft_placement
 from jaxspec.models import KVCache
 from jaxspec.sampling import SamplingParams
-from jaxspec.sharding import shard_model
 from jaxspec.tokenizer import ByteTokenizer
 
 # 8 heads / 8 kv heads / vocab 264 / 8 experts divide every axis size used here, so each rule
@@ -104,12 +103,27 @@ def test_speculative_greedy_identical_on_mesh(target, single_device_greedy):
 
     placement = placement_for((2, 2, 2), EP_TP_RULES)
     draft = scaled_model("tiny-dense", seed=7, scale=3.0, vocab_size=264)
-    d_place = draft_placement(draft.cfg, placement)
-    assert d_place.rules["heads"] is None, "a tiny draft is replicated"
-    shard_model(draft, d_place.mesh, d_place.rules)
+    assert draft_placement(draft.cfg, placement).rules["heads"] is None, "a tiny draft is replicated"
+    # The runner places the draft itself (weights replicated, cache slots over data).
     runner = SpeculativeRunner(ModelRunner(target, SLOTS, MAX_LEN, placement=placement), DraftModelProposer(draft),
                                num_speculative_tokens=3, k_max=3)
     assert _greedy(runner) == single_device_greedy
+    proposer, tgt = runner.proposer, runner.target
+    for leaf in jax.tree.leaves(proposer.state):
+        assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
+    # Both caches kept their compiled layouts through prefills, draft loops, verifications, rollbacks.
+    assert proposer.cache.k.sharding.is_equivalent_to(proposer._cache_sharding.k, 5)
+    assert proposer.cache.k.sharding.spec[1] == "data"
+    assert proposer.cache.lengths.sharding.is_equivalent_to(proposer._cache_sharding.lengths, 1)
+    assert tgt.cache.k.sharding.is_equivalent_to(tgt.cache_sharding.k, 5)
+    # The verification step the runner compiled moves no weight or cache and returns the cache as it took it.
+    s = SLOTS
+    compiled = runner._verify_fn(3, False).lower(
+        tgt.state, tgt.cache, np.zeros(s, np.int32), np.zeros(s, np.int32), np.zeros((s, 3), np.int32),
+        jnp.zeros((s, 3, 264), jnp.float32), np.zeros(s, np.int32), SlotTable(s).sampling(), np.zeros(s, np.int32),
+        np.zeros(s, bool)).compile()
+    _assert_moves_no_state(compiled, tgt)
+    assert compiled.output_shardings[0].k.is_equivalent_to(tgt.cache_sharding.k, 5)
 
 
 # ------------------------------------------------------------------------------- HLO

@@ -144,10 +144,11 @@ class ModelRunner:
         self.placement = placement
         self.graphdef, self.state = nnx.split(model)
         self._steps = unplaced_steps(self.graphdef, moe_backend)
+        self.state_sharding = None
         if placement is not None:
             check_placement(self.cfg, placement)
             self.moe_backend = PlacedBackend(moe_backend_for(placement) or moe_backend, placement)
-            state_sharding = placement.state_shardings(self.state)
+            self.state_sharding = state_sharding = placement.state_shardings(self.state)
             self.state = jax.device_put(self.state, state_sharding)
             abstract = KVCache.abstract(self.cfg, num_slots, self.max_len)
             cache_sharding = placement.cache_shardings(abstract)

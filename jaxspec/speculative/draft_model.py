@@ -34,7 +34,9 @@ from flax import nnx
 
 from jaxspec.config import ModelConfig
 from jaxspec.engine.model_runner import prefill_buckets
+from jaxspec.mesh import Placement, check_placement, draft_placement
 from jaxspec.models import KVCache, Transformer
+from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, exponential_noise, logits_to_probs, sample_from_probs
 from jaxspec.speculative.jit_cache import cached_jit
 from jaxspec.speculative.proposer import Proposal, SpecContext
@@ -95,6 +97,21 @@ class DraftModelProposer:
         self.lengths = np.zeros(0, np.int32)
         self._round: tuple[np.ndarray, np.ndarray] | None = None  # (slots that drafted, their L)
         self._fns: dict = {}
+        self.placement: Placement | None = None
+        self._state_sharding = self._cache_sharding = None
+
+    def use_placement(self, target: Placement) -> None:
+        """Run on the target's mesh (call before ``attach``): weights replicated when the draft is
+        small (its k sequential steps then need no collective), else by the target's rules; cache
+        slots split like the target's. Steps get explicit in/out shardings, so the draft cache
+        keeps its layout from step to step."""
+        placement = draft_placement(self.cfg, target)
+        check_placement(self.cfg, placement)
+        self.placement = placement
+        self._state_sharding = placement.state_shardings(self.state)
+        self.state = jax.device_put(self.state, self._state_sharding)
+        self.moe_backend = moe_backend_for(placement) or self.moe_backend
+        self._fns = {}
 
     # ------------------------------------------------------------------ setup
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
@@ -106,28 +123,43 @@ class DraftModelProposer:
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"draft {self.cfg.name} holds {self.cfg.max_seq_len} positions; the engine needs {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
-        self.cache = KVCache.create(self.cfg, num_slots, max_len)
+        if self.placement is None:
+            self.cache = KVCache.create(self.cfg, num_slots, max_len)
+        else:  # created in place, shard by shard
+            self._cache_sharding = self.placement.cache_shardings(KVCache.abstract(self.cfg, num_slots, max_len))
+            self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, max_len),
+                                 out_shardings=self._cache_sharding)()
+        self._fns = {}
         self.lengths = np.zeros(num_slots, np.int32)
         self.buckets = prefill_buckets(max_len)
 
     # Resolved once per proposer: the shared cache's key hashes the graphdef (~1 ms).
-    def _extend(self):
-        fn = self._fns.get("extend")
+    def _jit(self, name: tuple, make, num_outputs: int):
+        fn = self._fns.get(name)
         if fn is None:
-            fn = self._fns["extend"] = cached_jit(("draft_extend", self.graphdef, self.moe_backend),
-                                                  lambda: _make_extend(self.graphdef, self.moe_backend),
-                                                  donate_argnums=(1,))
+            key = name
+            kwargs: dict = {"donate_argnums": (1,)}
+            if self.placement is not None:  # (state, cache, then small replicated inputs) -> (cache, replicated...)
+                rep = self.placement.replicated()
+                num_small = 4 if name[0] == "extend" else 5
+                kwargs["in_shardings"] = (self._state_sharding, self._cache_sharding, *[rep] * num_small)
+                kwargs["out_shardings"] = self._cache_sharding if num_outputs == 1 else (
+                    self._cache_sharding, *[rep] * (num_outputs - 1))
+                key = (*key, self.placement, self.num_slots, self.max_len)
+            fn = self._fns[name] = cached_jit(("draft", self.graphdef, self.moe_backend, *key), make, **kwargs)
         return fn
+
+    def _extend(self):
+        return self._jit(("extend", 0), lambda: _make_extend(self.graphdef, self.moe_backend), 1)
 
     def _loop(self, kb: int):
-        fn = self._fns.get(kb)
-        if fn is None:
-            fn = self._fns[kb] = cached_jit(("draft_loop", self.graphdef, self.moe_backend, kb),
-                                            lambda: _make_loop(self.graphdef, self.moe_backend, kb), donate_argnums=(1,))
-        return fn
+        return self._jit(("loop", kb), lambda: _make_loop(self.graphdef, self.moe_backend, kb), 3)
 
     def _sync_lengths(self) -> None:
-        self.cache = self.cache.with_lengths(jnp.asarray(self.lengths))
+        lengths = jnp.asarray(self.lengths)
+        if self._cache_sharding is not None:  # back to the compiled layout (no reshard, no recompile)
+            lengths = jax.device_put(lengths, self._cache_sharding.lengths)
+        self.cache = self.cache.with_lengths(lengths)
 
     # ---------------------------------------------------------------- requests
     def prefill(self, slot: int, prompt_ids: list[int]) -> None:

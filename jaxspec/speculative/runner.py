@@ -86,6 +86,8 @@ class SpeculativeRunner:
         self.num_slots = target.num_slots
         self.max_len = target.max_len
         self.proposer: Proposer = proposer if proposer is not None else NoProposer()
+        if target.placement is not None and hasattr(self.proposer, "use_placement"):
+            self.proposer.use_placement(target.placement)
         self.proposer.attach(self.cfg, self.num_slots, self.max_len)
         if isinstance(self.proposer, NoProposer):
             k_max, num_speculative_tokens = 0, 0
@@ -119,8 +121,14 @@ class SpeculativeRunner:
         if fn is None:
             target = self.target
             key = ("verify", target.graphdef, target.moe_backend, kb, self.verify_backend, deterministic)
+            kwargs: dict = {"donate_argnums": (1,)}
+            if target.placement is not None:  # explicit layouts: the cache comes back as it went in
+                rep = target.placement.replicated()
+                kwargs["in_shardings"] = (target.state_sharding, target.cache_sharding, *[rep] * 8)
+                kwargs["out_shardings"] = (target.cache_sharding, rep, rep, rep)
+                key = (*key, self.num_slots, self.max_len)
             fn = self._verify_fns[(kb, deterministic)] = cached_jit(
-                key, lambda: _make_verify(target.forward_fn(), self.verify_backend), donate_argnums=(1,))
+                key, lambda: _make_verify(target.forward_fn(), self.verify_backend), **kwargs)
         return fn
 
     def _run_verify(self, kb: int, deterministic: bool, last_tokens, start, draft_tokens, draft_probs, num_draft,
