@@ -51,7 +51,7 @@ LAYOUTS = [  # (data, expert, tensor), expert axes, tensor axes, token axes
 ]
 
 
-@pytest.mark.parametrize("local", ["dense", "grouped"])
+@pytest.mark.parametrize("local", ["per_expert", "dense", "grouped"])
 @pytest.mark.parametrize("shape,ep_axes,tp_axes,tok_axes", LAYOUTS)
 @pytest.mark.parametrize("n", [1, 16])  # 1: tokens do not split over data, replicated
 def test_expert_parallel_equals_single_device(shape, ep_axes, tp_axes, tok_axes, local, n):
@@ -64,7 +64,7 @@ def test_expert_parallel_equals_single_device(shape, ep_axes, tp_axes, tok_axes,
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("local", ["dense", "grouped"])
+@pytest.mark.parametrize("local", ["per_expert", "dense", "grouped"])
 def test_devices_whose_experts_get_no_tokens(local):
     """Every token routes to experts 0 and 1, held by expert shard 0: the other seven shards
     hold experts that receive nothing and must contribute exactly zero."""

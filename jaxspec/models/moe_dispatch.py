@@ -105,6 +105,12 @@ def dispatch_ragged(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
 
 
 def dispatch_per_expert(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+    return per_expert_f32(x, expert_ids, weights, w_gate, w_up, w_down).astype(x.dtype)
+
+
+def per_expert_f32(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+    """``per_expert`` summed in float32 [N, D]. Ids outside [0, E) count for no expert (expert
+    parallelism passes other devices' experts that way)."""
     num_experts = w_gate.shape[0]
     combine = jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # [N,E]
     chosen = jnp.any(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.bool_), axis=(0, 1))  # [E]
@@ -117,8 +123,7 @@ def dispatch_per_expert(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Arr
 
         return jax.lax.cond(chosen[e], run, lambda out: out, out)
 
-    out = jax.lax.fori_loop(0, num_experts, one_expert, jnp.zeros(x.shape, jnp.float32))
-    return out.astype(x.dtype)
+    return jax.lax.fori_loop(0, num_experts, one_expert, jnp.zeros(x.shape, jnp.float32))
 
 
 register_backend("dense", dispatch_dense)

@@ -23,11 +23,14 @@ on that), and no all-to-all, so it runs on every backend including CPU, where
 batches of a few hundred tokens the replicated tokens are cheap.)
 
 Local compute (``local``):
+  per_expert  local experts in a loop that skips those no token chose (CPU, up to
+           ``CPU_PER_EXPERT_MAX_TOKENS`` tokens: reads only the chosen experts' weights)
   dense    every local expert computes every token, masked combine (tiny batches, CPU)
   grouped  local assignments sorted by expert, ``jax.lax.ragged_dot`` over the local
            groups; the other devices' assignments sort past the last group and cost
            nothing on accelerators (on CPU ragged_dot is dense per group)
-  auto     dense on CPU or for <= 4 tokens, else grouped
+  auto     CPU: per_expert up to CPU_PER_EXPERT_MAX_TOKENS tokens, else dense;
+           accelerators: dense for <= 4 tokens, else grouped
 
 ``ExpertParallel`` is hashable (a static jit argument) and callable with the
 dispatch signature, so it can be passed wherever a backend name is accepted
@@ -44,9 +47,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
-from jaxspec.models.moe_dispatch import register_backend
+from jaxspec.models.moe_dispatch import CPU_PER_EXPERT_MAX_TOKENS, per_expert_f32, register_backend
 
-LOCAL_MODES = ("auto", "dense", "grouped")
+LOCAL_MODES = ("auto", "per_expert", "dense", "grouped")
 DENSE_MAX_TOKENS = 4
 
 
@@ -129,7 +132,9 @@ class ExpertParallel:
             return self.local
         # An AbstractMesh (from jax.set_mesh) has no devices: the default backend is the target then.
         platform = self.mesh.devices.flat[0].platform if isinstance(self.mesh, Mesh) else jax.default_backend()
-        return "dense" if platform == "cpu" or num_tokens <= DENSE_MAX_TOKENS else "grouped"
+        if platform == "cpu":
+            return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "dense"
+        return "dense" if num_tokens <= DENSE_MAX_TOKENS else "grouped"
 
     def __call__(self, x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
         """x [N, D], expert_ids/weights [N, k], w_gate/w_up [E, D, F], w_down [E, F, D] (global shapes) -> [N, D]."""
@@ -138,7 +143,7 @@ class ExpertParallel:
         e_loc = num_experts // self.ep
         n = x.shape[0]
         tok = self.token_axes if self.token_axes and n % _size(self.mesh, self.token_axes) == 0 else ()
-        local_fn = _swiglu_dense if self._local_mode(n) == "dense" else _swiglu_grouped
+        local_fn = {"per_expert": per_expert_f32, "dense": _swiglu_dense, "grouped": _swiglu_grouped}[self._local_mode(n)]
         reduce_axes = (*self.expert_axes, *self.tensor_axes)
 
         def shard(x, expert_ids, weights, w_gate, w_up, w_down):
@@ -154,6 +159,9 @@ class ExpertParallel:
             shard, mesh=self.mesh,
             in_specs=(P(ka, None), P(ka, None), P(ka, None), P(ea, None, ta), P(ea, None, ta), P(ea, ta, None)),
             out_specs=P(ka, None),
+            # per_expert's lax.cond keeps a zero accumulator in one branch and adds a
+            # device-varying share in the other; varying-axis tracking would reject that.
+            check_vma=False,
         )(x, expert_ids, weights, w_gate, w_up, w_down)
 
 
