@@ -171,8 +171,18 @@ def exponential_noise(seed_data: jax.Array, position: jax.Array, vocab: int, pur
     return jax.random.exponential(position_key(seed_data, position, purpose), (vocab,), jnp.float32)
 
 
+def batch_noise(seeds: jax.Array, positions: jax.Array, vocab: int, purpose: int, all_greedy: jax.Array) -> jax.Array:
+    """Exp(1) noise [B, V] per row (seed [B, 2], position [B]), or ones when every row is greedy:
+    a greedy row's distribution is one-hot, which the race picks whatever the noise, so the
+    random-number work is skipped without changing any token."""
+    def draw():
+        return jax.vmap(lambda s, p: exponential_noise(s, p, vocab, purpose))(seeds, positions)
+
+    return jax.lax.cond(all_greedy, lambda: jnp.ones((seeds.shape[0], vocab), jnp.float32), draw)
+
+
 def sample_tokens(logits: jax.Array, sampling: BatchSampling, positions: jax.Array) -> jax.Array:
     """One token per row: logits [B, V], output positions [B] -> tokens [B] int32."""
     probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
-    noise = jax.vmap(exponential_noise, in_axes=(0, 0, None))(sampling.seed, positions, logits.shape[-1])
+    noise = batch_noise(sampling.seed, positions, logits.shape[-1], PURPOSE_TARGET, jnp.all(sampling.temperature <= 0))
     return sample_from_probs(probs, noise)

@@ -37,7 +37,7 @@ from jaxspec.engine.model_runner import prefill_buckets
 from jaxspec.mesh import Placement, check_placement, draft_placement
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.moe_parallel import moe_backend_for
-from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, exponential_noise, logits_to_probs, sample_from_probs
+from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, batch_noise, logits_to_probs, sample_from_probs
 from jaxspec.speculative.jit_cache import cached_jit
 from jaxspec.speculative.proposer import Proposal, SpecContext
 
@@ -56,10 +56,11 @@ def _make_loop(graphdef, backend, kb: int):
         model = nnx.merge(graphdef, state)
         vocab = model.cfg.vocab_size
         rows = block.shape[0]
+        all_greedy = jnp.all(sampling.temperature <= 0)
 
         def draw(logits, pos):
             q = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
-            noise = jax.vmap(lambda s, p: exponential_noise(s, p, vocab, PURPOSE_DRAFT))(sampling.seed, pos)
+            noise = batch_noise(sampling.seed, pos, vocab, PURPOSE_DRAFT, all_greedy)
             return sample_from_probs(q, noise), q
 
         out = model(block, start, cache, None, block_valid, moe_backend=backend)

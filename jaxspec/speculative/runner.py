@@ -51,7 +51,10 @@ def _make_verify(fwd, backend: str):
         col = lambda x: x[:, None]  # noqa: E731  per-row settings broadcast over the kb+1 positions
         p = logits_to_probs(out.logits, col(sampling.temperature), col(sampling.top_k), col(sampling.top_p),
                             col(sampling.min_p))
-        out_tokens, accepted = verify_with_keys(p, draft_probs, draft_tokens, num_draft, sampling.seed, out_pos, backend)
+        # Greedy rows verify one-hot p against drafts that were argmaxes too (a draft model samples
+        # greedy rows greedily; deterministic drafters are one-hot by construction).
+        out_tokens, accepted = verify_with_keys(p, draft_probs, draft_tokens, num_draft, sampling.seed, out_pos, backend,
+                                                all_greedy=jnp.all(sampling.temperature <= 0))
         # Roll back to the accepted context; rows without a request keep their length.
         lengths = jnp.where(active, start + 1 + accepted, cache.lengths)
         return out.cache.with_lengths(lengths), out_tokens, accepted, out.expert_load

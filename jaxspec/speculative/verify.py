@@ -33,7 +33,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxspec.sampling import PURPOSE_ACCEPT, PURPOSE_TARGET, exponential_noise, position_key
+from jaxspec.sampling import PURPOSE_ACCEPT, PURPOSE_TARGET, batch_noise, exponential_noise, position_key
 
 # fn(target_probs, draft_probs, draft_tokens, num_draft, uniforms, exp_noise) -> (out_tokens, num_accepted)
 RejectionSampleFn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -152,8 +152,11 @@ def verify_with_keys(
     seeds: jax.Array,  # [B, 2] u32
     positions: jax.Array,  # [B] output position of the first draft token
     backend: str = "xla",
+    all_greedy: jax.Array | bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """The rule with its random numbers drawn from the position-keyed streams.
+
+    ``all_greedy`` (every row's p and q one-hot): the emitted token's noise is skipped (``xla``).
 
     ``xla`` draws exponential noise only for the one row each request emits
     ([B, V] rather than [B, K+1, V]: with a 150k vocabulary that is most of the
@@ -168,7 +171,7 @@ def verify_with_keys(
     if backend == "xla":
         num_accepted = accepted_prefix(target_probs, draft_probs, draft_tokens, num_draft, uniforms)
         weights = emit_distribution(target_probs, draft_probs, draft_tokens, num_draft, num_accepted)
-        noise = jax.vmap(lambda s, p: exponential_noise(s, p, vocab, PURPOSE_TARGET))(seeds, positions + num_accepted)
+        noise = batch_noise(seeds, positions + num_accepted, vocab, PURPOSE_TARGET, jnp.asarray(all_greedy))
         return assemble(draft_tokens, num_accepted, race(weights, noise)), num_accepted
     if draft_probs is None:
         draft_probs = jax.nn.one_hot(jnp.clip(draft_tokens, 0, vocab - 1), vocab, dtype=jnp.float32)
