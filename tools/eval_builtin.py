@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  plain {speed['plain_tokens_per_s']:.1f} tokens/s, speculative {speed['speculative_tokens_per_s']:.1f} "
           f"tokens/s ({speed['speedup']:.2f}x)")
     results = {
-        "target": str(Path(args.target).absolute()),
-        "draft": str(Path(args.draft).absolute()),
+        "target": str(Path(args.target)),
+        "draft": str(Path(args.draft)),
         "corpus": corpus.describe(),
         "corpus_is_stdlib": args.corpus == "stdlib",
         "bits_per_byte": bpb,
