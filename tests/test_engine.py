@@ -156,6 +156,15 @@ def test_queue_limit_and_duplicate_ids(model):
         eng.add_request("d")
 
 
+def test_generate_takes_more_prompts_than_the_waiting_queue(model):
+    """Offline generation of many prompts (distillation data) is fed in as the queue drains."""
+    eng = make_engine(model, slots=2, max_waiting=2)
+    prompts = [f"x = {i}" for i in range(7)]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    got = eng.generate(prompts, params)
+    assert [r.token_ids for r in got] == [eng.generate([p], params)[0].token_ids for p in prompts]
+
+
 class _FragileTokenizer(ByteTokenizer):
     """Fails to detokenise one poisoned token id (a stand-in for any host-side fault)."""
 

@@ -299,12 +299,17 @@ class Engine:
         prompts: Iterable[str | Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
-        """Run prompts to completion (batched over the slots); results in prompt order."""
+        """Run prompts to completion (batched over the slots); results in prompt order. Any number
+        of prompts: they are queued as the waiting queue has room."""
         prompts = list(prompts)
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        parts: dict[str, list[RequestOutput]] = {i: [] for i in ids}
-        while self.has_unfinished():
+        todo = list(zip(prompts, plist))
+        ids: list[str] = []
+        parts: dict[str, list[RequestOutput]] = {}
+        while len(ids) < len(todo) or self.has_unfinished():
+            while len(ids) < len(todo) and len(self.waiting) < self.max_waiting:
+                ids.append(self.add_request(*todo[len(ids)]))
+                parts[ids[-1]] = []
             for out in self.step():
                 if out.request_id in parts:
                     parts[out.request_id].append(out)
