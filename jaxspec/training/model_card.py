@@ -140,9 +140,9 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
         "## Use",
         "",
         "```bash",
-        "python -m jaxspec.generate --model jaxspec/assets/target \"def fibonacci(n):\"",
-        "python -m jaxspec.generate --model jaxspec/assets/target --draft jaxspec/assets/draft "
-        "--num-speculative-tokens 4 \"def fibonacci(n):\"",
+        "python -m jaxspec.generate \"def fibonacci(n):\"                      # built-in target + draft",
+        "python -m jaxspec.generate --spec-method none \"def fibonacci(n):\"   # the target alone (same text)",
+        "python -m jaxspec.serve                                            # both over gRPC",
         "```",
         "",
         "## Rebuild",
