@@ -157,7 +157,7 @@ def test_cli_defaults_are_loopback_and_no_auth(capsys):
     (["--tls-cert", "x.pem"], "both a certificate and a key"),
     (["--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem"], "No such file"),
     (["--auth-token-file", "/nonexistent/token"], "No such file"),
-    (["--spec-method", "draft"], "draft model"),
+    (["--model", "tiny-moe", "--spec-method", "draft"], "draft model"),
     (["--slots", "0"], "slots must be >= 1"),
 ])
 def test_cli_refuses_bad_options_before_loading(argv, message, capsys):
