@@ -3,6 +3,7 @@
 
     python tools/aot_compile.py                 # every row of TARGETS, markdown table on stdout
     python tools/aot_compile.py --only v5p      # rows whose mesh or model contains "v5p"
+    python tools/aot_compile.py --only qwen3-30b --only v5e-8   # rows matching both
 
 For each (target model, draft, mesh, slots x context) the prefill, decode, verification and
 draft-loop steps are lowered with abstract weights placed by the mesh config's rules and
@@ -70,10 +71,13 @@ HEADER = ("| model + draft | mesh (devices) | slots x ctx | weights | KV cache |
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=None, help="rows whose model or mesh name contains this")
+    p.add_argument("--only", action="append", default=None,
+                   help="rows whose model or mesh name contains this (repeat: rows matching every one)")
     p.add_argument("--k", type=int, default=4, help="draft tokens per verification")
     args = p.parse_args(argv)
-    rows = [r for r in TARGETS if args.only is None or args.only in r[0] or args.only in r[2]]
+    rows = [r for r in TARGETS if all(s in r[0] or s in r[2] for s in args.only or [])]
+    if not rows:
+        p.error(f"no row matches --only {args.only}; rows: " + ", ".join(f"{r[0]} on {r[2]}" for r in TARGETS))
     print("Per-device GiB.")
     print(HEADER, flush=True)
     for row in rows:

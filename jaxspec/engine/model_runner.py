@@ -197,8 +197,12 @@ class ModelRunner:
 
     def decode(self, slots: SlotTable) -> np.ndarray:
         """One decode step over all slots; returns the sampled token per slot [S] (inactive: ignore)."""
-        args = (self.state, self.cache, slots.last_token, slots.active, slots.sampling(), slots.num_generated)
-        self.cache, tokens, load = self._steps[1](*args)
+        return self.decode_tokens(slots.last_token, slots.active, slots.sampling(), slots.num_generated)
+
+    def decode_tokens(self, last_tokens: np.ndarray, active: np.ndarray, sampling: BatchSampling,
+                      out_positions: np.ndarray) -> np.ndarray:
+        """``decode`` with its inputs given [S] each: feeds last_tokens at each slot's cache length."""
+        self.cache, tokens, load = self._steps[1](self.state, self.cache, last_tokens, active, sampling, out_positions)
         tokens = np.asarray(tokens)
         self.add_expert_load(load)
         return tokens

@@ -15,9 +15,10 @@ t0, not yet in the target's cache; g tokens generated so far):
 
 Shapes are static per bucket (all slots, T = kb + 1), so a changing mix of k,
 greedy and sampled requests never recompiles; ``warmup`` compiles every bucket.
-With k = 0 for every slot the step is plain decoding: same forward shape, same
-one-hot/exponential-race draw with the same (seed, position, PURPOSE_TARGET)
-noise, hence the same tokens as ``PlainRunner``.
+With k = 0 for every slot the step is plain decoding: it runs the target's own
+decode step (``ModelRunner.decode_tokens``: no verification work, so an adaptive
+policy that turns speculation off pays what ``PlainRunner`` pays), which draws the
+same (seed, position, PURPOSE_TARGET) token a kb = 0 verification would.
 """
 
 from __future__ import annotations
@@ -145,8 +146,14 @@ class SpeculativeRunner:
 
     def _dummy_verify(self, kb: int) -> None:
         """A verification whose writes all fall past the cache end and whose rows are
-        inactive (lengths kept): compiles and times without touching any request."""
+        inactive (lengths kept): compiles and times without touching any request. kb = 0
+        is the target's decode step (what ``decode`` runs when nothing is drafted): its
+        inactive rows keep their lengths and write only past them (stale, never read)."""
         s = self.num_slots
+        if kb == 0:
+            self.target.decode_tokens(np.zeros(s, np.int32), np.zeros(s, bool), SlotTable(s).sampling(),
+                                      np.zeros(s, np.int32))
+            return
         probs = None if self.proposer.deterministic else jnp.zeros((s, kb, self.cfg.vocab_size), jnp.float32)
         out, _, _ = self._run_verify(
             kb, self.proposer.deterministic, np.zeros(s, np.int32), np.full(s, self.max_len, np.int32),
@@ -217,14 +224,20 @@ class SpeculativeRunner:
             if self.profile:
                 jax.block_until_ready(proposal.tokens)
         t1 = time.perf_counter()
-        start = np.where(active, self.history.length - 1, self.max_len).astype(np.int32)
-        out_tokens, accepted, load = self._run_verify(
-            kb_run, self.proposer.deterministic, self.history.last(), start, proposal.tokens, proposal.probs,
-            proposal.num_draft, sampling, out_pos, active,
-        )
-        out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
+        if kb_run == 0:
+            # Nothing drafted: the target's own decode step (one token, no verification work);
+            # it draws the same (seed, position, PURPOSE_TARGET) token a kb = 0 verification would.
+            tokens = self.target.decode_tokens(self.history.last(), active, sampling, out_pos)
+            out_tokens, accepted = tokens[:, None], np.zeros(self.num_slots, np.int32)
+        else:
+            start = np.where(active, self.history.length - 1, self.max_len).astype(np.int32)
+            out_tokens, accepted, load = self._run_verify(
+                kb_run, self.proposer.deterministic, self.history.last(), start, proposal.tokens, proposal.probs,
+                proposal.num_draft, sampling, out_pos, active,
+            )
+            out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
+            self.target.add_expert_load(load)
         t2 = time.perf_counter()
-        self.target.add_expert_load(load)
         if kb > 0:
             self.proposer.commit(ctx, proposal, accepted)
         results = {}
