@@ -48,6 +48,10 @@ REPLICATED_RULES: dict[str, Any] = {**_NONE, "slots": "data"}
 RULE_SETS = {"tp": TP_RULES, "ep": EP_RULES, "ep_tp": EP_TP_RULES, "replicated": REPLICATED_RULES}
 
 
+# Mirrors jaxspec.models.moe_parallel.EXCHANGES (kept here so a config validates without importing models).
+MOE_EXCHANGES = ("psum", "ragged_all_to_all")
+
+
 class MeshConfigError(ValueError):
     """A mesh config is missing, malformed, or does not fit the devices or the model."""
 
@@ -61,6 +65,7 @@ class MeshConfig:
     description: str = ""
     hbm_bytes_per_device: int | None = None  # device memory, for planning (None: unknown, e.g. CPU)
     topology: dict[str, Any] | None = None  # how to describe the target ahead of time (see topology_devices)
+    moe_exchange: str = "psum"  # how expert parallelism moves tokens (jaxspec.models.moe_parallel.EXCHANGES)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -78,6 +83,9 @@ class MeshConfig:
         validate_rules(self.rules, self.name)
         if self.platform not in ("cpu", "tpu", "gpu"):
             raise MeshConfigError(f"mesh {self.name}: platform must be cpu, tpu or gpu, got {self.platform!r}")
+        if self.moe_exchange not in MOE_EXCHANGES:
+            raise MeshConfigError(f"mesh {self.name}: moe_exchange must be one of {MOE_EXCHANGES}, "
+                                  f"got {self.moe_exchange!r}")
 
 
 def validate_rules(rules: Rules, where: str = "rules") -> None:
@@ -118,6 +126,7 @@ def load_mesh_config(name_or_path: str | os.PathLike) -> MeshConfig:
         name=data.get("name", path.stem), platform=data["platform"], axes={a: int(data["axes"][a]) for a in data["axes"]},
         rules={**_NONE, **rules}, description=data.get("description", ""),
         hbm_bytes_per_device=data.get("hbm_bytes_per_device"), topology=data.get("topology"),
+        moe_exchange=data.get("moe_exchange", "psum"),
     )
     cfg.validate()
     return cfg
@@ -243,7 +252,7 @@ def mesh_for_option(value: str | None, devices: Sequence[jax.Device] | None = No
 
 
 def placement_for_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> "Placement":
-    return Placement.create(build_mesh(cfg, devices), cfg.rules)
+    return Placement.create(build_mesh(cfg, devices), cfg.rules, cfg.moe_exchange)
 
 
 # ------------------------------------------------------------------------- placement
@@ -257,11 +266,14 @@ class Placement:
 
     mesh: Mesh
     frozen_rules: tuple[tuple[str, Any], ...]
+    moe_exchange: str = "psum"  # expert parallelism's token exchange (MeshConfig.moe_exchange)
 
     @classmethod
-    def create(cls, mesh: Mesh, rules: Rules) -> "Placement":
+    def create(cls, mesh: Mesh, rules: Rules, moe_exchange: str = "psum") -> "Placement":
         validate_rules(rules)
-        return cls(mesh, _freeze(rules))
+        if moe_exchange not in MOE_EXCHANGES:
+            raise MeshConfigError(f"moe_exchange must be one of {MOE_EXCHANGES}, got {moe_exchange!r}")
+        return cls(mesh, _freeze(rules), moe_exchange)
 
     @cached_property
     def rules(self) -> dict[str, Any]:

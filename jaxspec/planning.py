@@ -234,7 +234,7 @@ def plan_memory(
     if devices is None:
         devices = topology_devices(mesh_cfg) if mesh_cfg.topology else jax.devices()
     mesh = build_mesh(mesh_cfg, devices)
-    placement = Placement.create(mesh, mesh_cfg.rules)
+    placement = Placement.create(mesh, mesh_cfg.rules, mesh_cfg.moe_exchange)
     check_placement(cfg, placement)
     graphdef, state, state_sh, weights = _abstract_state(cfg, placement)
     cache, cache_sh, kv = _abstract_cache(cfg, placement, slots, max_len)

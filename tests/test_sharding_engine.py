@@ -35,11 +35,16 @@ LAYOUTS = [  # (data, expert, tensor), rules
     pytest.param((2, 2, 2), EP_TP_RULES, id="2x2x2-eptp"),
     pytest.param((8, 1, 1), EP_TP_RULES, id="8x1-data"),
 ]
+# Expert parallelism with routed tokens (moe_exchange="ragged_all_to_all"; all-gather form on CPU).
+ROUTED = [
+    pytest.param((1, 8, 1), EP_RULES, "ragged_all_to_all", id="1x8-ep-routed"),
+    pytest.param((2, 2, 2), EP_TP_RULES, "ragged_all_to_all", id="2x2x2-eptp-routed"),
+]
 
 
-def placement_for(shape, rules) -> Placement:
+def placement_for(shape, rules, moe_exchange: str = "psum") -> Placement:
     devs = np.asarray(jax.devices()[: int(np.prod(shape))], dtype=object).reshape(shape)
-    return Placement.create(Mesh(devs, ("data", "expert", "tensor")), rules)
+    return Placement.create(Mesh(devs, ("data", "expert", "tensor")), rules, moe_exchange)
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +66,24 @@ def _logits(runner: ModelRunner, tokens: np.ndarray):
     return run(runner.state, runner.cache)
 
 
-@pytest.mark.parametrize("shape,rules", LAYOUTS)
-def test_logits_equal_single_device(target, shape, rules):
+@pytest.mark.parametrize("shape,rules,exchange", [pytest.param(*p.values, "psum", id=p.id) for p in LAYOUTS] + ROUTED)
+def test_logits_equal_single_device(target, shape, rules, exchange, monkeypatch):
+    from jaxspec.models import moe_parallel
+
+    exchanges = []  # traced routed exchanges: the routed path really runs (no silent psum fallback)
+    emulated = moe_parallel.ragged_all_to_all_via_all_gather
+    monkeypatch.setattr(moe_parallel, "ragged_all_to_all_via_all_gather",
+                        lambda *a, **kw: exchanges.append(1) or emulated(*a, **kw))
     tokens = np.random.default_rng(1).integers(3, 259, size=(SLOTS, 12)).astype(np.int32)
     want = _logits(ModelRunner(target, SLOTS, MAX_LEN, moe_backend="dense"), tokens)
-    placement = placement_for(shape, rules)
+    placement = placement_for(shape, rules, exchange)
     runner = ModelRunner(scaled_model("tiny-qwen3-moe", scale=3.0, **MOE), SLOTS, MAX_LEN, placement=placement)
     if placement.axis_size("expert") > 1:  # the experts really are split
         w_gate = runner.state["layers"][0]["moe"]["w_gate"][...]
         assert w_gate.addressable_shards[0].data.shape[0] == 8 // placement.axis_size("expert")
     got = _logits(runner, tokens)
+    # 3 exchanges per MoE layer, in the prefill-shaped and the decode-shaped forward.
+    assert len(exchanges) == (3 * 2 * runner.cfg.num_layers if exchange != "psum" else 0)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
 
@@ -88,9 +101,10 @@ def single_device_greedy(target):
     return _greedy(PlainRunner(ModelRunner(target, SLOTS, MAX_LEN, moe_backend="dense")))
 
 
-@pytest.mark.parametrize("shape,rules", [LAYOUTS[1], LAYOUTS[4], LAYOUTS[5], LAYOUTS[6]])
-def test_engine_greedy_identical_on_mesh(target, single_device_greedy, shape, rules):
-    placement = placement_for(shape, rules)
+@pytest.mark.parametrize("shape,rules,exchange",
+                         [pytest.param(*LAYOUTS[i].values, "psum", id=LAYOUTS[i].id) for i in (1, 4, 5, 6)] + ROUTED)
+def test_engine_greedy_identical_on_mesh(target, single_device_greedy, shape, rules, exchange):
+    placement = placement_for(shape, rules, exchange)
     runner = ModelRunner(target, SLOTS, MAX_LEN, placement=placement)
     assert _greedy(PlainRunner(runner)) == single_device_greedy
     # The cache kept its placement through prefills, decodes and slot releases.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -98,3 +99,53 @@ def test_serving_start_up_refuses_what_cannot_fit(monkeypatch):
     monkeypatch.setattr(planning, "_device_memory", lambda mesh_cfg, devices: 2 << 20)  # a 2 MiB device
     with pytest.raises(ConfigError, match=r"--slots/--max-len do not fit: .*4 slots x 4096 tokens"):
         _check_memory(EngineOptions(model="tiny-moe", slots=4, max_len=4096), model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_name", ["tpu-v5e-8", "gpu-8xh100"])
+def test_routed_expert_exchange_compiles_to_ragged_all_to_all(mesh_name):
+    """exchange="ragged_all_to_all" on a real topology: the accelerator compilers take the
+    primitive itself (XLA:CPU, where the tests compute, lacks it and uses the all-gather form)."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxspec.mesh import placement_for_mesh, topology_devices
+    from jaxspec.models.moe_dispatch import dispatch
+    from jaxspec.models.moe_parallel import moe_backend_for
+
+    if mesh_name.startswith("tpu"):
+        _require("libtpu", 'pip install "jax[tpu]==0.10.2"')
+    else:
+        _require("jax_cuda12_plugin", "pip install jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2")
+    cfg = dataclasses.replace(load_mesh_config(mesh_name), moe_exchange="ragged_all_to_all")
+    placement = placement_for_mesh(cfg, topology_devices(cfg))
+    backend = moe_backend_for(placement)
+    assert backend.exchange == "ragged_all_to_all" and backend.ep == 2
+    e, d, f, n = 8, 256, 512, 64
+    mesh = placement.mesh
+    struct = lambda shape, dtype, *spec: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*spec)))  # noqa: E731
+    args = (struct((n, d), jnp.bfloat16), struct((n, 2), jnp.int32), struct((n, 2), jnp.float32),
+            struct((e, d, f), jnp.bfloat16, "expert", None, "tensor"), struct((e, d, f), jnp.bfloat16, "expert", None, "tensor"),
+            struct((e, f, d), jnp.bfloat16, "expert", "tensor", None))
+    with jax.default_matmul_precision("default"):
+        compiled = jax.jit(lambda *a: dispatch(*a, backend=backend)).lower(*args).compile()
+    hlo = compiled.as_text()
+    assert hlo.count("ragged-all-to-all") >= 3, "rows out, expert ids out, results back"
+    assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_moe_exchange_is_a_mesh_setting(tmp_path):
+    import json
+
+    from jaxspec.mesh import MeshConfigError, placement_for_mesh
+    from jaxspec.models.moe_parallel import moe_backend_for
+
+    data = json.loads((Path(__file__).parents[1] / "configs/meshes/cpu-8.json").read_text())
+    path = tmp_path / "cpu-8-routed.json"
+    path.write_text(json.dumps({**data, "moe_exchange": "ragged_all_to_all"}))
+    cfg = load_mesh_config(path)
+    assert moe_backend_for(placement_for_mesh(cfg)).exchange == "ragged_all_to_all"
+    assert moe_backend_for(placement_for_mesh(load_mesh_config("cpu-8"))).exchange == "psum"  # the default
+    path.write_text(json.dumps({**data, "moe_exchange": "alltoall"}))
+    with pytest.raises(MeshConfigError, match="moe_exchange must be one of .*'alltoall'"):
+        load_mesh_config(path)

@@ -17,10 +17,22 @@ No weight ever moves: the only collective is one all-reduce of the [N, D]
 activations per MoE layer, the same volume as a tensor-parallel dense MLP. A
 device whose experts receive no tokens contributes zeros. This needs no capacity,
 so a token's output never depends on its batch (speculative verification relies
-on that), and no all-to-all, so it runs on every backend including CPU, where
-``ragged_all_to_all`` is not implemented. (Exchanging only routed tokens with
-``ragged_all_to_all`` saves compute when ep is large; with ep <= 8 and decode
-batches of a few hundred tokens the replicated tokens are cheap.)
+on that), and no all-to-all, so it runs on every backend. This is ``exchange="psum"``.
+
+``exchange="ragged_all_to_all"`` (routed tokens; pays off for large ep and large
+batches such as long prefills, where every device computing every token's share is
+wasted work): each device of an expert group takes 1/ep of the group's token rows,
+sorts their assignments by expert (so by owning device), and sends each device
+exactly the rows routed to its experts with ``jax.lax.ragged_all_to_all``; the
+receiver computes them grouped by local expert (``ragged_dot``), sends the results
+back the same way, the sender combines them with the router weights, and an
+all-gather over the expert axes restores the token layout (a psum over the tensor
+axes first adds the width slices). Dropless: the receive buffer holds every
+assignment of the group (N * k rows), so nothing is ever dropped whatever the
+routing. XLA:CPU has no ``ragged_all_to_all``; on CPU the same exchange runs through
+``all_gather`` (``ragged_all_to_all_via_all_gather``, identical semantics), which is
+how the tests check it against the single-device result. Token counts that do not
+divide by ep use ``psum`` (decode batches are small; the routed path is for prefill).
 
 Local compute (``local``):
   per_expert  local experts in a loop that skips those no token chose (CPU, up to
@@ -47,9 +59,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
+from jaxspec.mesh import MOE_EXCHANGES
 from jaxspec.models.moe_dispatch import CPU_PER_EXPERT_MAX_TOKENS, per_expert_f32, register_backend
 
 LOCAL_MODES = ("auto", "per_expert", "dense", "grouped")
+EXCHANGES = MOE_EXCHANGES
 DENSE_MAX_TOKENS = 4
 
 
@@ -90,6 +104,42 @@ def _swiglu_grouped(x, local_ids, weights, w_gate, w_up, w_down):
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of].add(y * w[:, None])
 
 
+def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def ragged_all_to_all_via_all_gather(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                     axis_name):
+    """``jax.lax.ragged_all_to_all``'s exact semantics through ``all_gather`` (XLA:CPU has no
+    ragged all-to-all): rows ``operand[input_offsets[j] : + send_sizes[j]]`` of every device land
+    in device j's ``output`` at ``output_offsets[j]``; other rows of ``output`` are kept.
+    Moves every device's whole operand, so it is for CPU meshes (tests, virtual devices)."""
+    del recv_sizes  # implied by the senders' sizes; kept for the signature
+    ops = jax.lax.all_gather(operand, axis_name)  # [G, M, ...]
+    src_start = jax.lax.all_gather(input_offsets, axis_name)  # [G(sender), G(dest)]
+    dst_start = jax.lax.all_gather(output_offsets, axis_name)
+    sizes = jax.lax.all_gather(send_sizes, axis_name)
+    me = jax.lax.axis_index(axis_name)
+    rows = jnp.arange(output.shape[0], dtype=jnp.int32)
+    for sender in range(ops.shape[0]):
+        start, size, src = dst_start[sender, me], sizes[sender, me], src_start[sender, me]
+        inside = (rows >= start) & (rows < start + size)
+        take = ops[sender][jnp.clip(src + rows - start, 0, operand.shape[0] - 1)]
+        output = jnp.where(inside.reshape(-1, *[1] * (output.ndim - 1)), take, output)
+    return output
+
+
+def _grouped_rows(rows, local_ids, w_gate, w_up, w_down):
+    """rows [M, D] each for local expert local_ids[m] (== E_loc: an empty buffer row) -> [M, D] f32."""
+    e_loc = w_gate.shape[0]
+    order = jnp.argsort(local_ids, stable=True)  # the sentinel sorts past every group
+    sizes = jnp.sum(jax.nn.one_hot(local_ids, e_loc, dtype=jnp.int32), axis=0)
+    xs = rows[order]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
+    y = jax.lax.ragged_dot(h, w_down, sizes).astype(jnp.float32)  # rows past the groups: 0
+    return jnp.zeros_like(y).at[order].set(y)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
     """Dropless MoE dispatch over a mesh: experts split over ``expert_axes``, expert width over
@@ -100,10 +150,13 @@ class ExpertParallel:
     tensor_axes: tuple[str, ...] = ()
     token_axes: tuple[str, ...] = ()
     local: str = "auto"
+    exchange: str = "psum"
 
     def __post_init__(self) -> None:
         if self.local not in LOCAL_MODES:
             raise ValueError(f"local MoE mode must be one of {LOCAL_MODES}, got {self.local!r}")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"MoE token exchange must be one of {EXCHANGES}, got {self.exchange!r}")
         for axis in (*self.expert_axes, *self.tensor_axes, *self.token_axes):
             if axis not in self.mesh.shape:
                 raise ValueError(f"mesh axis {axis!r} not in the mesh {dict(self.mesh.shape)}")
@@ -127,12 +180,15 @@ class ExpertParallel:
                 f"expert width {width} cannot be split evenly over tensor axes {self.tensor_axes} of size {self.tp}"
             )
 
+    @property
+    def platform(self) -> str:
+        # An AbstractMesh (from jax.set_mesh) has no devices: the default backend is the target then.
+        return self.mesh.devices.flat[0].platform if isinstance(self.mesh, Mesh) else jax.default_backend()
+
     def _local_mode(self, num_tokens: int) -> str:
         if self.local != "auto":
             return self.local
-        # An AbstractMesh (from jax.set_mesh) has no devices: the default backend is the target then.
-        platform = self.mesh.devices.flat[0].platform if isinstance(self.mesh, Mesh) else jax.default_backend()
-        if platform == "cpu":
+        if self.platform == "cpu":
             return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "dense"
         return "dense" if num_tokens <= DENSE_MAX_TOKENS else "grouped"
 
@@ -154,6 +210,10 @@ class ExpertParallel:
             total = jax.lax.psum(partial, reduce_axes) if reduce_axes else partial
             return total.astype(x.dtype)
 
+        n_shard = n // (_size(self.mesh, tok) if tok else 1)
+        if self.exchange == "ragged_all_to_all" and self.expert_axes and n_shard % self.ep == 0:
+            shard = self._routed_shard(e_loc)
+
         ea, ta, ka = _spec(self.expert_axes), _spec(self.tensor_axes), _spec(tok)
         return jax.shard_map(
             shard, mesh=self.mesh,
@@ -165,6 +225,44 @@ class ExpertParallel:
         )(x, expert_ids, weights, w_gate, w_up, w_down)
 
 
+    def _routed_shard(self, e_loc: int):
+        """The per-device body of ``exchange="ragged_all_to_all"`` (module docstring)."""
+        ep, axes = self.ep, self.expert_axes
+        exchange = (jax.lax.ragged_all_to_all if self.platform != "cpu" else ragged_all_to_all_via_all_gather)
+
+        def shard(x, expert_ids, weights, w_gate, w_up, w_down):
+            n, k = expert_ids.shape
+            n_loc, me = n // ep, jax.lax.axis_index(axes)
+            take = lambda a: jax.lax.dynamic_slice_in_dim(a, me * n_loc, n_loc)  # noqa: E731  my 1/ep of the rows
+            xs, ids, w = take(x), take(expert_ids), take(weights)
+            flat = ids.reshape(-1)  # [A], A = n_loc * k
+            order = jnp.argsort(flat, stable=True)  # by global expert = by owning device, then local expert
+            send = xs[order // k]  # [A, D]
+            send_sizes = jnp.sum(jax.nn.one_hot(flat // e_loc, ep, dtype=jnp.int32), axis=0)  # [ep]
+            sizes = jax.lax.all_gather(send_sizes, axes)  # [ep(sender), ep(dest)]
+            recv_sizes = sizes[:, me]
+            # Senders' chunks land one after another in sender order at each destination.
+            out_offsets = _exclusive_cumsum(sizes, axis=0)[me]
+            in_offsets = _exclusive_cumsum(send_sizes)
+            cap = ep * flat.shape[0]  # every assignment of the group could route here: dropless
+            go = dict(axis_name=axes)
+            rows = exchange(send, jnp.zeros((cap, x.shape[1]), x.dtype), in_offsets, send_sizes, out_offsets,
+                            recv_sizes, **go)
+            local_ids = exchange((flat[order] % e_loc).astype(jnp.int32), jnp.full((cap,), e_loc, jnp.int32),
+                                 in_offsets, send_sizes, out_offsets, recv_sizes, **go)
+            y = _grouped_rows(rows, local_ids, w_gate, w_up, w_down)  # [cap, D] f32 (this width slice's share)
+            # Back to the senders: my received chunk from device j returns to where j's rows came from.
+            back = exchange(y, jnp.zeros((flat.shape[0], x.shape[1]), jnp.float32), _exclusive_cumsum(recv_sizes),
+                            recv_sizes, _exclusive_cumsum(sizes, axis=1)[:, me], send_sizes, **go)
+            per_assignment = jnp.zeros_like(back).at[order].set(back).reshape(n_loc, k, -1)
+            out = jnp.sum(per_assignment * w[..., None].astype(jnp.float32), axis=1)  # [n_loc, D] f32
+            if self.tensor_axes:
+                out = jax.lax.psum(out, self.tensor_axes)
+            return jax.lax.all_gather(out, axes, tiled=True).astype(x.dtype)  # [n, D], as the tokens came
+
+        return shard
+
+
 def moe_backend_for(placement, local: str = "auto") -> ExpertParallel | None:
     """The dispatch for a ``jaxspec.mesh.Placement``: ``ExpertParallel`` when experts or their
     width are split, else None (the model's own backend; nothing to exchange)."""
@@ -172,7 +270,8 @@ def moe_backend_for(placement, local: str = "auto") -> ExpertParallel | None:
     tensor_axes = placement.mesh_axes("moe_mlp")
     if _size(placement.mesh, expert_axes) * _size(placement.mesh, tensor_axes) == 1:
         return None
-    return ExpertParallel(placement.mesh, expert_axes, tensor_axes, placement.mesh_axes("slots"), local)
+    return ExpertParallel(placement.mesh, expert_axes, tensor_axes, placement.mesh_axes("slots"), local,
+                          placement.moe_exchange)
 
 
 def dispatch_expert_parallel(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
