@@ -53,3 +53,18 @@ def full_forward(model, tokens: np.ndarray) -> np.ndarray:
     padded = np.zeros((1, max(16, 1 << (t - 1).bit_length())), np.int32)
     padded[0, :t] = tokens
     return np.asarray(_forward_fresh_cache(graphdef, state, jnp.asarray(padded)))[:t]
+
+
+class CompileCounter:
+    """Counts XLA compilations from its creation on (jax's backend-compile monitoring event)."""
+
+    def __init__(self):
+        from jax._src import dispatch
+
+        self.count = 0
+        self._event = dispatch.BACKEND_COMPILE_EVENT
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **kwargs):
+        if event == self._event:
+            self.count += 1

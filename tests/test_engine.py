@@ -5,9 +5,8 @@ import random
 import jax
 import numpy as np
 import pytest
-from jax._src import dispatch
 
-from helpers import full_forward, scaled_model
+from helpers import CompileCounter, full_forward, scaled_model
 from jaxspec.engine import Engine, FinishReason, InvalidRequestError, ModelRunner, PlainRunner, QueueFullError
 from jaxspec.sampling import SamplingParams
 from jaxspec.tokenizer import ByteTokenizer
@@ -46,16 +45,6 @@ def test_seeded_output_independent_of_batch(model):
     mixed = make_engine(model, slots=3).generate(["a", "bb", "hello", "ccc", "d", "ee"],
                                                  others[:2] + [params] + others[2:] + [others[0]])
     assert mixed[2].token_ids == alone
-
-
-class CompileCounter:
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
-            self.count += 1
 
 
 def test_no_recompilation_after_warmup_with_continuous_batching(model):

@@ -16,7 +16,9 @@ import functools
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from helpers import CompileCounter
 from jaxspec.config import load_config
 from jaxspec.engine import Engine, FinishReason, InvalidRequestError, ModelRunner, PlainRunner
 from jaxspec.models import KVCache, create_model
@@ -262,6 +264,37 @@ def test_draft_catches_up_after_steps_without_drafting():
     assert_same_as_plain(outs)
     assert runner.bucket_steps[0] > 0 and engine.spec_stats.num_draft_tokens > 0
     assert engine.spec_stats.acceptance_rate == 1.0
+
+
+@pytest.mark.parametrize("kind", ["noisy", "ngram"])
+def test_no_compilation_after_warmup(kind):
+    """After ``warmup`` no step compiles again, whatever the mix: every proposal bucket, k = 0
+    steps (the plain decode step), draft catch-up after them, greedy and sampled rows,
+    requests joining and leaving. A compile mid-serving is a multi-second stall."""
+    # Weights committed to the device, as loaded from a checkpoint: jit outputs (the drafts) are
+    # then committed too, and a warm-up with host arrays in their place compiled other variants.
+    def committed(model):
+        graphdef, state = nnx.split(model)
+        return nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+
+    drafter = DraftModelProposer(committed(draft(kind))) if kind != "ngram" else NgramProposer()
+    runner = SpeculativeRunner(ModelRunner(committed(TARGET), SLOTS, MAX_LEN), drafter, num_speculative_tokens="auto",
+                               k_max=K_MAX, cost_model=_cheap_draft_costs(), probe_every=2)
+    engine = Engine(runner, TOK)
+    runner.warmup()
+    counter = CompileCounter()
+    ks = [0, 1, 2, 4, 8, None, 3, None, 0, 5]
+    for i, k in enumerate(ks):
+        params = SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=6 + i, ignore_eos=True)
+        engine.add_request(PROMPTS[i % len(PROMPTS)], params, num_speculative_tokens=k)
+        if i % 3 == 2:
+            engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    used = {kb for kb, n in runner.bucket_steps.items() if n}
+    # A model drafter drafts every bucket asked for; a lookup only where it finds a match.
+    assert used >= {0, 1, 2, 4, 8} if kind == "noisy" else (0 in used and len(used) >= 2), used
+    assert counter.count == 0, f"{counter.count} compilation(s) after warm-up"
 
 
 def test_measured_costs_cover_every_bucket():

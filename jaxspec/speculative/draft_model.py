@@ -125,7 +125,9 @@ class DraftModelProposer:
             raise ValueError(f"draft {self.cfg.name} holds {self.cfg.max_seq_len} positions; the engine needs {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
         if self.placement is None:
-            self.cache = KVCache.create(self.cfg, num_slots, max_len)
+            # Committed to a device like every later (jit-output) cache: the first step and the
+            # later ones then share one compilation.
+            self.cache = jax.device_put(KVCache.create(self.cfg, num_slots, max_len), jax.devices()[0])
         else:  # created in place, shard by shard
             self._cache_sharding = self.placement.cache_shardings(KVCache.abstract(self.cfg, num_slots, max_len))
             self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, max_len),
@@ -157,10 +159,10 @@ class DraftModelProposer:
         return self._jit(("loop", kb), lambda: _make_loop(self.graphdef, self.moe_backend, kb), 3)
 
     def _sync_lengths(self) -> None:
-        lengths = jnp.asarray(self.lengths)
-        if self._cache_sharding is not None:  # back to the compiled layout (no reshard, no recompile)
-            lengths = jax.device_put(lengths, self._cache_sharding.lengths)
-        self.cache = self.cache.with_lengths(lengths)
+        # Back to the cache's own (committed) layout: an uncommitted host array here would change
+        # the next step's signature and recompile it mid-serving.
+        target = self._cache_sharding.lengths if self._cache_sharding is not None else self.cache.lengths.sharding
+        self.cache = self.cache.with_lengths(jax.device_put(self.lengths, target))
 
     # ---------------------------------------------------------------- requests
     def prefill(self, slot: int, prompt_ids: list[int]) -> None:

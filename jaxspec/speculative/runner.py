@@ -154,10 +154,17 @@ class SpeculativeRunner:
             self.target.decode_tokens(np.zeros(s, np.int32), np.zeros(s, bool), SlotTable(s).sampling(),
                                       np.zeros(s, np.int32))
             return
-        probs = None if self.proposer.deterministic else jnp.zeros((s, kb, self.cfg.vocab_size), jnp.float32)
+        # A model drafter's tokens and q's arrive as its committed device outputs (a deterministic
+        # drafter's as host arrays): the dummy passes the same kind of array, or the first real
+        # step would compile this step again, mid-serving.
+        tokens, probs = np.zeros((s, kb), np.int32), None
+        if not self.proposer.deterministic:
+            where = self.target.placement.replicated() if self.target.placement is not None else jax.devices()[0]
+            tokens = jax.device_put(tokens, where)
+            probs = jax.device_put(np.zeros((s, kb, self.cfg.vocab_size), np.float32), where)
         out, _, _ = self._run_verify(
             kb, self.proposer.deterministic, np.zeros(s, np.int32), np.full(s, self.max_len, np.int32),
-            np.zeros((s, kb), np.int32), probs, np.zeros(s, np.int32), SlotTable(s).sampling(),
+            tokens, probs, np.zeros(s, np.int32), SlotTable(s).sampling(),
             np.zeros(s, np.int32), np.zeros(s, bool),
         )
         out.block_until_ready()
