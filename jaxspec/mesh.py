@@ -328,15 +328,37 @@ def param_bytes(cfg: ModelConfig) -> int:
     return cfg.param_counts()["total"] * jnp.dtype(cfg.dtype).itemsize
 
 
-# A draft this small is cheaper to replicate (no collectives in its k sequential steps) than to shard.
+# A draft this small is cheaper to replicate (no collectives in its k sequential steps) than to
+# shard: weights plus its cache as each device would hold them, at most this many bytes when the
+# device memory is unknown (CPU), else at most this fraction of it.
 DRAFT_REPLICATE_MAX_BYTES = 2 << 30
+DRAFT_REPLICATE_MAX_FRACTION = 0.10
 
 
-def draft_placement(draft_cfg: ModelConfig, target: Placement, max_replicated_bytes: int = DRAFT_REPLICATE_MAX_BYTES,
-                    ) -> Placement:
-    """The draft model's placement: replicated weights when it is small (its k draft steps
-    then run without any collective), else the target's rules. Its cache slots follow the
-    target's (slots over data) either way."""
-    if param_bytes(draft_cfg) <= max_replicated_bytes:
-        return Placement.create(target.mesh, {**REPLICATED_RULES, "slots": target.rules.get("slots")})
+def device_memory_bytes(mesh: Mesh) -> int | None:
+    """A device's memory from the runtime (None where it reports none: CPU, topology devices)."""
+    try:
+        stats = mesh.devices.flat[0].memory_stats()
+    except Exception:  # noqa: BLE001  (not every backend implements memory_stats)
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def draft_placement(draft_cfg: ModelConfig, target: Placement, num_slots: int = 0, max_len: int = 0,
+                    hbm_bytes: int | None = None, max_replicated_bytes: int | None = None) -> Placement:
+    """The draft model's placement: replicated weights when the draft is small (its k draft steps
+    then run without any collective), else the target's rules. Small means its weights plus its
+    KV cache for ``num_slots`` x ``max_len`` (slots split over the data axes either way), as each
+    device would hold them replicated, take at most ``max_replicated_bytes`` (default: 10% of
+    ``hbm_bytes`` when known, else 2 GiB): a 0.6B draft with a 4096-token cache for 8 slots is
+    4.6 GiB, too much to copy onto every 16 GiB v5e chip, and nothing on an 80 GiB H100."""
+    if max_replicated_bytes is None:
+        max_replicated_bytes = (DRAFT_REPLICATE_MAX_BYTES if hbm_bytes is None
+                                else int(DRAFT_REPLICATE_MAX_FRACTION * hbm_bytes))
+    replicated = Placement.create(target.mesh, {**REPLICATED_RULES, "slots": target.rules.get("slots")})
+    cache_bytes = 0
+    if num_slots and max_len:
+        cache_bytes = KVCache.abstract(draft_cfg, num_slots, max_len).nbytes() // replicated.axis_size("slots")
+    if param_bytes(draft_cfg) + cache_bytes <= max_replicated_bytes:
+        return replicated
     return target

@@ -236,6 +236,7 @@ def plan_memory(
     mesh = build_mesh(mesh_cfg, devices)
     placement = Placement.create(mesh, mesh_cfg.rules, mesh_cfg.moe_exchange)
     check_placement(cfg, placement)
+    hbm = _device_memory(mesh_cfg, devices)
     graphdef, state, state_sh, weights = _abstract_state(cfg, placement)
     cache, cache_sh, kv = _abstract_cache(cfg, placement, slots, max_len)
     per_token = _abstract_cache(cfg, placement, slots, 1)[2] / slots
@@ -245,7 +246,7 @@ def plan_memory(
     if draft_cfg is not None:
         from jaxspec.models.moe_parallel import moe_backend_for
 
-        d_place = draft_placement(draft_cfg, placement)
+        d_place = draft_placement(draft_cfg, placement, slots, max_len, hbm)
         check_placement(draft_cfg, d_place)
         d_graph, d_state, _, d_weights = _abstract_state(draft_cfg, d_place)
         d_cache, d_cache_sh, d_kv = _abstract_cache(draft_cfg, d_place, slots, max_len)
@@ -260,7 +261,6 @@ def plan_memory(
             temp_by_step[name] = _step_bytes(thunk())
             if on_step is not None:
                 on_step(name, temp_by_step[name])
-    hbm = _device_memory(mesh_cfg, devices)
     return MemoryPlan(
         model=cfg.name, mesh=mesh_cfg.name, num_devices=mesh_cfg.num_devices, slots=slots, max_len=max_len,
         draft=draft_cfg.name if draft_cfg else None, weights=weights, kv_cache=kv, draft_weights=d_weights,

@@ -149,3 +149,20 @@ def test_moe_exchange_is_a_mesh_setting(tmp_path):
     path.write_text(json.dumps({**data, "moe_exchange": "alltoall"}))
     with pytest.raises(MeshConfigError, match="moe_exchange must be one of .*'alltoall'"):
         load_mesh_config(path)
+
+
+def test_draft_replicated_only_while_it_and_its_cache_are_small():
+    """Qwen3-0.6B (1.1 GiB of bf16 weights) with a cache for 8 x 4096 tokens: 1.1 + 3.5 / 2 (slots
+    over data 2) = 2.9 GiB per device if replicated. Fine on an 80 GiB device, too much on a 16 GiB
+    one (10%) or where the memory is unknown (2 GiB)."""
+    from jaxspec.mesh import draft_placement, param_bytes, placement_for_mesh
+
+    placement = placement_for_mesh(load_mesh_config("cpu-8"))
+    draft = load_config("qwen3-0.6b")
+    assert 1.0 < param_bytes(draft) / 2**30 < 1.2
+    replicated = lambda p: p.rules["heads"] is None and p.rules["vocab"] is None  # noqa: E731
+    assert replicated(draft_placement(draft, placement))  # weights alone: small
+    assert replicated(draft_placement(draft, placement, 8, 4096, hbm_bytes=80 << 30))
+    assert draft_placement(draft, placement, 8, 4096, hbm_bytes=16 << 30) is placement
+    assert draft_placement(draft, placement, 8, 4096) is placement
+    assert replicated(draft_placement(draft, placement, 8, 512, hbm_bytes=16 << 30))  # a short cache fits 10%

@@ -42,6 +42,7 @@ TARGETS = [
     ("mixtral-8x7b", "llama-1b", "gpu-8xh100", 16, 4096),
     ("mixtral-8x7b", "llama-1b", "tpu-v5e-8", 16, 4096),
     ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-8", 8, 4096),
+    ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-8-ep4", 8, 4096),  # lane-aligned expert width (192 -> 384)
     ("qwen3-30b-a3b", "qwen3-0.6b", "gpu-1xh100", 8, 4096),
     ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-4", 8, 4096),
 ]

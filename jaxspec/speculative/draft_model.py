@@ -34,7 +34,7 @@ from flax import nnx
 
 from jaxspec.config import ModelConfig
 from jaxspec.engine.model_runner import prefill_buckets
-from jaxspec.mesh import Placement, check_placement, draft_placement
+from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, batch_noise, logits_to_probs, sample_from_probs
@@ -101,12 +101,13 @@ class DraftModelProposer:
         self.placement: Placement | None = None
         self._state_sharding = self._cache_sharding = None
 
-    def use_placement(self, target: Placement) -> None:
-        """Run on the target's mesh (call before ``attach``): weights replicated when the draft is
-        small (its k sequential steps then need no collective), else by the target's rules; cache
-        slots split like the target's. Steps get explicit in/out shardings, so the draft cache
-        keeps its layout from step to step."""
-        placement = draft_placement(self.cfg, target)
+    def use_placement(self, target: Placement, num_slots: int = 0, max_len: int = 0) -> None:
+        """Run on the target's mesh (call before ``attach``): weights replicated when the draft with
+        its cache for ``num_slots`` x ``max_len`` is small (its k sequential steps then need no
+        collective; ``mesh.draft_placement``), else by the target's rules; cache slots split like
+        the target's. Steps get explicit in/out shardings, so the draft cache keeps its layout from
+        step to step."""
+        placement = draft_placement(self.cfg, target, num_slots, max_len, device_memory_bytes(target.mesh))
         check_placement(self.cfg, placement)
         self.placement = placement
         self._state_sharding = placement.state_shardings(self.state)

@@ -91,7 +91,7 @@ class SpeculativeRunner:
         self.max_len = target.max_len
         self.proposer: Proposer = proposer if proposer is not None else NoProposer()
         if target.placement is not None and hasattr(self.proposer, "use_placement"):
-            self.proposer.use_placement(target.placement)
+            self.proposer.use_placement(target.placement, self.num_slots, self.max_len)
         self.proposer.attach(self.cfg, self.num_slots, self.max_len)
         if isinstance(self.proposer, NoProposer):
             k_max, num_speculative_tokens = 0, 0
