@@ -276,7 +276,14 @@ def test_build_assets_tiny_writes_every_asset(built):
     assert len(ev["bits_per_byte"]["expert_balance_per_layer"]) == target.cfg.num_layers
     assert all(b >= 1.0 for b in ev["bits_per_byte"]["expert_balance_per_layer"])
     assert ev["throughput"]["plain_tokens_per_s"] > 0 and ev["throughput"]["speculative_tokens_per_s"] > 0
+    speed, costs = ev["throughput"], ev["forward_costs"]
+    assert speed["adaptive_tokens_per_s"] > 0 and sum(speed["adaptive_steps_per_k"].values()) > 0
+    k = costs["k"]
+    assert costs["target_ms_1"] > 0 and costs[f"target_ms_{k + 1}"] > 0 and costs["draft_ms_1"] > 0
+    assert target.cfg.num_experts_per_tok <= costs[f"experts_touched_{k + 1}"] <= target.cfg.num_experts
     card = (out / "MODEL_CARD.md").read_text()
+    assert "Where the time goes" in card and f"{costs['target_ms_1']:.2f} ms for 1 token" in card
+    assert "adaptive k (serving's default)" in card
     assert f"| target bits per byte | {ev['bits_per_byte']['bits_per_byte']:.3f} |" in card
     assert f"{ev['acceptance']['mean_acceptance_length']:.3f}" in card and "python tools/build_assets.py" in card
     # Running the command again skips every finished stage and only re-evaluates.

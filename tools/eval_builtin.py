@@ -22,7 +22,7 @@ from pathlib import Path
 from jaxspec.checkpoint import CheckpointError
 from jaxspec.config import ConfigError
 from jaxspec.loading import load_any
-from jaxspec.training.acceptance import decode_throughput, measure_acceptance
+from jaxspec.training.acceptance import decode_throughput, forward_costs, measure_acceptance
 from jaxspec.training.corpus import add_corpus_args, corpus_from_args
 from jaxspec.training.data import tokenizer_fingerprint
 from jaxspec.training.distill import corpus_prompts
@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     print("batch-1 throughput, plain vs speculative ...")
     speed = decode_throughput(target, draft, tokenizer, prompts[: args.speed_prompts], args.k, args.new_tokens)
     print(f"  plain {speed['plain_tokens_per_s']:.1f} tokens/s, speculative {speed['speculative_tokens_per_s']:.1f} "
-          f"tokens/s ({speed['speedup']:.2f}x)")
+          f"tokens/s ({speed['speedup']:.2f}x), adaptive k {speed['adaptive_tokens_per_s']:.1f} tokens/s "
+          f"({speed['adaptive_speedup']:.2f}x; steps per k {speed['adaptive_steps_per_k']})")
+    print("forward costs at batch 1 ...")
+    costs = forward_costs(target, draft, prompts, args.k)
+    print("  " + ", ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
+                           for key, value in costs.items()))
     results = {
         "target": str(Path(args.target)),
         "draft": str(Path(args.draft)),
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "xz": xz,
         "acceptance": acc,
         "throughput": speed,
+        "forward_costs": costs,
         "environment": environment(),
     }
     json_path = args.json or (str(Path(args.card).with_name("eval.json")) if args.card else None)

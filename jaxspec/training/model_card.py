@@ -35,6 +35,32 @@ def _config_rows(cfg: dict) -> str:
     return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg and (cfg[k] or k in ("num_experts",)))
 
 
+def _cost_paragraph(costs: dict | None, acc: dict) -> list[str]:
+    """Where a speculative step's model time goes, from ``acceptance.forward_costs``."""
+    if not costs:
+        return []
+    k = costs["k"]
+    t1, tk, d1 = costs["target_ms_1"], costs[f"target_ms_{k + 1}"], costs["draft_ms_1"]
+    length = acc["mean_acceptance_length"]
+    per_token = (tk + k * d1) / length
+    lines = [
+        f"Where the time goes (jitted forwards alone, batch 1, median of {costs['reps']}): the target takes "
+        f"{t1:.2f} ms for 1 token and {tk:.2f} ms for the {k + 1} tokens of a verification ({tk / t1:.1f}x); "
+        f"the draft {d1:.2f} ms per token.",
+    ]
+    touched = costs.get(f"experts_touched_{k + 1}")
+    if touched is not None:
+        lines[-1] += (f" {k + 1} consecutive held-out tokens route to {touched:.1f} of the "
+                      f"{costs['experts_per_layer']} experts of a layer on average, one token to "
+                      f"{costs['experts_touched_1']}: on CPU at batch 1 the MoE step costs per expert used, so a "
+                      "verification pays for most experts of every layer.")
+    lines[-1] += (f" Model time per emitted token with speculation is ({tk:.2f} + {k} x {d1:.2f}) / {length:.2f} = "
+                  f"{per_token:.2f} ms against {t1:.2f} ms for plain decoding ({t1 / per_token:.2f}x); the rest of "
+                  "the end-to-end difference is per-step host work, which speculation amortises over the tokens "
+                  "of a step.")
+    return [lines[0], ""]
+
+
 def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tokenizer_dir: Path | None,
                       rebuild_command: str) -> str:
     train = _load(target_dir / "training_report.json")
@@ -129,6 +155,10 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
         f"| speculative decoding (draft, k={speed['k']}), batch 1 | {_f(speed['speculative_tokens_per_s'], 1)} "
         f"tokens/s ({_f(speed['speedup'], 2)}x; per step {_f(speed.get('draft_ms_per_step'), 1)} ms drafting + "
         f"{_f(speed.get('verify_ms_per_step'), 1)} ms verifying of {_f(speed.get('step_ms'), 1)} ms) |",
+        *([f"| speculative decoding, adaptive k (serving's default), batch 1 | "
+           f"{_f(speed['adaptive_tokens_per_s'], 1)} tokens/s ({_f(speed['adaptive_speedup'], 2)}x; decode steps "
+           f"per k: {', '.join(f'{kb}: {n}' for kb, n in speed['adaptive_steps_per_k'].items())}) |"]
+          if "adaptive_tokens_per_s" in speed else []),
         f"| expert load max/mean per layer (1.00 = even) | {balance} |",
         "",
         f"Bits per byte: {bpb['tokens']} held-out tokens in windows of {bpb['seq_len']}, eos included "
@@ -137,6 +167,7 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
         f"(prefill included) after compilation, on {ev['environment']['cpu_count']} CPU cores "
         f"({ev['environment']['backend']}, jax {ev['environment']['jax']}); timings depend on machine load.",
         "",
+        *_cost_paragraph(ev.get("forward_costs"), acc),
         "## Use",
         "",
         "```bash",
