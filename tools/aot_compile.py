@@ -43,6 +43,7 @@ TARGETS = [
     ("mixtral-8x7b", "llama-1b", "tpu-v5e-8", 16, 4096),
     ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-8", 8, 4096),
     ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-8-ep4", 8, 4096),  # lane-aligned expert width (192 -> 384)
+    ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-8-ep4", 8, 2048),
     ("qwen3-30b-a3b", "qwen3-0.6b", "gpu-1xh100", 8, 4096),
     ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-4", 8, 4096),
 ]
@@ -73,10 +74,11 @@ HEADER = ("| model + draft | mesh (devices) | slots x ctx | weights | KV cache |
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", default=None,
-                   help="rows whose model or mesh name contains this (repeat: rows matching every one)")
+                   help="rows whose model or mesh name contains this, or whose slots x context is this "
+                        "(e.g. 8x2048); repeat: rows matching every one")
     p.add_argument("--k", type=int, default=4, help="draft tokens per verification")
     args = p.parse_args(argv)
-    rows = [r for r in TARGETS if all(s in r[0] or s in r[2] for s in args.only or [])]
+    rows = [r for r in TARGETS if all(s in r[0] or s in r[2] or s == f"{r[3]}x{r[4]}" for s in args.only or [])]
     if not rows:
         p.error(f"no row matches --only {args.only}; rows: " + ", ".join(f"{r[0]} on {r[2]}" for r in TARGETS))
     print("Per-device GiB.")
