@@ -61,6 +61,15 @@ def _cost_paragraph(costs: dict | None, acc: dict) -> list[str]:
     return [lines[0], ""]
 
 
+def _speed_advice(speed: dict) -> list[str]:
+    """Say plainly when speculation did not pay on the machine that measured it."""
+    if speed.get("speedup", 1.0) >= 1.0:
+        return []
+    return [f"On this machine speculation is slower than plain decoding ({speed['speedup']:.2f}x at k={speed['k']}): "
+            "`--spec-method none` decodes faster here. Speculation pays where a forward over k+1 tokens costs "
+            "little more than over one (see above for why it does not here).", ""]
+
+
 def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tokenizer_dir: Path | None,
                       rebuild_command: str) -> str:
     train = _load(target_dir / "training_report.json")
@@ -168,6 +177,7 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
         f"({ev['environment']['backend']}, jax {ev['environment']['jax']}); timings depend on machine load.",
         "",
         *_cost_paragraph(ev.get("forward_costs"), acc),
+        *_speed_advice(speed),
         "## Use",
         "",
         "```bash",
