@@ -75,7 +75,9 @@ def _make_loop(graphdef, backend, kb: int):
             t, q = draw(o.logits[:, 0], out_pos + i)
             return (o.cache, t), (t, q)
 
-        (cache, _), (toks, qs) = jax.lax.scan(step, (out.cache, tok0), jnp.arange(1, kb, dtype=jnp.int32))
+        # Unrolled (kb <= k_max steps): XLA:GPU copied the whole draft cache once per round for the
+        # while loop's carry (AOT, 1B draft, 16x4096 cache on H100: 2.02 -> 1.01 GiB of temporaries).
+        (cache, _), (toks, qs) = jax.lax.scan(step, (out.cache, tok0), jnp.arange(1, kb, dtype=jnp.int32), unroll=True)
         tokens = jnp.concatenate([tok0[:, None], jnp.swapaxes(toks, 0, 1)], axis=1)
         probs = jnp.concatenate([q0[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)
         return cache, tokens, probs
