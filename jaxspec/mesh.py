@@ -48,7 +48,8 @@ REPLICATED_RULES: dict[str, Any] = {**_NONE, "slots": "data"}
 RULE_SETS = {"tp": TP_RULES, "ep": EP_RULES, "ep_tp": EP_TP_RULES, "replicated": REPLICATED_RULES}
 
 
-# Mirrors jaxspec.models.moe_parallel.EXCHANGES (kept here so a config validates without importing models).
+# How expert parallelism may move tokens (jaxspec.models.moe_parallel); here so a config validates
+# without importing the models.
 MOE_EXCHANGES = ("psum", "ragged_all_to_all")
 
 
@@ -335,10 +336,10 @@ DRAFT_REPLICATE_MAX_BYTES = 2 << 30
 DRAFT_REPLICATE_MAX_FRACTION = 0.10
 
 
-def device_memory_bytes(mesh: Mesh) -> int | None:
+def device_memory_bytes(device: jax.Device) -> int | None:
     """A device's memory from the runtime (None where it reports none: CPU, topology devices)."""
     try:
-        stats = mesh.devices.flat[0].memory_stats()
+        stats = device.memory_stats()
     except Exception:  # noqa: BLE001  (not every backend implements memory_stats)
         return None
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None

@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.mesh import MeshConfig, Placement, build_mesh, check_placement, draft_placement, topology_devices
+from jaxspec.mesh import (MeshConfig, Placement, build_mesh, check_placement, device_memory_bytes, draft_placement,
+                          topology_devices)
 from jaxspec.models import KVCache, abstract_model
 
 DEFAULT_HEADROOM = 0.08  # device memory kept free for the runtime, fragmentation and collectives' buffers
@@ -206,12 +207,7 @@ def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, s
 def _device_memory(mesh_cfg: MeshConfig, devices) -> int | None:
     if mesh_cfg.hbm_bytes_per_device:
         return int(mesh_cfg.hbm_bytes_per_device)
-    stats = getattr(devices[0], "memory_stats", lambda: None)
-    try:
-        stats = stats()
-    except Exception:  # noqa: BLE001  (CPU and AOT topology devices have no statistics)
-        stats = None
-    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+    return device_memory_bytes(devices[0])
 
 
 def plan_memory(
