@@ -88,6 +88,15 @@ def _swiglu_dense(x, local_ids, weights, w_gate, w_up, w_down):
     return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine)
 
 
+def _ragged_swiglu(xs, keys, w_gate, w_up, w_down):
+    """xs [M, D] already sorted by local expert (rows of no local expert last) -> [M, D] f32
+    through ragged_dot; group sizes are counted from keys [M] (each row's local expert, E_loc for
+    none; any order). Rows past the groups come out 0."""
+    sizes = jnp.sum(jax.nn.one_hot(keys, w_gate.shape[0], dtype=jnp.int32), axis=0)  # the sentinel one-hots to zeros
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
+    return jax.lax.ragged_dot(h, w_down, sizes).astype(jnp.float32)
+
+
 def _swiglu_grouped(x, local_ids, weights, w_gate, w_up, w_down):
     """Local assignments grouped by expert through ragged_dot; the rest sort last, outside every group."""
     n, k = local_ids.shape
@@ -96,10 +105,7 @@ def _swiglu_grouped(x, local_ids, weights, w_gate, w_up, w_down):
     key = jnp.where(mine, local_ids, e_loc).reshape(-1)  # e_loc = "another device's expert"
     order = jnp.argsort(key, stable=True)
     token_of = (order // k).astype(jnp.int32)
-    sizes = jnp.sum(jax.nn.one_hot(key, e_loc, dtype=jnp.int32), axis=0)  # the sentinel one-hots to zeros
-    xs = x[token_of]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-    y = jax.lax.ragged_dot(h, w_down, sizes).astype(jnp.float32)  # rows past the groups: 0
+    y = _ragged_swiglu(x[token_of], key, w_gate, w_up, w_down)
     w = jnp.where(mine, weights, 0.0).reshape(-1)[order].astype(jnp.float32)
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of].add(y * w[:, None])
 
@@ -131,12 +137,8 @@ def ragged_all_to_all_via_all_gather(operand, output, input_offsets, send_sizes,
 
 def _grouped_rows(rows, local_ids, w_gate, w_up, w_down):
     """rows [M, D] each for local expert local_ids[m] (== E_loc: an empty buffer row) -> [M, D] f32."""
-    e_loc = w_gate.shape[0]
     order = jnp.argsort(local_ids, stable=True)  # the sentinel sorts past every group
-    sizes = jnp.sum(jax.nn.one_hot(local_ids, e_loc, dtype=jnp.int32), axis=0)
-    xs = rows[order]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-    y = jax.lax.ragged_dot(h, w_down, sizes).astype(jnp.float32)  # rows past the groups: 0
+    y = _ragged_swiglu(rows[order], local_ids, w_gate, w_up, w_down)
     return jnp.zeros_like(y).at[order].set(y)
 
 

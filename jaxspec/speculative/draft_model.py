@@ -109,7 +109,8 @@ class DraftModelProposer:
         collective; ``mesh.draft_placement``), else by the target's rules; cache slots split like
         the target's. Steps get explicit in/out shardings, so the draft cache keeps its layout from
         step to step."""
-        placement = draft_placement(self.cfg, target, num_slots, max_len, device_memory_bytes(target.mesh.devices.flat[0]))
+        hbm = device_memory_bytes(target.mesh.devices.flat[0])
+        placement = draft_placement(self.cfg, target, num_slots, max_len, hbm)
         check_placement(self.cfg, placement)
         self.placement = placement
         self._state_sharding = placement.state_shardings(self.state)

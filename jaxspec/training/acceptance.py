@@ -163,6 +163,7 @@ def forward_costs(target: Transformer, draft: Transformer, prompts: Sequence[Seq
     if cfg.is_moe:
         runner = ModelRunner(target, 1, max(len(p) for p in prompts) + 1)
         fwd = jax.jit(runner.forward_fn())
+        moe = [i for i in range(cfg.num_layers) if cfg.layer_is_moe(i)]
         touched = []
         for p in prompts:
             if len(p) <= k + 1:
@@ -170,7 +171,6 @@ def forward_costs(target: Transformer, draft: Transformer, prompts: Sequence[Seq
             context, block = list(p[: -(k + 1)]), np.asarray([p[-(k + 1):]], np.int32)
             runner.prefill(0, context, SlotTable(1))
             load = np.asarray(fwd(runner.state, block, np.array([len(context)], np.int32), runner.cache).expert_load)
-            moe = [i for i in range(cfg.num_layers) if cfg.layer_is_moe(i)]
             touched.append(float(np.mean((load[moe] > 0).sum(axis=1))))
         out["experts_per_layer"] = cfg.num_experts
         out["experts_touched_1"] = cfg.num_experts_per_tok
