@@ -5,11 +5,14 @@ Modules (each kernel has a TPU / Mosaic and a GPU / Triton variant, ``backend=``
 
   gmm                       grouped matmul ``gmm`` + transposed ``tgmm``, custom VJP, expert-parallel offset
   gmm_reference             its jax.numpy specification
-  moe_backend               the ``pallas`` backend of jaxspec.models.moe_dispatch (registered on import)
   rejection_sampling        fused speculative-decoding verification (accept/reject + residual/bonus draw)
   rejection_sampling_reference   its jax.numpy specification (the engine's XLA path)
   verify_attention          T query tokens per slot against the slot's KV cache (cached_attention semantics)
   verify_attention_reference     its jax.numpy specification
+
+The kernels know nothing of the model package: nothing here imports ``jaxspec``
+(tests/test_imports.py checks it). The model side adapts them, e.g. the ``pallas``
+MoE backend is ``jaxspec.models.moe_pallas`` over ``gmm``.
 
 See docs/kernels.md.
 """

@@ -100,7 +100,7 @@ def _gmm_grad(backend):
 
 
 def _moe_layer(backend):
-    from pallas_kernels.moe_backend import dispatch_pallas
+    from jaxspec.models.moe_pallas import dispatch_pallas
 
     return functools.partial(dispatch_pallas, backend=backend, interpret=False)
 

@@ -356,7 +356,7 @@ def test_auto_picks_pallas_on_accelerators_and_xla_on_cpu():
 
 def test_pallas_dispatch_matches_dense_dispatch():
     from jaxspec.models.moe_dispatch import dispatch_dense
-    from pallas_kernels.moe_backend import dispatch_pallas
+    from jaxspec.models.moe_pallas import dispatch_pallas
 
     rng = np.random.default_rng(0)
     n, d, f, e, top = 37, 64, 128, 8, 2

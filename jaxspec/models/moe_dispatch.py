@@ -15,12 +15,18 @@ Backends (``BACKENDS``):
           the step is bound by reading expert weights.
   ragged  sorted rows through ``jax.lax.ragged_dot`` (XLA's grouped matmul; on CPU
           it computes every group densely, so it is only chosen on accelerators).
-  pallas  registered by ``pallas_kernels`` (grouped matmul kernel).
+  pallas  sorted rows through the Pallas grouped matmul ``pallas_kernels.gmm`` (``moe_pallas``).
+  expert_parallel  experts split over the mesh of ``jax.set_mesh`` (``moe_parallel``).
+``pallas`` and ``expert_parallel`` live in their own modules, which import this one and
+register themselves; ``choose_backend`` imports them by module path on first use
+(``load_backend``), so importing jaxspec loads no Pallas code, and no module imports
+back into one that is importing it.
 ``auto`` picks per platform and token count (see ``choose_backend``).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import jax
@@ -56,7 +62,9 @@ def sorted_tile_rows(num_assignments: int, num_experts: int) -> int:
     return int(min(128, _next_pow2(max(1, num_assignments // num_experts))))
 
 
-def _sort_assignments(expert_ids: jax.Array, num_experts: int):
+def sort_assignments(expert_ids: jax.Array, num_experts: int):
+    """The N*k assignments sorted by expert (stable): (order, token of each sorted row, its expert,
+    rows per expert [E] int32). Shared by the grouped backends (``sorted``, ``ragged``, ``pallas``)."""
     n, k = expert_ids.shape
     flat_e = expert_ids.reshape(-1)
     order = jnp.argsort(flat_e, stable=True)  # [A]
@@ -71,7 +79,7 @@ def dispatch_sorted(x, expert_ids, weights, w_gate, w_up, w_down, tile_rows: int
     num_experts = w_gate.shape[0]
     a = n * k
     tile = tile_rows or sorted_tile_rows(a, num_experts)
-    order, token_of, sorted_e, group_sizes = _sort_assignments(expert_ids, num_experts)
+    order, token_of, sorted_e, group_sizes = sort_assignments(expert_ids, num_experts)
     # Pad every group to a multiple of `tile` so each tile holds one expert's rows.
     padded_sizes = (group_sizes + tile - 1) // tile * tile
     padded_ends = jnp.cumsum(padded_sizes)
@@ -96,7 +104,7 @@ def dispatch_sorted(x, expert_ids, weights, w_gate, w_up, w_down, tile_rows: int
 def dispatch_ragged(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     n, k = expert_ids.shape
     num_experts = w_gate.shape[0]
-    order, token_of, _, group_sizes = _sort_assignments(expert_ids, num_experts)
+    order, token_of, _, group_sizes = sort_assignments(expert_ids, num_experts)
     xs = x[token_of]  # [A, D], rows grouped by expert
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
     y = jax.lax.ragged_dot(h, w_down, group_sizes).astype(jnp.float32)
@@ -137,27 +145,44 @@ register_backend("ragged", dispatch_ragged)
 CPU_PER_EXPERT_MAX_TOKENS = 128
 
 
-def _load_optional_backends() -> None:
-    """Register backends that live outside jaxspec (``pallas``) on first use, so importing jaxspec stays light."""
-    if "expert_parallel" not in BACKENDS:
-        import jaxspec.models.moe_parallel  # noqa: F401  (registers "expert_parallel"; imports this module)
-    if "pallas" not in BACKENDS:
+# Backends registered by their own module, imported on first use: name -> (module, optional).
+# An optional one whose import fails (Pallas missing from this jax build) is just unavailable.
+LAZY_BACKENDS: dict[str, tuple[str, bool]] = {
+    "expert_parallel": ("jaxspec.models.moe_parallel", False),
+    "pallas": ("jaxspec.models.moe_pallas", True),
+}
+
+
+def load_backend(name: str) -> bool:
+    """Whether backend ``name`` is registered, importing its module first if it is a lazy one."""
+    if name not in BACKENDS and name in LAZY_BACKENDS:
+        module, optional = LAZY_BACKENDS[name]
         try:
-            import pallas_kernels.moe_backend  # noqa: F401  (registers "pallas")
-        except ImportError:  # Pallas unavailable in this jax build: the other backends still work
-            pass
+            importlib.import_module(module)
+        except ImportError:
+            if not optional:
+                raise
+    return name in BACKENDS
+
+
+def available_backends() -> list[str]:
+    """Every backend name that can be used here (lazy ones imported), sorted."""
+    for name in LAZY_BACKENDS:
+        load_backend(name)
+    return sorted(BACKENDS)
 
 
 def choose_backend(requested: str, num_tokens: int, platform: str | None = None) -> str:
     """Resolve ``auto`` to a concrete backend for this platform and token count (a static int)."""
-    _load_optional_backends()
     if requested != "auto":
-        if requested not in BACKENDS:
-            raise ValueError(f"unknown MoE dispatch backend {requested!r}; available: {', '.join(sorted(BACKENDS))}, auto")
+        if not load_backend(requested):
+            raise ValueError(
+                f"unknown MoE dispatch backend {requested!r}; available: {', '.join(available_backends())}, auto"
+            )
         return requested
     platform = platform or jax.default_backend()
     if platform in ("tpu", "gpu", "cuda", "rocm"):
-        return "pallas" if "pallas" in BACKENDS else "ragged"
+        return "pallas" if load_backend("pallas") else "ragged"
     return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "sorted"
 
 

@@ -1,7 +1,9 @@
-"""MoE expert dispatch through the Pallas grouped matmul: the ``pallas`` backend of ``jaxspec.models.moe_dispatch``.
+"""MoE expert dispatch through the Pallas grouped matmul: the ``pallas`` backend of ``moe_dispatch``.
 
-Importing this module registers the backend; ``moe_dispatch.choose_backend`` does
-so lazily, so jaxspec imports no Pallas code unless it is used.
+The model-side adapter of ``pallas_kernels.gmm`` (the kernels know nothing of
+jaxspec; this module registers them here). Importing it registers the backend;
+``moe_dispatch.choose_backend`` imports it on first use of ``pallas`` (or of
+``auto`` on an accelerator), so importing jaxspec loads no Pallas code.
 
 The computation is the one of ``dispatch_ragged``: assignments sorted by expert
 (stable, so ties keep token order), rows gathered, three grouped matmuls for the
@@ -14,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxspec.models.moe_dispatch import register_backend
+from jaxspec.models.moe_dispatch import sort_assignments, register_backend
 from pallas_kernels._common import default_interpret
 from pallas_kernels.gmm import Tiling, gmm
 
@@ -35,16 +37,13 @@ def dispatch_pallas(
     """sum_k weights[n, k] * FFN_{expert_ids[n, k]}(x[n]) -> [N, D] (x's dtype).
 
     ``interpret=None`` runs the kernels in the Pallas interpreter where no
-    accelerator is present (CPU), so the backend works everywhere.
+    accelerator is present (CPU), so the backend works everywhere. ``backend``
+    is the kernel variant (``"auto"`` | ``"tpu"`` | ``"gpu"``).
     """
     if interpret is None:
         interpret = default_interpret()
-    n, k = expert_ids.shape
-    num_experts = w_gate.shape[0]
-    flat_e = expert_ids.reshape(-1)
-    order = jnp.argsort(flat_e, stable=True)
-    token_of = (order // k).astype(jnp.int32)
-    group_sizes = jnp.bincount(flat_e, length=num_experts).astype(jnp.int32)
+    n = expert_ids.shape[0]
+    order, token_of, _, group_sizes = sort_assignments(expert_ids, w_gate.shape[0])
     xs = x[token_of]  # [N*k, D], rows grouped by expert
 
     def mm(lhs, w, tile):
