@@ -89,6 +89,26 @@ class BatchSampling(NamedTuple):
         )
 
 
+def pad_sampling(sampling: BatchSampling, rows: int) -> BatchSampling:
+    """Host settings [n] padded to ``rows`` with greedy rows (a batch bucket's padding)."""
+    n = len(sampling.temperature)
+    if n == rows:
+        return sampling
+    pad = rows - n
+
+    def grow(x, value):
+        x = np.asarray(x)
+        return np.concatenate([x, np.full((pad, *x.shape[1:]), value, x.dtype)])
+
+    return BatchSampling(grow(sampling.temperature, 0.0), grow(sampling.top_k, 0), grow(sampling.top_p, 1.0),
+                         grow(sampling.min_p, 0.0), grow(sampling.seed, 0))
+
+
+def take_sampling(sampling: BatchSampling, rows: np.ndarray) -> BatchSampling:
+    """The settings of the given rows (host arrays)."""
+    return BatchSampling(*(np.asarray(x)[rows] for x in sampling))
+
+
 def seed_to_key_data(seed: int) -> np.ndarray:
     """Raw threefry key data [2] u32 for a 64-bit seed."""
     seed = int(seed) % 2**64

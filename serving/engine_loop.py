@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from jaxspec.engine import Engine, FinishReason, InvalidRequestError, Request, RequestOutput, SlotTable
+from jaxspec.engine.engine import StepFailed
 from jaxspec.sampling import SamplingParams
 
 log = logging.getLogger("jaxspec.serving")
@@ -112,11 +113,16 @@ class GuardedRunner:
         self.num_slots = runner.num_slots
         self.max_len = runner.max_len
 
-    def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
+    @property
+    def max_prefill_rows(self) -> int:
+        return getattr(self._inner, "max_prefill_rows", 1)
+
+    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
         try:
-            return self._inner.prefill(slot, request, slots)
+            return self._inner.prefill_batch(items, slots)
         except Exception:
-            log.exception("prefill failed for request %s (slot %d); failing that request", request.request_id, slot)
+            log.exception("prefill failed for request(s) %s (slots %s)", ", ".join(r.request_id for _, r in items),
+                          [s for s, _ in items])
             raise
 
     def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
@@ -427,22 +433,30 @@ class EngineLoop:
     def _step(self, engine: Engine) -> list[RequestOutput]:
         try:
             outputs = engine.step()
+        except StepFailed as e:
+            # The engine ended every request the failed work ran over (ERROR) and kept every other
+            # output of the step (admissions, expiries): all of them are delivered.
+            outputs = e.outputs
+            self._count_failure(e, engine)
+            return outputs
         except Exception as e:
-            # A batched step cannot say which request caused it: fail the running
-            # requests (their outputs of this step are lost), keep the waiting ones.
-            self._failures += 1
-            log.exception("engine step failed (%d in a row); failing %d running requests",
-                          self._failures, engine.num_running)
-            if self._observer is not None:
-                self._observer.on_step_failure()
+            # A failure outside the device step (a bug in the engine's bookkeeping): fail the
+            # running requests, keep the waiting ones.
             outputs = self._fail_running(engine, f"engine step failed: {type(e).__name__}: {e}")
-            if self._failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                log.error("engine failed %d steps in a row; marking the server FAILED", self._failures)
-                self._post(self.set_state, ServerState.FAILED)
-                self._stop.set()
+            self._count_failure(e, engine)
             return outputs
         self._failures = 0
         return outputs
+
+    def _count_failure(self, e: Exception, engine: Engine) -> None:
+        self._failures += 1
+        log.error("engine step failed (%d in a row)", self._failures, exc_info=e)
+        if self._observer is not None:
+            self._observer.on_step_failure()
+        if self._failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+            log.error("engine failed %d steps in a row; marking the server FAILED", self._failures)
+            self._post(self.set_state, ServerState.FAILED)
+            self._stop.set()
 
     def _fail_running(self, engine: Engine, message: str) -> list[RequestOutput]:
         outputs = []

@@ -19,6 +19,8 @@ import random
 import time
 from typing import Iterable, Protocol, Sequence
 
+import numpy as np
+
 from jaxspec.config import ModelConfig
 from jaxspec.engine.request import (
     Completion,
@@ -29,6 +31,7 @@ from jaxspec.engine.request import (
     RequestOutput,
     SpecStats,
 )
+from jaxspec.engine.scheduler import Scheduler
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.stopping import OutputTracker
 from jaxspec.sampling import SamplingParams
@@ -43,7 +46,11 @@ class StepRunner(Protocol):
     num_slots: int
     max_len: int
 
-    def prefill(self, slot: int, request: Request, slots: SlotTable) -> int: ...
+    max_prefill_rows: int  # most prompts one ``prefill_batch`` takes
+
+    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
+        """Prefill (slot, request) pairs in one call; returns each one's first token."""
+        ...
 
     def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]: ...
 
@@ -61,8 +68,13 @@ class PlainRunner:
         self.num_slots = model_runner.num_slots
         self.max_len = model_runner.max_len
 
-    def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
-        return self.runner.prefill(slot, request.prompt_ids, slots)
+    @property
+    def max_prefill_rows(self) -> int:
+        return self.runner.prefill_row_buckets[-1]
+
+    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
+        idx = np.array([slot for slot, _ in items])
+        return self.runner.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx))
 
     def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
         tokens = self.runner.decode(slots)
@@ -73,6 +85,16 @@ class PlainRunner:
 
     def warmup(self) -> None:
         self.runner.warmup()
+
+
+class StepFailed(RuntimeError):
+    """A step's device work raised. ``outputs`` holds every output of the step, including the
+    final ERROR outputs of the requests the failed work ran over; deliver them all."""
+
+    def __init__(self, outputs: list[RequestOutput], cause: Exception):
+        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
+        self.outputs = outputs
+        self.cause = cause
 
 
 class _Live:
@@ -94,7 +116,10 @@ class Engine:
         max_waiting: int = 1024,
         eos_ids: Sequence[int] | None = None,
         speculative: bool | None = None,
+        prefill_token_budget: int = 1024,
     ):
+        """``prefill_token_budget``: padded prompt tokens prefilled per step at most (one prompt
+        of any length always is), so arrivals never stall the running requests for long."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.cfg = runner.cfg
@@ -109,6 +134,12 @@ class Engine:
         self._ids = itertools.count()
         self._seed_rng = random.Random()
         self._in_flight: set[str] = set()
+        self.scheduler = Scheduler(getattr(runner, "max_prefill_rows", 1), prefill_token_budget, self._padded_length)
+
+    def _padded_length(self, n: int) -> int:
+        bucket_for = getattr(self.runner, "bucket_for", None) or getattr(getattr(self.runner, "runner", None),
+                                                                         "bucket_for", None)
+        return bucket_for(n) if bucket_for is not None else n
 
     # ------------------------------------------------------------- admission
     @property
@@ -191,11 +222,20 @@ class Engine:
         return len(self.waiting)
 
     def step(self) -> list[RequestOutput]:
+        """One iteration: expire deadlines, admit (one batched prefill), one decode step.
+
+        Every request that entered the step gets its outputs: if the decode raises, the
+        requests it ran over get a final ERROR output and ``StepFailed`` carries every output
+        of the step (expiries and admissions included) to the caller."""
         outputs: list[RequestOutput] = []
         outputs += self._expire_deadlines()
         outputs += self._admit()
         if self.slots.active.any():
-            results = self.runner.decode(self.slots)
+            try:
+                results = self.runner.decode(self.slots)
+            except Exception as e:
+                outputs += [self._fail_hard(slot, e) for slot in self.slots.active_slots()]
+                raise StepFailed(outputs, e) from e
             now = time.monotonic()
             # (draft_s, verify_s) of this step, from runners that time their phases.
             times = getattr(self.runner, "last_step_times", None) or (0.0, 0.0)
@@ -221,21 +261,30 @@ class Engine:
             return self._fail(slot, e)
 
     def _admit(self) -> list[RequestOutput]:
-        outputs = []
-        for slot in self.slots.free_slots():
-            if not self.waiting:
-                break
-            req = self.waiting.popleft()
-            tracker = OutputTracker(self.tokenizer, req.params, self.eos_ids)
-            self.live[slot] = _Live(req, tracker, self.speculative)
+        admission = self.scheduler.admit(self.waiting, self.slots.free_slots())
+        if not admission.items:
+            return []
+        for slot, req in admission.items:
+            self.live[slot] = _Live(req, OutputTracker(self.tokenizer, req.params, self.eos_ids), self.speculative)
             self.slots.assign(slot, req)
-            try:
-                first = self.runner.prefill(slot, req, self.slots)
-            except Exception as e:  # one bad request must not take the engine down
-                outputs.append(self._fail(slot, e))
-                continue
-            self.slots.active[slot] = True
-            outputs.append(self._emit_or_fail(slot, [first], time.monotonic()))
+        try:
+            groups = [(list(admission.items), self.runner.prefill_batch(list(admission.items), self.slots))]
+        except Exception:
+            if len(admission.items) == 1:
+                groups = [(list(admission.items), None)]
+            else:  # one bad prompt must not fail the others: prefill them one by one
+                groups = [([item], None) for item in admission.items]
+        outputs = []
+        for items, firsts in groups:
+            if firsts is None:
+                try:
+                    firsts = self.runner.prefill_batch(items, self.slots)
+                except Exception as e:  # one bad request must not take the engine down
+                    outputs += [self._fail(slot, e) for slot, _ in items]
+                    continue
+            for (slot, _), first in zip(items, firsts):
+                self.slots.active[slot] = True
+                outputs.append(self._emit_or_fail(slot, [first], time.monotonic()))
         return outputs
 
     def _emit(self, slot: int, tokens: list[int], now: float) -> RequestOutput:
@@ -285,6 +334,19 @@ class Engine:
         except Exception:  # the tracker itself may be what failed
             text = ""
         return self._finish(slot, FinishReason.ERROR, text, error=f"{type(exc).__name__}: {exc}")
+
+    def _fail_hard(self, slot: int, exc: Exception) -> RequestOutput:
+        """``_fail`` for a request whose step failed: it gets its final output even if releasing
+        its slot fails too (the runner's state is then unknown; the caller decides what next)."""
+        try:
+            return self._fail(slot, exc)
+        except Exception:
+            live = self.live.pop(slot)
+            self._in_flight.discard(live.request.request_id)
+            self.slots.release(slot)
+            return RequestOutput(live.request.request_id, [], "", True, FinishReason.ERROR,
+                                 num_prompt_tokens=len(live.request.prompt_ids), arrival_time=live.request.arrival_time,
+                                 error=f"{type(exc).__name__}: {exc}")
 
     def _expire_deadlines(self) -> list[RequestOutput]:
         now = time.monotonic()

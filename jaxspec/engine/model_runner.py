@@ -1,7 +1,7 @@
 """The device side of plain generation: parameters, the slot cache and the jitted steps.
 
-``ModelRunner`` owns one model's parameters and its KV cache. Prefill lengths are
-bucketed to powers of two and decode always runs all slots, so after
+``ModelRunner`` owns one model's parameters and its KV cache. Prefill lengths and
+row counts, decode row counts and attention spans are bucketed, so after
 ``warmup()`` no new request shape causes a compilation. The cache is donated to
 every step (updated in place).
 
@@ -15,7 +15,7 @@ sharding it went in with, so nothing is resharded between decode steps.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +24,13 @@ from flax import nnx
 
 from jaxspec.engine.slots import SlotTable
 from jaxspec.mesh import Placement, check_placement
+from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.moe_parallel import moe_backend_for
-from jaxspec.sampling import BatchSampling, sample_tokens
+from jaxspec.sampling import BatchSampling, pad_sampling, sample_tokens, take_sampling
 
 MIN_PREFILL_BUCKET = 16
+MIN_KV_BUCKET = 128
 
 
 def prefill_buckets(max_len: int, min_bucket: int = MIN_PREFILL_BUCKET) -> list[int]:
@@ -39,6 +41,45 @@ def prefill_buckets(max_len: int, min_bucket: int = MIN_PREFILL_BUCKET) -> list[
         b *= 2
     buckets.append(max_len)
     return buckets
+
+
+def batch_buckets(num_slots: int) -> list[int]:
+    """Compiled row counts of a decode step: powers of two below ``num_slots``, then ``num_slots``
+    (like CUDA-graph batch sizes: a step runs the smallest that holds its active rows)."""
+    out, b = [], 1
+    while b < num_slots:
+        out.append(b)
+        b *= 2
+    return out + [num_slots]
+
+
+def kv_buckets(max_len: int, min_bucket: int = MIN_KV_BUCKET) -> list[int]:
+    """Compiled attention spans: powers of two from ``min_bucket``, ending at ``max_len``."""
+    return prefill_buckets(max_len, min(min_bucket, max_len))
+
+
+def bucket_up(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def pad_rows(x: np.ndarray, rows: int, value) -> np.ndarray:
+    """x [n, ...] padded to [rows, ...] with ``value``."""
+    x = np.asarray(x)
+    if len(x) == rows:
+        return x
+    return np.concatenate([x, np.full((rows - len(x), *x.shape[1:]), value, x.dtype)])
+
+
+class StepStatics(NamedTuple):
+    """Everything static a step's trace depends on besides shapes and the graph: part of every
+    jit key, so runners that differ here never share a compiled step. Hashable."""
+
+    moe_backend: Any = None  # backend name, ExpertParallel, PlacedBackend, or None (the config's)
+    attention_backend: str = "xla"
 
 
 class PlacedBackend(NamedTuple):
@@ -52,10 +93,12 @@ class PlacedBackend(NamedTuple):
     placement: Placement
 
 
-def _forward(graphdef, moe_backend, state, tokens, start, cache, slot_ids=None, num_valid=None):
+def _forward(graphdef, statics: StepStatics, state, tokens, start, cache, slot_ids=None, num_valid=None, kv_len=None):
+    moe_backend = statics.moe_backend
     placed = moe_backend if isinstance(moe_backend, PlacedBackend) else None
     backend = placed.dispatch if placed else moe_backend
-    out = nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend)
+    out = nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend, kv_len=kv_len,
+                                     attention_backend=statics.attention_backend)
     if placed is not None:
         out = out._replace(cache=jax.lax.with_sharding_constraint(out.cache, placed.placement.cache_shardings(out.cache)))
     return out
@@ -63,18 +106,21 @@ def _forward(graphdef, moe_backend, state, tokens, start, cache, slot_ids=None, 
 
 # The steps are module-level with the graph definition static, so runners of the same
 # model architecture share compiled executables (a new engine does not recompile).
-def _prefill_impl(graphdef, moe_backend, state, cache, tokens, slot, num_valid, sampling: BatchSampling):
-    """tokens [1, bucket], slot/num_valid [1] -> (cache, first token [1], last logits [1, V], expert load)."""
-    out = _forward(graphdef, moe_backend, state, tokens, jnp.zeros((1,), jnp.int32), cache, slot, num_valid)
-    last = jnp.take_along_axis(out.logits, (num_valid - 1)[:, None, None], axis=1)[:, 0]  # [1, V]
-    token = sample_tokens(last, sampling, jnp.zeros((1,), jnp.int32))
+def _prefill_impl(graphdef, statics, state, cache, tokens, slot_ids, num_valid, sampling: BatchSampling):
+    """tokens [P, T] prompts from position 0, slot_ids/num_valid [P] (padding rows: slot id S)
+    -> (cache, first token [P], last logits [P, V], expert load). Attends over T positions only."""
+    p, t = tokens.shape
+    out = _forward(graphdef, statics, state, tokens, jnp.zeros((p,), jnp.int32), cache, slot_ids, num_valid, kv_len=t)
+    last = jnp.take_along_axis(out.logits, jnp.maximum(num_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
+    token = sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32))
     return out.cache, token, last, out.expert_load
 
 
-def _decode_impl(graphdef, moe_backend, state, cache, last_tokens, active, sampling: BatchSampling, out_positions):
-    """One token for every slot: last_tokens/active/out_positions [S] -> (cache, tokens [S], expert load)."""
-    out = _forward(graphdef, moe_backend, state, last_tokens[:, None], cache.lengths, cache, None,
-                   active.astype(jnp.int32))
+def _decode_impl(graphdef, statics, state, cache, slot_ids, last_tokens, start, num_valid, sampling: BatchSampling,
+                 out_positions, *, kv_len: int):
+    """One token for each of B rows: slot_ids/last_tokens/start/num_valid/out_positions [B] (padding
+    rows: slot id S, num_valid 0) -> (cache, tokens [B], expert load). Attends over kv_len positions."""
+    out = _forward(graphdef, statics, state, last_tokens[:, None], start, cache, slot_ids, num_valid, kv_len=kv_len)
     tokens = sample_tokens(out.logits[:, 0], sampling, out_positions)
     return out.cache, tokens, out.expert_load
 
@@ -84,14 +130,15 @@ def _decode_impl(graphdef, moe_backend, state, cache, last_tokens, active, sampl
 _STEPS: dict[tuple, tuple[Callable, Callable]] = {}
 
 
-def unplaced_steps(graphdef, moe_backend) -> tuple[Callable, Callable]:
+def unplaced_steps(graphdef, statics: StepStatics) -> tuple[Callable, Callable]:
     """(prefill, decode) for a single-device runner, shared by every runner of this architecture."""
-    key = (graphdef, moe_backend)
+    key = (graphdef, statics)
     steps = _STEPS.get(key)
     if steps is None:
         steps = _STEPS[key] = (
-            jax.jit(functools.partial(_prefill_impl, graphdef, moe_backend), donate_argnums=(1,)),
-            jax.jit(functools.partial(_decode_impl, graphdef, moe_backend), donate_argnums=(1,)),
+            jax.jit(functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,)),
+            jax.jit(functools.partial(_decode_impl, graphdef, statics), donate_argnums=(1,),
+                    static_argnames=("kv_len",)),
         )
     return steps
 
@@ -100,20 +147,20 @@ def unplaced_steps(graphdef, moe_backend) -> tuple[Callable, Callable]:
 _PLACED_STEPS: dict[tuple, tuple[Callable, Callable]] = {}
 
 
-def placed_steps(graphdef, moe_backend: PlacedBackend, state_sharding, cache_sharding: KVCache, key: tuple):
+def placed_steps(graphdef, statics: StepStatics, state_sharding, cache_sharding: KVCache, key: tuple):
     """(prefill, decode) jitted with in/out shardings: parameters and cache as placed, the small
     per-step inputs and outputs (tokens, sampling settings, logits, expert load) replicated."""
     steps = _PLACED_STEPS.get(key)
     if steps is None:
-        rep = moe_backend.placement.replicated()
+        rep = statics.moe_backend.placement.replicated()
         prefill = jax.jit(
-            functools.partial(_prefill_impl, graphdef, moe_backend), donate_argnums=(1,),
+            functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,),
             in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep),
             out_shardings=(cache_sharding, rep, rep, rep),
         )
         decode = jax.jit(
-            functools.partial(_decode_impl, graphdef, moe_backend), donate_argnums=(1,),
-            in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep),
+            functools.partial(_decode_impl, graphdef, statics), donate_argnums=(1,), static_argnames=("kv_len",),
+            in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep, rep, rep),
             out_shardings=(cache_sharding, rep, rep),
         )
         steps = _PLACED_STEPS[key] = (prefill, decode)
@@ -121,7 +168,14 @@ def placed_steps(graphdef, moe_backend: PlacedBackend, state_sharding, cache_sha
 
 
 class ModelRunner:
-    """Jitted prefill / decode over a slot cache for one model."""
+    """Jitted prefill / decode over a slot cache for one model.
+
+    Steps run over the rows that hold a request, padded to the smallest compiled batch
+    bucket (``batch_buckets``), and attend over the smallest compiled span (``kv_buckets``)
+    that holds those rows' contexts: an idle slot costs nothing, and attention reads what
+    exists rather than the cache's capacity. Padding rows write nothing (slot id S) and
+    route to no expert. The host keeps each slot's length (``host_lengths``), so building a
+    step needs no device read."""
 
     def __init__(
         self,
@@ -131,29 +185,36 @@ class ModelRunner:
         moe_backend: str | None = None,
         cache_sharding: KVCache | None = None,
         placement: Placement | None = None,
+        attention_backend: str = "xla",
+        min_kv_bucket: int = MIN_KV_BUCKET,
+        max_prefill_rows: int = 4,
     ):
         """``placement``: run on a mesh (parameters moved to their shardings if they are not
         there yet; ``moe_backend`` then names the per-device expert computation's backend only
-        where experts are not split). ``cache_sharding`` alone places just the cache."""
+        where experts are not split). ``cache_sharding`` alone places just the cache.
+        ``max_prefill_rows``: most prompts one prefill call takes (a compiled bucket each)."""
         self.cfg = model.cfg
         self.num_slots = num_slots
         self.max_len = max_len or self.cfg.max_seq_len
         if self.max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len {self.max_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+        check_attention_backend(attention_backend)
         self.moe_backend = moe_backend
         self.placement = placement
         self.graphdef, self.state = nnx.split(model)
-        self._steps = unplaced_steps(self.graphdef, moe_backend)
         self.state_sharding = None
         if placement is not None:
             check_placement(self.cfg, placement)
             self.moe_backend = PlacedBackend(moe_backend_for(placement) or moe_backend, placement)
+        self.statics = StepStatics(self.moe_backend, attention_backend)
+        self._steps = unplaced_steps(self.graphdef, self.statics)
+        if placement is not None:
             self.state_sharding = state_sharding = placement.state_shardings(self.state)
             self.state = jax.device_put(self.state, state_sharding)
             abstract = KVCache.abstract(self.cfg, num_slots, self.max_len)
             cache_sharding = placement.cache_shardings(abstract)
-            key = (self.graphdef, self.moe_backend, num_slots, self.max_len)
-            self._steps = placed_steps(self.graphdef, self.moe_backend, state_sharding, cache_sharding, key)
+            key = (self.graphdef, self.statics, num_slots, self.max_len)
+            self._steps = placed_steps(self.graphdef, self.statics, state_sharding, cache_sharding, key)
         self.cache_sharding = cache_sharding
         if cache_sharding is None:
             # Committed to a device like every later (jit-output) cache, so the first and
@@ -162,6 +223,10 @@ class ModelRunner:
         else:  # created in place, shard by shard (never whole on one device)
             self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, self.max_len), out_shardings=cache_sharding)()
         self.buckets = prefill_buckets(self.max_len)
+        self.batch_buckets = batch_buckets(num_slots)
+        self.prefill_row_buckets = batch_buckets(max(1, min(max_prefill_rows, num_slots)))
+        self.kv_buckets = kv_buckets(self.max_len, min_kv_bucket)
+        self.host_lengths = np.zeros(num_slots, np.int32)
         # Tokens routed to each expert [L, E], summed on the host: the step's outputs are
         # ready together, and a device add would cost one more dispatch per step.
         self.expert_load = np.zeros((self.cfg.num_layers, max(self.cfg.num_experts, 1)), np.int64)
@@ -171,48 +236,85 @@ class ModelRunner:
         return nnx.merge(self.graphdef, self.state if state is None else state)
 
     def bucket_for(self, length: int) -> int:
-        for b in self.buckets:
-            if length <= b:
-                return b
-        raise ValueError(f"length {length} exceeds the cache length {self.max_len}")
+        if length > self.max_len:
+            raise ValueError(f"length {length} exceeds the cache length {self.max_len}")
+        return bucket_up(length, self.buckets)
+
+    def kv_bucket_for(self, positions: int) -> int:
+        """The compiled attention span holding ``positions`` cache positions."""
+        return bucket_up(min(int(positions), self.max_len), self.kv_buckets)
 
     def forward_fn(self) -> Callable:
-        """A pure function (state, tokens, start, cache, slot_ids, num_valid) -> ForwardOutput,
+        """A pure function (state, tokens, start, cache, slot_ids, num_valid, kv_len=None) -> ForwardOutput,
         for other runners (speculative verification) to jit with their own steps."""
-        return functools.partial(_forward, self.graphdef, self.moe_backend)
+        return functools.partial(_forward, self.graphdef, self.statics)
 
     # -------------------------------------------------------------- host API
     def prefill(self, slot: int, prompt_ids: list[int], slots: SlotTable) -> int:
         """Write a prompt into ``slot``'s cache and sample the first output token."""
-        n = len(prompt_ids)
-        bucket = self.bucket_for(n)
-        tokens = np.full((1, bucket), self.cfg.pad_id, np.int32)
-        tokens[0, :n] = prompt_ids
-        args = (self.state, self.cache, tokens, np.array([slot], np.int32), np.array([n], np.int32),
-                slots.sampling(np.array([slot])))
-        self.cache, token, _, load = self._steps[0](*args)
-        token = int(token[0])
+        return self.prefill_many([slot], [prompt_ids], slots.sampling(np.array([slot])))[0]
+
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], sampling: BatchSampling) -> list[int]:
+        """Prefill several prompts in one call (rows padded to a compiled count, tokens to the longest
+        prompt's bucket); returns each one's first token. ``sampling``: host settings, one row each."""
+        n = len(slots)
+        if not 0 < n <= self.prefill_row_buckets[-1]:
+            raise ValueError(f"prefill takes 1..{self.prefill_row_buckets[-1]} prompts, got {n}")
+        rows = bucket_up(n, self.prefill_row_buckets)
+        t = self.bucket_for(max(len(p) for p in prompts))
+        tokens = np.full((rows, t), self.cfg.pad_id, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+        slot_ids = pad_rows(np.asarray(slots, np.int32), rows, self.num_slots)
+        num_valid = pad_rows(np.array([len(p) for p in prompts], np.int32), rows, 0)
+        self.cache, token, _, load = self._steps[0](
+            self.state, self.cache, tokens, slot_ids, num_valid, pad_sampling(sampling, rows))
+        self.host_lengths[np.asarray(slots)] = num_valid[:n]
         self.add_expert_load(load)
-        return token
+        return [int(x) for x in np.asarray(token)[:n]]
 
     def decode(self, slots: SlotTable) -> np.ndarray:
-        """One decode step over all slots; returns the sampled token per slot [S] (inactive: ignore)."""
+        """One decode step over the active slots; returns the sampled token per slot [S] (inactive: ignore)."""
         return self.decode_tokens(slots.last_token, slots.active, slots.sampling(), slots.num_generated)
 
     def decode_tokens(self, last_tokens: np.ndarray, active: np.ndarray, sampling: BatchSampling,
                       out_positions: np.ndarray) -> np.ndarray:
         """``decode`` with its inputs given [S] each: feeds last_tokens at each slot's cache length."""
-        self.cache, tokens, load = self._steps[1](self.state, self.cache, last_tokens, active, sampling, out_positions)
-        tokens = np.asarray(tokens)
+        rows = np.flatnonzero(active)
+        out = np.zeros(self.num_slots, np.int32)
+        if rows.size:
+            out[rows] = self.decode_rows(rows, np.asarray(last_tokens)[rows], take_sampling(sampling, rows),
+                                         np.asarray(out_positions)[rows])
+        return out
+
+    def decode_rows(self, rows: np.ndarray, last_tokens: np.ndarray, sampling: BatchSampling,
+                    out_positions: np.ndarray) -> np.ndarray:
+        """One token for each slot in ``rows`` [n] (inputs one per row) -> tokens [n]."""
+        n = len(rows)
+        b = bucket_up(n, self.batch_buckets)
+        start = self.host_lengths[rows]
+        kv_len = self.kv_bucket_for(int(start.max()) + 1)
+        self.cache, tokens, load = self._steps[1](
+            self.state, self.cache, pad_rows(np.asarray(rows, np.int32), b, self.num_slots),
+            pad_rows(np.asarray(last_tokens, np.int32), b, 0), pad_rows(start, b, 0),
+            pad_rows(np.ones(n, np.int32), b, 0), pad_sampling(sampling, b),
+            pad_rows(np.asarray(out_positions, np.int32), b, 0), kv_len=kv_len,
+        )
+        self.host_lengths[rows] += 1
         self.add_expert_load(load)
-        return tokens
+        return np.asarray(tokens)[:n]
 
     def add_expert_load(self, load) -> None:
         """Add a step's routed-token counts [L, E] (a device array) to ``expert_load``."""
         self.expert_load += np.asarray(load)
 
     def set_length(self, slot: int, length: int) -> None:
+        self.host_lengths[slot] = length
         self._set_lengths(self.cache.set_length(slot, length).lengths)
+
+    def set_lengths_host(self, rows: np.ndarray, lengths: np.ndarray) -> None:
+        """Record lengths a step already set on the device (e.g. verification's accepted prefix)."""
+        self.host_lengths[rows] = lengths
 
     def _set_lengths(self, lengths) -> None:
         # Host-side edits of the lengths go back to the cache's own sharding, so the next
@@ -226,12 +328,24 @@ class ModelRunner:
         return np.asarray(self.cache.lengths)
 
     def warmup(self) -> None:
-        """Compile every prefill bucket and the decode step (no request state is touched)."""
-        dummy = SlotTable(self.num_slots)
+        """Compile every prefill (rows x length) bucket and every decode (rows x span) bucket; no
+        request state is touched (every write goes to the padding slot id)."""
         saved = self.lengths()
-        for bucket in self.buckets:
-            self.prefill(0, [self.cfg.pad_id] * min(bucket, self.max_len), dummy)
-        self.decode(dummy)
+        saved_host = self.host_lengths.copy()
+        s = self.num_slots
+        for rows in self.prefill_row_buckets:
+            for bucket in self.buckets:
+                tokens = np.full((rows, bucket), self.cfg.pad_id, np.int32)
+                self.cache, token, _, _ = self._steps[0](
+                    self.state, self.cache, tokens, np.full(rows, s, np.int32), np.zeros(rows, np.int32),
+                    pad_sampling(SlotTable(0).sampling(), rows))
+        for b in self.batch_buckets:
+            for kv_len in self.kv_buckets:
+                self.cache, token, _ = self._steps[1](
+                    self.state, self.cache, np.full(b, s, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
+                    np.zeros(b, np.int32), pad_sampling(SlotTable(0).sampling(), b), np.zeros(b, np.int32),
+                    kv_len=kv_len)
+        token.block_until_ready()
         self.set_length(0, 0)  # the release path's small update, compiled here rather than mid-serving
         self._set_lengths(jnp.asarray(saved))
-        self.expert_load[:] = 0
+        self.host_lengths[:] = saved_host

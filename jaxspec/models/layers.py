@@ -106,29 +106,26 @@ def cached_attention(
 
 
 
-# Attention implementation used by Attention.__call__. Read when a forward is traced, so set it
-# before jitting. "pallas" is pallas_kernels.verify_attention (same semantics; the Pallas
-# interpreter on CPU), imported only when selected.
+# Attention implementations, chosen per forward (a static argument of the jitted steps, so
+# runners with different backends never share a compiled step). "pallas" is
+# pallas_kernels.verify_attention (same semantics; the Pallas interpreter on CPU).
 ATTENTION_BACKENDS = ("xla", "pallas")
-_attention_backend = "xla"
 
 
-def set_attention_backend(name: str) -> str:
-    """Select the attention implementation ("xla" = cached_attention, or "pallas"); returns the previous one."""
-    global _attention_backend
+def check_attention_backend(name: str) -> str:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
-    previous, _attention_backend = _attention_backend, name
-    return previous
+    return name
 
 
-def attention(q, k, v, q_positions, sliding_window=None) -> jax.Array:
-    """cached_attention through the selected backend."""
-    if _attention_backend == "pallas":
+def attention(q, k, v, q_positions, sliding_window=None, backend: str = "xla") -> jax.Array:
+    """cached_attention through ``backend``."""
+    if check_attention_backend(backend) == "pallas":
         from pallas_kernels.verify_attention import cached_attention_pallas
 
         return cached_attention_pallas(q, k, v, q_positions, sliding_window)
     return cached_attention(q, k, v, q_positions, sliding_window)
+
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -156,7 +153,11 @@ class Attention(nnx.Module):
         layer: int,
         slot_ids: jax.Array | None,  # [B] or None for "row b is slot b"
         inv_freq: jax.Array,
+        kv_len: int | None = None,
+        attention_backend: str = "xla",
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``kv_len`` (static): attend over cache positions [0, kv_len) only; every query
+        position must be < kv_len (the caller buckets it over the rows' lengths)."""
         cfg = self.cfg
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])
@@ -172,12 +173,14 @@ class Attention(nnx.Module):
         rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
         cache_k = cache_k.at[layer, rows, positions].set(k.astype(cache_k.dtype), mode="drop")
         cache_v = cache_v.at[layer, rows, positions].set(v.astype(cache_v.dtype), mode="drop")
-        if slot_ids is None:
-            keys, values = cache_k[layer], cache_v[layer]
-        else:
-            keys = jnp.take(cache_k[layer], slot_ids, axis=0, mode="clip")
-            values = jnp.take(cache_v[layer], slot_ids, axis=0, mode="clip")
-        attn = attention(q, keys, values, positions, cfg.sliding_window)
+        # Read only the rows' slots and the first kv_len positions: decode cost follows the
+        # live contexts, not the cache's capacity.
+        kv_len = cache_k.shape[2] if kv_len is None else min(kv_len, cache_k.shape[2])
+        keys, values = cache_k[layer, :, :kv_len], cache_v[layer, :, :kv_len]
+        if slot_ids is not None:
+            keys = jnp.take(keys, slot_ids, axis=0, mode="clip")
+            values = jnp.take(values, slot_ids, axis=0, mode="clip")
+        attn = attention(q, keys, values, positions, cfg.sliding_window, attention_backend)
         out = jnp.einsum("bthk,hkd->btd", attn, self.wo[...])
         return out, cache_k, cache_v
 

@@ -53,9 +53,9 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.d_model, cfg.mlp_dim, dt, rngs)
 
     def __call__(self, x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend,
-                 router_stats=False, capacity_factor=None):
+                 router_stats=False, capacity_factor=None, kv_len=None, attention_backend="xla"):
         attn_out, cache_k, cache_v = self.attn(
-            self.attn_norm(x), positions, cache_k, cache_v, self.layer, slot_ids, inv_freq
+            self.attn_norm(x), positions, cache_k, cache_v, self.layer, slot_ids, inv_freq, kv_len, attention_backend
         )
         x = x + attn_out
         h = self.mlp_norm(x)
@@ -86,6 +86,8 @@ class Transformer(nnx.Module):
         moe_backend: str | None = None,
         router_stats: bool = False,
         capacity_factor: float | None = None,
+        kv_len: int | None = None,  # static: attend over cache positions [0, kv_len) (> every query position)
+        attention_backend: str = "xla",  # static: layers.ATTENTION_BACKENDS
     ) -> ForwardOutput:
         cfg = self.cfg
         b, t = tokens.shape
@@ -100,7 +102,8 @@ class Transformer(nnx.Module):
         loads = []
         for layer in self.layers:
             x, cache_k, cache_v, counts = layer(
-                x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend, router_stats, capacity_factor
+                x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend, router_stats, capacity_factor,
+                kv_len, attention_backend,
             )
             loads.append(counts if counts is not None else jnp.zeros((max(cfg.num_experts, 1),), jnp.int32))
         hidden = self.final_norm(x)

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.engine.model_runner import prefill_buckets
+from jaxspec.engine.model_runner import kv_buckets, prefill_buckets
 from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.moe_parallel import moe_backend_for
@@ -51,27 +51,27 @@ def _make_extend(graphdef, backend):
     return extend
 
 
-def _make_loop(graphdef, backend, kb: int):
-    def loop(state, cache, block, block_valid, start, sampling: BatchSampling, out_pos):
+def _make_loop(graphdef, backend, kb: int, kv_len: int):
+    def loop(state, cache, slot_ids, block, block_valid, start, sampling: BatchSampling, out_pos):
+        """B rows (row b is slot slot_ids[b]; padding rows: slot id S and block_valid 0)."""
         model = nnx.merge(graphdef, state)
         vocab = model.cfg.vocab_size
-        rows = block.shape[0]
         all_greedy = jnp.all(sampling.temperature <= 0)
+        live = (block_valid > 0).astype(jnp.int32)  # padding rows stay invalid in every step
 
         def draw(logits, pos):
             q = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
             noise = batch_noise(sampling.seed, pos, vocab, PURPOSE_DRAFT, all_greedy)
             return sample_from_probs(q, noise), q
 
-        out = model(block, start, cache, None, block_valid, moe_backend=backend)
+        out = model(block, start, cache, slot_ids, block_valid, moe_backend=backend, kv_len=kv_len)
         last = jnp.take_along_axis(out.logits, jnp.maximum(block_valid - 1, 0)[:, None, None], axis=1)[:, 0]
         tok0, q0 = draw(last, out_pos)
         first = start + block_valid  # cache position where d_0 goes
-        ones = jnp.ones((rows,), jnp.int32)
 
         def step(carry, i):
             cache, tok = carry
-            o = model(tok[:, None], first + i - 1, cache, None, ones, moe_backend=backend)
+            o = model(tok[:, None], first + i - 1, cache, slot_ids, live, moe_backend=backend, kv_len=kv_len)
             t, q = draw(o.logits[:, 0], out_pos + i)
             return (o.cache, t), (t, q)
 
@@ -139,6 +139,7 @@ class DraftModelProposer:
         self._fns = {}
         self.lengths = np.zeros(num_slots, np.int32)
         self.buckets = prefill_buckets(max_len)
+        self.kv_buckets = kv_buckets(max_len)
 
     # Resolved once per proposer: the shared cache's key hashes the graphdef (~1 ms).
     def _jit(self, name: tuple, make, num_outputs: int):
@@ -148,7 +149,7 @@ class DraftModelProposer:
             kwargs: dict = {"donate_argnums": (1,)}
             if self.placement is not None:  # (state, cache, then small replicated inputs) -> (cache, replicated...)
                 rep = self.placement.replicated()
-                num_small = 4 if name[0] == "extend" else 5
+                num_small = 4 if name[0] == "extend" else 6
                 kwargs["in_shardings"] = (self._state_sharding, self._cache_sharding, *[rep] * num_small)
                 kwargs["out_shardings"] = self._cache_sharding if num_outputs == 1 else (
                     self._cache_sharding, *[rep] * (num_outputs - 1))
@@ -159,8 +160,8 @@ class DraftModelProposer:
     def _extend(self):
         return self._jit(("extend", 0), lambda: _make_extend(self.graphdef, self.moe_backend), 1)
 
-    def _loop(self, kb: int):
-        return self._jit(("loop", kb), lambda: _make_loop(self.graphdef, self.moe_backend, kb), 3)
+    def _loop(self, kb: int, kv_len: int):
+        return self._jit(("loop", kb, kv_len), lambda: _make_loop(self.graphdef, self.moe_backend, kb, kv_len), 3)
 
     def _sync_lengths(self) -> None:
         # Back to the cache's own (committed) layout: an uncommitted host array here would change
@@ -186,8 +187,10 @@ class DraftModelProposer:
     def _catch_up(self, ctx: SpecContext) -> None:
         """Feed all but the last pending token of slots more than PENDING_BLOCK behind."""
         hist_len = ctx.history.length
+        active = np.zeros(self.num_slots, bool)
+        active[ctx.live()[1]] = True
         while True:
-            lag = np.where(ctx.active, hist_len - self.lengths, 0)
+            lag = np.where(active, hist_len - self.lengths, 0)
             todo = np.where(lag > PENDING_BLOCK, np.minimum(lag - 1, self.catchup_chunk), 0).astype(np.int32)
             if not todo.any():
                 return
@@ -195,35 +198,44 @@ class DraftModelProposer:
             self.cache = self._extend()(self.state, self.cache, block, self.lengths.copy(), None, todo)
             self.lengths = self.lengths + todo
 
+    def kv_bucket_for(self, positions: int) -> int:
+        return next(b for b in self.kv_buckets if min(positions, self.max_len) <= b)
+
     def propose(self, ctx: SpecContext) -> Proposal:
         self._catch_up(ctx)
-        pending = np.where(ctx.active, ctx.history.length - self.lengths, 0).astype(np.int32)
-        if pending.max(initial=0) > PENDING_BLOCK or (pending[ctx.active] < 1).any():
+        idx, live = ctx.live()
+        rows = ctx.rows
+        safe = np.where(rows < self.num_slots, rows, 0)
+        lengths = np.where(ctx.active, self.lengths[safe], 0).astype(np.int32)
+        pending = np.where(ctx.active, ctx.history.length[safe] - lengths, 0).astype(np.int32)
+        if pending.max(initial=0) > PENDING_BLOCK or (pending[idx] < 1).any():
             raise RuntimeError(f"draft cache out of step with the context: pending tokens {pending.tolist()}")
-        block = ctx.history.window(self.lengths, PENDING_BLOCK, pending)
-        self.cache, tokens, probs = self._loop(ctx.kb)(
-            self.state, self.cache, block, pending, self.lengths.copy(), ctx.sampling, ctx.out_pos
+        block = ctx.history.window(lengths, PENDING_BLOCK, pending, rows)
+        kv_len = self.kv_bucket_for(int((lengths + pending).max(initial=0)) + ctx.kb)
+        self.cache, tokens, probs = self._loop(ctx.kb, kv_len)(
+            self.state, self.cache, rows.astype(np.int32), block, pending, lengths, ctx.sampling, ctx.out_pos
         )
-        drafted = np.flatnonzero(ctx.active)
-        self._round = (drafted, ctx.history.length[drafted] - 1)
+        self._round = (idx, live, ctx.history.length[live] - 1)
         return Proposal(tokens, probs, np.where(ctx.active, ctx.k, 0).astype(np.int32))
 
     def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
         # The round fed the pending tokens (ending with the one at position L) and
         # d_0..d_{kb-2} at L+1..; accepted d_0..d_{a-1} are therefore in the cache
         # up to d_{kb-2}. d_{kb-1} (all accepted) stays pending with the bonus.
-        slots, last_pos = self._round
-        self.lengths[slots] = last_pos + 1 + np.minimum(num_accepted[slots], ctx.kb - 1)
+        idx, slots, last_pos = self._round
+        self.lengths[slots] = last_pos + 1 + np.minimum(np.asarray(num_accepted)[idx], ctx.kb - 1)
         self._round = None
         self._sync_lengths()
 
     # ----------------------------------------------------------------- warm-up
-    def warmup(self, buckets: list[int]) -> None:
+    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None) -> None:
         saved = self.lengths.copy()
         for b in self.buckets:
             self.prefill(0, [0] * b)
         for kb in buckets:
-            self._run_dummy(kb)
+            for rows in batch_buckets or [self.num_slots]:
+                for kv_len in self.kv_buckets:
+                    self._run_dummy(kb, rows, kv_len)
         idle = np.zeros(self.num_slots, np.int32)
         self.cache = self._extend()(
             self.state, self.cache, np.zeros((self.num_slots, self.catchup_chunk), np.int32),
@@ -232,27 +244,27 @@ class DraftModelProposer:
         self.lengths = saved
         self._sync_lengths()
 
-    def _run_dummy(self, kb: int) -> None:
-        """One loop whose writes all fall past the cache end (dropped): timing only."""
-        s = self.num_slots
+    def _run_dummy(self, kb: int, rows: int | None = None, kv_len: int | None = None) -> None:
+        """One loop over padding rows only (every write dropped): compiles and times, touching no slot."""
+        b = rows or self.num_slots
         sampling = BatchSampling(
-            np.zeros(s, np.float32), np.zeros(s, np.int32), np.ones(s, np.float32), np.zeros(s, np.float32),
-            np.zeros((s, 2), np.uint32),
+            np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, np.float32),
+            np.zeros((b, 2), np.uint32),
         )
-        self.cache, tokens, _ = self._loop(kb)(
-            self.state, self.cache, np.zeros((s, PENDING_BLOCK), np.int32), np.ones(s, np.int32),
-            np.full(s, self.max_len, np.int32), sampling, np.zeros(s, np.int32),
+        self.cache, tokens, _ = self._loop(kb, kv_len or self.kv_buckets[-1])(
+            self.state, self.cache, np.full(b, self.num_slots, np.int32), np.zeros((b, PENDING_BLOCK), np.int32),
+            np.zeros(b, np.int32), np.zeros(b, np.int32), sampling, np.zeros(b, np.int32),
         )
         tokens.block_until_ready()
 
-    def measure(self, kb: int, reps: int) -> float:
+    def measure(self, kb: int, reps: int, rows: int | None = None, kv_len: int | None = None) -> float:
         if kb == 0:
             return 0.0
-        self._run_dummy(kb)  # compile / warm
+        self._run_dummy(kb, rows, kv_len)  # compile / warm
         times = []
         for _ in range(reps):
             t = time.perf_counter()
-            self._run_dummy(kb)
+            self._run_dummy(kb, rows, kv_len)
             times.append(time.perf_counter() - t)
         self._sync_lengths()
         return statistics.median(times)

@@ -50,10 +50,11 @@ class NgramProposer:
     def propose(self, ctx: SpecContext) -> Proposal:
         tokens = np.zeros((len(ctx.active), ctx.kb), np.int32)
         num = np.zeros(len(ctx.active), np.int32)
-        for s in np.flatnonzero(ctx.active & (ctx.k > 0)):
-            found = lookup(ctx.history.context(s), int(ctx.k[s]), self.max_n, self.min_n)
-            tokens[s, : len(found)] = found
-            num[s] = len(found)
+        rows = ctx.rows
+        for r in np.flatnonzero(ctx.active & (ctx.k > 0)):
+            found = lookup(ctx.history.context(rows[r]), int(ctx.k[r]), self.max_n, self.min_n)
+            tokens[r, : len(found)] = found
+            num[r] = len(found)
         return Proposal(tokens, None, num)
 
     def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:

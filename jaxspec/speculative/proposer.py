@@ -56,29 +56,47 @@ class TokenHistory:
         idx = np.clip(np.minimum(self.length, self.capacity) - 1, 0, None)
         return self.tokens[np.arange(len(idx)), idx]
 
-    def window(self, starts: np.ndarray, width: int, counts: np.ndarray) -> np.ndarray:
-        """tokens[s, starts[s] : starts[s] + counts[s]] left-aligned in a [S, width] block (rest 0)."""
+    def window(self, starts: np.ndarray, width: int, counts: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
+        """tokens[s, starts[i] : starts[i] + counts[i]] left-aligned in a [n, width] block (rest 0), s =
+        slots[i] (default: every slot in order; ids past the last slot read slot 0, counts 0 there)."""
+        rows = self.tokens if slots is None else self.tokens[np.where(slots < len(self.tokens), slots, 0)]
         cols = starts[:, None] + np.arange(width)[None, :]
-        block = np.take_along_axis(self.tokens, np.clip(cols, 0, self.capacity - 1), axis=1)
+        block = np.take_along_axis(rows, np.clip(cols, 0, self.capacity - 1), axis=1)
         return np.where(np.arange(width)[None, :] < counts[:, None], block, 0).astype(np.int32)
 
 
 @dataclasses.dataclass
 class SpecContext:
-    """A proposer's view of one step (host arrays, one row per slot)."""
+    """A proposer's view of one step (host arrays, one entry per batch row).
+
+    A step runs over the active slots packed into a compiled batch bucket: row r is slot
+    ``slots[r]``; padding rows have ``active[r] = False`` (and slot id ``num_slots``).
+    ``slots=None`` means row r is slot r."""
 
     history: TokenHistory
-    active: np.ndarray  # [S] bool
-    k: np.ndarray  # [S] i32 tokens wanted per slot (0 for inactive slots)
+    active: np.ndarray  # [B] bool
+    k: np.ndarray  # [B] i32 tokens wanted per row (0 for padding rows)
     kb: int  # static proposal length (a compiled bucket), >= k.max()
-    sampling: BatchSampling  # the requests' settings (numpy arrays)
-    out_pos: np.ndarray  # [S] i32 output position of the first proposed token
+    sampling: BatchSampling  # the requests' settings (numpy arrays, [B])
+    out_pos: np.ndarray  # [B] i32 output position of the first proposed token
+    slots: np.ndarray | None = None  # [B] i32 slot of each row
+    kv_len: int | None = None  # the step's attention span (a compiled bucket), if the proposer wants one
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Slot id per row (padding rows: the number of slots)."""
+        return np.arange(len(self.active), dtype=np.int32) if self.slots is None else self.slots
+
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices, slot ids) of the rows that hold a request."""
+        idx = np.flatnonzero(self.active)
+        return idx, self.rows[idx]
 
 
 class Proposal(NamedTuple):
-    tokens: jax.Array | np.ndarray  # [S, kb] i32; entries at or past num_draft are ignored
-    probs: jax.Array | None  # [S, kb, V] f32 the q each token was sampled from; None: deterministic (one-hot)
-    num_draft: np.ndarray  # [S] i32 tokens proposed per slot (<= ctx.k)
+    tokens: jax.Array | np.ndarray  # [B, kb] i32 per batch row; entries at or past num_draft are ignored
+    probs: jax.Array | None  # [B, kb, V] f32 the q each token was sampled from; None: deterministic (one-hot)
+    num_draft: np.ndarray  # [B] i32 tokens proposed per row (<= ctx.k)
 
 
 class Proposer(Protocol):

@@ -13,8 +13,10 @@ t0, not yet in the target's cache; g tokens generated so far):
      proposer catches up, and the slot gets its a_s accepted drafts plus one
      target token.
 
-Shapes are static per bucket (all slots, T = kb + 1), so a changing mix of k,
-greedy and sampled requests never recompiles; ``warmup`` compiles every bucket.
+Steps run over the active slots packed into a compiled batch bucket and attend over a
+compiled span holding their contexts; with T = kb + 1 static per proposal bucket, a
+changing mix of k, batch size, context length, greedy and sampled requests never
+recompiles; ``warmup`` compiles every (rows, span, kb) bucket.
 With k = 0 for every slot the step is plain decoding: it runs the target's own
 decode step (``ModelRunner.decode_tokens``: no verification work, so an adaptive
 policy that turns speculation off pays what ``PlainRunner`` pays), which draws the
@@ -31,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.engine.model_runner import ModelRunner
+from jaxspec.engine.model_runner import ModelRunner, bucket_up, pad_rows
 from jaxspec.engine.request import InvalidRequestError, Request
 from jaxspec.engine.slots import SlotTable
-from jaxspec.sampling import BatchSampling, logits_to_probs
+from jaxspec.sampling import BatchSampling, logits_to_probs, pad_sampling
 from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy, bucket_for, k_buckets
 from jaxspec.speculative.jit_cache import cached_jit
 from jaxspec.speculative.proposer import NoProposer, Proposal, Proposer, SpecContext, TokenHistory
@@ -43,12 +45,13 @@ from jaxspec.speculative.verify import get_backend, verify_with_keys
 AUTO = "auto"
 
 
-def _make_verify(fwd, backend: str):
-    def verify(state, cache, last_tokens, start, draft_tokens, draft_probs, num_draft, sampling: BatchSampling,
+def _make_verify(fwd, backend: str, kv_len: int):
+    def verify(state, cache, slot_ids, last_tokens, start, draft_tokens, draft_probs, num_draft, sampling: BatchSampling,
                out_pos, active):
+        """B rows, row b = slot slot_ids[b] (padding rows: slot id S, inactive)."""
         tokens = jnp.concatenate([last_tokens[:, None], draft_tokens.astype(jnp.int32)], axis=1)
         num_draft = jnp.where(active, num_draft, 0)
-        out = fwd(state, tokens, start, cache, None, jnp.where(active, num_draft + 1, 0))
+        out = fwd(state, tokens, start, cache, slot_ids, jnp.where(active, num_draft + 1, 0), kv_len=kv_len)
         col = lambda x: x[:, None]  # noqa: E731  per-row settings broadcast over the kb+1 positions
         p = logits_to_probs(out.logits, col(sampling.temperature), col(sampling.top_k), col(sampling.top_p),
                             col(sampling.min_p))
@@ -56,8 +59,8 @@ def _make_verify(fwd, backend: str):
         # greedy rows greedily; deterministic drafters are one-hot by construction).
         out_tokens, accepted = verify_with_keys(p, draft_probs, draft_tokens, num_draft, sampling.seed, out_pos, backend,
                                                 all_greedy=jnp.all(sampling.temperature <= 0))
-        # Roll back to the accepted context; rows without a request keep their length.
-        lengths = jnp.where(active, start + 1 + accepted, cache.lengths)
+        # Roll back to the accepted context (padding rows write nothing).
+        lengths = out.cache.lengths.at[slot_ids].set(start + 1 + accepted, mode="drop")
         return out.cache.with_lengths(lengths), out_tokens, accepted, out.expert_load
 
     return verify
@@ -78,13 +81,14 @@ class SpeculativeRunner:
         cost_model: CostModel | None = None,
         measure_reps: int = 5,
         probe_every: int = 16,
-        profile: bool = True,
+        profile: bool = False,
     ):
         """``num_speculative_tokens``: a fixed k for every request, or "auto" (adaptive,
         the default). ``k_max`` bounds k everywhere, including per-request overrides.
         ``cost_model``: costs for the adaptive policy (default: measured at warm-up,
         or before the first adaptive step). ``profile``: wait for the draft before
-        verifying, so the step's time splits into drafting and verification."""
+        verifying, so the step's time splits into drafting and verification (a host sync per
+        step; off when serving: the draft's time is then only its dispatch)."""
         self.target = target
         self.cfg = target.cfg
         self.num_slots = target.num_slots
@@ -116,70 +120,80 @@ class SpeculativeRunner:
         self.policy = KPolicy(self.buckets, probe_every=probe_every)
         self.last_step_times: tuple[float, float] | None = None  # (draft_s, verify_s) of the last decode
         self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length (reporting)
-        self._verify_fns: dict[tuple[int, bool], object] = {}
+        self._verify_fns: dict[tuple[int, bool, int], object] = {}
+        self.cost_models: dict[int, CostModel] = {}  # measured, per batch bucket
 
     # ---------------------------------------------------------------- compiled steps
-    def _verify_fn(self, kb: int, deterministic: bool):
+    def _verify_fn(self, kb: int, deterministic: bool, kv_len: int):
         # Resolved once per runner: the shared cache's key hashes the graphdef (~1 ms).
-        fn = self._verify_fns.get((kb, deterministic))
+        fn = self._verify_fns.get((kb, deterministic, kv_len))
         if fn is None:
             target = self.target
-            key = ("verify", target.graphdef, target.moe_backend, kb, self.verify_backend, deterministic)
+            key = ("verify", target.graphdef, target.statics, kb, kv_len, self.verify_backend, deterministic)
             kwargs: dict = {"donate_argnums": (1,)}
             if target.placement is not None:  # explicit layouts: the cache comes back as it went in
                 rep = target.placement.replicated()
-                kwargs["in_shardings"] = (target.state_sharding, target.cache_sharding, *[rep] * 8)
+                kwargs["in_shardings"] = (target.state_sharding, target.cache_sharding, *[rep] * 9)
                 kwargs["out_shardings"] = (target.cache_sharding, rep, rep, rep)
                 key = (*key, self.num_slots, self.max_len)
-            fn = self._verify_fns[(kb, deterministic)] = cached_jit(
-                key, lambda: _make_verify(target.forward_fn(), self.verify_backend), **kwargs)
+            fn = self._verify_fns[(kb, deterministic, kv_len)] = cached_jit(
+                key, lambda: _make_verify(target.forward_fn(), self.verify_backend, kv_len), **kwargs)
         return fn
 
-    def _run_verify(self, kb: int, deterministic: bool, last_tokens, start, draft_tokens, draft_probs, num_draft,
-                    sampling, out_pos, active):
-        fn = self._verify_fn(kb, deterministic or kb == 0)
+    def _run_verify(self, kb: int, deterministic: bool, kv_len: int, slot_ids, last_tokens, start, draft_tokens,
+                    draft_probs, num_draft, sampling, out_pos, active):
+        fn = self._verify_fn(kb, deterministic, kv_len)
         self.target.cache, out_tokens, accepted, load = fn(
-            self.target.state, self.target.cache, last_tokens, start, draft_tokens,
-            None if (deterministic or kb == 0) else draft_probs, num_draft, sampling, out_pos, active,
+            self.target.state, self.target.cache, slot_ids, last_tokens, start, draft_tokens,
+            None if deterministic else draft_probs, num_draft, sampling, out_pos, active,
         )
         return out_tokens, accepted, load
 
-    def _dummy_verify(self, kb: int) -> None:
-        """A verification whose writes all fall past the cache end and whose rows are
-        inactive (lengths kept): compiles and times without touching any request. kb = 0
-        is the target's decode step (what ``decode`` runs when nothing is drafted): its
-        inactive rows keep their lengths and write only past them (stale, never read)."""
+    def _dummy_step(self, kb: int, rows: int, kv_len: int) -> None:
+        """A draft loop and verification (or, kb = 0, a decode step) over padding rows only:
+        every write is dropped, so it compiles and times without touching any request."""
         s = self.num_slots
+        sampling = pad_sampling(SlotTable(0).sampling(), rows)
+        slot_ids, zeros = np.full(rows, s, np.int32), np.zeros(rows, np.int32)
         if kb == 0:
-            self.target.decode_tokens(np.zeros(s, np.int32), np.zeros(s, bool), SlotTable(s).sampling(),
-                                      np.zeros(s, np.int32))
+            self.target.cache, out, _ = self.target._steps[1](
+                self.target.state, self.target.cache, slot_ids, zeros, zeros, zeros, sampling, zeros, kv_len=kv_len)
+            out.block_until_ready()
             return
         # A model drafter's tokens and q's arrive as its committed device outputs (a deterministic
         # drafter's as host arrays): the dummy passes the same kind of array, or the first real
         # step would compile this step again, mid-serving.
-        tokens, probs = np.zeros((s, kb), np.int32), None
+        tokens, probs = np.zeros((rows, kb), np.int32), None
         if not self.proposer.deterministic:
             where = self.target.placement.replicated() if self.target.placement is not None else jax.devices()[0]
             tokens = jax.device_put(tokens, where)
-            probs = jax.device_put(np.zeros((s, kb, self.cfg.vocab_size), np.float32), where)
-        out, _, _ = self._run_verify(
-            kb, self.proposer.deterministic, np.zeros(s, np.int32), np.full(s, self.max_len, np.int32),
-            tokens, probs, np.zeros(s, np.int32), SlotTable(s).sampling(),
-            np.zeros(s, np.int32), np.zeros(s, bool),
-        )
+            probs = jax.device_put(np.zeros((rows, kb, self.cfg.vocab_size), np.float32), where)
+        out, _, _ = self._run_verify(kb, self.proposer.deterministic, kv_len, slot_ids, zeros, zeros, tokens, probs,
+                                     zeros, sampling, zeros, np.zeros(rows, bool))
         out.block_until_ready()
 
     # ------------------------------------------------------------------ StepRunner
+    @property
+    def max_prefill_rows(self) -> int:
+        return self.target.prefill_row_buckets[-1]
+
     def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
-        override = request.num_speculative_tokens
-        if override is not None and override < 0:
-            raise InvalidRequestError("num_speculative_tokens", f"must be >= 0, got {override}")
-        first = self.target.prefill(slot, request.prompt_ids, slots)
-        self.proposer.prefill(slot, request.prompt_ids)
-        self.history.start(slot, [*request.prompt_ids, first])
-        self.override[slot] = -1 if override is None else min(int(override), self.k_max)
-        self.estimator.reset(slot)
-        return first
+        return self.prefill_batch([(slot, request)], slots)[0]
+
+    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
+        for _, request in items:
+            override = request.num_speculative_tokens
+            if override is not None and override < 0:
+                raise InvalidRequestError("num_speculative_tokens", f"must be >= 0, got {override}")
+        idx = np.array([slot for slot, _ in items])
+        firsts = self.target.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx))
+        for (slot, request), first in zip(items, firsts):
+            override = request.num_speculative_tokens
+            self.proposer.prefill(slot, request.prompt_ids)
+            self.history.start(slot, [*request.prompt_ids, first])
+            self.override[slot] = -1 if override is None else min(int(override), self.k_max)
+            self.estimator.reset(slot)
+        return firsts
 
     def release(self, slot: int) -> None:
         self.target.set_length(slot, 0)
@@ -189,98 +203,125 @@ class SpeculativeRunner:
         self.estimator.reset(slot)
 
     def warmup(self) -> None:
-        """Compile prefill, every draft loop and verification; measure costs if adaptive."""
+        """Compile prefill, every draft loop and verification (rows x span x k buckets); measure
+        costs per batch bucket if adaptive."""
         self.target.warmup()
-        self.proposer.warmup(self.buckets)
-        for kb in [0, *self.buckets]:
-            self._dummy_verify(kb)
+        if hasattr(self.proposer, "kv_buckets"):
+            self.proposer.warmup(self.buckets, self.target.batch_buckets)
+        else:
+            self.proposer.warmup(self.buckets)
+        for rows in self.target.batch_buckets:
+            for kv_len in self.target.kv_buckets:
+                for kb in self.buckets:
+                    self._dummy_step(kb, rows, kv_len)
         if self.adaptive and self.cost_model is None:
-            self.cost_model = self.measure_costs(self.measure_reps)
+            for rows in self.target.batch_buckets:
+                self.cost_models[rows] = self.measure_costs(self.measure_reps, rows)
 
-    def measure_costs(self, reps: int = 5) -> CostModel:
-        """Median seconds of each compiled draft loop and verification at this runner's slot count."""
+    def measure_costs(self, reps: int = 5, rows: int | None = None) -> CostModel:
+        """Median seconds of each compiled draft loop and verification over ``rows`` rows (default:
+        every slot), attending over the middle compiled span (a typical context)."""
+        rows = rows or self.target.batch_buckets[-1]
+        kv_len = self.target.kv_buckets[len(self.target.kv_buckets) // 2]
         draft_s, verify_s = {}, {}
         for kb in [0, *self.buckets]:
-            draft_s[kb] = self.proposer.measure(kb, reps)
-            self._dummy_verify(kb)  # compile / warm
+            try:
+                draft_s[kb] = self.proposer.measure(kb, reps, rows, kv_len) if kb else 0.0
+            except TypeError:  # proposers without batch buckets measure at their own shape
+                draft_s[kb] = self.proposer.measure(kb, reps)
+            self._dummy_step(kb, rows, kv_len)  # compile / warm
             times = []
             for _ in range(reps):
                 t = time.perf_counter()
-                self._dummy_verify(kb)
+                self._dummy_step(kb, rows, kv_len)
                 times.append(time.perf_counter() - t)
             verify_s[kb] = statistics.median(times)
         return CostModel(draft_s, verify_s, source="measured")
 
+    def costs_for(self, rows: int) -> CostModel:
+        """The adaptive policy's costs at a batch bucket (the given model, else measured ones)."""
+        if self.cost_model is not None:
+            return self.cost_model
+        model = self.cost_models.get(rows)
+        if model is None:
+            model = self.cost_models[rows] = self.measure_costs(self.measure_reps, rows)
+        return model
+
     def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
-        active = slots.active.copy()
-        act = np.flatnonzero(active)
-        out_pos = slots.num_generated.astype(np.int32).copy()
-        k, kb = self._choose_k(slots, act, out_pos)
-        sampling = slots.sampling()
-        ctx = SpecContext(self.history, active, k, kb, sampling, out_pos)
+        act = np.flatnonzero(slots.active)
+        n = len(act)
+        if n == 0:
+            return {}
+        b = bucket_up(n, self.target.batch_buckets)
+        out_pos = slots.num_generated[act].astype(np.int32)
+        k, kb = self._choose_k(slots, act, out_pos, b)
+        sampling = slots.sampling(act)
+        rows = pad_rows(act.astype(np.int32), b, self.num_slots)
+        active = pad_rows(np.ones(n, bool), b, False)
+        ctx = SpecContext(self.history, active, pad_rows(k, b, 0), kb, pad_sampling(sampling, b),
+                          pad_rows(out_pos, b, 0), slots=rows)
+        last = self.history.last()[act]
         t0 = time.perf_counter()
-        proposal = Proposal(np.zeros((self.num_slots, 0), np.int32), None, np.zeros(self.num_slots, np.int32))
-        kb_run = 0
+        proposal = None
+        kb_run = kb
         if kb > 0:
             proposal = self.proposer.propose(ctx)
-            kb_run = kb
             if self.proposer.deterministic and not proposal.num_draft.any():
-                # No lookup found anything: verify one token instead of an empty block.
-                kb_run = 0
-                proposal = proposal._replace(tokens=np.asarray(proposal.tokens)[:, :0])
+                kb_run = 0  # no lookup found anything: a plain step instead of an empty verification
             if self.profile:
                 jax.block_until_ready(proposal.tokens)
         t1 = time.perf_counter()
         if kb_run == 0:
             # Nothing drafted: the target's own decode step (one token, no verification work);
             # it draws the same (seed, position, PURPOSE_TARGET) token a kb = 0 verification would.
-            tokens = self.target.decode_tokens(self.history.last(), active, sampling, out_pos)
-            out_tokens, accepted = tokens[:, None], np.zeros(self.num_slots, np.int32)
+            out_tokens = self.target.decode_rows(act, last, sampling, out_pos)[:, None]
+            accepted = np.zeros(n, np.int32)
         else:
-            start = np.where(active, self.history.length - 1, self.max_len).astype(np.int32)
+            start = (self.history.length[act] - 1).astype(np.int32)
+            kv_len = self.target.kv_bucket_for(int(start.max()) + kb_run + 1)
             out_tokens, accepted, load = self._run_verify(
-                kb_run, self.proposer.deterministic, self.history.last(), start, proposal.tokens, proposal.probs,
-                proposal.num_draft, sampling, out_pos, active,
+                kb_run, self.proposer.deterministic, kv_len, rows, pad_rows(last, b, 0), pad_rows(start, b, 0),
+                proposal.tokens, proposal.probs, proposal.num_draft, ctx.sampling, ctx.out_pos, active,
             )
-            out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
+            out_tokens, accepted = np.asarray(out_tokens)[:n], np.asarray(accepted)[:n]
+            self.target.set_lengths_host(act, start + 1 + accepted)
             self.target.add_expert_load(load)
         t2 = time.perf_counter()
         if kb > 0:
-            self.proposer.commit(ctx, proposal, accepted)
+            self.proposer.commit(ctx, proposal, pad_rows(accepted, b, 0))
+        drafted = proposal.num_draft[:n] if proposal is not None and kb_run > 0 else np.zeros(n, np.int32)
         results = {}
-        for s in act:
-            a = int(accepted[s])
-            tokens = out_tokens[s, : a + 1].tolist()
-            drafted = int(proposal.num_draft[s])
+        for i, s in enumerate(act):
+            a = int(accepted[i])
+            tokens = out_tokens[i, : a + 1].tolist()
             self.history.extend(s, tokens)
-            self.estimator.update(s, drafted, a)
-            results[int(s)] = (tokens, drafted, a)
-        if self.cost_model is not None:
-            self.cost_model.observe(kb_run, t1 - t0, t2 - t1)
+            self.estimator.update(s, int(drafted[i]), a)
+            results[int(s)] = (tokens, int(drafted[i]), a)
+        costs = self.cost_model if self.cost_model is not None else self.cost_models.get(b)
+        if costs is not None:
+            costs.observe(kb_run, t1 - t0, t2 - t1)
         self.bucket_steps[kb_run] += 1
         self.last_step_times = (t1 - t0, t2 - t1)
         return results
 
     # ---------------------------------------------------------------- choosing k
-    def _choose_k(self, slots: SlotTable, act: np.ndarray, out_pos: np.ndarray) -> tuple[np.ndarray, int]:
-        """(proposals per slot [S], the step's proposal length kb >= their max).
+    def _choose_k(self, slots: SlotTable, act: np.ndarray, out_pos: np.ndarray, rows: int) -> tuple[np.ndarray, int]:
+        """(proposals per active slot [n], the step's proposal length kb >= their max).
 
         A slot's k is capped by the tokens its request can still use, but with a fixed
         k the bucket is not: the step keeps one compiled shape from the first token to
         the last (kb = 0 only once every slot is on its final token), which also keeps a
         request's numerics independent of where the others are in their generation."""
-        k = np.zeros(self.num_slots, np.int32)
+        k = np.zeros(len(act), np.int32)
         if self.k_max == 0 or act.size == 0:
             return k, 0
         max_tokens = np.array([slots.requests[s].params.max_tokens for s in act])
-        caps = np.clip(max_tokens - out_pos[act] - 1, 0, self.k_max)
+        caps = np.clip(max_tokens - out_pos - 1, 0, self.k_max)
         forced = self.override[act]
         if not self.adaptive:
             wanted = np.where(forced < 0, self.default_k, forced)
-            k[act] = np.minimum(wanted, caps)
+            k[:] = np.minimum(wanted, caps)
             return k, (bucket_for(int(wanted.max()), self.buckets) if k.any() else 0)
-        if self.cost_model is None:
-            self.cost_model = self.measure_costs(self.measure_reps)
-        kb = self.policy.choose(self.estimator.mean(act), caps, forced, self.cost_model)
-        k[act] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
+        kb = self.policy.choose(self.estimator.mean(act), caps, forced, self.costs_for(rows))
+        k[:] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
         return k, (kb if k.any() else 0)
