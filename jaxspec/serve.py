@@ -34,6 +34,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return help_text
 
 
+def _k_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {value!r}")
+    return k
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m jaxspec.serve",
@@ -49,10 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "when the model is the built-in one)")
     m.add_argument("--spec-method", choices=SPEC_METHODS, default=None,
                    help="speculative decoding method (default: draft if there is a draft, else none)")
-    m.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
-                   help="draft tokens per step; also the most a request may ask for")
-    m.add_argument("--adaptive-k", action="store_true",
-                   help="choose the draft length per step (up to K) from measured acceptance and step costs")
+    m.add_argument("--num-speculative-tokens", type=_k_arg, default="auto", metavar="{K,auto}",
+                   help="draft tokens per step, or auto (default): choose k per step, 0 (off) up to "
+                   "--max-speculative-tokens, from measured step costs and acceptance")
+    m.add_argument("--max-speculative-tokens", type=int, default=4, metavar="K",
+                   help="the most a step proposes with auto, and the most a request may ask for")
     m.add_argument("--mesh", default=AUTO_MESH, metavar="NAME",
                    help="device mesh: a config under configs/meshes (e.g. tpu-v5e-8, gpu-8xh100) or a path; "
                    "'auto' picks one for the accelerators present (one device: no mesh)")
@@ -92,7 +105,9 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
     draft = default_draft(args.model, args.draft, args.spec_method)
     engine = EngineOptions(
         model=args.model, draft=draft, spec_method=args.spec_method or ("draft" if draft else "none"),
-        num_speculative_tokens=args.num_speculative_tokens, adaptive_k=args.adaptive_k, slots=args.slots,
+        num_speculative_tokens=(args.max_speculative_tokens if args.num_speculative_tokens == "auto"
+                                else args.num_speculative_tokens),
+        adaptive_k=args.num_speculative_tokens == "auto", slots=args.slots,
         max_len=args.max_len,
         max_waiting=args.max_waiting, dtype=args.dtype, mesh=args.mesh, default_max_tokens=args.default_max_tokens,
     )

@@ -34,8 +34,8 @@ class EngineOptions:
     model: str = DEFAULT_MODEL  # config name, orbax model directory or Hugging Face folder
     draft: str | None = None  # draft model (spec_method "draft")
     spec_method: str = "none"
-    num_speculative_tokens: int = 4  # draft length, and the most a request may ask for
-    adaptive_k: bool = False  # choose k per step (up to num_speculative_tokens) from measured acceptance
+    num_speculative_tokens: int = 4  # the most a step proposes (and a request may ask for); the fixed k if not adaptive
+    adaptive_k: bool = True  # choose k per step (0..num_speculative_tokens) from measured acceptance and step costs
     slots: int = 8
     max_len: int | None = None  # per-slot context; None: the model's max_seq_len
     max_waiting: int = 256
@@ -51,8 +51,6 @@ class EngineOptions:
             raise ConfigError("spec_method 'draft' needs a draft model (--draft)")
         if self.draft and self.spec_method != "draft":
             raise ConfigError(f"--draft is only used with --spec-method draft (got {self.spec_method!r})")
-        if self.adaptive_k and self.spec_method == "none":
-            raise ConfigError("--adaptive-k needs a speculative method (--spec-method draft or ngram)")
         if self.spec_method != "none" and self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         for name in ("slots", "max_waiting", "default_max_tokens"):

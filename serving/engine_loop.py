@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from jaxspec.engine import Engine, FinishReason, InvalidRequestError, Request, RequestOutput, SlotTable
+from jaxspec.engine import Engine, FinishReason, InvalidRequestError, Request, RequestOutput, SlotTable, SpecStats
 from jaxspec.engine.engine import StepFailed
 from jaxspec.sampling import SamplingParams
 
@@ -97,6 +97,7 @@ class Snapshot:
 
     num_waiting: int = 0
     num_running: int = 0
+    spec_stats: SpecStats | None = None  # engine-wide speculation counters (a copy)
 
 
 class GuardedRunner:
@@ -392,11 +393,13 @@ class EngineLoop:
             self._drain_inbox(block=not engine.has_unfinished())
             if self._stop.is_set():
                 break
-            if engine.has_unfinished():
-                outputs = self._step(engine)
-                if outputs:
-                    self._post(self._deliver, outputs)
-            self.snapshot = Snapshot(engine.num_waiting, engine.num_running)
+            outputs = self._step(engine) if engine.has_unfinished() else []
+            # The snapshot first: a client that got its final output never reads counters older
+            # than that output.
+            spec = engine.spec_stats.snapshot() if engine.spec_stats is not None else None
+            self.snapshot = Snapshot(engine.num_waiting, engine.num_running, spec)
+            if outputs:
+                self._post(self._deliver, outputs)
             if self._observer is not None:
                 self._observer.on_engine_state(engine.num_waiting, engine.num_running)
             self._maybe_read_expert_load()

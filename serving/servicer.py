@@ -112,7 +112,7 @@ class JaxSpecServicer(pb_grpc.JaxSpecServicer):
             max_waiting=bundle.engine.max_waiting if bundle else 0,
             num_slots=bundle.description.num_slots if bundle else 0,
             num_finished=self.metrics.num_finished,
-            speculation=spec_stats_to_proto(spec) if (spec := bundle and bundle.engine.spec_stats) else None,
+            speculation=spec_stats_to_proto(snap.spec_stats) if snap.spec_stats is not None else None,
             uptime_seconds=time.monotonic() - self.started,
         )
 

@@ -127,10 +127,10 @@ class ControlledRunner:
         self.fail_decodes = 0  # raise in this many of the next decode steps
         self.warmup_gate: threading.Event | None = None  # warm-up waits for it
 
-    def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
-        if self.poison is not None and tuple(request.prompt_ids) == self.poison:
+    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
+        if self.poison is not None and any(tuple(r.prompt_ids) == self.poison for _, r in items):
             raise RuntimeError("injected prefill fault")
-        return self.inner.prefill(slot, request, slots)
+        return self.inner.prefill_batch(items, slots)
 
     def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
         if self.step_delay_s:

@@ -16,7 +16,8 @@ from serving.testing import BackgroundServer, persistent_compilation_cache
 pytestmark = pytest.mark.slow  # compiles the verification step for every proposal length
 
 K = 2
-OPTS = EngineOptions(model="tiny-moe", spec_method="ngram", num_speculative_tokens=K, slots=16, max_len=64)
+OPTS = EngineOptions(model="tiny-moe", spec_method="ngram", num_speculative_tokens=K, adaptive_k=False, slots=16,
+                     max_len=64)
 PROMPT = "abcabcabcabc abcabc"  # repeated n-grams give the proposer something to find
 COMMON = dict(max_tokens=30, temperature=0.0, ignore_eos=True)
 

@@ -132,8 +132,9 @@ def test_speculative_greedy_identical_on_mesh(target, single_device_greedy):
     assert tgt.cache.k.sharding.is_equivalent_to(tgt.cache_sharding.k, 5)
     # The verification step the runner compiled moves no weight or cache and returns the cache as it took it.
     s = SLOTS
-    compiled = runner._verify_fn(3, False).lower(
-        tgt.state, tgt.cache, np.zeros(s, np.int32), np.zeros(s, np.int32), np.zeros((s, 3), np.int32),
+    ids = np.arange(s, dtype=np.int32)
+    compiled = runner._verify_fn(3, False, tgt.kv_buckets[-1]).lower(
+        tgt.state, tgt.cache, ids, np.zeros(s, np.int32), np.zeros(s, np.int32), np.zeros((s, 3), np.int32),
         jnp.zeros((s, 3, 264), jnp.float32), np.zeros(s, np.int32), SlotTable(s).sampling(), np.zeros(s, np.int32),
         np.zeros(s, bool)).compile()
     _assert_moves_no_state(compiled, tgt)
@@ -187,8 +188,10 @@ def test_decode_and_verify_move_no_weights_or_cache(target, shape, rules):
     placement = placement_for(shape, rules)
     runner = ModelRunner(target, SLOTS, MAX_LEN, placement=placement)
     slots = SlotTable(SLOTS)
-    decode = runner._steps[1]
-    args = (runner.state, runner.cache, slots.last_token, slots.active, slots.sampling(), slots.num_generated)
+    decode = runner._steps[1].for_span(runner.kv_buckets[-1])
+    ids = np.arange(SLOTS, dtype=np.int32)
+    args = (runner.state, runner.cache, ids, slots.last_token, ids * 0, np.ones(SLOTS, np.int32), slots.sampling(),
+            slots.num_generated)
     compiled = decode.lower(*args).compile()
     _assert_moves_no_state(compiled, runner)
     # The cache comes out exactly as it went in: the next step takes it without a transfer.

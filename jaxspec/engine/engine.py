@@ -316,7 +316,7 @@ class Engine:
             first_token_time=live.first_token_time,
             last_token_time=live.last_token_time,
             error=error,
-            spec=live.spec,
+            spec=live.spec.snapshot() if live.spec is not None else None,  # delivered to another thread
         )
 
     def _finish(self, slot, reason, text="", token_ids=(), match=None, error=None) -> RequestOutput:

@@ -66,6 +66,26 @@ def bucket_up(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def slots_unsplit(cache_sharding: KVCache) -> bool:
+    """Whether the cache's slot axis lives whole on every device (rows can be packed freely)."""
+    spec = getattr(cache_sharding.k, "spec", None)
+    return spec is None or len(spec) < 2 or spec[1] is None
+
+
+def scatter_rows(x, where: np.ndarray, rows: int, value) -> np.ndarray:
+    """x [n] placed at row indices ``where`` of a [rows, ...] array filled with ``value``."""
+    x = np.asarray(x)
+    out = np.full((rows, *x.shape[1:]), value, x.dtype)
+    out[where] = x
+    return out
+
+
+def scatter_sampling(sampling: BatchSampling, where: np.ndarray, rows: int) -> BatchSampling:
+    """Settings [n] placed at row indices ``where`` of [rows] settings (the others greedy)."""
+    fills = (0.0, 0, 1.0, 0.0, 0)
+    return BatchSampling(*(scatter_rows(x, where, rows, f) for x, f in zip(sampling, fills)))
+
+
 def pad_rows(x: np.ndarray, rows: int, value) -> np.ndarray:
     """x [n, ...] padded to [rows, ...] with ``value``."""
     x = np.asarray(x)
@@ -117,34 +137,55 @@ def _prefill_impl(graphdef, statics, state, cache, tokens, slot_ids, num_valid, 
 
 
 def _decode_impl(graphdef, statics, state, cache, slot_ids, last_tokens, start, num_valid, sampling: BatchSampling,
-                 out_positions, *, kv_len: int):
+                 out_positions, *, kv_len: int, identity_rows: bool = False):
     """One token for each of B rows: slot_ids/last_tokens/start/num_valid/out_positions [B] (padding
-    rows: slot id S, num_valid 0) -> (cache, tokens [B], expert load). Attends over kv_len positions."""
-    out = _forward(graphdef, statics, state, last_tokens[:, None], start, cache, slot_ids, num_valid, kv_len=kv_len)
+    rows: slot id S, num_valid 0) -> (cache, tokens [B], expert load). Attends over kv_len positions.
+    ``identity_rows``: row b is slot b (slot_ids ignored; no gather of cache rows)."""
+    ids = None if identity_rows else slot_ids
+    out = _forward(graphdef, statics, state, last_tokens[:, None], start, cache, ids, num_valid, kv_len=kv_len)
     tokens = sample_tokens(out.logits[:, 0], sampling, out_positions)
     return out.cache, tokens, out.expert_load
 
 
 # Jitted steps with the graphdef bound, resolved once per runner: hashing a graphdef
 # costs ~1 ms, too much to pay on every decode step as a static argument.
-_STEPS: dict[tuple, tuple[Callable, Callable]] = {}
+_STEPS: dict[tuple, tuple[Callable, "SpanSteps"]] = {}
 
 
-def unplaced_steps(graphdef, statics: StepStatics) -> tuple[Callable, Callable]:
+class SpanSteps:
+    """A decode step compiled once per attention span: ``step(*args, kv_len=N)``. The span is
+    bound into each jitted function (not a static keyword), so it works with explicit
+    in/out shardings too."""
+
+    def __init__(self, make: Callable[[int], Callable]):
+        self._make = make
+        self._fns: dict[int, Callable] = {}
+
+    def for_span(self, kv_len: int) -> Callable:
+        fn = self._fns.get(kv_len)
+        if fn is None:
+            fn = self._fns[kv_len] = self._make(kv_len)
+        return fn
+
+    def __call__(self, *args, kv_len: int):
+        return self.for_span(kv_len)(*args)
+
+
+def unplaced_steps(graphdef, statics: StepStatics) -> tuple[Callable, SpanSteps]:
     """(prefill, decode) for a single-device runner, shared by every runner of this architecture."""
     key = (graphdef, statics)
     steps = _STEPS.get(key)
     if steps is None:
         steps = _STEPS[key] = (
             jax.jit(functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,)),
-            jax.jit(functools.partial(_decode_impl, graphdef, statics), donate_argnums=(1,),
-                    static_argnames=("kv_len",)),
+            SpanSteps(lambda kv_len: jax.jit(functools.partial(_decode_impl, graphdef, statics, kv_len=kv_len),
+                                             donate_argnums=(1,))),
         )
     return steps
 
 # Steps of placed runners, compiled with explicit shardings; keyed on everything the
 # shardings depend on, so runners of one architecture on one mesh share executables.
-_PLACED_STEPS: dict[tuple, tuple[Callable, Callable]] = {}
+_PLACED_STEPS: dict[tuple, tuple[Callable, SpanSteps]] = {}
 
 
 def placed_steps(graphdef, statics: StepStatics, state_sharding, cache_sharding: KVCache, key: tuple):
@@ -158,11 +199,15 @@ def placed_steps(graphdef, statics: StepStatics, state_sharding, cache_sharding:
             in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep),
             out_shardings=(cache_sharding, rep, rep, rep),
         )
-        decode = jax.jit(
-            functools.partial(_decode_impl, graphdef, statics), donate_argnums=(1,), static_argnames=("kv_len",),
+        # A cache whose slots are split over devices is stepped in slot order: packing rows of
+        # different shards into one batch would move cache rows between devices.
+        identity = not slots_unsplit(cache_sharding)
+        decode = SpanSteps(lambda kv_len: jax.jit(
+            functools.partial(_decode_impl, graphdef, statics, kv_len=kv_len, identity_rows=identity),
+            donate_argnums=(1,),
             in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep, rep, rep),
             out_shardings=(cache_sharding, rep, rep),
-        )
+        ))
         steps = _PLACED_STEPS[key] = (prefill, decode)
     return steps
 
@@ -223,7 +268,10 @@ class ModelRunner:
         else:  # created in place, shard by shard (never whole on one device)
             self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, self.max_len), out_shardings=cache_sharding)()
         self.buckets = prefill_buckets(self.max_len)
-        self.batch_buckets = batch_buckets(num_slots)
+        # Active rows are packed into batch buckets unless the cache's slots are split over
+        # devices (then a step covers every slot in order; idle rows still route to no expert).
+        self.compact_rows = cache_sharding is None or slots_unsplit(cache_sharding)
+        self.batch_buckets = batch_buckets(num_slots) if self.compact_rows else [num_slots]
         self.prefill_row_buckets = batch_buckets(max(1, min(max_prefill_rows, num_slots)))
         self.kv_buckets = kv_buckets(self.max_len, min_kv_bucket)
         self.host_lengths = np.zeros(num_slots, np.int32)
@@ -287,22 +335,56 @@ class ModelRunner:
                                          np.asarray(out_positions)[rows])
         return out
 
+    def row_layout(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slot id of each batch row [B], row index of each given slot [n]) for a step over ``slots``:
+        packed into a batch bucket (padding rows: slot id S), or every slot in order when rows are
+        not packed."""
+        n = len(slots)
+        if self.compact_rows:
+            b = bucket_up(n, self.batch_buckets)
+            return pad_rows(np.asarray(slots, np.int32), b, self.num_slots), np.arange(n)
+        return np.arange(self.num_slots, dtype=np.int32), np.asarray(slots)
+
+    def row_starts(self, row_slots: np.ndarray, where: np.ndarray, start: np.ndarray) -> np.ndarray:
+        """Start position of every batch row: ``start`` for the stepped slots, the slot's own length
+        for the others (their writes land past it: stale, never read; padding rows write nothing)."""
+        out = self.host_lengths[np.minimum(row_slots, self.num_slots - 1)].copy()
+        out[where] = start
+        return out
+
     def decode_rows(self, rows: np.ndarray, last_tokens: np.ndarray, sampling: BatchSampling,
                     out_positions: np.ndarray) -> np.ndarray:
         """One token for each slot in ``rows`` [n] (inputs one per row) -> tokens [n]."""
-        n = len(rows)
-        b = bucket_up(n, self.batch_buckets)
+        row_slots, where = self.row_layout(rows)
+        b = len(row_slots)
         start = self.host_lengths[rows]
         kv_len = self.kv_bucket_for(int(start.max()) + 1)
         self.cache, tokens, load = self._steps[1](
-            self.state, self.cache, pad_rows(np.asarray(rows, np.int32), b, self.num_slots),
-            pad_rows(np.asarray(last_tokens, np.int32), b, 0), pad_rows(start, b, 0),
-            pad_rows(np.ones(n, np.int32), b, 0), pad_sampling(sampling, b),
-            pad_rows(np.asarray(out_positions, np.int32), b, 0), kv_len=kv_len,
+            self.state, self.cache, row_slots, scatter_rows(last_tokens, where, b, 0),
+            self.row_starts(row_slots, where, start), scatter_rows(np.ones(len(rows), np.int32), where, b, 0),
+            scatter_sampling(sampling, where, b),
+            scatter_rows(out_positions, where, b, 0), kv_len=kv_len,
         )
         self.host_lengths[rows] += 1
         self.add_expert_load(load)
-        return np.asarray(tokens)[:n]
+        return np.asarray(tokens)[where]
+
+    def idle_decode(self, rows: int, kv_len: int) -> None:
+        """A decode step of ``rows`` padding rows (every write dropped, no slot touched), waited for:
+        compiles that bucket, or times it."""
+        s = self.num_slots
+        zeros = np.zeros(rows, np.int32)
+        # Positions past the cache end: dropped even where rows are slots in order.
+        self.cache, tokens, _ = self._steps[1](
+            self.state, self.cache, np.full(rows, s, np.int32), zeros, np.full(rows, self.max_len, np.int32), zeros,
+            pad_sampling(SlotTable(0).sampling(), rows), zeros, kv_len=kv_len)
+        tokens.block_until_ready()
+        if not self.compact_rows:
+            self.sync_lengths()
+
+    def sync_lengths(self) -> None:
+        """Device lengths := the host's (after a step that ran over idle slots in order)."""
+        self._set_lengths(jnp.asarray(self.host_lengths))
 
     def add_expert_load(self, load) -> None:
         """Add a step's routed-token counts [L, E] (a device array) to ``expert_load``."""
@@ -341,11 +423,7 @@ class ModelRunner:
                     pad_sampling(SlotTable(0).sampling(), rows))
         for b in self.batch_buckets:
             for kv_len in self.kv_buckets:
-                self.cache, token, _ = self._steps[1](
-                    self.state, self.cache, np.full(b, s, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
-                    np.zeros(b, np.int32), pad_sampling(SlotTable(0).sampling(), b), np.zeros(b, np.int32),
-                    kv_len=kv_len)
-        token.block_until_ready()
+                self.idle_decode(b, kv_len)
         self.set_length(0, 0)  # the release path's small update, compiled here rather than mid-serving
         self._set_lengths(jnp.asarray(saved))
         self.host_lengths[:] = saved_host

@@ -81,6 +81,11 @@ class SpecStats:
         for i in range(drafted):
             self.drafted_per_position[i] += 1
 
+    def snapshot(self) -> "SpecStats":
+        """A copy that later updates do not touch (for readers on other threads)."""
+        return dataclasses.replace(self, accepted_per_position=list(self.accepted_per_position),
+                                   drafted_per_position=list(self.drafted_per_position))
+
     def add_step(self, draft_s: float, verify_s: float) -> None:
         self.num_steps += 1
         self.draft_time_s += draft_s

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.engine.model_runner import kv_buckets, prefill_buckets
+from jaxspec.engine.model_runner import kv_buckets, prefill_buckets, slots_unsplit
 from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.moe_parallel import moe_backend_for
@@ -51,10 +51,12 @@ def _make_extend(graphdef, backend):
     return extend
 
 
-def _make_loop(graphdef, backend, kb: int, kv_len: int):
+def _make_loop(graphdef, backend, kb: int, kv_len: int, identity_rows: bool):
     def loop(state, cache, slot_ids, block, block_valid, start, sampling: BatchSampling, out_pos):
-        """B rows (row b is slot slot_ids[b]; padding rows: slot id S and block_valid 0)."""
+        """B rows (row b is slot slot_ids[b]; padding rows: slot id S and block_valid 0; with
+        ``identity_rows`` row b is slot b)."""
         model = nnx.merge(graphdef, state)
+        slot_ids = None if identity_rows else slot_ids
         vocab = model.cfg.vocab_size
         all_greedy = jnp.all(sampling.temperature <= 0)
         live = (block_valid > 0).astype(jnp.int32)  # padding rows stay invalid in every step
@@ -137,6 +139,8 @@ class DraftModelProposer:
             self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, max_len),
                                  out_shardings=self._cache_sharding)()
         self._fns = {}
+        # Like the target's runner: rows are packed unless the cache's slots are split over devices.
+        self.compact_rows = self._cache_sharding is None or slots_unsplit(self._cache_sharding)
         self.lengths = np.zeros(num_slots, np.int32)
         self.buckets = prefill_buckets(max_len)
         self.kv_buckets = kv_buckets(max_len)
@@ -161,7 +165,9 @@ class DraftModelProposer:
         return self._jit(("extend", 0), lambda: _make_extend(self.graphdef, self.moe_backend), 1)
 
     def _loop(self, kb: int, kv_len: int):
-        return self._jit(("loop", kb, kv_len), lambda: _make_loop(self.graphdef, self.moe_backend, kb, kv_len), 3)
+        identity = not self.compact_rows
+        return self._jit(("loop", kb, kv_len, identity),
+                         lambda: _make_loop(self.graphdef, self.moe_backend, kb, kv_len, identity), 3)
 
     def _sync_lengths(self) -> None:
         # Back to the cache's own (committed) layout: an uncommitted host array here would change
@@ -205,8 +211,11 @@ class DraftModelProposer:
         self._catch_up(ctx)
         idx, live = ctx.live()
         rows = ctx.rows
+        if not self.compact_rows and not np.array_equal(rows, np.arange(self.num_slots)):
+            raise ValueError("this draft's cache splits slots over devices: steps must cover every slot in order")
         safe = np.where(rows < self.num_slots, rows, 0)
-        lengths = np.where(ctx.active, self.lengths[safe], 0).astype(np.int32)
+        lengths = np.where(ctx.active, self.lengths[safe], self.lengths[safe] if not self.compact_rows else 0)
+        lengths = lengths.astype(np.int32)
         pending = np.where(ctx.active, ctx.history.length[safe] - lengths, 0).astype(np.int32)
         if pending.max(initial=0) > PENDING_BLOCK or (pending[idx] < 1).any():
             raise RuntimeError(f"draft cache out of step with the context: pending tokens {pending.tolist()}")
@@ -246,15 +255,15 @@ class DraftModelProposer:
 
     def _run_dummy(self, kb: int, rows: int | None = None, kv_len: int | None = None) -> None:
         """One loop over padding rows only (every write dropped): compiles and times, touching no slot."""
-        b = rows or self.num_slots
+        b = rows if rows and self.compact_rows else self.num_slots
         sampling = BatchSampling(
             np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, np.float32),
             np.zeros((b, 2), np.uint32),
         )
         self.cache, tokens, _ = self._loop(kb, kv_len or self.kv_buckets[-1])(
             self.state, self.cache, np.full(b, self.num_slots, np.int32), np.zeros((b, PENDING_BLOCK), np.int32),
-            np.zeros(b, np.int32), np.zeros(b, np.int32), sampling, np.zeros(b, np.int32),
-        )
+            np.zeros(b, np.int32), np.full(b, self.max_len, np.int32), sampling, np.zeros(b, np.int32),
+        )  # positions past the cache end: nothing is written even where rows are slots in order
         tokens.block_until_ready()
 
     def measure(self, kb: int, reps: int, rows: int | None = None, kv_len: int | None = None) -> float:

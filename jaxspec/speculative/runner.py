@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.engine.model_runner import ModelRunner, bucket_up, pad_rows
+from jaxspec.engine.model_runner import ModelRunner, scatter_rows, scatter_sampling
 from jaxspec.engine.request import InvalidRequestError, Request
 from jaxspec.engine.slots import SlotTable
 from jaxspec.sampling import BatchSampling, logits_to_probs, pad_sampling
@@ -45,13 +45,15 @@ from jaxspec.speculative.verify import get_backend, verify_with_keys
 AUTO = "auto"
 
 
-def _make_verify(fwd, backend: str, kv_len: int):
+def _make_verify(fwd, backend: str, kv_len: int, identity_rows: bool):
     def verify(state, cache, slot_ids, last_tokens, start, draft_tokens, draft_probs, num_draft, sampling: BatchSampling,
                out_pos, active):
-        """B rows, row b = slot slot_ids[b] (padding rows: slot id S, inactive)."""
+        """B rows, row b = slot slot_ids[b] (padding rows: slot id S, inactive; ``identity_rows``:
+        row b is slot b and inactive rows keep their lengths)."""
         tokens = jnp.concatenate([last_tokens[:, None], draft_tokens.astype(jnp.int32)], axis=1)
         num_draft = jnp.where(active, num_draft, 0)
-        out = fwd(state, tokens, start, cache, slot_ids, jnp.where(active, num_draft + 1, 0), kv_len=kv_len)
+        ids = None if identity_rows else slot_ids
+        out = fwd(state, tokens, start, cache, ids, jnp.where(active, num_draft + 1, 0), kv_len=kv_len)
         col = lambda x: x[:, None]  # noqa: E731  per-row settings broadcast over the kb+1 positions
         p = logits_to_probs(out.logits, col(sampling.temperature), col(sampling.top_k), col(sampling.top_p),
                             col(sampling.min_p))
@@ -60,7 +62,10 @@ def _make_verify(fwd, backend: str, kv_len: int):
         out_tokens, accepted = verify_with_keys(p, draft_probs, draft_tokens, num_draft, sampling.seed, out_pos, backend,
                                                 all_greedy=jnp.all(sampling.temperature <= 0))
         # Roll back to the accepted context (padding rows write nothing).
-        lengths = out.cache.lengths.at[slot_ids].set(start + 1 + accepted, mode="drop")
+        if identity_rows:
+            lengths = jnp.where(active, start + 1 + accepted, cache.lengths)
+        else:
+            lengths = out.cache.lengths.at[slot_ids].set(start + 1 + accepted, mode="drop")
         return out.cache.with_lengths(lengths), out_tokens, accepted, out.expert_load
 
     return verify
@@ -129,7 +134,8 @@ class SpeculativeRunner:
         fn = self._verify_fns.get((kb, deterministic, kv_len))
         if fn is None:
             target = self.target
-            key = ("verify", target.graphdef, target.statics, kb, kv_len, self.verify_backend, deterministic)
+            key = ("verify", target.graphdef, target.statics, kb, kv_len, self.verify_backend, deterministic,
+                   target.compact_rows)
             kwargs: dict = {"donate_argnums": (1,)}
             if target.placement is not None:  # explicit layouts: the cache comes back as it went in
                 rep = target.placement.replicated()
@@ -137,7 +143,8 @@ class SpeculativeRunner:
                 kwargs["out_shardings"] = (target.cache_sharding, rep, rep, rep)
                 key = (*key, self.num_slots, self.max_len)
             fn = self._verify_fns[(kb, deterministic, kv_len)] = cached_jit(
-                key, lambda: _make_verify(target.forward_fn(), self.verify_backend, kv_len), **kwargs)
+                key, lambda: _make_verify(target.forward_fn(), self.verify_backend, kv_len, not target.compact_rows),
+                **kwargs)
         return fn
 
     def _run_verify(self, kb: int, deterministic: bool, kv_len: int, slot_ids, last_tokens, start, draft_tokens,
@@ -153,12 +160,11 @@ class SpeculativeRunner:
         """A draft loop and verification (or, kb = 0, a decode step) over padding rows only:
         every write is dropped, so it compiles and times without touching any request."""
         s = self.num_slots
+        rows = rows if self.target.compact_rows else s
         sampling = pad_sampling(SlotTable(0).sampling(), rows)
         slot_ids, zeros = np.full(rows, s, np.int32), np.zeros(rows, np.int32)
         if kb == 0:
-            self.target.cache, out, _ = self.target._steps[1](
-                self.target.state, self.target.cache, slot_ids, zeros, zeros, zeros, sampling, zeros, kv_len=kv_len)
-            out.block_until_ready()
+            self.target.idle_decode(rows, kv_len)
             return
         # A model drafter's tokens and q's arrive as its committed device outputs (a deterministic
         # drafter's as host arrays): the dummy passes the same kind of array, or the first real
@@ -168,7 +174,8 @@ class SpeculativeRunner:
             where = self.target.placement.replicated() if self.target.placement is not None else jax.devices()[0]
             tokens = jax.device_put(tokens, where)
             probs = jax.device_put(np.zeros((rows, kb, self.cfg.vocab_size), np.float32), where)
-        out, _, _ = self._run_verify(kb, self.proposer.deterministic, kv_len, slot_ids, zeros, zeros, tokens, probs,
+        far = np.full(rows, self.max_len, np.int32)  # writes past the cache end: dropped
+        out, _, _ = self._run_verify(kb, self.proposer.deterministic, kv_len, slot_ids, zeros, far, tokens, probs,
                                      zeros, sampling, zeros, np.zeros(rows, bool))
         out.block_until_ready()
 
@@ -252,14 +259,14 @@ class SpeculativeRunner:
         n = len(act)
         if n == 0:
             return {}
-        b = bucket_up(n, self.target.batch_buckets)
+        row_slots, where = self.target.row_layout(act)  # batch rows; the row of each active slot
+        b = len(row_slots)
         out_pos = slots.num_generated[act].astype(np.int32)
         k, kb = self._choose_k(slots, act, out_pos, b)
         sampling = slots.sampling(act)
-        rows = pad_rows(act.astype(np.int32), b, self.num_slots)
-        active = pad_rows(np.ones(n, bool), b, False)
-        ctx = SpecContext(self.history, active, pad_rows(k, b, 0), kb, pad_sampling(sampling, b),
-                          pad_rows(out_pos, b, 0), slots=rows)
+        active = scatter_rows(np.ones(n, bool), where, b, False)
+        ctx = SpecContext(self.history, active, scatter_rows(k, where, b, 0), kb, scatter_sampling(sampling, where, b),
+                          scatter_rows(out_pos, where, b, 0), slots=row_slots)
         last = self.history.last()[act]
         t0 = time.perf_counter()
         proposal = None
@@ -280,16 +287,17 @@ class SpeculativeRunner:
             start = (self.history.length[act] - 1).astype(np.int32)
             kv_len = self.target.kv_bucket_for(int(start.max()) + kb_run + 1)
             out_tokens, accepted, load = self._run_verify(
-                kb_run, self.proposer.deterministic, kv_len, rows, pad_rows(last, b, 0), pad_rows(start, b, 0),
-                proposal.tokens, proposal.probs, proposal.num_draft, ctx.sampling, ctx.out_pos, active,
+                kb_run, self.proposer.deterministic, kv_len, row_slots, scatter_rows(last, where, b, 0),
+                self.target.row_starts(row_slots, where, start), proposal.tokens, proposal.probs, proposal.num_draft, ctx.sampling,
+                ctx.out_pos, active,
             )
-            out_tokens, accepted = np.asarray(out_tokens)[:n], np.asarray(accepted)[:n]
+            out_tokens, accepted = np.asarray(out_tokens)[where], np.asarray(accepted)[where]
             self.target.set_lengths_host(act, start + 1 + accepted)
             self.target.add_expert_load(load)
         t2 = time.perf_counter()
         if kb > 0:
-            self.proposer.commit(ctx, proposal, pad_rows(accepted, b, 0))
-        drafted = proposal.num_draft[:n] if proposal is not None and kb_run > 0 else np.zeros(n, np.int32)
+            self.proposer.commit(ctx, proposal, scatter_rows(accepted, where, b, 0))
+        drafted = proposal.num_draft[where] if proposal is not None and kb_run > 0 else np.zeros(n, np.int32)
         results = {}
         for i, s in enumerate(act):
             a = int(accepted[i])
