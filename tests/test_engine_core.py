@@ -51,6 +51,7 @@ class SpyRunner(PlainRunner):
 def test_buckets():
     assert batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(6) == [1, 2, 4, 6] and batch_buckets(1) == [1]
     assert kv_buckets(512) == [128, 256, 512] and kv_buckets(300) == [128, 256, 300] and kv_buckets(64) == [64]
+    assert kv_buckets(2048, factor=4) == [128, 512, 2048] and kv_buckets(512, factor=4) == [128, 512]
 
 
 def test_a_step_runs_the_active_rows_over_their_live_span(model):
@@ -77,7 +78,7 @@ def test_bucketed_steps_equal_full_steps(model):
     assert [c.token_ids for c in bucketed] == [c.token_ids for c in reference]
 
 
-@pytest.mark.parametrize("backend", ["dense", "per_expert", "sorted", "ragged"])
+@pytest.mark.parametrize("backend", ["dense", "per_expert", "per_expert_static", "expert_rows", "sorted", "ragged"])
 def test_padding_tokens_reach_no_expert(backend):
     """Ids == E (padding) with weight 0 contribute nothing and leave the valid rows unchanged."""
     rng = np.random.default_rng(0)

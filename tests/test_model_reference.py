@@ -21,7 +21,8 @@ def test_forward_matches_reference(name):
 
 
 # Single-device backends; "expert_parallel" needs a mesh (tests/test_sharding_*.py).
-@pytest.mark.parametrize("backend", ["dense", "per_expert", "sorted", "ragged", "pallas"])
+@pytest.mark.parametrize("backend", ["dense", "per_expert", "per_expert_static", "expert_rows", "sorted", "ragged",
+                                     "pallas"])
 def test_every_moe_backend_matches_reference(backend):
     model = scaled_model("tiny-qwen3-moe", moe_backend=backend)
     tokens = np.random.default_rng(1).integers(3, model.cfg.vocab_size, size=37)

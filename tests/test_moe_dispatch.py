@@ -21,7 +21,7 @@ def _problem(n: int, seed: int, experts: int = E):
     return x, ids, w, w_gate, w_up, w_down
 
 
-@pytest.mark.parametrize("backend", ["per_expert", "sorted", "ragged"])
+@pytest.mark.parametrize("backend", ["per_expert", "per_expert_static", "expert_rows", "sorted", "ragged"])
 @pytest.mark.parametrize("n,experts", [(1, E), (5, E), (3, 3), (40, E)])
 def test_backend_matches_dense(backend, n, experts):
     args = _problem(n, seed=n + experts, experts=experts)
@@ -29,17 +29,19 @@ def test_backend_matches_dense(backend, n, experts):
     np.testing.assert_allclose(got, dispatch_dense(*args), atol=1e-5, rtol=1e-5)
 
 
-def test_per_expert_gradients_match_dense():
+@pytest.mark.parametrize("backend", ["per_expert", "expert_rows"])
+def test_per_expert_gradients_match_dense(backend):
     x, ids, w, *weights = _problem(6, seed=3, experts=4)  # experts 4..7 unchosen: skipped branches
     loss = lambda fn: lambda x, w, *ws: jnp.sum(jnp.sin(fn(x, ids, w, *ws)))  # noqa: E731
-    got = jax.grad(loss(BACKENDS["per_expert"]), argnums=(0, 1, 2, 3, 4))(x, w, *weights)
+    got = jax.grad(loss(BACKENDS[backend]), argnums=(0, 1, 2, 3, 4))(x, w, *weights)
     ref = jax.grad(loss(dispatch_dense), argnums=(0, 1, 2, 3, 4))(x, w, *weights)
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
     assert np.abs(np.asarray(got[2])[4:]).max() == 0.0  # unchosen experts get no gradient
 
 
-def test_auto_on_cpu_picks_per_expert_for_decode_sizes_and_sorted_for_prefill():
+def test_auto_on_cpu_picks_per_expert_for_tiny_batches_and_expert_rows_above():
     assert choose_backend("auto", 1, platform="cpu") == "per_expert"
-    assert choose_backend("auto", 9, platform="cpu") == "per_expert"
-    assert choose_backend("auto", 512, platform="cpu") == "sorted"
+    assert choose_backend("auto", 4, platform="cpu") == "per_expert"
+    assert choose_backend("auto", 9, platform="cpu") == "expert_rows"
+    assert choose_backend("auto", 512, platform="cpu") == "expert_rows"

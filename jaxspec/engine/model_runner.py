@@ -53,9 +53,13 @@ def batch_buckets(num_slots: int) -> list[int]:
     return out + [num_slots]
 
 
-def kv_buckets(max_len: int, min_bucket: int = MIN_KV_BUCKET) -> list[int]:
-    """Compiled attention spans: powers of two from ``min_bucket``, ending at ``max_len``."""
-    return prefill_buckets(max_len, min(min_bucket, max_len))
+def kv_buckets(max_len: int, min_bucket: int = MIN_KV_BUCKET, factor: int = 2) -> list[int]:
+    """Compiled attention spans: ``min_bucket`` times powers of ``factor``, ending at ``max_len``."""
+    out, b = [], min(min_bucket, max_len)
+    while b < max_len:
+        out.append(b)
+        b *= factor
+    return out + [max_len]
 
 
 def bucket_up(n: int, buckets: Sequence[int]) -> int:
@@ -297,6 +301,22 @@ class ModelRunner:
         for other runners (speculative verification) to jit with their own steps."""
         return functools.partial(_forward, self.graphdef, self.statics)
 
+    def tune_moe_dispatch(self, tokens_per_row: Sequence[int] = (1,), reps: int = 7):
+        """Measure the exact MoE dispatch backends at every token count this runner's decode (and,
+        with ``tokens_per_row`` = (1, k+1, ...), verification) steps compile, and adopt the fastest
+        per count (``moe_tuning.DispatchTable``). Single-device MoE runners only; call before the
+        first step. Returns the table (None where there is nothing to tune)."""
+        if not self.cfg.is_moe or self.placement is not None or self.moe_backend not in (None, "auto"):
+            return None
+        from jaxspec.models.moe_tuning import tune_dispatch
+
+        counts = sorted({b * t for b in self.batch_buckets for t in tokens_per_row})
+        table = tune_dispatch(self.cfg, counts, reps=reps)
+        self.moe_backend = table
+        self.statics = StepStatics(table, self.statics.attention_backend)
+        self._steps = unplaced_steps(self.graphdef, self.statics)
+        return table
+
     # -------------------------------------------------------------- host API
     def prefill(self, slot: int, prompt_ids: list[int], slots: SlotTable) -> int:
         """Write a prompt into ``slot``'s cache and sample the first output token."""
@@ -369,16 +389,17 @@ class ModelRunner:
         self.add_expert_load(load)
         return np.asarray(tokens)[where]
 
-    def idle_decode(self, rows: int, kv_len: int) -> None:
-        """A decode step of ``rows`` padding rows (every write dropped, no slot touched), waited for:
-        compiles that bucket, or times it."""
+    def idle_decode(self, rows: int, kv_len: int, live: bool = False) -> None:
+        """A decode step of ``rows`` rows that touches no slot (every write lands past the cache end
+        or on the padding slot id), waited for: compiles that bucket, or, ``live``, times it with
+        valid random tokens, which route to experts as real traffic does."""
         s = self.num_slots
         zeros = np.zeros(rows, np.int32)
-        # Positions past the cache end: dropped even where rows are slots in order.
-        self.cache, tokens, _ = self._steps[1](
-            self.state, self.cache, np.full(rows, s, np.int32), zeros, np.full(rows, self.max_len, np.int32), zeros,
-            pad_sampling(SlotTable(0).sampling(), rows), zeros, kv_len=kv_len)
-        tokens.block_until_ready()
+        tokens = np.random.default_rng(rows).integers(0, self.cfg.vocab_size, rows).astype(np.int32) if live else zeros
+        self.cache, out, _ = self._steps[1](
+            self.state, self.cache, np.full(rows, s, np.int32), tokens, np.full(rows, self.max_len, np.int32),
+            np.full(rows, int(live), np.int32), pad_sampling(SlotTable(0).sampling(), rows), zeros, kv_len=kv_len)
+        out.block_until_ready()
         if not self.compact_rows:
             self.sync_lengths()
 

@@ -74,10 +74,10 @@ class MoEBlock(nnx.Module):
             self.sow(nnx.Intermediate, "router_logits", router_logits)  # [B*T, E] float32
         if capacity_factor is not None:
             weights = drop_over_capacity(expert_ids, weights, cfg.num_experts, capacity_factor)
-        if not callable(backend):
+        if not getattr(backend, "exchanges_tokens", False):
             # Padding tokens (idle rows, positions past a row's num_valid) route to no expert
             # (id E, weight 0): they never wake an expert nor read its weights. Expert-parallel
-            # exchanges route by owner device and keep their own handling.
+            # exchanges (``exchanges_tokens``) route by owner device and keep their own handling.
             keep = valid.reshape(-1, 1)
             expert_ids = jnp.where(keep, expert_ids, cfg.num_experts)
             weights = jnp.where(keep, weights, 0.0)

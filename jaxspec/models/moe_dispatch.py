@@ -13,6 +13,10 @@ Backends (``BACKENDS``):
           matrix. Reads only the chosen experts' weights and copies none, so on
           CPU it is the fastest for decode and verification-sized batches, where
           the step is bound by reading expert weights.
+  per_expert_static  per_expert unrolled over experts (static weight slices: no copies on CPU).
+  expert_rows  each chosen expert computes only its routed rows, their count rounded up to a
+          power of two (``lax.switch`` over sizes): work ~ assignments; for verification-sized
+          batches on CPU.
   ragged  sorted rows through ``jax.lax.ragged_dot`` (XLA's grouped matmul; on CPU
           it computes every group densely, so it is only chosen on accelerators).
   pallas  sorted rows through the Pallas grouped matmul ``pallas_kernels.gmm`` (``moe_pallas``).
@@ -134,15 +138,70 @@ def per_expert_f32(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     return jax.lax.fori_loop(0, num_experts, one_expert, jnp.zeros(x.shape, jnp.float32))
 
 
+def dispatch_per_expert_static(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+    """``per_expert`` with the expert loop unrolled: each expert's weights are a static slice,
+    which XLA:CPU reads in place where the loop's dynamic slice copies them first."""
+    num_experts = w_gate.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)
+    chosen = jnp.any(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.bool_), axis=(0, 1))  # [E]
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e in range(num_experts):
+        def run(out, e=e):
+            y = _swiglu(x, w_gate[e], w_up[e], w_down[e], "nd,df->nf", "nf,fd->nd")
+            return out + y.astype(jnp.float32) * combine[:, e : e + 1]
+
+        out = jax.lax.cond(chosen[e], run, lambda out: out, out)
+    return out.astype(x.dtype)
+
+
+def _row_buckets(n: int, max_sizes: int = 8) -> list[int]:
+    """Powers of two below n, then n; at most ``max_sizes`` of them (the smallest dropped: an expert
+    with few rows then computes up to n / 2^(max_sizes-1) rows), bounding the branches compiled."""
+    sizes, c = [], 1
+    while c < n:
+        sizes.append(c)
+        c *= 2
+    return (sizes + [n])[-max_sizes:]
+
+
+def dispatch_expert_rows(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+    """Each chosen expert computes only the rows routed to it: their count is rounded up to a power
+    of two (a ``lax.switch`` over compiled sizes), so the work is ~ the assignments, not tokens x
+    chosen experts, with no weight copies (experts unrolled). Dropless: the largest size is N."""
+    n, d = x.shape
+    num_experts = w_gate.shape[0]
+    routed = jnp.any(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.bool_), axis=1)  # [N, E]
+    combine = jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)
+    combine = jnp.concatenate([combine, jnp.zeros((1, num_experts), jnp.float32)])  # row n: the empty row
+    counts = jnp.sum(routed, axis=0)  # [E]
+    sizes = _row_buckets(n)
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])
+    out = jnp.zeros((n + 1, d), jnp.float32)
+    for e in range(num_experts):
+        def make(c, e=e):
+            def run(out):
+                rows = jnp.nonzero(routed[:, e], size=c, fill_value=n)[0]  # [c]; n = the empty row
+                y = _swiglu(x_pad[rows], w_gate[e], w_up[e], w_down[e], "nd,df->nf", "nf,fd->nd")
+                return out.at[rows].add(y.astype(jnp.float32) * combine[rows, e][:, None])
+
+            return run
+
+        which = jnp.where(counts[e] > 0, jnp.searchsorted(jnp.asarray(sizes), counts[e]) + 1, 0)
+        out = jax.lax.switch(which, [lambda out: out] + [make(c) for c in sizes], out)
+    return out[:n].astype(x.dtype)
+
+
 register_backend("dense", dispatch_dense)
+register_backend("per_expert_static", dispatch_per_expert_static)
+register_backend("expert_rows", dispatch_expert_rows)
 register_backend("per_expert", dispatch_per_expert)
 register_backend("sorted", dispatch_sorted)
 register_backend("ragged", dispatch_ragged)
 
-# Measured on the 2-core CPU (jitted dispatch alone, 8 experts, top-2): per_expert up to this many
-# tokens (decode, verification, prefills up to 128; 8 experts of 192x384: per_expert 11.8 ms vs sorted
-# 13.5 ms at 128 tokens, 21 vs 15 at 256), sorted above (it computes assigned rows only).
-CPU_PER_EXPERT_MAX_TOKENS = 128
+# Measured on the 2-core CPU (jitted dispatch of one layer, 8 experts of 192x384 and 256x512, top-2):
+# per_expert and expert_rows tie up to 4 tokens; above, expert_rows wins (40 tokens: 1.6 vs 2.3 ms
+# per_expert, 2.7 sorted; 512: 7.4 vs 12.6, 9.9; 2048: 24 vs 49, 33).
+CPU_PER_EXPERT_MAX_TOKENS = 4
 
 
 # Backends registered by their own module, imported on first use: name -> (module, optional).
@@ -183,7 +242,7 @@ def choose_backend(requested: str, num_tokens: int, platform: str | None = None)
     platform = platform or jax.default_backend()
     if platform in ("tpu", "gpu", "cuda", "rocm"):
         return "pallas" if load_backend("pallas") else "ragged"
-    return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "sorted"
+    return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "expert_rows"
 
 
 def dispatch(x, expert_ids, weights, w_gate, w_up, w_down, backend: str | DispatchFn = "auto") -> jax.Array:

@@ -36,12 +36,12 @@ divide by ep use ``psum`` (decode batches are small; the routed path is for pref
 
 Local compute (``local``):
   per_expert  local experts in a loop that skips those no token chose (CPU, up to
-           ``CPU_PER_EXPERT_MAX_TOKENS`` tokens: reads only the chosen experts' weights)
+           ``LOCAL_PER_EXPERT_MAX_TOKENS`` tokens: reads only the chosen experts' weights)
   dense    every local expert computes every token, masked combine (tiny batches, CPU)
   grouped  local assignments sorted by expert, ``jax.lax.ragged_dot`` over the local
            groups; the other devices' assignments sort past the last group and cost
            nothing on accelerators (on CPU ragged_dot is dense per group)
-  auto     CPU: per_expert up to CPU_PER_EXPERT_MAX_TOKENS tokens, else dense;
+  auto     CPU: per_expert up to LOCAL_PER_EXPERT_MAX_TOKENS tokens, else dense;
            accelerators: dense for <= 4 tokens, else grouped
 
 ``ExpertParallel`` is hashable (a static jit argument) and callable with the
@@ -54,13 +54,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from jaxspec.mesh import MOE_EXCHANGES
-from jaxspec.models.moe_dispatch import CPU_PER_EXPERT_MAX_TOKENS, per_expert_f32, register_backend
+from jaxspec.models.moe_dispatch import per_expert_f32, register_backend
+
+# Local experts per device on CPU: per_expert up to this many tokens (it skips unchosen experts).
+LOCAL_PER_EXPERT_MAX_TOKENS = 128
 
 LOCAL_MODES = ("auto", "per_expert", "dense", "grouped")
 EXCHANGES = MOE_EXCHANGES
@@ -147,6 +151,7 @@ class ExpertParallel:
     """Dropless MoE dispatch over a mesh: experts split over ``expert_axes``, expert width over
     ``tensor_axes``, tokens split over ``token_axes`` (when they divide) and replicated otherwise."""
 
+    exchanges_tokens: ClassVar[bool] = True  # padding tokens keep their routing (see moe.MoEBlock)
     mesh: Mesh | AbstractMesh
     expert_axes: tuple[str, ...] = ("expert",)
     tensor_axes: tuple[str, ...] = ()
@@ -191,7 +196,7 @@ class ExpertParallel:
         if self.local != "auto":
             return self.local
         if self.platform == "cpu":
-            return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "dense"
+            return "per_expert" if num_tokens <= LOCAL_PER_EXPERT_MAX_TOKENS else "dense"
         return "dense" if num_tokens <= DENSE_MAX_TOKENS else "grouped"
 
     def __call__(self, x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:

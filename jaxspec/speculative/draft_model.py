@@ -143,7 +143,9 @@ class DraftModelProposer:
         self.compact_rows = self._cache_sharding is None or slots_unsplit(self._cache_sharding)
         self.lengths = np.zeros(num_slots, np.int32)
         self.buckets = prefill_buckets(max_len)
-        self.kv_buckets = kv_buckets(max_len)
+        # Coarser spans than the target's (x4): a draft's attention is a small part of its step,
+        # and every span multiplies the draft loops compiled (rows x k x span).
+        self.kv_buckets = kv_buckets(max_len, factor=4)
 
     # Resolved once per proposer: the shared cache's key hashes the graphdef (~1 ms).
     def _jit(self, name: tuple, make, num_outputs: int):

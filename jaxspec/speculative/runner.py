@@ -156,28 +156,35 @@ class SpeculativeRunner:
         )
         return out_tokens, accepted, load
 
-    def _dummy_step(self, kb: int, rows: int, kv_len: int) -> None:
-        """A draft loop and verification (or, kb = 0, a decode step) over padding rows only:
-        every write is dropped, so it compiles and times without touching any request."""
+    def _dummy_step(self, kb: int, rows: int, kv_len: int, live: bool = False) -> None:
+        """A draft loop and verification (or, kb = 0, a decode step) that touches no slot: every
+        write lands past the cache end or on the padding slot id. Compiles; with ``live``, times
+        the step with valid random tokens that route to experts as real traffic does."""
         s = self.num_slots
         rows = rows if self.target.compact_rows else s
-        sampling = pad_sampling(SlotTable(0).sampling(), rows)
-        slot_ids, zeros = np.full(rows, s, np.int32), np.zeros(rows, np.int32)
         if kb == 0:
-            self.target.idle_decode(rows, kv_len)
+            self.target.idle_decode(rows, kv_len, live)
             return
+        sampling = pad_sampling(SlotTable(0).sampling(), rows)
+        rng = np.random.default_rng(rows * 16 + kb)
+        slot_ids, zeros = np.full(rows, s, np.int32), np.zeros(rows, np.int32)
         # A model drafter's tokens and q's arrive as its committed device outputs (a deterministic
         # drafter's as host arrays): the dummy passes the same kind of array, or the first real
         # step would compile this step again, mid-serving.
-        tokens, probs = np.zeros((rows, kb), np.int32), None
+        tokens, probs = rng.integers(0, self.cfg.vocab_size, (rows, kb)).astype(np.int32), None
         if not self.proposer.deterministic:
             where = self.target.placement.replicated() if self.target.placement is not None else jax.devices()[0]
             tokens = jax.device_put(tokens, where)
-            probs = jax.device_put(np.zeros((rows, kb, self.cfg.vocab_size), np.float32), where)
+            probs = jax.device_put(np.full((rows, kb, self.cfg.vocab_size), 1.0 / self.cfg.vocab_size, np.float32),
+                                   where)
+        last = rng.integers(0, self.cfg.vocab_size, rows).astype(np.int32)
         far = np.full(rows, self.max_len, np.int32)  # writes past the cache end: dropped
-        out, _, _ = self._run_verify(kb, self.proposer.deterministic, kv_len, slot_ids, zeros, far, tokens, probs,
-                                     zeros, sampling, zeros, np.zeros(rows, bool))
+        out, _, _ = self._run_verify(kb, self.proposer.deterministic, kv_len, slot_ids, last, far, tokens, probs,
+                                     np.full(rows, kb if live else 0, np.int32), sampling, zeros,
+                                     np.full(rows, live, bool))
         out.block_until_ready()
+        if live and not self.target.compact_rows:
+            self.target.sync_lengths()
 
     # ------------------------------------------------------------------ StepRunner
     @property
@@ -236,11 +243,11 @@ class SpeculativeRunner:
                 draft_s[kb] = self.proposer.measure(kb, reps, rows, kv_len) if kb else 0.0
             except TypeError:  # proposers without batch buckets measure at their own shape
                 draft_s[kb] = self.proposer.measure(kb, reps)
-            self._dummy_step(kb, rows, kv_len)  # compile / warm
+            self._dummy_step(kb, rows, kv_len, live=True)  # compile / warm
             times = []
             for _ in range(reps):
                 t = time.perf_counter()
-                self._dummy_step(kb, rows, kv_len)
+                self._dummy_step(kb, rows, kv_len, live=True)
                 times.append(time.perf_counter() - t)
             verify_s[kb] = statistics.median(times)
         return CostModel(draft_s, verify_s, source="measured")
