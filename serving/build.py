@@ -186,7 +186,7 @@ def bundle_engine(
     speculative = spec_method != "none"
     engine = Engine(GuardedRunner(runner), tokenizer, max_waiting=max_waiting, speculative=speculative)
     cfg = runner.cfg
-    platform, devices, mesh = _placement(runner)
+    platform, devices, mesh = runner.device_info()
     description = ModelDescription(
         model_id=model_id, context_length=engine.max_len, vocab_size=cfg.vocab_size, eos_ids=engine.eos_ids,
         num_slots=runner.num_slots, spec_method=spec_method, max_speculative_tokens=max_speculative_tokens,
@@ -205,27 +205,6 @@ def _model_id(name_or_path: str, role: str = "target") -> str:
         return f"{BUILTIN}-{role}"
     path = Path(name_or_path)
     return path.name if path.is_dir() else name_or_path
-
-
-def _placement(runner: Any) -> tuple[str, tuple[str, ...], dict[str, int]]:
-    """Platform, devices and mesh shape of the target model's parameters."""
-    obj, state = runner, None
-    for _ in range(4):  # PlainRunner -> ModelRunner; a speculative runner -> its target
-        state = getattr(obj, "state", None)
-        if state is not None:
-            break
-        obj = getattr(obj, "runner", None) or getattr(obj, "target", None)
-        if obj is None:
-            break
-    leaves = jax.tree.leaves(state) if state is not None else []
-    sharding = getattr(leaves[0], "sharding", None) if leaves else None
-    if sharding is None:
-        devs = jax.local_devices()[:1]
-        return devs[0].platform, tuple(str(d) for d in devs), {}
-    devs = sorted(sharding.device_set, key=lambda d: d.id)
-    mesh = getattr(sharding, "mesh", None)
-    shape = {str(k): int(v) for k, v in mesh.shape.items()} if mesh is not None and hasattr(mesh, "shape") else {}
-    return devs[0].platform, tuple(str(d) for d in devs), shape
 
 
 def enable_compilation_cache(directory: str | Path) -> None:

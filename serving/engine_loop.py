@@ -116,7 +116,7 @@ class GuardedRunner:
 
     @property
     def max_prefill_rows(self) -> int:
-        return getattr(self._inner, "max_prefill_rows", 1)
+        return self._inner.max_prefill_rows
 
     def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
         try:
@@ -135,27 +135,17 @@ class GuardedRunner:
     def warmup(self) -> None:
         self._inner.warmup()
 
-    def __getattr__(self, name: str) -> Any:  # expert_load, the wrapped ModelRunner, ...
+    def padded_length(self, prompt_len: int) -> int:
+        return self._inner.padded_length(prompt_len)
+
+    def expert_load_snapshot(self) -> np.ndarray:
+        return self._inner.expert_load_snapshot()
+
+    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
+        return self._inner.device_info()
+
+    def __getattr__(self, name: str) -> Any:  # optional runner facts (speculative, last_step_times, ...)
         return getattr(self._inner, name)
-
-
-def expert_load_reader(runner: Any) -> Callable[[], np.ndarray] | None:
-    """A reader of the target model's cumulative [layers, experts] load, if the runner exposes one.
-
-    ``ModelRunner.expert_load`` lives on the runner itself or on the runner it wraps
-    (``PlainRunner.runner``; a speculative runner's target runner).
-    """
-    seen: set[int] = set()
-    todo = [runner]
-    while todo:
-        obj = todo.pop(0)
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if "expert_load" in dir(obj):
-            return lambda obj=obj: np.asarray(obj.expert_load)
-        todo += [getattr(obj, name, None) for name in ("_inner", "runner", "target_runner", "target")]
-    return None
 
 
 class EngineLoop:
@@ -378,7 +368,7 @@ class EngineLoop:
             self._post(self.set_state, ServerState.FAILED)
             return
         self.engine = engine
-        self._expert_reader = expert_load_reader(engine.runner)
+        self._expert_reader = engine.runner.expert_load_snapshot
         self._post(self._warmed_up)
         try:
             self._run(engine)

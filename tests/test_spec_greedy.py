@@ -302,7 +302,10 @@ def test_measured_costs_cover_every_bucket():
     costs = runner.measure_costs(reps=1)
     assert sorted(costs.verify_s) == [0, *runner.buckets]
     assert all(t > 0 for t in costs.verify_s.values()) and costs.draft_s[0] == 0.0
-    assert all(costs.draft_s[kb] > 0 for kb in runner.buckets)
+    # Fused, a step's time holds its draft; split, the draft loop is timed on its own.
+    assert runner.fused and all(costs.draft_s[kb] == 0.0 for kb in runner.buckets)
+    split = spec_runner("noisy", "auto", measure_reps=1, fuse=False).measure_costs(reps=1)
+    assert all(split.draft_s[kb] > 0 for kb in runner.buckets)
 
 
 def test_sampled_requests_do_not_depend_on_batch_composition():
@@ -329,3 +332,16 @@ def test_kernel_backend_through_the_runner_matches_the_xla_path():
     xla, _ = generate(spec_runner("noisy", 4), PROMPTS, mixed)
     ref, _ = generate(spec_runner("noisy", 4, verify_backend="reference"), PROMPTS, mixed)
     assert [o.token_ids for o in ref] == [o.token_ids for o in xla]
+
+
+def test_fused_step_equals_the_two_call_step():
+    """A single-device draft model runs fused into the verification (one call per step); the
+    two-call path (draft loop, then verification) emits exactly the same tokens, sampled too."""
+    mixed = [SamplingParams(temperature=[0.0, 1.0, 0.7][i % 3], top_k=[0, 20][i % 2], seed=3000 + i, max_tokens=12,
+                            ignore_eos=True) for i in range(len(PROMPTS))]
+    fused_runner, split_runner = spec_runner("noisy", 4), spec_runner("noisy", 4, fuse=False)
+    assert fused_runner.fused and not split_runner.fused
+    fused, engine = generate(fused_runner, PROMPTS, mixed)
+    split, _ = generate(split_runner, PROMPTS, mixed)
+    assert [o.token_ids for o in fused] == [o.token_ids for o in split]
+    assert engine.spec_stats.num_draft_tokens > 0 and fused_runner.bucket_steps[4] > 0

@@ -58,6 +58,18 @@ class StepRunner(Protocol):
 
     def warmup(self) -> None: ...
 
+    def padded_length(self, prompt_len: int) -> int:
+        """The compiled length a prompt of this many tokens is prefilled at."""
+        ...
+
+    def expert_load_snapshot(self) -> "np.ndarray":
+        """Cumulative tokens routed per expert [layers, experts] of the target (a copy)."""
+        ...
+
+    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
+        """(platform, devices, mesh shape) of the target's parameters."""
+        ...
+
 
 class PlainRunner:
     """One token per active slot per step, through ``ModelRunner``."""
@@ -75,6 +87,15 @@ class PlainRunner:
     def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
         idx = np.array([slot for slot, _ in items])
         return self.runner.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx))
+
+    def padded_length(self, prompt_len: int) -> int:
+        return self.runner.bucket_for(prompt_len)
+
+    def expert_load_snapshot(self) -> np.ndarray:
+        return self.runner.expert_load_snapshot()
+
+    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
+        return self.runner.device_info()
 
     def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
         tokens = self.runner.decode(slots)
@@ -134,12 +155,7 @@ class Engine:
         self._ids = itertools.count()
         self._seed_rng = random.Random()
         self._in_flight: set[str] = set()
-        self.scheduler = Scheduler(getattr(runner, "max_prefill_rows", 1), prefill_token_budget, self._padded_length)
-
-    def _padded_length(self, n: int) -> int:
-        bucket_for = getattr(self.runner, "bucket_for", None) or getattr(getattr(self.runner, "runner", None),
-                                                                         "bucket_for", None)
-        return bucket_for(n) if bucket_for is not None else n
+        self.scheduler = Scheduler(runner.max_prefill_rows, prefill_token_budget, runner.padded_length)
 
     # ------------------------------------------------------------- admission
     @property

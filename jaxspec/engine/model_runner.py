@@ -407,6 +407,22 @@ class ModelRunner:
         """Device lengths := the host's (after a step that ran over idle slots in order)."""
         self._set_lengths(jnp.asarray(self.host_lengths))
 
+    def expert_load_snapshot(self) -> np.ndarray:
+        """A copy of the cumulative tokens routed per expert [layers, experts]."""
+        return self.expert_load.copy()
+
+    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
+        """(platform, devices, mesh shape) of the parameters."""
+        leaves = jax.tree.leaves(self.state)
+        sharding = getattr(leaves[0], "sharding", None) if leaves else None
+        if sharding is None:
+            devs = jax.local_devices()[:1]
+            return devs[0].platform, tuple(str(d) for d in devs), {}
+        devs = sorted(sharding.device_set, key=lambda d: d.id)
+        mesh = getattr(sharding, "mesh", None)
+        shape = {str(k): int(v) for k, v in mesh.shape.items()} if mesh is not None and hasattr(mesh, "shape") else {}
+        return devs[0].platform, tuple(str(d) for d in devs), shape
+
     def add_expert_load(self, load) -> None:
         """Add a step's routed-token counts [L, E] (a device array) to ``expert_load``."""
         self.expert_load += np.asarray(load)

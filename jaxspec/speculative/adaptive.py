@@ -139,6 +139,12 @@ class CostModel:
             if kb > 0:
                 self.draft_s[kb] = (1 - w) * self.draft_s.get(kb, draft_s) + w * draft_s
 
+    def observe_total(self, kb: int, step_s: float) -> None:
+        """Fold in a step whose draft and verification ran as one call (split as the model splits it)."""
+        total = self.step_cost(kb) if kb in self.verify_s else 0.0
+        share = self.draft_s.get(kb, 0.0) / total if total > 0 else 0.0
+        self.observe(kb, share * step_s, (1.0 - share) * step_s)
+
     def rows(self) -> list[tuple[int, float, float]]:
         return [(kb, self.draft_s.get(kb, 0.0), self.verify_s[kb]) for kb in sorted(self.verify_s)]
 

@@ -209,7 +209,9 @@ class DraftModelProposer:
     def kv_bucket_for(self, positions: int) -> int:
         return next(b for b in self.kv_buckets if min(positions, self.max_len) <= b)
 
-    def propose(self, ctx: SpecContext) -> Proposal:
+    def prepare(self, ctx: SpecContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host inputs of one round, per batch row: (pending block [B, 2], pending counts [B], draft
+        lengths [B]); catches lagging slots up first and records the round for ``commit``."""
         self._catch_up(ctx)
         idx, live = ctx.live()
         rows = ctx.rows
@@ -222,12 +224,27 @@ class DraftModelProposer:
         if pending.max(initial=0) > PENDING_BLOCK or (pending[idx] < 1).any():
             raise RuntimeError(f"draft cache out of step with the context: pending tokens {pending.tolist()}")
         block = ctx.history.window(lengths, PENDING_BLOCK, pending, rows)
+        self._round = (idx, live, ctx.history.length[live] - 1)
+        return block, pending, lengths
+
+    def propose(self, ctx: SpecContext) -> Proposal:
+        block, pending, lengths = self.prepare(ctx)
         kv_len = self.kv_bucket_for(int((lengths + pending).max(initial=0)) + ctx.kb)
         self.cache, tokens, probs = self._loop(ctx.kb, kv_len)(
-            self.state, self.cache, rows.astype(np.int32), block, pending, lengths, ctx.sampling, ctx.out_pos
+            self.state, self.cache, ctx.rows.astype(np.int32), block, pending, lengths, ctx.sampling, ctx.out_pos
         )
-        self._round = (idx, live, ctx.history.length[live] - 1)
         return Proposal(tokens, probs, np.where(ctx.active, ctx.k, 0).astype(np.int32))
+
+    def loop_fn(self, kb: int, kv_len: int):
+        """The round as a pure function (state, cache, slot_ids, block, pending, lengths, sampling,
+        out_pos) -> (cache, tokens [B, kb], q's [B, kb, V]), for a runner to fuse into its step."""
+        return _make_loop(self.graphdef, self.moe_backend, kb, kv_len, not self.compact_rows)
+
+    def commit_host(self, num_accepted: np.ndarray, kb: int) -> None:
+        """``commit`` where the step already set the device lengths (a fused step)."""
+        idx, slots, last_pos = self._round
+        self.lengths[slots] = last_pos + 1 + np.minimum(np.asarray(num_accepted)[idx], kb - 1)
+        self._round = None
 
     def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
         # The round fed the pending tokens (ending with the one at position L) and
@@ -239,11 +256,13 @@ class DraftModelProposer:
         self._sync_lengths()
 
     # ----------------------------------------------------------------- warm-up
-    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None) -> None:
+    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None, loops: bool = True) -> None:
+        """Compile prefills, catch-up and (``loops``) every draft loop; ``loops=False`` where a runner
+        fuses the loop into its own step."""
         saved = self.lengths.copy()
         for b in self.buckets:
             self.prefill(0, [0] * b)
-        for kb in buckets:
+        for kb in buckets if loops else ():
             for rows in batch_buckets or [self.num_slots]:
                 for kv_len in self.kv_buckets:
                     self._run_dummy(kb, rows, kv_len)
@@ -262,7 +281,7 @@ class DraftModelProposer:
             np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32), np.zeros(b, np.float32),
             np.zeros((b, 2), np.uint32),
         )
-        self.cache, tokens, _ = self._loop(kb, kv_len or self.kv_buckets[-1])(
+        self.cache, tokens, _ = self._loop(kb, self.kv_bucket_for(kv_len) if kv_len else self.kv_buckets[-1])(
             self.state, self.cache, np.full(b, self.num_slots, np.int32), np.zeros((b, PENDING_BLOCK), np.int32),
             np.zeros(b, np.int32), np.full(b, self.max_len, np.int32), sampling, np.zeros(b, np.int32),
         )  # positions past the cache end: nothing is written even where rows are slots in order

@@ -63,19 +63,20 @@ class NgramProposer:
     def release(self, slot: int) -> None:
         pass
 
-    def warmup(self, buckets: list[int]) -> None:
+    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None) -> None:
         pass
 
-    def measure(self, kb: int, reps: int) -> float:
-        """Lookup time over full-length synthetic contexts (host work only)."""
+    def measure(self, kb: int, reps: int, rows: int | None = None, kv_len: int | None = None) -> float:
+        """Lookup time over ``rows`` synthetic contexts of ``kv_len`` tokens (host work only)."""
         if kb == 0:
             return 0.0
+        rows = rows or self.num_slots
+        length = min(kv_len or self.max_len, self.max_len)
         rng = np.random.default_rng(0)
-        hist = TokenHistory(self.num_slots, self.max_len)
-        for s in range(self.num_slots):
-            hist.start(s, rng.integers(0, 50, self.max_len).tolist())
-        ctx = SpecContext(hist, np.ones(self.num_slots, bool), np.full(self.num_slots, kb, np.int32), kb, None,
-                          np.zeros(self.num_slots, np.int32))
+        hist = TokenHistory(rows, length)
+        for s in range(rows):
+            hist.start(s, rng.integers(0, 50, length).tolist())
+        ctx = SpecContext(hist, np.ones(rows, bool), np.full(rows, kb, np.int32), kb, None, np.zeros(rows, np.int32))
         times = []
         for _ in range(reps):
             t = time.perf_counter()

@@ -116,11 +116,12 @@ class Proposer(Protocol):
 
     def release(self, slot: int) -> None: ...
 
-    def warmup(self, buckets: list[int]) -> None:
-        """Compile whatever ``propose`` runs for these proposal lengths."""
+    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None) -> None:
+        """Compile whatever ``propose`` runs for these proposal lengths and batch row counts."""
 
-    def measure(self, kb: int, reps: int) -> float:
-        """Seconds one ``propose`` of length kb takes over all slots (no state touched)."""
+    def measure(self, kb: int, reps: int, rows: int | None = None, kv_len: int | None = None) -> float:
+        """Seconds one ``propose`` of length kb takes over ``rows`` rows (default: every slot)
+        attending over ``kv_len`` positions (no state touched)."""
 
 
 class NoProposer:
@@ -145,8 +146,8 @@ class NoProposer:
     def release(self, slot: int) -> None:
         pass
 
-    def warmup(self, buckets: list[int]) -> None:
+    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None) -> None:
         pass
 
-    def measure(self, kb: int, reps: int) -> float:
+    def measure(self, kb: int, reps: int, rows: int | None = None, kv_len: int | None = None) -> float:
         return 0.0

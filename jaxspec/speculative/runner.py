@@ -38,6 +38,7 @@ from jaxspec.engine.request import InvalidRequestError, Request
 from jaxspec.engine.slots import SlotTable
 from jaxspec.sampling import BatchSampling, logits_to_probs, pad_sampling
 from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy, bucket_for, k_buckets
+from jaxspec.speculative.draft_model import DraftModelProposer
 from jaxspec.speculative.jit_cache import cached_jit
 from jaxspec.speculative.proposer import NoProposer, Proposal, Proposer, SpecContext, TokenHistory
 from jaxspec.speculative.verify import get_backend, verify_with_keys
@@ -71,6 +72,23 @@ def _make_verify(fwd, backend: str, kv_len: int, identity_rows: bool):
     return verify
 
 
+def _make_fused(loop, verify, kb: int):
+    """Draft loop, verification and the draft cache's rollback in one step (packed rows only):
+    one dispatch and one device->host transfer (tokens and accept counts packed) per step."""
+
+    def step(t_state, t_cache, d_state, d_cache, slot_ids, block, pending, d_lengths, last_tokens, start, num_draft,
+             sampling: BatchSampling, out_pos, active):
+        d_cache, drafts, q = loop(d_state, d_cache, slot_ids, block, pending, d_lengths, sampling, out_pos)
+        t_cache, out_tokens, accepted, load = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
+                                                     num_draft, sampling, out_pos, active)
+        # The draft has seen the accepted context up to d_{kb-2} (see DraftModelProposer.commit).
+        d_len = d_cache.lengths.at[slot_ids].set(start + 1 + jnp.minimum(accepted, kb - 1), mode="drop")
+        packed = jnp.concatenate([out_tokens.astype(jnp.int32), accepted.astype(jnp.int32)[:, None]], axis=1)
+        return t_cache, d_cache.with_lengths(d_len), packed, load
+
+    return step
+
+
 class SpeculativeRunner:
     """Draft-then-verify decoding over a target ``ModelRunner`` and a ``Proposer``."""
 
@@ -87,6 +105,7 @@ class SpeculativeRunner:
         measure_reps: int = 5,
         probe_every: int = 16,
         profile: bool = False,
+        fuse: bool = True,
     ):
         """``num_speculative_tokens``: a fixed k for every request, or "auto" (adaptive,
         the default). ``k_max`` bounds k everywhere, including per-request overrides.
@@ -127,6 +146,10 @@ class SpeculativeRunner:
         self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length (reporting)
         self._verify_fns: dict[tuple[int, bool, int], object] = {}
         self.cost_models: dict[int, CostModel] = {}  # measured, per batch bucket
+        # A single-device model drafter runs inside the verification step (one call per step).
+        self.fused = (fuse and isinstance(self.proposer, DraftModelProposer) and target.placement is None
+                      and self.proposer.placement is None and target.compact_rows and self.proposer.compact_rows)
+        self._fused_fns: dict[tuple[int, int], object] = {}
 
     # ---------------------------------------------------------------- compiled steps
     def _verify_fn(self, kb: int, deterministic: bool, kv_len: int):
@@ -146,6 +169,26 @@ class SpeculativeRunner:
                 key, lambda: _make_verify(target.forward_fn(), self.verify_backend, kv_len, not target.compact_rows),
                 **kwargs)
         return fn
+
+    def _fused_fn(self, kb: int, kv_len: int):
+        fn = self._fused_fns.get((kb, kv_len))
+        if fn is None:
+            target, prop = self.target, self.proposer
+            key = ("fused", target.graphdef, target.statics, prop.graphdef, prop.moe_backend, kb, kv_len,
+                   self.verify_backend)
+            fn = self._fused_fns[(kb, kv_len)] = cached_jit(
+                key, lambda: _make_fused(prop.loop_fn(kb, kv_len),
+                                         _make_verify(target.forward_fn(), self.verify_backend, kv_len, False), kb),
+                donate_argnums=(1, 3))
+        return fn
+
+    def _run_fused(self, kb: int, kv_len: int, slot_ids, block, pending, d_lengths, last_tokens, start, num_draft,
+                   sampling, out_pos, active):
+        t, p = self.target, self.proposer
+        t.cache, p.cache, packed, load = self._fused_fn(kb, kv_len)(
+            t.state, t.cache, p.state, p.cache, slot_ids, block, pending, d_lengths, last_tokens, start, num_draft,
+            sampling, out_pos, active)
+        return packed, load
 
     def _run_verify(self, kb: int, deterministic: bool, kv_len: int, slot_ids, last_tokens, start, draft_tokens,
                     draft_probs, num_draft, sampling, out_pos, active):
@@ -168,6 +211,14 @@ class SpeculativeRunner:
         sampling = pad_sampling(SlotTable(0).sampling(), rows)
         rng = np.random.default_rng(rows * 16 + kb)
         slot_ids, zeros = np.full(rows, s, np.int32), np.zeros(rows, np.int32)
+        if self.fused:
+            far = np.full(rows, self.max_len, np.int32)  # every write past the cache end (and slot id S)
+            block = rng.integers(0, self.cfg.vocab_size, (rows, 2)).astype(np.int32)
+            packed, _ = self._run_fused(kb, kv_len, slot_ids, block, np.full(rows, int(live), np.int32), far,
+                                        block[:, 0], far, np.full(rows, kb if live else 0, np.int32), sampling, zeros,
+                                        np.full(rows, live, bool))
+            packed.block_until_ready()
+            return
         # A model drafter's tokens and q's arrive as its committed device outputs (a deterministic
         # drafter's as host arrays): the dummy passes the same kind of array, or the first real
         # step would compile this step again, mid-serving.
@@ -193,6 +244,15 @@ class SpeculativeRunner:
 
     def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
         return self.prefill_batch([(slot, request)], slots)[0]
+
+    def padded_length(self, prompt_len: int) -> int:
+        return self.target.bucket_for(prompt_len)
+
+    def expert_load_snapshot(self) -> np.ndarray:
+        return self.target.expert_load_snapshot()
+
+    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
+        return self.target.device_info()
 
     def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
         for _, request in items:
@@ -220,10 +280,10 @@ class SpeculativeRunner:
         """Compile prefill, every draft loop and verification (rows x span x k buckets); measure
         costs per batch bucket if adaptive."""
         self.target.warmup()
-        if hasattr(self.proposer, "kv_buckets"):
-            self.proposer.warmup(self.buckets, self.target.batch_buckets)
+        if self.fused:
+            self.proposer.warmup(self.buckets, loops=False)
         else:
-            self.proposer.warmup(self.buckets)
+            self.proposer.warmup(self.buckets, self.target.batch_buckets)
         for rows in self.target.batch_buckets:
             for kv_len in self.target.kv_buckets:
                 for kb in self.buckets:
@@ -239,10 +299,10 @@ class SpeculativeRunner:
         kv_len = self.target.kv_buckets[len(self.target.kv_buckets) // 2]
         draft_s, verify_s = {}, {}
         for kb in [0, *self.buckets]:
-            try:
-                draft_s[kb] = self.proposer.measure(kb, reps, rows, kv_len) if kb else 0.0
-            except TypeError:  # proposers without batch buckets measure at their own shape
-                draft_s[kb] = self.proposer.measure(kb, reps)
+            if self.fused or kb == 0:  # a fused step's time holds its draft
+                draft_s[kb] = 0.0
+            else:
+                draft_s[kb] = self.proposer.measure(kb, reps, rows, kv_len)
             self._dummy_step(kb, rows, kv_len, live=True)  # compile / warm
             times = []
             for _ in range(reps):
@@ -278,6 +338,8 @@ class SpeculativeRunner:
         t0 = time.perf_counter()
         proposal = None
         kb_run = kb
+        if kb > 0 and self.fused:
+            return self._fused_decode(ctx, act, where, row_slots, last, sampling, out_pos, t0)
         if kb > 0:
             proposal = self.proposer.propose(ctx)
             if self.proposer.deterministic and not proposal.num_draft.any():
@@ -305,6 +367,17 @@ class SpeculativeRunner:
         if kb > 0:
             self.proposer.commit(ctx, proposal, scatter_rows(accepted, where, b, 0))
         drafted = proposal.num_draft[where] if proposal is not None and kb_run > 0 else np.zeros(n, np.int32)
+        results = self._apply(act, out_tokens, accepted, drafted)
+        costs = self.cost_model if self.cost_model is not None else self.cost_models.get(b)
+        if costs is not None:
+            costs.observe(kb_run, t1 - t0, t2 - t1)
+        self.bucket_steps[kb_run] += 1
+        self.last_step_times = (t1 - t0, t2 - t1)
+        return results
+
+    def _apply(self, act, out_tokens, accepted, drafted) -> dict[int, tuple[list[int], int, int]]:
+        """Per active slot: its a accepted drafts plus one target token, into the history and the
+        acceptance estimate -> {slot: (tokens, drafted, accepted)}."""
         results = {}
         for i, s in enumerate(act):
             a = int(accepted[i])
@@ -312,11 +385,31 @@ class SpeculativeRunner:
             self.history.extend(s, tokens)
             self.estimator.update(s, int(drafted[i]), a)
             results[int(s)] = (tokens, int(drafted[i]), a)
+        return results
+
+    def _fused_decode(self, ctx: SpecContext, act, where, row_slots, last, sampling, out_pos, t0: float):
+        """``decode``'s draft-and-verify step as one jitted call (a single-device model drafter)."""
+        n, b, kb = len(act), len(row_slots), ctx.kb
+        block, pending, d_lengths = self.proposer.prepare(ctx)
+        start = (self.history.length[act] - 1).astype(np.int32)
+        kv_len = self.target.kv_bucket_for(int(start.max()) + kb + 1)
+        num_draft = np.where(ctx.active, ctx.k, 0).astype(np.int32)
+        packed, load = self._run_fused(kb, kv_len, row_slots, block, pending, d_lengths, scatter_rows(last, where, b, 0),
+                                       self.target.row_starts(row_slots, where, start), num_draft, ctx.sampling,
+                                       ctx.out_pos, ctx.active)
+        packed = np.asarray(packed)  # the step's one device->host transfer
+        out_tokens, accepted = packed[where, : kb + 1], packed[where, kb + 1]
+        self.target.set_lengths_host(act, start + 1 + accepted)
+        self.target.add_expert_load(load)
+        self.proposer.commit_host(scatter_rows(accepted, where, b, 0), kb)
+        t2 = time.perf_counter()
+        drafted = num_draft[where]
+        results = self._apply(act, out_tokens, accepted, drafted)
         costs = self.cost_model if self.cost_model is not None else self.cost_models.get(b)
         if costs is not None:
-            costs.observe(kb_run, t1 - t0, t2 - t1)
-        self.bucket_steps[kb_run] += 1
-        self.last_step_times = (t1 - t0, t2 - t1)
+            costs.observe_total(kb, t2 - t0)
+        self.bucket_steps[kb] += 1
+        self.last_step_times = (0.0, t2 - t0)
         return results
 
     # ---------------------------------------------------------------- choosing k
