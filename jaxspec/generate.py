@@ -12,11 +12,12 @@ import time
 
 from jaxspec.checkpoint import CheckpointError
 from jaxspec.config import ConfigError
-from jaxspec.engine import Engine, InvalidRequestError, ModelRunner, PlainRunner
+from jaxspec.engine import Engine, InvalidRequestError
+from jaxspec.engine.factory import make_runner
 from jaxspec.loading import DEFAULT_MODEL, default_draft, load_any
 from jaxspec.mesh import AUTO_MESH, mesh_for_option, placement_for_mesh
 from jaxspec.sampling import SamplingError, SamplingParams
-from jaxspec.speculative import SPEC_METHODS, SpeculativeRunner, make_proposer
+from jaxspec.speculative import SPEC_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,15 +76,11 @@ def build_engine(args: argparse.Namespace) -> Engine:
     max_len = args.max_len or min(model.cfg.max_seq_len, 2048)
     mesh_cfg = mesh_for_option(args.mesh)
     placement = placement_for_mesh(mesh_cfg) if mesh_cfg is not None else None
-    target = ModelRunner(model, num_slots=1, max_len=max_len, placement=placement)
     draft_name = default_draft(args.model, args.draft, args.spec_method)
     method = args.spec_method or ("draft" if draft_name else "none")
-    if method == "none":
-        return Engine(PlainRunner(target), tokenizer)
     draft = load_any(draft_name, dtype=args.dtype, role="draft")[0] if method == "draft" and draft_name else None
-    k = args.num_speculative_tokens
-    runner = SpeculativeRunner(target, make_proposer(method, draft), num_speculative_tokens=k,
-                               k_max=max(args.k_max, k if isinstance(k, int) else 0))
+    runner = make_runner(model, num_slots=1, max_len=max_len, placement=placement, spec_method=method, draft=draft,
+                         num_speculative_tokens=args.num_speculative_tokens, k_max=args.k_max)
     return Engine(runner, tokenizer)
 
 

@@ -168,7 +168,7 @@ def _step_bytes(compiled) -> int:
 def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, slots, max_len,
                    draft=None, k: int = 4) -> dict[str, Callable]:
     """The real engine steps, lowered with abstract arguments; returns name -> compile thunk."""
-    from jaxspec.engine.model_runner import PlacedBackend, _decode_impl, _prefill_impl
+    from jaxspec.engine.model_runner import PlacedBackend, StepStatics, _decode_impl, _prefill_impl, slots_unsplit
     from jaxspec.models.moe_parallel import moe_backend_for
     from jaxspec.sampling import BatchSampling
 
@@ -176,16 +176,19 @@ def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, s
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)  # noqa: E731
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=rep)  # noqa: E731
     u32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.uint32, sharding=rep)  # noqa: E731
+    bools = lambda b: jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=rep)  # noqa: E731
     sampling = lambda b: BatchSampling(f32(b), i32(b), f32(b), f32(b), u32(b, 2))  # noqa: E731
-    backend = PlacedBackend(moe_backend_for(placement), placement)
+    statics = StepStatics(PlacedBackend(moe_backend_for(placement), placement))
+    identity = not slots_unsplit(cache_sh)  # as ModelRunner steps a slot-split cache: every slot in order
     steps: dict[str, Callable] = {}
 
-    prefill = jax.jit(functools.partial(_prefill_impl, graphdef, backend), donate_argnums=(1,),
+    prefill = jax.jit(functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,),
                       out_shardings=(cache_sh, rep, rep, rep))
     steps[f"prefill 1x{max_len}"] = lambda: prefill.lower(state, cache, i32(1, max_len), i32(1), i32(1), sampling(1)).compile()
-    decode = jax.jit(functools.partial(_decode_impl, graphdef, backend), donate_argnums=(1,),
-                     out_shardings=(cache_sh, rep, rep))
-    steps[f"decode {slots}"] = lambda: decode.lower(state, cache, i32(slots), jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=rep),
+    # The full-batch step over the whole context: the largest decode the engine compiles.
+    decode = jax.jit(functools.partial(_decode_impl, graphdef, statics, kv_len=max_len, identity_rows=identity),
+                     donate_argnums=(1,), out_shardings=(cache_sh, rep, rep))
+    steps[f"decode {slots}"] = lambda: decode.lower(state, cache, i32(slots), i32(slots), i32(slots), i32(slots),
                                                    sampling(slots), i32(slots)).compile()
     if draft is not None:
         from jaxspec.engine.model_runner import _forward
@@ -193,14 +196,16 @@ def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, s
         from jaxspec.speculative.runner import _make_verify
 
         d_graph, d_state, d_backend, d_cache, d_cache_sh = draft
-        verify = jax.jit(_make_verify(functools.partial(_forward, graphdef, backend), "xla"), donate_argnums=(1,),
-                         out_shardings=(cache_sh, rep, rep, rep))
+        verify = jax.jit(_make_verify(functools.partial(_forward, graphdef, statics), "xla", max_len, identity),
+                         donate_argnums=(1,), out_shardings=(cache_sh, rep, rep, rep))
         steps[f"verify {slots}x{k + 1}"] = lambda: verify.lower(
-            state, cache, i32(slots), i32(slots), i32(slots, k), f32(slots, k, cfg.vocab_size), i32(slots),
-            sampling(slots), i32(slots), jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=rep)).compile()
-        loop = jax.jit(_make_loop(d_graph, d_backend, k), donate_argnums=(1,), out_shardings=(d_cache_sh, rep, rep))
+            state, cache, i32(slots), i32(slots), i32(slots), i32(slots, k), f32(slots, k, cfg.vocab_size), i32(slots),
+            sampling(slots), i32(slots), bools(slots)).compile()
+        loop = jax.jit(_make_loop(d_graph, d_backend, k, max_len, not slots_unsplit(d_cache_sh)), donate_argnums=(1,),
+                       out_shardings=(d_cache_sh, rep, rep))
         steps[f"draft loop {slots}x{k}"] = lambda: loop.lower(
-            d_state, d_cache, i32(slots, PENDING_BLOCK), i32(slots), i32(slots), sampling(slots), i32(slots)).compile()
+            d_state, d_cache, i32(slots), i32(slots, PENDING_BLOCK), i32(slots), i32(slots), sampling(slots),
+            i32(slots)).compile()
     return steps
 
 

@@ -167,3 +167,16 @@ def test_serve_defaults_to_adaptive_speculation():
     assert engine.adaptive_k and engine.num_speculative_tokens == 6
     with pytest.raises(SystemExit):
         parse_args(["--num-speculative-tokens", "0"])
+
+
+def test_one_factory_chooses_plain_or_speculative(model):
+    from jaxspec.engine.factory import make_runner
+    from jaxspec.speculative import SpeculativeRunner
+
+    assert isinstance(make_runner(model, num_slots=2, max_len=64), PlainRunner)
+    spec = make_runner(model, num_slots=2, max_len=64, spec_method="ngram")
+    assert isinstance(spec, SpeculativeRunner) and spec.adaptive and spec.k_max == 4
+    fixed = make_runner(model, num_slots=2, max_len=64, spec_method="ngram", num_speculative_tokens=6)
+    assert not fixed.adaptive and fixed.default_k == 6 and fixed.k_max == 6
+    with pytest.raises(ValueError, match="spec_method"):
+        make_runner(model, num_slots=2, max_len=64, spec_method="eagle")

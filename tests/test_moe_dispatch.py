@@ -40,8 +40,7 @@ def test_per_expert_gradients_match_dense(backend):
     assert np.abs(np.asarray(got[2])[4:]).max() == 0.0  # unchosen experts get no gradient
 
 
-def test_auto_on_cpu_picks_per_expert_for_tiny_batches_and_expert_rows_above():
+def test_auto_on_cpu_picks_per_expert_for_decode_sizes_and_sorted_for_prefill():
     assert choose_backend("auto", 1, platform="cpu") == "per_expert"
-    assert choose_backend("auto", 4, platform="cpu") == "per_expert"
-    assert choose_backend("auto", 9, platform="cpu") == "expert_rows"
-    assert choose_backend("auto", 512, platform="cpu") == "expert_rows"
+    assert choose_backend("auto", 9, platform="cpu") == "per_expert"
+    assert choose_backend("auto", 512, platform="cpu") == "sorted"

@@ -198,10 +198,13 @@ register_backend("per_expert", dispatch_per_expert)
 register_backend("sorted", dispatch_sorted)
 register_backend("ragged", dispatch_ragged)
 
-# Measured on the 2-core CPU (jitted dispatch of one layer, 8 experts of 192x384 and 256x512, top-2):
-# per_expert and expert_rows tie up to 4 tokens; above, expert_rows wins (40 tokens: 1.6 vs 2.3 ms
-# per_expert, 2.7 sorted; 512: 7.4 vs 12.6, 9.9; 2048: 24 vs 49, 33).
-CPU_PER_EXPERT_MAX_TOKENS = 4
+# Measured on the 2-core CPU (jitted dispatch alone, 8 experts, top-2): per_expert up to this many
+# tokens (decode, verification, prefills up to 128; 8 experts of 192x384: per_expert 11.8 ms vs sorted
+# 13.5 ms at 128 tokens, 21 vs 15 at 256), sorted above (it computes assigned rows only).
+# expert_rows measured faster above 4 tokens (40 tokens: 1.6 vs 2.3 ms per_expert; 512: 7.4 vs 9.9
+# sorted) but stays opt-in (moe_backend="expert_rows", or a measured DispatchTable): in a long test
+# process that had the persistent compilation cache enabled, XLA:CPU crashed compiling such steps.
+CPU_PER_EXPERT_MAX_TOKENS = 128
 
 
 # Backends registered by their own module, imported on first use: name -> (module, optional).
@@ -242,7 +245,7 @@ def choose_backend(requested: str, num_tokens: int, platform: str | None = None)
     platform = platform or jax.default_backend()
     if platform in ("tpu", "gpu", "cuda", "rocm"):
         return "pallas" if load_backend("pallas") else "ragged"
-    return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "expert_rows"
+    return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "sorted"
 
 
 def dispatch(x, expert_ids, weights, w_gate, w_up, w_down, backend: str | DispatchFn = "auto") -> jax.Array:
