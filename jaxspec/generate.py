@@ -52,23 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--spec-method", default=None, choices=list(SPEC_METHODS),
                       help="none: plain decoding; draft: a draft model proposes; ngram: prompt lookup "
                       "(default: draft if there is a draft, else none)")
-    spec.add_argument("--num-speculative-tokens", type=_k_arg, default="auto", metavar="{K,auto}",
+    spec.add_argument("--num-speculative-tokens", type=k_arg(0), default="auto", metavar="{K,auto}",
                       help="tokens proposed per step, or auto: adapt k to the measured acceptance and step "
                       "costs (default; measuring compiles every k bucket on the first step)")
     spec.add_argument("--k-max", type=int, default=8, help="largest k (default 8)")
     return p
 
 
-def _k_arg(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {value!r}") from None
-    if k < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {value!r}")
-    return k
+def k_arg(minimum: int):
+    """An argparse type for ``--num-speculative-tokens``: "auto" or an integer >= ``minimum``."""
+
+    def parse(value: str) -> int | str:
+        if value == "auto":
+            return value
+        try:
+            k = int(value)
+        except ValueError:
+            k = None
+        if k is None or k < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum} or 'auto', got {value!r}")
+        return k
+
+    return parse
 
 
 def build_engine(args: argparse.Namespace) -> Engine:

@@ -15,6 +15,7 @@ import signal
 import sys
 
 from jaxspec.config import ConfigError
+from jaxspec.generate import k_arg
 from jaxspec.loading import DEFAULT_MODEL, default_draft
 from jaxspec.mesh import AUTO_MESH
 from serving.auth import load_token
@@ -34,18 +35,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return help_text
 
 
-def _k_arg(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {value!r}")
-    return k
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m jaxspec.serve",
@@ -61,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "when the model is the built-in one)")
     m.add_argument("--spec-method", choices=SPEC_METHODS, default=None,
                    help="speculative decoding method (default: draft if there is a draft, else none)")
-    m.add_argument("--num-speculative-tokens", type=_k_arg, default="auto", metavar="{K,auto}",
+    m.add_argument("--num-speculative-tokens", type=k_arg(1), default="auto", metavar="{K,auto}",
                    help="draft tokens per step, or auto (default): choose k per step, 0 (off) up to "
                    "--max-speculative-tokens, from measured step costs and acceptance")
     m.add_argument("--max-speculative-tokens", type=int, default=4, metavar="K",

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import jax
 
 from jaxspec.config import ConfigError
-from jaxspec.engine import Engine, ModelRunner, PlainRunner, StepRunner
+from jaxspec.engine import Engine, StepRunner
+from jaxspec.engine.factory import make_runner
 from jaxspec.builtin import BUILTIN
 from jaxspec.loading import DEFAULT_MODEL, load_any
 from jaxspec.mesh import MeshConfigError, mesh_for_option, placement_for_mesh
@@ -99,19 +100,14 @@ class EngineBundle:
 def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) -> StepRunner:
     """The step runner for ``opts``: plain decoding, or draft-then-verify.
 
-    This is the one place that picks the decoding method. The serving layer only
-    needs a ``StepRunner`` that honours ``Request.num_speculative_tokens`` (0 =
-    plain decoding for that request), as ``SpeculativeRunner`` does.
+    ``jaxspec.engine.factory.make_runner`` picks the decoding method (for the CLI too). The
+    serving layer only needs a ``StepRunner`` that honours ``Request.num_speculative_tokens``
+    (0 = plain decoding for that request), as ``SpeculativeRunner`` does.
     """
     mesh_cfg = mesh_for_option(opts.mesh)
     placement = placement_for_mesh(mesh_cfg) if mesh_cfg is not None else None
     if placement is not None:
         log.info("mesh %s %s", mesh_cfg.name, mesh_cfg.axes)
-    target = ModelRunner(model, opts.slots, opts.max_len, placement=placement)
-    if not opts.speculative:
-        return PlainRunner(target)
-    from jaxspec.speculative import AUTO, SpeculativeRunner, make_proposer
-
     draft_model = None
     if opts.spec_method == "draft":
         log.info("loading draft model %s", opts.draft)
@@ -122,11 +118,10 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
                 "a draft must share the target's vocabulary"
             )
     try:
-        proposer = make_proposer(opts.spec_method, draft_model)
-        return SpeculativeRunner(
-            target, proposer, num_speculative_tokens=AUTO if opts.adaptive_k else opts.num_speculative_tokens,
-            k_max=opts.num_speculative_tokens,
-        )
+        return make_runner(model, num_slots=opts.slots, max_len=opts.max_len, placement=placement,
+                           spec_method=opts.spec_method, draft=draft_model,
+                           num_speculative_tokens="auto" if opts.adaptive_k else opts.num_speculative_tokens,
+                           k_max=opts.num_speculative_tokens)
     except ValueError as e:  # incompatible draft (vocabulary, context length)
         raise ConfigError(str(e)) from e
 
