@@ -44,3 +44,15 @@ def test_auto_on_cpu_picks_per_expert_for_decode_sizes_and_sorted_for_prefill():
     assert choose_backend("auto", 1, platform="cpu") == "per_expert"
     assert choose_backend("auto", 9, platform="cpu") == "per_expert"
     assert choose_backend("auto", 512, platform="cpu") == "sorted"
+
+
+def test_dispatch_table_picks_the_fastest_measured_backend_per_token_count():
+    from jaxspec.models.moe_tuning import table_from_times
+
+    table = table_from_times({1: {"per_expert": 2.0, "expert_rows": 3.0}, 8: {"per_expert": 5.0, "expert_rows": 1.0}},
+                             fallback="sorted")
+    assert table.choices == ((1, "per_expert"), (8, "expert_rows"))
+    assert [table.backend_for(n) for n in (1, 2, 8, 9)] == ["per_expert", "expert_rows", "expert_rows", "sorted"]
+    args = _problem(5, seed=7, experts=E)
+    np.testing.assert_allclose(jax.jit(table)(*args), dispatch_dense(*args), atol=1e-5, rtol=1e-5)
+    assert hash(table) == hash(table_from_times({1: {"per_expert": 1.0}, 8: {"expert_rows": 1.0}}, "sorted"))

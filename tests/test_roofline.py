@@ -66,14 +66,11 @@ def test_consistent_with_adaptive_roofline():
 
 
 @pytest.mark.parametrize("kv_len", [True, False])
-def test_cli_smoke(tmp_path, monkeypatch, capsys, kv_len):
-    if kv_len and "kv_len" not in roofline.inspect.signature(roofline.Transformer.__call__).parameters:
-        pytest.skip("this forward has no kv_len")
-    monkeypatch.setattr(roofline, "forward_takes_kv_len", lambda: kv_len)
+def test_cli_smoke(tmp_path, capsys, kv_len):
     path = tmp_path / "rows.json"
     rows = roofline.main(["--models", "tiny-moe", "--batch", "1", "2", "--tokens", "1", "3", "--context", "16",
                           "--max-len", "32", "--reps", "1", "--peak-gflops", "10", "--bandwidth-gbs", "10",
-                          "--json", str(path)])
+                          "--json", str(path), *([] if kv_len else ["--full-cache"])])
     assert [(r["B"], r["T"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     for r in rows:
         assert set(roofline.COLUMNS) <= set(r)

@@ -14,9 +14,9 @@ Peak and bandwidth are measured here (median of a jitted float32 matmul and of a
 jitted ``jnp.sum`` over a 256 MiB array) unless given. Each (model, B, T) forward
 is jitted over a donated cache like the engine's and timed as the median of
 ``--reps`` calls after warm-up; tokens are fixed random ids, so routing (and the
-experts counted) is reproducible. If ``Transformer.__call__`` takes ``kv_len``
-the forward attends over the C positions in use, otherwise over the whole
-cache (max length M), and the bound counts what was attended.
+experts counted) is reproducible. The forward attends over the C positions in
+use (``kv_len``, as the engine's steps do), or with ``--full-cache`` over the
+whole cache (max length M); the bound counts what was attended.
 
     python tools/roofline.py                                   # builtin, mixtral, dense
     python tools/roofline.py --models mixtral --batch 1 8 32 --tokens 1 5 9
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import json
 import statistics
 import sys
@@ -161,10 +160,6 @@ def build_model(name: str, max_len: int) -> Transformer:
     return load_any(name)[0]  # a config name or path: random weights
 
 
-def forward_takes_kv_len() -> bool:
-    return "kv_len" in inspect.signature(Transformer.__call__).parameters
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def _forward(graphdef, kv_len, state, cache, tokens, start):
     kwargs = {} if kv_len is None else {"kv_len": kv_len}
@@ -250,6 +245,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 5], help="tokens per row T")
     p.add_argument("--context", type=int, default=256, help="C: positions in use after the step (start = C - T)")
     p.add_argument("--max-len", type=int, default=512, help="M: cache length per slot")
+    p.add_argument("--full-cache", action="store_true", help="attend over the whole cache M instead of C")
     p.add_argument("--reps", type=int, default=20, help="timed calls per forward (median)")
     p.add_argument("--seed", type=int, default=0, help="seed of the token ids (fixes the routing)")
     p.add_argument("--peak-gflops", type=float, default=None, help="skip measuring the matmul peak")
@@ -262,7 +258,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     peak = args.peak_gflops * 1e9 if args.peak_gflops else measure_peak_flops()
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth()
-    kv_supported = forward_takes_kv_len()
+    kv_supported = not args.full_cache
     print(f"# devices: {jax.devices()}")
     print(f"# matmul peak {peak / 1e9:.1f} GFLOP/s ({'given' if args.peak_gflops else 'measured, f32 1024^3'}), "
           f"bandwidth {bandwidth / 1e9:.1f} GB/s ({'given' if args.bandwidth_gbs else 'measured, sum of 256 MiB'})")
@@ -270,7 +266,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"# attended context: C = {args.context} (forward called with kv_len={args.context}; cache M = "
               f"{args.max_len})")
     else:
-        print(f"# attended context: the whole cache M = {args.max_len} (this forward has no kv_len; "
+        print(f"# attended context: the whole cache M = {args.max_len} (--full-cache; "
               f"C = {args.context} only sets start = C - T); the bound counts M")
 
     rows = []
