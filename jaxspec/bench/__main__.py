@@ -1,0 +1,24 @@
+"""``python -m jaxspec.bench [run] [flags]``, ``... predict [flags]`` or ``... stub [flags]``."""
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        from jaxspec.bench.predict import main as predict
+
+        predict(argv[1:])
+        return
+    if argv[:1] == ["stub"]:
+        from jaxspec.bench.stub import main as stub
+
+        stub(argv[1:])
+        return
+    from jaxspec.bench.cli import main as run
+
+    run(argv[1:] if argv[:1] == ["run"] else argv)
+
+
+if __name__ == "__main__":
+    main()

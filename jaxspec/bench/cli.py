@@ -1,0 +1,283 @@
+"""``python -m jaxspec.bench``: latency distributions under load, per speculation configuration.
+
+    # self-contained: one server per configuration, the same requests replayed against each
+    python -m jaxspec.bench --configs none draft:k=2 draft:k=4 draft:auto ngram:k=4 \\
+        --workload code edit --concurrency 1 2 4 8 16 --out bench-results/cpu
+    # MoE vs dense: serve flags per configuration
+    python -m jaxspec.bench --configs none "draft:auto" "dense=none --model builtin-dense" \\
+        "dense-auto=draft:auto --model builtin-dense" --workload code
+    # a running deployment (TLS, token): configurations become per-request speculation options
+    python -m jaxspec.bench --server tpu-vm:50051 --tls --auth-token-file token.txt \\
+        --configs none draft:k=2 draft:k=4 --rate 0.5 1 2 4 --stream --slo-e2e 2.0
+    # accelerators on paper
+    python -m jaxspec.bench predict --model mixtral-8x7b --mesh tpu-v5e-8 --acceptance 0.7
+
+Each level is closed-loop (``--concurrency``: that many clients, each sending its next request when
+its last one returns) or open-loop (``--rate``: Poisson arrivals at that many requests/s, sent
+whatever the server's state), bounded by ``--requests`` and ``--time-limit``; warm-up requests are
+not counted. Every request gets a record, failures included (by gRPC status or finish reason).
+
+Writes to ``--out``: ``results.json`` (every request's record, every level's summary, the run's
+settings and machine), ``report.md`` (the tables) and PNG plots (with matplotlib installed:
+``pip install jaxspec[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from jaxspec.bench import report, stats
+from jaxspec.bench.configs import USAGE, BenchConfig, baseline_of, parse_config
+from jaxspec.bench.load import SendOptions, Target, closed_loop, open_loop, warm
+from jaxspec.bench.workloads import WORKLOAD_USAGE, context_length, make_workload, tokenizer_for
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxspec.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    w = p.add_argument_group("what runs")
+    w.add_argument("--configs", nargs="+", default=None, metavar="CONFIG",
+                   help=f"{USAGE}. Default: none draft:k=2 draft:k=4 draft:auto (with --server: the server's "
+                        "own setting)")
+    w.add_argument("--model", default="builtin", help="--model for the servers (and the tokenizer of the prompts)")
+    w.add_argument("--serve-args", default="", help="flags for every server (a configuration's own come after)")
+    w.add_argument("--server", default=None, metavar="HOST:PORT", help="measure this running server instead")
+    w.add_argument("--tls", action="store_true", help="--server speaks TLS (system roots unless --root-certificates)")
+    w.add_argument("--root-certificates", default=None, metavar="PEM")
+    w.add_argument("--server-name-override", default=None, metavar="NAME")
+    w.add_argument("--auth-token-file", default=None, metavar="FILE", help="send 'authorization: Bearer <token>'")
+    t = p.add_argument_group("traffic")
+    t.add_argument("--workload", nargs="+", default=["code"], help=WORKLOAD_USAGE)
+    t.add_argument("--concurrency", type=int, nargs="*", default=None, metavar="C",
+                   help="closed-loop levels (default 1 2 4 8 16 unless --rate is given)")
+    t.add_argument("--rate", type=float, nargs="*", default=None, metavar="R", help="open-loop levels, requests/s")
+    t.add_argument("--requests", type=int, default=32, help="requests per level (closed loop: at least the level)")
+    t.add_argument("--time-limit", type=float, default=300.0, help="seconds a level may send for")
+    t.add_argument("--warmup", type=int, default=2, help="uncounted requests per configuration and workload")
+    t.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (code, edit, jsonl default)")
+    t.add_argument("--temperature", type=float, default=0.0)
+    t.add_argument("--stream", action="store_true", help="streaming RPCs: client-side TTFT and inter-token latency")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--corpus", default="stdlib", help="where code/edit/long prompts come from (its held-out split)")
+    t.add_argument("--max-inflight", type=int, default=256, help="open loop: requests in flight at most")
+    r = p.add_argument_group("reports")
+    r.add_argument("--out", default=None, metavar="DIR", help="default: bench-results/<UTC time>")
+    r.add_argument("--slo-e2e", type=float, default=None, metavar="S", help="goodput: requests done within S s")
+    r.add_argument("--slo-ttft", type=float, default=None, metavar="S", help="goodput: and first token within S s")
+    r.add_argument("--price-per-hour", type=float, default=None, metavar="USD", help="cost per million output tokens")
+    r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-records", action="store_true", help="leave token ids out of results.json")
+    s = p.add_argument_group("servers started by the bench")
+    s.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to be SERVING")
+    s.add_argument("--compilation-cache-dir", default=None, metavar="DIR")
+    args = p.parse_args(argv)
+    if args.configs is not None:
+        try:
+            args.configs = [parse_config(c) for c in args.configs]
+        except ValueError as e:
+            p.error(f"--configs: {e}")
+        if len({c.name for c in args.configs}) != len(args.configs):
+            p.error("--configs: two configurations have the same name (give one a LABEL=)")
+        if args.server and any(c.serve_args for c in args.configs):
+            p.error("--configs: serve flags need a server the bench starts; --server measures a running one")
+    elif not args.server:
+        args.configs = [parse_config(c) for c in ("none", "draft:k=2", "draft:k=4", "draft:auto")]
+    if args.concurrency is None and args.rate is None:
+        args.concurrency = [1, 2, 4, 8, 16]
+    args.concurrency = sorted(set(args.concurrency or []))
+    args.rate = sorted(set(args.rate or []))
+    if any(c < 1 for c in args.concurrency) or any(x <= 0 for x in args.rate):
+        p.error("--concurrency levels must be >= 1 and --rate levels > 0")
+    if args.requests < 1 or args.max_tokens < 1 or args.warmup < 0 or args.max_inflight < 1:
+        p.error("--requests, --max-tokens and --max-inflight must be >= 1, --warmup >= 0")
+    if (args.tls or args.root_certificates or args.auth_token_file) and not args.server:
+        p.error("--tls, --root-certificates and --auth-token-file are for --server")
+    return args
+
+
+def levels(args) -> list[tuple[str, float]]:
+    return [("concurrency", c) for c in args.concurrency] + [("rate", r) for r in args.rate]
+
+
+def machine() -> dict:
+    from importlib.metadata import version
+
+    return dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count(),
+                jax=version("jax"), loadavg=os.getloadavg(), argv=sys.argv,
+                utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+class Progress:
+    """A progress bar per level (tqdm, on stderr), or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def level(self, desc: str, total: int):
+        if not self.enabled:
+            return None, None
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+        return bar, (lambda rec: bar.update(1))
+
+
+def run_config(cfg: BenchConfig, target: Target, workloads, args, progress: Progress) -> tuple[list, list]:
+    records, rows = [], []
+    base_opts = SendOptions(stream=args.stream, temperature=args.temperature,
+                            request=tuple(cfg.request_options().items()) if args.server else (),
+                            timeout_s=args.time_limit + 300)
+    for wl in workloads:
+        warm_recs = warm(target, wl.warmup, base_opts)
+        if warm_recs and not any(r["ok"] for r in warm_recs):
+            print(f"  warning: every warm-up request failed: {warm_recs[0].get('status')} "
+                  f"{warm_recs[0].get('error', '')}", flush=True)
+        for load, lv in levels(args):
+            n = max(args.requests, int(lv)) if load == "concurrency" else args.requests
+            bar, cb = progress.level(f"{cfg.name} {wl.name} {report.level_name(load, lv)}", n)
+            if load == "concurrency":
+                recs, wall = closed_loop(target, wl.requests, int(lv), n, args.time_limit, base_opts, cb)
+            else:
+                recs, wall = open_loop(target, wl.requests, lv, n, args.time_limit, base_opts, args.seed,
+                                       args.max_inflight, cb)
+            if bar is not None:
+                bar.close()
+            for rec in recs:
+                rec.update(workload=wl.name, config=cfg.name, load=load, level=lv)
+            records += recs
+            row = dict(workload=wl.name, config=cfg.name, load=load, level=lv,
+                       **stats.summarize(recs, wall, slo_e2e=args.slo_e2e, slo_ttft=args.slo_ttft,
+                                         price_per_hour=args.price_per_hour))
+            rows.append(row)
+            fails = f" ({', '.join(f'{k} {v}' for k, v in row['failures'].items())})" if row["failed"] else ""
+            print(f"  {wl.name} {report.level_name(load, lv)}: {row['tok_s']:.1f} tok/s, "
+                  f"P50 {report.fmt(row['e2e_p50'], '.3f')} s, P99 {report.fmt(row['e2e_p99'], '.3f')} s, "
+                  f"{row['failed']}/{row['requests']} failed{fails}", flush=True)
+    return records, rows
+
+
+def server_config(target: Target) -> BenchConfig:
+    """The running server's own speculation setting, as the one configuration of a --server run."""
+    with target.client() as client:
+        info = client.model_info(timeout=30)
+    method = info.spec_method or "none"
+    return BenchConfig("server", method, "auto" if method != "none" else None)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    out.mkdir(parents=True, exist_ok=True)
+    remote = None
+    if args.server:
+        token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None
+        remote = Target(args.server, tls=args.tls, root_certificates=args.root_certificates,
+                        server_name_override=args.server_name_override, auth_token=token)
+        with remote.client() as client:
+            info = client.model_info(timeout=30)
+        context = info.context_length
+        configs = args.configs or [server_config(remote)]
+    else:
+        configs = args.configs
+        models = {c.model or args.model for c in configs}
+        context = min(context_length(m) for m in models)
+        vocab = {tokenizer_for(m).vocab_size for m in models}
+        if len(vocab) > 1:
+            raise SystemExit("error: the configurations' models have different tokenizers; bench them separately")
+    tok = tokenizer_for(args.model)
+    try:
+        workloads = [make_workload(w, tok, args.requests if not args.concurrency else
+                                   max(args.requests, max(args.concurrency)), args.max_tokens, args.seed,
+                                   context=context, corpus=args.corpus, warmup=args.warmup) for w in args.workload]
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    for wl in workloads:
+        print(wl.describe(), flush=True)
+    progress = Progress(not args.no_progress)
+    records, rows, errors, servers = [], [], {}, {}
+    for cfg in configs:
+        load_before = os.getloadavg()[0]
+        server = None
+        try:
+            if remote is not None:
+                target = remote
+            else:
+                from jaxspec.bench.server import ServerProcess
+
+                flags = ["--model", args.model, *shlex.split(args.serve_args), *cfg.serve_flags()]
+                server = ServerProcess(flags, args.compilation_cache_dir)
+                t = time.perf_counter()
+                target = server.start(args.start_timeout)
+                print(f"{cfg.name}: SERVING after {time.perf_counter() - t:.1f}s ({' '.join(flags)})", flush=True)
+            with target.client() as client:
+                info = client.model_info(timeout=30)
+            servers[cfg.name] = dict(model_id=info.model_id, spec_method=info.spec_method,
+                                     draft_model_id=info.draft_model_id, num_slots=info.num_slots,
+                                     platform=info.platform, dtype=info.dtype, context_length=info.context_length,
+                                     max_speculative_tokens=info.max_speculative_tokens, load_before=load_before)
+            recs, cfg_rows = run_config(cfg, target, workloads, args, progress)
+            records += recs
+            rows += cfg_rows
+            if server is not None and not server.alive():
+                raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.tail()}")
+        except (RuntimeError, TimeoutError, OSError) as e:  # this configuration is lost; the others still run
+            errors[cfg.name] = str(e)
+            print(f"{cfg.name}: failed: {e}", file=sys.stderr, flush=True)
+        except Exception as e:
+            import grpc
+
+            if not isinstance(e, grpc.RpcError):
+                raise
+            errors[cfg.name] = f"{e.code().name}: {e.details()}"
+            print(f"{cfg.name}: failed: {errors[cfg.name]}", file=sys.stderr, flush=True)
+        finally:
+            if server is not None:
+                server.stop()
+    baselines = {c.name: b.name for c in configs if (b := baseline_of(c, list(configs)))}
+    for key, same in stats.same_as_baseline(records, baselines).items():
+        next(r for r in rows if (r["workload"], r["config"], r["load"], r["level"]) == key)["same_as_plain"] = same
+    bar_list = report.bars(rows, configs)
+    env = machine()
+    header = (f"# jaxspec bench\n\n`{shlex.join(['python', '-m', 'jaxspec.bench', *(argv if argv is not None else sys.argv[1:])])}`"
+              f"\n\n{env['utc']}, {env['cpus']} CPUs, jax {env['jax']}, load average {env['loadavg'][0]:.2f} at the "
+              f"end; {args.requests} requests per level; " + ("greedy" if args.temperature == 0 else
+                                                              f"temperature {args.temperature}")
+              + (", streaming" if args.stream else ", unary") + "\n\n")
+    servers_md = "\n".join(f"- `{name}`: {s['model_id']} ({s['platform']}, {s['dtype']}), spec {s['spec_method']}"
+                           f"{' + ' + s['draft_model_id'] if s['draft_model_id'] else ''}, {s['num_slots']} slots, "
+                           f"load {s['load_before']:.2f} before" for name, s in servers.items())
+    text = header + servers_md + "\n\n" + report.markdown(rows, configs, slo=args.slo_e2e is not None or
+                                                          args.slo_ttft is not None,
+                                                          cost=args.price_per_hour is not None)
+    if bar_list:
+        text += "\n### speculation bars\n\n" + report.bars_text(bar_list) + "\n"
+    for name, e in errors.items():
+        text += f"\nconfiguration `{name}` did not complete: {e.splitlines()[0] if e else e}\n"
+    pngs = []
+    if not args.no_plots and rows:
+        try:
+            pngs = report.plots(rows, configs, out)
+        except ImportError:
+            print("plots skipped: matplotlib is not installed (pip install 'jaxspec[bench]')", file=sys.stderr)
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    (out / "report.md").write_text(text)
+    print("\n" + text)
+    if args.no_records:
+        for rec in records:
+            rec.pop("token_ids", None)
+    summary = dict(configs=[c.name for c in configs], levels=rows, bars=bar_list, config_errors=errors,
+                   servers=servers, machine=env, workloads={w.name: w.describe() for w in workloads})
+    settings = {k: ([c.name for c in v] if k == "configs" and v else v) for k, v in vars(args).items()}
+    (out / "results.json").write_text(json.dumps(dict(settings=settings, records=records, **summary), indent=1))
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}" + (f" and {len(pngs)} plots" if pngs else ""))
+    return dict(summary, out=str(out), plots=[str(p) for p in pngs])
