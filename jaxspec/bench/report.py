@@ -43,24 +43,22 @@ def markdown(rows: Sequence[dict], configs: Sequence[BenchConfig], *, slo: bool 
         lines += [f"### workload `{w}`", ""]
         for load in dict.fromkeys(r["load"] for r in rows if r["workload"] == w):
             levels = sorted({r["level"] for r in rows if r["workload"] == w and r["load"] == load})
-            head = ["level"]
-            for c in configs:
-                head += [f"{c.name} tok/s", f"{c.name} P99 s"]
-                if c.method != "none" and baseline_of(c, list(configs)):
-                    head += [f"{c.name} x plain", f"{c.name} P99/plain"]
-            body = []
-            for lv in levels:
-                cells = [level_name(load, lv)]
-                for c in configs:
-                    r = by.get((w, c.name, load, lv))
-                    cells += [fmt(r and r["tok_s"], ".1f"), fmt(r and r["e2e_p99"], ".3f")]
-                    base = baseline_of(c, list(configs))
-                    if c.method != "none" and base:
-                        b = by.get((w, base.name, load, lv))
-                        cells += [fmt(div(r and r["tok_s"], b and b["tok_s"]), ".2f", "x"),
-                                  fmt(div(r and r["e2e_p99"], b and b["e2e_p99"]), ".2f")]
-                body.append(cells)
-            lines += _table(head, body) + [""]
+            for group in dict.fromkeys(c.group for c in configs):
+                members = [c for c in configs if c.group == group]
+                for what, key, unit in (("output tokens/s", "tok_s", ".1f"), ("P99 end-to-end s", "e2e_p99", ".3f")):
+                    body = []
+                    for lv in levels:
+                        cells = [level_name(load, lv)]
+                        for c in members:
+                            r = by.get((w, c.name, load, lv))
+                            base = baseline_of(c, list(configs))
+                            b = base and by.get((w, base.name, load, lv))
+                            ratio = div(r and r[key], b and b[key]) if c.method != "none" else None
+                            cells.append(fmt(r and r[key], unit) + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+                        body.append(cells)
+                    title = f"{what}" + (f", serve flags `{' '.join(group)}`" if group else "")
+                    lines += [f"{title} (in brackets: against plain decoding of the same target):", ""]
+                    lines += _table(["level"] + [c.name for c in members], body) + [""]
         head = ["config", "level", "tok/s", "req/s", "e2e P50", "P90", "P95", "P99", "TTFT P50", "TTFT P99",
                 "ITL P50", "ITL P95", "acc len", "acc rate", "failed", "short", "same"]
         head += ["goodput req/s"] if slo else []
