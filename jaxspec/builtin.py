@@ -1,10 +1,15 @@
 """The built-in models shipped in ``jaxspec/assets/``: a Mixture-of-Experts Python code model
-(the target) and a dense draft distilled from it, sharing one sentencepiece tokenizer.
+(the target) and a dense draft distilled from it, sharing one sentencepiece tokenizer; and,
+for comparing MoE and dense at equal active size, a dense target of the same active
+parameter count with its own distilled draft (``jaxspec/assets/dense/``, same tokenizer).
 
-``python -m jaxspec.serve`` and ``python -m jaxspec.generate`` use them when no ``--model`` is
-given (with the draft proposing). ``BUILTIN`` is also accepted wherever a model or a draft is
-named: ``--model builtin``, ``--draft builtin``. How they were built, on what, and how well they
-do: ``jaxspec/assets/MODEL_CARD.md``; to rebuild them: ``python tools/build_assets.py``.
+``python -m jaxspec.serve`` and ``python -m jaxspec.generate`` use the MoE pair when no
+``--model`` is given (with the draft proposing). ``BUILTIN`` is also accepted wherever a model
+or a draft is named: ``--model builtin``, ``--draft builtin``; ``BUILTIN_DENSE`` names the dense
+pair: ``--model builtin-dense`` (its draft proposes; ``--draft builtin`` with it means its own
+draft). How they were built, on what, and how well they do: ``jaxspec/assets/MODEL_CARD.md`` and
+``jaxspec/assets/dense/MODEL_CARD.md``; to rebuild them: ``python tools/build_assets.py`` and
+``python tools/build_assets.py --family dense``.
 """
 
 from __future__ import annotations
@@ -14,27 +19,45 @@ from pathlib import Path
 from jaxspec.config import ConfigError
 
 BUILTIN = "builtin"
+BUILTIN_DENSE = "builtin-dense"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+# Each built-in name -> the directory holding its target/ and draft/.
+FAMILY_DIRS = {BUILTIN: ASSETS_DIR, BUILTIN_DENSE: ASSETS_DIR / "dense"}
+_REBUILD = {BUILTIN: "python tools/build_assets.py", BUILTIN_DENSE: "python tools/build_assets.py --family dense"}
 ROLES = ("target", "draft")
 
 
-def asset_dir(role: str = "target") -> Path:
-    """The shipped model directory for ``role`` ("target" or "draft"); raises if it is missing."""
+def is_builtin(name: str | None) -> bool:
+    return name in FAMILY_DIRS
+
+
+def asset_dir(role: str = "target", name: str = BUILTIN) -> Path:
+    """The shipped model directory for ``role`` ("target" or "draft") of the built-in ``name``
+    (``BUILTIN`` or ``BUILTIN_DENSE``); raises ConfigError if it is missing."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    path = ASSETS_DIR / role
+    if name not in FAMILY_DIRS:
+        raise ValueError(f"built-in name must be one of {tuple(FAMILY_DIRS)}, got {name!r}")
+    path = FAMILY_DIRS[name] / role
     if not (path / "config.json").exists():
+        what = f"the built-in {role} model" if name == BUILTIN else f"the built-in dense {role} model ({name})"
         raise ConfigError(
-            f"the built-in {role} model is missing ({path}): this install has no trained assets. "
-            "Rebuild them with `python tools/build_assets.py`, or name a model with --model"
+            f"{what} is missing ({path}): this install has no trained assets for it. "
+            f"Rebuild them with `{_REBUILD[name]}`, or name a model with --model"
         )
     return path
 
 
-def available() -> bool:
-    return all((ASSETS_DIR / role / "config.json").exists() for role in ROLES)
+def available(name: str = BUILTIN) -> bool:
+    return all((FAMILY_DIRS[name] / role / "config.json").exists() for role in ROLES)
+
+
+def draft_for(model: str | None) -> str:
+    """The built-in name whose draft goes with target ``model``: its own for a built-in target
+    (``builtin-dense`` -> the dense pair's draft), else the MoE pair's draft."""
+    return model if is_builtin(model) else BUILTIN
 
 
 def resolve(name_or_path: str, role: str = "target") -> str:
-    """``BUILTIN`` -> the shipped model directory for ``role``; anything else unchanged."""
-    return str(asset_dir(role)) if name_or_path == BUILTIN else name_or_path
+    """A built-in name -> its shipped model directory for ``role``; anything else unchanged."""
+    return str(asset_dir(role, name_or_path)) if is_builtin(name_or_path) else name_or_path

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help=f"'builtin' (the shipped MoE code model), config name (configs/models/*.json; random weights), "
+        help=f"'builtin' (the shipped MoE code model), 'builtin-dense' (its dense counterpart of equal active size), "
+        f"config name (configs/models/*.json; random weights), "
         f"orbax model directory, or Hugging Face folder (default: {DEFAULT_MODEL}, with the built-in draft)",
     )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override parameter dtype")
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec = p.add_argument_group("speculative decoding (output is unchanged; only speed differs)")
     spec.add_argument("--draft", default=None, metavar="NAME_OR_PATH",
                       help="draft model sharing the target's vocabulary ('builtin', config name, orbax dir or HF folder; "
-                      "default: the built-in draft when the model is the built-in one)")
+                      "default: the built-in draft when the model is a built-in one)")
     spec.add_argument("--spec-method", default=None, choices=list(SPEC_METHODS),
                       help="none: plain decoding; draft: a draft model proposes; ngram: prompt lookup "
                       "(default: draft if there is a draft, else none)")

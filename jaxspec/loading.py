@@ -25,7 +25,8 @@ def load_any(name_or_path: str | None = None, dtype: str | None = None, seed: in
              role: str = "target") -> tuple[Transformer, Tokenizer]:
     """Load a model and its tokenizer.
 
-    - ``builtin``: the shipped model for ``role`` ("target", or "draft" where a draft is named);
+    - ``builtin`` / ``builtin-dense``: the shipped MoE / dense model for ``role`` ("target", or
+      "draft" where a draft is named);
     - an orbax model directory written by ``jaxspec.checkpoint.save_model``;
     - a Hugging Face folder (config.json + safetensors);
     - a config name under configs/models (random weights, byte tokenizer; for tests and benchmarks).
@@ -53,10 +54,13 @@ def load_any(name_or_path: str | None = None, dtype: str | None = None, seed: in
 
 
 def default_draft(model: str | None, draft: str | None, spec_method: str | None) -> str | None:
-    """The draft a CLI uses: the one named, else the built-in draft when the model is the built-in
-    target and no speculative method was chosen (so the default serves with speculation)."""
+    """The draft a CLI uses: the one named, else the built-in draft when the model is a built-in
+    target and no speculative method was chosen (so the default serves with speculation).
+    A built-in target's draft is its own pair's: ``--model builtin-dense`` (with no --draft or
+    ``--draft builtin``) drafts with the dense pair's draft."""
+    model = model or DEFAULT_MODEL
     if draft:
-        return draft
-    if (model or DEFAULT_MODEL) == builtin.BUILTIN and spec_method in (None, "draft"):
-        return builtin.BUILTIN
+        return builtin.draft_for(model) if draft == builtin.BUILTIN else draft
+    if builtin.is_builtin(model) and spec_method in (None, "draft"):
+        return builtin.draft_for(model)
     return None

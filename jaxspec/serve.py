@@ -43,11 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     m = p.add_argument_group("model and decoding")
     m.add_argument("--model", default=DEFAULT_MODEL,
-                   help="'builtin' (the shipped MoE code model), config name (random weights), jaxspec model "
+                   help="'builtin' (the shipped MoE code model), 'builtin-dense' (its dense counterpart of equal "
+                   "active size), config name (random weights), jaxspec model "
                    "directory or Hugging Face folder")
     m.add_argument("--draft", default=None,
                    help="draft model for --spec-method draft (same forms as --model; default: the built-in draft "
-                   "when the model is the built-in one)")
+                   "when the model is a built-in one)")
     m.add_argument("--spec-method", choices=SPEC_METHODS, default=None,
                    help="speculative decoding method (default: draft if there is a draft, else none)")
     m.add_argument("--num-speculative-tokens", type=k_arg(1), default="auto", metavar="{K,auto}",

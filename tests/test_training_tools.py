@@ -2,9 +2,10 @@
 
 Covers the corpus split, tokenizer round trip, packed data order, the MoE
 auxiliary losses and capacity, and each tool end to end: tools/build_assets.py
---scale tiny (tokenizer -> MoE target -> distilled draft -> eval + model card),
-then kill-and-resume runs of tools/train.py and tools/distill_draft.py that reuse
-its tokenizer and target (same shapes, so the compiled steps are shared).
+--scale tiny (tokenizer -> MoE target -> distilled draft -> eval + model card) and
+its --family dense (a dense target and draft on that tokenizer), then kill-and-resume
+runs of tools/train.py and tools/distill_draft.py that reuse its tokenizer and
+target (same shapes, so the compiled steps are shared).
 """
 
 from __future__ import annotations
@@ -288,6 +289,43 @@ def test_build_assets_tiny_writes_every_asset(built):
     assert f"{ev['acceptance']['mean_acceptance_length']:.3f}" in card and "python tools/build_assets.py" in card
     # Running the command again skips every finished stage and only re-evaluates.
     assert tool("build_assets").main(built["argv"]) == 0
+
+
+@pytest.mark.slow
+def test_build_assets_dense_family_reuses_the_tokenizer(built, tmp_path):
+    """--family dense: a dense target (+ distilled draft) on the tokenizer it is given, which it
+    neither retrains nor copies into OUT; no router losses; a card without expert figures."""
+    tok = built["out"] / "tokenizer"
+    tok_bytes = (tok / "tokenizer.model").read_bytes()
+    out, work = tmp_path / "dense", tmp_path / "work"
+    argv = ["--family", "dense", "--scale", "tiny", "--tokenizer", str(tok), "--out", str(out), "--work", str(work),
+            "--corpus", str(built["argv"][-1])]
+    assert tool("build_assets").main(argv) == 0
+    assert not (out / "tokenizer").exists() and (tok / "tokenizer.model").read_bytes() == tok_bytes
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "draft", "eval.json", "target"]
+    target, tokenizer = load_any(str(out / "target"))
+    draft, _ = load_any(str(out / "draft"))
+    assert not target.cfg.is_moe and not draft.cfg.is_moe
+    assert target.cfg.name == tool("build_assets").FAMILIES["dense"]["tiny"]["target_config"]
+    assert target.cfg.vocab_size == draft.cfg.vocab_size == tokenizer.vocab_size == load_tokenizer(tok).vocab_size
+    assert (out / "target" / "tokenizer.model").read_bytes() == tok_bytes
+    report = json.loads((out / "target" / "training_report.json").read_text())
+    assert report["loss"]["aux_weight"] == 0 and report["loss"]["z_weight"] == 0
+    assert report["steps"] == _tiny()["target_steps"] and report["seq_len"] == _tiny()["seq_len"]
+    train_log = [r for r in read_metrics(work / "target") if r["event"] == "train"]
+    assert train_log[-1]["ce"] < train_log[0]["ce"] - 0.1
+    assert all(r["load_balance"] == 0 and r["z_loss"] == 0 for r in train_log)
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["bits_per_byte"]["expert_balance_per_layer"] == []
+    assert ev["acceptance"]["mean_acceptance_length"] >= 1.0 and ev["throughput"]["speculative_tokens_per_s"] > 0
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "## Target (dense)" in card and "## Target (MoE)" not in card
+    assert "expert load" not in card and "load-balancing loss weight" not in card
+    assert f"| target bits per byte | {ev['bits_per_byte']['bits_per_byte']:.3f} |" in card
+    assert "--family dense" in card and "--model builtin-dense" in card
+    # --tokenizer belongs to the dense family; the moe family trains its own.
+    with pytest.raises(SystemExit):
+        tool("build_assets").main(["--tokenizer", str(tok), "--out", str(tmp_path / "x"), "--scale", "tiny"])
 
 
 def _tiny() -> dict:

@@ -2,6 +2,18 @@
 
     python tools/build_assets.py                  # full size into jaxspec/assets (about 90 min on 2 quiet cores)
     python tools/build_assets.py --scale tiny --out /tmp/assets --work /tmp/work   # smoke test (minutes)
+    python tools/build_assets.py --family dense   # the dense pair into jaxspec/assets/dense (about 85 min)
+
+Two families. ``moe`` (the default, ``--model builtin``) trains everything below into
+jaxspec/assets. ``dense`` (``--model builtin-dense``) is the dense target of the same
+active size (config builtin-dense-target: mlp_dim 768 = 2 active experts x 384) with
+a builtin-draft distilled from it, for comparing MoE and dense at equal active
+parameters: it reuses the shipped tokenizer (--tokenizer, default
+jaxspec/assets/tokenizer; stage 1 is skipped), the same corpus and split and the
+same training recipe (steps, batch, sequence length, learning rate, schedule,
+distillation), with no load-balancing or router z-loss (a dense model has no
+router), and writes jaxspec/assets/dense/{target,draft,eval.json,MODEL_CARD.md}
+(work directory runs/build-dense).
 
 Stages (each one a tool that also runs on its own):
   1. tokenizer  tools/train_tokenizer.py  -> OUT/tokenizer/
@@ -58,6 +70,16 @@ SCALES: dict[str, dict[str, object]] = {
 }
 OUTPUTS = ("tokenizer", "target", "draft", "eval.json", "MODEL_CARD.md")
 
+# What a family changes in the plan; everything else (the recipe) is the scale's.
+FAMILIES: dict[str, dict[str, dict[str, object]]] = {
+    "moe": {"full": {}, "tiny": {}},
+    "dense": {"full": {"target_config": "builtin-dense-target"}, "tiny": {"target_config": "tiny-dense"}},
+}
+# Where each family writes by default, relative to the repository.
+FAMILY_OUT = {"moe": Path("jaxspec") / "assets", "dense": Path("jaxspec") / "assets" / "dense"}
+FAMILY_WORK = {"moe": Path("runs") / "build", "dense": Path("runs") / "build-dense"}
+SHIPPED_TOKENIZER = REPO / "jaxspec" / "assets" / "tokenizer"
+
 
 def load_tool(name: str) -> ModuleType:
     """Import tools/<name>.py (tools/ is not a package) so stages share one process and its compile caches."""
@@ -69,8 +91,15 @@ def load_tool(name: str) -> ModuleType:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO / "jaxspec" / "assets"), help="asset directory (default jaxspec/assets)")
-    p.add_argument("--work", default=str(REPO / "runs" / "build"), help="checkpoints and caches (default runs/build)")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="moe",
+                   help="moe: the MoE target (default); dense: the dense target of equal active size, reusing "
+                        "the shipped tokenizer")
+    p.add_argument("--out", default=None,
+                   help="asset directory (default jaxspec/assets; jaxspec/assets/dense for --family dense)")
+    p.add_argument("--work", default=None,
+                   help="checkpoints and caches (default runs/build; runs/build-dense for --family dense)")
+    p.add_argument("--tokenizer", default=None,
+                   help=f"--family dense only: the tokenizer directory to reuse (default {SHIPPED_TOKENIZER})")
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--fresh", action="store_true", help="delete WORK and the outputs first (a from-scratch build)")
     p.add_argument("--corpus", default="stdlib", help="corpus folder or .jsonl (default: this Python's stdlib)")
@@ -86,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_from_args(args: argparse.Namespace) -> dict[str, object]:
-    plan = dict(SCALES[args.scale])
+    plan = {**SCALES[args.scale], **FAMILIES[args.family][args.scale]}
     for key in plan:
         value = getattr(args, key)
         if value is not None:
@@ -109,26 +138,42 @@ def _stage(name: str, argv: list[str], done: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plan = plan_from_args(args)
-    out, work = Path(args.out), Path(args.work)
+    dense = args.family == "dense"
+    if args.tokenizer is not None and not dense:
+        raise SystemExit("build_assets: --tokenizer is for --family dense (the moe family trains its own)")
+    out = Path(args.out) if args.out else REPO / FAMILY_OUT[args.family]
+    work = Path(args.work) if args.work else REPO / FAMILY_WORK[args.family]
+    # The dense family reuses a tokenizer that it does not own: --fresh never deletes it.
+    tok = Path(args.tokenizer) if args.tokenizer else SHIPPED_TOKENIZER if dense else out / "tokenizer"
+    if dense and not (tok / "tokenizer.model").exists():
+        raise SystemExit(f"build_assets: no tokenizer.model in {tok} (build the moe family first, or pass --tokenizer)")
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
         for name in OUTPUTS:
+            if dense and name == "tokenizer":
+                continue
             path = out / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     corpus = ["--corpus", args.corpus, "--glob", args.glob]
-    tok, target, draft = out / "tokenizer", out / "target", out / "draft"
+    target, draft = out / "target", out / "draft"
     t0 = time.perf_counter()
 
-    _stage("train_tokenizer", [*corpus, "--out", str(tok), "--vocab-size", str(plan["vocab_size"]),
-                               "--seed", str(args.seed)],
-           done=(tok / "tokenizer.model").exists() and (tok / "tokenizer_report.json").exists())
+    if dense:
+        print(f"== train_tokenizer: reusing {tok} (family dense)")
+    else:
+        _stage("train_tokenizer", [*corpus, "--out", str(tok), "--vocab-size", str(plan["vocab_size"]),
+                                   "--seed", str(args.seed)],
+               done=(tok / "tokenizer.model").exists() and (tok / "tokenizer_report.json").exists())
+    # A dense target has no router: its training adds no load-balancing or z-loss (zero weights say so).
+    no_router_losses = ["--aux-weight", "0", "--z-weight", "0"] if dense else []
     _stage("train", [
         "--config", str(plan["target_config"]), "--tokenizer", str(tok), *corpus,
         "--run-dir", str(work / "target"), "--out", str(target), "--steps", str(plan["target_steps"]),
         "--batch-size", str(plan["target_batch"]), "--seq-len", str(plan["seq_len"]), "--lr", str(plan["target_lr"]),
         "--eval-every", str(plan["eval_every"]), "--eval-windows", str(plan["eval_windows"]),
         "--save-every", str(plan["save_every"]), "--log-every", str(plan["log_every"]), "--seed", str(args.seed),
+        *no_router_losses,
     ], done=(target / "training_report.json").exists())
     _stage("distill_draft", [
         "--target", str(target), "--draft", str(plan["draft_config"]), *corpus,

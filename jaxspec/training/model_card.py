@@ -61,13 +61,28 @@ def _cost_paragraph(costs: dict | None, acc: dict) -> list[str]:
     return [lines[0], ""]
 
 
-def _speed_advice(speed: dict) -> list[str]:
+def _speed_advice(speed: dict, is_moe: bool = True) -> list[str]:
     """Say plainly when speculation did not pay on the machine that measured it."""
     if speed.get("speedup", 1.0) >= 1.0:
         return []
+    why = "see above for why it does not here" if is_moe else "see above for what it costs here"
     return [f"On this machine speculation is slower than plain decoding ({speed['speedup']:.2f}x at k={speed['k']}): "
             "`--spec-method none` decodes faster here. Speculation pays where a forward over k+1 tokens costs "
-            "little more than over one (see above for why it does not here).", ""]
+            f"little more than over one ({why}).", ""]
+
+
+def _use_lines(is_moe: bool) -> list[str]:
+    if is_moe:
+        return [
+            "python -m jaxspec.generate \"def fibonacci(n):\"                      # built-in target + draft",
+            "python -m jaxspec.generate --spec-method none \"def fibonacci(n):\"   # the target alone (same text)",
+            "python -m jaxspec.serve                                            # both over gRPC",
+        ]
+    return [
+        "python -m jaxspec.generate --model builtin-dense \"def fibonacci(n):\"                      # dense target + draft",
+        "python -m jaxspec.generate --model builtin-dense --spec-method none \"def fibonacci(n):\"   # the target alone",
+        "python -m jaxspec.serve --model builtin-dense                                            # both over gRPC",
+    ]
 
 
 def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tokenizer_dir: Path | None,
@@ -80,6 +95,7 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
     ev = eval_results
     bpb, xz, acc, speed = ev["bits_per_byte"], ev["xz"], ev["acceptance"], ev["throughput"]
     c = ev["corpus"]
+    is_moe = bool(target_cfg.get("num_experts"))
     if ev.get("corpus_is_stdlib"):
         source = (f"{c['documents']} `.py` files ({c['bytes'] / 1e6:.2f} MB) of the CPython "
                   f"{ev['environment']['python']} standard library (PSF licence), without the directories listed in "
@@ -87,13 +103,28 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
                   "GUI demos).")
     else:
         source = f"{c['documents']} files ({c['bytes'] / 1e6:.2f} MB) from `{c['source']}`."
+    if is_moe:
+        intro = [
+            "# jaxspec built-in models",
+            "",
+            "A small Mixture-of-Experts Python code model (the target) and a dense draft distilled from it,",
+            "shipped so that `python -m jaxspec.generate` and speculative decoding work out of the box on CPU.",
+            "They are demonstration models: trained for about an hour on two CPU cores, they write",
+            "Python-looking text, not reliable code.",
+        ]
+    else:
+        intro = [
+            "# jaxspec built-in dense models (`--model builtin-dense`)",
+            "",
+            "A small dense Python code model (the target) and a dense draft distilled from it: the dense",
+            "counterpart of the built-in Mixture-of-Experts pair (`--model builtin`, `../MODEL_CARD.md`) for",
+            "comparing MoE and dense at equal active size. The target has the MoE target's shape with one dense",
+            "MLP as wide as the MoE's active experts together (experts per token x expert width), so both",
+            "compute with the same parameters per token (the MoE adds only its router); same tokenizer, corpus,",
+            "split and training recipe. Demonstration models: they write Python-looking text, not reliable code.",
+        ]
     lines = [
-        "# jaxspec built-in models",
-        "",
-        "A small Mixture-of-Experts Python code model (the target) and a dense draft distilled from it,",
-        "shipped so that `python -m jaxspec.generate` and speculative decoding work out of the box on CPU.",
-        "They are demonstration models: trained for about an hour on two CPU cores, they write",
-        "Python-looking text, not reliable code.",
+        *intro,
         "",
         "## Data",
         "",
@@ -115,8 +146,19 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
         ]
     else:
         lines.append("(no tokenizer_report.json found)")
-    lines += ["", "## Target (MoE)", "", f"`{_config_rows(target_cfg)}`", ""]
-    if train:
+    lines += ["", "## Target (MoE)" if is_moe else "## Target (dense)", "", f"`{_config_rows(target_cfg)}`", ""]
+    if train and not is_moe:
+        lines += [
+            f"- Parameters: {_params(train['params'])}.",
+            f"- Training: {train['steps']} steps of {train['batch_size']} x {train['seq_len']} tokens "
+            f"({train['tokens_seen'] / 1e6:.2f}M tokens, {train['epochs']:.2f} epochs), AdamW (peak lr "
+            f"{train['optimizer']['lr']}, warm-up {train['optimizer']['warmup_steps']}, cosine to "
+            f"{train['optimizer']['min_lr_ratio']} x, weight decay {train['optimizer']['weight_decay']}, gradient "
+            f"clipping {train['optimizer']['grad_clip']}), cross entropy only (no router, so no load-balancing or "
+            f"z-loss); {train['train_seconds'] / 60:.1f} min on {train['environment']['cpu_count']} CPU cores.",
+            f"- Final training loss {_f(train['final_train'].get('ce'))} nats/token.",
+        ]
+    elif train:
         lines += [
             f"- Parameters: {_params(train['params'])}.",
             f"- Training: {train['steps']} steps of {train['batch_size']} x {train['seq_len']} tokens "
@@ -168,7 +210,7 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
            f"{_f(speed['adaptive_tokens_per_s'], 1)} tokens/s ({_f(speed['adaptive_speedup'], 2)}x; decode steps "
            f"per k: {', '.join(f'{kb}: {n}' for kb, n in speed['adaptive_steps_per_k'].items())}) |"]
           if "adaptive_tokens_per_s" in speed else []),
-        f"| expert load max/mean per layer (1.00 = even) | {balance} |",
+        *([f"| expert load max/mean per layer (1.00 = even) | {balance} |"] if is_moe else []),
         "",
         f"Bits per byte: {bpb['tokens']} held-out tokens in windows of {bpb['seq_len']}, eos included "
         f"({bpb['bytes']} bytes). Acceptance: {acc['prompts']} held-out prompts, {acc['generated_tokens']} greedy "
@@ -177,13 +219,11 @@ def render_model_card(eval_results: dict, target_dir: Path, draft_dir: Path, tok
         f"({ev['environment']['backend']}, jax {ev['environment']['jax']}); timings depend on machine load.",
         "",
         *_cost_paragraph(ev.get("forward_costs"), acc),
-        *_speed_advice(speed),
+        *_speed_advice(speed, is_moe),
         "## Use",
         "",
         "```bash",
-        "python -m jaxspec.generate \"def fibonacci(n):\"                      # built-in target + draft",
-        "python -m jaxspec.generate --spec-method none \"def fibonacci(n):\"   # the target alone (same text)",
-        "python -m jaxspec.serve                                            # both over gRPC",
+        *_use_lines(is_moe),
         "```",
         "",
         "## Rebuild",
