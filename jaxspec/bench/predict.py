@@ -1,0 +1,787 @@
+"""Predict decode and verification step times, and speculative speed-up, from a roofline.
+
+``python -m jaxspec.bench predict --model mixtral-8x7b --draft small-draft --mesh tpu-v5e-8``
+
+One step of B rows x T tokens over C cached positions costs, per chip,
+
+    time = overhead + collectives + max(bytes / bandwidth, flops / peak)
+
+* bytes: attention + dense weights, the router, the DISTINCT experts the N = B x T tokens
+  route to (x expert bytes), the embedding rows looked up, the whole LM head, and the K/V
+  rows attended (B x C x layers x 2 x kv_heads x head_dim x bytes);
+* flops: 2 x active parameters x tokens (LM head included) + attention 4 x N x C x heads x head_dim;
+* overhead: a per-step dispatch cost plus a per-kernel cost x kernels executed (``Chip``);
+* collectives (multi-chip): all-reduce bytes / link bandwidth (``collective_s``).
+
+Speculation with k drafts: a step verifies k + 1 tokens and drafts k single tokens, and yields
+E[k] = sum_{i=0..k} prod_{j<i} a_j tokens per row; speed-up = (E[k] / spec step) x plain step.
+docs/predict.md has the derivations, the chip table's sources and the CPU validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from jaxspec.config import ConfigError, ModelConfig, config_dir, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- chips
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip as the roofline sees it (per chip, not per host)."""
+
+    name: str
+    peak_flops: float  # dense matmul FLOP/s at the default dtype (bf16; f32 for cpu)
+    bandwidth: float  # memory bytes/s
+    memory_bytes: float
+    link_bandwidth: float  # bytes/s one chip can send into a collective (ICI / NVLink); 0 = none
+    step_overhead_s: float  # per step: host dispatch of one jitted call + the token transfer back
+    op_overhead_s: float  # per kernel executed in the step (launch / scheduling gap)
+    collective_latency_s: float = 0.0  # fixed cost of one collective (hops, synchronisation)
+    source: str = ""
+
+
+# Public datasheet numbers (dense, no sparsity). The overhead columns of the accelerators are
+# ASSUMPTIONS (order of magnitude, not measured here; override with --step-overhead-us /
+# --op-overhead-us): a jitted call is dispatched asynchronously but the engine waits for its
+# tokens every step (~tens of us of host round trip), and back-to-back kernels leave a gap of
+# ~1-2 us on GPUs (launch through command buffers) and well under 1 us on TPUs (one program).
+CHIPS: dict[str, Chip] = {
+    # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM2 at 819 GB/s, ICI 1,600 Gbps.
+    "tpu-v5e": Chip("tpu-v5e", 197e12, 819e9, 16 * 2**30, 1600e9 / 8, 30e-6, 0.5e-6, 10e-6,
+                    "cloud.google.com/tpu/docs/v5e"),
+    # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at 2,765 GB/s, ICI 4,800 Gbps.
+    "tpu-v5p": Chip("tpu-v5p", 459e12, 2765e9, 95 * 2**30, 4800e9 / 8, 30e-6, 0.5e-6, 10e-6,
+                    "cloud.google.com/tpu/docs/v5p"),
+    # nvidia.com H100 datasheet, SXM: 989 TFLOP/s bf16 dense (1,979 with sparsity), 80 GB HBM3 at
+    # 3.35 TB/s, NVLink 900 GB/s total (450 GB/s each way: what one all-reduce direction gets).
+    "h100": Chip("h100", 989e12, 3.35e12, 80e9, 450e9, 20e-6, 1.5e-6, 10e-6,
+                 "nvidia.com/en-us/data-center/h100 (SXM)"),
+    # nvidia.com H200 datasheet, SXM: same compute as H100, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s.
+    "h200": Chip("h200", 989e12, 4.8e12, 141e9, 450e9, 20e-6, 1.5e-6, 10e-6,
+                 "nvidia.com/en-us/data-center/h200"),
+}
+CHIP_NAMES = sorted(CHIPS) + ["cpu"]
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "int8": 1}
+
+
+# ----------------------------------------------------------------------------- the CPU probe
+def _median_s(fn, *args, reps: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))  # compile and warm
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=1)
+def probe_cpu(reps: int = 15) -> Chip:
+    """This machine's CPU as a Chip, measured once per process (medians; ~5 s).
+
+    * bandwidth: a matrix-vector product [1, 2048] x [2048, 4096] f32 (32 MiB of weights, larger
+      than L2): the rate at which a decode step's matmuls actually stream weights here (XLA:CPU
+      reaches about a third of a plain ``jnp.sum``'s bandwidth in a matvec);
+    * peak: a [32, 1024] x [1024, 1024] f32 matmul: the throughput at the row counts decode and
+      verification run (decode-sized matmuls reach well under the large-matmul peak here);
+    * step overhead: a jitted call of one tiny op, waited for;
+    * per-op overhead: the slope of the time of a chain of 1 vs 129 dependent tiny matmuls
+      (each an executed op; nothing fuses across a dot).
+    None of these runs a jaxspec model, so the validation is not fitted to what it checks.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.key(0)
+    v = jax.random.normal(key, (1, 2048), jnp.float32)
+    w = jax.random.normal(key, (2048, 4096), jnp.float32)
+    matvec = jax.jit(jnp.matmul)
+    tiny_s = _median_s(jax.jit(lambda x: x + 1.0), jnp.ones((4,), jnp.float32), reps=reps * 4)
+    bandwidth = w.nbytes / max(_median_s(matvec, v, w, reps=reps) - tiny_s, 1e-9)
+    a = jax.random.normal(key, (32, 1024), jnp.float32)
+    b = jax.random.normal(key, (1024, 1024), jnp.float32)
+    peak = 2.0 * 32 * 1024 * 1024 / max(_median_s(matvec, a, b, reps=reps) - tiny_s, 1e-9)
+
+    def chain(n):
+        def f(x, m):
+            for _ in range(n):
+                x = jnp.tanh(x @ m)
+            return x
+        return jax.jit(f)
+
+    x, m = jnp.ones((4, 8), jnp.float32), jnp.full((8, 8), 0.1, jnp.float32)
+    short, long_ = _median_s(chain(1), x, m, reps=reps * 4), _median_s(chain(129), x, m, reps=reps * 4)
+    op_s = max((long_ - short) / 128, 0.0)
+    return Chip("cpu", peak, bandwidth, 0.0, 0.0, max(short - op_s, 0.0), op_s, 0.0,
+                "measured here: matvec bandwidth, 32-row matmul, tiny-op call and chain")
+
+
+# ----------------------------------------------------------------------------- meshes
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How a mesh divides one model over chips (``configs/meshes``: data x expert x tensor)."""
+
+    name: str = "1 chip"
+    data: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    @property
+    def chips(self) -> int:
+        return self.data * self.expert * self.tensor
+
+
+def load_split(name: str | None) -> tuple[Split, str | None]:
+    """The mesh's axis sizes and the chip its name or platform implies (None if unknown)."""
+    if not name:
+        return Split(), None
+    path = Path(name) if name.endswith(".json") else config_dir() / "meshes" / f"{name}.json"
+    if not path.exists():
+        raise ConfigError(f"unknown mesh {name!r}; see {config_dir() / 'meshes'}")
+    data = json.loads(path.read_text())
+    axes = data["axes"]
+    stem = path.stem
+    chip = next((c for c in ("tpu-v5e", "tpu-v5p", "h200", "h100") if c.replace("tpu-", "") in stem), None)
+    if chip is None and data.get("platform") == "cpu":
+        chip = "cpu"
+    return Split(stem, axes.get("data", 1), axes.get("expert", 1), axes.get("tensor", 1)), chip
+
+
+# ----------------------------------------------------------------------------- routing
+def expected_distinct_experts(tokens: float, num_experts: int, top_k: int) -> float:
+    """E x (1 - (1 - k/E)^N): distinct experts N uniformly routed top-k tokens reach in a layer.
+
+    A token picks k of E experts, so it picks a given expert with probability k/E; tokens route
+    independently, so an expert is missed by all N with probability (1 - k/E)^N, and by
+    linearity of expectation the expected number reached is E times the chance of one being hit.
+    """
+    if num_experts <= 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def distinct_from_loads(tokens: float, loads: Sequence[float], top_k: int) -> float:
+    """Expected distinct experts for measured load fractions p_e (shares of all assignments, sum 1).
+
+    A token includes expert e with probability q_e = min(1, k p_e) (k assignments per token),
+    so the expected count is sum_e 1 - (1 - q_e)^N; uniform p_e = 1/E gives the formula above.
+    """
+    total = float(sum(loads))
+    if total <= 0:
+        raise ValueError("routing stats: a layer's expert loads sum to zero")
+    return sum(1.0 - (1.0 - min(1.0, top_k * p / total)) ** tokens for p in loads)
+
+
+def load_routing_stats(path: str) -> list[list[float]]:
+    """Per-layer expert loads from JSON: [[...], ...], or {"expert_load" | "layers": [[...], ...]}.
+
+    Counts or fractions; each layer is normalised."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        data = data.get("expert_load", data.get("layers"))
+    if not isinstance(data, list) or not data or not all(isinstance(r, list) and r for r in data):
+        raise ValueError(f"{path}: expected per-layer lists of expert loads")
+    return [[float(x) for x in row] for row in data]
+
+
+# ----------------------------------------------------------------------------- acceptance
+def expected_tokens(acceptance: Sequence[float], k: int) -> float:
+    """E[k] = sum_{i=0..k} prod_{j<i} a_j: tokens a row gains from k drafts (the +1 is the token
+    verification always yields). a_j = chance draft j is accepted given the earlier ones were;
+    positions past the profile repeat its last value."""
+    total, alive = 1.0, 1.0
+    for j in range(k):
+        alive *= acceptance[min(j, len(acceptance) - 1)]
+        total += alive
+    return total
+
+
+def load_acceptance_profile(path: str) -> list[float]:
+    """Per-position acceptance from JSON: a list, or {"acceptance" | "per_position": [...]}."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        data = data.get("acceptance", data.get("per_position"))
+    if not isinstance(data, list) or not data or not all(0.0 <= float(a) <= 1.0 for a in data):
+        raise ValueError(f"{path}: expected a list of per-position acceptance probabilities in [0, 1]")
+    return [float(a) for a in data]
+
+
+# ----------------------------------------------------------------------------- one step
+@dataclasses.dataclass
+class StepCost:
+    """One forward step on one chip: its parts (name -> (bytes, flops)) and their times."""
+
+    rows: int
+    tokens: int
+    parts: dict[str, tuple[float, float]]
+    bandwidth: float
+    peak_flops: float
+    overhead_s: float
+    collective_s: float
+    experts_per_layer: float
+
+    @property
+    def bytes(self) -> float:
+        return sum(b for b, _ in self.parts.values())
+
+    @property
+    def flops(self) -> float:
+        return sum(f for _, f in self.parts.values())
+
+    def _split(self) -> tuple[float, float]:
+        """Seconds of the parts limited by bytes, and of those limited by FLOPs."""
+        by_bytes = by_flops = 0.0
+        for b, f in self.parts.values():
+            if b / self.bandwidth >= f / self.peak_flops:
+                by_bytes += b / self.bandwidth
+            else:
+                by_flops += f / self.peak_flops
+        return by_bytes, by_flops
+
+    @property
+    def roofline_s(self) -> float:
+        """The classic whole-step bound: max(bytes / bandwidth, flops / peak)."""
+        return max(self.bytes / self.bandwidth, self.flops / self.peak_flops)
+
+    @property
+    def compute_s(self) -> float:
+        """Each part limited by its own bytes or FLOPs, parts one after another (>= roofline_s):
+        a step's kernels run in sequence, so a FLOP-bound expert matmul does not hide a
+        bytes-bound attention read."""
+        return sum(self._split())
+
+    @property
+    def bound(self) -> str:
+        by_bytes, by_flops = self._split()
+        return "bytes" if by_bytes >= by_flops else "flops"
+
+    @property
+    def time_s(self) -> float:
+        return self.overhead_s + self.collective_s + self.compute_s
+
+
+@dataclasses.dataclass
+class Predictor:
+    """Step-time model of one model config on one chip and mesh split."""
+
+    cfg: ModelConfig
+    chip: Chip
+    split: Split = Split()
+    dtype_bytes: int = 2
+    routing: list[list[float]] | None = None  # measured per-layer expert loads
+    # CPU: kernels and data-movement bytes counted from the compiled step, f(rows, tokens, context);
+    # None = the structural kernel estimate of ``kernels`` and no extra movement.
+    hlo: object = None
+    # jaxspec's CPU MoE dispatch (per_expert, up to this many tokens; then sorted) runs every
+    # chosen expert over ALL N rows; grouped matmuls (accelerators) multiply the routed rows only.
+    all_rows_up_to: int = 0
+
+    def experts_touched(self, moe_layer: int, tokens: int) -> float:
+        cfg = self.cfg
+        if self.routing:
+            loads = self.routing[min(moe_layer, len(self.routing) - 1)]
+            return distinct_from_loads(tokens, loads, cfg.num_experts_per_tok)
+        return expected_distinct_experts(tokens, cfg.num_experts, cfg.num_experts_per_tok)
+
+    def step(self, rows: int, tokens: int, context: int) -> StepCost:
+        """B = rows, T = tokens per row, C = context positions attended per row; per chip."""
+        cfg, sp, nb = self.cfg, self.split, self.dtype_bytes
+        local_rows = math.ceil(rows / sp.data)  # the data axis splits rows (and their cache slots)
+        n = local_rows * tokens
+        d, dh, tp, ep = cfg.d_model, cfg.head_dim, sp.tensor, sp.expert
+        kv_heads = cfg.num_kv_heads / math.gcd(tp, cfg.num_kv_heads)  # split only as far as they divide
+        parts: dict[str, list[float]] = {}
+
+        def add(name: str, params: float, flops: float, extra_bytes: float = 0.0) -> None:
+            part = parts.setdefault(name, [0.0, 0.0])
+            part[0] += params * nb + extra_bytes
+            part[1] += flops
+
+        head = cfg.vocab_size * d / tp  # LM head (or tied embedding) read whole, vocab split
+        add("embedding rows", n * d, 0.0)
+        add("lm head", head, 2.0 * n * head)
+        touched_sum, moe_layers = 0.0, 0
+        for layer in range(cfg.num_layers):
+            attn = d * dh * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) / tp
+            add("attention weights", attn, 2.0 * n * attn)
+            kv = local_rows * context * 2 * kv_heads * dh
+            add("kv cache", kv, 4.0 * n * context * cfg.num_heads * dh / tp)
+            if cfg.layer_is_moe(layer):
+                touched = self.experts_touched(moe_layers, n)
+                touched_sum += touched
+                moe_layers += 1
+                router = d * cfg.num_experts  # replicated: every chip routes its own tokens
+                add("router", router, 2.0 * n * router)
+                expert = 3 * d * cfg.moe_mlp_dim / tp  # one expert's width slice on this chip
+                # Experts over ep chips: each holds E/ep of them, so on average touched/ep are read.
+                all_rows = n <= self.all_rows_up_to
+                rows_x_experts = n * (touched if all_rows else cfg.num_experts_per_tok) / ep
+                add("experts", touched / ep * expert, 2.0 * rows_x_experts * expert)
+                shared = 3 * d * cfg.shared_expert_mlp_dim / tp
+                if shared:
+                    add("shared expert", shared, 2.0 * n * shared)
+            else:
+                mlp = 3 * d * cfg.mlp_dim / tp
+                add("dense mlp", mlp, 2.0 * n * mlp)
+        share = touched_sum / moe_layers / cfg.num_experts if moe_layers else 0.0
+        kernels, moved, call_s = self.kernels(rows, tokens, context, share)
+        if moved:
+            add("data movement", 0.0, 0.0, moved)
+        return StepCost(rows, tokens, {k: (v[0], v[1]) for k, v in parts.items()}, self.chip.bandwidth,
+                        self.chip.peak_flops, call_s + kernels * self.chip.op_overhead_s,
+                        self.collective_s(n), touched_sum / moe_layers if moe_layers else 0.0)
+
+    def kernels(self, rows: int, tokens: int, context: int, expert_share: float) -> tuple[float, float, float]:
+        """(kernels executed, extra data-movement bytes, per-call overhead seconds) of one step."""
+        if self.hlo is not None:
+            counts = self.hlo(rows, tokens, context)
+            ops, moved = counts.at(expert_share)
+            return ops, moved, self.chip.step_overhead_s if counts.call_s is None else counts.call_s
+        # Structural estimate for compiled accelerator steps: per layer ~2 norms, qkv, rope,
+        # cache update, 2 attention matmuls + softmax, output proj, MLP or router + grouped
+        # matmuls (~12 fused kernels); plus embedding, final norm, LM head.
+        return 12.0 * self.cfg.num_layers + 4.0, 0.0, self.chip.step_overhead_s
+
+    def collective_s(self, tokens: int) -> float:
+        """All-reduce time per step (simplified: ring all-reduce, nothing overlapped with compute).
+
+        Per layer the attention output and the MLP / MoE output are all-reduced over the chips
+        that split them (tensor, and expert+tensor for the psum exchange), [N, d] each; the
+        LM head's vocab-split logits are gathered once. Ring all-reduce moves 2 (p-1)/p x bytes
+        per chip; activations in the weight dtype, logits in float32."""
+        sp, cfg = self.split, self.cfg
+        if sp.tensor * sp.expert == 1 or not self.chip.link_bandwidth:
+            return 0.0
+        act = tokens * cfg.d_model * self.dtype_bytes
+        moved, count = 0.0, 0
+        for layer in range(cfg.num_layers):
+            for p in (sp.tensor, sp.expert * sp.tensor if cfg.layer_is_moe(layer) else sp.tensor):
+                if p > 1:
+                    moved += 2 * (p - 1) / p * act
+                    count += 1
+        if sp.tensor > 1:
+            moved += (sp.tensor - 1) / sp.tensor * tokens * cfg.vocab_size * 4
+            count += 1
+        return moved / self.chip.link_bandwidth + count * self.chip.collective_latency_s
+
+    def weight_bytes_per_chip(self) -> float:
+        cfg, sp = self.cfg, self.split
+        moe_layers = sum(cfg.layer_is_moe(i) for i in range(cfg.num_layers))
+        experts = moe_layers * cfg.num_experts * 3 * cfg.d_model * cfg.moe_mlp_dim
+        rest = cfg.param_counts()["total"] - experts
+        return (rest / sp.tensor + experts / (sp.tensor * sp.expert)) * self.dtype_bytes
+
+
+# ----------------------------------------------------------------------------- HLO op counts (CPU)
+_FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all"}
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([a-z][a-z\-]*)\(|"
+                    r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*? ([a-z][a-z\-]*)\(")
+_ITEMSIZE = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+# Fusions XLA names after a root that only moves data: a transpose, a copy, a dynamic slice.
+_MOVES = ("copy", "transpose", "dynamic-slice")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloCounts:
+    """What a compiled step executes beyond the roofline's weights and KV, each as (at expert share
+    0, slope per unit of expert share): kernels, and bytes of data-movement ops (transposes of the
+    KV cache, copies of expert weight slices) counted as written and read back once."""
+
+    ops: tuple[float, float]
+    moved_bytes: tuple[float, float]
+    call_s: float | None = None  # measured dispatch of a no-op call with the step's arguments
+
+    def at(self, share: float) -> tuple[float, float]:
+        return self.ops[0] + self.ops[1] * share, self.moved_bytes[0] + self.moved_bytes[1] * share
+
+
+def count_hlo_ops(hlo_text: str) -> HloCounts:
+    """Kernels and data-movement bytes of a compiled step (``HloCounts``).
+
+    Walks the entry computation: fusions, dots, copies... count 1 each; a while loop with a known
+    trip count counts its body and condition that many times; a conditional counts branch 0
+    (``lax.cond``'s false branch: the expert was not chosen) with weight 1 - s and the others with
+    s shared equally, where s is the share of experts a step wakes (the only conditionals in
+    jaxspec's steps are the MoE dispatch's expert skips). No-ops (parameters, tuples, bitcasts)
+    are free. A copy / transpose / dynamic-slice op or fusion adds 2 x its output bytes (written,
+    then read by its consumer instead of the original)."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if line.endswith("{") and not line.startswith(" "):
+            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            comps[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+
+    def add(acc, n, sub):
+        return tuple(a + n * b for a, b in zip(acc, sub))
+
+    @functools.lru_cache(maxsize=None)
+    def walk(name: str) -> tuple[float, float, float, float]:
+        acc = (0.0, 0.0, 0.0, 0.0)  # ops, ops slope, bytes, bytes slope
+        for line in comps.get(name, ()):
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            iname, dtype, dims, op = (m.group(1), m.group(2), m.group(3), m.group(4)) if m.group(1) else \
+                (m.group(5), None, None, m.group(6))
+            if op in _FREE_OPS:
+                continue
+            moved = 0.0
+            if dtype in _ITEMSIZE and (op in ("copy", "transpose") or
+                                       (op == "fusion" and iname.split("_")[0] in _MOVES)):
+                moved = 2.0 * _ITEMSIZE[dtype] * math.prod(int(x) for x in dims.split(",") if x)
+            acc = add(acc, 1, (1.0, 0.0, moved, 0.0))
+            if op == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                n = int(trips.group(1)) if trips else 1
+                for key in ("body", "condition"):
+                    sub = re.search(key + r"=%?([\w.\-]+)", line)
+                    if sub:
+                        acc = add(acc, n, walk(sub.group(1)))
+            elif op == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                names = [b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches else []
+                if len(names) >= 2:
+                    off = walk(names[0])
+                    on = [sum(x) / (len(names) - 1) for x in zip(*(walk(b) for b in names[1:]))]
+                    # base: the off branch; slope: (on - off) per unit of share.
+                    acc = add(acc, 1, (off[0], on[0] - off[0], off[2], on[2] - off[2]))
+            elif op == "call":
+                sub = re.search(r"to_apply=%?([\w.\-]+)", line)
+                if sub:
+                    acc = add(acc, 1, walk(sub.group(1)))
+        return acc
+
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    ops, ops_s, moved, moved_s = walk(entry)
+    return HloCounts((ops, ops_s), (moved, moved_s))
+
+
+def step_hlo(cfg: ModelConfig, rows: int, tokens: int, context: int, max_len: int) -> str:
+    """Optimised HLO of the engine-like forward (tools/roofline.py's jitted step), abstract weights."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxspec.models import KVCache
+    from jaxspec.models.transformer import abstract_model
+
+    roofline = _roofline_tool()
+    graphdef, state = nnx.split(abstract_model(cfg))
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, rows, max_len))
+    toks = jax.ShapeDtypeStruct((rows, tokens), jnp.int32)
+    start = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    return roofline._forward.lower(graphdef, context, state, cache, toks, start).compile().as_text()
+
+
+def cpu_hlo_counter(cfg: ModelConfig, cache_len: int | None = None):
+    """f(rows, tokens, context) -> HloCounts of ``cfg``'s step compiled for this CPU (cached);
+    the cache holds ``cache_len`` positions per row (default: the context)."""
+
+    @functools.lru_cache(maxsize=None)
+    def counts(rows: int, tokens: int, context: int) -> HloCounts:
+        max_len = max(cache_len or context, context, tokens)
+        hlo = count_hlo_ops(step_hlo(cfg, rows, tokens, context, max_len))
+        return dataclasses.replace(hlo, call_s=call_overhead_s(cfg, rows, tokens, context, max_len))
+
+    return counts
+
+
+def call_overhead_s(cfg: ModelConfig, rows: int, tokens: int, context: int, max_len: int,
+                    reps: int = 40, max_bytes: float = 2**30) -> float | None:
+    """Host cost of one step call here, without the step: a jitted no-op with the forward's exact
+    arguments (static graphdef, parameter state, donated cache, tokens, start) called and waited
+    for. It grows with the number of parameter leaves and the cache. None for models too large to
+    hold zeros of here (the chip's tiny-call overhead is used instead)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxspec.models import KVCache
+    from jaxspec.models.transformer import abstract_model
+
+    itemsize = DTYPE_BYTES[cfg.dtype]
+    cache_bytes = 2 * cfg.num_layers * rows * max_len * cfg.num_kv_heads * cfg.head_dim * itemsize
+    if cfg.param_counts()["total"] * itemsize + cache_bytes > max_bytes:
+        return None
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+    cache = KVCache.create(cfg, rows, max_len)
+    toks, start = jnp.zeros((rows, tokens), jnp.int32), jnp.zeros((rows,), jnp.int32)
+    noop = jax.jit(lambda graphdef, kv_len, state, cache, tokens, start: (tokens + 1, cache),
+                   static_argnums=(0, 1), donate_argnums=(3,))
+    times = []
+    for i in range(reps + 5):  # 5 warm-up calls (compile)
+        t = time.perf_counter()
+        out, cache = noop(graphdef, context, state, cache, toks, start)
+        jax.block_until_ready((out, cache))
+        if i >= 5:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=1)
+def _roofline_tool():
+    """tools/roofline.py (its jitted forward, model builders and timing), imported from the checkout."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jaxspec_tools_roofline", REPO / "tools" / "roofline.py")
+    if spec is None or not (REPO / "tools" / "roofline.py").exists():
+        raise RuntimeError("tools/roofline.py not found: --validate and CPU op counts need a source checkout")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- building one
+def load_model_config(spec: str, role: str = "target") -> ModelConfig:
+    """A config name (configs/models), a model directory with config.json, a JSON file, or
+    ``builtin`` (the shipped model of ``role``)."""
+    from jaxspec import builtin
+
+    path = Path(builtin.resolve(spec, role))
+    if path.is_dir():
+        path = path / "config.json"
+    return load_config(path if path.exists() else spec)
+
+
+def make_predictor(cfg: ModelConfig, chip: Chip, split: Split, dtype_bytes: int,
+                   routing: list[list[float]] | None = None, cache_len: int | None = None) -> Predictor:
+    if chip.name != "cpu":
+        return Predictor(cfg, chip, split, dtype_bytes, routing)
+    from jaxspec.models.moe_dispatch import CPU_PER_EXPERT_MAX_TOKENS
+
+    return Predictor(cfg, chip, split, dtype_bytes, routing, hlo=cpu_hlo_counter(cfg, cache_len),
+                     all_rows_up_to=CPU_PER_EXPERT_MAX_TOKENS)
+
+
+def resolve_chip(args, mesh_chip: str | None) -> Chip:
+    name = args.chip or mesh_chip or "cpu"
+    if name not in CHIP_NAMES:
+        raise SystemExit(f"unknown chip {name!r}; one of {', '.join(CHIP_NAMES)}")
+    if name == "cpu":
+        chip = probe_cpu() if args.peak_gflops is None or args.bandwidth_gbs is None else \
+            Chip("cpu", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, source="given")
+        chip = dataclasses.replace(chip, source=chip.source)
+    else:
+        chip = CHIPS[name]
+    changes = {}
+    if args.peak_gflops is not None:
+        changes["peak_flops"] = args.peak_gflops * 1e9
+    if args.bandwidth_gbs is not None:
+        changes["bandwidth"] = args.bandwidth_gbs * 1e9
+    if args.step_overhead_us is not None:
+        changes["step_overhead_s"] = args.step_overhead_us * 1e-6
+    if args.op_overhead_us is not None:
+        changes["op_overhead_s"] = args.op_overhead_us * 1e-6
+    return dataclasses.replace(chip, **changes)
+
+
+# ----------------------------------------------------------------------------- the table
+@dataclasses.dataclass
+class Row:
+    """Predictions for one batch size."""
+
+    batch: int
+    plain_ms: float
+    plain_bound: str
+    verify_ms: dict[int, float]
+    spec_ms: dict[int, float]
+    tokens_per_step: dict[int, float]
+    speedup: dict[int, float]
+    best_k: int  # 0 = plain decoding is fastest
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def predict_rows(target: Predictor, draft: Predictor | None, batches: Sequence[int], ks: Sequence[int],
+                 context: int, acceptance: Sequence[float]) -> list[Row]:
+    """Per batch: plain step, verification per k, speculative step and speed-up per k.
+
+    A speculative step = verify(B, k+1 tokens) + k x draft(B, 1 token) (0 without a draft model:
+    n-gram proposals cost no device time); it yields E[k] tokens per row where plain yields 1."""
+    rows = []
+    for b in batches:
+        plain = target.step(b, 1, context)
+        verify, spec, gained, speedup = {}, {}, {}, {}
+        for k in ks:
+            v = target.step(b, k + 1, context).time_s
+            d = k * draft.step(b, 1, context).time_s if draft else 0.0
+            verify[k], spec[k] = v * 1e3, (v + d) * 1e3
+            gained[k] = expected_tokens(acceptance, k)
+            speedup[k] = gained[k] / (v + d) * plain.time_s
+        best = max(ks, key=lambda k: speedup[k]) if ks else 0
+        rows.append(Row(b, plain.time_s * 1e3, plain.bound, verify, spec, gained, speedup,
+                        best if ks and speedup[best] > 1.0 else 0))
+    return rows
+
+
+def format_table(rows: list[Row], ks: Sequence[int]) -> str:
+    head = ["B", "plain ms", "bound"] + [f"verify ms k={k}" for k in ks] + [f"speed-up k={k}" for k in ks] + \
+        ["best k"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r.batch), f"{r.plain_ms:.3f}", r.plain_bound] + [f"{r.verify_ms[k]:.3f}" for k in ks] + \
+            [f"{r.speedup[k]:.2f}x" for k in ks] + [str(r.best_k) if r.best_k else "0 (plain)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- validation (CPU)
+def validate(models: Sequence[str], batches: Sequence[int], tokens: Sequence[int], context: int,
+             reps: int, chip: Chip) -> list[dict]:
+    """Time jitted forwards of ``models`` here (tools/roofline.py's harness) beside the prediction."""
+    from flax import nnx
+
+    roofline = _roofline_tool()
+    out = []
+    for spec in models:
+        model = roofline.build_model(spec, max(context, 512))
+        cfg = model.cfg
+        graphdef, state = nnx.split(model)
+        for b in batches:
+            for t in tokens:
+                measured, load = roofline.time_forward(graphdef, state, cfg, b, t, context, max(context, 512),
+                                                       context, reps)
+                # Routing as --routing-stats would give it: this forward's own per-layer expert loads
+                # (a trained router is far from uniform); timing is not an input.
+                routing = [list(map(float, load[i])) for i in range(cfg.num_layers) if cfg.layer_is_moe(i)]
+                pred = make_predictor(cfg, chip, Split(), DTYPE_BYTES[cfg.dtype], routing or None, max(context, 512))
+                step = pred.step(b, t, context)
+                out.append({"model": spec, "B": b, "T": t, "context": context, "measured_ms": measured * 1e3,
+                            "predicted_ms": step.time_s * 1e3, "roofline_ms": step.roofline_s * 1e3,
+                            "overhead_ms": step.overhead_s * 1e3, "bound": step.bound,
+                            "error_pct": (step.time_s / measured - 1.0) * 100.0})
+                print(f"# {spec} B={b} T={t}: measured {measured * 1e3:.3f} ms, predicted {step.time_s * 1e3:.3f} ms",
+                      file=sys.stderr, flush=True)
+    return out
+
+
+def format_validation(rows: list[dict], bar_pct: float = 30.0) -> str:
+    lines = ["| model | B | T | measured ms | predicted ms | error | within 30% | pure roofline ms | overhead ms | bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = "yes" if abs(r["error_pct"]) <= bar_pct else "**no**"
+        lines.append(f"| {r['model']} | {r['B']} | {r['T']} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | "
+                     f"{r['error_pct']:+.0f}% | {ok} | {r['roofline_ms']:.3f} | {r['overhead_ms']:.3f} | {r['bound']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxspec.bench predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="builtin", help="config name, model directory, or builtin")
+    p.add_argument("--draft", default=None, help="draft model (config name / directory / builtin); none: "
+                   "proposals cost nothing (n-gram)")
+    p.add_argument("--mesh", default=None, help="configs/meshes name: chips and how weights split")
+    p.add_argument("--chip", default=None, choices=CHIP_NAMES, help="default: implied by --mesh, else cpu")
+    p.add_argument("--dtype-bytes", type=int, default=None, help="bytes per weight / KV element")
+    p.add_argument("--weight-dtype", default=None, choices=sorted(DTYPE_BYTES),
+                   help="default: bfloat16 on accelerators, the model's dtype on cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4], help="drafts per step")
+    p.add_argument("--context", type=int, default=1024, help="KV positions each row attends over")
+    acc = p.add_mutually_exclusive_group()
+    acc.add_argument("--acceptance", type=float, default=0.7, help="per-token acceptance rate (geometric)")
+    acc.add_argument("--acceptance-profile", default=None, help="JSON: per-position acceptance probabilities")
+    p.add_argument("--routing-stats", default=None, help="JSON: per-layer expert loads (default: uniform)")
+    p.add_argument("--peak-gflops", type=float, default=None, help="override the chip's matmul peak")
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="override the chip's memory bandwidth")
+    p.add_argument("--step-overhead-us", type=float, default=None, help="override the per-step overhead")
+    p.add_argument("--op-overhead-us", type=float, default=None, help="override the per-kernel overhead")
+    p.add_argument("--json", default=None, help="also write the predictions here ('-': stdout only JSON)")
+    p.add_argument("--validate", action="store_true",
+                   help="time the built-in models' forwards on this CPU beside the prediction")
+    p.add_argument("--validate-models", nargs="+", default=["builtin-target", "builtin-draft", "builtin"])
+    p.add_argument("--validate-context", type=int, default=256)
+    p.add_argument("--reps", type=int, default=20, help="timed calls per forward in --validate (median)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    split, mesh_chip = load_split(args.mesh)
+    chip = resolve_chip(args, mesh_chip)
+    if args.validate:
+        if chip.name != "cpu":
+            raise SystemExit("--validate times forwards on this CPU: leave --chip / --mesh unset or use cpu")
+        rows = validate(args.validate_models, [1, 8], [1, 5], args.validate_context, args.reps, chip)
+        print(describe_chip(chip))
+        print(format_validation(rows))
+        result = {"chip": dataclasses.asdict(chip), "validation": rows}
+        if args.json:
+            _write_json(args.json, result)
+        return result
+
+    target_cfg = load_model_config(args.model, "target")
+    draft_cfg = load_model_config(args.draft, "draft") if args.draft else None
+    nb = args.dtype_bytes or (DTYPE_BYTES[args.weight_dtype] if args.weight_dtype else
+                              DTYPE_BYTES[target_cfg.dtype] if chip.name == "cpu" else 2)
+    routing = load_routing_stats(args.routing_stats) if args.routing_stats else None
+    acceptance = load_acceptance_profile(args.acceptance_profile) if args.acceptance_profile else [args.acceptance]
+    if not all(0.0 <= a <= 1.0 for a in acceptance):
+        raise SystemExit("--acceptance must be in [0, 1]")
+    target = make_predictor(target_cfg, chip, split, nb, routing)
+    # A small draft is replicated on every chip (jaxspec's draft placement): no split, no collectives,
+    # but it runs only the rows of its data shard.
+    draft = make_predictor(draft_cfg, chip, Split("draft", data=split.data), nb) if draft_cfg else None
+    rows = predict_rows(target, draft, args.batch, args.k, args.context, acceptance)
+    weights = target.weight_bytes_per_chip()
+    header = (f"# {target_cfg.name}" + (f" + draft {draft_cfg.name}" if draft_cfg else " (no draft model: n-gram)") +
+              f" on {split.chips} x {chip.name} ({split.name}: data {split.data} x expert {split.expert} x tensor "
+              f"{split.tensor}), {nb} bytes/weight, context {args.context}, acceptance "
+              + (f"{args.acceptance} per token" if not args.acceptance_profile else f"profile {acceptance}")
+              + f", routing {'measured' if routing else 'uniform'}\n"
+              f"# target weights per chip {weights / 2**30:.2f} GiB"
+              + (f" of {chip.memory_bytes / 2**30:.0f} GiB: DOES NOT FIT" if chip.memory_bytes and
+                 weights > chip.memory_bytes else "")
+              + "\n" + describe_chip(chip))
+    result = {"model": target_cfg.name, "draft": draft_cfg.name if draft_cfg else None, "chip": dataclasses.asdict(chip),
+              "mesh": dataclasses.asdict(split), "dtype_bytes": nb, "context": args.context,
+              "acceptance": acceptance, "routing": "measured" if routing else "uniform",
+              "weight_bytes_per_chip": weights, "rows": [r.to_dict() for r in rows]}
+    if args.json == "-":
+        print(json.dumps(result, indent=1))
+        return result
+    print(header)
+    print(format_table(rows, args.k))
+    if args.json:
+        _write_json(args.json, result)
+    return result
+
+
+def describe_chip(chip: Chip) -> str:
+    return (f"# chip {chip.name}: {chip.peak_flops / 1e12:.3g} TFLOP/s, {chip.bandwidth / 1e9:.4g} GB/s, step overhead "
+            f"{chip.step_overhead_s * 1e6:.1f} us + {chip.op_overhead_s * 1e6:.2f} us per kernel ({chip.source})")
+
+
+def _write_json(path: str, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()
