@@ -68,3 +68,14 @@ class CompileCounter:
     def _on_event(self, event, duration, **kwargs):
         if event == self._event:
             self.count += 1
+
+
+def interpret_for(backend: str) -> bool:
+    """Run a Pallas kernel test in the interpreter, unless JAXSPEC_KERNELS_COMPILED=1 and this process's
+    accelerator is the kernel's backend (tools/device_check.py: the same tests, compiled on a GPU/TPU)."""
+    import os
+
+    if os.environ.get("JAXSPEC_KERNELS_COMPILED") != "1":
+        return True
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
+    return platform != backend

@@ -118,6 +118,7 @@ def test_groups_pick_their_own_baseline():
     assert baseline_of(configs[1], configs).name == "none"
     assert baseline_of(configs[3], configs).name == "dense"
     assert baseline_of(parse_config("draft:k=2 --slots 2"), configs) is None
+    assert baseline_of(parse_config("draft:k=2 --model d --draft e"), configs).name == "dense"  # the draft is the spec
 
 
 def test_bars_from_rows():

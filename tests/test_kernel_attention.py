@@ -20,6 +20,7 @@ from jaxspec.models import layers
 from jaxspec.models.layers import cached_attention
 from pallas_kernels.verify_attention import verify_attention
 from pallas_kernels.verify_attention_reference import verify_attention_reference
+from helpers import interpret_for
 
 # The Pallas interpreter turns each kernel into a large XLA:CPU program whose compile dominates these
 # tests; LLVM optimisation buys nothing at these sizes, so executed functions compile without it.
@@ -44,7 +45,7 @@ def operands(b, t, h, kvh, dh, m, dtype, seed=0):
 @functools.lru_cache(maxsize=None)
 def jitted(backend: str, block_kv: int, window: int | None):
     return jit(
-        functools.partial(verify_attention, interpret=True, backend=backend, block_kv=block_kv, sliding_window=window)
+        functools.partial(verify_attention, interpret=interpret_for(backend), backend=backend, block_kv=block_kv, sliding_window=window)
     )
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from pallas_kernels import gmm as gmm_mod
 from pallas_kernels.gmm import gmm, tgmm
 from pallas_kernels.gmm_reference import gmm_reference, tgmm_reference
+from helpers import interpret_for
 
 F32_TOL = dict(rtol=1e-5, atol=1e-4)
 
@@ -105,7 +106,7 @@ def operands(m, k, n, groups, dtype=jnp.float32, seed=0):
 def jitted_gmm(backend: str, tiling=None, preferred_element_type=None, transpose_rhs=False):
     return jit(
         functools.partial(
-            gmm, interpret=True, backend=backend, tiling=tiling, preferred_element_type=preferred_element_type,
+            gmm, interpret=interpret_for(backend), backend=backend, tiling=tiling, preferred_element_type=preferred_element_type,
             transpose_rhs=transpose_rhs,
         )
     )
@@ -113,7 +114,7 @@ def jitted_gmm(backend: str, tiling=None, preferred_element_type=None, transpose
 
 @functools.lru_cache(maxsize=None)
 def jitted_tgmm(backend: str, num_groups: int):
-    return jit(functools.partial(tgmm, interpret=True, backend=backend, num_groups=num_groups))
+    return jit(functools.partial(tgmm, interpret=interpret_for(backend), backend=backend, num_groups=num_groups))
 
 
 # ------------------------------------------------------------------------------ forward
@@ -262,7 +263,7 @@ def test_gradients_match_vjp_of_reference(backend):
 
     @jit
     def kernel_vjp(lhs, rhs, cot):
-        fn = lambda a, b: gmm(a, b, sizes, group_offset=offset, interpret=True, backend=backend)  # noqa: E731
+        fn = lambda a, b: gmm(a, b, sizes, group_offset=offset, interpret=interpret_for(backend), backend=backend)  # noqa: E731
         out, pullback = jax.vjp(fn, lhs, rhs)
         return (out, *pullback(cot))
 

@@ -19,6 +19,7 @@ import pytest
 
 from pallas_kernels.rejection_sampling import rejection_sample
 from pallas_kernels.rejection_sampling_reference import rejection_sample as reference
+from helpers import interpret_for
 
 VOCAB = 300
 KINDS = ("sampled", "greedy", "det_draft", "p_eq_q", "q_zero_at_draft", "zero_residual", "greedy_det")
@@ -115,7 +116,7 @@ def make_batch(k: int, rows: int, seed: int, vocab: int = VOCAB):
 
 @functools.lru_cache(maxsize=None)
 def jitted_kernel(backend: str, block_v: int):
-    return jit(functools.partial(rejection_sample, interpret=True, backend=backend, block_v=block_v))
+    return jit(functools.partial(rejection_sample, interpret=interpret_for(backend), backend=backend, block_v=block_v))
 
 
 _jitted_reference = jit(reference)

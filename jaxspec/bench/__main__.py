@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     from jaxspec.bench.cli import main as run
 
-    run(argv[1:] if argv[:1] == ["run"] else argv)
+    summary = run(argv[1:] if argv[:1] == ["run"] else argv)
+    if summary["config_errors"]:  # the reports are written; the exit status says something is missing
+        sys.exit(1)
 
 
 if __name__ == "__main__":

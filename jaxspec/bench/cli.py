@@ -166,6 +166,54 @@ def run_config(cfg: BenchConfig, target: Target, workloads, args, progress: Prog
     return records, rows
 
 
+def error_line(e: str) -> str:
+    """The first line of a configuration's error and, for a server's log tail, its last line (the cause)."""
+    lines = [x for x in e.splitlines() if x.strip()]
+    return lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "") if lines else e
+
+
+def write_reports(out: Path, args, argv, configs, records, rows, errors, servers, workloads, *, final: bool):
+    """results.json and report.md from what was measured so far; plots and the printed report when final."""
+    baselines = {c.name: b.name for c in configs if (b := baseline_of(c, list(configs)))}
+    for key, same in stats.same_as_baseline(records, baselines).items():
+        next(r for r in rows if (r["workload"], r["config"], r["load"], r["level"]) == key)["same_as_plain"] = same
+    bar_list = report.bars(rows, configs)
+    env = machine()
+    command = shlex.join(["python", "-m", "jaxspec.bench", *(argv if argv is not None else sys.argv[1:])])
+    header = (f"# jaxspec bench\n\n`{command}`\n\n{env['utc']}, {env['cpus']} CPUs, jax {env['jax']}, load average "
+              f"{env['loadavg'][0]:.2f} at the end; {args.requests} requests per level; "
+              + ("greedy" if args.temperature == 0 else f"temperature {args.temperature}")
+              + (", streaming" if args.stream else ", unary") + ("" if final else "; **incomplete run**") + "\n\n")
+    servers_md = "\n".join(f"- `{name}`: {s['model_id']} ({s['platform']}, {s['dtype']}), spec {s['spec_method']}"
+                           f"{' + ' + s['draft_model_id'] if s['draft_model_id'] else ''}, {s['num_slots']} slots, "
+                           f"load {s['load_before']:.2f} before" for name, s in servers.items())
+    text = header + servers_md + "\n\n" + report.markdown(
+        rows, configs, slo=args.slo_e2e is not None or args.slo_ttft is not None, cost=args.price_per_hour is not None)
+    if bar_list:
+        text += "\n### speculation bars\n\n" + report.bars_text(bar_list) + "\n"
+    for name, e in errors.items():
+        text += f"\nconfiguration `{name}` did not complete: {error_line(e)}\n"
+    pngs = []
+    if final and not args.no_plots and rows:
+        try:
+            pngs = report.plots(rows, configs, out)
+        except ImportError:
+            print("plots skipped: matplotlib is not installed (pip install 'jaxspec[bench]')", file=sys.stderr)
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    (out / "report.md").write_text(text)
+    saved = records
+    if args.no_records:
+        saved = [{k: v for k, v in rec.items() if k != "token_ids"} for rec in records]
+    summary = dict(configs=[c.name for c in configs], levels=rows, bars=bar_list, config_errors=errors,
+                   servers=servers, machine=env, workloads={w.name: w.describe() for w in workloads}, complete=final)
+    settings = {k: ([c.name for c in v] if k == "configs" and v else v) for k, v in vars(args).items()}
+    (out / "results.json").write_text(json.dumps(dict(settings=settings, records=saved, **summary), indent=1))
+    if final:
+        print("\n" + text)
+        print(f"wrote {out / 'results.json'}, {out / 'report.md'}" + (f" and {len(pngs)} plots" if pngs else ""))
+    return summary, pngs
+
+
 def server_config(target: Target) -> BenchConfig:
     """The running server's own speculation setting, as the one configuration of a --server run."""
     with target.client() as client:
@@ -243,41 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         finally:
             if server is not None:
                 server.stop()
-    baselines = {c.name: b.name for c in configs if (b := baseline_of(c, list(configs)))}
-    for key, same in stats.same_as_baseline(records, baselines).items():
-        next(r for r in rows if (r["workload"], r["config"], r["load"], r["level"]) == key)["same_as_plain"] = same
-    bar_list = report.bars(rows, configs)
-    env = machine()
-    header = (f"# jaxspec bench\n\n`{shlex.join(['python', '-m', 'jaxspec.bench', *(argv if argv is not None else sys.argv[1:])])}`"
-              f"\n\n{env['utc']}, {env['cpus']} CPUs, jax {env['jax']}, load average {env['loadavg'][0]:.2f} at the "
-              f"end; {args.requests} requests per level; " + ("greedy" if args.temperature == 0 else
-                                                              f"temperature {args.temperature}")
-              + (", streaming" if args.stream else ", unary") + "\n\n")
-    servers_md = "\n".join(f"- `{name}`: {s['model_id']} ({s['platform']}, {s['dtype']}), spec {s['spec_method']}"
-                           f"{' + ' + s['draft_model_id'] if s['draft_model_id'] else ''}, {s['num_slots']} slots, "
-                           f"load {s['load_before']:.2f} before" for name, s in servers.items())
-    text = header + servers_md + "\n\n" + report.markdown(rows, configs, slo=args.slo_e2e is not None or
-                                                          args.slo_ttft is not None,
-                                                          cost=args.price_per_hour is not None)
-    if bar_list:
-        text += "\n### speculation bars\n\n" + report.bars_text(bar_list) + "\n"
-    for name, e in errors.items():
-        text += f"\nconfiguration `{name}` did not complete: {e.splitlines()[0] if e else e}\n"
-    pngs = []
-    if not args.no_plots and rows:
-        try:
-            pngs = report.plots(rows, configs, out)
-        except ImportError:
-            print("plots skipped: matplotlib is not installed (pip install 'jaxspec[bench]')", file=sys.stderr)
-        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
-    (out / "report.md").write_text(text)
-    print("\n" + text)
-    if args.no_records:
-        for rec in records:
-            rec.pop("token_ids", None)
-    summary = dict(configs=[c.name for c in configs], levels=rows, bars=bar_list, config_errors=errors,
-                   servers=servers, machine=env, workloads={w.name: w.describe() for w in workloads})
-    settings = {k: ([c.name for c in v] if k == "configs" and v else v) for k, v in vars(args).items()}
-    (out / "results.json").write_text(json.dumps(dict(settings=settings, records=records, **summary), indent=1))
-    print(f"wrote {out / 'results.json'}, {out / 'report.md'}" + (f" and {len(pngs)} plots" if pngs else ""))
+        # After every configuration: a run cut short (a timeout, ^C) keeps what it measured.
+        write_reports(out, args, argv, configs, records, rows, errors, servers, workloads, final=False)
+    summary, pngs = write_reports(out, args, argv, configs, records, rows, errors, servers, workloads, final=True)
     return dict(summary, out=str(out), plots=[str(p) for p in pngs])

@@ -8,7 +8,8 @@ A configuration is written ``[LABEL=]METHOD[:OPTIONS] [SERVE FLAGS...]``:
 * anything after the first space is passed to ``python -m jaxspec.serve`` for this configuration only,
   e.g. ``"none --model builtin-dense"`` or ``"dense-k4=draft:k=4 --model builtin-dense --slots 16"``.
 
-Configurations that share their serve flags (apart from the speculation ones) form a *group*: the
+Configurations that share their serve flags (apart from the speculation ones and ``--draft``) form a
+*group*: the
 ``none`` configuration of a group is the baseline its other members are compared with.
 
 Against a running server (``--server``) a configuration cannot start anything, so it becomes
@@ -39,8 +40,17 @@ class BenchConfig:
 
     @property
     def group(self) -> tuple[str, ...]:
-        """Configurations with the same serve flags are compared with that group's ``none``."""
-        return self.serve_args
+        """Configurations with the same serve flags (apart from ``--draft``, part of the speculation
+        choice) are compared with that group's ``none``."""
+        out, skip = [], False
+        for a in self.serve_args:
+            if skip:
+                skip = False
+            elif a == "--draft":
+                skip = True
+            elif not a.startswith("--draft="):
+                out.append(a)
+        return tuple(out)
 
     @property
     def model(self) -> str | None:
