@@ -218,9 +218,11 @@ def test_count_hlo_ops_by_hand():
     # Conditional: 'off' (expert not chosen) runs 1 op; 'on' runs 3 (a dynamic-slice fusion, multiply, add).
     assert counts.ops == (4 + 9 + 1, 3 - 1)
     # The copy (f32[8,2] = 64 bytes) always moves data, written and read back; the dynamic-slice
-    # fusion (f32[16] = 64 bytes) only when its branch runs. The body's fusion moves nothing.
-    assert counts.moved_bytes == (128.0, 128.0)
-    assert counts.at(0.5) == (14 + 1.0, 128.0 + 64.0)
+    # fusion (f32[16] = 64 bytes, a contiguous slice) only when its branch runs. The body's fusion
+    # moves nothing.
+    assert counts.moved_bytes == (128.0, 0.0)
+    assert counts.sliced_bytes == (0.0, 128.0)
+    assert counts.at(0.5) == (14 + 1.0, 128.0, 64.0)
 
 
 def test_count_hlo_ops_on_a_compiled_step():

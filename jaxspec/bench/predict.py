@@ -51,6 +51,7 @@ class Chip:
     op_overhead_s: float  # per kernel executed in the step (launch / scheduling gap)
     collective_latency_s: float = 0.0  # fixed cost of one collective (hops, synchronisation)
     source: str = ""
+    move_bandwidth: float = 0.0  # bytes/s of copies and transposes (read + write); 0 = bandwidth
 
 
 # Public datasheet numbers (dense, no sparsity). The overhead columns of the accelerators are
@@ -99,6 +100,8 @@ def probe_cpu(reps: int = 15) -> Chip:
       reaches about a third of a plain ``jnp.sum``'s bandwidth in a matvec);
     * peak: a [32, 1024] x [1024, 1024] f32 matmul: the throughput at the row counts decode and
       verification run (decode-sized matmuls reach well under the large-matmul peak here);
+    * move bandwidth: a jitted transpose of a [2048, 2048] f32 array (read + write), the rate of
+      the copies XLA:CPU inserts (KV-cache transposes for attention, expert weight slices);
     * step overhead: a jitted call of one tiny op, waited for;
     * per-op overhead: the slope of the time of a chain of 1 vs 129 dependent tiny matmuls
       (each an executed op; nothing fuses across a dot).
@@ -116,6 +119,9 @@ def probe_cpu(reps: int = 15) -> Chip:
     a = jax.random.normal(key, (32, 1024), jnp.float32)
     b = jax.random.normal(key, (1024, 1024), jnp.float32)
     peak = 2.0 * 32 * 1024 * 1024 / max(_median_s(matvec, a, b, reps=reps) - tiny_s, 1e-9)
+    square = jax.random.normal(key, (2048, 2048), jnp.float32)
+    transpose = jax.jit(lambda x: x.T + 0.0)  # + 0: a real transposed copy, not a layout bitcast
+    move = 2 * square.nbytes / max(_median_s(transpose, square, reps=reps) - tiny_s, 1e-9)
 
     def chain(n):
         def f(x, m):
@@ -128,7 +134,7 @@ def probe_cpu(reps: int = 15) -> Chip:
     short, long_ = _median_s(chain(1), x, m, reps=reps * 4), _median_s(chain(129), x, m, reps=reps * 4)
     op_s = max((long_ - short) / 128, 0.0)
     return Chip("cpu", peak, bandwidth, 0.0, 0.0, max(short - op_s, 0.0), op_s, 0.0,
-                "measured here: matvec bandwidth, 32-row matmul, tiny-op call and chain")
+                "measured here: matvec bandwidth, 32-row matmul, transpose, tiny-op call and chain", move)
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -234,10 +240,17 @@ class StepCost:
     overhead_s: float
     collective_s: float
     experts_per_layer: float
+    moved_bytes: float = 0.0  # copies / transposes the compiled step adds (CPU: from its HLO)
+    move_bandwidth: float = 0.0
+    sliced_bytes: float = 0.0  # contiguous slice copies it adds (stream at the bandwidth)
 
     @property
     def bytes(self) -> float:
-        return sum(b for b, _ in self.parts.values())
+        return sum(b for b, _ in self.parts.values()) + self.moved_bytes + self.sliced_bytes
+
+    @property
+    def move_s(self) -> float:
+        return self.moved_bytes / (self.move_bandwidth or self.bandwidth) + self.sliced_bytes / self.bandwidth
 
     @property
     def flops(self) -> float:
@@ -256,19 +269,19 @@ class StepCost:
     @property
     def roofline_s(self) -> float:
         """The classic whole-step bound: max(bytes / bandwidth, flops / peak)."""
-        return max(self.bytes / self.bandwidth, self.flops / self.peak_flops)
+        return max(sum(b for b, _ in self.parts.values()) / self.bandwidth, self.flops / self.peak_flops)
 
     @property
     def compute_s(self) -> float:
         """Each part limited by its own bytes or FLOPs, parts one after another (>= roofline_s):
         a step's kernels run in sequence, so a FLOP-bound expert matmul does not hide a
-        bytes-bound attention read."""
-        return sum(self._split())
+        bytes-bound attention read. Copies the compiled step adds are bytes-bound."""
+        return sum(self._split()) + self.move_s
 
     @property
     def bound(self) -> str:
         by_bytes, by_flops = self._split()
-        return "bytes" if by_bytes >= by_flops else "flops"
+        return "bytes" if by_bytes + self.move_s >= by_flops else "flops"
 
     @property
     def time_s(self) -> float:
@@ -307,9 +320,9 @@ class Predictor:
         kv_heads = cfg.num_kv_heads / math.gcd(tp, cfg.num_kv_heads)  # split only as far as they divide
         parts: dict[str, list[float]] = {}
 
-        def add(name: str, params: float, flops: float, extra_bytes: float = 0.0) -> None:
+        def add(name: str, params: float, flops: float) -> None:
             part = parts.setdefault(name, [0.0, 0.0])
-            part[0] += params * nb + extra_bytes
+            part[0] += params * nb
             part[1] += flops
 
         head = cfg.vocab_size * d / tp  # LM head (or tied embedding) read whole, vocab split
@@ -339,23 +352,22 @@ class Predictor:
                 mlp = 3 * d * cfg.mlp_dim / tp
                 add("dense mlp", mlp, 2.0 * n * mlp)
         share = touched_sum / moe_layers / cfg.num_experts if moe_layers else 0.0
-        kernels, moved, call_s = self.kernels(rows, tokens, context, share)
-        if moved:
-            add("data movement", 0.0, 0.0, moved)
+        kernels, (moved, sliced), call_s = self.kernels(rows, tokens, context, share)
         return StepCost(rows, tokens, {k: (v[0], v[1]) for k, v in parts.items()}, self.chip.bandwidth,
                         self.chip.peak_flops, call_s + kernels * self.chip.op_overhead_s,
-                        self.collective_s(n), touched_sum / moe_layers if moe_layers else 0.0)
+                        self.collective_s(n), touched_sum / moe_layers if moe_layers else 0.0,
+                        moved, self.chip.move_bandwidth, sliced)
 
-    def kernels(self, rows: int, tokens: int, context: int, expert_share: float) -> tuple[float, float, float]:
-        """(kernels executed, extra data-movement bytes, per-call overhead seconds) of one step."""
+    def kernels(self, rows: int, tokens: int, context: int, expert_share: float):
+        """(kernels executed, (transposed, sliced) extra bytes, per-call overhead seconds) of one step."""
         if self.hlo is not None:
             counts = self.hlo(rows, tokens, context)
-            ops, moved = counts.at(expert_share)
-            return ops, moved, self.chip.step_overhead_s if counts.call_s is None else counts.call_s
+            ops, moved, sliced = counts.at(expert_share)
+            return ops, (moved, sliced), self.chip.step_overhead_s if counts.call_s is None else counts.call_s
         # Structural estimate for compiled accelerator steps: per layer ~2 norms, qkv, rope,
         # cache update, 2 attention matmuls + softmax, output proj, MLP or router + grouped
         # matmuls (~12 fused kernels); plus embedding, final norm, LM head.
-        return 12.0 * self.cfg.num_layers + 4.0, 0.0, self.chip.step_overhead_s
+        return 12.0 * self.cfg.num_layers + 4.0, (0.0, 0.0), self.chip.step_overhead_s
 
     def collective_s(self, tokens: int) -> float:
         """All-reduce time per step (simplified: ring all-reduce, nothing overlapped with compute).
@@ -392,8 +404,10 @@ _FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([a-z][a-z\-]*)\(|"
                     r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*? ([a-z][a-z\-]*)\(")
 _ITEMSIZE = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
-# Fusions XLA names after a root that only moves data: a transpose, a copy, a dynamic slice.
-_MOVES = ("copy", "transpose", "dynamic-slice")
+# Fusions XLA names after a root that only moves data: a transpose or a (layout-changing) copy,
+# or a contiguous dynamic slice.
+_MOVES = ("copy", "transpose")
+_SLICES = ("dynamic-slice",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,11 +417,12 @@ class HloCounts:
     KV cache, copies of expert weight slices) counted as written and read back once."""
 
     ops: tuple[float, float]
-    moved_bytes: tuple[float, float]
+    moved_bytes: tuple[float, float]  # transposes and copies
+    sliced_bytes: tuple[float, float] = (0.0, 0.0)  # contiguous slices
     call_s: float | None = None  # measured dispatch of a no-op call with the step's arguments
 
-    def at(self, share: float) -> tuple[float, float]:
-        return self.ops[0] + self.ops[1] * share, self.moved_bytes[0] + self.moved_bytes[1] * share
+    def at(self, share: float) -> tuple[float, float, float]:
+        return tuple(a + b * share for a, b in (self.ops, self.moved_bytes, self.sliced_bytes))
 
 
 def count_hlo_ops(hlo_text: str) -> HloCounts:
@@ -437,8 +452,8 @@ def count_hlo_ops(hlo_text: str) -> HloCounts:
         return tuple(a + n * b for a, b in zip(acc, sub))
 
     @functools.lru_cache(maxsize=None)
-    def walk(name: str) -> tuple[float, float, float, float]:
-        acc = (0.0, 0.0, 0.0, 0.0)  # ops, ops slope, bytes, bytes slope
+    def walk(name: str) -> tuple[float, ...]:
+        acc = (0.0,) * 6  # ops, moved bytes, sliced bytes: each (value, slope in the expert share)
         for line in comps.get(name, ()):
             m = _INSTR.match(line)
             if not m:
@@ -447,11 +462,12 @@ def count_hlo_ops(hlo_text: str) -> HloCounts:
                 (m.group(5), None, None, m.group(6))
             if op in _FREE_OPS:
                 continue
-            moved = 0.0
-            if dtype in _ITEMSIZE and (op in ("copy", "transpose") or
-                                       (op == "fusion" and iname.split("_")[0] in _MOVES)):
-                moved = 2.0 * _ITEMSIZE[dtype] * math.prod(int(x) for x in dims.split(",") if x)
-            acc = add(acc, 1, (1.0, 0.0, moved, 0.0))
+            moved = sliced = 0.0
+            root = op if op != "fusion" else iname.split("_")[0]
+            if dtype in _ITEMSIZE and root in _MOVES + _SLICES:
+                nbytes = 2.0 * _ITEMSIZE[dtype] * math.prod(int(x) for x in dims.split(",") if x)
+                moved, sliced = (0.0, nbytes) if root in _SLICES else (nbytes, 0.0)
+            acc = add(acc, 1, (1.0, 0.0, moved, 0.0, sliced, 0.0))
             if op == "while":
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
                 n = int(trips.group(1)) if trips else 1
@@ -466,7 +482,7 @@ def count_hlo_ops(hlo_text: str) -> HloCounts:
                     off = walk(names[0])
                     on = [sum(x) / (len(names) - 1) for x in zip(*(walk(b) for b in names[1:]))]
                     # base: the off branch; slope: (on - off) per unit of share.
-                    acc = add(acc, 1, (off[0], on[0] - off[0], off[2], on[2] - off[2]))
+                    acc = add(acc, 1, (off[0], on[0] - off[0], off[2], on[2] - off[2], off[4], on[4] - off[4]))
             elif op == "call":
                 sub = re.search(r"to_apply=%?([\w.\-]+)", line)
                 if sub:
@@ -475,8 +491,8 @@ def count_hlo_ops(hlo_text: str) -> HloCounts:
 
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
-    ops, ops_s, moved, moved_s = walk(entry)
-    return HloCounts((ops, ops_s), (moved, moved_s))
+    ops, ops_s, moved, moved_s, sliced, sliced_s = walk(entry)
+    return HloCounts((ops, ops_s), (moved, moved_s), (sliced, sliced_s))
 
 
 def step_hlo(cfg: ModelConfig, rows: int, tokens: int, context: int, max_len: int) -> str:
@@ -659,6 +675,10 @@ def validate(models: Sequence[str], batches: Sequence[int], tokens: Sequence[int
     roofline = _roofline_tool()
     out = []
     for spec in models:
+        if chip.source.startswith("measured"):  # re-probe beside each model: a shared machine's load drifts
+            probe_cpu.cache_clear()
+            chip = probe_cpu()
+            print(describe_chip(chip), file=sys.stderr, flush=True)
         model = roofline.build_model(spec, max(context, 512))
         cfg = model.cfg
         graphdef, state = nnx.split(model)
@@ -673,7 +693,8 @@ def validate(models: Sequence[str], batches: Sequence[int], tokens: Sequence[int
                 step = pred.step(b, t, context)
                 out.append({"model": spec, "B": b, "T": t, "context": context, "measured_ms": measured * 1e3,
                             "predicted_ms": step.time_s * 1e3, "roofline_ms": step.roofline_s * 1e3,
-                            "overhead_ms": step.overhead_s * 1e3, "bound": step.bound,
+                            "overhead_ms": step.overhead_s * 1e3, "move_ms": step.move_s * 1e3, "bound": step.bound,
+                            "chip": describe_chip(chip),
                             "error_pct": (step.time_s / measured - 1.0) * 100.0})
                 print(f"# {spec} B={b} T={t}: measured {measured * 1e3:.3f} ms, predicted {step.time_s * 1e3:.3f} ms",
                       file=sys.stderr, flush=True)
@@ -681,12 +702,13 @@ def validate(models: Sequence[str], batches: Sequence[int], tokens: Sequence[int
 
 
 def format_validation(rows: list[dict], bar_pct: float = 30.0) -> str:
-    lines = ["| model | B | T | measured ms | predicted ms | error | within 30% | pure roofline ms | overhead ms | bound |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | B | T | measured ms | predicted ms | error | within 30% | pure roofline ms | copies ms | "
+             "overhead ms | bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = "yes" if abs(r["error_pct"]) <= bar_pct else "**no**"
         lines.append(f"| {r['model']} | {r['B']} | {r['T']} | {r['measured_ms']:.3f} | {r['predicted_ms']:.3f} | "
-                     f"{r['error_pct']:+.0f}% | {ok} | {r['roofline_ms']:.3f} | {r['overhead_ms']:.3f} | {r['bound']} |")
+                     f"{r['error_pct']:+.0f}% | {ok} | {r['roofline_ms']:.3f} | {r.get('move_ms', 0.0):.3f} | "
+                     f"{r['overhead_ms']:.3f} | {r['bound']} |")
     return "\n".join(lines)
 
 
@@ -730,7 +752,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if chip.name != "cpu":
             raise SystemExit("--validate times forwards on this CPU: leave --chip / --mesh unset or use cpu")
         rows = validate(args.validate_models, [1, 8], [1, 5], args.validate_context, args.reps, chip)
-        print(describe_chip(chip))
+        for spec in args.validate_models:
+            print(next(r["chip"] for r in rows if r["model"] == spec).replace("# chip", f"# {spec}: chip", 1))
         print(format_validation(rows))
         result = {"chip": dataclasses.asdict(chip), "validation": rows}
         if args.json:
@@ -775,7 +798,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def describe_chip(chip: Chip) -> str:
-    return (f"# chip {chip.name}: {chip.peak_flops / 1e12:.3g} TFLOP/s, {chip.bandwidth / 1e9:.4g} GB/s, step overhead "
+    move = f" (copies {chip.move_bandwidth / 1e9:.3g} GB/s)" if chip.move_bandwidth else ""
+    return (f"# chip {chip.name}: {chip.peak_flops / 1e12:.3g} TFLOP/s, {chip.bandwidth / 1e9:.4g} GB/s{move}, step overhead "
             f"{chip.step_overhead_s * 1e6:.1f} us + {chip.op_overhead_s * 1e6:.2f} us per kernel ({chip.source})")
 
 
