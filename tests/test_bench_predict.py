@@ -80,6 +80,13 @@ def test_expected_tokens_hand_values(tmp_path):
     path.write_text(json.dumps([0.8, 1.5]))
     with pytest.raises(ValueError):
         P.load_acceptance_profile(str(path))
+    # The engine's / bench's measurement is cumulative (accepted / drafted at position j = all of
+    # drafts 0..j accepted): 0.8, 0.48 means a_0 = 0.8, a_1 = 0.48 / 0.8 = 0.6, and E[2] = 1 + 0.8 + 0.48.
+    path.write_text(json.dumps({"rows": [{"acceptance_per_position": []},
+                                         {"acceptance_per_position": [0.8, 0.48]}]}))
+    profile = P.load_acceptance_profile(str(path))
+    assert profile == pytest.approx([0.8, 0.6])
+    assert P.expected_tokens(profile, 2) == pytest.approx(2.28)
 
 
 # ----------------------------------------------------------------------------- bytes and FLOPs

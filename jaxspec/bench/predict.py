@@ -114,13 +114,24 @@ def expected_tokens(acceptance: Sequence[float], k: int) -> float:
 
 
 def load_acceptance_profile(path: str) -> list[float]:
-    """Per-position acceptance from JSON: a list, or {"acceptance" | "per_position": [...]}."""
+    """Conditional per-position acceptance a_j from JSON, in either form:
+
+    * a list, or {"acceptance": [...]}: a_j itself (draft j accepted given drafts < j were);
+    * {"acceptance_per_position": [...]} (a bench result row, or the first such row of its
+      "rows"): what the engine measures, accepted / drafted at position j = the chance drafts
+      0..j are ALL accepted, c_j = prod_{i<=j} a_i; converted as a_0 = c_0, a_j = c_j / c_{j-1}.
+    """
     data = json.loads(Path(path).read_text())
+    cumulative = None
     if isinstance(data, dict):
-        data = data.get("acceptance", data.get("per_position"))
-    if not isinstance(data, list) or not data or not all(0.0 <= float(a) <= 1.0 for a in data):
-        raise ValueError(f"{path}: expected a list of per-position acceptance probabilities in [0, 1]")
-    return [float(a) for a in data]
+        rows = [r for r in data.get("rows", []) if isinstance(r, dict) and r.get("acceptance_per_position")]
+        cumulative = data.get("acceptance_per_position") or (rows[0]["acceptance_per_position"] if rows else None)
+        data = data.get("acceptance", data.get("per_position")) if cumulative is None else None
+    if cumulative is not None:
+        data = [c / prev if prev > 0 else 0.0 for c, prev in zip(cumulative, [1.0] + list(cumulative[:-1]))]
+    if not isinstance(data, list) or not data or not all(0.0 <= float(a) <= 1.0 + 1e-9 for a in data):
+        raise ValueError(f"{path}: expected per-position acceptance probabilities in [0, 1]")
+    return [min(float(a), 1.0) for a in data]
 
 
 # ----------------------------------------------------------------------------- one step
