@@ -34,6 +34,41 @@ class Chip:
     collective_latency_s: float = 0.0  # fixed cost of one collective (hops, synchronisation)
     source: str = ""
     move_bandwidth: float = 0.0  # bytes/s of copies and transposes (read + write); 0 = bandwidth
+    # Measured matmul FLOP/s by (rows M, inner dim K), ((M, K, rate), ...); empty = peak_flops
+    # for every shape. Small matmuls run far below the peak on a CPU (d_model 64: ~20 GFLOP/s).
+    matmul_rates: tuple = ()
+    # A last-level cache: a step whose bytes fit in half of it (the rest is shared with other
+    # work and the step's own copies) streams them at cache_bandwidth. 0 = none modelled.
+    cache_bytes: float = 0.0
+    cache_bandwidth: float = 0.0
+
+    def stream_bandwidth(self, step_bytes: float) -> float:
+        if self.cache_bandwidth and step_bytes <= self.cache_bytes / 2:
+            return self.cache_bandwidth
+        return self.bandwidth
+
+    def peak_at(self, rows: float, inner: float) -> float:
+        """Matmul FLOP/s for M = rows, K = inner: bilinear in log2 M, log2 K over the measured
+        grid, clamped to its edges; peak_flops where nothing was measured."""
+        if not self.matmul_rates:
+            return self.peak_flops
+        ms = sorted({m for m, _, _ in self.matmul_rates})
+        ks = sorted({k for _, k, _ in self.matmul_rates})
+        rate = {(m, k): r for m, k, r in self.matmul_rates}
+
+        def bracket(grid, x):
+            x = min(max(x, grid[0]), grid[-1])
+            i = max(j for j in range(len(grid)) if grid[j] <= x)
+            if i == len(grid) - 1:
+                return grid[i], grid[i], 0.0
+            lo, hi = grid[i], grid[i + 1]
+            return lo, hi, math.log2(x / lo) / math.log2(hi / lo)
+
+        m0, m1, fm = bracket(ms, rows)
+        k0, k1, fk = bracket(ks, inner)
+        low = rate[m0, k0] * (1 - fk) + rate[m0, k1] * fk
+        high = rate[m1, k0] * (1 - fk) + rate[m1, k1] * fk
+        return low * (1 - fm) + high * fm
 
 
 # Public datasheet numbers (dense, no sparsity). The overhead columns of the accelerators are
@@ -74,15 +109,21 @@ def _median_s(fn, *args, reps: int) -> float:
 
 
 @functools.lru_cache(maxsize=1)
-def probe_cpu(reps: int = 15) -> Chip:
-    """This machine's CPU as a Chip, measured once per process (medians; ~5 s).
+def probe_cpu(reps: int = 30) -> Chip:
+    """This machine's CPU as a Chip, measured once per process (medians; ~10 s).
 
     * bandwidth: a matrix-vector product [1, 2048] x [2048, 4096] f32 (32 MiB of weights, larger
       than L2): the rate at which a decode step's matmuls actually stream weights here (XLA:CPU
       reaches about a third of a plain ``jnp.sum``'s bandwidth in a matvec);
     * peak: a [32, 1024] x [1024, 1024] f32 matmul: the throughput at the row counts decode and
       verification run (decode-sized matmuls reach well under the large-matmul peak here);
-    * move bandwidth: a jitted transpose of a [2048, 2048] f32 array (read + write), the rate of
+    * matmul rates: [M, K] x [K, 512] for M in 8, 32, 128 and K in 64, 256, 1024 (a generic
+      grid, not any model's shapes): the rate falls with the inner dimension;
+    * cache bandwidth: eight matrix-vector products over distinct 1 MiB weights (8 MiB: inside
+      the last-level cache, whose size is read from sysfs): a small model's weights stay there
+      between steps (a dense draft always; an MoE when the same experts are routed again, as in
+      --validate's fixed tokens);
+    * move bandwidth: jitted transposes of eight [512, 512] f32 arrays (read + write), the rate of
       the copies XLA:CPU inserts (KV-cache transposes for attention, expert weight slices);
     * step overhead: a jitted call of one tiny op, waited for;
     * per-op overhead: the slope of the time of a chain of 1 vs 129 dependent tiny matmuls
@@ -101,9 +142,22 @@ def probe_cpu(reps: int = 15) -> Chip:
     a = jax.random.normal(key, (32, 1024), jnp.float32)
     b = jax.random.normal(key, (1024, 1024), jnp.float32)
     peak = 2.0 * 32 * 1024 * 1024 / max(_median_s(matvec, a, b, reps=reps) - tiny_s, 1e-9)
-    square = jax.random.normal(key, (2048, 2048), jnp.float32)
-    transpose = jax.jit(lambda x: x.T + 0.0)  # + 0: a real transposed copy, not a layout bitcast
-    move = 2 * square.nbytes / max(_median_s(transpose, square, reps=reps) - tiny_s, 1e-9)
+    # Eight matmuls with distinct weights per call, so the call's own overhead is amortised.
+    eight = jax.jit(lambda x, ws: sum(x @ w for w in ws))
+    row = jax.random.normal(key, (1, 512), jnp.float32)
+    small = [jax.random.normal(jax.random.key(i), (512, 512), jnp.float32) for i in range(8)]
+    cache_bw = 8 * small[0].nbytes / max(_median_s(eight, row, small, reps=reps * 2) - tiny_s, 1e-9)
+    rates = []
+    for rows in (8, 32, 128):
+        for inner in (64, 256, 1024):
+            lhs = jax.random.normal(key, (rows, inner), jnp.float32)
+            ws = [jax.random.normal(jax.random.key(i), (inner, 512), jnp.float32) for i in range(8)]
+            seconds = (_median_s(eight, lhs, ws, reps=reps) - tiny_s) / 8
+            rates.append((rows, inner, 2.0 * rows * inner * 512 / max(seconds, 1e-9)))
+    # Eight transposed copies of distinct 1 MiB arrays per call (+ 0: a real copy, not a layout
+    # bitcast), sized like the KV and expert-slice copies of small steps.
+    transpose = jax.jit(lambda xs: [x.T + 0.0 for x in xs])
+    move = 2 * 8 * small[0].nbytes / max(_median_s(transpose, small, reps=reps * 2) - tiny_s, 1e-9)
 
     def chain(n):
         def f(x, m):
@@ -116,7 +170,21 @@ def probe_cpu(reps: int = 15) -> Chip:
     short, long_ = _median_s(chain(1), x, m, reps=reps * 4), _median_s(chain(129), x, m, reps=reps * 4)
     op_s = max((long_ - short) / 128, 0.0)
     return Chip("cpu", peak, bandwidth, 0.0, 0.0, max(short - op_s, 0.0), op_s, 0.0,
-                "measured here: matvec bandwidth, 32-row matmul, transpose, tiny-op call and chain", move)
+                "measured here: matvec bandwidth, matmul grid, transpose, tiny-op call and chain", move,
+                tuple(rates), _last_level_cache_bytes(), cache_bw)
+
+
+def _last_level_cache_bytes() -> float:
+    """Size of this CPU's largest cache from sysfs (Linux), 0 where unknown."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1024, "M": 1024 ** 2}.get(text[-1:], 1)
+        sizes.append(float(text.rstrip("KM")) * scale)
+    return max(sizes, default=0.0)
 
 
 # ----------------------------------------------------------------------------- HLO op counts (CPU)
@@ -293,5 +361,7 @@ def roofline_tool():
 
 def describe_chip(chip: Chip) -> str:
     move = f" (copies {chip.move_bandwidth / 1e9:.3g} GB/s)" if chip.move_bandwidth else ""
+    if chip.cache_bandwidth:
+        move += f", {chip.cache_bandwidth / 1e9:.3g} GB/s within {chip.cache_bytes / 2**20:.0f} MiB of cache"
     return (f"# chip {chip.name}: {chip.peak_flops / 1e12:.3g} TFLOP/s, {chip.bandwidth / 1e9:.4g} GB/s{move}, step overhead "
             f"{chip.step_overhead_s * 1e6:.1f} us + {chip.op_overhead_s * 1e6:.2f} us per kernel ({chip.source})")

@@ -137,11 +137,11 @@ def load_acceptance_profile(path: str) -> list[float]:
 # ----------------------------------------------------------------------------- one step
 @dataclasses.dataclass
 class StepCost:
-    """One forward step on one chip: its parts (name -> (bytes, flops)) and their times."""
+    """One forward step on one chip: its parts (name -> (bytes, flops, FLOP/s for its shape))."""
 
     rows: int
     tokens: int
-    parts: dict[str, tuple[float, float]]
+    parts: dict[str, tuple[float, float, float]]
     bandwidth: float
     peak_flops: float
     overhead_s: float
@@ -153,7 +153,7 @@ class StepCost:
 
     @property
     def bytes(self) -> float:
-        return sum(b for b, _ in self.parts.values()) + self.moved_bytes + self.sliced_bytes
+        return sum(p[0] for p in self.parts.values()) + self.moved_bytes + self.sliced_bytes
 
     @property
     def move_s(self) -> float:
@@ -161,22 +161,22 @@ class StepCost:
 
     @property
     def flops(self) -> float:
-        return sum(f for _, f in self.parts.values())
+        return sum(p[1] for p in self.parts.values())
 
     def _split(self) -> tuple[float, float]:
         """Seconds of the parts limited by bytes, and of those limited by FLOPs."""
         by_bytes = by_flops = 0.0
-        for b, f in self.parts.values():
-            if b / self.bandwidth >= f / self.peak_flops:
+        for b, f, rate in self.parts.values():
+            if b / self.bandwidth >= f / rate:
                 by_bytes += b / self.bandwidth
             else:
-                by_flops += f / self.peak_flops
+                by_flops += f / rate
         return by_bytes, by_flops
 
     @property
     def roofline_s(self) -> float:
         """The classic whole-step bound: max(bytes / bandwidth, flops / peak)."""
-        return max(sum(b for b, _ in self.parts.values()) / self.bandwidth, self.flops / self.peak_flops)
+        return max(sum(p[0] for p in self.parts.values()) / self.bandwidth, self.flops / self.peak_flops)
 
     @property
     def compute_s(self) -> float:
@@ -204,6 +204,7 @@ class Predictor:
     split: Split = Split()
     dtype_bytes: int = 2
     routing: list[list[float]] | None = None  # measured per-layer expert loads
+    touched: list[float] | None = None  # or: distinct experts per MoE layer, as counted in a forward
     # CPU: kernels and data-movement bytes counted from the compiled step, f(rows, tokens, context);
     # None = the structural kernel estimate of ``kernels`` and no extra movement.
     hlo: object = None
@@ -213,6 +214,8 @@ class Predictor:
 
     def experts_touched(self, moe_layer: int, tokens: int) -> float:
         cfg = self.cfg
+        if self.touched:
+            return self.touched[min(moe_layer, len(self.touched) - 1)]
         if self.routing:
             loads = self.routing[min(moe_layer, len(self.routing) - 1)]
             return distinct_from_loads(tokens, loads, cfg.num_experts_per_tok)
@@ -226,41 +229,49 @@ class Predictor:
         d, dh, tp, ep = cfg.d_model, cfg.head_dim, sp.tensor, sp.expert
         kv_heads = cfg.num_kv_heads / math.gcd(tp, cfg.num_kv_heads)  # split only as far as they divide
         parts: dict[str, list[float]] = {}
+        peak_at = self.chip.peak_at
 
-        def add(name: str, params: float, flops: float) -> None:
-            part = parts.setdefault(name, [0.0, 0.0])
+        def add(name: str, params: float, flops: float, rate: float) -> None:
+            # rate: the chip's matmul FLOP/s at this part's (rows, inner dimension)
+            part = parts.setdefault(name, [0.0, 0.0, rate])
             part[0] += params * nb
             part[1] += flops
 
         head = cfg.vocab_size * d / tp  # LM head (or tied embedding) read whole, vocab split
-        add("embedding rows", n * d, 0.0)
-        add("lm head", head, 2.0 * n * head)
+        add("embedding rows", n * d, 0.0, self.chip.peak_flops)
+        add("lm head", head, 2.0 * n * head, peak_at(n, d))
         touched_sum, moe_layers = 0.0, 0
         for layer in range(cfg.num_layers):
             attn = d * dh * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) / tp
-            add("attention weights", attn, 2.0 * n * attn)
+            add("attention weights", attn, 2.0 * n * attn, peak_at(n, d))
             kv = local_rows * context * 2 * kv_heads * dh
-            add("kv cache", kv, 4.0 * n * context * cfg.num_heads * dh / tp)
+            # Attention: per row and KV head, [T x group, head_dim] x [head_dim, C] matmuls.
+            add("kv cache", kv, 4.0 * n * context * cfg.num_heads * dh / tp,
+                peak_at(tokens * cfg.num_query_groups, dh))
             if cfg.layer_is_moe(layer):
                 touched = self.experts_touched(moe_layers, n)
                 touched_sum += touched
                 moe_layers += 1
                 router = d * cfg.num_experts  # replicated: every chip routes its own tokens
-                add("router", router, 2.0 * n * router)
+                add("router", router, 2.0 * n * router, peak_at(n, d))
                 expert = 3 * d * cfg.moe_mlp_dim / tp  # one expert's width slice on this chip
                 # Experts over ep chips: each holds E/ep of them, so on average touched/ep are read.
                 all_rows = n <= self.all_rows_up_to
                 rows_x_experts = n * (touched if all_rows else cfg.num_experts_per_tok) / ep
-                add("experts", touched / ep * expert, 2.0 * rows_x_experts * expert)
+                expert_rows = n if all_rows else max(1.0, n * cfg.num_experts_per_tok / max(touched, 1.0))
+                add("experts", touched / ep * expert, 2.0 * rows_x_experts * expert, peak_at(expert_rows, d))
                 shared = 3 * d * cfg.shared_expert_mlp_dim / tp
                 if shared:
-                    add("shared expert", shared, 2.0 * n * shared)
+                    add("shared expert", shared, 2.0 * n * shared, peak_at(n, d))
             else:
                 mlp = 3 * d * cfg.mlp_dim / tp
-                add("dense mlp", mlp, 2.0 * n * mlp)
+                add("dense mlp", mlp, 2.0 * n * mlp, peak_at(n, d))
         share = touched_sum / moe_layers / cfg.num_experts if moe_layers else 0.0
         kernels, (moved, sliced), call_s = self.kernels(rows, tokens, context, share)
-        return StepCost(rows, tokens, {k: (v[0], v[1]) for k, v in parts.items()}, self.chip.bandwidth,
+        # What each step re-reads (weights, KV) decides whether it streams from cache; the copies
+        # reuse their buffers and do not add to it.
+        bandwidth = self.chip.stream_bandwidth(sum(v[0] for v in parts.values()))
+        return StepCost(rows, tokens, {k: tuple(v) for k, v in parts.items()}, bandwidth,
                         self.chip.peak_flops, call_s + kernels * self.chip.op_overhead_s,
                         self.collective_s(n), touched_sum / moe_layers if moe_layers else 0.0,
                         moved, self.chip.move_bandwidth, sliced)
@@ -420,10 +431,11 @@ def validate(models: Sequence[str], batches: Sequence[int], tokens: Sequence[int
             for t in tokens:
                 measured, load = roofline.time_forward(graphdef, state, cfg, b, t, context, max(context, 512),
                                                        context, reps)
-                # Routing as --routing-stats would give it: this forward's own per-layer expert loads
-                # (a trained router is far from uniform); timing is not an input.
-                routing = [list(map(float, load[i])) for i in range(cfg.num_layers) if cfg.layer_is_moe(i)]
-                pred = make_predictor(cfg, chip, Split(), DTYPE_BYTES[cfg.dtype], routing or None, max(context, 512))
+                # Routing is an input: this forward's distinct experts per layer, counted from its expert
+                # load as tools/roofline.py does (a trained router is far from uniform); timing is not.
+                touched = [float((load[i] > 0).sum()) for i in range(cfg.num_layers) if cfg.layer_is_moe(i)]
+                pred = make_predictor(cfg, chip, Split(), DTYPE_BYTES[cfg.dtype], None, max(context, 512))
+                pred.touched = touched or None
                 step = pred.step(b, t, context)
                 out.append({"model": spec, "B": b, "T": t, "context": context, "measured_ms": measured * 1e3,
                             "predicted_ms": step.time_s * 1e3, "roofline_ms": step.roofline_s * 1e3,
