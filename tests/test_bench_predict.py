@@ -152,6 +152,17 @@ def test_chip_table_sanity():
     assert P.CHIPS["tpu-v5p"].memory_bytes > P.CHIPS["tpu-v5e"].memory_bytes
 
 
+def test_measured_rates_interpolate_and_cache_bandwidth_applies_to_small_steps():
+    chip = P.Chip("probe", 99.0, 10.0, 0.0, 0.0, 0.0, 0.0, cache_bytes=32e6, cache_bandwidth=40.0,
+                  matmul_rates=((8, 64, 10.0), (8, 256, 20.0), (32, 64, 30.0), (32, 256, 40.0)))
+    assert chip.peak_at(8, 64) == pytest.approx(10.0)
+    # Halfway in log2 on both axes: the mean of the four corners.
+    assert chip.peak_at(16, 128) == pytest.approx(25.0)
+    assert chip.peak_at(1, 4096) == pytest.approx(20.0)  # clamped to the grid's edge
+    assert P.CHIPS["h100"].peak_at(1, 64) == P.CHIPS["h100"].peak_flops  # no grid: the datasheet peak
+    assert chip.stream_bandwidth(10e6) == 40.0 and chip.stream_bandwidth(20e6) == 10.0  # half the cache
+
+
 def test_mesh_split_reduces_per_chip_bytes_and_adds_collectives():
     split, chip = P.load_split("tpu-v5e-8")
     assert (split.data, split.expert, split.tensor, split.chips) == (1, 2, 4, 8)

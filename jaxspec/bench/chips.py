@@ -35,7 +35,8 @@ class Chip:
     source: str = ""
     move_bandwidth: float = 0.0  # bytes/s of copies and transposes (read + write); 0 = bandwidth
     # Measured matmul FLOP/s by (rows M, inner dim K), ((M, K, rate), ...); empty = peak_flops
-    # for every shape. Small matmuls run far below the peak on a CPU (d_model 64: ~20 GFLOP/s).
+    # for every shape. Small matmuls run far below the peak on a CPU (here 8-row ones reached
+    # 22-63 GFLOP/s, 128-row ones 70-88).
     matmul_rates: tuple = ()
     # A last-level cache: a step whose bytes fit in half of it (the rest is shared with other
     # work and the step's own copies) streams them at cache_bandwidth. 0 = none modelled.
@@ -363,5 +364,6 @@ def describe_chip(chip: Chip) -> str:
     move = f" (copies {chip.move_bandwidth / 1e9:.3g} GB/s)" if chip.move_bandwidth else ""
     if chip.cache_bandwidth:
         move += f", {chip.cache_bandwidth / 1e9:.3g} GB/s within {chip.cache_bytes / 2**20:.0f} MiB of cache"
-    return (f"# chip {chip.name}: {chip.peak_flops / 1e12:.3g} TFLOP/s, {chip.bandwidth / 1e9:.4g} GB/s{move}, step overhead "
+    return (f"# chip {chip.name}: {chip.peak_flops / 1e12:.3g} TFLOP/s, {chip.bandwidth / 1e9:.4g} GB/s{move}, "
+            f"step overhead "
             f"{chip.step_overhead_s * 1e6:.1f} us + {chip.op_overhead_s * 1e6:.2f} us per kernel ({chip.source})")

@@ -529,7 +529,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
               + (f" of {chip.memory_bytes / 2**30:.0f} GiB: DOES NOT FIT" if chip.memory_bytes and
                  weights > chip.memory_bytes else "")
               + "\n" + describe_chip(chip))
-    result = {"model": target_cfg.name, "draft": draft_cfg.name if draft_cfg else None, "chip": dataclasses.asdict(chip),
+    result = {"model": target_cfg.name, "draft": draft_cfg.name if draft_cfg else None,
+              "chip": dataclasses.asdict(chip),
               "mesh": dataclasses.asdict(split), "dtype_bytes": nb, "context": args.context,
               "acceptance": acceptance, "routing": "measured" if routing else "uniform",
               "weight_bytes_per_chip": weights, "rows": [r.to_dict() for r in rows]}
