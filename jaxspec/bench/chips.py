@@ -78,10 +78,12 @@ class Chip:
 # tokens every step (~tens of us of host round trip), and back-to-back kernels leave a gap of
 # ~1-2 us on GPUs (launch through command buffers) and well under 1 us on TPUs (one program).
 CHIPS: dict[str, Chip] = {
-    # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM2 at 819 GB/s, ICI 1,600 Gbps.
+    # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI 1,600 Gbit/s (the
+    # newer page: 400 GB/s bidirectional), i.e. 200 GB/s each way. 16 GiB as configs/meshes state it.
     "tpu-v5e": Chip("tpu-v5e", 197e12, 819e9, 16 * 2**30, 1600e9 / 8, 30e-6, 0.5e-6, 10e-6,
                     "cloud.google.com/tpu/docs/v5e"),
-    # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at 2,765 GB/s, ICI 4,800 Gbps.
+    # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at 2,765 GB/s, ICI 4,800 Gbit/s
+    # (newer page: 1,200 GB/s bidirectional), taken as 600 GB/s each way.
     "tpu-v5p": Chip("tpu-v5p", 459e12, 2765e9, 95 * 2**30, 4800e9 / 8, 30e-6, 0.5e-6, 10e-6,
                     "cloud.google.com/tpu/docs/v5p"),
     # nvidia.com H100 datasheet, SXM: 989 TFLOP/s bf16 dense (1,979 with sparsity), 80 GB HBM3 at
