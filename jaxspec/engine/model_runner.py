@@ -27,6 +27,7 @@ from jaxspec.mesh import Placement, check_placement
 from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.moe_parallel import moe_backend_for
+from jaxspec.models.transformer import check_aux_layers
 from jaxspec.sampling import BatchSampling, pad_sampling, sample_tokens, take_sampling
 
 MIN_PREFILL_BUCKET = 16
@@ -104,6 +105,9 @@ class StepStatics(NamedTuple):
 
     moe_backend: Any = None  # backend name, ExpertParallel, PlacedBackend, or None (the config's)
     attention_backend: str = "xla"
+    # Layers whose input hidden states the steps also return (EAGLE-3 features; ``()``: none, and
+    # the steps are exactly the plain ones).
+    aux_layers: tuple[int, ...] = ()
 
 
 class PlacedBackend(NamedTuple):
@@ -122,7 +126,7 @@ def _forward(graphdef, statics: StepStatics, state, tokens, start, cache, slot_i
     placed = moe_backend if isinstance(moe_backend, PlacedBackend) else None
     backend = placed.dispatch if placed else moe_backend
     out = nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend, kv_len=kv_len,
-                                     attention_backend=statics.attention_backend)
+                                     attention_backend=statics.attention_backend, aux_layers=statics.aux_layers)
     if placed is not None:
         out = out._replace(cache=jax.lax.with_sharding_constraint(out.cache, placed.placement.cache_shardings(out.cache)))
     return out
@@ -132,12 +136,17 @@ def _forward(graphdef, statics: StepStatics, state, tokens, start, cache, slot_i
 # model architecture share compiled executables (a new engine does not recompile).
 def _prefill_impl(graphdef, statics, state, cache, tokens, slot_ids, num_valid, sampling: BatchSampling):
     """tokens [P, T] prompts from position 0, slot_ids/num_valid [P] (padding rows: slot id S)
-    -> (cache, first token [P], last logits [P, V], expert load). Attends over T positions only."""
+    -> (cache, first token [P], last logits [P, V], expert load[, aux hidden [P, T, F] with
+    ``statics.aux_layers``]). Attends over T positions only."""
     p, t = tokens.shape
     out = _forward(graphdef, statics, state, tokens, jnp.zeros((p,), jnp.int32), cache, slot_ids, num_valid, kv_len=t)
     last = jnp.take_along_axis(out.logits, jnp.maximum(num_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
     token = sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32))
-    return out.cache, token, last, out.expert_load
+    return (out.cache, token, last, out.expert_load, *_aux(out))
+
+
+def _aux(out) -> tuple:
+    return () if out.aux_hidden is None else (out.aux_hidden,)
 
 
 def _decode_impl(graphdef, statics, state, cache, slot_ids, last_tokens, start, num_valid, sampling: BatchSampling,
@@ -148,7 +157,7 @@ def _decode_impl(graphdef, statics, state, cache, slot_ids, last_tokens, start, 
     ids = None if identity_rows else slot_ids
     out = _forward(graphdef, statics, state, last_tokens[:, None], start, cache, ids, num_valid, kv_len=kv_len)
     tokens = sample_tokens(out.logits[:, 0], sampling, out_positions)
-    return out.cache, tokens, out.expert_load
+    return (out.cache, tokens, out.expert_load, *_aux(out))
 
 
 # Jitted steps with the graphdef bound, resolved once per runner: hashing a graphdef
@@ -282,6 +291,8 @@ class ModelRunner:
         # Tokens routed to each expert [L, E], summed on the host: the step's outputs are
         # ready together, and a device add would cost one more dispatch per step.
         self.expert_load = np.zeros((self.cfg.num_layers, max(self.cfg.num_experts, 1)), np.int64)
+        # With ``capture_hidden``: the last prefill/decode step's aux hidden states [rows, T, F] (device).
+        self.captured = None
 
     # ----------------------------------------------------------------- helpers
     def model(self, state=None) -> Transformer:
@@ -313,9 +324,20 @@ class ModelRunner:
         counts = sorted({b * t for b in self.batch_buckets for t in tokens_per_row})
         table = tune_dispatch(self.cfg, counts, reps=reps)
         self.moe_backend = table
-        self.statics = StepStatics(table, self.statics.attention_backend)
+        self.statics = StepStatics(table, self.statics.attention_backend, self.statics.aux_layers)
         self._steps = unplaced_steps(self.graphdef, self.statics)
         return table
+
+    def capture_hidden(self, layers: Sequence[int]) -> None:
+        """Make every step also return the hidden states entering ``layers`` (see the forward contract),
+        kept in ``captured`` after prefill and decode (verification steps built from ``forward_fn``
+        return them too). Call before the first step; single-device runners only for now."""
+        if self.placement is not None:
+            raise NotImplementedError("capturing hidden states (EAGLE-3) is not supported on a mesh yet")
+        layers = tuple(int(i) for i in layers)
+        check_aux_layers(layers, self.cfg.num_layers)
+        self.statics = StepStatics(self.statics.moe_backend, self.statics.attention_backend, layers)
+        self._steps = unplaced_steps(self.graphdef, self.statics)
 
     # -------------------------------------------------------------- host API
     def prefill(self, slot: int, prompt_ids: list[int], slots: SlotTable) -> int:
@@ -335,8 +357,9 @@ class ModelRunner:
             tokens[i, : len(p)] = p
         slot_ids = pad_rows(np.asarray(slots, np.int32), rows, self.num_slots)
         num_valid = pad_rows(np.array([len(p) for p in prompts], np.int32), rows, 0)
-        self.cache, token, _, load = self._steps[0](
+        self.cache, token, _, load, *aux = self._steps[0](
             self.state, self.cache, tokens, slot_ids, num_valid, pad_sampling(sampling, rows))
+        self.captured = aux[0] if aux else None
         self.host_lengths[np.asarray(slots)] = num_valid[:n]
         self.add_expert_load(load)
         return [int(x) for x in np.asarray(token)[:n]]
@@ -379,12 +402,13 @@ class ModelRunner:
         b = len(row_slots)
         start = self.host_lengths[rows]
         kv_len = self.kv_bucket_for(int(start.max()) + 1)
-        self.cache, tokens, load = self._steps[1](
+        self.cache, tokens, load, *aux = self._steps[1](
             self.state, self.cache, row_slots, scatter_rows(last_tokens, where, b, 0),
             self.row_starts(row_slots, where, start), scatter_rows(np.ones(len(rows), np.int32), where, b, 0),
             scatter_sampling(sampling, where, b),
             scatter_rows(out_positions, where, b, 0), kv_len=kv_len,
         )
+        self.captured = aux[0] if aux else None
         self.host_lengths[rows] += 1
         self.add_expert_load(load)
         return np.asarray(tokens)[where]
@@ -396,7 +420,7 @@ class ModelRunner:
         s = self.num_slots
         zeros = np.zeros(rows, np.int32)
         tokens = np.random.default_rng(rows).integers(0, self.cfg.vocab_size, rows).astype(np.int32) if live else zeros
-        self.cache, out, _ = self._steps[1](
+        self.cache, out, *_ = self._steps[1](
             self.state, self.cache, np.full(rows, s, np.int32), tokens, np.full(rows, self.max_len, np.int32),
             np.full(rows, int(live), np.int32), pad_sampling(SlotTable(0).sampling(), rows), zeros, kv_len=kv_len)
         out.block_until_ready()
@@ -455,7 +479,7 @@ class ModelRunner:
         for rows in self.prefill_row_buckets:
             for bucket in self.buckets:
                 tokens = np.full((rows, bucket), self.cfg.pad_id, np.int32)
-                self.cache, token, _, _ = self._steps[0](
+                self.cache, token, *_ = self._steps[0](
                     self.state, self.cache, tokens, np.full(rows, s, np.int32), np.zeros(rows, np.int32),
                     pad_sampling(SlotTable(0).sampling(), rows))
         for b in self.batch_buckets:

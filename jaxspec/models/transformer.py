@@ -8,6 +8,10 @@ Forward contract (used by prefill, decode and speculative verification alike):
     out.cache   cache with the rows' K/V written at start..start+T-1 and
                 lengths[slot] = start + num_valid
     out.expert_load [L, E] int32 tokens routed per expert per layer (valid tokens only; zeros for dense layers)
+    out.aux_hidden  None, or with ``aux_layers=(i, j, ...)`` (static) [B, T, len(aux_layers) * D]: the
+                    residual stream entering layer i, j, ... (0 = the token embeddings, num_layers = the
+                    last layer's output before the final norm), concatenated in the order given, from
+                    this same pass (EAGLE-3 heads read them; see jaxspec.models.eagle3)
 
 Training-only keywords (defaults leave the forward as above): ``router_stats`` sows
 each MoE layer's router logits (see jaxspec.models.moe), ``capacity_factor``
@@ -37,6 +41,7 @@ class ForwardOutput(NamedTuple):
     hidden: jax.Array
     cache: KVCache
     expert_load: jax.Array
+    aux_hidden: jax.Array | None = None
 
 
 class DecoderLayer(nnx.Module):
@@ -88,6 +93,7 @@ class Transformer(nnx.Module):
         capacity_factor: float | None = None,
         kv_len: int | None = None,  # static: attend over cache positions [0, kv_len) (> every query position)
         attention_backend: str = "xla",  # static: layers.ATTENTION_BACKENDS
+        aux_layers: tuple[int, ...] = (),  # static: also return these layers' input hidden states
     ) -> ForwardOutput:
         cfg = self.cfg
         b, t = tokens.shape
@@ -100,19 +106,33 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         cache_k, cache_v = cache.k, cache.v
         loads = []
-        for layer in self.layers:
+        check_aux_layers(aux_layers, cfg.num_layers)
+        captured = {}
+        for i, layer in enumerate(self.layers):
+            if i in aux_layers:
+                captured[i] = x
             x, cache_k, cache_v, counts = layer(
                 x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend, router_stats, capacity_factor,
                 kv_len, attention_backend,
             )
             loads.append(counts if counts is not None else jnp.zeros((max(cfg.num_experts, 1),), jnp.int32))
+        if cfg.num_layers in aux_layers:
+            captured[cfg.num_layers] = x
+        aux = jnp.concatenate([captured[i] for i in aux_layers], axis=-1) if aux_layers else None
         hidden = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
 
         rows = jnp.arange(b) if slot_ids is None else slot_ids
         lengths = cache.lengths.at[rows].set(start + num_valid, mode="drop")
-        return ForwardOutput(logits, hidden, KVCache(cache_k, cache_v, lengths), jnp.stack(loads))
+        return ForwardOutput(logits, hidden, KVCache(cache_k, cache_v, lengths), jnp.stack(loads), aux)
+
+
+def check_aux_layers(aux_layers: tuple[int, ...], num_layers: int) -> None:
+    """Layer ids for ``aux_layers`` must lie in [0, num_layers]."""
+    bad = [i for i in aux_layers if not 0 <= int(i) <= num_layers]
+    if bad:
+        raise ValueError(f"aux layer ids {bad} out of range: a {num_layers}-layer model has ids 0..{num_layers}")
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
