@@ -2,8 +2,12 @@
 generators against a stub server (failures counted, nothing lost), the reports, and a tiny end-to-end run."""
 
 import json
+import os
 import random
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +311,27 @@ def test_tiny_model_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert "| ngram:k=2 | 2 conc |" in md and "| level | none | ngram:k=2 |" in md
     assert (out / "latency_synthetic_in_16_out_8_text_repeat_concurrency.png").exists()
+
+
+# ---------------------------------------------------------------------------------- device check
+def test_device_check_needs_an_accelerator_or_allow_cpu(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "tools/device_check.py", "--out", str(tmp_path)], cwd=root,
+                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and "no accelerator" in r.stdout
+
+
+@pytest.mark.slow
+def test_device_check_runs_its_predict_stage_on_cpu(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "tools/device_check.py", "--allow-cpu", "--quick", "--stages", "predict",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stdout[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["roofline prediction vs measured"]
+    rows = json.loads((tmp_path / "predict.json").read_text())["validation"]
+    assert {(r["model"], r["B"], r["T"]) for r in rows} == {(m, b, t) for m in ("tiny-moe", "tiny-dense")
+                                                            for b in (1, 8) for t in (1, 5)}
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
+    assert "| roofline prediction vs measured | ok |" in (tmp_path / "summary.md").read_text()

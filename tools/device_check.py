@@ -48,6 +48,18 @@ def stage(name: str, cmd: list[str], timeout: float, log: Path, env: dict | None
     return dict(stage=name, cmd=cmd, returncode=rc, seconds=round(took, 1), log=log.name, tail=tail)
 
 
+def chip_name() -> str:
+    """This host's accelerator in the predictor's chip table (jaxspec/bench/chips.py)."""
+    import jax
+
+    kind = jax.devices()[0].device_kind.lower()
+    for needle, name in (("h200", "h200"), ("h100", "h100"), ("v5p", "tpu-v5p"), ("v5 lite", "tpu-v5e"),
+                         ("v5e", "tpu-v5e")):
+        if needle in kind:
+            return name
+    raise SystemExit(f"no chip-table entry for {kind!r}: add one to jaxspec/bench/chips.py")
+
+
 def device_name() -> str:
     import jax
 
@@ -84,8 +96,11 @@ def main(argv=None) -> int:
     bench_k += ["--scale", "16", "--interpret", "--iters", "2"] if cpu else ["--iters", "5" if small else "10"]
     if "kernel-bench" in run:
         stages.append(stage("kernel benchmark", bench_k, 120, out / "kernels.log"))
-    predict = [py, "-m", "jaxspec.bench", "predict", "--model", model, "--draft", draft, "--validate",
-               "--json", str(out / "predict.json")]
+    # Measured forwards of the mid-size MoE and its draft beside the roofline's prediction for this chip.
+    predict = [py, "-m", "jaxspec.bench", "predict", "--validate", "--validate-models", model, draft,
+               "--reps", "5" if small else "20", "--json", str(out / "predict.json")]
+    if not cpu:
+        predict += ["--chip", chip_name()]
     if "predict" in run:
         stages.append(stage("roofline prediction vs measured", predict, 90, out / "predict.log"))
     # 8 slots and a 512-token context keep the compiled shapes (row buckets x spans x k) few enough to

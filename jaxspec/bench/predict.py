@@ -483,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-overhead-us", type=float, default=None, help="override the per-kernel overhead")
     p.add_argument("--json", default=None, help="also write the predictions here ('-': stdout only JSON)")
     p.add_argument("--validate", action="store_true",
-                   help="time the built-in models' forwards on this CPU beside the prediction")
+                   help="time the --validate-models' forwards on this machine beside the prediction (on an "
+                        "accelerator host give its --chip)")
     p.add_argument("--validate-models", nargs="+", default=["builtin-target", "builtin-draft", "builtin"])
     p.add_argument("--validate-context", type=int, default=256)
     p.add_argument("--reps", type=int, default=20, help="timed calls per forward in --validate (median)")
@@ -495,8 +496,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     split, mesh_chip = load_split(args.mesh)
     chip = resolve_chip(args, mesh_chip)
     if args.validate:
-        if chip.name != "cpu":
-            raise SystemExit("--validate times forwards on this CPU: leave --chip / --mesh unset or use cpu")
+        import jax
+
+        here = "cpu" if jax.default_backend() == "cpu" else "accelerator"
+        if (chip.name == "cpu") != (here == "cpu"):
+            raise SystemExit("--validate times forwards on this machine: --chip must name this machine's chip "
+                             f"(cpu on a CPU host, the accelerator on a GPU/TPU host; this host: {here})")
         rows = validate(args.validate_models, [1, 8], [1, 5], args.validate_context, args.reps, chip)
         for spec in args.validate_models:
             print(next(r["chip"] for r in rows if r["model"] == spec).replace("# chip", f"# {spec}: chip", 1))
