@@ -49,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec = p.add_argument_group("speculative decoding (output is unchanged; only speed differs)")
     spec.add_argument("--draft", default=None, metavar="NAME_OR_PATH",
                       help="draft model sharing the target's vocabulary ('builtin', config name, orbax dir or HF folder; "
-                      "default: the built-in draft when the model is a built-in one)")
+                      "default: the built-in draft when the model is a built-in one); with --spec-method eagle3, an "
+                      "EAGLE-3 head folder (EAGLE/SpecForge or speculators layout)")
     spec.add_argument("--spec-method", default=None, choices=list(SPEC_METHODS),
-                      help="none: plain decoding; draft: a draft model proposes; ngram: prompt lookup "
+                      help="none: plain decoding; draft: a draft model proposes; ngram: prompt lookup; eagle3: an "
+                      "EAGLE-3 head (--draft) drafts from the target's hidden states "
                       "(default: draft if there is a draft, else none)")
     spec.add_argument("--num-speculative-tokens", type=k_arg(0), default="auto", metavar="{K,auto}",
                       help="tokens proposed per step, or auto: adapt k to the measured acceptance and step "
@@ -85,6 +87,12 @@ def build_engine(args: argparse.Namespace) -> Engine:
     draft_name = default_draft(args.model, args.draft, args.spec_method)
     method = args.spec_method or ("draft" if draft_name else "none")
     draft = load_any(draft_name, dtype=args.dtype, role="draft")[0] if method == "draft" and draft_name else None
+    if method == "eagle3":
+        if not draft_name:
+            raise ValueError("--spec-method eagle3 needs --draft PATH (an EAGLE-3 head folder)")
+        from jaxspec.checkpoint.eagle3_io import load_eagle3
+
+        draft = load_eagle3(draft_name, target=model.cfg, dtype=args.dtype)
     runner = make_runner(model, num_slots=1, max_len=max_len, placement=placement, spec_method=method, draft=draft,
                          num_speculative_tokens=args.num_speculative_tokens, k_max=args.k_max)
     return Engine(runner, tokenizer)

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "directory or Hugging Face folder")
     m.add_argument("--draft", default=None,
                    help="draft model for --spec-method draft (same forms as --model; default: the built-in draft "
-                   "when the model is a built-in one)")
+                   "when the model is a built-in one), or an EAGLE-3 head folder for --spec-method eagle3")
     m.add_argument("--spec-method", choices=SPEC_METHODS, default=None,
                    help="speculative decoding method (default: draft if there is a draft, else none)")
     m.add_argument("--num-speculative-tokens", type=k_arg(1), default="auto", metavar="{K,auto}",

@@ -48,10 +48,10 @@ class EngineOptions:
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
             raise ConfigError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {self.spec_method!r}")
-        if self.spec_method == "draft" and not self.draft:
-            raise ConfigError("spec_method 'draft' needs a draft model (--draft)")
-        if self.draft and self.spec_method != "draft":
-            raise ConfigError(f"--draft is only used with --spec-method draft (got {self.spec_method!r})")
+        if self.spec_method in ("draft", "eagle3") and not self.draft:
+            raise ConfigError(f"spec_method {self.spec_method!r} needs a draft model or EAGLE-3 head (--draft)")
+        if self.draft and self.spec_method not in ("draft", "eagle3"):
+            raise ConfigError(f"--draft is only used with --spec-method draft or eagle3 (got {self.spec_method!r})")
         if self.spec_method != "none" and self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         for name in ("slots", "max_waiting", "default_max_tokens"):
@@ -109,6 +109,11 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
     if placement is not None:
         log.info("mesh %s %s", mesh_cfg.name, mesh_cfg.axes)
     draft_model = None
+    if opts.spec_method == "eagle3":
+        from jaxspec.checkpoint.eagle3_io import load_eagle3
+
+        log.info("loading EAGLE-3 head %s", opts.draft)
+        draft_model = load_eagle3(opts.draft, target=model.cfg, dtype=opts.dtype)
     if opts.spec_method == "draft":
         log.info("loading draft model %s", opts.draft)
         draft_model, draft_tokenizer = load_any(opts.draft, dtype=opts.dtype, seed=opts.seed, role="draft")

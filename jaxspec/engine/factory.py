@@ -10,10 +10,11 @@ from jaxspec.speculative import AUTO, SPEC_METHODS, SpeculativeRunner, make_prop
 
 
 def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = None, placement: Placement | None = None,
-                spec_method: str = "none", draft: Transformer | None = None,
+                spec_method: str = "none", draft=None,
                 num_speculative_tokens: int | str = AUTO, k_max: int = 4) -> StepRunner:
     """A ``PlainRunner`` for ``spec_method="none"``, else a ``SpeculativeRunner`` whose proposer is
-    ``draft`` ("draft") or prompt lookup ("ngram"), with k fixed or "auto" (adaptive, up to k_max).
+    ``draft`` ("draft": a ``Transformer``; "eagle3": an ``Eagle3Head``, which reads this target's hidden
+    states) or prompt lookup ("ngram"), with k fixed or "auto" (adaptive, up to k_max).
     Raises ValueError for an unknown method or an incompatible draft."""
     if spec_method not in SPEC_METHODS:
         raise ValueError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {spec_method!r}")
@@ -21,5 +22,5 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
     if spec_method == "none":
         return PlainRunner(target)
     k_max = max(k_max, num_speculative_tokens if isinstance(num_speculative_tokens, int) else 0)
-    return SpeculativeRunner(target, make_proposer(spec_method, draft), num_speculative_tokens=num_speculative_tokens,
-                             k_max=k_max)
+    return SpeculativeRunner(target, make_proposer(spec_method, draft, target=model),
+                             num_speculative_tokens=num_speculative_tokens, k_max=k_max)

@@ -11,6 +11,8 @@ Modules (one job each):
                ``lax.scan`` drafts kb tokens for every slot (catch-up protocol
                in its docstring)
   ngram        prompt lookup (host numpy, one-hot drafts)
+  eagle3       an EAGLE-3 head drafting from the target's hidden states (captured
+               in the target's own steps; absorbed after each step)
   verify       the acceptance rule (the kernel contract), its position-keyed
                random numbers, and the backend switch (xla / the kernel
                engineer's reference / the Pallas kernel)
@@ -31,6 +33,7 @@ its distribution).
 
 from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy, Roofline, expected_tokens
 from jaxspec.speculative.draft_model import DraftModelProposer
+from jaxspec.speculative.eagle3 import Eagle3Proposer
 from jaxspec.speculative.ngram import NgramProposer
 from jaxspec.speculative.pairs import SPEC_METHODS, make_proposer, perturbed_copy
 from jaxspec.speculative.proposer import NoProposer, Proposal, Proposer, SpecContext, TokenHistory
@@ -38,7 +41,7 @@ from jaxspec.speculative.runner import AUTO, SpeculativeRunner
 from jaxspec.speculative.verify import rejection_sample
 
 __all__ = [
-    "AUTO", "AcceptanceEstimator", "CostModel", "DraftModelProposer", "KPolicy", "NgramProposer", "NoProposer",
+    "AUTO", "AcceptanceEstimator", "CostModel", "DraftModelProposer", "Eagle3Proposer", "KPolicy", "NgramProposer", "NoProposer",
     "Proposal", "Proposer", "Roofline", "SPEC_METHODS", "SpecContext", "SpeculativeRunner", "TokenHistory",
     "expected_tokens", "make_proposer", "perturbed_copy", "rejection_sample",
 ]

@@ -17,7 +17,7 @@ from jaxspec.speculative.draft_model import DraftModelProposer
 from jaxspec.speculative.ngram import NgramProposer
 from jaxspec.speculative.proposer import NoProposer, Proposer
 
-SPEC_METHODS = ("none", "draft", "ngram")
+SPEC_METHODS = ("none", "draft", "ngram", "eagle3")
 
 
 def perturbed_copy(model: Transformer, noise: float, seed: int = 0) -> Transformer:
@@ -37,8 +37,10 @@ def perturbed_copy(model: Transformer, noise: float, seed: int = 0) -> Transform
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, new))
 
 
-def make_proposer(method: str, draft: Transformer | None = None, moe_backend: str | None = None,
-                  ngram_max: int = 3, ngram_min: int = 1) -> Proposer:
+def make_proposer(method: str, draft=None, moe_backend: str | None = None,
+                  ngram_max: int = 3, ngram_min: int = 1, target: Transformer | None = None) -> Proposer:
+    """``draft``: a ``Transformer`` ("draft") or an ``Eagle3Head`` ("eagle3", which shares the
+    ``target``'s embeddings unless it has its own)."""
     if method == "none":
         return NoProposer()
     if method == "ngram":
@@ -47,4 +49,12 @@ def make_proposer(method: str, draft: Transformer | None = None, moe_backend: st
         if draft is None:
             raise ValueError("--spec-method draft needs a draft model (--draft NAME_OR_PATH)")
         return DraftModelProposer(draft, moe_backend=moe_backend)
+    if method == "eagle3":
+        from jaxspec.models.eagle3 import Eagle3Head
+        from jaxspec.speculative.eagle3 import Eagle3Proposer
+
+        if not isinstance(draft, Eagle3Head):
+            raise ValueError("--spec-method eagle3 needs an EAGLE-3 head (--draft PATH to a head folder)")
+        embed = None if draft.cfg.own_embeddings or target is None else target.embed[...]
+        return Eagle3Proposer(draft, target_embed=embed)
     raise ValueError(f"unknown speculative method {method!r}; choose from {', '.join(SPEC_METHODS)}")

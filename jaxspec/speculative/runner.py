@@ -67,7 +67,9 @@ def _make_verify(fwd, backend: str, kv_len: int, identity_rows: bool):
             lengths = jnp.where(active, start + 1 + accepted, cache.lengths)
         else:
             lengths = out.cache.lengths.at[slot_ids].set(start + 1 + accepted, mode="drop")
-        return out.cache.with_lengths(lengths), out_tokens, accepted, out.expert_load
+        # With a target capturing hidden states (EAGLE-3), its features [B, kb+1, F] come last.
+        extra = () if out.aux_hidden is None else (out.aux_hidden,)
+        return out.cache.with_lengths(lengths), out_tokens, accepted, out.expert_load, *extra
 
     return verify
 
@@ -121,6 +123,10 @@ class SpeculativeRunner:
         if target.placement is not None and hasattr(self.proposer, "use_placement"):
             self.proposer.use_placement(target.placement, self.num_slots, self.max_len)
         self.proposer.attach(self.cfg, self.num_slots, self.max_len)
+        # A proposer that reads the target's hidden states (EAGLE-3) gets every step's features.
+        self.feature_layers = tuple(getattr(self.proposer, "feature_layers", None) or ())
+        if self.feature_layers:
+            target.capture_hidden(self.feature_layers)
         if isinstance(self.proposer, NoProposer):
             k_max, num_speculative_tokens = 0, 0
         if k_max < 0:
@@ -193,10 +199,11 @@ class SpeculativeRunner:
     def _run_verify(self, kb: int, deterministic: bool, kv_len: int, slot_ids, last_tokens, start, draft_tokens,
                     draft_probs, num_draft, sampling, out_pos, active):
         fn = self._verify_fn(kb, deterministic, kv_len)
-        self.target.cache, out_tokens, accepted, load = fn(
+        self.target.cache, out_tokens, accepted, load, *aux = fn(
             self.target.state, self.target.cache, slot_ids, last_tokens, start, draft_tokens,
             None if deterministic else draft_probs, num_draft, sampling, out_pos, active,
         )
+        self.target.captured = aux[0] if aux else None
         return out_tokens, accepted, load
 
     def _dummy_step(self, kb: int, rows: int, kv_len: int, live: bool = False) -> None:
@@ -267,6 +274,18 @@ class SpeculativeRunner:
             self.history.start(slot, [*request.prompt_ids, first])
             self.override[slot] = -1 if override is None else min(int(override), self.k_max)
             self.estimator.reset(slot)
+        if self.feature_layers:  # the prompts' features: positions 0..n-1, each followed by the next token
+            feats = self.target.captured
+            rows, width = feats.shape[0], feats.shape[1]
+            tokens = np.zeros((rows, width), np.int32)
+            count = np.zeros(rows, np.int32)
+            for i, ((_, request), first) in enumerate(zip(items, firsts)):
+                n = len(request.prompt_ids)
+                tokens[i, :n] = [*request.prompt_ids[1:], first]
+                count[i] = n
+            row_slots = np.full(rows, self.num_slots, np.int32)
+            row_slots[: len(items)] = idx
+            self.proposer.observe(row_slots, tokens, feats, np.zeros(rows, np.int32), count)
         return firsts
 
     def release(self, slot: int) -> None:
@@ -352,6 +371,11 @@ class SpeculativeRunner:
             # it draws the same (seed, position, PURPOSE_TARGET) token a kb = 0 verification would.
             out_tokens = self.target.decode_rows(act, last, sampling, out_pos)[:, None]
             accepted = np.zeros(n, np.int32)
+            if self.feature_layers:
+                start = (self.history.length[act] - 1).astype(np.int32)
+                self.proposer.observe(row_slots, scatter_rows(out_tokens, where, b, 0), self.target.captured,
+                                      self.target.row_starts(row_slots, where, start),
+                                      scatter_rows(np.ones(n, np.int32), where, b, 0))
         else:
             start = (self.history.length[act] - 1).astype(np.int32)
             kv_len = self.target.kv_bucket_for(int(start.max()) + kb_run + 1)
@@ -360,7 +384,12 @@ class SpeculativeRunner:
                 self.target.row_starts(row_slots, where, start), proposal.tokens, proposal.probs, proposal.num_draft, ctx.sampling,
                 ctx.out_pos, active,
             )
-            out_tokens, accepted = np.asarray(out_tokens)[where], np.asarray(accepted)[where]
+            out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
+            if self.feature_layers:  # t0 and the accepted drafts, each followed by the next kept token
+                self.proposer.observe(row_slots, out_tokens, self.target.captured,
+                                      self.target.row_starts(row_slots, where, start),
+                                      np.where(active, accepted + 1, 0))
+            out_tokens, accepted = out_tokens[where], accepted[where]
             self.target.set_lengths_host(act, start + 1 + accepted)
             self.target.add_expert_load(load)
         t2 = time.perf_counter()

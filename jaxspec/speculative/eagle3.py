@@ -1,0 +1,216 @@
+"""An EAGLE-3 head as proposer: drafts from the target's own hidden states.
+
+The runner makes the target's steps (prefill, plain decode, verification) also return the hidden
+states entering the head's ``aux_layers`` (``ModelRunner.capture_hidden``; no second forward) and
+hands every step's features to ``observe``. Head position p reads the target's features at p and
+the token at p + 1 (see ``jaxspec.models.eagle3``), so once a step's tokens are known the head
+*absorbs* the positions the target just processed: one head forward over them (the accepted
+drafts plus the emitted token after a verification, one token after a plain step, the prompt after
+a prefill) writes the head's cache and keeps, per slot, the head's output at the last position
+(``last``). ``lengths[s]`` counts the positions absorbed, which is always the target's cache length:
+entries the drafting wrote past it are stale and overwritten by the next absorb before any query
+reads them (the cache masks by absolute position).
+
+A round (``propose``) for slot s at context length L + 1 (the last token, t0, at position L):
+
+  d_0      from the head's logits at ``last[s]`` (position L - 1: features at L - 1, token t0);
+  d_i      feed (d_{i-1}, the head's previous output) at position L + i - 1, i = 1..kb-1.
+
+Drafts are sampled from the head's own distribution over the draft vocabulary with the request's
+settings (``logits_to_probs``: temperature, top-k/top-p/min-p applied there) and Exp(1) noise keyed
+(seed, output position, PURPOSE_DRAFT); q, scattered to the target ids through d2t (zero
+elsewhere), is returned with the tokens, so exact rejection sampling stays exact.
+
+Not yet: the runner's fused single-call step (this proposer runs as a separate jitted call before
+verification, plus one absorb call after each step), meshes (the target's features are captured on
+one device only), attention spans (the head attends over its whole cache).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxspec.config import ModelConfig
+from jaxspec.engine.model_runner import batch_buckets, prefill_buckets
+from jaxspec.models import KVCache
+from jaxspec.models.eagle3 import Eagle3Head
+from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, batch_noise, logits_to_probs, sample_from_probs
+from jaxspec.speculative.jit_cache import cached_jit
+from jaxspec.speculative.proposer import Proposal, SpecContext
+
+
+def draft_distribution(head: Eagle3Head, out: jax.Array, sampling: BatchSampling, pos: jax.Array, vocab: int,
+                       all_greedy) -> tuple[jax.Array, jax.Array]:
+    """One drafted token per row from head outputs [B, D] -> (target ids [B], q over the target vocabulary [B, V])."""
+    q_d = logits_to_probs(head.logits(out), sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+    noise = batch_noise(sampling.seed, pos, q_d.shape[-1], PURPOSE_DRAFT, all_greedy)
+    ids = head.target_ids()
+    tok = jnp.take(ids, sample_from_probs(q_d, noise))
+    q = jnp.zeros((q_d.shape[0], vocab), jnp.float32).at[:, ids].set(q_d)
+    return tok, q
+
+
+def _make_absorb(graphdef):
+    def absorb(state, embed, cache, last, slot_ids, tokens, features, start, count):
+        """Rows b: slot slot_ids[b] (padding: the slot count), positions start[b] .. start[b]+count[b]-1
+        with target features [B, W, F] and next tokens [B, W] -> (cache, last)."""
+        head = nnx.merge(graphdef, state)
+        s = last.shape[0]
+        ids = jnp.where(count > 0, slot_ids, s)  # rows with nothing to absorb write nothing
+        out, cache = head(jnp.maximum(tokens, 0), features, start, cache, ids, embed)
+        final = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+        return cache, last.at[ids].set(final.astype(last.dtype), mode="drop")
+
+    return absorb
+
+
+def _make_draft(graphdef, kb: int, vocab: int):
+    def draft(state, embed, cache, last, slot_ids, start, sampling: BatchSampling, out_pos):
+        """kb drafts for rows b (slot slot_ids[b]; padding rows: the slot count), the first fed at
+        ``start`` -> (cache, tokens [B, kb], q [B, kb, V])."""
+        head = nnx.merge(graphdef, state)
+        all_greedy = jnp.all(sampling.temperature <= 0)
+        h = jnp.take(last, slot_ids, axis=0, mode="clip")
+        tok, q = draft_distribution(head, h, sampling, out_pos, vocab, all_greedy)
+        toks, qs = [tok], [q]
+        for i in range(1, kb):  # unrolled: kb is a small static bucket
+            out, cache = head(tok[:, None], h[:, None], start + i - 1, cache, slot_ids, embed, fused=True)
+            h = out[:, 0]
+            tok, q = draft_distribution(head, h, sampling, out_pos + i, vocab, all_greedy)
+            toks.append(tok)
+            qs.append(q)
+        return cache, jnp.stack(toks, axis=1), jnp.stack(qs, axis=1)
+
+    return draft
+
+
+class Eagle3Proposer:
+    """Proposals from an EAGLE-3 head reading the target's hidden states (see the module docstring)."""
+
+    name = "eagle3"
+    deterministic = False
+
+    def __init__(self, head: Eagle3Head, target_embed: jax.Array | None = None):
+        """``target_embed``: the target's embedding table [V, D], shared (needed unless the head has its own)."""
+        self.cfg = head.cfg
+        if not self.cfg.own_embeddings and target_embed is None:
+            raise ValueError("this EAGLE-3 head shares the target's embeddings: pass target_embed")
+        self.graphdef, self.state = nnx.split(head)
+        self.embed = None if self.cfg.own_embeddings else target_embed
+        self.feature_layers = self.cfg.aux_layers  # the runner makes the target return these
+        self.cache: KVCache | None = None
+        self._fns: dict = {}
+
+    # ------------------------------------------------------------------ setup
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
+        from jaxspec.checkpoint.eagle3_io import check_head_for_target
+
+        check_head_for_target(self.cfg, target_cfg)
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"EAGLE-3 head {self.cfg.name} holds {self.cfg.max_seq_len} positions; the engine needs {max_len}")
+        self.num_slots, self.max_len = num_slots, max_len
+        self.feature_dtype = jnp.dtype(target_cfg.dtype)
+        dev = jax.devices()[0]
+        self.cache = jax.device_put(KVCache.create(self.cfg, num_slots, max_len), dev)
+        self.last = jax.device_put(jnp.zeros((num_slots, self.cfg.hidden_size), jnp.dtype(self.cfg.dtype)), dev)
+        self.lengths = np.zeros(num_slots, np.int32)
+        self.prefill_widths = prefill_buckets(max_len)
+        self.rows = batch_buckets(min(4, num_slots))  # ModelRunner's default prefill row buckets
+
+    def _jit(self, key: tuple, make, donate: tuple[int, ...]):
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = cached_jit(("eagle3", self.graphdef, *key), make, donate_argnums=donate)
+        return fn
+
+    def _absorb(self):
+        return self._jit(("absorb",), lambda: _make_absorb(self.graphdef), (2, 3))  # cache, last
+
+    def _draft(self, kb: int):
+        vocab = self.cfg.vocab_size
+        return self._jit(("draft", kb, vocab), lambda: _make_draft(self.graphdef, kb, vocab), (2,))  # cache
+
+    # ---------------------------------------------------------------- requests
+    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
+        self.lengths[slot] = 0  # the prompt's features arrive through ``observe``
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def observe(self, row_slots: np.ndarray, tokens, features: jax.Array, start: np.ndarray,
+                count: np.ndarray) -> None:
+        """The target processed positions start[b] .. start[b]+count[b]-1 of slot row_slots[b]
+        (count 0: nothing) with ``features`` [B, W, F]; ``tokens`` [B, W] holds the token *after*
+        each of those positions (the next input, already known). Absorbed into the head's cache."""
+        row_slots = np.asarray(row_slots, np.int32)
+        count = np.asarray(count, np.int32)
+        live = count > 0
+        if (self.lengths[row_slots[live]] != np.asarray(start)[live]).any():
+            raise RuntimeError(f"EAGLE-3 head out of step with the target: head lengths "
+                               f"{self.lengths[row_slots[live]].tolist()}, target positions {np.asarray(start)[live].tolist()}")
+        self.cache, self.last = self._absorb()(self.state, self.embed, self.cache, self.last, row_slots,
+                                               tokens, features, np.asarray(start, np.int32), count)
+        self.lengths[row_slots[live]] += count[live]
+
+    def propose(self, ctx: SpecContext) -> Proposal:
+        idx, live = ctx.live()
+        rows = ctx.rows.astype(np.int32)
+        safe = np.minimum(rows, self.num_slots - 1)
+        start = np.where(ctx.active, self.lengths[safe], self.max_len).astype(np.int32)
+        if (ctx.history.length[live] - 1 != self.lengths[live]).any():
+            raise RuntimeError("EAGLE-3 head has not absorbed the context the target has")
+        self.cache, tokens, probs = self._draft(ctx.kb)(self.state, self.embed, self.cache, self.last, rows, start,
+                                                         ctx.sampling, ctx.out_pos)
+        return Proposal(tokens, probs, np.where(ctx.active, ctx.k, 0).astype(np.int32))
+
+    def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
+        pass  # the accepted positions arrive through ``observe`` with the target's features
+
+    # ----------------------------------------------------------------- warm-up
+    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None) -> None:
+        """Compile every draft length x batch bucket, and the absorbs of prefills (every prompt
+        bucket), plain steps (width 1) and verifications (width kb + 1); no slot is touched."""
+        for kb in buckets:
+            for rows in batch_buckets or [self.num_slots]:
+                if kb > 0:
+                    self._run_dummy(kb, rows)
+        for rows in batch_buckets or [self.num_slots]:
+            for width in sorted({1, *[kb + 1 for kb in buckets if kb > 0]}):
+                self._dummy_absorb(rows, width)
+        for width in self.prefill_widths:
+            for rows in self.rows:
+                self._dummy_absorb(rows, width)
+
+    def _dummy_absorb(self, rows: int, width: int) -> None:
+        z = np.zeros(rows, np.int32)
+        # Committed like the target's step outputs, so the real calls share this compilation.
+        feats = jax.device_put(jnp.zeros((rows, width, self.cfg.feature_size), self.feature_dtype), jax.devices()[0])
+        self.cache, self.last = self._absorb()(self.state, self.embed, self.cache, self.last,
+                                               np.full(rows, self.num_slots, np.int32), np.zeros((rows, width), np.int32),
+                                               feats, z, z)
+
+    def _run_dummy(self, kb: int, rows: int | None = None) -> None:
+        b = rows or self.num_slots
+        sampling = BatchSampling(np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32),
+                                 np.zeros(b, np.float32), np.zeros((b, 2), np.uint32))
+        self.cache, tokens, _ = self._draft(kb)(self.state, self.embed, self.cache, self.last,
+                                                np.full(b, self.num_slots, np.int32), np.full(b, self.max_len, np.int32),
+                                                sampling, np.zeros(b, np.int32))
+        tokens.block_until_ready()
+
+    def measure(self, kb: int, reps: int, rows: int | None = None, kv_len: int | None = None) -> float:
+        if kb == 0:
+            return 0.0
+        self._run_dummy(kb, rows)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            self._run_dummy(kb, rows)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
