@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -36,12 +37,20 @@ KERNEL_TESTS = ["tests/test_kernel_gmm.py", "tests/test_kernel_rejection.py", "t
 def stage(name: str, cmd: list[str], timeout: float, log: Path, env: dict | None = None) -> dict:
     print(f"== {name}: {' '.join(cmd)} (timeout {timeout:.0f}s)", flush=True)
     t = time.perf_counter()
-    try:
-        with open(log, "w") as f:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                env=dict(os.environ, **(env or {}))).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
+    with open(log, "w") as f:
+        # Its own process group: on a timeout the stage's children (the bench's servers) go with it.
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, **(env or {})))
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)  # the bench stops its server and writes what it measured
+            try:
+                proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = "timeout"
     took = time.perf_counter() - t
     tail = log.read_text(errors="replace").splitlines()[-15:]
     print(f"   -> {rc} in {took:.0f}s\n   " + "\n   ".join(tail[-5:]), flush=True)

@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> None:
         stub(argv[1:])
         return
     from jaxspec.bench.cli import main as run
+    from jaxspec.bench.cli import stop_on_sigterm
 
+    stop_on_sigterm()
     summary = run(argv[1:] if argv[:1] == ["run"] else argv)
     if summary["config_errors"]:  # the reports are written; the exit status says something is missing
         sys.exit(1)

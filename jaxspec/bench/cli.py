@@ -222,6 +222,19 @@ def server_config(target: Target) -> BenchConfig:
     return BenchConfig("server", method, "auto" if method != "none" else None)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (a timeout, an orchestrator) unwinds like ^C: the running server is stopped and what
+    was measured is kept, instead of the process dying with a server left behind."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
