@@ -183,7 +183,8 @@ def read_eagle3_config(directory: str | os.PathLike, target: ModelConfig | None 
         nbr = False
         k = None
         if bool(cfg.get("bias")) != ("fc.bias" in names):
-            raise ConfigError(f"{where}: bias={cfg.get('bias')} but fc.bias is {'absent' if cfg.get('bias') else 'present'}")
+            state = "absent" if cfg.get("bias") else "present"
+            raise ConfigError(f"{where}: bias={cfg.get('bias')} but fc.bias is {state}")
         vocab_field = cfg.get("vocab_size")
     if aux is None:
         if target is None:
@@ -268,9 +269,9 @@ def load_eagle3(directory: str | os.PathLike, target: ModelConfig | None = None,
         if unknown:
             raise CheckpointError(f"{d}: tensor(s) {', '.join(unknown[:8])} are not part of an EAGLE-3 head jaxspec "
                                   "implements")
-        wanted = [n for n, (path, _) in mapping.items()
-                  if not (path == ("fc_bias",) and not cfg.fc_bias) and not (path == ("embed",) and not cfg.own_embeddings)
-                  and path != ("d2t",)]
+        absent = {("fc_bias",)} if not cfg.fc_bias else set()
+        absent |= {("embed",)} if not cfg.own_embeddings else set()
+        wanted = [n for n, (path, _) in mapping.items() if path not in absent and path != ("d2t",)]
         missing = [n for n in wanted if n not in names]
         if missing:
             raise CheckpointError(f"{d}: missing tensor(s) {', '.join(missing)}")

@@ -113,7 +113,8 @@ class Eagle3Proposer:
 
         check_head_for_target(self.cfg, target_cfg)
         if max_len > self.cfg.max_seq_len:
-            raise ValueError(f"EAGLE-3 head {self.cfg.name} holds {self.cfg.max_seq_len} positions; the engine needs {max_len}")
+            raise ValueError(f"EAGLE-3 head {self.cfg.name} holds {self.cfg.max_seq_len} positions; "
+                             f"the engine needs {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
         self.feature_dtype = jnp.dtype(target_cfg.dtype)
         dev = jax.devices()[0]
@@ -153,7 +154,8 @@ class Eagle3Proposer:
         live = count > 0
         if (self.lengths[row_slots[live]] != np.asarray(start)[live]).any():
             raise RuntimeError(f"EAGLE-3 head out of step with the target: head lengths "
-                               f"{self.lengths[row_slots[live]].tolist()}, target positions {np.asarray(start)[live].tolist()}")
+                               f"{self.lengths[row_slots[live]].tolist()}, target positions "
+                               f"{np.asarray(start)[live].tolist()}")
         self.cache, self.last = self._absorb()(self.state, self.embed, self.cache, self.last, row_slots,
                                                tokens, features, np.asarray(start, np.int32), count)
         self.lengths[row_slots[live]] += count[live]
@@ -192,16 +194,17 @@ class Eagle3Proposer:
         # Committed like the target's step outputs, so the real calls share this compilation.
         feats = jax.device_put(jnp.zeros((rows, width, self.cfg.feature_size), self.feature_dtype), jax.devices()[0])
         self.cache, self.last = self._absorb()(self.state, self.embed, self.cache, self.last,
-                                               np.full(rows, self.num_slots, np.int32), np.zeros((rows, width), np.int32),
-                                               feats, z, z)
+                                               np.full(rows, self.num_slots, np.int32),
+                                               np.zeros((rows, width), np.int32), feats, z, z)
 
     def _run_dummy(self, kb: int, rows: int | None = None) -> None:
         b = rows or self.num_slots
         sampling = BatchSampling(np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32),
                                  np.zeros(b, np.float32), np.zeros((b, 2), np.uint32))
+        far = np.full(b, self.max_len, np.int32)  # padding rows at positions past the cache: nothing written
         self.cache, tokens, _ = self._draft(kb)(self.state, self.embed, self.cache, self.last,
-                                                np.full(b, self.num_slots, np.int32), np.full(b, self.max_len, np.int32),
-                                                sampling, np.zeros(b, np.int32))
+                                                np.full(b, self.num_slots, np.int32), far, sampling,
+                                                np.zeros(b, np.int32))
         tokens.block_until_ready()
 
     def measure(self, kb: int, reps: int, rows: int | None = None, kv_len: int | None = None) -> float:
