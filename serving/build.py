@@ -17,7 +17,7 @@ import jax
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
 from jaxspec.engine.factory import make_runner
-from jaxspec.builtin import BUILTIN
+from jaxspec import builtin
 from jaxspec.loading import DEFAULT_MODEL, load_any
 from jaxspec.mesh import MeshConfigError, mesh_for_option, placement_for_mesh
 from jaxspec.models import Transformer
@@ -201,8 +201,8 @@ def bundle_engine(
 
 
 def _model_id(name_or_path: str, role: str = "target") -> str:
-    if name_or_path == BUILTIN:
-        return f"{BUILTIN}-{role}"
+    if builtin.is_builtin(name_or_path):  # builtin-target, builtin-dense-draft, ...
+        return f"{name_or_path}-{role}"
     path = Path(name_or_path)
     return path.name if path.is_dir() else name_or_path
 

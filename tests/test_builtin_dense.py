@@ -201,3 +201,12 @@ def test_assets_stay_small():
     assert total < 60 * 2**20, f"jaxspec/assets take {total / 2**20:.1f} MiB"
     dense = sum(p.stat().st_size for p in files if DENSE_DIR in p.parents)
     assert dense > 0
+
+
+def test_served_model_ids_name_the_family_and_role():
+    from serving.build import _model_id
+
+    assert _model_id("builtin") == "builtin-target" and _model_id("builtin", "draft") == "builtin-draft"
+    assert _model_id("builtin-dense") == "builtin-dense-target"
+    assert _model_id("builtin-dense", "draft") == "builtin-dense-draft"
+    assert _model_id("tiny-moe") == "tiny-moe"

@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         vocab = {tokenizer_for(m).vocab_size for m in models}
         if len(vocab) > 1:
             raise SystemExit("error: the configurations' models have different tokenizers; bench them separately")
-    tok = tokenizer_for(args.model)
+    tok = tokenizer_for(args.model if remote is not None else configs[0].model or args.model)
     try:
         workloads = [make_workload(w, tok, args.requests if not args.concurrency else
                                    max(args.requests, max(args.concurrency)), args.max_tokens, args.seed,
@@ -275,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             else:
                 from jaxspec.bench.server import ServerProcess
 
-                flags = ["--model", args.model, *shlex.split(args.serve_args), *cfg.serve_flags()]
+                # A configuration's own --model (MoE vs dense in one run) replaces the run's.
+                flags = ([] if cfg.model else ["--model", args.model]) + [*shlex.split(args.serve_args),
+                                                                           *cfg.serve_flags()]
                 server = ServerProcess(flags, args.compilation_cache_dir)
                 t = time.perf_counter()
                 target = server.start(args.start_timeout)
