@@ -88,7 +88,9 @@ class AcceptanceEstimator:
     engine-wide estimate (same rule, slower forgetting) as their prior.
     """
 
-    def __init__(self, num_slots: int, prior_mean: float = 0.6, prior_strength: float = 2.0,
+    # A strong prior (8 rounds): the policy drafts exactly when a slot's estimate is high, so with a
+    # weak one a few lucky rounds start drafting that then loses (selection bias).
+    def __init__(self, num_slots: int, prior_mean: float = 0.6, prior_strength: float = 8.0,
                  decay: float = 0.9, global_decay: float = 0.99):
         self.prior_mean, self.prior_strength = prior_mean, prior_strength
         self.decay, self.global_decay = decay, global_decay
