@@ -47,6 +47,7 @@ from flax import nnx  # noqa: E402
 
 from jaxspec import builtin  # noqa: E402
 from jaxspec.config import ConfigError, ModelConfig, load_config  # noqa: E402
+from jaxspec.bench.chips import median_seconds  # noqa: E402
 from jaxspec.loading import load_any  # noqa: E402
 from jaxspec.models import KVCache, Transformer, create_model  # noqa: E402
 from jaxspec.speculative.adaptive import expected_experts_touched  # noqa: E402
@@ -104,28 +105,18 @@ def forward_bound(cfg: ModelConfig, rows: int, tokens_per_row: int, context_len:
 
 
 # ----------------------------------------------------------------------------- the machine
-def _median_time(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def measure_peak_flops(n: int = 1024, reps: int = 10) -> float:
     """FLOP/s of a jitted float32 [n, n] x [n, n] matmul (median)."""
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.random.normal(key_a, (n, n), jnp.float32)
     b = jax.random.normal(key_b, (n, n), jnp.float32)
-    return 2.0 * n ** 3 / _median_time(jax.jit(jnp.matmul), a, b, reps=reps)
+    return 2.0 * n ** 3 / median_seconds(jax.jit(jnp.matmul), a, b, reps=reps)
 
 
 def measure_bandwidth(nbytes: int = 256 << 20, reps: int = 10) -> float:
     """Bytes/s read by a jitted ``jnp.sum`` over a float32 array far larger than the caches (median)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
-    return nbytes / _median_time(jax.jit(jnp.sum), x, reps=reps)
+    return nbytes / median_seconds(jax.jit(jnp.sum), x, reps=reps)
 
 
 # ----------------------------------------------------------------------------- the models

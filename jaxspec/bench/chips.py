@@ -99,7 +99,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "int8": 1}
 
 
 # ----------------------------------------------------------------------------- the CPU probe
-def _median_s(fn, *args, reps: int) -> float:
+def median_seconds(fn, *args, reps: int) -> float:
+    """Median wall time of ``fn(*args)`` run to completion, after one compiling/warming call."""
     import jax
 
     jax.block_until_ready(fn(*args))  # compile and warm
@@ -140,27 +141,27 @@ def probe_cpu(reps: int = 30) -> Chip:
     v = jax.random.normal(key, (1, 2048), jnp.float32)
     w = jax.random.normal(key, (2048, 4096), jnp.float32)
     matvec = jax.jit(jnp.matmul)
-    tiny_s = _median_s(jax.jit(lambda x: x + 1.0), jnp.ones((4,), jnp.float32), reps=reps * 4)
-    bandwidth = w.nbytes / max(_median_s(matvec, v, w, reps=reps) - tiny_s, 1e-9)
+    tiny_s = median_seconds(jax.jit(lambda x: x + 1.0), jnp.ones((4,), jnp.float32), reps=reps * 4)
+    bandwidth = w.nbytes / max(median_seconds(matvec, v, w, reps=reps) - tiny_s, 1e-9)
     a = jax.random.normal(key, (32, 1024), jnp.float32)
     b = jax.random.normal(key, (1024, 1024), jnp.float32)
-    peak = 2.0 * 32 * 1024 * 1024 / max(_median_s(matvec, a, b, reps=reps) - tiny_s, 1e-9)
+    peak = 2.0 * 32 * 1024 * 1024 / max(median_seconds(matvec, a, b, reps=reps) - tiny_s, 1e-9)
     # Eight matmuls with distinct weights per call, so the call's own overhead is amortised.
     eight = jax.jit(lambda x, ws: sum(x @ w for w in ws))
     row = jax.random.normal(key, (1, 512), jnp.float32)
     small = [jax.random.normal(jax.random.key(i), (512, 512), jnp.float32) for i in range(8)]
-    cache_bw = 8 * small[0].nbytes / max(_median_s(eight, row, small, reps=reps * 2) - tiny_s, 1e-9)
+    cache_bw = 8 * small[0].nbytes / max(median_seconds(eight, row, small, reps=reps * 2) - tiny_s, 1e-9)
     rates = []
     for rows in (8, 32, 128):
         for inner in (64, 256, 1024):
             lhs = jax.random.normal(key, (rows, inner), jnp.float32)
             ws = [jax.random.normal(jax.random.key(i), (inner, 512), jnp.float32) for i in range(8)]
-            seconds = (_median_s(eight, lhs, ws, reps=reps) - tiny_s) / 8
+            seconds = (median_seconds(eight, lhs, ws, reps=reps) - tiny_s) / 8
             rates.append((rows, inner, 2.0 * rows * inner * 512 / max(seconds, 1e-9)))
     # Eight transposed copies of distinct 1 MiB arrays per call (+ 0: a real copy, not a layout
     # bitcast), sized like the KV and expert-slice copies of small steps.
     transpose = jax.jit(lambda xs: [x.T + 0.0 for x in xs])
-    move = 2 * 8 * small[0].nbytes / max(_median_s(transpose, small, reps=reps * 2) - tiny_s, 1e-9)
+    move = 2 * 8 * small[0].nbytes / max(median_seconds(transpose, small, reps=reps * 2) - tiny_s, 1e-9)
 
     def chain(n):
         def f(x, m):
@@ -170,7 +171,7 @@ def probe_cpu(reps: int = 30) -> Chip:
         return jax.jit(f)
 
     x, m = jnp.ones((4, 8), jnp.float32), jnp.full((8, 8), 0.1, jnp.float32)
-    short, long_ = _median_s(chain(1), x, m, reps=reps * 4), _median_s(chain(129), x, m, reps=reps * 4)
+    short, long_ = median_seconds(chain(1), x, m, reps=reps * 4), median_seconds(chain(129), x, m, reps=reps * 4)
     op_s = max((long_ - short) / 128, 0.0)
     return Chip("cpu", peak, bandwidth, 0.0, 0.0, max(short - op_s, 0.0), op_s, 0.0,
                 "measured here: matvec bandwidth, matmul grid, transpose, tiny-op call and chain", move,

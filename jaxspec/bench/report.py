@@ -130,6 +130,18 @@ def bars_text(out: Sequence[dict]) -> str:
                      f"(need {b['rel']} {b['need']}): {'met' if b['met'] else '**not met**'}" for b in out)
 
 
+def _save(fig, axes, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)  # ten configurations: two columns keep the legend off the lines
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(rows: Sequence[dict], configs: Sequence[BenchConfig], out_dir: Path) -> list[Path]:
     """Latency percentiles against load, the throughput/P99 frontier and the acceptance per position,
     one set per workload. Needs matplotlib (the ``bench`` extra)."""
@@ -166,19 +178,12 @@ def plots(rows: Sequence[dict], configs: Sequence[BenchConfig], out_dir: Path) -
             axes[0].set_xticks(ticks, [f"{t:g}" for t in ticks])
             axes[0].minorticks_off()
             axes[1].set(xlabel="output tokens/s", ylabel="P99 end-to-end (s)", title=f"{w}: throughput vs P99")
-            for ax in axes:
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out_dir / f"latency_{safe}_{load}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, axes, out_dir / f"latency_{safe}_{load}.png"))
         spec = [r for r in rows if r["workload"] == w and r["acceptance_per_position"]]
         if spec:
             fig, ax = plt.subplots(figsize=(6, 4))
             for name in names:
-                # Pooled over the levels: acceptance is a property of the draft and the text, not the load.
+                # The lowest level's figures: acceptance belongs to the draft and the text, not the load.
                 pts = [r for r in spec if r["config"] == name]
                 if pts:
                     first = min(pts, key=lambda r: r["level"])
@@ -187,11 +192,5 @@ def plots(rows: Sequence[dict], configs: Sequence[BenchConfig], out_dir: Path) -
                             label=f"{name} ({level_name(first['load'], first['level'])})")
             ax.set(xlabel="draft position", ylabel="accepted / drafted", ylim=(0, 1.05),
                    title=f"{w}: acceptance per position")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out_dir / f"acceptance_{safe}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, [ax], out_dir / f"acceptance_{safe}.png"))
     return written
