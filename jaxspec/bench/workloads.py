@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import random
 import re
 from pathlib import Path
@@ -160,16 +159,10 @@ def _options(text: str, spec: str, allowed: dict[str, str]) -> dict[str, str]:
 
 def jsonl_requests(path: Path, tok, default_max_tokens: int) -> list[tuple[list[int], int]]:
     """(prompt ids, max_tokens) per usable line; a malformed line is an error naming its number."""
+    from jaxspec.training.corpus import json_lines
+
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected an object")
+    for n, obj in json_lines(path):
         if "conversations" in obj:
             turns = obj["conversations"]
             if not isinstance(turns, list):

@@ -32,7 +32,7 @@ import json
 import os
 import sysconfig
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 HOLDOUT_MODULUS = 20  # 1 in 20 documents (~5%) is held out
 
@@ -130,10 +130,9 @@ def read_folder(
     return Corpus(str(root), docs, skipped)
 
 
-def read_jsonl(path: str | os.PathLike, text_field: str = "text") -> Corpus:
-    path = Path(path)
-    docs: list[Document] = []
-    seen: set[str] = set()
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON
+    object is an error naming its number."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -141,14 +140,24 @@ def read_jsonl(path: str | os.PathLike, text_field: str = "text") -> Corpus:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON: {e}") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r} field")
-            doc_id = str(obj.get("id", obj.get("path", f"line-{lineno}")))
-            if doc_id in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate document id {doc_id!r}")
-            seen.add(doc_id)
-            docs.append(Document(doc_id, obj[text_field]))
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected an object")
+            yield lineno, obj
+
+
+def read_jsonl(path: str | os.PathLike, text_field: str = "text") -> Corpus:
+    path = Path(path)
+    docs: list[Document] = []
+    seen: set[str] = set()
+    for lineno, obj in json_lines(path):
+        if not isinstance(obj.get(text_field), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r} field")
+        doc_id = str(obj.get("id", obj.get("path", f"line-{lineno}")))
+        if doc_id in seen:
+            raise ValueError(f"{path}:{lineno}: duplicate document id {doc_id!r}")
+        seen.add(doc_id)
+        docs.append(Document(doc_id, obj[text_field]))
     docs.sort(key=lambda d: d.id)
     return Corpus(str(path), docs)
 
