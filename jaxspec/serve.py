@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n = p.add_argument_group("network and security")
     n.add_argument("--host", metavar="ADDR", default="127.0.0.1", help="address to listen on (use 0.0.0.0 to accept remote clients)")
     n.add_argument("--port", type=int, metavar="PORT", default=50051, help="gRPC port (0: pick a free one and log it)")
+    n.add_argument("--http-port", type=int, metavar="PORT", default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                   "/v1/models) on this port, with the same TLS and token (0: pick a free one and log it)")
     n.add_argument("--tls-cert", default=None, metavar="PEM", help="TLS certificate chain (needs --tls-key)")
     n.add_argument("--tls-key", default=None, metavar="PEM", help="TLS private key (needs --tls-cert)")
     n.add_argument("--auth-token-file", default=None, metavar="FILE",
@@ -105,7 +108,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
     server = ServerOptions(
         host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         auth_token=load_token(args.auth_token_file) if args.auth_token_file else None,
-        metrics_port=args.metrics_port, grace_period=args.grace_period,
+        metrics_port=args.metrics_port, http_port=args.http_port, grace_period=args.grace_period,
         expert_load_interval_s=args.expert_load_interval,
     )
     server.validate()

@@ -23,6 +23,7 @@ from jaxspec.engine import Engine, FinishReason
 from serving.auth import BearerTokenInterceptor
 from serving.build import EngineBundle
 from serving.engine_loop import EngineLoop, ServerState
+from serving.http_api import HttpFrontend
 from serving.metrics import ServingMetrics
 from serving.pb import SERVICE_NAME
 from serving.pb import jaxspec_pb2_grpc as pb_grpc
@@ -43,6 +44,7 @@ class ServerOptions:
     tls_key: str | None = None
     auth_token: str | None = None  # shared bearer token; None disables auth
     metrics_port: int | None = None  # Prometheus /metrics over HTTP on host; None disables
+    http_port: int | None = None  # OpenAI-compatible HTTP API on host (0 picks a free port); None disables
     grace_period: float = 30.0  # seconds in-flight requests get to finish on drain
     expert_load_interval_s: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's default; far above any prompt a context holds
@@ -74,6 +76,8 @@ class JaxSpecServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http: HttpFrontend | None = None
+        self.http_port: int | None = None
         self.exit_code = 0
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task | None = None
@@ -121,11 +125,22 @@ class JaxSpecServer:
             except OSError as e:
                 await server.stop(None)
                 raise OSError(f"metrics port {opts.metrics_port}: {e}") from e
+        if opts.http_port is not None:
+            http = HttpFrontend(self.servicer, opts.host, opts.http_port, auth_token=opts.auth_token,
+                                tls_cert=opts.tls_cert, tls_key=opts.tls_key)
+            try:
+                self.http_port = await http.start()
+            except OSError as e:
+                await server.stop(None)
+                raise OSError(f"HTTP port {opts.http_port}: {e}") from e
+            self.http = http
         self._server = server
         await server.start()
+        scheme = "https" if opts.tls_cert else "http"
         log.info(
-            "listening on %s (%s%s)%s", _address(opts.host, self.port), "TLS" if opts.tls_cert else "plaintext",
+            "listening on %s (%s%s)%s%s", _address(opts.host, self.port), "TLS" if opts.tls_cert else "plaintext",
             ", bearer-token auth" if opts.auth_token else "",
+            f"; OpenAI-compatible API on {scheme}://{_address(opts.host, self.http_port)}/v1" if self.http else "",
             f"; metrics on http://{_address(opts.host, self.metrics_port)}/metrics" if self.metrics_port else "",
         )
         self.engine_loop.start()
@@ -166,8 +181,7 @@ class JaxSpecServer:
 
     async def _shutdown(self, grace: float) -> None:
         # Handlers still writing their final message get ``grace`` seconds.
-        if self._server is not None:
-            await self._server.stop(grace)
+        await asyncio.gather(*(s.stop(grace) for s in (self._server, self.http) if s is not None))
         await self.engine_loop.stop()
         await self._set_health(_NOT_SERVING)
         self.metrics.shutdown()

@@ -41,6 +41,27 @@ _STATE_TO_PROTO = {
 }
 
 
+async def admit(loop: EngineLoop, bundle: EngineBundle | None, request: pb.GenerateRequest,
+                deadline: float | None = None) -> RequestHandle:
+    """Admission shared by the gRPC and HTTP front ends: state, validation, tokenisation, engine queue.
+
+    Raises EngineUnavailableError, QueueFullError, or InvalidRequestError naming the proto field path."""
+    if loop.state != ServerState.SERVING or bundle is None:
+        raise EngineUnavailableError(f"server is {loop.state.value}")
+    try:
+        parsed = parse_request(request, bundle.limits)
+        if parsed.text is not None:
+            text = parsed.text
+            prompt_ids = (bundle.tokenizer.encode(text) if len(text) <= _INLINE_TOKENIZE_CHARS
+                          else await asyncio.to_thread(bundle.tokenizer.encode, text))
+        else:
+            prompt_ids = parsed.token_ids
+        params = parsed.resolve(len(prompt_ids), bundle.limits)
+        return await loop.submit(prompt_ids, params, parsed.request_id, deadline, parsed.num_speculative_tokens)
+    except InvalidRequestError as e:
+        raise translate(e) from None
+
+
 class JaxSpecServicer(pb_grpc.JaxSpecServicer):
     def __init__(self, engine_loop: EngineLoop, metrics: ServingMetrics):
         self.loop = engine_loop
@@ -118,25 +139,13 @@ class JaxSpecServicer(pb_grpc.JaxSpecServicer):
 
     # --------------------------------------------------------------- helpers
     async def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> RequestHandle:
-        """Admission: state, validation, tokenisation, engine queue. Aborts the RPC on refusal."""
-        bundle = self.bundle
-        if self.loop.state != ServerState.SERVING or bundle is None:
-            await self._unavailable(context, f"server is {self.loop.state.value}")
+        """Admission; aborts the RPC on refusal."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            parsed = parse_request(request, bundle.limits)
-            if parsed.text is not None:
-                text = parsed.text
-                prompt_ids = (bundle.tokenizer.encode(text) if len(text) <= _INLINE_TOKENIZE_CHARS
-                              else await asyncio.to_thread(bundle.tokenizer.encode, text))
-            else:
-                prompt_ids = parsed.token_ids
-            params = parsed.resolve(len(prompt_ids), bundle.limits)
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            return await self.loop.submit(prompt_ids, params, parsed.request_id, deadline,
-                                          parsed.num_speculative_tokens)
+            return await admit(self.loop, self.bundle, request, deadline)
         except InvalidRequestError as e:
-            await self._invalid(context, translate(e))
+            await self._invalid(context, e)
         except QueueFullError as e:
             self.metrics.request_rejected("RESOURCE_EXHAUSTED")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
