@@ -5,11 +5,21 @@ Prints the completion; with ``--json`` prints text, token ids, finish reason and
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything imports jax
+    from jaxspec.startup import quiet_start
+
+    quiet_start()
+
 import argparse
+import contextlib
 import json
+import logging
+import statistics
 import sys
 import time
+from collections import Counter
 
+from jaxspec import compilation_cache
 from jaxspec.checkpoint import CheckpointError
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, InvalidRequestError
@@ -17,7 +27,8 @@ from jaxspec.engine.factory import make_runner
 from jaxspec.loading import DEFAULT_MODEL, default_draft, load_any
 from jaxspec.mesh import AUTO_MESH, mesh_for_option, placement_for_mesh
 from jaxspec.sampling import SamplingError, SamplingParams
-from jaxspec.speculative import SPEC_METHODS
+from jaxspec.speculative import SPEC_METHODS, SpeculativeRunner
+from jaxspec.speculative.adaptive import CostModel, Roofline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=AUTO_MESH, metavar="NAME",
                    help="device mesh config (configs/meshes) or path; 'auto': one for the accelerators present")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
+    p.add_argument("--compilation-cache-dir", default=None, metavar="DIR",
+                   help="persistent compilation cache (default: $XDG_CACHE_HOME/jaxspec/xla or ~/.cache/jaxspec/xla; "
+                   "must be private to this user)")
+    p.add_argument("--no-compilation-cache", action="store_true", help="compile everything afresh, keep nothing")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every step shape and time them before the first token, as the server does "
+                   "(default: compile each shape when first used)")
     spec = p.add_argument_group("speculative decoding (output is unchanged; only speed differs)")
     spec.add_argument("--draft", default=None, metavar="NAME_OR_PATH",
                       help="draft model sharing the target's vocabulary ('builtin', config name, orbax dir or HF folder; "
@@ -56,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "EAGLE-3 head (--draft) drafts from the target's hidden states "
                       "(default: draft if there is a draft, else none)")
     spec.add_argument("--num-speculative-tokens", type=k_arg(0), default="auto", metavar="{K,auto}",
-                      help="tokens proposed per step, or auto: adapt k to the measured acceptance and step "
-                      "costs (default; measuring compiles every k bucket on the first step)")
+                      help="tokens proposed per step, or auto (default): adapt k to the acceptance and the step "
+                      "costs (estimated, then measured on the steps that run; with --warmup, measured first)")
     spec.add_argument("--k-max", type=int, default=8, help="largest k (default 8)")
     return p
 
@@ -95,7 +113,88 @@ def build_engine(args: argparse.Namespace) -> Engine:
         draft = load_eagle3(draft_name, target=model.cfg, dtype=args.dtype)
     runner = make_runner(model, num_slots=1, max_len=max_len, placement=placement, spec_method=method, draft=draft,
                          num_speculative_tokens=args.num_speculative_tokens, k_max=args.k_max)
+    if getattr(args, "warmup", False):
+        runner.warmup()
+    elif isinstance(runner, SpeculativeRunner) and runner.adaptive and runner.cost_model is None:
+        # Timing every k bucket first would compile them all before the first token.
+        runner.cost_model = LazyCosts(CostModel.analytic(
+            model.cfg, draft.cfg if method == "draft" else None, runner.num_slots, runner.buckets,
+            context_len=min(max_len, 512), hw=roofline_for(placement)))
     return Engine(runner, tokenizer)
+
+
+def roofline_for(placement) -> Roofline:
+    """Relative step costs before any is measured: the accelerator default, or a CPU's (float32,
+    bandwidth- and dispatch-bound)."""
+    import jax
+
+    devices = placement.mesh.devices.flat if placement is not None else jax.devices()
+    if next(iter(devices)).platform == "cpu":
+        return Roofline(bandwidth=2e10, peak_flops=5e10, overhead_s=5e-4, bytes_per_param=4)
+    return Roofline()
+
+
+class LazyCosts(CostModel):
+    """Step costs for the adaptive policy without a warm-up: a bucket not yet timed costs its
+    analytic estimate scaled by how the timed buckets compared with theirs. A bucket's first step is
+    not counted (it compiles or loads the step); its second sets its cost, later ones refine it."""
+
+    def __init__(self, prior: CostModel):
+        super().__init__(dict(prior.draft_s), dict(prior.verify_s), source="lazy")
+        self.prior = prior
+        self.seen: Counter[int] = Counter()
+        self.timed: set[int] = set()
+
+    def step_cost(self, kb: int) -> float:
+        if kb in self.timed:
+            return super().step_cost(kb)
+        ratios = [super(LazyCosts, self).step_cost(b) / self.prior.step_cost(b) for b in self.timed]
+        return self.prior.step_cost(kb) * (statistics.median(ratios) if ratios else 1.0)
+
+    def observe(self, kb: int, draft_s: float, verify_s: float) -> None:
+        self.seen[kb] += 1
+        if self.seen[kb] == 1 or kb not in self.verify_s:
+            return
+        if kb not in self.timed:
+            self.timed.add(kb)
+            self.draft_s[kb], self.verify_s[kb] = draft_s, verify_s
+            return
+        super().observe(kb, draft_s, verify_s)
+
+
+class CompileStatus(logging.Handler):
+    """Writes one status line to stderr when the process first compiles (a persistent-cache miss)."""
+
+    LOGGER = "jax._src.compiler"
+
+    def __init__(self, cache_dir):
+        super().__init__(logging.DEBUG)
+        self.cache_dir = cache_dir
+        self.shown = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= self.passed_level:  # what the logger would have passed on without us
+            logging.getLogger(self.LOGGER).parent.handle(record)
+        if self.shown or not record.getMessage().startswith("PERSISTENT COMPILATION CACHE MISS"):
+            return
+        self.shown = True
+        print(f"compiling (once: kept in {self.cache_dir} for later runs) ...", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        # The miss is logged at DEBUG: the logger is opened to DEBUG for this handler alone.
+        logger = logging.getLogger(self.LOGGER)
+        level, propagate = logger.level, logger.propagate
+        self.passed_level = logger.getEffectiveLevel() if propagate else logging.CRITICAL + 1
+        logger.addHandler(self)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     except SamplingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        cache = compilation_cache.cli_cache(args.no_compilation_cache, args.compilation_cache_dir)
+        with cache as cache_dir, CompileStatus(cache_dir).installed():
+            return _run(args, params)
+    except PermissionError as e:  # an unsafe cache directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, params: SamplingParams) -> int:
     t0 = time.perf_counter()
     try:
         engine = build_engine(args)

@@ -8,18 +8,24 @@ then the process exits 0; a second signal aborts what is left at once.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything imports jax
+    from jaxspec.startup import quiet_start
+
+    quiet_start()
+
 import argparse
 import asyncio
 import logging
 import signal
 import sys
 
+from jaxspec import compilation_cache
 from jaxspec.config import ConfigError
 from jaxspec.generate import k_arg
 from jaxspec.loading import DEFAULT_MODEL, default_draft
-from jaxspec.mesh import AUTO_MESH
+from jaxspec.mesh import AUTO_MESH, mesh_for_option
 from serving.auth import load_token
-from serving.build import SPEC_METHODS, EngineOptions, enable_compilation_cache, load_engine
+from serving.build import SPEC_METHODS, EngineOptions, load_engine
 from serving.server import JaxSpecServer, ServerOptions
 
 log = logging.getLogger("jaxspec.serving")
@@ -69,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="override the parameter dtype")
     m.add_argument("--compilation-cache-dir", default=None, metavar="DIR",
-                   help="JAX persistent compilation cache (restarts skip most of warm-up); keep it private")
+                   help="persistent compilation cache: restarts skip most of warm-up (default: "
+                   "$XDG_CACHE_HOME/jaxspec/xla or ~/.cache/jaxspec/xla; must be private to this user)")
+    m.add_argument("--no-compilation-cache", action="store_true", help="compile everything afresh, keep nothing")
 
     n = p.add_argument_group("network and security")
     n.add_argument("--host", metavar="ADDR", default="127.0.0.1", help="address to listen on (use 0.0.0.0 to accept remote clients)")
@@ -140,6 +148,13 @@ async def serve(engine_opts: EngineOptions, server_opts: ServerOptions) -> int:
     return await server.wait_stopped()
 
 
+def _speculation(opts: EngineOptions) -> str:
+    if not opts.speculative:
+        return "none"
+    k = f"adaptive k 0..{opts.num_speculative_tokens}" if opts.adaptive_k else f"k {opts.num_speculative_tokens}"
+    return f"{opts.spec_method} ({opts.draft}, {k})" if opts.draft else f"{opts.spec_method} ({k})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -149,8 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)  # some dependencies install a root handler at import
-    if args.compilation_cache_dir:
-        enable_compilation_cache(args.compilation_cache_dir)
+    if args.log_level != "DEBUG":
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-checkpoint INFO lines
+    try:
+        if not args.no_compilation_cache:
+            compilation_cache.enable(args.compilation_cache_dir)
+    except PermissionError as e:
+        log.error("%s", e)
+        return 2
+    mesh_cfg = mesh_for_option(engine_opts.mesh)
+    log.info("model %s; speculation %s; mesh %s; %d slots, context %s", engine_opts.model, _speculation(engine_opts),
+             f"{mesh_cfg.name} {mesh_cfg.axes}" if mesh_cfg else "none (one device)", engine_opts.slots,
+             engine_opts.max_len or "the model's")
     try:
         return asyncio.run(serve(engine_opts, server_opts))
     except OSError as e:  # port in use, unreadable certificate...

@@ -17,7 +17,7 @@ import jax
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
 from jaxspec.engine.factory import make_runner
-from jaxspec import builtin
+from jaxspec import builtin, compilation_cache
 from jaxspec.loading import DEFAULT_MODEL, load_any
 from jaxspec.mesh import MeshConfigError, mesh_for_option, placement_for_mesh
 from jaxspec.models import Transformer
@@ -208,15 +208,5 @@ def _model_id(name_or_path: str, role: str = "target") -> str:
 
 
 def enable_compilation_cache(directory: str | Path) -> None:
-    """Persist compiled executables under ``directory`` so restarts skip most of warm-up.
-
-    Must run before the first compilation of the process. The cache is trusted
-    code: keep the directory writable only by the serving user.
-    """
-    path = Path(directory).expanduser()
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    # Cache every executable, however quick to compile: warm-up compiles many small ones.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    log.info("persistent compilation cache at %s", path)
+    """Persist compiled executables under ``directory`` (``jaxspec.compilation_cache.enable``)."""
+    compilation_cache.enable(directory)

@@ -8,23 +8,18 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
+from jaxspec import compilation_cache
 from jaxspec.bench.load import Target, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_cache_dir() -> Path:
-    """Per-user and private: the persistent compilation cache holds executables the server will run."""
-    path = Path(tempfile.gettempdir()) / f"jaxspec-bench-jcc-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise PermissionError(f"{path} must be owned by this user and not group/world-writable")
-    return path
+    """The servers' own default (per user, private): warm-up compiles once across configurations and runs."""
+    return compilation_cache.private_dir()
 
 
 class ServerProcess:

@@ -1,0 +1,67 @@
+"""Process start of the command-line entry points: no noise from accelerator plugins on a CPU machine.
+
+Installed GPU/TPU plugins (the ``aot`` and ``test`` extras bring ``jax-cuda12-plugin`` and ``libtpu``)
+speak up on a machine without the hardware: jaxlib loads the CUDA plugin's native modules at
+``import jax`` and each logs ``cudart_stub.cc ... Could not find cuda drivers`` through absl before
+logging is initialised (straight to file descriptor 2, beyond Python's reach); backend discovery then
+logs a CUDA plugin traceback and libtpu's host-bound warnings unless ``JAX_PLATFORMS`` names the
+platform. ``quiet_start`` runs before jax is imported: with no accelerator device node present and
+``JAX_PLATFORMS`` unset it selects the CPU, and it drops exactly those known lines from file
+descriptor 2 while jax is imported and its backend starts (anything else written there is passed on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import sys
+import tempfile
+from typing import Iterator
+
+# Device nodes of the accelerators jax has plugins for: NVIDIA GPUs, TPU VMs (v4+ /dev/accel*, older
+# /dev/vfio), AMD GPUs. A machine with one of them keeps jax's own platform choice.
+_ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
+
+NOISE = re.compile(
+    r"cudart_stub\.cc:\d+\] Could not find cuda drivers"
+    r"|^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
+)
+
+
+def accelerator_present() -> bool:
+    return any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
+
+
+@contextlib.contextmanager
+def filtered_fd2(noise: re.Pattern = NOISE) -> Iterator[None]:
+    """Capture file descriptor 2 for a block, then write back every line ``noise`` does not match."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not noise.search(line.rstrip("\n"))]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def quiet_start() -> None:
+    """Call first in a CLI's ``__main__`` block, before anything imports jax."""
+    if "jax" in sys.modules:
+        return
+    if not os.environ.get("JAX_PLATFORMS") and not accelerator_present():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    with filtered_fd2():
+        import jax
+
+        jax.devices()  # plugin discovery imports the CUDA plugin module again (one more line)

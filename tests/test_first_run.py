@@ -1,0 +1,128 @@
+"""First minutes: the private persistent compilation cache, a quiet start, and the one-shot CLI's
+lazy compilation (issue 18)."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxspec import compilation_cache, generate
+from jaxspec.speculative.adaptive import CostModel
+from jaxspec.startup import NOISE, filtered_fd2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_private_dir_is_created_0700_under_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = compilation_cache.private_dir()
+    assert path == tmp_path / "xdg" / "jaxspec" / "xla"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+def test_private_dir_refuses_group_or_world_writable(tmp_path):
+    for mode in (0o770, 0o707):
+        d = tmp_path / f"open{mode:o}"
+        d.mkdir()
+        d.chmod(mode)
+        with pytest.raises(PermissionError, match="group/world-writable"):
+            compilation_cache.private_dir(d)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root")
+def test_private_dir_refuses_another_users_directory(tmp_path):
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, 12345, 12345)
+    with pytest.raises(PermissionError, match="owned by this user"):
+        compilation_cache.private_dir(d)
+
+
+def test_enabled_sets_then_restores_jax_options(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    with compilation_cache.enabled(tmp_path / "c") as path:
+        assert jax.config.jax_compilation_cache_dir == str(path)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        assert jax.config.jax_compilation_cache_max_size == compilation_cache.MAX_BYTES  # locked reads/writes
+    assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_filtered_fd2_drops_plugin_noise_only(capfd):
+    with filtered_fd2():
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+        os.write(2, b"I0000 00:00:1796039522.599172    3747 cudart_stub.cc:31] Could not find cuda drivers on your "
+                    b"machine, GPU will not be used.\n")
+        os.write(2, b"a real error\n")
+    err = capfd.readouterr().err
+    assert err == "a real error\n"
+    assert NOISE.search("x cudart_stub.cc:31] Could not find cuda drivers on your machine")
+
+
+def _costs() -> generate.LazyCosts:
+    prior = CostModel({0: 0.0, 1: 1.0, 4: 2.0}, {0: 1.0, 1: 2.0, 4: 3.0}, source="analytic")
+    return generate.LazyCosts(prior)
+
+
+def test_lazy_costs_skip_a_buckets_first_step_then_scale_untimed_buckets():
+    costs = _costs()
+    assert costs.step_cost(0) == 1.0 and costs.step_cost(4) == 5.0  # the prior until something is timed
+    costs.observe(4, 0.0, 50.0)  # the first step compiled: not a cost
+    assert costs.step_cost(4) == 5.0
+    costs.observe(4, 1.0, 9.0)  # 10 where the prior said 5: every untimed bucket costs twice its prior
+    assert costs.step_cost(4) == pytest.approx(10.0)
+    assert costs.step_cost(0) == pytest.approx(2.0)
+    costs.observe(0, 0.0, 7.0)
+    costs.observe(0, 0.0, 1.5)
+    assert costs.step_cost(0) == pytest.approx(1.5)  # timed now: its own figure
+    assert costs.step_cost(1) == pytest.approx(3.0 * 1.75)  # median of the ratios (2, 1.5)
+
+
+def test_one_shot_cli_does_not_measure_costs_before_the_first_token(monkeypatch):
+    from jaxspec.speculative.runner import SpeculativeRunner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the one-shot CLI timed every bucket")
+
+    monkeypatch.setattr(SpeculativeRunner, "measure_costs", refuse)
+    monkeypatch.setattr(SpeculativeRunner, "warmup", refuse)
+    args = generate.build_parser().parse_args(["--model", "tiny-moe", "--draft", "tiny-moe", "--max-len", "64", "x"])
+    engine = generate.build_engine(args)
+    assert isinstance(engine.runner.cost_model, generate.LazyCosts)
+
+
+def _cli_env(tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.slow
+def test_generate_is_quiet_and_caches_compiled_steps(tmp_path):
+    """No accelerator-plugin lines on a CPU machine; the first run says it compiles once, the second
+    finds everything in the default per-user cache."""
+    cmd = [sys.executable, "-m", "jaxspec.generate", "--spec-method", "none", "--max-tokens", "4", "--json", "def f(x):"]
+    runs = [subprocess.run(cmd, cwd=tmp_path, env=_cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert "cudart_stub" not in run.stderr and "absl::InitializeLog" not in run.stderr, run.stderr
+        assert "Jax plugin configuration error" not in run.stderr and "TPU" not in run.stderr, run.stderr
+        assert len(json.loads(run.stdout)["token_ids"]) == 4
+    cache = tmp_path / "xdg" / "jaxspec" / "xla"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700 and any(cache.glob("*-cache"))
+    assert runs[0].stderr.startswith("compiling (once: kept in"), runs[0].stderr
+    assert runs[1].stderr == "", runs[1].stderr
+
+
+def test_generate_refuses_an_unsafe_cache_dir(tmp_path, capsys):
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o777)
+    assert generate.main(["--compilation-cache-dir", str(d), "--model", "tiny-moe", "x"]) == 2
+    assert "group/world-writable" in capsys.readouterr().err
