@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-# configs/ sits at the repository root beside the package; JAXSPEC_CONFIG_DIR overrides it.
-_REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Package data (jaxspec/configs; in the repository a link to configs/ at the root, so both paths
+# work); JAXSPEC_CONFIG_DIR overrides it.
+_REPO_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3")
 
