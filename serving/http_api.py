@@ -503,12 +503,18 @@ class HttpFrontend:
         return self.port
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting; answers still being written get ``grace`` seconds."""
+        """Stop accepting; answers still being written get ``grace`` seconds, then connections are cut."""
         if self._task is None:
             return
-        self._config.timeout_graceful_shutdown = max(grace, 0.1)
         self._server.should_exit = True
-        try:
-            await self._task
-        except Exception:
-            log.exception("HTTP server stopped with an error")
+        await asyncio.wait({self._task}, timeout=max(grace, 0.2))
+        if not self._task.done():
+            # Idle TLS connections wait for the peer's close_notify (up to 30 s): cut them, and
+            # cancel answers that outlived the grace period.
+            for connection in list(self._server.server_state.connections):
+                connection.transport.abort()
+            for task in list(self._server.server_state.tasks):
+                task.cancel()
+            await asyncio.wait({self._task}, timeout=5.0)
+        if self._task.done() and not self._task.cancelled() and self._task.exception() is not None:
+            log.error("HTTP server stopped with an error", exc_info=self._task.exception())

@@ -1,4 +1,5 @@
-"""The gRPC server: JaxSpec service, grpc.health.v1, reflection, auth, TLS, metrics, drain.
+"""The gRPC server: JaxSpec service, grpc.health.v1, reflection, auth, TLS, metrics, drain, and
+the OpenAI-compatible HTTP API (serving/http_api.py) on the same event loop and engine.
 
 Start-up order matters for orchestration: the port is bound and health answers
 NOT_SERVING first; the engine thread then loads weights and compiles every
