@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 
-from jaxspec import compilation_cache
+from jaxspec import compilation_cache, kernels
 from jaxspec.checkpoint import CheckpointError
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, InvalidRequestError
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="persistent compilation cache (default: $XDG_CACHE_HOME/jaxspec/xla or ~/.cache/jaxspec/xla; "
                    "must be private to this user)")
     p.add_argument("--no-compilation-cache", action="store_true", help="compile everything afresh, keep nothing")
+    p.add_argument("--kernel-selftest", choices=("on", "off"), default="on",
+                   help="on an accelerator, check the Pallas kernels in use against their references first "
+                   "(falling back to XLA's path if one disagrees)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every step shape and time them before the first token, as the server does "
                    "(default: compile each shape when first used)")
@@ -113,6 +116,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
         draft = load_eagle3(draft_name, target=model.cfg, dtype=args.dtype)
     runner = make_runner(model, num_slots=1, max_len=max_len, placement=placement, spec_method=method, draft=draft,
                          num_speculative_tokens=args.num_speculative_tokens, k_max=args.k_max)
+    if getattr(args, "kernel_selftest", "on") == "on":
+        kernels.selftest(runner)
     if getattr(args, "warmup", False):
         runner.warmup()
     elif isinstance(runner, SpeculativeRunner) and runner.adaptive and runner.cost_model is None:

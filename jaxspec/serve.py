@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="persistent compilation cache: restarts skip most of warm-up (default: "
                    "$XDG_CACHE_HOME/jaxspec/xla or ~/.cache/jaxspec/xla; must be private to this user)")
     m.add_argument("--no-compilation-cache", action="store_true", help="compile everything afresh, keep nothing")
+    m.add_argument("--kernel-selftest", choices=("on", "off"), default="on",
+                   help="on an accelerator, check the Pallas kernels in use against their references at warm-up "
+                   "and fall back to XLA's path if one disagrees")
 
     n = p.add_argument_group("network and security")
     n.add_argument("--host", metavar="ADDR", default="127.0.0.1", help="address to listen on (use 0.0.0.0 to accept remote clients)")
@@ -111,6 +114,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         adaptive_k=args.num_speculative_tokens == "auto", slots=args.slots,
         max_len=args.max_len,
         max_waiting=args.max_waiting, dtype=args.dtype, mesh=args.mesh, default_max_tokens=args.default_max_tokens,
+        kernel_selftest=args.kernel_selftest == "on",
     )
     engine.validate()
     server = ServerOptions(

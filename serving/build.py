@@ -17,7 +17,7 @@ import jax
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
 from jaxspec.engine.factory import make_runner
-from jaxspec import builtin, compilation_cache
+from jaxspec import builtin, compilation_cache, kernels
 from jaxspec.loading import DEFAULT_MODEL, load_any
 from jaxspec.mesh import MeshConfigError, mesh_for_option, placement_for_mesh
 from jaxspec.models import Transformer
@@ -44,6 +44,7 @@ class EngineOptions:
     seed: int = 0  # random-weight configs only
     default_max_tokens: int = 256
     mesh: str | None = None  # mesh config name/path or "auto" (jaxspec.mesh.mesh_for_option); None: one device
+    kernel_selftest: bool = True  # on an accelerator, check the Pallas kernels in use first (jaxspec.kernels)
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
@@ -140,6 +141,8 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
     model, tokenizer = load_any(opts.model, dtype=opts.dtype, seed=opts.seed)
     _check_memory(opts, model)
     runner = build_runner(opts, model, tokenizer)
+    if opts.kernel_selftest:
+        kernels.selftest(runner)
     if wrap_runner is not None:
         runner = wrap_runner(runner)
     return bundle_engine(

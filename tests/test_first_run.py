@@ -126,3 +126,53 @@ def test_generate_refuses_an_unsafe_cache_dir(tmp_path, capsys):
     d.chmod(0o777)
     assert generate.main(["--compilation-cache-dir", str(d), "--model", "tiny-moe", "x"]) == 2
     assert "group/world-writable" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- Pallas kernels on a first accelerator run
+def test_gmm_check_passes_the_real_kernel_in_the_interpreter():
+    from jaxspec import kernels
+
+    result = kernels.check_gmm(num_experts=4, d_model=16, mlp_dim=32, top_k=2, token_counts=[3], interpret=True)
+    assert result.ok, result.detail
+
+
+def _tiny_moe_runner(moe_backend: str):
+    from jaxspec.config import load_config
+    from jaxspec.engine.model_runner import ModelRunner
+    from jaxspec.models import Transformer
+    from flax import nnx
+
+    return ModelRunner(Transformer(load_config("tiny-moe"), rngs=nnx.Rngs(0)), 1, 64, moe_backend=moe_backend)
+
+
+def test_selftest_falls_back_to_xla_when_the_kernel_disagrees(monkeypatch, caplog):
+    import pallas_kernels.gmm
+    from pallas_kernels.gmm_reference import gmm_reference
+
+    from jaxspec import kernels
+
+    def wrong_gmm(lhs, rhs, group_sizes, **kwargs):
+        return gmm_reference(lhs, rhs, group_sizes) * 1.01
+
+    monkeypatch.setattr(pallas_kernels.gmm, "gmm", wrong_gmm)
+    runner = _tiny_moe_runner("pallas")
+    assert kernels.selftest(runner) == []  # a CPU: nothing compiled to check (the interpreter runs there)
+    with caplog.at_level("INFO", logger="jaxspec"):
+        (result,) = kernels.selftest(runner, interpret=True, force=True)
+    assert not result.ok and "relative error 0.01" in result.detail
+    assert runner.moe_backend == "ragged" and runner.statics.moe_backend == "ragged"
+    (record,) = [r for r in caplog.records if "self-test" in r.getMessage()]
+    assert record.levelname == "WARNING" and "ragged_dot instead" in record.getMessage()
+
+
+def test_selftest_keeps_a_kernel_that_agrees(monkeypatch):
+    import pallas_kernels.gmm
+    from pallas_kernels.gmm_reference import gmm_reference
+
+    from jaxspec import kernels
+
+    monkeypatch.setattr(pallas_kernels.gmm, "gmm", lambda lhs, rhs, gs, **kw: gmm_reference(lhs, rhs, gs))
+    runner = _tiny_moe_runner("pallas")
+    (result,) = kernels.selftest(runner, interpret=True, force=True)
+    assert result.ok and runner.moe_backend == "pallas"
+    assert kernels.selftest(_tiny_moe_runner("auto"), force=True) == []  # auto on a CPU: no Pallas to check

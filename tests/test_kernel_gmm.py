@@ -346,13 +346,21 @@ def test_forward_and_backward_lower_for_accelerators(backend, platform, marker, 
 
 
 # ------------------------------------------------------------------------- MoE backend
-def test_auto_picks_pallas_on_accelerators_and_xla_on_cpu():
+def test_auto_picks_xla_until_pallas_is_validated_on_the_platform(monkeypatch):
+    from jaxspec import kernels
     from jaxspec.models.moe_dispatch import BACKENDS, choose_backend
 
-    assert choose_backend("auto", 64, platform="tpu") == "pallas"
-    assert choose_backend("auto", 64, platform="gpu") == "pallas"
+    monkeypatch.delenv(kernels.TRUST_ENV, raising=False)
+    assert choose_backend("auto", 64, platform="tpu") == "ragged"  # no kernel has run on hardware yet
+    assert choose_backend("auto", 64, platform="gpu") == "ragged"
     assert choose_backend("auto", 64, platform="cpu") in ("per_expert", "sorted")
-    assert choose_backend("pallas", 64) == "pallas" and "pallas" in BACKENDS
+    assert choose_backend("pallas", 64) == "pallas" and "pallas" in BACKENDS  # opt-in
+    monkeypatch.setitem(kernels.VALIDATED, "gmm", frozenset({"tpu"}))
+    assert choose_backend("auto", 64, platform="tpu") == "pallas"
+    assert choose_backend("auto", 64, platform="cuda") == "ragged"
+    monkeypatch.setenv(kernels.TRUST_ENV, "gmm:gpu")
+    assert choose_backend("auto", 64, platform="cuda") == "pallas"
+    assert choose_backend("auto", 64, platform="cpu") in ("per_expert", "sorted")
 
 
 def test_pallas_dispatch_matches_dense_dispatch():

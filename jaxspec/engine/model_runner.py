@@ -328,6 +328,15 @@ class ModelRunner:
         self._steps = unplaced_steps(self.graphdef, self.statics)
         return table
 
+    def set_moe_backend(self, backend: str) -> None:
+        """Use ``backend`` for the MoE dispatch of every step (single-device runners; call before
+        the first step: the kernel self-test's fallback)."""
+        if self.placement is not None:
+            raise NotImplementedError("changing the MoE backend of a runner on a mesh")
+        self.moe_backend = backend
+        self.statics = StepStatics(backend, self.statics.attention_backend, self.statics.aux_layers)
+        self._steps = unplaced_steps(self.graphdef, self.statics)
+
     def capture_hidden(self, layers: Sequence[int]) -> None:
         """Make every step also return the hidden states entering ``layers`` (see the forward contract),
         kept in ``captured`` after prefill and decode (verification steps built from ``forward_fn``

@@ -25,7 +25,8 @@ Backends (``BACKENDS``):
 register themselves; ``choose_backend`` imports them by module path on first use
 (``load_backend``), so importing jaxspec loads no Pallas code, and no module imports
 back into one that is importing it.
-``auto`` picks per platform and token count (see ``choose_backend``).
+``auto`` picks per platform and token count (see ``choose_backend``); on an accelerator it picks
+``ragged`` until the Pallas kernel is recorded as validated there (``jaxspec.kernels``).
 """
 
 from __future__ import annotations
@@ -244,7 +245,10 @@ def choose_backend(requested: str, num_tokens: int, platform: str | None = None)
         return requested
     platform = platform or jax.default_backend()
     if platform in ("tpu", "gpu", "cuda", "rocm"):
-        return "pallas" if load_backend("pallas") else "ragged"
+        from jaxspec.kernels import validated
+
+        # The Pallas grouped matmul only where it has been validated on the hardware (jaxspec.kernels).
+        return "pallas" if validated("gmm", platform) and load_backend("pallas") else "ragged"
     return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "sorted"
 
 
