@@ -214,6 +214,20 @@ def test_deadline_is_504(slow):
     assert err.value.status_code == 504 and err.value.body["code"] == "deadline_exceeded"
 
 
+def test_engine_failure_is_500_unary_and_an_error_event_streaming(env):
+    client = env.openai()
+    env.runner.fail_decodes = 1
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=4, extra_body={"ignore_eos": True})
+    assert err.value.status_code == 500 and err.value.body["code"] == "engine_error"
+    assert client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+    env.runner.fail_decodes = 1
+    with pytest.raises(openai.APIError, match="injected decode fault"):
+        list(client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=4, stream=True,
+                                       extra_body={"ignore_eos": True}))
+    assert client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+
+
 def _open_stream(env, prompt: str, max_tokens: int = 40) -> tuple[http.client.HTTPSConnection,
                                                                   http.client.HTTPResponse]:
     conn = env.connection()
