@@ -23,7 +23,6 @@ from jaxspec import serve  # noqa: E402
 from serving.build import EngineOptions, load_engine  # noqa: E402
 from serving.chat_template import ChatTemplate  # noqa: E402
 from serving.client import JaxSpecClient  # noqa: E402
-from serving.pb import jaxspec_pb2 as pb  # noqa: E402
 from serving.server import ServerOptions  # noqa: E402
 from serving.testing import BackgroundServer, ControlledRunner, persistent_compilation_cache  # noqa: E402
 from test_serving_security import tls_files  # noqa: E402,F401  (fixture)
