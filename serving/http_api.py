@@ -150,10 +150,13 @@ def _generate_request(body: dict[str, Any], max_tokens_names: tuple[str, ...]) -
     if spec is not None:
         if not isinstance(spec, dict):
             raise _invalid("speculation", "must be an object {enabled, num_speculative_tokens}")
-        if (enabled := _get(spec, "enabled", (bool,), "a boolean")) is not None:
-            req.speculation.enabled = enabled
-        if (k := _int(spec, "num_speculative_tokens", 0, _UINT32)) is not None:
-            req.speculation.num_speculative_tokens = k
+        try:
+            if (enabled := _get(spec, "enabled", (bool,), "a boolean")) is not None:
+                req.speculation.enabled = enabled
+            if (k := _int(spec, "num_speculative_tokens", 0, _UINT32)) is not None:
+                req.speculation.num_speculative_tokens = k
+        except ApiError as e:
+            raise _invalid(f"speculation.{e.param}", e.message.split(": ", 1)[-1]) from None
     return req
 
 

@@ -175,6 +175,7 @@ def test_stop_string_and_unset_max_tokens(env):
     (dict(prompt=[1, 10**6]), "prompt"),
     (dict(prompt=""), "prompt"),
     (dict(speculation={"enabled": True}), "speculation.enabled"),
+    (dict(speculation={"num_speculative_tokens": -1}), "speculation.num_speculative_tokens"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_parameter_is_400_naming_it(env, body, param):
     extension = {k: v for k, v in body.items() if k == "speculation"}
