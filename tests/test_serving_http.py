@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import signal
 import ssl
 import threading
 import time
@@ -25,6 +27,7 @@ from serving.chat_template import ChatTemplate  # noqa: E402
 from serving.client import JaxSpecClient  # noqa: E402
 from serving.server import ServerOptions  # noqa: E402
 from serving.testing import BackgroundServer, ControlledRunner, persistent_compilation_cache  # noqa: E402
+from test_serving_lifecycle import _start_cli  # noqa: E402
 from test_serving_security import tls_files  # noqa: E402,F401  (fixture)
 
 TOKEN = "http-test-token"
@@ -395,6 +398,49 @@ def test_builtin_pair_completions_equal_grpc_with_speculation_counters():
                                                     temperature=0, stream=True))
             assert "".join(c.choices[0].text for c in chunks) == expected.text
             assert chunks[-1].jaxspec["speculation"]["num_draft_tokens"] > 0
+
+
+# ------------------------------------------------------------------ the CLI
+@pytest.mark.slow
+def test_cli_http_port_serves_and_sigterm_drains_it():
+    proc, lines, reader = _start_cli("--http-port", "0", "--grace-period", "20")
+    try:
+        def port() -> int | None:
+            pattern = r"OpenAI-compatible API on http://127\.0\.0\.1:(\d+)/v1"
+            return next((int(m.group(1)) for line in list(lines) if (m := re.search(pattern, line))), None)
+
+        wait_until(lambda: port() is not None or proc.poll() is not None, 120, "the HTTP port in the log")
+        assert port(), "".join(lines)
+        base = f"http://127.0.0.1:{port()}"
+
+        def serving() -> bool:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port(), timeout=2)
+                conn.request("GET", "/health")
+                return conn.getresponse().status == 200
+            except OSError:
+                return False
+
+        wait_until(lambda: serving() or proc.poll() is not None, 300, "SERVING")
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+        resp = client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=6, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        assert resp.usage.completion_tokens == 6
+        # SIGTERM right after a stream started: the stream still ends normally, then the process exits 0.
+        stream = client.completions.create(model="tiny-moe", prompt=PROMPT, max_tokens=40, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert sum(len(c.choices[0].token_ids) for c in [first, *rest]) == 40
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert proc.wait(timeout=60) == 0, "".join(lines)
+        reader.join(10)
+        assert "server stopped" in "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ------------------------------------------------------------------ drain (last: it stops the shared server)
