@@ -28,7 +28,9 @@ from jaxspec.loading import DEFAULT_MODEL, default_draft, load_any
 from jaxspec.mesh import AUTO_MESH, mesh_for_option, placement_for_mesh
 from jaxspec.sampling import SamplingError, SamplingParams
 from jaxspec.speculative import SPEC_METHODS, SpeculativeRunner
-from jaxspec.speculative.adaptive import CostModel, Roofline
+from jaxspec.speculative.adaptive import CostModel, KPolicy, Roofline
+
+ONE_SHOT_PROBE_EVERY = 64  # steps with speculation off before trying it again (the server's policy: 16)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +127,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
         runner.cost_model = LazyCosts(CostModel.analytic(
             model.cfg, draft.cfg if method == "draft" else None, runner.num_slots, runner.buckets,
             context_len=min(max_len, 512), hw=roofline_for(placement)))
+        # A probe's first step compiles its bucket (on a CPU as long as tens of plain steps), which
+        # the server paid at warm-up: probe less often.
+        runner.policy = KPolicy(runner.buckets, probe_every=ONE_SHOT_PROBE_EVERY)
     return Engine(runner, tokenizer)
 
 

@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     mesh_cfg = mesh_for_option(engine_opts.mesh)
-    log.info("model %s; speculation %s; mesh %s; %d slots, context %s", engine_opts.model, _speculation(engine_opts),
+    log.info("model %s; speculation %s; mesh %s; %d slots; max_len %s", engine_opts.model, _speculation(engine_opts),
              f"{mesh_cfg.name} {mesh_cfg.axes}" if mesh_cfg else "none (one device)", engine_opts.slots,
-             engine_opts.max_len or "the model's")
+             engine_opts.max_len or "the model's max_seq_len")
     try:
         return asyncio.run(serve(engine_opts, server_opts))
     except OSError as e:  # port in use, unreadable certificate...
