@@ -83,6 +83,7 @@ def test_installed_wheel_generates_and_serves_from_any_directory(wheel, tmp_path
             if "-> serving" in line.lower():
                 break
         assert any("-> serving" in line.lower() for line in lines), "".join(lines[-30:])
+        assert not any("cudart_stub" in line or "absl::InitializeLog" in line for line in lines), "".join(lines)
     finally:
         serve.terminate()
         serve.wait(timeout=60)
