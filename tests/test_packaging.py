@@ -3,6 +3,7 @@ CLIs run from any directory (issue 18)."""
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -17,8 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from a copy: setuptools builds in the source tree, and a build/ left there would
+    # carry files since deleted into later wheels.
+    src = tmp_path_factory.mktemp("src") / "jaxspec"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".hypothesis", ".pytest_cache"))
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out)], check=True, cwd=out, timeout=600)
     (path,) = out.glob("jaxspec-*.whl")
     return path
