@@ -188,7 +188,8 @@ class CompileStatus(logging.Handler):
         if self.shown or not record.getMessage().startswith("PERSISTENT COMPILATION CACHE MISS"):
             return
         self.shown = True
-        print(f"compiling (once: kept in {self.cache_dir} for later runs) ...", file=sys.stderr, flush=True)
+        kept = f" (once: kept in {self.cache_dir} for later runs)" if self.cache_dir else ""
+        print(f"compiling{kept} ...", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def installed(self):
