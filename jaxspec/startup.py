@@ -30,8 +30,13 @@ NOISE = re.compile(
 )
 
 
+# Set where a TPU is reached without a local device node (TPU pods' and Colab's runtimes).
+_ACCELERATOR_ENV = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR", "TPU_WORKER_HOSTNAMES")
+
+
 def accelerator_present() -> bool:
-    return any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
+    return any(os.environ.get(name) for name in _ACCELERATOR_ENV) or any(
+        glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
 
 
 @contextlib.contextmanager

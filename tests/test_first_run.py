@@ -63,6 +63,20 @@ def test_filtered_fd2_drops_plugin_noise_only(capfd):
     assert NOISE.search("x cudart_stub.cc:31] Could not find cuda drivers on your machine")
 
 
+def test_accelerator_detection_by_device_node_or_tpu_environment(monkeypatch):
+    from jaxspec import startup
+
+    for name in ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "COLAB_TPU_ADDR", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(startup.glob, "glob", lambda pattern: [])
+    assert not startup.accelerator_present()  # then quiet_start selects the CPU
+    monkeypatch.setattr(startup.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+    assert startup.accelerator_present()
+    monkeypatch.setattr(startup.glob, "glob", lambda pattern: [])
+    monkeypatch.setenv("COLAB_TPU_ADDR", "10.0.0.2:8470")
+    assert startup.accelerator_present()
+
+
 def _costs() -> generate.LazyCosts:
     prior = CostModel({0: 0.0, 1: 1.0, 4: 2.0}, {0: 1.0, 1: 2.0, 4: 3.0}, source="analytic")
     return generate.LazyCosts(prior)
