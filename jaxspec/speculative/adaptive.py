@@ -141,11 +141,16 @@ class CostModel:
             if kb > 0:
                 self.draft_s[kb] = (1 - w) * self.draft_s.get(kb, draft_s) + w * draft_s
 
-    def observe_total(self, kb: int, step_s: float) -> None:
-        """Fold in a step whose draft and verification ran as one call (split as the model splits it)."""
+    def split(self, kb: int, step_s: float) -> tuple[float, float]:
+        """(draft_s, verify_s) of a step whose draft and verification ran as one call, split as this
+        model splits bucket kb."""
         total = self.step_cost(kb) if kb in self.verify_s else 0.0
         share = self.draft_s.get(kb, 0.0) / total if total > 0 else 0.0
-        self.observe(kb, share * step_s, (1.0 - share) * step_s)
+        return share * step_s, (1.0 - share) * step_s
+
+    def observe_total(self, kb: int, step_s: float) -> None:
+        """Fold in a step whose draft and verification ran as one call."""
+        self.observe(kb, *self.split(kb, step_s))
 
     def rows(self) -> list[tuple[int, float, float]]:
         return [(kb, self.draft_s.get(kb, 0.0), self.verify_s[kb]) for kb in sorted(self.verify_s)]
@@ -216,12 +221,14 @@ class KPolicy:
         floor = bucket_for(int(forced_k.max(initial=0)), self.buckets)
         free = forced < 0
         best_kb, best_rate = None, -1.0
+        candidates = [kb for kb in [0, *self.buckets] if kb >= floor]
+        # Every candidate bucket at once ([buckets, slots]): this runs on every decode step.
+        kbs = np.asarray(candidates)[:, None]
+        k = np.where(free[None, :], np.minimum(kbs, caps[None, :]), forced_k[None, :])
+        tokens = expected_tokens(np.broadcast_to(alphas, k.shape), k).sum(axis=1)
         self.last_rates = {}
-        for kb in [0, *self.buckets]:
-            if kb < floor:
-                continue
-            k = np.where(free, np.minimum(kb, caps), forced_k)
-            rate = float(np.sum(expected_tokens(alphas, k))) / cost.step_cost(kb)
+        for kb, expected in zip(candidates, tokens.tolist()):
+            rate = expected / cost.step_cost(kb)
             self.last_rates[kb] = rate
             if best_kb is None or rate > best_rate * (1.0 + self.min_gain):
                 best_kb, best_rate = kb, rate

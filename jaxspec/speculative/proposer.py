@@ -45,6 +45,12 @@ class TokenHistory:
         self.tokens[slot, at : at + keep] = np.asarray(ids[:keep], np.int32)
         self.length[slot] = at + n
 
+    def append(self, slot: int, token: int) -> None:
+        at = int(self.length[slot])
+        if at < self.capacity:
+            self.tokens[slot, at] = token
+        self.length[slot] = at + 1
+
     def clear(self, slot: int) -> None:
         self.length[slot] = 0
 

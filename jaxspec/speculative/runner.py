@@ -350,6 +350,8 @@ class SpeculativeRunner:
         out_pos = slots.num_generated[act].astype(np.int32)
         k, kb = self._choose_k(slots, act, out_pos, b)
         sampling = slots.sampling(act)
+        if kb == 0 and not self.feature_layers:
+            return self._plain_decode(act, sampling, out_pos, b)
         active = scatter_rows(np.ones(n, bool), where, b, False)
         ctx = SpecContext(self.history, active, scatter_rows(k, where, b, 0), kb, scatter_sampling(sampling, where, b),
                           scatter_rows(out_pos, where, b, 0), slots=row_slots)
@@ -404,6 +406,23 @@ class SpeculativeRunner:
         self.last_step_times = (t1 - t0, t2 - t1)
         return results
 
+    def _plain_decode(self, act, sampling, out_pos, rows: int) -> dict[int, tuple[list[int], int, int]]:
+        """A step with nothing to propose: the target's own decode step and only the bookkeeping it
+        needs, so that an adaptive policy that turns speculation off pays what ``PlainRunner`` pays."""
+        t0 = time.perf_counter()
+        tokens = self.target.decode_rows(act, self.history.last()[act], sampling, out_pos)
+        t1 = time.perf_counter()
+        results = {}
+        for s, tok in zip(act.tolist(), tokens.tolist()):
+            self.history.append(s, tok)
+            results[s] = ([tok], 0, 0)
+        costs = self.cost_model if self.cost_model is not None else self.cost_models.get(rows)
+        if costs is not None:
+            costs.observe(0, 0.0, t1 - t0)
+        self.bucket_steps[0] += 1
+        self.last_step_times = (0.0, t1 - t0)
+        return results
+
     def _apply(self, act, out_tokens, accepted, drafted) -> dict[int, tuple[list[int], int, int]]:
         """Per active slot: its a accepted drafts plus one target token, into the history and the
         acceptance estimate -> {slot: (tokens, drafted, accepted)}."""
@@ -438,7 +457,7 @@ class SpeculativeRunner:
         if costs is not None:
             costs.observe_total(kb, t2 - t0)
         self.bucket_steps[kb] += 1
-        self.last_step_times = (0.0, t2 - t0)
+        self.last_step_times = costs.split(kb, t2 - t0) if costs is not None else (0.0, t2 - t0)
         return results
 
     # ---------------------------------------------------------------- choosing k
