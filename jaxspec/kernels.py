@@ -6,9 +6,10 @@ TPU or GPU yet, so ``auto`` uses XLA's own paths everywhere (``ragged_dot`` for 
 accelerator) and a Pallas kernel runs only when asked for (``moe_backend="pallas"``) or trusted
 with ``JAXSPEC_TRUST_KERNELS=gmm`` (or ``gmm:tpu``) after validating it on one's own hardware.
 
-On an accelerator the warm-up of ``generate`` and ``serve`` checks the Pallas kernel a runner will
-use against its jnp reference on random inputs of the served shapes (``--kernel-selftest off`` to
-skip) and, if they disagree, falls back to the XLA path with one log line.
+On an accelerator the warm-up of ``generate`` and ``serve`` checks each Pallas kernel a runner will
+use (grouped matmul, verification attention, verification sampler) against its jnp reference on
+random inputs of the served shapes (``--kernel-selftest off`` to skip) and, if one disagrees, falls
+back to the XLA path for it with one log line.
 """
 
 from __future__ import annotations
@@ -92,6 +93,76 @@ def check_gmm(num_experts: int, d_model: int, mlp_dim: int, top_k: int, token_co
     return KernelCheck("gmm", True, f"relative error {worst:.3g}")
 
 
+def _rel_error(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-30))
+
+
+def check_attention(num_heads: int, num_kv_heads: int, head_dim: int, rows: Sequence[int], tokens: Sequence[int],
+                    kv_len: int, dtype="float32", sliding_window: int | None = None, *, interpret: bool = False,
+                    impl: Callable | None = None, seed: int = 0) -> KernelCheck:
+    """Verification attention against ``verify_attention_reference`` (random caches, every row at
+    a different context length)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.verify_attention import verify_attention
+    from pallas_kernels.verify_attention_reference import verify_attention_reference
+
+    impl = impl or verify_attention
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(dtype)
+    worst = 0.0
+    for b in sorted(set(rows)):
+        for t in sorted(set(tokens)):
+            q = jnp.asarray(rng.normal(size=(b, t, num_heads, head_dim)), dt)
+            k, v = (jnp.asarray(rng.normal(size=(b, kv_len, num_kv_heads, head_dim)), dt) for _ in range(2))
+            start = rng.integers(0, max(1, kv_len - t + 1), b)
+            pos = jnp.asarray(start[:, None] + np.arange(t)[None], jnp.int32)
+            got = impl(q, k, v, pos, sliding_window=sliding_window, interpret=interpret)
+            want = jax.jit(verify_attention_reference, static_argnums=4)(q, k, v, pos, sliding_window)
+            err = _rel_error(got, want)
+            worst = max(worst, err)
+            if not err <= _tolerance(dt):
+                return KernelCheck("verify_attention", False, f"{b} rows x {t} tokens over {kv_len} positions "
+                                   f"({dt.name}): relative error {err:.3g} (tolerance {_tolerance(dt):.0e})")
+    return KernelCheck("verify_attention", True, f"relative error {worst:.3g}")
+
+
+def check_rejection(vocab_size: int, rows: Sequence[int], ks: Sequence[int], *, interpret: bool = False,
+                    impl: Callable | None = None, seed: int = 0) -> KernelCheck:
+    """The verification sampler against its reference: the same tokens and accept counts, with
+    every draft count 0..K, half the rows drafting from the target's own distribution (all accepted)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.rejection_sampling import rejection_sample
+    from pallas_kernels.rejection_sampling_reference import rejection_sample as reference
+
+    impl = impl or rejection_sample
+    rng = np.random.default_rng(seed)
+    for b in sorted(set(rows)):
+        for k in sorted(set(ks)):
+            n = max(b, 2 * (k + 1))
+            p = rng.dirichlet(np.full(vocab_size, 0.1), (n, k + 1)).astype(np.float32)
+            q = rng.dirichlet(np.full(vocab_size, 0.1), (n, k)).astype(np.float32)
+            q[::2] = p[::2, :k]
+            drafts = np.stack([[rng.choice(vocab_size, p=q[i, j] / q[i, j].sum()) for j in range(k)]
+                               for i in range(n)]).reshape(n, k).astype(np.int32)
+            args = (jnp.asarray(p), jnp.asarray(q), jnp.asarray(drafts),
+                    jnp.asarray(np.arange(n) % (k + 1), jnp.int32),
+                    jnp.asarray(rng.random((n, k)), jnp.float32),
+                    jnp.asarray(rng.exponential(size=(n, k + 1, vocab_size)), jnp.float32))
+            got = [np.asarray(x) for x in impl(*args, interpret=interpret)]
+            want = [np.asarray(x) for x in jax.jit(reference)(*args)]
+            if not all(np.array_equal(g, w) for g, w in zip(got, want)):
+                return KernelCheck("rejection_sampling", False,
+                                   f"{n} rows, K={k}, V={vocab_size}: tokens or accept counts differ")
+    return KernelCheck("rejection_sampling", True, "identical tokens")
+
+
 def moe_uses_pallas(runner) -> bool:
     """Whether a ``ModelRunner``'s MoE steps run the Pallas grouped matmul."""
     from jaxspec.models.moe_dispatch import choose_backend
@@ -114,26 +185,46 @@ def target_runner(step_runner):
     return getattr(step_runner, "target", None) or getattr(step_runner, "runner", None) or step_runner
 
 
-def selftest(runner, *, interpret: bool = False, check: Callable[..., KernelCheck] = check_gmm,
-             force: bool = False) -> list[KernelCheck]:
-    """Check the Pallas kernels a ``ModelRunner`` will run (on an accelerator, or anywhere with
-    ``force``); a kernel that disagrees with its reference is replaced by the XLA path, with one
-    warning. Call before the first step. Returns the checks made."""
-    runner = target_runner(runner)
-    if runner.placement is not None:
-        return []  # a mesh's expert dispatch is resolved per device (no fallback there yet)
+def selftest(step_runner, *, interpret: bool = False, force: bool = False,
+             checks: dict[str, Callable[..., KernelCheck]] | None = None) -> list[KernelCheck]:
+    """Check the Pallas kernels an engine's runner will use (on an accelerator, or anywhere with
+    ``force``) on random inputs of its shapes; each one that disagrees with its reference is
+    replaced by the XLA path, with one warning. Call before the first step. Returns the checks made.
+    ``checks`` replaces check functions by kernel name (tests)."""
+    fns = {"gmm": check_gmm, "verify_attention": check_attention, "rejection_sampling": check_rejection,
+           **(checks or {})}
+    runner = target_runner(step_runner)
     platform = platform_kind(runner_platform(runner))
-    if not (force or platform in ACCELERATORS) or not moe_uses_pallas(runner):
-        return []
+    if not (force or platform in ACCELERATORS) or runner.placement is not None:
+        return []  # (a mesh's dispatch is resolved per device: no fallback there yet)
     cfg = runner.cfg
-    counts = sorted({b * t for b in runner.batch_buckets for t in (1, 2, 5, 9)} | {runner.buckets[0]})
-    result = check(cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim, cfg.num_experts_per_tok, counts, cfg.dtype,
-                   interpret=interpret)
-    if result.ok:
-        log.info("kernel self-test: Pallas %s on %s matches its reference (%s)", result.kernel, platform,
-                 result.detail)
-    else:
-        log.warning("kernel self-test: Pallas %s on %s disagrees with its reference (%s); using XLA's ragged_dot "
-                    "instead", result.kernel, platform, result.detail)
-        runner.set_moe_backend("ragged")
-    return [result]
+    ks = sorted({0, *getattr(step_runner, "buckets", ())})
+    rows = runner.batch_buckets
+    results = []
+    if moe_uses_pallas(runner):
+        counts = sorted({b * (k + 1) for b in rows for k in ks} | {runner.buckets[0]})
+        result = fns["gmm"](cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim, cfg.num_experts_per_tok, counts,
+                            cfg.dtype, interpret=interpret)
+        results.append(result)
+        if not result.ok:
+            runner.set_backends(moe="ragged")
+    if runner.statics.attention_backend == "pallas":
+        result = fns["verify_attention"](cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rows,
+                                         sorted({k + 1 for k in ks}), runner.kv_buckets[-1], cfg.dtype,
+                                         cfg.sliding_window, interpret=interpret)
+        results.append(result)
+        if not result.ok:
+            runner.set_backends(attention="xla")
+    if getattr(step_runner, "verify_backend", None) == "pallas":
+        result = fns["rejection_sampling"](cfg.vocab_size, rows, [k for k in ks if k > 0], interpret=interpret)
+        results.append(result)
+        if not result.ok:
+            step_runner.verify_backend = "xla"
+    for result in results:
+        if result.ok:
+            log.info("kernel self-test: Pallas %s on %s matches its reference (%s)", result.kernel, platform,
+                     result.detail)
+        else:
+            log.warning("kernel self-test: Pallas %s on %s disagrees with its reference (%s); using the XLA "
+                        "path instead", result.kernel, platform, result.detail)
+    return results

@@ -176,7 +176,7 @@ def test_selftest_falls_back_to_xla_when_the_kernel_disagrees(monkeypatch, caplo
     assert not result.ok and "relative error 0.01" in result.detail
     assert runner.moe_backend == "ragged" and runner.statics.moe_backend == "ragged"
     (record,) = [r for r in caplog.records if "self-test" in r.getMessage()]
-    assert record.levelname == "WARNING" and "ragged_dot instead" in record.getMessage()
+    assert record.levelname == "WARNING" and "Pallas gmm on cpu disagrees" in record.getMessage()
 
 
 def test_selftest_keeps_a_kernel_that_agrees(monkeypatch):
@@ -190,3 +190,45 @@ def test_selftest_keeps_a_kernel_that_agrees(monkeypatch):
     (result,) = kernels.selftest(runner, interpret=True, force=True)
     assert result.ok and runner.moe_backend == "pallas"
     assert kernels.selftest(_tiny_moe_runner("auto"), force=True) == []  # auto on a CPU: no Pallas to check
+
+
+def test_selftest_checks_the_opt_in_attention_and_sampler_kernels(monkeypatch, caplog):
+    import pallas_kernels.rejection_sampling
+    import pallas_kernels.verify_attention
+    from pallas_kernels.rejection_sampling_reference import rejection_sample
+    from pallas_kernels.verify_attention_reference import verify_attention_reference
+
+    from jaxspec import kernels
+    from jaxspec.config import load_config
+    from jaxspec.engine.model_runner import ModelRunner
+    from jaxspec.models import Transformer
+    from jaxspec.speculative import SpeculativeRunner, make_proposer
+    from flax import nnx
+
+    def wrong_attention(q, k, v, pos, sliding_window=None, **kwargs):
+        return verify_attention_reference(q, k, v, pos + 1, sliding_window)  # sees one key too many
+
+    def wrong_sampler(p, q, drafts, num_draft, uniforms, noise, **kwargs):
+        tokens, accepted = rejection_sample(p, q, drafts, num_draft, uniforms, noise)
+        return tokens, accepted * 0  # rejects everything
+
+    monkeypatch.setattr(pallas_kernels.verify_attention, "verify_attention", wrong_attention)
+    monkeypatch.setattr(pallas_kernels.rejection_sampling, "rejection_sample", wrong_sampler)
+    model = Transformer(load_config("tiny-dense"), rngs=nnx.Rngs(0))
+    target = ModelRunner(model, 1, 128, attention_backend="pallas")
+    runner = SpeculativeRunner(target, make_proposer("ngram", None, target=model), num_speculative_tokens=2,
+                               k_max=2, verify_backend="pallas")
+    with caplog.at_level("WARNING", logger="jaxspec"):
+        results = kernels.selftest(runner, interpret=True, force=True)
+    assert [(r.kernel, r.ok) for r in results] == [("verify_attention", False), ("rejection_sampling", False)]
+    assert target.statics.attention_backend == "xla" and runner.verify_backend == "xla"
+    assert len([r for r in caplog.records if "self-test" in r.getMessage()]) == 2
+
+
+def test_attention_and_sampler_checks_pass_the_real_kernels_in_the_interpreter():
+    from jaxspec import kernels
+
+    result = kernels.check_attention(4, 2, 16, rows=[2], tokens=[3], kv_len=32, interpret=True)
+    assert result.ok, result.detail
+    result = kernels.check_rejection(50, rows=[3], ks=[2], interpret=True)
+    assert result.ok, result.detail

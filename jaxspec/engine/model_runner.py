@@ -328,13 +328,16 @@ class ModelRunner:
         self._steps = unplaced_steps(self.graphdef, self.statics)
         return table
 
-    def set_moe_backend(self, backend: str) -> None:
-        """Use ``backend`` for the MoE dispatch of every step (single-device runners; call before
-        the first step: the kernel self-test's fallback)."""
+    def set_backends(self, *, moe: str | None = None, attention: str | None = None) -> None:
+        """Use these MoE dispatch / attention backends in every step (single-device runners; call
+        before the first step: the kernel self-test's fallback)."""
         if self.placement is not None:
-            raise NotImplementedError("changing the MoE backend of a runner on a mesh")
-        self.moe_backend = backend
-        self.statics = StepStatics(backend, self.statics.attention_backend, self.statics.aux_layers)
+            raise NotImplementedError("changing the backends of a runner on a mesh")
+        if attention is not None:
+            check_attention_backend(attention)
+        self.moe_backend = moe if moe is not None else self.moe_backend
+        self.statics = StepStatics(self.moe_backend, attention or self.statics.attention_backend,
+                                   self.statics.aux_layers)
         self._steps = unplaced_steps(self.graphdef, self.statics)
 
     def capture_hidden(self, layers: Sequence[int]) -> None:
