@@ -185,14 +185,28 @@ def target_runner(step_runner):
     return getattr(step_runner, "target", None) or getattr(step_runner, "runner", None) or step_runner
 
 
+def _failing_as_check(kernel: str, fn: Callable[..., KernelCheck]) -> Callable[..., KernelCheck]:
+    """A kernel that does not lower, compile or run here fails its check (and falls back) too."""
+
+    def check(*args, **kwargs) -> KernelCheck:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001  any failure of the kernel is a reason to fall back
+            first_line = (str(e).splitlines() or [""])[0][:300]
+            return KernelCheck(kernel, False, f"{type(e).__name__}: {first_line}")
+
+    return check
+
+
 def selftest(step_runner, *, interpret: bool = False, force: bool = False,
              checks: dict[str, Callable[..., KernelCheck]] | None = None) -> list[KernelCheck]:
     """Check the Pallas kernels an engine's runner will use (on an accelerator, or anywhere with
     ``force``) on random inputs of its shapes; each one that disagrees with its reference is
     replaced by the XLA path, with one warning. Call before the first step. Returns the checks made.
     ``checks`` replaces check functions by kernel name (tests)."""
-    fns = {"gmm": check_gmm, "verify_attention": check_attention, "rejection_sampling": check_rejection,
-           **(checks or {})}
+    fns = {name: _failing_as_check(name, fn) for name, fn in
+           {"gmm": check_gmm, "verify_attention": check_attention, "rejection_sampling": check_rejection,
+            **(checks or {})}.items()}
     runner = target_runner(step_runner)
     platform = platform_kind(runner_platform(runner))
     if not (force or platform in ACCELERATORS) or runner.placement is not None:

@@ -179,6 +179,22 @@ def test_selftest_falls_back_to_xla_when_the_kernel_disagrees(monkeypatch, caplo
     assert record.levelname == "WARNING" and "Pallas gmm on cpu disagrees" in record.getMessage()
 
 
+def test_selftest_falls_back_when_the_kernel_does_not_compile(monkeypatch, caplog):
+    import pallas_kernels.gmm
+
+    from jaxspec import kernels
+
+    def broken_gmm(*args, **kwargs):
+        raise RuntimeError("Mosaic failed to compile TPU kernel: Bad lhs type\nmore detail")
+
+    monkeypatch.setattr(pallas_kernels.gmm, "gmm", broken_gmm)
+    runner = _tiny_moe_runner("pallas")
+    with caplog.at_level("WARNING", logger="jaxspec"):
+        (result,) = kernels.selftest(runner, force=True)
+    assert not result.ok and result.detail == "RuntimeError: Mosaic failed to compile TPU kernel: Bad lhs type"
+    assert runner.moe_backend == "ragged" and "Bad lhs type" in caplog.text
+
+
 def test_selftest_keeps_a_kernel_that_agrees(monkeypatch):
     import pallas_kernels.gmm
     from pallas_kernels.gmm_reference import gmm_reference
