@@ -27,6 +27,8 @@ import numpy as np
 
 from jaxspec.engine import Engine, FinishReason, InvalidRequestError, Request, RequestOutput, SlotTable, SpecStats
 from jaxspec.engine.engine import StepFailed
+from jaxspec.engine.scheduler import SpecPolicy
+from jaxspec.engine.step import DecodePlan, StepResult
 from jaxspec.sampling import SamplingParams
 
 log = logging.getLogger("jaxspec.serving")
@@ -105,7 +107,7 @@ class GuardedRunner:
 
     The engine already turns a prefill exception into that one request's ERROR
     output; it keeps only the message, so the traceback is logged here.
-    Everything else is delegated unchanged.
+    Every StepRunner method is delegated unchanged.
     """
 
     def __init__(self, runner: Any):
@@ -126,8 +128,11 @@ class GuardedRunner:
                           [s for s, _ in items])
             raise
 
-    def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
-        return self._inner.decode(slots)
+    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
+        return self._inner.decode(slots, plan)
+
+    def speculation(self) -> SpecPolicy | None:
+        return self._inner.speculation()
 
     def release(self, slot: int) -> None:
         self._inner.release(slot)
@@ -143,9 +148,6 @@ class GuardedRunner:
 
     def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
         return self._inner.device_info()
-
-    def __getattr__(self, name: str) -> Any:  # optional runner facts (speculative, last_step_times, ...)
-        return getattr(self._inner, name)
 
 
 class EngineLoop:

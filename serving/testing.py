@@ -23,6 +23,7 @@ from typing import Any, Callable, Coroutine, Iterator, Sequence
 import jax
 
 from jaxspec.engine import Request, SlotTable, StepRunner
+from jaxspec.engine.step import DecodePlan, StepResult
 from serving.build import EngineBundle, enable_compilation_cache
 from serving.engine_loop import ServerState
 from serving.server import JaxSpecServer, ServerOptions
@@ -132,13 +133,16 @@ class ControlledRunner:
             raise RuntimeError("injected prefill fault")
         return self.inner.prefill_batch(items, slots)
 
-    def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
+    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         if self.fail_decodes > 0:
             self.fail_decodes -= 1
             raise RuntimeError("injected decode fault")
-        return self.inner.decode(slots)
+        return self.inner.decode(slots, plan)
+
+    def speculation(self):
+        return self.inner.speculation()
 
     def release(self, slot: int) -> None:
         self.inner.release(slot)

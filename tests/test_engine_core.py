@@ -41,11 +41,11 @@ class SpyRunner(PlainRunner):
 
         model_runner._steps = (model_runner._steps[0], spy)
 
-    def decode(self, slots):
+    def decode(self, slots, plan):
         if self.fail_next:
             self.fail_next -= 1
             raise RuntimeError("device step exploded")
-        return super().decode(slots)
+        return super().decode(slots, plan)
 
 
 def test_buckets():

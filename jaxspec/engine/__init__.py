@@ -12,8 +12,9 @@ from jaxspec.engine.request import (
     SpecStats,
 )
 from jaxspec.engine.slots import SlotTable
+from jaxspec.engine.step import DecodePlan, StepResult
 
 __all__ = [
-    "Completion", "Engine", "FinishReason", "InvalidRequestError", "ModelRunner", "PlainRunner", "QueueFullError",
-    "Request", "RequestOutput", "SlotTable", "SpecStats", "StepRunner", "prefill_buckets",
+    "Completion", "DecodePlan", "Engine", "FinishReason", "InvalidRequestError", "ModelRunner", "PlainRunner", "QueueFullError",
+    "Request", "RequestOutput", "SlotTable", "SpecStats", "StepResult", "StepRunner", "prefill_buckets",
 ]

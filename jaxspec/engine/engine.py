@@ -31,16 +31,18 @@ from jaxspec.engine.request import (
     RequestOutput,
     SpecStats,
 )
-from jaxspec.engine.scheduler import Scheduler
+from jaxspec.engine.scheduler import Scheduler, SpecPolicy
 from jaxspec.engine.slots import SlotTable
+from jaxspec.engine.step import DecodePlan, StepResult
 from jaxspec.engine.stopping import OutputTracker
 from jaxspec.sampling import SamplingParams
 from jaxspec.tokenizer import Tokenizer
 
 
 class StepRunner(Protocol):
-    """Device work for one engine. ``decode`` returns, per active slot, the new tokens
-    (one for plain decoding, 1..k+1 under speculation) and (drafted, accepted) counts."""
+    """Device work for one engine. ``decode`` executes a ``DecodePlan`` and returns, per planned
+    slot, the new tokens (one for plain decoding, 1..k+1 under speculation) and (drafted,
+    accepted) counts."""
 
     cfg: ModelConfig
     num_slots: int
@@ -52,7 +54,13 @@ class StepRunner(Protocol):
         """Prefill (slot, request) pairs in one call; returns each one's first token."""
         ...
 
-    def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]: ...
+    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
+        """Run one decode step as planned."""
+        ...
+
+    def speculation(self) -> SpecPolicy | None:
+        """The policy that plans this runner's proposal lengths (None: plain decoding)."""
+        ...
 
     def release(self, slot: int) -> None: ...
 
@@ -97,9 +105,14 @@ class PlainRunner:
     def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
         return self.runner.device_info()
 
-    def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
-        tokens = self.runner.decode(slots)
-        return {s: ([int(tokens[s])], 0, 0) for s in slots.active_slots()}
+    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
+        t0 = time.perf_counter()
+        tokens = self.runner.decode_rows(plan.slots, slots.last_token[plan.slots], slots.sampling(plan.slots),
+                                         slots.num_generated[plan.slots])
+        return StepResult.plain(plan.slots, tokens, time.perf_counter() - t0)
+
+    def speculation(self) -> None:
+        return None
 
     def release(self, slot: int) -> None:
         self.runner.set_length(slot, 0)
@@ -146,8 +159,8 @@ class Engine:
         self.cfg = runner.cfg
         self.max_waiting = max_waiting
         self.eos_ids = tuple(eos_ids if eos_ids is not None else tokenizer.eos_ids or self.cfg.eos_ids)
-        # None: speculative iff the runner is (SpeculativeRunner sets ``speculative = True``).
-        self.speculative = bool(getattr(runner, "speculative", False)) if speculative is None else speculative
+        spec_policy = runner.speculation()
+        self.speculative = spec_policy is not None if speculative is None else speculative
         self.spec_stats = SpecStats() if self.speculative else None  # aggregate over all requests
         self.slots = SlotTable(runner.num_slots)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -155,7 +168,7 @@ class Engine:
         self._ids = itertools.count()
         self._seed_rng = random.Random()
         self._in_flight: set[str] = set()
-        self.scheduler = Scheduler(runner.max_prefill_rows, prefill_token_budget, runner.padded_length)
+        self.scheduler = Scheduler(runner.max_prefill_rows, prefill_token_budget, runner.padded_length, spec_policy)
 
     # ------------------------------------------------------------- admission
     @property
@@ -248,16 +261,16 @@ class Engine:
         outputs += self._admit()
         if self.slots.active.any():
             try:
-                results = self.runner.decode(self.slots)
+                plan = self.scheduler.plan_decode(self.slots)
+                result = self.runner.decode(self.slots, plan)
             except Exception as e:
                 outputs += [self._fail_hard(slot, e) for slot in self.slots.active_slots()]
                 raise StepFailed(outputs, e) from e
             now = time.monotonic()
-            # (draft_s, verify_s) of this step, from runners that time their phases.
-            times = getattr(self.runner, "last_step_times", None) or (0.0, 0.0)
+            times = self.scheduler.update(result)  # (draft_s, verify_s)
             if self.spec_stats is not None:
                 self.spec_stats.add_step(*times)
-            for slot, (tokens, drafted, accepted) in results.items():
+            for slot, tokens, drafted, accepted in result.items():
                 live = self.live.get(slot)
                 if live is None:
                     continue
@@ -298,8 +311,9 @@ class Engine:
                 except Exception as e:  # one bad request must not take the engine down
                     outputs += [self._fail(slot, e) for slot, _ in items]
                     continue
-            for (slot, _), first in zip(items, firsts):
+            for (slot, req), first in zip(items, firsts):
                 self.slots.active[slot] = True
+                self.scheduler.started(slot, req)
                 outputs.append(self._emit_or_fail(slot, [first], time.monotonic()))
         return outputs
 
@@ -340,6 +354,7 @@ class Engine:
         self._in_flight.discard(out.request_id)
         del self.live[slot]
         self.slots.release(slot)
+        self.scheduler.released(slot)
         self.runner.release(slot)
         return out
 

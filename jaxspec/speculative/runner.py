@@ -36,11 +36,13 @@ import numpy as np
 from jaxspec.engine.model_runner import ModelRunner, scatter_rows, scatter_sampling
 from jaxspec.engine.request import InvalidRequestError, Request
 from jaxspec.engine.slots import SlotTable
+from jaxspec.engine.step import DecodePlan, StepResult
 from jaxspec.sampling import BatchSampling, logits_to_probs, pad_sampling
-from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy, bucket_for, k_buckets
+from jaxspec.speculative.adaptive import CostModel, KPolicy, k_buckets
 from jaxspec.speculative.draft_model import DraftModelProposer
 from jaxspec.speculative.jit_cache import cached_jit
 from jaxspec.speculative.proposer import NoProposer, Proposal, Proposer, SpecContext, TokenHistory
+from jaxspec.speculative.scheduling import SpecScheduler
 from jaxspec.speculative.verify import get_backend, verify_with_keys
 
 AUTO = "auto"
@@ -141,17 +143,15 @@ class SpeculativeRunner:
         self.buckets = k_buckets(k_max, extra=() if self.adaptive else (self.default_k,))
         get_backend(verify_backend)  # fail now on an unknown backend, not at the first step
         self.verify_backend = verify_backend
-        self.cost_model = cost_model
         self.measure_reps = measure_reps
         self.profile = profile
         self.history = TokenHistory(self.num_slots, self.max_len + k_max + 1)
-        self.override = np.full(self.num_slots, -1, np.int32)
-        self.estimator = AcceptanceEstimator(self.num_slots)
-        self.policy = KPolicy(self.buckets, probe_every=probe_every)
-        self.last_step_times: tuple[float, float] | None = None  # (draft_s, verify_s) of the last decode
-        self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length (reporting)
+        # The choice of k per step is the scheduler's: the engine plans with this, the runner executes.
+        self.spec = SpecScheduler(self.num_slots, self.buckets, k_max, None if self.adaptive else self.default_k,
+                                  rows_for=lambda n: len(self.target.row_layout(np.arange(n))[0]),
+                                  measure=lambda rows: self.measure_costs(self.measure_reps, rows),
+                                  cost_model=cost_model, probe_every=probe_every)
         self._verify_fns: dict[tuple[int, bool, int], object] = {}
-        self.cost_models: dict[int, CostModel] = {}  # measured, per batch bucket
         # A single-device model drafter runs inside the verification step (one call per step).
         self.fused = (fuse and isinstance(self.proposer, DraftModelProposer) and target.placement is None
                       and self.proposer.placement is None and target.compact_rows and self.proposer.compact_rows)
@@ -269,11 +269,8 @@ class SpeculativeRunner:
         idx = np.array([slot for slot, _ in items])
         firsts = self.target.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx))
         for (slot, request), first in zip(items, firsts):
-            override = request.num_speculative_tokens
             self.proposer.prefill(slot, request.prompt_ids)
             self.history.start(slot, [*request.prompt_ids, first])
-            self.override[slot] = -1 if override is None else min(int(override), self.k_max)
-            self.estimator.reset(slot)
         if self.feature_layers:  # the prompts' features: positions 0..n-1, each followed by the next token
             feats = self.target.captured
             rows, width = feats.shape[0], feats.shape[1]
@@ -292,8 +289,6 @@ class SpeculativeRunner:
         self.target.set_length(slot, 0)
         self.proposer.release(slot)
         self.history.clear(slot)
-        self.override[slot] = -1
-        self.estimator.reset(slot)
 
     def warmup(self) -> None:
         """Compile prefill, every draft loop and verification (rows x span x k buckets); measure
@@ -307,9 +302,9 @@ class SpeculativeRunner:
             for kv_len in self.target.kv_buckets:
                 for kb in self.buckets:
                     self._dummy_step(kb, rows, kv_len)
-        if self.adaptive and self.cost_model is None:
+        if self.adaptive and self.spec.cost_model is None:
             for rows in self.target.batch_buckets:
-                self.cost_models[rows] = self.measure_costs(self.measure_reps, rows)
+                self.spec.cost_models[rows] = self.measure_costs(self.measure_reps, rows)
 
     def measure_costs(self, reps: int = 5, rows: int | None = None) -> CostModel:
         """Median seconds of each compiled draft loop and verification over ``rows`` rows (default:
@@ -333,25 +328,48 @@ class SpeculativeRunner:
 
     def costs_for(self, rows: int) -> CostModel:
         """The adaptive policy's costs at a batch bucket (the given model, else measured ones)."""
-        if self.cost_model is not None:
-            return self.cost_model
-        model = self.cost_models.get(rows)
-        if model is None:
-            model = self.cost_models[rows] = self.measure_costs(self.measure_reps, rows)
-        return model
+        return self.spec.costs_for(rows)
 
-    def decode(self, slots: SlotTable) -> dict[int, tuple[list[int], int, int]]:
-        act = np.flatnonzero(slots.active)
+    # The scheduler's speculation settings, reachable from the runner for the CLI and tools.
+    def speculation(self) -> SpecScheduler:
+        return self.spec
+
+    @property
+    def cost_model(self) -> CostModel | None:
+        return self.spec.cost_model
+
+    @cost_model.setter
+    def cost_model(self, model: CostModel | None) -> None:
+        self.spec.cost_model = model
+
+    @property
+    def policy(self) -> KPolicy:
+        return self.spec.policy
+
+    @policy.setter
+    def policy(self, policy: KPolicy) -> None:
+        self.spec.policy = policy
+
+    @property
+    def cost_models(self) -> dict[int, CostModel]:
+        return self.spec.cost_models
+
+    @property
+    def bucket_steps(self) -> Counter:
+        return self.spec.bucket_steps
+
+    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
+        act = plan.slots
         n = len(act)
         if n == 0:
-            return {}
-        row_slots, where = self.target.row_layout(act)  # batch rows; the row of each active slot
-        b = len(row_slots)
+            return StepResult.plain(act, np.zeros(0, np.int32))
         out_pos = slots.num_generated[act].astype(np.int32)
-        k, kb = self._choose_k(slots, act, out_pos, b)
+        k, kb = plan.k, plan.kb
         sampling = slots.sampling(act)
         if kb == 0 and not self.feature_layers:
-            return self._plain_decode(act, sampling, out_pos, b)
+            return self._plain_decode(act, sampling, out_pos)
+        row_slots, where = self.target.row_layout(act)  # batch rows; the row of each active slot
+        b = len(row_slots)
         active = scatter_rows(np.ones(n, bool), where, b, False)
         ctx = SpecContext(self.history, active, scatter_rows(k, where, b, 0), kb, scatter_sampling(sampling, where, b),
                           scatter_rows(out_pos, where, b, 0), slots=row_slots)
@@ -398,46 +416,30 @@ class SpeculativeRunner:
         if kb > 0:
             self.proposer.commit(ctx, proposal, scatter_rows(accepted, where, b, 0))
         drafted = proposal.num_draft[where] if proposal is not None and kb_run > 0 else np.zeros(n, np.int32)
-        results = self._apply(act, out_tokens, accepted, drafted)
-        costs = self.cost_model if self.cost_model is not None else self.cost_models.get(b)
-        if costs is not None:
-            costs.observe(kb_run, t1 - t0, t2 - t1)
-        self.bucket_steps[kb_run] += 1
-        self.last_step_times = (t1 - t0, t2 - t1)
-        return results
+        return StepResult(act, self._extend_history(act, out_tokens, accepted), np.asarray(drafted, np.int32),
+                          np.asarray(accepted, np.int32), kb_run, t1 - t0, t2 - t1)
 
-    def _plain_decode(self, act, sampling, out_pos, rows: int) -> dict[int, tuple[list[int], int, int]]:
+    def _plain_decode(self, act, sampling, out_pos) -> StepResult:
         """A step with nothing to propose: the target's own decode step and only the bookkeeping it
         needs, so that an adaptive policy that turns speculation off pays what ``PlainRunner`` pays."""
         t0 = time.perf_counter()
         tokens = self.target.decode_rows(act, self.history.last()[act], sampling, out_pos)
-        t1 = time.perf_counter()
-        results = {}
         for s, tok in zip(act.tolist(), tokens.tolist()):
             self.history.append(s, tok)
-            results[s] = ([tok], 0, 0)
-        costs = self.cost_model if self.cost_model is not None else self.cost_models.get(rows)
-        if costs is not None:
-            costs.observe(0, 0.0, t1 - t0)
-        self.bucket_steps[0] += 1
-        self.last_step_times = (0.0, t1 - t0)
-        return results
+        return StepResult.plain(act, tokens, time.perf_counter() - t0)
 
-    def _apply(self, act, out_tokens, accepted, drafted) -> dict[int, tuple[list[int], int, int]]:
-        """Per active slot: its a accepted drafts plus one target token, into the history and the
-        acceptance estimate -> {slot: (tokens, drafted, accepted)}."""
-        results = {}
-        for i, s in enumerate(act):
-            a = int(accepted[i])
-            tokens = out_tokens[i, : a + 1].tolist()
+    def _extend_history(self, act, out_tokens, accepted) -> list[list[int]]:
+        """Per active slot: its a accepted drafts plus one target token, appended to the history."""
+        out = []
+        for i, s in enumerate(act.tolist()):
+            tokens = out_tokens[i, : int(accepted[i]) + 1].tolist()
             self.history.extend(s, tokens)
-            self.estimator.update(s, int(drafted[i]), a)
-            results[int(s)] = (tokens, int(drafted[i]), a)
-        return results
+            out.append(tokens)
+        return out
 
-    def _fused_decode(self, ctx: SpecContext, act, where, row_slots, last, sampling, out_pos, t0: float):
+    def _fused_decode(self, ctx: SpecContext, act, where, row_slots, last, sampling, out_pos, t0: float) -> StepResult:
         """``decode``'s draft-and-verify step as one jitted call (a single-device model drafter)."""
-        n, b, kb = len(act), len(row_slots), ctx.kb
+        b, kb = len(row_slots), ctx.kb
         block, pending, d_lengths = self.proposer.prepare(ctx)
         start = (self.history.length[act] - 1).astype(np.int32)
         kv_len = self.target.kv_bucket_for(int(start.max()) + kb + 1)
@@ -450,34 +452,6 @@ class SpeculativeRunner:
         self.target.set_lengths_host(act, start + 1 + accepted)
         self.target.add_expert_load(load)
         self.proposer.commit_host(scatter_rows(accepted, where, b, 0), kb)
-        t2 = time.perf_counter()
-        drafted = num_draft[where]
-        results = self._apply(act, out_tokens, accepted, drafted)
-        costs = self.cost_model if self.cost_model is not None else self.cost_models.get(b)
-        if costs is not None:
-            costs.observe_total(kb, t2 - t0)
-        self.bucket_steps[kb] += 1
-        self.last_step_times = costs.split(kb, t2 - t0) if costs is not None else (0.0, t2 - t0)
-        return results
-
-    # ---------------------------------------------------------------- choosing k
-    def _choose_k(self, slots: SlotTable, act: np.ndarray, out_pos: np.ndarray, rows: int) -> tuple[np.ndarray, int]:
-        """(proposals per active slot [n], the step's proposal length kb >= their max).
-
-        A slot's k is capped by the tokens its request can still use, but with a fixed
-        k the bucket is not: the step keeps one compiled shape from the first token to
-        the last (kb = 0 only once every slot is on its final token), which also keeps a
-        request's numerics independent of where the others are in their generation."""
-        k = np.zeros(len(act), np.int32)
-        if self.k_max == 0 or act.size == 0:
-            return k, 0
-        max_tokens = np.array([slots.requests[s].params.max_tokens for s in act])
-        caps = np.clip(max_tokens - out_pos - 1, 0, self.k_max)
-        forced = self.override[act]
-        if not self.adaptive:
-            wanted = np.where(forced < 0, self.default_k, forced)
-            k[:] = np.minimum(wanted, caps)
-            return k, (bucket_for(int(wanted.max()), self.buckets) if k.any() else 0)
-        kb = self.policy.choose(self.estimator.mean(act), caps, forced, self.costs_for(rows))
-        k[:] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
-        return k, (kb if k.any() else 0)
+        step_s = time.perf_counter() - t0
+        return StepResult(act, self._extend_history(act, out_tokens, accepted), num_draft[where],
+                          accepted.astype(np.int32), kb, 0.0, step_s, fused=True)

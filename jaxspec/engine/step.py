@@ -1,0 +1,51 @@
+"""What passes between the scheduler, the runner and the engine in one decode step.
+
+The scheduler decides (``DecodePlan``: which slots step, how many tokens each proposes), the
+runner executes the plan and reports (``StepResult``), the engine applies the result (stop
+checks, detokenisation, outputs) and hands it back to the scheduler (acceptance estimates,
+step costs). Host values only: the runner keeps every device array to itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """One decode step over the active slots."""
+
+    slots: np.ndarray  # [n] int, the active slots in ascending order
+    k: np.ndarray  # [n] int, draft tokens each slot proposes (0: plain decoding for that slot)
+    kb: int  # the step's compiled proposal length, >= k.max() (0: a plain decode step)
+
+    @classmethod
+    def plain(cls, slots: np.ndarray) -> "DecodePlan":
+        slots = np.asarray(slots, np.int64)
+        return cls(slots, np.zeros(len(slots), np.int32), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one decode step produced, per planned slot (same order as ``DecodePlan.slots``)."""
+
+    slots: np.ndarray  # [n]
+    tokens: list[list[int]]  # per slot: its accepted drafts, then one target token
+    drafted: np.ndarray  # [n] draft tokens verified
+    accepted: np.ndarray  # [n] of them accepted
+    kb: int  # proposal length the step ran with (0 when nothing was proposed after all)
+    draft_s: float = 0.0  # wall time of drafting
+    verify_s: float = 0.0  # wall time of the rest of the step
+    fused: bool = False  # drafting and verification ran as one call (verify_s holds both)
+
+    @classmethod
+    def plain(cls, slots: np.ndarray, tokens: np.ndarray, step_s: float = 0.0) -> "StepResult":
+        n = len(slots)
+        zeros = np.zeros(n, np.int32)
+        return cls(np.asarray(slots), [[int(t)] for t in np.asarray(tokens).tolist()], zeros, zeros, 0, 0.0, step_s)
+
+    def items(self):
+        """(slot, tokens, drafted, accepted) per slot."""
+        return zip(self.slots.tolist(), self.tokens, self.drafted.tolist(), self.accepted.tolist())

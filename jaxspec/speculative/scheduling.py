@@ -1,0 +1,103 @@
+"""The scheduler's half of speculative decoding: how many tokens each slot proposes this step.
+
+``SpecScheduler`` holds everything the choice needs and nothing the device does: per-slot
+overrides (a request's ``num_speculative_tokens``), acceptance estimates, the adaptive policy
+and the step costs it weighs (measured by the runner at warm-up, refined from every step's own
+wall time). The engine asks it for a ``DecodePlan`` before each decode step and gives it the
+``StepResult`` after; the runner only executes plans.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import numpy as np
+
+from jaxspec.engine.slots import SlotTable
+from jaxspec.engine.step import DecodePlan, StepResult
+from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy, bucket_for
+
+
+class SpecScheduler:
+    def __init__(self, num_slots: int, buckets: list[int], k_max: int, default_k: int | None,
+                 rows_for: Callable[[int], int], measure: Callable[[int], CostModel],
+                 cost_model: CostModel | None = None, probe_every: int = 16):
+        """``default_k``: the fixed proposal length, or None for adaptive k. ``rows_for(n)``: the
+        compiled batch bucket a step over n slots runs at (costs are kept per bucket).
+        ``measure(rows)`` times the compiled steps at a bucket (the runner's ``measure_costs``),
+        used when a bucket's costs are first needed; ``cost_model`` replaces measured costs at
+        every bucket."""
+        self._rows_for = rows_for
+        self.buckets = list(buckets)
+        self.k_max = k_max
+        self.adaptive = default_k is None
+        self.default_k = 0 if default_k is None else default_k
+        self.cost_model = cost_model
+        self.cost_models: dict[int, CostModel] = {}  # measured, per batch bucket
+        self._measure = measure
+        self.override = np.full(num_slots, -1, np.int32)  # per slot: the request's k, -1 = free
+        self.estimator = AcceptanceEstimator(num_slots)
+        self.policy = KPolicy(self.buckets, probe_every=probe_every)
+        self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length run (reporting)
+
+    # ------------------------------------------------------------ slots
+    def start(self, slot: int, num_speculative_tokens: int | None) -> None:
+        """A request entered ``slot`` (None: the server's setting; 0: no speculation)."""
+        self.override[slot] = -1 if num_speculative_tokens is None else min(int(num_speculative_tokens), self.k_max)
+        self.estimator.reset(slot)
+
+    def release(self, slot: int) -> None:
+        self.override[slot] = -1
+        self.estimator.reset(slot)
+
+    # ------------------------------------------------------------ costs
+    def costs_for(self, rows: int) -> CostModel:
+        """The adaptive policy's costs at a batch bucket (the given model, else measured ones)."""
+        if self.cost_model is not None:
+            return self.cost_model
+        model = self.cost_models.get(rows)
+        if model is None:
+            model = self.cost_models[rows] = self._measure(rows)
+        return model
+
+    def _known_costs(self, rows: int) -> CostModel | None:
+        return self.cost_model if self.cost_model is not None else self.cost_models.get(rows)
+
+    # ------------------------------------------------------------ the step
+    def plan(self, slots: SlotTable, act: np.ndarray) -> DecodePlan:
+        """k per active slot and the step's proposal bucket kb >= their max.
+
+        A slot's k is capped by the tokens its request can still use, but with a fixed k the
+        bucket is not: the step keeps one compiled shape from the first token to the last (kb = 0
+        only once every slot is on its final token), which also keeps a request's numerics
+        independent of where the others are in their generation."""
+        k = np.zeros(len(act), np.int32)
+        if self.k_max == 0 or act.size == 0:
+            return DecodePlan(act, k, 0)
+        max_tokens = np.fromiter((slots.requests[s].params.max_tokens for s in act), np.int64, len(act))
+        caps = np.clip(max_tokens - slots.num_generated[act] - 1, 0, self.k_max)
+        forced = self.override[act]
+        if not self.adaptive:
+            wanted = np.where(forced < 0, self.default_k, forced)
+            k[:] = np.minimum(wanted, caps)
+            return DecodePlan(act, k, bucket_for(int(wanted.max()), self.buckets) if k.any() else 0)
+        kb = self.policy.choose(self.estimator.mean(act), caps, forced, self.costs_for(self._rows_for(len(act))))
+        k[:] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
+        return DecodePlan(act, k, kb if k.any() else 0)
+
+    def update(self, result: StepResult) -> tuple[float, float]:
+        """Fold a step's outcome into the acceptance estimates and its time into the step costs.
+        Returns the step's (draft_s, verify_s): a fused step's one wall time split as its bucket's
+        costs split."""
+        for slot, _, drafted, accepted in result.items():
+            self.estimator.update(slot, drafted, accepted)
+        self.bucket_steps[result.kb] += 1
+        costs = self._known_costs(self._rows_for(len(result.slots)))
+        times = (result.draft_s, result.verify_s)
+        if costs is None:
+            return times
+        if result.fused:
+            times = costs.split(result.kb, result.draft_s + result.verify_s)
+        costs.observe(result.kb, *times)
+        return times
