@@ -155,3 +155,27 @@ def test_ngram_proposer_per_slot_k():
     p = prop.propose(ctx)
     assert p.probs is None and p.num_draft.tolist() == [2, 0, 0]
     assert p.tokens[0, :2].tolist() == [3, 4]
+
+
+def test_policy_calibrates_buckets_from_realised_rates():
+    """A bucket that keeps emitting fewer tokens per second than its prediction (acceptance that
+    falls with the position, a verification dearer than at warm-up) stops being chosen."""
+    free, caps, alphas = np.full(4, -1), np.full(4, 8), np.full(4, 0.6)
+    costs = _costs(1e-4, 0.02)
+    policy = KPolicy(BUCKETS)
+    first = policy.choose(alphas, caps, free, costs)
+    assert first > 0 and policy.correction(first) == 1.0
+    for _ in range(40):
+        kb = policy.choose(alphas, caps, free, costs)
+        predicted = policy.last_rates[kb] / policy.correction(kb)
+        # Drafting buckets realise a third of their prediction; plain steps exactly theirs.
+        policy.observe(kb, predicted, predicted / 3 if kb else predicted)
+        policy.observe(0, 4 / costs.step_cost(0), 4 / costs.step_cost(0))
+    assert policy.correction(first) < 0.5
+    assert policy.choose(alphas, caps, free, costs) == 0
+    # Realised rates that match the predictions leave the choice as it was.
+    honest = KPolicy(BUCKETS)
+    for _ in range(40):
+        kb = honest.choose(alphas, caps, free, costs)
+        honest.observe(kb, honest.last_rates[kb], honest.last_rates[kb])
+    assert honest.choose(alphas, caps, free, costs) == first

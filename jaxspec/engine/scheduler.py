@@ -33,7 +33,7 @@ class Admission:
 class SpecPolicy(Protocol):
     """Chooses the proposal lengths of a speculative runner's steps."""
 
-    def start(self, slot: int, num_speculative_tokens: int | None) -> None: ...
+    def start(self, slot: int, request: Request) -> None: ...
 
     def release(self, slot: int) -> None: ...
 
@@ -74,7 +74,7 @@ class Scheduler:
     def started(self, slot: int, request: Request) -> None:
         """``request`` was prefilled into ``slot`` and decodes from the next step on."""
         if self.spec is not None:
-            self.spec.start(slot, request.num_speculative_tokens)
+            self.spec.start(slot, request)
 
     def released(self, slot: int) -> None:
         if self.spec is not None:

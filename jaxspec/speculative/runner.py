@@ -106,7 +106,7 @@ class SpeculativeRunner:
         k_max: int = 8,
         verify_backend: str = "xla",
         cost_model: CostModel | None = None,
-        measure_reps: int = 5,
+        measure_reps: int = 7,
         probe_every: int = 16,
         profile: bool = False,
         fuse: bool = True,
@@ -308,23 +308,26 @@ class SpeculativeRunner:
 
     def measure_costs(self, reps: int = 5, rows: int | None = None) -> CostModel:
         """Median seconds of each compiled draft loop and verification over ``rows`` rows (default:
-        every slot), attending over the middle compiled span (a typical context)."""
+        every slot), attending over the middle compiled span (a typical context). The buckets are
+        timed in turns, so a load change on a shared machine shifts them together and the policy,
+        which compares them, is not misled by when each one happened to be timed."""
         rows = rows or self.target.batch_buckets[-1]
         kv_len = self.target.kv_buckets[len(self.target.kv_buckets) // 2]
-        draft_s, verify_s = {}, {}
-        for kb in [0, *self.buckets]:
+        kbs = [0, *self.buckets]
+        draft_s: dict[int, float] = {}
+        for kb in kbs:
             if self.fused or kb == 0:  # a fused step's time holds its draft
                 draft_s[kb] = 0.0
             else:
                 draft_s[kb] = self.proposer.measure(kb, reps, rows, kv_len)
             self._dummy_step(kb, rows, kv_len, live=True)  # compile / warm
-            times = []
-            for _ in range(reps):
+        times: dict[int, list[float]] = {kb: [] for kb in kbs}
+        for _ in range(reps):
+            for kb in kbs:
                 t = time.perf_counter()
                 self._dummy_step(kb, rows, kv_len, live=True)
-                times.append(time.perf_counter() - t)
-            verify_s[kb] = statistics.median(times)
-        return CostModel(draft_s, verify_s, source="measured")
+                times[kb].append(time.perf_counter() - t)
+        return CostModel(draft_s, {kb: statistics.median(times[kb]) for kb in kbs}, source="measured")
 
     def costs_for(self, rows: int) -> CostModel:
         """The adaptive policy's costs at a batch bucket (the given model, else measured ones)."""

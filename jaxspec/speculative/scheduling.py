@@ -9,11 +9,13 @@ wall time). The engine asks it for a ``DecodePlan`` before each decode step and 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Callable
 
 import numpy as np
 
+from jaxspec.engine.request import Request
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, StepResult
 from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy, bucket_for
@@ -28,7 +30,7 @@ class SpecScheduler:
         ``measure(rows)`` times the compiled steps at a bucket (the runner's ``measure_costs``),
         used when a bucket's costs are first needed; ``cost_model`` replaces measured costs at
         every bucket."""
-        self._rows_for = rows_for
+        self._rows_for = functools.lru_cache(maxsize=None)(rows_for)
         self.buckets = list(buckets)
         self.k_max = k_max
         self.adaptive = default_k is None
@@ -37,14 +39,18 @@ class SpecScheduler:
         self.cost_models: dict[int, CostModel] = {}  # measured, per batch bucket
         self._measure = measure
         self.override = np.full(num_slots, -1, np.int32)  # per slot: the request's k, -1 = free
+        self.max_tokens = np.zeros(num_slots, np.int64)  # per slot: the request's output budget
         self.estimator = AcceptanceEstimator(num_slots)
         self.policy = KPolicy(self.buckets, probe_every=probe_every)
         self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length run (reporting)
 
     # ------------------------------------------------------------ slots
-    def start(self, slot: int, num_speculative_tokens: int | None) -> None:
-        """A request entered ``slot`` (None: the server's setting; 0: no speculation)."""
-        self.override[slot] = -1 if num_speculative_tokens is None else min(int(num_speculative_tokens), self.k_max)
+    def start(self, slot: int, request: Request) -> None:
+        """``request`` entered ``slot`` (its num_speculative_tokens: None = the server's setting,
+        0 = no speculation)."""
+        k = request.num_speculative_tokens
+        self.override[slot] = -1 if k is None else min(int(k), self.k_max)
+        self.max_tokens[slot] = request.params.max_tokens
         self.estimator.reset(slot)
 
     def release(self, slot: int) -> None:
@@ -75,9 +81,10 @@ class SpecScheduler:
         k = np.zeros(len(act), np.int32)
         if self.k_max == 0 or act.size == 0:
             return DecodePlan(act, k, 0)
-        max_tokens = np.fromiter((slots.requests[s].params.max_tokens for s in act), np.int64, len(act))
-        caps = np.clip(max_tokens - slots.num_generated[act] - 1, 0, self.k_max)
         forced = self.override[act]
+        if not forced.any():  # every request opted out (k = 0): a plain step
+            return DecodePlan(act, k, 0)
+        caps = np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
         if not self.adaptive:
             wanted = np.where(forced < 0, self.default_k, forced)
             k[:] = np.minimum(wanted, caps)
@@ -100,4 +107,10 @@ class SpecScheduler:
         if result.fused:
             times = costs.split(result.kb, result.draft_s + result.verify_s)
         costs.observe(result.kb, *times)
+        predicted = self.policy.last_rates.get(result.kb)
+        step_s = times[0] + times[1]
+        # Costs held fixed (smoothing 0: synthetic or given) are not seconds of this machine's steps.
+        if self.adaptive and costs.smoothing > 0 and predicted is not None and step_s > 0:
+            correction = self.policy.correction(result.kb)
+            self.policy.observe(result.kb, predicted / correction, sum(map(len, result.tokens)) / step_s)
         return times
