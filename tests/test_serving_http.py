@@ -27,7 +27,7 @@ from serving.chat_template import ChatTemplate  # noqa: E402
 from serving.client import JaxSpecClient  # noqa: E402
 from serving.server import ServerOptions  # noqa: E402
 from serving.testing import BackgroundServer, ControlledRunner, persistent_compilation_cache  # noqa: E402
-from test_serving_lifecycle import _start_cli  # noqa: E402
+from test_serving_lifecycle import _start_cli, wait_until  # noqa: E402
 from test_serving_security import tls_files  # noqa: E402,F401  (fixture)
 
 TOKEN = "http-test-token"
@@ -63,15 +63,6 @@ class Env:
 
     def idle(self, timeout: float = 30.0) -> None:
         wait_until(lambda: (i := self.grpc.server_info()).num_running == 0 and i.num_waiting == 0, timeout, "idle")
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
