@@ -17,6 +17,13 @@ from jaxspec.startup import NOISE, filtered_fd2
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The model's kernel adapters bind a kernel on first use: bind the real ones before the tests here
+# patch kernels, or every later test in the process would run the patched one.
+import jaxspec.models.moe_pallas  # noqa: E402,F401
+from jaxspec.speculative.verify import get_backend  # noqa: E402
+
+get_backend("pallas")
+
 
 def test_private_dir_is_created_0700_under_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
