@@ -157,25 +157,43 @@ def test_ngram_proposer_per_slot_k():
     assert p.tokens[0, :2].tolist() == [3, 4]
 
 
-def test_policy_calibrates_buckets_from_realised_rates():
-    """A bucket that keeps emitting fewer tokens per second than its prediction (acceptance that
-    falls with the position, a verification dearer than at warm-up) stops being chosen."""
-    free, caps, alphas = np.full(4, -1), np.full(4, 8), np.full(4, 0.6)
-    costs = _costs(1e-4, 0.02)
-    policy = KPolicy(BUCKETS)
-    first = policy.choose(alphas, caps, free, costs)
-    assert first > 0 and policy.correction(first) == 1.0
-    for _ in range(40):
-        kb = policy.choose(alphas, caps, free, costs)
-        predicted = policy.last_rates[kb] / policy.correction(kb)
-        # Drafting buckets realise a third of their prediction; plain steps exactly theirs.
-        policy.observe(kb, predicted, predicted / 3 if kb else predicted)
-        policy.observe(0, 4 / costs.step_cost(0), 4 / costs.step_cost(0))
-    assert policy.correction(first) < 0.5
-    assert policy.choose(alphas, caps, free, costs) == 0
-    # Realised rates that match the predictions leave the choice as it was.
-    honest = KPolicy(BUCKETS)
-    for _ in range(40):
-        kb = honest.choose(alphas, caps, free, costs)
-        honest.observe(kb, honest.last_rates[kb], honest.last_rates[kb])
-    assert honest.choose(alphas, caps, free, costs) == first
+def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
+    """A bucket whose steps keep emitting fewer tokens per row-second than a plain step (acceptance
+    that falls with the draft position, costs the step model does not see) stops being chosen, and
+    comes back once probes of it do better."""
+    from jaxspec.engine.request import Request
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.engine.step import StepResult
+    from jaxspec.sampling import SamplingParams
+    from jaxspec.speculative.scheduling import MIN_REALISED_STEPS, SpecScheduler
+
+    costs = _costs(1e-4, 0.02)  # drafting nearly free on paper
+    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs)
+    slots = SlotTable(4)
+    for s in range(4):
+        req = Request(f"r{s}", [1, 2, 3], SamplingParams(max_tokens=200), seed=s)
+        slots.assign(s, req)
+        slots.active[s] = True
+        sched.start(s, req)
+    act = np.arange(4)
+    first = sched.plan(slots, act).kb
+    assert first > 0
+
+    def run(kb: int, tokens_per_row: int, step_s: float) -> None:
+        sched.update(StepResult(act, [[0] * tokens_per_row] * 4, np.full(4, kb), np.full(4, tokens_per_row - 1),
+                                kb, 0.0, step_s))
+
+    plain = costs.verify_s[0]  # a plain step: one token per row in this long
+    for _ in range(MIN_REALISED_STEPS):
+        run(first, 2, 3 * plain)  # 2 tokens per row in 3 plain steps' time: worse than plain
+    assert first in sched._blocked(4, costs)
+    assert sched.plan(slots, act).kb != first
+    for _ in range(20):  # the bucket's steps get good again (e.g. as probes)
+        run(first, 4, 1.2 * plain)
+    assert not sched._blocked(4, costs)
+    assert sched.plan(slots, act).kb > 0  # (acceptance rose meanwhile: possibly a longer bucket)
+    # Costs held fixed (smoothing 0) are not this machine's seconds: nothing is left out.
+    fixed = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
+                          cost_model=CostModel(costs.draft_s, costs.verify_s, smoothing=0.0))
+    fixed.update(StepResult(act, [[0]] * 4, np.full(4, first), np.zeros(4), first, 0.0, 1.0))
+    assert not fixed.realised

@@ -205,7 +205,7 @@ class KPolicy:
     """Chooses each step's proposal bucket (module docstring)."""
 
     def __init__(self, buckets: list[int], probe_every: int = 16, min_gain: float = 0.02,
-                 max_probe_every: int = 512, calibration_weight: float = 0.1):
+                 max_probe_every: int = 512):
         self.buckets = list(buckets)
         self.probe_every = probe_every
         self.max_probe_every = max(max_probe_every, probe_every)
@@ -214,40 +214,22 @@ class KPolicy:
         self._wait = probe_every  # steps off before the next probe (doubles while probes fail)
         self._probed = False
         self.last_rates: dict[int, float] = {}
-        # Realised over predicted tokens/s per bucket (running average). The prediction assumes
-        # i.i.d. acceptance and warm-up costs; real acceptance falls with the draft position and
-        # real steps differ from warm-up's, so the steps a bucket actually ran correct it.
-        self.calibration: dict[int, float] = {}
-        self.calibration_weight = calibration_weight
-
-    def correction(self, kb: int) -> float:
-        """How much better (> 1) or worse bucket kb has done than predicted, relative to kb = 0."""
-        if kb == 0 or kb not in self.calibration:
-            return 1.0
-        return float(np.clip(self.calibration[kb] / self.calibration.get(0, 1.0), 0.2, 5.0))
-
-    def observe(self, kb: int, predicted_rate: float, realised_rate: float) -> None:
-        """A step run at bucket kb emitted tokens at ``realised_rate`` (tokens/s) where ``choose``
-        predicted ``predicted_rate`` (uncorrected)."""
-        if predicted_rate <= 0 or realised_rate <= 0:
-            return
-        w, ratio = self.calibration_weight, realised_rate / predicted_rate
-        self.calibration[kb] = (1 - w) * self.calibration.get(kb, ratio) + w * ratio
-
-    def choose(self, alphas: np.ndarray, caps: np.ndarray, forced: np.ndarray, cost: CostModel) -> int:
-        """alphas/caps/forced per active slot (forced < 0: free). Returns kb."""
+    def choose(self, alphas: np.ndarray, caps: np.ndarray, forced: np.ndarray, cost: CostModel,
+               blocked: frozenset[int] = frozenset()) -> int:
+        """alphas/caps/forced per active slot (forced < 0: free). ``blocked``: buckets whose steps
+        have realised fewer tokens/s than plain steps (left out, except as a probe). Returns kb."""
         forced_k = np.minimum(forced, caps)
         floor = bucket_for(int(forced_k.max(initial=0)), self.buckets)
         free = forced < 0
         best_kb, best_rate = None, -1.0
-        candidates = [kb for kb in [0, *self.buckets] if kb >= floor]
+        candidates = [kb for kb in [0, *self.buckets] if kb >= floor and (kb not in blocked or kb == floor)]
         # Every candidate bucket at once ([buckets, slots]): this runs on every decode step.
         kbs = np.asarray(candidates)[:, None]
         k = np.where(free[None, :], np.minimum(kbs, caps[None, :]), forced_k[None, :])
         tokens = expected_tokens(np.broadcast_to(alphas, k.shape), k).sum(axis=1)
         self.last_rates = {}
         for kb, expected in zip(candidates, tokens.tolist()):
-            rate = expected / cost.step_cost(kb) * self.correction(kb)
+            rate = expected / cost.step_cost(kb)
             self.last_rates[kb] = rate
             if best_kb is None or rate > best_rate * (1.0 + self.min_gain):
                 best_kb, best_rate = kb, rate

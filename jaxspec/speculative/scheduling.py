@@ -21,6 +21,10 @@ from jaxspec.engine.step import DecodePlan, StepResult
 from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy, bucket_for
 
 
+REALISED_WEIGHT = 0.2  # of each step in a bucket's running realised rate
+MIN_REALISED_STEPS = 3  # steps of a bucket before its realised rate can leave it out
+
+
 class SpecScheduler:
     def __init__(self, num_slots: int, buckets: list[int], k_max: int, default_k: int | None,
                  rows_for: Callable[[int], int], measure: Callable[[int], CostModel],
@@ -43,6 +47,11 @@ class SpecScheduler:
         self.estimator = AcceptanceEstimator(num_slots)
         self.policy = KPolicy(self.buckets, probe_every=probe_every)
         self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length run (reporting)
+        # Tokens per row per second that steps of each (batch bucket, kb > 0) realised (running
+        # average, step count). The policy's prediction assumes i.i.d. acceptance and counts only
+        # the step's own time; a bucket that keeps emitting fewer tokens per row-second than a
+        # plain step is left out until a probe of it does better.
+        self.realised: dict[tuple[int, int], tuple[float, int]] = {}
 
     # ------------------------------------------------------------ slots
     def start(self, slot: int, request: Request) -> None:
@@ -70,6 +79,14 @@ class SpecScheduler:
     def _known_costs(self, rows: int) -> CostModel | None:
         return self.cost_model if self.cost_model is not None else self.cost_models.get(rows)
 
+    def _blocked(self, rows: int, costs: CostModel) -> frozenset[int]:
+        """Buckets whose realised tokens per row-second fell below a plain step's (1 / its cost)."""
+        if not self.realised or costs.smoothing <= 0:
+            return frozenset()
+        plain = 1.0 / costs.verify_s[0]
+        return frozenset(kb for (r, kb), (rate, count) in self.realised.items()
+                         if r == rows and count >= MIN_REALISED_STEPS and rate < plain)
+
     # ------------------------------------------------------------ the step
     def plan(self, slots: SlotTable, act: np.ndarray) -> DecodePlan:
         """k per active slot and the step's proposal bucket kb >= their max.
@@ -89,7 +106,9 @@ class SpecScheduler:
             wanted = np.where(forced < 0, self.default_k, forced)
             k[:] = np.minimum(wanted, caps)
             return DecodePlan(act, k, bucket_for(int(wanted.max()), self.buckets) if k.any() else 0)
-        kb = self.policy.choose(self.estimator.mean(act), caps, forced, self.costs_for(self._rows_for(len(act))))
+        rows = self._rows_for(len(act))
+        costs = self.costs_for(rows)
+        kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs))
         k[:] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
         return DecodePlan(act, k, kb if k.any() else 0)
 
@@ -107,10 +126,11 @@ class SpecScheduler:
         if result.fused:
             times = costs.split(result.kb, result.draft_s + result.verify_s)
         costs.observe(result.kb, *times)
-        predicted = self.policy.last_rates.get(result.kb)
         step_s = times[0] + times[1]
         # Costs held fixed (smoothing 0: synthetic or given) are not seconds of this machine's steps.
-        if self.adaptive and costs.smoothing > 0 and predicted is not None and step_s > 0:
-            correction = self.policy.correction(result.kb)
-            self.policy.observe(result.kb, predicted / correction, sum(map(len, result.tokens)) / step_s)
+        if self.adaptive and costs.smoothing > 0 and result.kb > 0 and step_s > 0 and len(result.slots):
+            rate = sum(map(len, result.tokens)) / (len(result.slots) * step_s)
+            key = (self._rows_for(len(result.slots)), result.kb)
+            mean, count = self.realised.get(key, (rate, 0))
+            self.realised[key] = (mean + REALISED_WEIGHT * (rate - mean) if count else rate, count + 1)
         return times
