@@ -87,3 +87,11 @@ def cli_cache(no_cache: bool, directory: str | None) -> contextlib.AbstractConte
     if no_cache:
         return contextlib.nullcontext(None)
     return enabled(directory)
+
+
+def add_arguments(parser) -> None:
+    """``--compilation-cache-dir`` and ``--no-compilation-cache``, the same for every CLI."""
+    parser.add_argument("--compilation-cache-dir", default=None, metavar="DIR",
+                        help="persistent compilation cache: later runs skip most compiling (default: "
+                        "$XDG_CACHE_HOME/jaxspec/xla or ~/.cache/jaxspec/xla; must be private to this user)")
+    parser.add_argument("--no-compilation-cache", action="store_true", help="compile everything afresh, keep nothing")

@@ -59,10 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=AUTO_MESH, metavar="NAME",
                    help="device mesh config (configs/meshes) or path; 'auto': one for the accelerators present")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
-    p.add_argument("--compilation-cache-dir", default=None, metavar="DIR",
-                   help="persistent compilation cache (default: $XDG_CACHE_HOME/jaxspec/xla or ~/.cache/jaxspec/xla; "
-                   "must be private to this user)")
-    p.add_argument("--no-compilation-cache", action="store_true", help="compile everything afresh, keep nothing")
+    compilation_cache.add_arguments(p)
     p.add_argument("--kernel-selftest", choices=("on", "off"), default="on",
                    help="on an accelerator, check the Pallas kernels in use against their references first "
                    "(falling back to XLA's path if one disagrees)")

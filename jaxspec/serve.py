@@ -74,10 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output budget of requests that do not set max_tokens (capped by the context)")
     m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="override the parameter dtype")
-    m.add_argument("--compilation-cache-dir", default=None, metavar="DIR",
-                   help="persistent compilation cache: restarts skip most of warm-up (default: "
-                   "$XDG_CACHE_HOME/jaxspec/xla or ~/.cache/jaxspec/xla; must be private to this user)")
-    m.add_argument("--no-compilation-cache", action="store_true", help="compile everything afresh, keep nothing")
+    compilation_cache.add_arguments(m)
     m.add_argument("--kernel-selftest", choices=("on", "off"), default="on",
                    help="on an accelerator, check the Pallas kernels in use against their references at warm-up "
                    "and fall back to XLA's path if one disagrees")
