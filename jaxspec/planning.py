@@ -152,8 +152,9 @@ def _abstract_state(cfg: ModelConfig, placement: Placement):
 def _abstract_cache(cfg: ModelConfig, placement: Placement, slots: int, max_len: int):
     abstract = KVCache.abstract(cfg, slots, max_len)
     shardings = placement.cache_shardings(abstract)
-    structs = KVCache(*(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(abstract, shardings)))
-    kv = sum(_local_bytes(a.shape, a.dtype, a.sharding) for a in structs)
+    structs = KVCache(*(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                        for a, s in zip(abstract, shardings)))
+    kv = sum(_local_bytes(a.shape, a.dtype, a.sharding) for a in structs if a is not None)
     return structs, shardings, kv
 
 

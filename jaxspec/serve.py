@@ -25,7 +25,7 @@ from jaxspec.generate import k_arg
 from jaxspec.loading import DEFAULT_MODEL, default_draft
 from jaxspec.mesh import AUTO_MESH, mesh_for_option
 from serving.auth import load_token
-from serving.build import SPEC_METHODS, EngineOptions, load_engine
+from serving.build import KV_CACHES, SPEC_METHODS, EngineOptions, load_engine
 from serving.server import JaxSpecServer, ServerOptions
 
 log = logging.getLogger("jaxspec.serving")
@@ -68,6 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--slots", type=int, metavar="N", default=8, help="requests decoded together (continuous batching)")
     m.add_argument("--max-len", type=int, metavar="N", default=None,
                    help="context length per request (prompt + output); default: the model's max_seq_len")
+    m.add_argument("--kv-cache", choices=KV_CACHES, default="slot",
+                   help="KV cache layout: slot (every slot reserves --max-len positions) or paged (one pool of "
+                   "pages handed out as requests need them, with prefix caching)")
+    m.add_argument("--page-size", type=int, metavar="N", default=16, help="positions per KV page (--kv-cache paged)")
+    m.add_argument("--kv-pages", type=int, metavar="N", default=None,
+                   help="pages in the KV pool (--kv-cache paged); default: --slots x --max-len / --page-size")
+    m.add_argument("--no-prefix-cache", action="store_true",
+                   help="--kv-cache paged: do not reuse cached pages of earlier prompts' leading blocks")
     m.add_argument("--max-waiting", type=int, metavar="N", default=256,
                    help="queued requests beyond the slots; more are refused with RESOURCE_EXHAUSTED")
     m.add_argument("--default-max-tokens", type=int, metavar="N", default=256,
@@ -111,7 +119,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         adaptive_k=args.num_speculative_tokens == "auto", slots=args.slots,
         max_len=args.max_len,
         max_waiting=args.max_waiting, dtype=args.dtype, mesh=args.mesh, default_max_tokens=args.default_max_tokens,
-        kernel_selftest=args.kernel_selftest == "on",
+        kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
+        kv_pages=args.kv_pages, prefix_cache=not args.no_prefix_cache,
     )
     engine.validate()
     server = ServerOptions(

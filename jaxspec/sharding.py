@@ -14,7 +14,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxspec.models.kv_cache import KV_CACHE_AXES, LENGTHS_AXES, KVCache
+from jaxspec.models.kv_cache import KV_CACHE_AXES, KV_PAGED_AXES, LENGTHS_AXES, KVCache
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
@@ -81,9 +81,14 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
 
 
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules) -> KVCache:
-    kv = NamedSharding(mesh, logical_to_spec(KV_CACHE_AXES, rules, mesh, cache.k.shape))
-    lengths = NamedSharding(mesh, logical_to_spec(LENGTHS_AXES, rules, mesh, cache.lengths.shape))
-    return KVCache(kv, kv, lengths)
+    paged = cache.page_table is not None
+    kv = NamedSharding(mesh, logical_to_spec(KV_PAGED_AXES if paged else KV_CACHE_AXES, rules, mesh, cache.k.shape))
+    if not paged:
+        lengths = NamedSharding(mesh, logical_to_spec(LENGTHS_AXES, rules, mesh, cache.lengths.shape))
+        return KVCache(kv, kv, lengths)
+    # A paged step may pack any slots into its rows: per-slot metadata lives whole on every device.
+    rep = NamedSharding(mesh, PartitionSpec())
+    return KVCache(kv, kv, rep, rep)
 
 
 def shard_cache(cache: KVCache, mesh: Mesh, rules: Rules) -> KVCache:

@@ -16,7 +16,7 @@ import jax
 
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
-from jaxspec.engine.factory import make_runner
+from jaxspec.engine.factory import KV_CACHES, make_runner
 from jaxspec import builtin, compilation_cache, kernels
 from jaxspec.loading import DEFAULT_MODEL, load_any
 from jaxspec.mesh import MeshConfigError, mesh_for_option, placement_for_mesh
@@ -45,6 +45,10 @@ class EngineOptions:
     default_max_tokens: int = 256
     mesh: str | None = None  # mesh config name/path or "auto" (jaxspec.mesh.mesh_for_option); None: one device
     kernel_selftest: bool = True  # on an accelerator, check the Pallas kernels in use first (jaxspec.kernels)
+    kv_cache: str = "slot"  # "slot": max_len positions per slot; "paged": a shared pool of pages
+    page_size: int = 16  # positions per page (paged)
+    kv_pages: int | None = None  # pages in the pool (paged); None: slots * max_len / page_size
+    prefix_cache: bool = True  # paged: reuse cached pages of earlier prompts' leading blocks
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
@@ -60,6 +64,12 @@ class EngineOptions:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len is not None and self.max_len < 2:
             raise ConfigError(f"max_len must be >= 2, got {self.max_len}")
+        if self.kv_cache not in KV_CACHES:
+            raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
+        if self.page_size < 1 or (self.max_len is not None and self.max_len % self.page_size):
+            raise ConfigError(f"page_size {self.page_size} must be >= 1 and divide max_len ({self.max_len})")
+        if self.kv_pages is not None and self.kv_pages < 1:
+            raise ConfigError(f"kv_pages must be >= 1, got {self.kv_pages}")
         try:
             mesh_for_option(self.mesh)
         except MeshConfigError as e:
@@ -127,7 +137,8 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
         return make_runner(model, num_slots=opts.slots, max_len=opts.max_len, placement=placement,
                            spec_method=opts.spec_method, draft=draft_model,
                            num_speculative_tokens="auto" if opts.adaptive_k else opts.num_speculative_tokens,
-                           k_max=opts.num_speculative_tokens)
+                           k_max=opts.num_speculative_tokens,
+                           page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=opts.kv_pages)
     except ValueError as e:  # incompatible draft (vocabulary, context length)
         raise ConfigError(str(e)) from e
 
@@ -149,6 +160,7 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
         runner, tokenizer, model_id=_model_id(opts.model), max_waiting=opts.max_waiting,
         spec_method=opts.spec_method, max_speculative_tokens=opts.num_speculative_tokens if opts.speculative else 0,
         draft_model_id=_model_id(opts.draft, "draft") if opts.draft else "", default_max_tokens=opts.default_max_tokens,
+        prefix_caching=opts.prefix_cache,
     )
 
 
@@ -160,12 +172,17 @@ def _check_memory(opts: EngineOptions, model: Transformer) -> None:
     from jaxspec.planning import check_fits
 
     max_len = opts.max_len or model.cfg.max_seq_len
+    if opts.kv_cache == "paged" and max_len % opts.page_size:
+        raise ConfigError(f"--page-size {opts.page_size} must divide the context length {max_len}")
+    slots = opts.slots
+    if opts.kv_cache == "paged" and opts.kv_pages is not None:  # the pool's positions, in whole contexts
+        slots = -(-opts.kv_pages * opts.page_size // max_len)
     try:
         mesh_cfg = mesh_for_option(opts.mesh)
         if mesh_cfg is None:
-            plan = check_fits_on_device(model.cfg, opts.slots, max_len)
+            plan = check_fits_on_device(model.cfg, slots, max_len)
         else:
-            plan = check_fits(model.cfg, mesh_cfg, opts.slots, max_len, devices=jax.devices(), compile=False)
+            plan = check_fits(model.cfg, mesh_cfg, slots, max_len, devices=jax.devices(), compile=False)
     except MeshConfigError as e:
         raise ConfigError(f"--mesh: {e}") from e
     except DoesNotFit as e:
@@ -184,10 +201,12 @@ def bundle_engine(
     max_speculative_tokens: int = 0,
     draft_model_id: str = "",
     default_max_tokens: int = 256,
+    prefix_caching: bool = True,
 ) -> EngineBundle:
     """An engine around ``runner`` (wrapped so request failures are logged) and its descriptions."""
     speculative = spec_method != "none"
-    engine = Engine(GuardedRunner(runner), tokenizer, max_waiting=max_waiting, speculative=speculative)
+    engine = Engine(GuardedRunner(runner), tokenizer, max_waiting=max_waiting, speculative=speculative,
+                    prefix_caching=prefix_caching)
     cfg = runner.cfg
     platform, devices, mesh = runner.device_info()
     description = ModelDescription(

@@ -115,10 +115,18 @@ class GuardedRunner:
         self.cfg = runner.cfg
         self.num_slots = runner.num_slots
         self.max_len = runner.max_len
+        self.reuses_prefix = runner.reuses_prefix
+        self.lookahead = runner.lookahead
 
     @property
     def max_prefill_rows(self) -> int:
         return self._inner.max_prefill_rows
+
+    def paging(self) -> tuple[int, int] | None:
+        return self._inner.paging()
+
+    def assign_pages(self, slot: int, pages: list[int]) -> None:
+        self._inner.assign_pages(slot, pages)
 
     def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
         try:

@@ -31,6 +31,7 @@ from jaxspec.engine.request import (
     RequestOutput,
     SpecStats,
 )
+from jaxspec.engine.pages import PagePool, Reservation
 from jaxspec.engine.scheduler import Scheduler, SpecPolicy
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, StepResult
@@ -60,6 +61,19 @@ class StepRunner(Protocol):
 
     def speculation(self) -> SpecPolicy | None:
         """The policy that plans this runner's proposal lengths (None: plain decoding)."""
+        ...
+
+    def paging(self) -> tuple[int, int] | None:
+        """(num_pages, page_size) of a paged cache; None: a slot cache."""
+        ...
+
+    # Paged caches: whether a prompt can start prefill after a prefix already in shared pages.
+    reuses_prefix: bool
+    # Positions past a request's last token that one step may write (speculative look-ahead).
+    lookahead: int
+
+    def assign_pages(self, slot: int, pages: list[int]) -> None:
+        """Paged caches: ``slot`` holds its positions in ``pages`` (empty: none) from now on."""
         ...
 
     def release(self, slot: int) -> None: ...
@@ -92,9 +106,19 @@ class PlainRunner:
     def max_prefill_rows(self) -> int:
         return self.runner.prefill_row_buckets[-1]
 
+    reuses_prefix = True
+    lookahead = 0
+
+    def paging(self) -> tuple[int, int] | None:
+        return self.runner.paging
+
+    def assign_pages(self, slot: int, pages: list[int]) -> None:
+        self.runner.assign_pages(slot, pages)
+
     def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
         idx = np.array([slot for slot, _ in items])
-        return self.runner.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx))
+        return self.runner.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx),
+                                        [r.num_cached_tokens for _, r in items])
 
     def padded_length(self, prompt_len: int) -> int:
         return self.runner.bucket_for(prompt_len)
@@ -151,9 +175,12 @@ class Engine:
         eos_ids: Sequence[int] | None = None,
         speculative: bool | None = None,
         prefill_token_budget: int = 1024,
+        prefix_caching: bool = True,
     ):
         """``prefill_token_budget``: padded prompt tokens prefilled per step at most (one prompt
-        of any length always is), so arrivals never stall the running requests for long."""
+        of any length always is), so arrivals never stall the running requests for long.
+        ``prefix_caching``: with a paged cache, prompts reuse cached pages of earlier prompts'
+        leading blocks (off where the runner's proposer cannot, e.g. an EAGLE-3 head)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.cfg = runner.cfg
@@ -169,6 +196,10 @@ class Engine:
         self._seed_rng = random.Random()
         self._in_flight: set[str] = set()
         self.scheduler = Scheduler(runner.max_prefill_rows, prefill_token_budget, runner.padded_length, spec_policy)
+        paging = runner.paging()
+        self.pages = None if paging is None else PagePool(*paging, prefix_caching=prefix_caching and runner.reuses_prefix)
+        self._reservations: dict[int, Reservation] = {}  # slot -> its pages (paged caches)
+        self._pending: dict[str, Reservation] = {}  # request id -> pages reserved at admission
 
     # ------------------------------------------------------------- admission
     @property
@@ -192,9 +223,31 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                 f"length {self.max_len}",
             )
+        if self.pages is not None:
+            need = self.pages.pages_for(self._positions(len(prompt_ids), params))
+            if need > self.pages.num_pages:
+                raise InvalidRequestError(
+                    "max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} "
+                    f"KV pages of {self.pages.page_size} positions; the pool holds {self.pages.num_pages}")
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad_stop:
             raise InvalidRequestError("stop_token_ids", f"token id {bad_stop[0]} outside the vocabulary [0, {vocab})")
+
+    def _positions(self, prompt_len: int, params: SamplingParams) -> int:
+        """Cache positions a request may write: prompt, output and the speculative look-ahead."""
+        return min(self.max_len, prompt_len + params.max_tokens + self.runner.lookahead)
+
+    def _reserve(self, req: Request) -> bool:
+        """Paged caches: take the request's pages now, or say it must wait."""
+        if self.pages is None:
+            return True
+        res = self.pages.reserve(req.prompt_ids, self._positions(len(req.prompt_ids), req.params),
+                                 use_cache=req.use_prefix_cache)
+        if res is None:
+            return False
+        req.num_cached_tokens = res.cached_tokens
+        self._pending[req.request_id] = res
+        return True
 
     def add_request(
         self,
@@ -203,6 +256,7 @@ class Engine:
         request_id: str | None = None,
         deadline: float | None = None,
         num_speculative_tokens: int | None = None,
+        use_prefix_cache: bool = True,
     ) -> str:
         """Queue a request (text or token ids). Raises InvalidRequestError / QueueFullError."""
         params = params or SamplingParams()
@@ -220,7 +274,8 @@ class Engine:
             raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests)")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         self.waiting.append(
-            Request(request_id, prompt_ids, params, seed, deadline=deadline, num_speculative_tokens=num_speculative_tokens)
+            Request(request_id, prompt_ids, params, seed, deadline=deadline, num_speculative_tokens=num_speculative_tokens,
+                    use_prefix_cache=use_prefix_cache)
         )
         self._in_flight.add(request_id)
         return request_id
@@ -290,12 +345,15 @@ class Engine:
             return self._fail(slot, e)
 
     def _admit(self) -> list[RequestOutput]:
-        admission = self.scheduler.admit(self.waiting, self.slots.free_slots())
+        admission = self.scheduler.admit(self.waiting, self.slots.free_slots(), self._reserve)
         if not admission.items:
             return []
         for slot, req in admission.items:
             self.live[slot] = _Live(req, OutputTracker(self.tokenizer, req.params, self.eos_ids), self.speculative)
             self.slots.assign(slot, req)
+            if self.pages is not None:
+                res = self._reservations[slot] = self._pending.pop(req.request_id)
+                self.runner.assign_pages(slot, res.pages)
         try:
             groups = [(list(admission.items), self.runner.prefill_batch(list(admission.items), self.slots))]
         except Exception:
@@ -312,6 +370,8 @@ class Engine:
                     outputs += [self._fail(slot, e) for slot, _ in items]
                     continue
             for (slot, req), first in zip(items, firsts):
+                if self.pages is not None and req.use_prefix_cache:
+                    self.pages.register(req.prompt_ids, self._reservations[slot])
                 self.slots.active[slot] = True
                 self.scheduler.started(slot, req)
                 outputs.append(self._emit_or_fail(slot, [first], time.monotonic()))
@@ -347,6 +407,7 @@ class Engine:
             last_token_time=live.last_token_time,
             error=error,
             spec=live.spec.snapshot() if live.spec is not None else None,  # delivered to another thread
+            num_cached_tokens=req.num_cached_tokens,
         )
 
     def _finish(self, slot, reason, text="", token_ids=(), match=None, error=None) -> RequestOutput:
@@ -355,8 +416,15 @@ class Engine:
         del self.live[slot]
         self.slots.release(slot)
         self.scheduler.released(slot)
+        self._release_pages(slot)
         self.runner.release(slot)
         return out
+
+    def _release_pages(self, slot: int) -> None:
+        res = self._reservations.pop(slot, None)
+        if res is not None:
+            self.pages.release(res)  # host bookkeeping first: the pages are free whatever follows
+            self.runner.assign_pages(slot, [])
 
     def _fail(self, slot: int, exc: Exception) -> RequestOutput:
         live = self.live[slot]
@@ -375,6 +443,9 @@ class Engine:
             live = self.live.pop(slot)
             self._in_flight.discard(live.request.request_id)
             self.slots.release(slot)
+            res = self._reservations.pop(slot, None)
+            if res is not None:
+                self.pages.release(res)
             return RequestOutput(live.request.request_id, [], "", True, FinishReason.ERROR,
                                  num_prompt_tokens=len(live.request.prompt_ids), arrival_time=live.request.arrival_time,
                                  error=f"{type(exc).__name__}: {exc}")
@@ -422,4 +493,5 @@ def _assemble(outputs: list[RequestOutput]) -> Completion:
         first_token_time=last.first_token_time,
         last_token_time=last.last_token_time,
         spec=last.spec,
+        num_cached_tokens=last.num_cached_tokens,
     )

@@ -145,6 +145,17 @@ def _prefill_impl(graphdef, statics, state, cache, tokens, slot_ids, num_valid, 
     return (out.cache, token, last, out.expert_load, *_aux(out))
 
 
+def _prefill_at_impl(graphdef, statics, state, cache, tokens, start, slot_ids, num_valid, sampling: BatchSampling,
+                     *, kv_len: int):
+    """``_prefill_impl`` for prompts whose first ``start`` [P] tokens are already in the cache (a
+    shared prefix, or earlier chunks): tokens [P, T] go to start..start+T-1; attends over kv_len."""
+    p, t = tokens.shape
+    out = _forward(graphdef, statics, state, tokens, start, cache, slot_ids, num_valid, kv_len=kv_len)
+    last = jnp.take_along_axis(out.logits, jnp.maximum(num_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
+    token = sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32))
+    return (out.cache, token, last, out.expert_load, *_aux(out))
+
+
 def _aux(out) -> tuple:
     return () if out.aux_hidden is None else (out.aux_hidden,)
 
@@ -162,7 +173,7 @@ def _decode_impl(graphdef, statics, state, cache, slot_ids, last_tokens, start, 
 
 # Jitted steps with the graphdef bound, resolved once per runner: hashing a graphdef
 # costs ~1 ms, too much to pay on every decode step as a static argument.
-_STEPS: dict[tuple, tuple[Callable, "SpanSteps"]] = {}
+_STEPS: dict[tuple, tuple[Callable, "SpanSteps", "SpanSteps"]] = {}
 
 
 class SpanSteps:
@@ -184,8 +195,9 @@ class SpanSteps:
         return self.for_span(kv_len)(*args)
 
 
-def unplaced_steps(graphdef, statics: StepStatics) -> tuple[Callable, SpanSteps]:
-    """(prefill, decode) for a single-device runner, shared by every runner of this architecture."""
+def unplaced_steps(graphdef, statics: StepStatics) -> tuple[Callable, SpanSteps, SpanSteps]:
+    """(prefill, decode, prefill at an offset) for a single-device runner, shared by every runner of
+    this architecture."""
     key = (graphdef, statics)
     steps = _STEPS.get(key)
     if steps is None:
@@ -193,12 +205,14 @@ def unplaced_steps(graphdef, statics: StepStatics) -> tuple[Callable, SpanSteps]
             jax.jit(functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,)),
             SpanSteps(lambda kv_len: jax.jit(functools.partial(_decode_impl, graphdef, statics, kv_len=kv_len),
                                              donate_argnums=(1,))),
+            SpanSteps(lambda kv_len: jax.jit(functools.partial(_prefill_at_impl, graphdef, statics, kv_len=kv_len),
+                                             donate_argnums=(1,))),
         )
     return steps
 
 # Steps of placed runners, compiled with explicit shardings; keyed on everything the
 # shardings depend on, so runners of one architecture on one mesh share executables.
-_PLACED_STEPS: dict[tuple, tuple[Callable, SpanSteps]] = {}
+_PLACED_STEPS: dict[tuple, tuple[Callable, SpanSteps, SpanSteps]] = {}
 
 
 def placed_steps(graphdef, statics: StepStatics, state_sharding, cache_sharding: KVCache, key: tuple):
@@ -221,7 +235,12 @@ def placed_steps(graphdef, statics: StepStatics, state_sharding, cache_sharding:
             in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep, rep, rep),
             out_shardings=(cache_sharding, rep, rep),
         ))
-        steps = _PLACED_STEPS[key] = (prefill, decode)
+        prefill_at = SpanSteps(lambda kv_len: jax.jit(
+            functools.partial(_prefill_at_impl, graphdef, statics, kv_len=kv_len), donate_argnums=(1,),
+            in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep, rep),
+            out_shardings=(cache_sharding, rep, rep, rep),
+        ))
+        steps = _PLACED_STEPS[key] = (prefill, decode, prefill_at)
     return steps
 
 
@@ -246,11 +265,15 @@ class ModelRunner:
         attention_backend: str = "xla",
         min_kv_bucket: int = MIN_KV_BUCKET,
         max_prefill_rows: int = 4,
+        page_size: int | None = None,
+        num_pages: int | None = None,
     ):
         """``placement``: run on a mesh (parameters moved to their shardings if they are not
         there yet; ``moe_backend`` then names the per-device expert computation's backend only
         where experts are not split). ``cache_sharding`` alone places just the cache.
-        ``max_prefill_rows``: most prompts one prefill call takes (a compiled bucket each)."""
+        ``max_prefill_rows``: most prompts one prefill call takes (a compiled bucket each).
+        ``page_size``: a paged cache of ``num_pages`` pages (see kv_cache); the engine hands out
+        pages (``assign_pages``) before a slot is prefilled."""
         self.cfg = model.cfg
         self.num_slots = num_slots
         self.max_len = max_len or self.cfg.max_seq_len
@@ -269,17 +292,23 @@ class ModelRunner:
         if placement is not None:
             self.state_sharding = state_sharding = placement.state_shardings(self.state)
             self.state = jax.device_put(self.state, state_sharding)
-            abstract = KVCache.abstract(self.cfg, num_slots, self.max_len)
+            abstract = KVCache.abstract(self.cfg, num_slots, self.max_len, num_pages=num_pages, page_size=page_size)
             cache_sharding = placement.cache_shardings(abstract)
-            key = (self.graphdef, self.statics, num_slots, self.max_len)
+            key = (self.graphdef, self.statics, num_slots, self.max_len, num_pages, page_size)
             self._steps = placed_steps(self.graphdef, self.statics, state_sharding, cache_sharding, key)
         self.cache_sharding = cache_sharding
+        self.paging = (num_pages, page_size) if page_size is not None else None
+        create = functools.partial(KVCache.create, self.cfg, num_slots, self.max_len, num_pages=num_pages,
+                                   page_size=page_size)
         if cache_sharding is None:
             # Committed to a device like every later (jit-output) cache, so the first and
             # later steps see the same argument placement and share one compilation.
-            self.cache = jax.device_put(KVCache.create(self.cfg, num_slots, self.max_len), jax.devices()[0])
+            self.cache = jax.device_put(create(), jax.devices()[0])
         else:  # created in place, shard by shard (never whole on one device)
-            self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, self.max_len), out_shardings=cache_sharding)()
+            self.cache = jax.jit(create, out_shardings=cache_sharding)()
+        # The host's copy of the page table [S, n] (paged caches): edited by assign_pages.
+        self.page_table = None if page_size is None else np.full((num_slots, self.max_len // page_size), num_pages,
+                                                                    np.int32)
         self.buckets = prefill_buckets(self.max_len)
         # Active rows are packed into batch buckets unless the cache's slots are split over
         # devices (then a step covers every slot in order; idle rows still route to no expert).
@@ -356,23 +385,49 @@ class ModelRunner:
         """Write a prompt into ``slot``'s cache and sample the first output token."""
         return self.prefill_many([slot], [prompt_ids], slots.sampling(np.array([slot])))[0]
 
-    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], sampling: BatchSampling) -> list[int]:
+    def assign_pages(self, slot: int, pages: Sequence[int]) -> None:
+        """Paged cache: ``slot`` holds its positions in ``pages`` from now on (none: released)."""
+        if self.page_table is None:
+            raise RuntimeError("assign_pages on a runner with a slot cache")
+        if len(pages) > self.page_table.shape[1]:
+            raise ValueError(f"{len(pages)} pages exceed a slot's {self.page_table.shape[1]}")
+        row = self.page_table[slot]
+        row[:] = self.paging[0]
+        row[: len(pages)] = pages
+        self._push_table()
+
+    def _push_table(self) -> None:
+        target = self.cache_sharding.page_table if self.cache_sharding is not None else self.cache.page_table.sharding
+        self.cache = self.cache._replace(page_table=jax.device_put(self.page_table, target))
+
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], sampling: BatchSampling,
+                     starts: Sequence[int] | None = None) -> list[int]:
         """Prefill several prompts in one call (rows padded to a compiled count, tokens to the longest
-        prompt's bucket); returns each one's first token. ``sampling``: host settings, one row each."""
+        prompt's bucket); returns each one's first token. ``sampling``: host settings, one row each.
+        ``starts``: tokens of each prompt already in its cache (a shared prefix): only the rest runs."""
         n = len(slots)
         if not 0 < n <= self.prefill_row_buckets[-1]:
             raise ValueError(f"prefill takes 1..{self.prefill_row_buckets[-1]} prompts, got {n}")
+        starts = np.zeros(n, np.int32) if starts is None else np.asarray(starts, np.int32)
+        offset = bool(starts.any())
         rows = bucket_up(n, self.prefill_row_buckets)
-        t = self.bucket_for(max(len(p) for p in prompts))
+        t = self.bucket_for(max(len(p) - s for p, s in zip(prompts, starts)))
         tokens = np.full((rows, t), self.cfg.pad_id, np.int32)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = p
+        for i, (p, s) in enumerate(zip(prompts, starts)):
+            tokens[i, : len(p) - s] = p[s:]
         slot_ids = pad_rows(np.asarray(slots, np.int32), rows, self.num_slots)
-        num_valid = pad_rows(np.array([len(p) for p in prompts], np.int32), rows, 0)
-        self.cache, token, _, load, *aux = self._steps[0](
-            self.state, self.cache, tokens, slot_ids, num_valid, pad_sampling(sampling, rows))
+        num_valid = pad_rows(np.array([len(p) - s for p, s in zip(prompts, starts)], np.int32), rows, 0)
+        if offset:
+            # One span (the whole context) keeps the compiled shapes to rows x length buckets.
+            kv_len = self.max_len
+            self.cache, token, _, load, *aux = self._steps[2](
+                self.state, self.cache, tokens, pad_rows(starts, rows, 0), slot_ids, num_valid,
+                pad_sampling(sampling, rows), kv_len=kv_len)
+        else:
+            self.cache, token, _, load, *aux = self._steps[0](
+                self.state, self.cache, tokens, slot_ids, num_valid, pad_sampling(sampling, rows))
         self.captured = aux[0] if aux else None
-        self.host_lengths[np.asarray(slots)] = num_valid[:n]
+        self.host_lengths[np.asarray(slots)] = num_valid[:n] + starts
         self.add_expert_load(load)
         return [int(x) for x in np.asarray(token)[:n]]
 
@@ -439,6 +494,18 @@ class ModelRunner:
         if not self.compact_rows:
             self.sync_lengths()
 
+    def warmup_offset_prefill(self) -> None:
+        """Compile prefill after a cached prefix: every (rows, length) bucket (writes go to the
+        padding slot id)."""
+        s = self.num_slots
+        for rows in self.prefill_row_buckets:
+            for bucket in self.buckets:
+                self.cache, token, *_ = self._steps[2](
+                    self.state, self.cache, np.full((rows, bucket), self.cfg.pad_id, np.int32),
+                    np.zeros(rows, np.int32), np.full(rows, s, np.int32), np.zeros(rows, np.int32),
+                    pad_sampling(SlotTable(0).sampling(), rows), kv_len=self.max_len)
+        token.block_until_ready()
+
     def sync_lengths(self) -> None:
         """Device lengths := the host's (after a step that ran over idle slots in order)."""
         self._set_lengths(jnp.asarray(self.host_lengths))
@@ -497,6 +564,8 @@ class ModelRunner:
         for b in self.batch_buckets:
             for kv_len in self.kv_buckets:
                 self.idle_decode(b, kv_len)
+        if self.paging is not None:
+            self.warmup_offset_prefill()
         self.set_length(0, 0)  # the release path's small update, compiled here rather than mid-serving
         self._set_lengths(jnp.asarray(saved))
         self.host_lengths[:] = saved_host

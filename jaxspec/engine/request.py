@@ -39,6 +39,8 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() value after which the request is ended
     num_speculative_tokens: int | None = None  # per-request override (None: engine default)
+    use_prefix_cache: bool = True  # paged caches: may reuse (and offer) cached prompt pages
+    num_cached_tokens: int = 0  # set at admission: prompt tokens found in the prefix cache
 
 
 @dataclasses.dataclass
@@ -122,6 +124,7 @@ class RequestOutput:
     last_token_time: float | None = None
     error: str | None = None
     spec: SpecStats | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
 
 
 @dataclasses.dataclass
@@ -138,3 +141,4 @@ class Completion:
     first_token_time: float | None
     last_token_time: float | None
     spec: SpecStats | None = None
+    num_cached_tokens: int = 0

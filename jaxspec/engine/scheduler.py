@@ -57,14 +57,19 @@ class Scheduler:
         self.padded_length = padded_length
         self.spec = spec
 
-    def admit(self, waiting: collections.deque[Request], free_slots: Sequence[int]) -> Admission:
-        """Pop the requests to prefill this step (the first always fits, whatever its length)."""
+    def admit(self, waiting: collections.deque[Request], free_slots: Sequence[int],
+              reserve: Callable[[Request], bool] | None = None) -> Admission:
+        """Pop the requests to prefill this step (the first always fits the token budget, whatever
+        its length). ``reserve(request)``: take the request's cache memory, or False if it must
+        wait (then it and everything behind it wait: arrival order is kept)."""
         items: list[tuple[int, Request]] = []
         longest = 0
         while waiting and len(items) < min(len(free_slots), self.max_prefill_rows):
             length = max(longest, self.padded_length(len(waiting[0].prompt_ids)))
             rows = 1 << (len(items)).bit_length()  # rows bucket after adding this one
             if items and rows * length > self.prefill_token_budget:
+                break
+            if reserve is not None and not reserve(waiting[0]):
                 break
             longest = length
             items.append((free_slots[len(items)], waiting.popleft()))

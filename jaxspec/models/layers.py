@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspec.config import ModelConfig
+from jaxspec.models.kv_cache import gather_pages, page_slots
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
 
@@ -155,6 +156,7 @@ class Attention(nnx.Module):
         inv_freq: jax.Array,
         kv_len: int | None = None,
         attention_backend: str = "xla",
+        page_table: jax.Array | None = None,  # [S, n]: the cache is paged (see kv_cache)
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``kv_len`` (static): attend over cache positions [0, kv_len) only; every query
         position must be < kv_len (the caller buckets it over the rows' lengths)."""
@@ -169,20 +171,36 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        # Write the new keys/values first; positions >= M and padding rows (slot id S) are dropped.
-        rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
-        cache_k = cache_k.at[layer, rows, positions].set(k.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[layer, rows, positions].set(v.astype(cache_v.dtype), mode="drop")
-        # Read only the rows' slots and the first kv_len positions: decode cost follows the
-        # live contexts, not the cache's capacity.
-        kv_len = cache_k.shape[2] if kv_len is None else min(kv_len, cache_k.shape[2])
-        keys, values = cache_k[layer, :, :kv_len], cache_v[layer, :, :kv_len]
-        if slot_ids is not None:
-            keys = jnp.take(keys, slot_ids, axis=0, mode="clip")
-            values = jnp.take(values, slot_ids, axis=0, mode="clip")
+        rows = jnp.arange(x.shape[0]) if slot_ids is None else slot_ids
+        if page_table is not None:
+            keys, values, cache_k, cache_v = _paged_write_read(cache_k, cache_v, page_table, layer, rows, positions,
+                                                               k, v, kv_len)
+        else:
+            # Write the new keys/values first; positions >= M and padding rows (slot id S) are dropped.
+            cache_k = cache_k.at[layer, rows[:, None], positions].set(k.astype(cache_k.dtype), mode="drop")
+            cache_v = cache_v.at[layer, rows[:, None], positions].set(v.astype(cache_v.dtype), mode="drop")
+            # Read only the rows' slots and the first kv_len positions: decode cost follows the
+            # live contexts, not the cache's capacity.
+            kv_len = cache_k.shape[2] if kv_len is None else min(kv_len, cache_k.shape[2])
+            keys, values = cache_k[layer, :, :kv_len], cache_v[layer, :, :kv_len]
+            if slot_ids is not None:
+                keys = jnp.take(keys, slot_ids, axis=0, mode="clip")
+                values = jnp.take(values, slot_ids, axis=0, mode="clip")
         attn = attention(q, keys, values, positions, cfg.sliding_window, attention_backend)
         out = jnp.einsum("bthk,hkd->btd", attn, self.wo[...])
         return out, cache_k, cache_v
+
+
+def _paged_write_read(cache_k, cache_v, page_table, layer, rows, positions, k, v, kv_len):
+    """The paged twin of the slot path: write through the page table, then gather the rows'
+    first kv_len positions (whole pages) -> (keys, values [B, kv_len', K, Dh], cache_k, cache_v)."""
+    page, offset = page_slots(cache_k, page_table, rows, positions)  # [B, T] each
+    cache_k = cache_k.at[layer, page, offset].set(k.astype(cache_k.dtype), mode="drop")
+    cache_v = cache_v.at[layer, page, offset].set(v.astype(cache_v.dtype), mode="drop")
+    max_len = page_table.shape[1] * cache_k.shape[2]
+    kv_len = max_len if kv_len is None else min(kv_len, max_len)
+    return (gather_pages(cache_k[layer], page_table, rows, kv_len), gather_pages(cache_v[layer], page_table, rows, kv_len),
+            cache_k, cache_v)
 
 
 class MLP(nnx.Module):

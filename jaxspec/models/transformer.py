@@ -58,9 +58,10 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.d_model, cfg.mlp_dim, dt, rngs)
 
     def __call__(self, x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend,
-                 router_stats=False, capacity_factor=None, kv_len=None, attention_backend="xla"):
+                 router_stats=False, capacity_factor=None, kv_len=None, attention_backend="xla", page_table=None):
         attn_out, cache_k, cache_v = self.attn(
-            self.attn_norm(x), positions, cache_k, cache_v, self.layer, slot_ids, inv_freq, kv_len, attention_backend
+            self.attn_norm(x), positions, cache_k, cache_v, self.layer, slot_ids, inv_freq, kv_len, attention_backend,
+            page_table,
         )
         x = x + attn_out
         h = self.mlp_norm(x)
@@ -113,7 +114,7 @@ class Transformer(nnx.Module):
                 captured[i] = x
             x, cache_k, cache_v, counts = layer(
                 x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend, router_stats, capacity_factor,
-                kv_len, attention_backend,
+                kv_len, attention_backend, cache.page_table,
             )
             loads.append(counts if counts is not None else jnp.zeros((max(cfg.num_experts, 1),), jnp.int32))
         if cfg.num_layers in aux_layers:
@@ -125,7 +126,7 @@ class Transformer(nnx.Module):
 
         rows = jnp.arange(b) if slot_ids is None else slot_ids
         lengths = cache.lengths.at[rows].set(start + num_valid, mode="drop")
-        return ForwardOutput(logits, hidden, KVCache(cache_k, cache_v, lengths), jnp.stack(loads), aux)
+        return ForwardOutput(logits, hidden, KVCache(cache_k, cache_v, lengths, cache.page_table), jnp.stack(loads), aux)
 
 
 def check_aux_layers(aux_layers: tuple[int, ...], num_layers: int) -> None:

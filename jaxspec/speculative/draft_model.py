@@ -121,7 +121,10 @@ class DraftModelProposer:
         self._fns = {}
 
     # ------------------------------------------------------------------ setup
-    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
+    reuses_prefix = True
+
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
+               paging: tuple[int, int] | None = None) -> None:
         if self.cfg.vocab_size != target_cfg.vocab_size:
             raise ValueError(
                 f"draft {self.cfg.name} has vocab_size {self.cfg.vocab_size}, the target {target_cfg.name} has "
@@ -130,13 +133,17 @@ class DraftModelProposer:
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"draft {self.cfg.name} holds {self.cfg.max_seq_len} positions; the engine needs {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
+        # Paged like the target, page for page: the target's table is the draft's too.
+        pages = dict(num_pages=paging[0], page_size=paging[1]) if paging is not None else {}
+        self.page_table = None if paging is None else np.full((num_slots, max_len // paging[1]), paging[0], np.int32)
         if self.placement is None:
             # Committed to a device like every later (jit-output) cache: the first step and the
             # later ones then share one compilation.
-            self.cache = jax.device_put(KVCache.create(self.cfg, num_slots, max_len), jax.devices()[0])
+            self.cache = jax.device_put(KVCache.create(self.cfg, num_slots, max_len, **pages), jax.devices()[0])
         else:  # created in place, shard by shard
-            self._cache_sharding = self.placement.cache_shardings(KVCache.abstract(self.cfg, num_slots, max_len))
-            self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, max_len),
+            self._cache_sharding = self.placement.cache_shardings(
+                KVCache.abstract(self.cfg, num_slots, max_len, **pages))
+            self.cache = jax.jit(lambda: KVCache.create(self.cfg, num_slots, max_len, **pages),
                                  out_shardings=self._cache_sharding)()
         self._fns = {}
         # Like the target's runner: rows are packed unless the cache's slots are split over devices.
@@ -178,15 +185,24 @@ class DraftModelProposer:
         self.cache = self.cache.with_lengths(jax.device_put(self.lengths, target))
 
     # ---------------------------------------------------------------- requests
-    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
-        n = len(prompt_ids)
+    def set_pages(self, slot: int, pages: list[int]) -> None:
+        if self.page_table is None:
+            raise RuntimeError("set_pages on a draft with a slot cache")
+        self.page_table[slot] = self.cache.num_pages
+        self.page_table[slot, : len(pages)] = pages
+        target = self._cache_sharding.page_table if self._cache_sharding is not None else self.cache.page_table.sharding
+        self.cache = self.cache._replace(page_table=jax.device_put(self.page_table, target))
+
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
+        n = len(prompt_ids) - start
         bucket = next(b for b in self.buckets if n <= b)
         tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, :n] = prompt_ids
+        tokens[0, :n] = prompt_ids[start:]
         self.cache = self._extend()(
-            self.state, self.cache, tokens, np.zeros(1, np.int32), np.array([slot], np.int32), np.array([n], np.int32)
+            self.state, self.cache, tokens, np.array([start], np.int32), np.array([slot], np.int32),
+            np.array([n], np.int32)
         )
-        self.lengths[slot] = n
+        self.lengths[slot] = start + n
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0

@@ -108,7 +108,15 @@ class Eagle3Proposer:
         self._fns: dict = {}
 
     # ------------------------------------------------------------------ setup
-    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
+    # The head's position p reads the token at p + 1, so its cache of a prompt prefix depends on
+    # what follows the prefix: it keeps a slot cache of its own and absorbs every prompt whole.
+    reuses_prefix = False
+
+    def set_pages(self, slot: int, pages: list[int]) -> None:
+        pass
+
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
+               paging: tuple[int, int] | None = None) -> None:
         from jaxspec.checkpoint.eagle3_io import check_head_for_target
 
         check_head_for_target(self.cfg, target_cfg)
@@ -138,7 +146,9 @@ class Eagle3Proposer:
         return self._jit(("draft", kb, vocab), lambda: _make_draft(self.graphdef, kb, vocab), (2,))  # cache
 
     # ---------------------------------------------------------------- requests
-    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
+        if start:
+            raise ValueError("an EAGLE-3 head absorbs whole prompts: prefix reuse is off with it")
         self.lengths[slot] = 0  # the prompt's features arrive through ``observe``
 
     def release(self, slot: int) -> None:

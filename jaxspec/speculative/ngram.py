@@ -41,10 +41,16 @@ class NgramProposer:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
 
-    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
+    reuses_prefix = True  # reads the runner's token history only
+
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
+               paging: tuple[int, int] | None = None) -> None:
         self.num_slots, self.max_len = num_slots, max_len
 
-    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
+    def set_pages(self, slot: int, pages: list[int]) -> None:
+        pass
+
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
         pass
 
     def propose(self, ctx: SpecContext) -> Proposal:

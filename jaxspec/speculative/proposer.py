@@ -108,12 +108,21 @@ class Proposal(NamedTuple):
 class Proposer(Protocol):
     name: str
     deterministic: bool  # proposals are a function of the context (one-hot q; Proposal.probs is None)
+    # Whether ``prefill`` can start after a prompt prefix already cached in shared pages.
+    reuses_prefix: bool
 
-    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
-        """Bind to a target: check compatibility, allocate per-slot state."""
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
+               paging: tuple[int, int] | None = None) -> None:
+        """Bind to a target: check compatibility, allocate per-slot state. ``paging``: the target's
+        cache is paged as (num_pages, page_size); a proposer with a cache of its own pages it the
+        same way and follows the target's page assignments (``set_pages``)."""
 
-    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
-        """A request entered ``slot`` (its first output token is not processed yet)."""
+    def set_pages(self, slot: int, pages: list[int]) -> None:
+        """``slot`` holds its positions in these pages from now on (paged caches only)."""
+
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
+        """A request entered ``slot`` (its first output token is not processed yet); its first
+        ``start`` tokens are already in the (shared) cache pages."""
 
     def propose(self, ctx: SpecContext) -> Proposal: ...
 
@@ -136,10 +145,16 @@ class NoProposer:
     name = "none"
     deterministic = True
 
-    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int) -> None:
+    reuses_prefix = True
+
+    def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
+               paging: tuple[int, int] | None = None) -> None:
         self.num_slots = num_slots
 
-    def prefill(self, slot: int, prompt_ids: list[int]) -> None:
+    def set_pages(self, slot: int, pages: list[int]) -> None:
+        pass
+
+    def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
         pass
 
     def propose(self, ctx: SpecContext) -> Proposal:

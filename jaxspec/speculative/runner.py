@@ -124,7 +124,7 @@ class SpeculativeRunner:
         self.proposer: Proposer = proposer if proposer is not None else NoProposer()
         if target.placement is not None and hasattr(self.proposer, "use_placement"):
             self.proposer.use_placement(target.placement, self.num_slots, self.max_len)
-        self.proposer.attach(self.cfg, self.num_slots, self.max_len)
+        self.proposer.attach(self.cfg, self.num_slots, self.max_len, target.paging)
         # A proposer that reads the target's hidden states (EAGLE-3) gets every step's features.
         self.feature_layers = tuple(getattr(self.proposer, "feature_layers", None) or ())
         if self.feature_layers:
@@ -261,15 +261,33 @@ class SpeculativeRunner:
     def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
         return self.target.device_info()
 
+    def paging(self) -> tuple[int, int] | None:
+        return self.target.paging
+
+    @property
+    def reuses_prefix(self) -> bool:
+        return self.proposer.reuses_prefix
+
+    @property
+    def lookahead(self) -> int:
+        """Positions past a request's last token a step may write (verification of k_max drafts)."""
+        return self.k_max
+
+    def assign_pages(self, slot: int, pages: list[int]) -> None:
+        self.target.assign_pages(slot, pages)
+        if self.target.paging is not None:
+            self.proposer.set_pages(slot, pages)
+
     def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
         for _, request in items:
             override = request.num_speculative_tokens
             if override is not None and override < 0:
                 raise InvalidRequestError("num_speculative_tokens", f"must be >= 0, got {override}")
         idx = np.array([slot for slot, _ in items])
-        firsts = self.target.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx))
+        starts = [r.num_cached_tokens for _, r in items]
+        firsts = self.target.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx), starts)
         for (slot, request), first in zip(items, firsts):
-            self.proposer.prefill(slot, request.prompt_ids)
+            self.proposer.prefill(slot, request.prompt_ids, request.num_cached_tokens)
             self.history.start(slot, [*request.prompt_ids, first])
         if self.feature_layers:  # the prompts' features: positions 0..n-1, each followed by the next token
             feats = self.target.captured

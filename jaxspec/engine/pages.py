@@ -1,0 +1,159 @@
+"""Host-side page allocator of a paged KV cache, with prefix caching.
+
+One pool of ``num_pages`` pages of ``page_size`` positions serves every slot (the target's and
+the draft's caches use the same page ids, so one table describes both). A request is admitted
+with its pages reserved for everything it can write: prompt, ``max_tokens`` and the speculative
+look-ahead. Reserving up front means the pool can never run dry mid-generation, so no request is
+ever preempted or failed for memory once running; a request that does not fit waits.
+
+Prefix caching: once a prompt is prefilled, every page holding a *full* block of prompt tokens
+is keyed by a digest of that block and every block before it. A later prompt with the same
+leading blocks takes those pages (reference counted, stored once however many requests share
+them) and prefills only the rest. A page whose last user finished stays cached, least recently
+used first out, until the pool needs it. The block holding a prompt's last token is never taken
+from the cache: prefill must run that token to get the first output token's logits.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Reservation:
+    """Pages for one request: ``pages[i]`` holds positions ``i * page_size ..``; the first
+    ``cached_blocks`` come from the prefix cache (already hold the prompt's K/V)."""
+
+    pages: list[int]
+    cached_blocks: int
+    page_size: int
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cached_blocks * self.page_size
+
+
+@dataclasses.dataclass
+class PrefixStats:
+    queries: int = 0  # prompts looked up
+    hit_tokens: int = 0  # prompt tokens served from the cache
+    prompt_tokens: int = 0  # prompt tokens looked up
+    evictions: int = 0
+
+
+class PagePool:
+    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"a page pool needs num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.prefix_caching = prefix_caching
+        self.refs = np.zeros(num_pages, np.int32)
+        self._free = collections.deque(range(num_pages))  # hold nothing worth keeping
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unreferenced (LRU first)
+        self._by_digest: dict[bytes, int] = {}
+        self._digest_of: dict[int, bytes] = {}
+        self.stats = PrefixStats()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def available(self) -> int:
+        """Pages a new reservation can take (free, or cached but unreferenced)."""
+        return len(self._free) + len(self._idle)
+
+    @property
+    def cached_pages(self) -> int:
+        return len(self._digest_of)
+
+    def pages_for(self, positions: int) -> int:
+        return -(-positions // self.page_size)
+
+    def digests(self, prompt: list[int] | np.ndarray) -> list[bytes]:
+        """Chained digests of the prompt's full blocks, except one holding its last token."""
+        blocks = (len(prompt) - 1) // self.page_size
+        out, prev = [], b""
+        arr = np.asarray(prompt, np.int64)
+        for i in range(blocks):
+            h = hashlib.blake2b(prev, digest_size=16)
+            h.update(arr[i * self.page_size:(i + 1) * self.page_size].tobytes())
+            prev = h.digest()
+            out.append(prev)
+        return out
+
+    def _match(self, prompt) -> list[int]:
+        pages = []
+        if self.prefix_caching:
+            for d in self.digests(prompt):
+                page = self._by_digest.get(d)
+                if page is None:
+                    break
+                pages.append(page)
+        return pages
+
+    # -------------------------------------------------------------- reserving
+    def reserve(self, prompt: list[int], positions: int, use_cache: bool = True) -> Reservation | None:
+        """Pages for a request that writes positions [0, positions), its prompt's cached prefix
+        shared; None if the pool cannot hold it now (nothing is taken then)."""
+        need = self.pages_for(positions)
+        cached = self._match(prompt) if use_cache else []
+        cached = cached[:need]
+        # Cached pages nobody references count against what is available, like fresh ones.
+        taken_idle = sum(1 for p in cached if self.refs[p] == 0)
+        if need - len(cached) + taken_idle > self.available:
+            return None
+        for p in cached:
+            if self.refs[p] == 0:
+                del self._idle[p]
+            self.refs[p] += 1
+        fresh = [self._take() for _ in range(need - len(cached))]
+        for p in fresh:
+            self.refs[p] = 1
+        if use_cache:
+            self.stats.queries += 1
+            self.stats.prompt_tokens += len(prompt)
+            self.stats.hit_tokens += len(cached) * self.page_size
+        return Reservation(cached + fresh, len(cached), self.page_size)
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        page, _ = self._idle.popitem(last=False)  # least recently used cached page
+        del self._by_digest[self._digest_of.pop(page)]
+        self.stats.evictions += 1
+        return page
+
+    def register(self, prompt: list[int], reservation: Reservation) -> None:
+        """The prompt is now in the reservation's pages: key its full blocks for later requests."""
+        if not self.prefix_caching:
+            return
+        for i, d in enumerate(self.digests(prompt)):
+            if i >= len(reservation.pages):
+                break
+            page = reservation.pages[i]
+            if d not in self._by_digest and page not in self._digest_of:
+                self._by_digest[d] = page
+                self._digest_of[page] = d
+
+    def release(self, reservation: Reservation) -> None:
+        """The request ended: its pages go back (cached ones stay findable until reused)."""
+        for p in reservation.pages:
+            self.refs[p] -= 1
+            if self.refs[p] < 0:
+                raise RuntimeError(f"page {p} released more often than reserved")
+            if self.refs[p] == 0:
+                if p in self._digest_of:
+                    self._idle[p] = None  # most recently used end
+                else:
+                    self._free.append(p)
+
+    def clear_cache(self) -> None:
+        """Forget every cached prefix (pages in use stay with their requests)."""
+        for p in list(self._idle):
+            self._free.append(p)
+        self._idle.clear()
+        self._by_digest.clear()
+        self._digest_of.clear()
