@@ -28,6 +28,7 @@ VALIDATED: dict[str, frozenset[str]] = {
     "gmm": frozenset(),
     "rejection_sampling": frozenset(),
     "verify_attention": frozenset(),
+    "paged_attention": frozenset(),
 }
 TRUST_ENV = "JAXSPEC_TRUST_KERNELS"
 ACCELERATORS = ("tpu", "gpu")
@@ -131,6 +132,46 @@ def check_attention(num_heads: int, num_kv_heads: int, head_dim: int, rows: Sequ
     return KernelCheck("verify_attention", True, f"relative error {worst:.3g}")
 
 
+def check_paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, rows: Sequence[int], tokens: Sequence[int],
+                          kv_len: int, dtype="float32", sliding_window: int | None = None, *, page_size: int = 16,
+                          interpret: bool = False, impl: Callable | None = None, seed: int = 0) -> KernelCheck:
+    """Paged attention against ``paged_attention_reference``: every row at a different length, its
+    pages scattered through a shared pool in random order, unallocated table entries = the sentinel."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.paged_attention import paged_attention
+    from pallas_kernels.paged_attention_reference import paged_attention_reference
+
+    impl = impl or paged_attention
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(dtype)
+    n_pages = kv_len // page_size
+    worst = 0.0
+    for b in sorted(set(rows)):
+        num_pages = b * n_pages + 1
+        k, v = (jnp.asarray(rng.normal(size=(num_pages, page_size, num_kv_heads, head_dim)), dt) for _ in range(2))
+        for t in sorted(set(tokens)):
+            q = jnp.asarray(rng.normal(size=(b, t, num_heads, head_dim)), dt)
+            ends = rng.integers(t, kv_len + 1, b)  # cache lengths after the step
+            table = np.full((b, n_pages), num_pages, np.int32)
+            perm = iter(rng.permutation(num_pages))
+            for row, end in enumerate(ends):
+                for j in range(-(-int(end) // page_size)):
+                    table[row, j] = next(perm)
+            pos = jnp.asarray(ends[:, None] - t + np.arange(t)[None], jnp.int32)
+            args = (q, k, v, jnp.asarray(table), pos, kv_len, sliding_window)
+            got = impl(*args, interpret=interpret)
+            want = jax.jit(paged_attention_reference, static_argnums=(5, 6))(*args)
+            err = _rel_error(got, want)
+            worst = max(worst, err)
+            if not err <= _tolerance(dt):
+                return KernelCheck("paged_attention", False, f"{b} rows x {t} tokens over {kv_len} positions in "
+                                   f"{page_size}-key pages ({dt.name}): relative error {err:.3g} "
+                                   f"(tolerance {_tolerance(dt):.0e})")
+    return KernelCheck("paged_attention", True, f"relative error {worst:.3g}")
+
+
 def check_rejection(vocab_size: int, rows: Sequence[int], ks: Sequence[int], *, interpret: bool = False,
                     impl: Callable | None = None, seed: int = 0) -> KernelCheck:
     """The verification sampler against its reference: the same tokens and accept counts, with
@@ -205,8 +246,8 @@ def selftest(step_runner, *, interpret: bool = False, force: bool = False,
     replaced by the XLA path, with one warning. Call before the first step. Returns the checks made.
     ``checks`` replaces check functions by kernel name (tests)."""
     fns = {name: _failing_as_check(name, fn) for name, fn in
-           {"gmm": check_gmm, "verify_attention": check_attention, "rejection_sampling": check_rejection,
-            **(checks or {})}.items()}
+           {"gmm": check_gmm, "verify_attention": check_attention, "paged_attention": check_paged_attention,
+            "rejection_sampling": check_rejection, **(checks or {})}.items()}
     runner = target_runner(step_runner)
     platform = platform_kind(runner_platform(runner))
     if not (force or platform in ACCELERATORS) or runner.placement is not None:
