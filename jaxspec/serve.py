@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pages in the KV pool (--kv-cache paged); default: --slots x --max-len / --page-size")
     m.add_argument("--no-prefix-cache", action="store_true",
                    help="--kv-cache paged: do not reuse cached pages of earlier prompts' leading blocks")
+    m.add_argument("--max-step-tokens", type=int, metavar="N", default=512,
+                   help="prompt tokens prefilled per engine step; a longer prompt is prefilled in chunks between "
+                   "the running requests' decode steps, so it never stalls them for more than one chunk")
     m.add_argument("--max-waiting", type=int, metavar="N", default=256,
                    help="queued requests beyond the slots; more are refused with RESOURCE_EXHAUSTED")
     m.add_argument("--default-max-tokens", type=int, metavar="N", default=256,
@@ -120,7 +123,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         max_len=args.max_len,
         max_waiting=args.max_waiting, dtype=args.dtype, mesh=args.mesh, default_max_tokens=args.default_max_tokens,
         kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
-        kv_pages=args.kv_pages, prefix_cache=not args.no_prefix_cache,
+        kv_pages=args.kv_pages, prefix_cache=not args.no_prefix_cache, max_step_tokens=args.max_step_tokens,
     )
     engine.validate()
     server = ServerOptions(

@@ -49,6 +49,7 @@ class EngineOptions:
     page_size: int = 16  # positions per page (paged)
     kv_pages: int | None = None  # pages in the pool (paged); None: slots * max_len / page_size
     prefix_cache: bool = True  # paged: reuse cached pages of earlier prompts' leading blocks
+    max_step_tokens: int = 512  # prompt tokens prefilled per step; longer prompts go in chunks
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
@@ -68,6 +69,8 @@ class EngineOptions:
             raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         if self.page_size < 1 or (self.max_len is not None and self.max_len % self.page_size):
             raise ConfigError(f"page_size {self.page_size} must be >= 1 and divide max_len ({self.max_len})")
+        if self.max_step_tokens < 1:
+            raise ConfigError(f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
         if self.kv_pages is not None and self.kv_pages < 1:
             raise ConfigError(f"kv_pages must be >= 1, got {self.kv_pages}")
         try:
@@ -138,7 +141,8 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
                            spec_method=opts.spec_method, draft=draft_model,
                            num_speculative_tokens="auto" if opts.adaptive_k else opts.num_speculative_tokens,
                            k_max=opts.num_speculative_tokens,
-                           page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=opts.kv_pages)
+                           page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=opts.kv_pages,
+                           prefill_chunk=opts.max_step_tokens)
     except ValueError as e:  # incompatible draft (vocabulary, context length)
         raise ConfigError(str(e)) from e
 
@@ -160,7 +164,7 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
         runner, tokenizer, model_id=_model_id(opts.model), max_waiting=opts.max_waiting,
         spec_method=opts.spec_method, max_speculative_tokens=opts.num_speculative_tokens if opts.speculative else 0,
         draft_model_id=_model_id(opts.draft, "draft") if opts.draft else "", default_max_tokens=opts.default_max_tokens,
-        prefix_caching=opts.prefix_cache,
+        prefix_caching=opts.prefix_cache, prefill_token_budget=opts.max_step_tokens,
     )
 
 
@@ -202,11 +206,12 @@ def bundle_engine(
     draft_model_id: str = "",
     default_max_tokens: int = 256,
     prefix_caching: bool = True,
+    prefill_token_budget: int = 1024,
 ) -> EngineBundle:
     """An engine around ``runner`` (wrapped so request failures are logged) and its descriptions."""
     speculative = spec_method != "none"
     engine = Engine(GuardedRunner(runner), tokenizer, max_waiting=max_waiting, speculative=speculative,
-                    prefix_caching=prefix_caching)
+                    prefix_caching=prefix_caching, prefill_token_budget=prefill_token_budget)
     cfg = runner.cfg
     platform, devices, mesh = runner.device_info()
     description = ModelDescription(

@@ -25,10 +25,10 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from jaxspec.engine import Engine, FinishReason, InvalidRequestError, Request, RequestOutput, SlotTable, SpecStats
+from jaxspec.engine import Engine, FinishReason, InvalidRequestError, RequestOutput, SlotTable, SpecStats
 from jaxspec.engine.engine import StepFailed
 from jaxspec.engine.scheduler import SpecPolicy
-from jaxspec.engine.step import DecodePlan, StepResult
+from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
 from jaxspec.sampling import SamplingParams
 
 log = logging.getLogger("jaxspec.serving")
@@ -117,6 +117,7 @@ class GuardedRunner:
         self.max_len = runner.max_len
         self.reuses_prefix = runner.reuses_prefix
         self.lookahead = runner.lookahead
+        self.prefill_chunk = runner.prefill_chunk
 
     @property
     def max_prefill_rows(self) -> int:
@@ -128,12 +129,12 @@ class GuardedRunner:
     def assign_pages(self, slot: int, pages: list[int]) -> None:
         self._inner.assign_pages(slot, pages)
 
-    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
+    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
         try:
-            return self._inner.prefill_batch(items, slots)
+            return self._inner.prefill_batch(chunks, slots)
         except Exception:
-            log.exception("prefill failed for request(s) %s (slots %s)", ", ".join(r.request_id for _, r in items),
-                          [s for s, _ in items])
+            log.exception("prefill failed for request(s) %s (slots %s)", ", ".join(c.request.request_id for c in chunks),
+                          [c.slot for c in chunks])
             raise
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:

@@ -22,8 +22,8 @@ from typing import Any, Callable, Coroutine, Iterator, Sequence
 
 import jax
 
-from jaxspec.engine import Request, SlotTable, StepRunner
-from jaxspec.engine.step import DecodePlan, StepResult
+from jaxspec.engine import SlotTable, StepRunner
+from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
 from serving.build import EngineBundle, enable_compilation_cache
 from serving.engine_loop import ServerState
 from serving.server import JaxSpecServer, ServerOptions
@@ -128,10 +128,10 @@ class ControlledRunner:
         self.fail_decodes = 0  # raise in this many of the next decode steps
         self.warmup_gate: threading.Event | None = None  # warm-up waits for it
 
-    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
-        if self.poison is not None and any(tuple(r.prompt_ids) == self.poison for _, r in items):
+    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
+        if self.poison is not None and any(tuple(c.request.prompt_ids) == self.poison for c in chunks):
             raise RuntimeError("injected prefill fault")
-        return self.inner.prefill_batch(items, slots)
+        return self.inner.prefill_batch(chunks, slots)
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
         if self.step_delay_s:

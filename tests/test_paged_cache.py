@@ -239,3 +239,71 @@ def test_no_compilation_after_warmup_with_pages_and_prefix_hits(models):
     assert done == submitted >= 8
     assert eng.pages.stats.hit_tokens > 0
     assert counter.count == before, f"{counter.count - before} compilation(s) after warm-up"
+
+
+# ----------------------------------------------------------------------------- chunked prefill
+@pytest.mark.parametrize("kw", [{}, {"page_size": 8, "num_pages": 64},
+                                {"spec_method": "draft", "num_speculative_tokens": 2}])
+def test_chunked_prefill_is_exact_and_interleaves_with_decoding(models, kw):
+    model, draft = models
+    if kw.get("spec_method") == "draft":
+        kw = {**kw, "draft": draft}
+    rng = np.random.default_rng(5)
+    long_prompt = list(rng.integers(3, model.cfg.vocab_size, size=100))
+    short = list(rng.integers(3, model.cfg.vocab_size, size=5))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    ref, _, _ = _run(model, [short, long_prompt], params, **kw)
+    eng = Engine(make_runner(model, num_slots=3, max_len=128, prefill_chunk=16, **kw), ByteTokenizer(), eos_ids=[],
+                 prefill_token_budget=16)
+    a = eng.add_request(short, params)
+    got = {a: [t for o in eng.step() for t in o.new_token_ids]}  # the short request is running
+    b = eng.add_request(long_prompt, params)
+    got[b] = []
+    steps_while_prefilling = 0
+    while eng.has_unfinished():
+        outs = eng.step()
+        steps_while_prefilling += bool(eng.prefilling)
+        for o in outs:
+            got[o.request_id] += o.new_token_ids
+    assert steps_while_prefilling >= 100 // 16 - 1
+    assert [got[a], got[b]] == ref
+
+
+def test_chunked_prefill_gives_running_requests_tokens_every_step(models):
+    model, _ = models
+    rng = np.random.default_rng(6)
+    eng = Engine(make_runner(model, num_slots=2, max_len=128, prefill_chunk=16), ByteTokenizer(), eos_ids=[],
+                 prefill_token_budget=16)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    a = eng.add_request(list(rng.integers(3, 200, size=4)), params)
+    eng.step()
+    eng.add_request(list(rng.integers(3, 200, size=110)), SamplingParams(max_tokens=4))
+    per_step = []
+    for _ in range(8):
+        outs = eng.step()
+        per_step.append(sum(len(o.new_token_ids) for o in outs if o.request_id == a))
+    assert per_step == [1] * 8  # one decode token per step, every step, while 110 tokens prefill in 7 chunks
+
+
+def test_pallas_backend_reads_pages_through_the_paged_kernel(models):
+    """attention_backend="pallas" over a paged cache runs pallas_kernels.paged_attention (interpreted
+    here) and decodes exactly what the XLA path decodes."""
+    model, _ = models
+    prompts = _prompts(model.cfg.vocab_size, n=3, shared=20)
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+
+    def run(backend):
+        runner = make_runner(model, num_slots=2, max_len=64, page_size=16, num_pages=8)
+        runner.runner.set_backends(attention=backend)
+        return [c.token_ids for c in Engine(runner, ByteTokenizer(), eos_ids=[]).generate(prompts, greedy)]
+
+    import pallas_kernels.paged_attention as kernel
+
+    calls = []
+    real = kernel.paged_attention
+    kernel.paged_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got = run("pallas")
+    finally:
+        kernel.paged_attention = real
+    assert calls and got == run("xla")

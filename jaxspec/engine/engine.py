@@ -34,7 +34,7 @@ from jaxspec.engine.request import (
 from jaxspec.engine.pages import PagePool, Reservation
 from jaxspec.engine.scheduler import Scheduler, SpecPolicy
 from jaxspec.engine.slots import SlotTable
-from jaxspec.engine.step import DecodePlan, StepResult
+from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
 from jaxspec.engine.stopping import OutputTracker
 from jaxspec.sampling import SamplingParams
 from jaxspec.tokenizer import Tokenizer
@@ -50,9 +50,12 @@ class StepRunner(Protocol):
     max_len: int
 
     max_prefill_rows: int  # most prompts one ``prefill_batch`` takes
+    # Longest prompt piece one step prefills (longer prompts go in chunks); None: whole prompts.
+    prefill_chunk: int | None
 
-    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
-        """Prefill (slot, request) pairs in one call; returns each one's first token."""
+    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
+        """Prefill prompt chunks in one call; returns each chunk's sampled token (the request's
+        first token where the chunk is its prompt's last; meaningless otherwise)."""
         ...
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
@@ -115,10 +118,14 @@ class PlainRunner:
     def assign_pages(self, slot: int, pages: list[int]) -> None:
         self.runner.assign_pages(slot, pages)
 
-    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
-        idx = np.array([slot for slot, _ in items])
-        return self.runner.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx),
-                                        [r.num_cached_tokens for _, r in items])
+    @property
+    def prefill_chunk(self) -> int | None:
+        return self.runner.prefill_chunk
+
+    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
+        idx = np.array([c.slot for c in chunks])
+        return self.runner.prefill_many(idx, [c.request.prompt_ids[: c.end] for c in chunks], slots.sampling(idx),
+                                        [c.start for c in chunks])
 
     def padded_length(self, prompt_len: int) -> int:
         return self.runner.bucket_for(prompt_len)
@@ -195,7 +202,9 @@ class Engine:
         self._ids = itertools.count()
         self._seed_rng = random.Random()
         self._in_flight: set[str] = set()
-        self.scheduler = Scheduler(runner.max_prefill_rows, prefill_token_budget, runner.padded_length, spec_policy)
+        self.scheduler = Scheduler(runner.max_prefill_rows, prefill_token_budget, runner.padded_length, spec_policy,
+                                   chunk=runner.prefill_chunk)
+        self.prefilling: dict[int, int] = {}  # slot -> prompt tokens in its cache, for prompts prefilled in chunks
         paging = runner.paging()
         self.pages = None if paging is None else PagePool(*paging, prefix_caching=prefix_caching and runner.reuses_prefix)
         self._reservations: dict[int, Reservation] = {}  # slot -> its pages (paged caches)
@@ -345,31 +354,38 @@ class Engine:
             return self._fail(slot, e)
 
     def _admit(self) -> list[RequestOutput]:
-        admission = self.scheduler.admit(self.waiting, self.slots.free_slots(), self._reserve)
-        if not admission.items:
+        in_progress = [(slot, self.live[slot].request, done) for slot, done in self.prefilling.items()]
+        plan = self.scheduler.plan_prefill(self.waiting, self.slots.free_slots(), self._reserve, in_progress)
+        if not plan.chunks:
             return []
-        for slot, req in admission.items:
+        for slot, req in plan.admitted:
             self.live[slot] = _Live(req, OutputTracker(self.tokenizer, req.params, self.eos_ids), self.speculative)
             self.slots.assign(slot, req)
             if self.pages is not None:
                 res = self._reservations[slot] = self._pending.pop(req.request_id)
                 self.runner.assign_pages(slot, res.pages)
+        chunks = list(plan.chunks)
         try:
-            groups = [(list(admission.items), self.runner.prefill_batch(list(admission.items), self.slots))]
+            groups = [(chunks, self.runner.prefill_batch(chunks, self.slots))]
         except Exception:
-            if len(admission.items) == 1:
-                groups = [(list(admission.items), None)]
+            if len(chunks) == 1:
+                groups = [(chunks, None)]
             else:  # one bad prompt must not fail the others: prefill them one by one
-                groups = [([item], None) for item in admission.items]
+                groups = [([c], None) for c in chunks]
         outputs = []
-        for items, firsts in groups:
+        for group, firsts in groups:
             if firsts is None:
                 try:
-                    firsts = self.runner.prefill_batch(items, self.slots)
+                    firsts = self.runner.prefill_batch(group, self.slots)
                 except Exception as e:  # one bad request must not take the engine down
-                    outputs += [self._fail(slot, e) for slot, _ in items]
+                    outputs += [self._fail(c.slot, e) for c in group]
                     continue
-            for (slot, req), first in zip(items, firsts):
+            for chunk, first in zip(group, firsts):
+                slot, req = chunk.slot, chunk.request
+                if not chunk.last:
+                    self.prefilling[slot] = chunk.end
+                    continue
+                self.prefilling.pop(slot, None)
                 if self.pages is not None and req.use_prefix_cache:
                     self.pages.register(req.prompt_ids, self._reservations[slot])
                 self.slots.active[slot] = True
@@ -414,6 +430,7 @@ class Engine:
         out = self._output(slot, token_ids, text, True, reason, match, error)
         self._in_flight.discard(out.request_id)
         del self.live[slot]
+        self.prefilling.pop(slot, None)
         self.slots.release(slot)
         self.scheduler.released(slot)
         self._release_pages(slot)
@@ -442,6 +459,7 @@ class Engine:
         except Exception:
             live = self.live.pop(slot)
             self._in_flight.discard(live.request.request_id)
+            self.prefilling.pop(slot, None)
             self.slots.release(slot)
             res = self._reservations.pop(slot, None)
             if res is not None:

@@ -267,13 +267,15 @@ class ModelRunner:
         max_prefill_rows: int = 4,
         page_size: int | None = None,
         num_pages: int | None = None,
+        prefill_chunk: int | None = None,
     ):
         """``placement``: run on a mesh (parameters moved to their shardings if they are not
         there yet; ``moe_backend`` then names the per-device expert computation's backend only
         where experts are not split). ``cache_sharding`` alone places just the cache.
         ``max_prefill_rows``: most prompts one prefill call takes (a compiled bucket each).
         ``page_size``: a paged cache of ``num_pages`` pages (see kv_cache); the engine hands out
-        pages (``assign_pages``) before a slot is prefilled."""
+        pages (``assign_pages``) before a slot is prefilled. ``prefill_chunk``: prompts longer than
+        this are prefilled in pieces of at most this many tokens (one per engine step)."""
         self.cfg = model.cfg
         self.num_slots = num_slots
         self.max_len = max_len or self.cfg.max_seq_len
@@ -310,6 +312,9 @@ class ModelRunner:
         self.page_table = None if page_size is None else np.full((num_slots, self.max_len // page_size), num_pages,
                                                                     np.int32)
         self.buckets = prefill_buckets(self.max_len)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk if prefill_chunk is not None and prefill_chunk < self.max_len else None
         # Active rows are packed into batch buckets unless the cache's slots are split over
         # devices (then a step covers every slot in order; idle rows still route to no expert).
         self.compact_rows = cache_sharding is None or slots_unsplit(cache_sharding)
@@ -495,11 +500,12 @@ class ModelRunner:
             self.sync_lengths()
 
     def warmup_offset_prefill(self) -> None:
-        """Compile prefill after a cached prefix: every (rows, length) bucket (writes go to the
-        padding slot id)."""
+        """Compile prefill after a cached prefix or earlier chunks: every (rows, length) bucket a
+        prompt's rest can take (writes go to the padding slot id)."""
         s = self.num_slots
+        longest = self.max_len if self.paging is not None else self.bucket_for(self.prefill_chunk)
         for rows in self.prefill_row_buckets:
-            for bucket in self.buckets:
+            for bucket in (b for b in self.buckets if b <= longest):
                 self.cache, token, *_ = self._steps[2](
                     self.state, self.cache, np.full((rows, bucket), self.cfg.pad_id, np.int32),
                     np.zeros(rows, np.int32), np.full(rows, s, np.int32), np.zeros(rows, np.int32),
@@ -564,7 +570,7 @@ class ModelRunner:
         for b in self.batch_buckets:
             for kv_len in self.kv_buckets:
                 self.idle_decode(b, kv_len)
-        if self.paging is not None:
+        if self.paging is not None or self.prefill_chunk is not None:
             self.warmup_offset_prefill()
         self.set_length(0, 0)  # the release path's small update, compiled here rather than mid-serving
         self._set_lengths(jnp.asarray(saved))

@@ -5,7 +5,8 @@ slot table and returns plans; the engine carries them out (one batched prefill c
 one decode step) and the runner does the device work. Prompts are admitted in arrival
 order, several per step, under a per-step budget of prefill tokens, so that a burst of
 arrivals is spread over several steps and the running requests keep decoding between
-them. The decode plan says which slots step and how many tokens each proposes; with a
+them; a prompt longer than ``chunk`` is prefilled a chunk per step, interleaved with the
+running requests' decode steps. The decode plan says which slots step and how many tokens each proposes; with a
 speculative runner, a ``SpecPolicy`` (``jaxspec.speculative.scheduling.SpecScheduler``)
 chooses k from acceptance estimates and step costs, and learns from each step's result.
 """
@@ -20,14 +21,16 @@ import numpy as np
 
 from jaxspec.engine.request import Request
 from jaxspec.engine.slots import SlotTable
-from jaxspec.engine.step import DecodePlan, StepResult
+from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
 
 
 @dataclasses.dataclass(frozen=True)
-class Admission:
-    """Requests prefilled together in one step: ``(slot, request)`` pairs."""
+class PrefillPlan:
+    """One step's prefill call: chunks of prompts already in slots (continued first), then of
+    requests admitted this step (``admitted``: their ``(slot, request)`` pairs)."""
 
-    items: tuple[tuple[int, Request], ...] = ()
+    chunks: tuple[PrefillChunk, ...] = ()
+    admitted: tuple[tuple[int, Request], ...] = ()
 
 
 class SpecPolicy(Protocol):
@@ -46,34 +49,62 @@ class SpecPolicy(Protocol):
 
 class Scheduler:
     def __init__(self, max_prefill_rows: int, prefill_token_budget: int, padded_length: Callable[[int], int],
-                 spec: SpecPolicy | None = None):
+                 spec: SpecPolicy | None = None, chunk: int | None = None):
         """``padded_length``: a prompt length -> the compiled length its prefill runs at;
         the budget counts padded tokens (rows bucketed to a power of two x longest bucket),
-        which is what the step costs. ``spec``: the speculation policy (None: plain decoding)."""
+        which is what the step costs. ``spec``: the speculation policy (None: plain decoding).
+        ``chunk``: prompts longer than this are prefilled this many tokens per step, so a long
+        prompt never stops the running requests for more than one chunk (None: whole prompts)."""
         if max_prefill_rows < 1 or prefill_token_budget < 1:
             raise ValueError("max_prefill_rows and prefill_token_budget must be >= 1")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.max_prefill_rows = max_prefill_rows
         self.prefill_token_budget = prefill_token_budget
         self.padded_length = padded_length
         self.spec = spec
+        self.chunk = chunk
 
-    def admit(self, waiting: collections.deque[Request], free_slots: Sequence[int],
-              reserve: Callable[[Request], bool] | None = None) -> Admission:
-        """Pop the requests to prefill this step (the first always fits the token budget, whatever
-        its length). ``reserve(request)``: take the request's cache memory, or False if it must
-        wait (then it and everything behind it wait: arrival order is kept)."""
-        items: list[tuple[int, Request]] = []
+    def _take(self, remaining: int) -> int:
+        return remaining if self.chunk is None else min(remaining, self.chunk)
+
+    def plan_prefill(self, waiting: collections.deque[Request], free_slots: Sequence[int],
+                     reserve: Callable[[Request], bool] | None = None,
+                     in_progress: Sequence[tuple[int, Request, int]] = ()) -> PrefillPlan:
+        """This step's prefill: the next chunk of each prompt in progress (``(slot, request, tokens
+        done)``, oldest first), then waiting requests popped in arrival order. The first chunk always
+        fits the token budget, whatever its length. ``reserve(request)``: take the request's cache
+        memory (it may set ``num_cached_tokens``), or False if it must wait (then it and everything
+        behind it wait)."""
+        chunks: list[PrefillChunk] = []
         longest = 0
-        while waiting and len(items) < min(len(free_slots), self.max_prefill_rows):
-            length = max(longest, self.padded_length(len(waiting[0].prompt_ids)))
-            rows = 1 << (len(items)).bit_length()  # rows bucket after adding this one
-            if items and rows * length > self.prefill_token_budget:
+
+        def fits(tokens: int) -> int | None:
+            length = max(longest, self.padded_length(tokens))
+            rows = 1 << (len(chunks)).bit_length()  # rows bucket after adding this one
+            return None if chunks and rows * length > self.prefill_token_budget else length
+
+        for slot, req, done in in_progress:
+            if len(chunks) == self.max_prefill_rows:
+                break
+            n = self._take(len(req.prompt_ids) - done)
+            if (length := fits(n)) is None:
+                break
+            longest = length
+            chunks.append(PrefillChunk(slot, req, done, done + n))
+        admitted: list[tuple[int, Request]] = []
+        while waiting and len(admitted) < len(free_slots) and len(chunks) < self.max_prefill_rows:
+            if (length := fits(self._take(len(waiting[0].prompt_ids)))) is None:
                 break
             if reserve is not None and not reserve(waiting[0]):
                 break
             longest = length
-            items.append((free_slots[len(items)], waiting.popleft()))
-        return Admission(tuple(items))
+            req = waiting.popleft()
+            slot = free_slots[len(admitted)]
+            admitted.append((slot, req))
+            start = req.num_cached_tokens
+            chunks.append(PrefillChunk(slot, req, start, start + self._take(len(req.prompt_ids) - start)))
+        return PrefillPlan(tuple(chunks), tuple(admitted))
 
     # ------------------------------------------------------------ decode
     def started(self, slot: int, request: Request) -> None:

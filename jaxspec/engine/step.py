@@ -9,8 +9,25 @@ step costs). Host values only: the runner keeps every device array to itself.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillChunk:
+    """Prefill ``request.prompt_ids[start:end]`` into ``slot``; positions before ``start`` are
+    already in its cache (a cached prefix, or earlier chunks of a long prompt)."""
+
+    slot: int
+    request: Any  # jaxspec.engine.request.Request
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        """The prompt's final chunk: its prefill samples the request's first token."""
+        return self.end == len(self.request.prompt_ids)
 
 
 @dataclasses.dataclass(frozen=True)

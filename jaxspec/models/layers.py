@@ -172,6 +172,18 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
 
         rows = jnp.arange(x.shape[0]) if slot_ids is None else slot_ids
+        if page_table is not None and attention_backend == "pallas":
+            # The kernel reads the pool through the table in place: no gathered copy of the pages.
+            from pallas_kernels.paged_attention import paged_attention
+
+            page, offset = page_slots(cache_k, page_table, rows, positions)
+            cache_k = cache_k.at[layer, page, offset].set(k.astype(cache_k.dtype), mode="drop")
+            cache_v = cache_v.at[layer, page, offset].set(v.astype(cache_v.dtype), mode="drop")
+            max_len = page_table.shape[1] * cache_k.shape[2]
+            span = max_len if kv_len is None else min(kv_len, max_len)
+            table = jnp.take(page_table, rows, axis=0, mode="fill", fill_value=cache_k.shape[1])
+            attn = paged_attention(q, cache_k[layer], cache_v[layer], table, positions, span, cfg.sliding_window)
+            return jnp.einsum("bthk,hkd->btd", attn, self.wo[...]), cache_k, cache_v
         if page_table is not None:
             keys, values, cache_k, cache_v = _paged_write_read(cache_k, cache_v, page_table, layer, rows, positions,
                                                                k, v, kv_len)

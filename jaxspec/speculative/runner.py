@@ -36,7 +36,7 @@ import numpy as np
 from jaxspec.engine.model_runner import ModelRunner, scatter_rows, scatter_sampling
 from jaxspec.engine.request import InvalidRequestError, Request
 from jaxspec.engine.slots import SlotTable
-from jaxspec.engine.step import DecodePlan, StepResult
+from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
 from jaxspec.sampling import BatchSampling, logits_to_probs, pad_sampling
 from jaxspec.speculative.adaptive import CostModel, KPolicy, k_buckets
 from jaxspec.speculative.draft_model import DraftModelProposer
@@ -278,17 +278,24 @@ class SpeculativeRunner:
         if self.target.paging is not None:
             self.proposer.set_pages(slot, pages)
 
-    def prefill_batch(self, items: list[tuple[int, Request]], slots: SlotTable) -> list[int]:
-        for _, request in items:
-            override = request.num_speculative_tokens
+    @property
+    def prefill_chunk(self) -> int | None:
+        # An EAGLE-3 head absorbs a prompt in one piece (its features and next tokens together).
+        return self.target.prefill_chunk if self.proposer.reuses_prefix else None
+
+    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
+        for c in chunks:
+            override = c.request.num_speculative_tokens
             if override is not None and override < 0:
                 raise InvalidRequestError("num_speculative_tokens", f"must be >= 0, got {override}")
-        idx = np.array([slot for slot, _ in items])
-        starts = [r.num_cached_tokens for _, r in items]
-        firsts = self.target.prefill_many(idx, [r.prompt_ids for _, r in items], slots.sampling(idx), starts)
-        for (slot, request), first in zip(items, firsts):
-            self.proposer.prefill(slot, request.prompt_ids, request.num_cached_tokens)
-            self.history.start(slot, [*request.prompt_ids, first])
+        idx = np.array([c.slot for c in chunks])
+        firsts = self.target.prefill_many(idx, [c.request.prompt_ids[: c.end] for c in chunks], slots.sampling(idx),
+                                          [c.start for c in chunks])
+        items = [(c.slot, c.request) for c in chunks]
+        for c, first in zip(chunks, firsts):
+            self.proposer.prefill(c.slot, c.request.prompt_ids[: c.end], c.start)
+            if c.last:
+                self.history.start(c.slot, [*c.request.prompt_ids, first])
         if self.feature_layers:  # the prompts' features: positions 0..n-1, each followed by the next token
             feats = self.target.captured
             rows, width = feats.shape[0], feats.shape[1]
