@@ -91,7 +91,7 @@ def test_ttt_steps_are_what_the_proposer_drafts(nbr):
     feats = jnp.asarray(rng.standard_normal((b, n, 48)), jnp.float32)
     toks = jnp.asarray(rng.integers(0, 50, (b, n)), jnp.int32)
     outs = E.ttt_forward(head, embed, feats, toks, steps)
-    for length in (1, 3, 7):  # context absorbed: positions 0..length-1
+    for length in (1, 6):  # context absorbed: positions 0..length-1
         cache = KVCache.create(cfg, b, 64)
         out, cache = head(toks[:, :length], feats[:, :length], jnp.zeros(b, jnp.int32), cache, None, embed)
         h = out[:, length - 1]
@@ -203,6 +203,17 @@ def test_tool_lowers_the_loss_resumes_and_exports_a_greedy_exact_head(setup, cap
         spec = engine.generate(prompts, params)
         assert [c.token_ids for c in spec] == [c.token_ids for c in plain], k
         assert engine.spec_stats.num_drafts > 0
+
+    # Fine-tuning that head on the target's own continuations beside the corpus windows.
+    assert train.main(_args(root, "tuned", "--init", str(root / "head"), "--continuations", "6",
+                            "--continuation-tokens", "16", "--prompt-tokens", "12", "--out", str(root / "tuned-head"))
+                      ) == 0
+    data = np.load(root / "tuned" / "data" / "continuations.npz")
+    assert data["tokens"].shape == (6, 48) and (data["lengths"] - data["prompt_lengths"] > 0).all()
+    tuned_log = [r for r in read_metrics(root / "tuned") if r["event"] == "eval"][-1]
+    assert tuned_log["eval_kl_0"] < report["before"]["heldout"]["eval_kl_0"]
+    tuned = load_eagle3(root / "tuned-head", target=target.cfg)
+    np.testing.assert_array_equal(tuned.d2t[...], head.d2t[...])
 
 
 @pytest.mark.slow

@@ -8,7 +8,12 @@
   split, against the target's own distributions (``jaxspec.training.eagle3``);
 - features: computed by the target inside each step, or once into ``--feature-cache DIR``
   (``--cache-windows`` of them) and read from there;
+- target continuations (``--continuations N``): N prompts cut from the training split continued by
+  the target through the engine (a ``--sampled-fraction`` sampled at ``--temperature``, the rest
+  greedy; cached in RUN_DIR/data); every batch is then half corpus windows, half continuations,
+  so the head also sees the text the target itself writes, which is what it drafts at serving;
 - draft vocabulary: the ``--draft-vocab`` most frequent ids of the training split (eos always in);
+- ``--init HEAD_DIR``: start from a trained head (its shape, layers and draft vocabulary);
 - training-time test: ``--ttt-steps`` unrolled drafting steps per position, weighted
   ``--step-decay ** j``;
 - resumable: checkpoints in RUN_DIR/checkpoints every ``--save-every`` steps, and on SIGTERM /
@@ -35,12 +40,12 @@ from flax import nnx
 
 from jaxspec.builtin import is_builtin, resolve
 from jaxspec.checkpoint import CheckpointError as ModelDirError
-from jaxspec.checkpoint.eagle3_io import save_eagle3
+from jaxspec.checkpoint.eagle3_io import load_eagle3, save_eagle3
 from jaxspec.config import ConfigError
 from jaxspec.loading import load_any
 from jaxspec.training.corpus import add_corpus_args, corpus_from_args
 from jaxspec.training.data import PackedWindows, cached_stream, tokenizer_fingerprint
-from jaxspec.training.distill import corpus_prompts
+from jaxspec.training.distill import DistillData, corpus_prompts, generate_continuations
 from jaxspec.training.eagle3 import (
     Eagle3TrainConfig,
     FeatureCache,
@@ -88,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-cache", default=None, help="cache the target's features for training here")
     p.add_argument("--cache-windows", type=int, default=None, help="training windows to cache (default all)")
     p.add_argument("--cache-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--continuations", type=int, default=0, help="target continuations to train on beside the "
+                   "corpus windows (0: corpus windows only)")
+    p.add_argument("--continuation-tokens", type=int, default=128, help="tokens the target writes per continuation")
+    p.add_argument("--sampled-fraction", type=float, default=0.5, help="share of sampled (vs greedy) continuations")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--gen-slots", type=int, default=8, help="engine slots used to generate continuations")
+    p.add_argument("--init", default=None, help="start from this trained head folder (either layout)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows for the per-step figures")
     p.add_argument("--ks", default="1,2,3,4,5,6", help="draft lengths for the acceptance figures")
@@ -142,11 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"draft vocabulary: {draft_vocab} of {target.cfg.vocab_size} ids, covering {coverage['train']:.4f} of "
           f"the training tokens, {coverage['heldout']:.4f} held out")
     try:
-        head_cfg = head_config_for(target.cfg, draft_vocab, aux_layers=aux, mlp_dim=args.mlp_dim,
-                                   name="eagle3-" + target.cfg.name, speculative_tokens=args.ttt_steps)
-        head = new_head(target, head_cfg, d2t, args.seed)
+        if args.init:
+            head = load_eagle3(args.init, target=target.cfg)
+            head_cfg = head.cfg.replace(name="eagle3-" + target.cfg.name, speculative_tokens=args.ttt_steps)
+            head.cfg = head_cfg
+            d2t = np.asarray(head.d2t[...], np.int64)
+            draft_vocab = head_cfg.draft_vocab_size
+            coverage = {"train": vocab_coverage(counts, d2t),
+                        "heldout": vocab_coverage(token_counts(held_stream, target.cfg.vocab_size), d2t)}
+            print(f"starting from {args.init} (its draft vocabulary of {draft_vocab}, covering "
+                  f"{coverage['train']:.4f} of the training tokens)")
+        else:
+            head_cfg = head_config_for(target.cfg, draft_vocab, aux_layers=aux, mlp_dim=args.mlp_dim,
+                                       name="eagle3-" + target.cfg.name, speculative_tokens=args.ttt_steps)
+            head = new_head(target, head_cfg, d2t, args.seed)
         tcfg = Eagle3TrainConfig(ttt_steps=args.ttt_steps, step_decay=args.step_decay, moe_backend=args.moe_backend)
-    except (ConfigError, ValueError) as e:
+        if args.continuations and args.feature_cache:
+            raise ValueError("--continuations and --feature-cache do not combine (the cache holds corpus windows)")
+        if args.continuations and (args.batch_size % 2 or args.seq_len < args.prompt_tokens + args.continuation_tokens):
+            raise ValueError("--continuations needs an even --batch-size and --seq-len >= --prompt-tokens + "
+                             "--continuation-tokens")
+    except (ConfigError, ModelDirError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"head: D {head_cfg.hidden_size}, MLP {head_cfg.mlp_dim}, aux layers {list(head_cfg.aux_layers)}, "
@@ -164,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizer": tokenizer_fingerprint(tokenizer), "train_tokens": int(len(stream)),
         "d2t": [int(x) for x in d2t[:8]] + [int(d2t.sum())], "seq_len": args.seq_len, "ttt_steps": args.ttt_steps,
         "step_decay": args.step_decay, "seed": args.seed, "steps": args.steps, "lr": args.lr,
-        "batch_size": args.batch_size, "feature_cache": bool(args.feature_cache),
+        "batch_size": args.batch_size, "feature_cache": bool(args.feature_cache), "init": args.init,
+        "continuations": args.continuations,
     }
     data_position, prior_seconds = 0, 0.0
     try:
@@ -185,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         batch_fn = functools.partial(_cached_batch, cache, args.seed)
     else:
         batch_fn = functools.partial(_live_batch, windows)
+    if args.continuations:
+        gen = _continuations(args, target, tokenizer, train_docs, run_dir)
+        batch_fn = functools.partial(_mixed_batch, batch_fn, gen, args.seed)
 
     eval_windows = heldout_windows(held_stream, args.seq_len, args.eval_windows)
     eval_bs = min(args.batch_size, len(eval_windows))
@@ -285,6 +317,33 @@ def _live_batch(windows: PackedWindows, position: int, batch_size: int) -> Targe
 
 def _cached_batch(cache: FeatureCache, seed: int, position: int, batch_size: int) -> TargetBatch:
     return cache.batch(position, batch_size, seed)
+
+
+def _continuations(args, target, tokenizer, train_docs, run_dir: Path) -> DistillData:
+    """The target's continuations of prompts from the training split, generated once per run directory."""
+    path, done = run_dir / "data" / "continuations.npz", run_dir / "data" / "continuations.json"
+    if path.exists() and done.exists():
+        data = DistillData.load(path)
+        print(f"reusing {len(data.lengths)} target continuations from {path}")
+        return data
+    prompts = corpus_prompts(train_docs, tokenizer, args.continuations, args.prompt_tokens, args.seed)
+    print(f"generating {len(prompts)} target continuations of {args.continuation_tokens} tokens")
+    t = time.perf_counter()
+    data = generate_continuations(target, tokenizer, prompts, args.continuation_tokens, args.sampled_fraction,
+                                  args.temperature, args.seed, args.gen_slots, target.cfg.pad_id, args.seq_len)
+    data.save(path)
+    write_json(done, {"seconds": time.perf_counter() - t, "digest": data.digest()})  # last: marks it complete
+    return data
+
+
+def _mixed_batch(corpus_fn, data: DistillData, seed: int, position: int, batch_size: int) -> TargetBatch:
+    """Half corpus windows, half target continuations (each stream at its own position)."""
+    half = batch_size // 2
+    windows = corpus_fn(position // 2, half)
+    gen = data.batch(position // 2, half, seed)
+    tokens = np.concatenate([windows.tokens, gen.inputs])
+    mask = np.concatenate([np.ones(windows.tokens.shape, bool), gen.mask])
+    return TargetBatch(tokens, mask=mask)
 
 
 def _print_figures(label: str, figures: dict) -> None:

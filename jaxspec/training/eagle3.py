@@ -140,6 +140,7 @@ class TargetBatch(NamedTuple):
     tokens: np.ndarray  # [B, T] int32 windows
     features: np.ndarray | None = None  # [B, T, F] cached aux features (None: computed in the step)
     hidden: np.ndarray | None = None  # [B, T, D] cached final hidden states (after the final norm)
+    mask: np.ndarray | None = None  # [B, T] bool real tokens, a prefix of each row (None: all)
 
 
 def target_forward(target: Transformer, tokens: jax.Array, aux_layers: tuple[int, ...], moe_backend: str | None
@@ -219,8 +220,9 @@ def ttt_forward(head: Eagle3Head, embed: jax.Array | None, features: jax.Array, 
 
 def ttt_loss(head: Eagle3Head, embed: jax.Array | None, w_out: jax.Array, draft_ids: jax.Array,
              t2d_index: jax.Array, features: jax.Array, hidden: jax.Array, tokens: jax.Array,
-             tcfg: Eagle3TrainConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Windows' tokens [B, T], target features [B, T, F] and final hidden [B, T, D] -> (loss, metrics)."""
+             tcfg: Eagle3TrainConfig, mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Windows' tokens [B, T], target features [B, T, F], final hidden [B, T, D] and real-token mask
+    [B, T] (a prefix per row; None: all real) -> (loss, metrics)."""
     feats, nxt = features[:, :-1], tokens[:, 1:]  # position q: features at q, token x[q+1]
     z = jnp.einsum("btd,dv->btv", hidden[:, 1:], w_out, preferred_element_type=jnp.float32)  # [B, N, V] at q + 1
     z = jax.lax.stop_gradient(z)
@@ -228,13 +230,15 @@ def ttt_loss(head: Eagle3Head, embed: jax.Array | None, w_out: jax.Array, draft_
     p = jnp.exp(logp)
     top = jnp.take(t2d_index, jnp.argmax(z, axis=-1))  # [B, N] draft id of the target's argmax (-1: none)
     n = nxt.shape[1]
+    # Position q counts while x[q+1] is real (its target distribution is then the target's at a real token).
+    real = jnp.ones(nxt.shape, bool) if mask is None else jnp.asarray(mask, bool)[:, 1:]
     outs = ttt_forward(head, embed, feats, nxt, tcfg.ttt_steps)
     weights = tcfg.weights()
     total = jnp.zeros((), jnp.float32)
     metrics: dict[str, jax.Array] = {}
     for j, out in enumerate(outs):
         logq = jax.nn.log_softmax(head.logits(out), axis=-1)
-        valid = jnp.broadcast_to((jnp.arange(n) >= j)[None, :], nxt.shape).astype(jnp.float32)
+        valid = ((jnp.arange(n) >= j)[None, :] & real).astype(jnp.float32)
         denom = jnp.maximum(valid.sum(), 1.0)
         ce = -jnp.sum(jnp.sum(p * logq, axis=-1) * valid) / denom
         ent = -jnp.sum(jnp.sum(p * logp, axis=-1) * valid) / denom
@@ -300,7 +304,7 @@ def _batch_loss(target_graphdef, head_graphdef, tcfg: Eagle3TrainConfig, frozen:
     features, hidden = jax.lax.stop_gradient(features), jax.lax.stop_gradient(hidden)
     embed = None if head.cfg.own_embeddings else jax.lax.stop_gradient(target.embed[...])
     return ttt_loss(head, embed, jax.lax.stop_gradient(output_matrix(target)), frozen.draft_ids, frozen.t2d_index,
-                    features.astype(jnp.float32), hidden.astype(jnp.float32), tokens, tcfg)
+                    features.astype(jnp.float32), hidden.astype(jnp.float32), tokens, tcfg, batch.mask)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
