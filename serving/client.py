@@ -32,9 +32,10 @@ def build_request(
     speculation: bool | None = None,
     num_speculative_tokens: int | None = None,
     request_id: str = "",
+    skip_prefix_cache: bool = False,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; ``None`` leaves a knob unset (the server's default)."""
-    req = pb.GenerateRequest(request_id=request_id)
+    req = pb.GenerateRequest(request_id=request_id, skip_prefix_cache=skip_prefix_cache)
     if isinstance(prompt, str):
         req.text = prompt
     else:

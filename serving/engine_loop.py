@@ -242,6 +242,7 @@ class EngineLoop:
         request_id: str,
         deadline: float | None = None,
         num_speculative_tokens: int | None = None,
+        use_prefix_cache: bool = True,
     ) -> RequestHandle:
         """Queue a request in the engine. Raises InvalidRequestError, QueueFullError, EngineUnavailableError."""
         if self.state != ServerState.SERVING or self.engine is None:
@@ -255,7 +256,8 @@ class EngineLoop:
         self._idle.clear()
         try:
             await self._call(lambda: engine.add_request(
-                list(prompt_ids), params, request_id, deadline=deadline, num_speculative_tokens=num_speculative_tokens
+                list(prompt_ids), params, request_id, deadline=deadline, num_speculative_tokens=num_speculative_tokens,
+                use_prefix_cache=use_prefix_cache,
             ))
         except asyncio.CancelledError:
             # The caller went away before the engine answered: the add may or may not

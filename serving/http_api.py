@@ -197,9 +197,10 @@ def _chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------- responses
-def _usage(resp: pb.GenerateResponse) -> dict[str, int]:
+def _usage(resp: pb.GenerateResponse) -> dict[str, Any]:
     p, c = resp.usage.prompt_tokens, resp.usage.completion_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": resp.usage.cached_prompt_tokens}}
 
 
 def _extension(resp: pb.GenerateResponse) -> dict[str, Any]:

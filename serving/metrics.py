@@ -34,6 +34,11 @@ class ServingMetrics:
         self.rejected = Counter("jaxspec_requests_rejected", "Requests refused before reaching the engine, by gRPC code",
                                 ["code"], registry=r)
         self.prompt_tokens = Counter("jaxspec_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_prompt_tokens = Counter("jaxspec_prefix_cache_hit_tokens",
+                                            "Prompt tokens of finished requests served from the prefix cache", registry=r)
+        self.prefix_cache_hits = Counter("jaxspec_prefix_cache_requests",
+                                         "Finished requests by whether their prompt hit the prefix cache", ["hit"],
+                                         registry=r)
         self.generation_tokens = Counter("jaxspec_generation_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram("jaxspec_time_to_first_token_seconds", "Arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -77,6 +82,8 @@ class ServingMetrics:
         reason = out.finish_reason.value if out.finish_reason is not None else "unknown"
         self.requests.labels(reason).inc()
         self.prompt_tokens.inc(out.num_prompt_tokens)
+        self.cached_prompt_tokens.inc(out.num_cached_tokens)
+        self.prefix_cache_hits.labels("true" if out.num_cached_tokens else "false").inc()
         now = time.monotonic()
         ttft = out.first_token_time - out.arrival_time if out.first_token_time is not None else None
         if ttft is not None:

@@ -69,6 +69,7 @@ class ParsedRequest:
     params: SamplingParams  # max_tokens is provisional until the prompt length is known
     explicit_max_tokens: bool
     num_speculative_tokens: int | None  # None: the server's default
+    use_prefix_cache: bool = True
 
     def resolve(self, num_prompt_tokens: int, limits: RequestLimits) -> SamplingParams:
         """Final parameters: an unset max_tokens becomes the default, capped by the room left."""
@@ -95,7 +96,8 @@ def parse_request(req: pb.GenerateRequest, limits: RequestLimits) -> ParsedReque
     request_id = _request_id(req.request_id, limits)
     text, token_ids = _prompt(req)
     params, explicit = _sampling_params(req, limits)
-    return ParsedRequest(request_id, text, token_ids, params, explicit, _speculation(req, limits))
+    return ParsedRequest(request_id, text, token_ids, params, explicit, _speculation(req, limits),
+                         not req.skip_prefix_cache)
 
 
 def _request_id(rid: str, limits: RequestLimits) -> str:
@@ -201,7 +203,8 @@ def merge_outputs(outputs: Sequence[RequestOutput], *, with_spec: bool) -> pb.Ge
         request_id=last.request_id,
         text="".join(o.text_delta for o in outputs),
         token_ids=[t for o in outputs for t in o.new_token_ids],
-        usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, completion_tokens=last.num_generated_tokens),
+        usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, completion_tokens=last.num_generated_tokens,
+                       cached_prompt_tokens=last.num_cached_tokens),
         finished=last.finished,
     )
     if not last.finished:

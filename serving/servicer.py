@@ -57,7 +57,8 @@ async def admit(loop: EngineLoop, bundle: EngineBundle | None, request: pb.Gener
         else:
             prompt_ids = parsed.token_ids
         params = parsed.resolve(len(prompt_ids), bundle.limits)
-        return await loop.submit(prompt_ids, params, parsed.request_id, deadline, parsed.num_speculative_tokens)
+        return await loop.submit(prompt_ids, params, parsed.request_id, deadline, parsed.num_speculative_tokens,
+                                 parsed.use_prefix_cache)
     except InvalidRequestError as e:
         raise translate(e) from None
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18jaxspec/v1/jaxspec.proto\x12\njaxspec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb1\x01\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seed\"s\n\x0fStoppingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x42\r\n\x0b_max_tokens\"v\n\x12SpeculationOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16num_speculative_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_enabledB\x19\n\x17_num_speculative_tokens\"\xfd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.jaxspec.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.jaxspec.v1.SamplingOptions\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.jaxspec.v1.StoppingOptions\x12\x33\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1e.jaxspec.v1.SpeculationOptionsB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xd3\x01\n\x10SpeculationStats\x12\x12\n\nnum_drafts\x18\x01 \x01(\x04\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x04\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\x04\x12\x1c\n\x14\x64rafted_per_position\x18\x07 \x03(\x04\"\xa5\x01\n\x06Timing\x12\x30\n\x0c\x61rrival_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x66irst_token_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_token_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.jaxspec.v1.Usage\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.jaxspec.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x12\x31\n\x0bspeculation\x18\t \x01(\x0b\x32\x1c.jaxspec.v1.SpeculationStats\x12\"\n\x06timing\x18\n \x01(\x0b\x32\x12.jaxspec.v1.TimingB\x0e\n\x0cmatched_stop\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0b\x61\x62orted_ids\x18\x01 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xe8\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x13\n\x0bspec_method\x18\x05 \x01(\t\x12\x1e\n\x16max_speculative_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x64raft_model_id\x18\x07 \x01(\t\x12\x11\n\tnum_slots\x18\x08 \x01(\r\x12\x10\n\x08platform\x18\t \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\n \x03(\t\x12\x38\n\nmesh_shape\x18\x0b \x03(\x0b\x32$.jaxspec.v1.ModelInfo.MeshShapeEntry\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x13\n\x0bnum_experts\x18\r \x01(\r\x12\x1d\n\x15num_experts_per_token\x18\x0e \x01(\r\x12\x18\n\x10max_stop_strings\x18\x0f \x01(\r\x12\x1e\n\x16max_stop_string_length\x18\x10 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x11 \x01(\r\x1a\x30\n\x0eMeshShapeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x16\n\x14GetServerInfoRequest\"\xef\x02\n\nServerInfo\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.jaxspec.v1.ServerInfo.State\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x04 \x01(\r\x12\x11\n\tnum_slots\x18\x05 \x01(\r\x12\x14\n\x0cnum_finished\x18\x06 \x01(\x04\x12\x31\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1c.jaxspec.v1.SpeculationStats\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\"\x80\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10STATE_WARMING_UP\x10\x01\x12\x11\n\rSTATE_SERVING\x10\x02\x12\x12\n\x0eSTATE_DRAINING\x10\x03\x12\x11\n\rSTATE_STOPPED\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05*\xc6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x04\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x32\xf0\x02\n\x07JaxSpec\x12\x45\n\x08Generate\x12\x1b.jaxspec.v1.GenerateRequest\x1a\x1c.jaxspec.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.jaxspec.v1.GenerateRequest\x1a\x1c.jaxspec.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.jaxspec.v1.AbortRequest\x1a\x19.jaxspec.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.jaxspec.v1.GetModelInfoRequest\x1a\x15.jaxspec.v1.ModelInfo\x12I\n\rGetServerInfo\x12 .jaxspec.v1.GetServerInfoRequest\x1a\x16.jaxspec.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18jaxspec/v1/jaxspec.proto\x12\njaxspec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb1\x01\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seed\"s\n\x0fStoppingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x03 \x03(\r\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\x42\r\n\x0b_max_tokens\"v\n\x12SpeculationOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12#\n\x16num_speculative_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x42\n\n\x08_enabledB\x19\n\x17_num_speculative_tokens\"\x98\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.jaxspec.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.jaxspec.v1.SamplingOptions\x12-\n\x08stopping\x18\x05 \x01(\x0b\x32\x1b.jaxspec.v1.StoppingOptions\x12\x33\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1e.jaxspec.v1.SpeculationOptions\x12\x19\n\x11skip_prefix_cache\x18\x07 \x01(\x08\x42\x08\n\x06prompt\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xd3\x01\n\x10SpeculationStats\x12\x12\n\nnum_drafts\x18\x01 \x01(\x04\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x04\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\x04\x12\x1c\n\x14\x64rafted_per_position\x18\x07 \x03(\x04\"\xa5\x01\n\x06Timing\x12\x30\n\x0c\x61rrival_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x66irst_token_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_token_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.jaxspec.v1.Usage\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.jaxspec.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x12\x31\n\x0bspeculation\x18\t \x01(\x0b\x32\x1c.jaxspec.v1.SpeculationStats\x12\"\n\x06timing\x18\n \x01(\x0b\x32\x12.jaxspec.v1.TimingB\x0e\n\x0cmatched_stop\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0b\x61\x62orted_ids\x18\x01 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xe8\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x13\n\x0bspec_method\x18\x05 \x01(\t\x12\x1e\n\x16max_speculative_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x64raft_model_id\x18\x07 \x01(\t\x12\x11\n\tnum_slots\x18\x08 \x01(\r\x12\x10\n\x08platform\x18\t \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\n \x03(\t\x12\x38\n\nmesh_shape\x18\x0b \x03(\x0b\x32$.jaxspec.v1.ModelInfo.MeshShapeEntry\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x13\n\x0bnum_experts\x18\r \x01(\r\x12\x1d\n\x15num_experts_per_token\x18\x0e \x01(\r\x12\x18\n\x10max_stop_strings\x18\x0f \x01(\r\x12\x1e\n\x16max_stop_string_length\x18\x10 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x11 \x01(\r\x1a\x30\n\x0eMeshShapeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x16\n\x14GetServerInfoRequest\"\xef\x02\n\nServerInfo\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.jaxspec.v1.ServerInfo.State\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bmax_waiting\x18\x04 \x01(\r\x12\x11\n\tnum_slots\x18\x05 \x01(\r\x12\x14\n\x0cnum_finished\x18\x06 \x01(\x04\x12\x31\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1c.jaxspec.v1.SpeculationStats\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\"\x80\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10STATE_WARMING_UP\x10\x01\x12\x11\n\rSTATE_SERVING\x10\x02\x12\x12\n\x0eSTATE_DRAINING\x10\x03\x12\x11\n\rSTATE_STOPPED\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05*\xc6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x04\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x05\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x06\x32\xf0\x02\n\x07JaxSpec\x12\x45\n\x08Generate\x12\x1b.jaxspec.v1.GenerateRequest\x1a\x1c.jaxspec.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.jaxspec.v1.GenerateRequest\x1a\x1c.jaxspec.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.jaxspec.v1.AbortRequest\x1a\x19.jaxspec.v1.AbortResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.jaxspec.v1.GetModelInfoRequest\x1a\x15.jaxspec.v1.ModelInfo\x12I\n\rGetServerInfo\x12 .jaxspec.v1.GetServerInfoRequest\x1a\x16.jaxspec.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_MESHSHAPEENTRY']._loaded_options = None
   _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2522
-  _globals['_FINISHREASON']._serialized_end=2720
+  _globals['_FINISHREASON']._serialized_start=2579
+  _globals['_FINISHREASON']._serialized_end=2777
   _globals['_TOKENIDS']._serialized_start=73
   _globals['_TOKENIDS']._serialized_end=96
   _globals['_SAMPLINGOPTIONS']._serialized_start=99
@@ -45,31 +45,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECULATIONOPTIONS']._serialized_start=395
   _globals['_SPECULATIONOPTIONS']._serialized_end=513
   _globals['_GENERATEREQUEST']._serialized_start=516
-  _globals['_GENERATEREQUEST']._serialized_end=769
-  _globals['_USAGE']._serialized_start=771
-  _globals['_USAGE']._serialized_end=828
-  _globals['_SPECULATIONSTATS']._serialized_start=831
-  _globals['_SPECULATIONSTATS']._serialized_end=1042
-  _globals['_TIMING']._serialized_start=1045
-  _globals['_TIMING']._serialized_end=1210
-  _globals['_GENERATERESPONSE']._serialized_start=1213
-  _globals['_GENERATERESPONSE']._serialized_end=1536
-  _globals['_ABORTREQUEST']._serialized_start=1538
-  _globals['_ABORTREQUEST']._serialized_end=1573
-  _globals['_ABORTRESPONSE']._serialized_start=1575
-  _globals['_ABORTRESPONSE']._serialized_end=1611
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1613
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1634
-  _globals['_MODELINFO']._serialized_start=1637
-  _globals['_MODELINFO']._serialized_end=2125
-  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_start=2077
-  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_end=2125
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2127
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2149
-  _globals['_SERVERINFO']._serialized_start=2152
-  _globals['_SERVERINFO']._serialized_end=2519
-  _globals['_SERVERINFO_STATE']._serialized_start=2391
-  _globals['_SERVERINFO_STATE']._serialized_end=2519
-  _globals['_JAXSPEC']._serialized_start=2723
-  _globals['_JAXSPEC']._serialized_end=3091
+  _globals['_GENERATEREQUEST']._serialized_end=796
+  _globals['_USAGE']._serialized_start=798
+  _globals['_USAGE']._serialized_end=885
+  _globals['_SPECULATIONSTATS']._serialized_start=888
+  _globals['_SPECULATIONSTATS']._serialized_end=1099
+  _globals['_TIMING']._serialized_start=1102
+  _globals['_TIMING']._serialized_end=1267
+  _globals['_GENERATERESPONSE']._serialized_start=1270
+  _globals['_GENERATERESPONSE']._serialized_end=1593
+  _globals['_ABORTREQUEST']._serialized_start=1595
+  _globals['_ABORTREQUEST']._serialized_end=1630
+  _globals['_ABORTRESPONSE']._serialized_start=1632
+  _globals['_ABORTRESPONSE']._serialized_end=1668
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1670
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1691
+  _globals['_MODELINFO']._serialized_start=1694
+  _globals['_MODELINFO']._serialized_end=2182
+  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_start=2134
+  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_end=2182
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2184
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2206
+  _globals['_SERVERINFO']._serialized_start=2209
+  _globals['_SERVERINFO']._serialized_end=2576
+  _globals['_SERVERINFO_STATE']._serialized_start=2448
+  _globals['_SERVERINFO_STATE']._serialized_end=2576
+  _globals['_JAXSPEC']._serialized_start=2780
+  _globals['_JAXSPEC']._serialized_end=3148
 # @@protoc_insertion_point(module_scope)

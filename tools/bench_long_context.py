@@ -1,0 +1,175 @@
+"""Long prompts under load, through the server: paged cache capacity, prefix caching, chunked prefill.
+
+    python tools/bench_long_context.py                      # all three scenarios, bench-long-moe
+    python tools/bench_long_context.py --scenarios prefix --model builtin
+
+Each scenario starts ``python -m jaxspec.serve`` twice (the feature off, then on) with the same
+weights and replays the same requests against both; the table compares them.
+
+* ``capacity``  prompts of ~200 tokens, 64 output tokens, context 2048, the same KV memory
+                (8 x 2048 positions): a slot cache with 8 slots against a paged cache of the same
+                positions with 64 slots. Reports the most requests running at once (from the
+                server's own first/last-token times) and throughput at 32 and 64 concurrent clients.
+* ``prefix``    requests sharing a 1,500-token prefix, one at a time: server-side TTFT of the
+                first (a miss) against the later ones (hits), with and without the prefix cache;
+                the outputs must be identical.
+* ``chunked``   4 clients streaming short requests while 4,000-token prompts keep arriving: the
+                short requests' inter-token latency (P50/P99) with chunked prefill
+                (--max-step-tokens 256) against whole-prompt prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxspec.bench.load import SendOptions, closed_loop, send  # noqa: E402
+from jaxspec.bench.server import ServerProcess  # noqa: E402
+from jaxspec.bench.workloads import BenchRequest  # noqa: E402
+
+SCENARIOS = ("capacity", "prefix", "chunked")
+
+
+def _requests(rng, n: int, prompt: int, out: int, vocab: int, prefix: list[int] | None = None) -> list[BenchRequest]:
+    head = prefix or []
+    return [BenchRequest(i, tuple(head + [int(t) for t in rng.integers(3, vocab, size=prompt)]), out)
+            for i in range(n)]
+
+
+def _pct(xs, q) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def peak_running(records: list[dict]) -> int:
+    """Most requests between their first and last token at once (server timestamps)."""
+    events = []
+    for r in records:
+        if r.get("server_ttft_s") is None or r.get("server_e2e_s") is None:
+            continue
+        events += [(r["start_s"] + r["server_ttft_s"], 1), (r["start_s"] + r["server_e2e_s"], -1)]
+    most = cur = 0
+    for _, d in sorted(events, key=lambda e: (e[0], e[1])):
+        cur += d
+        most = max(most, cur)
+    return most
+
+
+class Server:
+    def __init__(self, flags: list[str], timeout: float):
+        self.proc = ServerProcess(flags)
+        self.target = self.proc.start(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.stop()
+
+
+def capacity(args, rng) -> list[str]:
+    common = ["--model", args.model, "--max-len", "2048", "--spec-method", "none", "--max-step-tokens", "512"]
+    servers = {"slot cache, 8 slots": [*common, "--kv-cache", "slot", "--slots", "8"],
+               "paged, 64 slots, same memory": [*common, "--kv-cache", "paged", "--slots", "64", "--page-size", "16",
+                                                "--kv-pages", str(8 * 2048 // 16)]}
+    reqs = _requests(rng, 64, 200, 64, args.vocab)
+    rows = ["| cache | concurrency | most running | tokens/s | P50 e2e (s) | P99 e2e (s) |", "|---|---:|---:|---:|---:|---:|"]
+    for label, flags in servers.items():
+        with Server(flags, args.start_timeout) as s:
+            closed_loop(s.target, reqs[:4], 4, 4, 600, SendOptions())  # warm
+            for conc in (32, 64):
+                recs, wall = closed_loop(s.target, reqs, conc, conc * 2, 1200, SendOptions())
+                ok = [r for r in recs if r["ok"]]
+                lat = [r["latency_s"] for r in ok]
+                rows.append(f"| {label} | {conc} | {peak_running(ok)} | {sum(r['completion_tokens'] for r in ok) / wall:.0f} "
+                            f"| {_pct(lat, 50):.2f} | {_pct(lat, 99):.2f} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def prefix(args, rng) -> list[str]:
+    shared = [int(t) for t in rng.integers(3, args.vocab, size=1500)]
+    reqs = _requests(rng, 9, 24, 16, args.vocab, prefix=shared)
+    common = ["--model", args.model, "--max-len", "2048", "--spec-method", "none", "--kv-cache", "paged",
+              "--slots", "4", "--max-step-tokens", "2048"]
+    rows = ["| prefix cache | TTFT miss (s) | TTFT hits, median (s) | hit / miss |", "|---|---:|---:|---:|"]
+    outputs = {}
+    for label, extra in (("off", ["--no-prefix-cache"]), ("on", [])):
+        with Server([*common, *extra], args.start_timeout) as s:
+            # An unrelated warm-up request: the shared prefix is first seen by request 0.
+            closed_loop(s.target, _requests(rng, 1, 1500, 4, args.vocab), 1, 1, 600, SendOptions())
+            with s.target.client() as c:
+                recs = [send(c, r, SendOptions(), time.perf_counter()) for r in reqs]
+            outputs[label] = [r.get("token_ids") for r in recs]
+            ttft = [r["server_ttft_s"] for r in recs]
+            rows.append(f"| {label} | {ttft[0]:.3f} | {statistics.median(ttft[1:]):.3f} | "
+                        f"{statistics.median(ttft[1:]) / ttft[0]:.2f} |")
+            print(rows[-1], flush=True)
+    rows.append(f"\noutputs identical with and without the prefix cache: {outputs['on'] == outputs['off']}")
+    return rows
+
+
+def chunked(args, rng) -> list[str]:
+    common = ["--model", args.model, "--max-len", "4224", "--spec-method", "none", "--slots", "8"]
+    shorts = _requests(rng, 200, 32, 48, args.vocab)
+    longs = _requests(rng, 20, 4000, 4, args.vocab)
+    rows = ["| prefill | short ITL P50 (ms) | short ITL P99 (ms) | short max gap (ms) | long TTFT P50 (s) |",
+            "|---|---:|---:|---:|---:|"]
+    for label, step in (("whole prompts", "8192"), ("chunks of 256", "256")):
+        with Server([*common, "--max-step-tokens", step], args.start_timeout) as s:
+            closed_loop(s.target, longs[:1] + shorts[:2], 2, 3, 600, SendOptions(stream=True))  # warm
+            long_recs: list[dict] = []
+            stop = threading.Event()
+
+            def longs_loop():
+                with s.target.client() as c:
+                    i = 0
+                    while not stop.is_set():
+                        long_recs.append(send(c, longs[i % len(longs)], SendOptions(), time.perf_counter()))
+                        i += 1
+                        time.sleep(0.5)
+
+            th = threading.Thread(target=longs_loop, daemon=True)
+            th.start()
+            recs, _ = closed_loop(s.target, shorts, 4, 10**6, args.duration, SendOptions(stream=True))
+            stop.set()
+            th.join()
+            gaps = [g for r in recs if r["ok"] for g in r.get("itl_s", [])]
+            lt = [r["server_ttft_s"] for r in long_recs if r["ok"]]
+            rows.append(f"| {label} | {_pct(gaps, 50) * 1e3:.1f} | {_pct(gaps, 99) * 1e3:.1f} | {max(gaps) * 1e3:.0f} | "
+                        f"{_pct(lt, 50):.2f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    p.add_argument("--model", default="bench-long-moe", help="a model config with a context of at least 4224")
+    p.add_argument("--vocab", type=int, default=259, help="prompt token ids are drawn from [3, vocab)")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of short traffic per chunked run")
+    p.add_argument("--start-timeout", type=float, default=1800.0)
+    p.add_argument("--out", default=None, help="write the tables here (markdown)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    report = []
+    for name in args.scenarios:
+        rng = np.random.default_rng(args.seed)
+        print(f"## {name}", flush=True)
+        report += [f"## {name}", "", *globals()[name](args, rng), ""]
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
