@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Callable, Sequence
 
 import jax
@@ -71,6 +72,12 @@ class MemoryPlan:
     capacity: int | None  # usable bytes per device (None: unknown, e.g. host memory)
     hbm: int | None
     kv_bytes_per_token: int  # per device, target + draft, one position of one slot
+    page_size: int | None = None  # paged cache: the pool holds num_pages pages of page_size positions
+    num_pages: int | None = None
+    prefill_chunk: int | None = None  # prompts prefilled in chunks of this many tokens (bounds prefill temporaries)
+    # Steps whose compile ran out of device memory: name -> the compiler's words (their bytes are in
+    # temp_by_step as the compiler reported them, or the capacity plus one byte when it did not say).
+    compile_errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -78,7 +85,18 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.capacity is None or self.total <= self.capacity
+        return not self.compile_errors and (self.capacity is None or self.total <= self.capacity)
+
+    @property
+    def cache_positions(self) -> int:
+        """Positions the KV cache holds (slots x context, or pages x page size)."""
+        return self.num_pages * self.page_size if self.page_size else self.slots * self.max_len
+
+    def cache_shape(self) -> str:
+        if self.page_size:
+            return (f"{self.num_pages} pages x {self.page_size} = {self.cache_positions} positions "
+                    f"({self.slots} slots of up to {self.max_len})")
+        return f"{self.slots} slots x {self.max_len} tokens"
 
     def max_tokens(self) -> int | None:
         """Slot-positions (slots x context) the cache could hold beside the rest (temporaries as
@@ -99,10 +117,15 @@ class MemoryPlan:
         f = fmt_bytes
         head = (f"{self.model}{' + draft ' + self.draft if self.draft else ''} on {self.mesh}: needs "
                 f"{f(self.total)} per device (weights {f(self.weights)}, KV cache "
-                f"{f(self.kv_cache)} for {self.slots} slots x {self.max_len} tokens")
+                f"{f(self.kv_cache)} for {self.cache_shape()}")
         if self.draft:
             head += f", draft weights {f(self.draft_weights)} + cache {f(self.draft_kv_cache)}"
         head += f", temporaries {f(self.temporaries)})"
+        if self.compile_errors:
+            head += "; the compiler ran out of device memory for " + "; ".join(
+                f"{name} ({why})" for name, why in self.compile_errors.items())
+            if self.prefill_chunk is None and any(n.startswith("prefill") for n in self.compile_errors):
+                head += "; chunked prefill (--max-step-tokens) bounds the prefill step's temporaries"
         if self.capacity is None:
             return head + "; device memory unknown"
         head += f", {f(self.capacity)} usable of {f(self.hbm)}"
@@ -124,12 +147,19 @@ class MemoryPlan:
             rows.append((f"usable ({self.hbm / GiB:.2f} GiB less headroom)", self.capacity))
         width = max(len(r[0]) for r in rows)
         lines = [f"{self.model}{' + ' + self.draft if self.draft else ''} on {self.mesh} ({self.num_devices} devices), "
-                 f"{self.slots} slots x {self.max_len} tokens, per device:"]
-        lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB" for name, b in rows]
+                 f"{self.cache_shape()}, per device:"]
+        lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB"
+                  + ("  (compile ran out of memory)" if name.removeprefix("temporaries (").rstrip(")")
+                     in self.compile_errors else "") for name, b in rows]
         if self.capacity is not None:
             slots, ctx = self.largest()
-            lines.append(f"  fits: {'yes' if self.fits else 'NO'}; largest: {slots} slots x {self.max_len} "
-                         f"or {self.slots} slots x {ctx} tokens (estimate)")
+            verdict = "yes" if self.fits else "NO"
+            if self.page_size:
+                lines.append(f"  fits: {verdict}; the cache could hold {self.max_tokens()} positions "
+                             f"({self.max_tokens() // self.page_size} pages) beside the rest (estimate)")
+            else:
+                lines.append(f"  fits: {verdict}; largest: {slots} slots x {self.max_len} "
+                             f"or {self.slots} slots x {ctx} tokens (estimate)")
         return "\n".join(lines)
 
 
@@ -149,8 +179,10 @@ def _abstract_state(cfg: ModelConfig, placement: Placement):
     return graphdef, structs, shardings, weights
 
 
-def _abstract_cache(cfg: ModelConfig, placement: Placement, slots: int, max_len: int):
-    abstract = KVCache.abstract(cfg, slots, max_len)
+def _abstract_cache(cfg: ModelConfig, placement: Placement, slots: int, max_len: int,
+                    paging: tuple[int, int] | None = None):
+    pages = {} if paging is None else dict(num_pages=paging[0], page_size=paging[1])
+    abstract = KVCache.abstract(cfg, slots, max_len, **pages)
     shardings = placement.cache_shardings(abstract)
     structs = KVCache(*(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                         for a, s in zip(abstract, shardings)))
@@ -167,9 +199,10 @@ def _step_bytes(compiled) -> int:
 
 
 def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, slots, max_len,
-                   draft=None, k: int = 4) -> dict[str, Callable]:
+                   draft=None, k: int = 4, prefill_chunk: int | None = None) -> dict[str, Callable]:
     """The real engine steps, lowered with abstract arguments; returns name -> compile thunk."""
-    from jaxspec.engine.model_runner import PlacedBackend, StepStatics, _decode_impl, _prefill_impl, slots_unsplit
+    from jaxspec.engine.model_runner import (PlacedBackend, StepStatics, _decode_impl, _prefill_at_impl, _prefill_impl,
+                                             slots_unsplit)
     from jaxspec.models.moe_parallel import moe_backend_for
     from jaxspec.sampling import BatchSampling
 
@@ -183,9 +216,17 @@ def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, s
     identity = not slots_unsplit(cache_sh)  # as ModelRunner steps a slot-split cache: every slot in order
     steps: dict[str, Callable] = {}
 
-    prefill = jax.jit(functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,),
-                      out_shardings=(cache_sh, rep, rep, rep))
-    steps[f"prefill 1x{max_len}"] = lambda: prefill.lower(state, cache, i32(1, max_len), i32(1), i32(1), sampling(1)).compile()
+    if prefill_chunk is not None and prefill_chunk < max_len:
+        # A prompt's last chunk: prefill_chunk tokens attending over the whole context.
+        chunk = jax.jit(functools.partial(_prefill_at_impl, graphdef, statics, kv_len=max_len), donate_argnums=(1,),
+                        out_shardings=(cache_sh, rep, rep, rep))
+        steps[f"prefill chunk 1x{prefill_chunk}"] = lambda: chunk.lower(
+            state, cache, i32(1, prefill_chunk), i32(1), i32(1), i32(1), sampling(1)).compile()
+    else:
+        prefill = jax.jit(functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,),
+                          out_shardings=(cache_sh, rep, rep, rep))
+        steps[f"prefill 1x{max_len}"] = lambda: prefill.lower(state, cache, i32(1, max_len), i32(1), i32(1),
+                                                              sampling(1)).compile()
     # The full-batch step over the whole context: the largest decode the engine compiles.
     decode = jax.jit(functools.partial(_decode_impl, graphdef, statics, kv_len=max_len, identity_rows=identity),
                      donate_argnums=(1,), out_shardings=(cache_sh, rep, rep))
@@ -227,8 +268,15 @@ def plan_memory(
     compile: bool = True,
     headroom: float = DEFAULT_HEADROOM,
     on_step: Callable[[str, int], None] | None = None,
+    paging: tuple[int, int] | None = None,
+    prefill_chunk: int | None = None,
 ) -> MemoryPlan:
     """Per-device memory of serving ``cfg`` (and ``draft_cfg``) with ``slots`` x ``max_len`` on the mesh.
+
+    ``paging``: a paged cache of (num_pages, page_size) with ``slots`` requests at once.
+    ``prefill_chunk``: prompts are prefilled in chunks of this many tokens (the engine's
+    ``--max-step-tokens``), which bounds the prefill step's temporaries. A step whose compile runs
+    out of device memory makes the plan a "does not fit" with the compiler's figures.
 
     ``devices``: the devices to build the mesh from (default: the mesh config's ahead-of-time
     topology when it has one, else ``jax.devices()``). ``compile=False`` skips the temporaries
@@ -240,7 +288,7 @@ def plan_memory(
     check_placement(cfg, placement)
     hbm = _device_memory(mesh_cfg, devices)
     graphdef, state, state_sh, weights = _abstract_state(cfg, placement)
-    cache, cache_sh, kv = _abstract_cache(cfg, placement, slots, max_len)
+    cache, cache_sh, kv = _abstract_cache(cfg, placement, slots, max_len, paging)
     per_token = _abstract_cache(cfg, placement, slots, 1)[2] / slots
 
     draft = None
@@ -251,25 +299,54 @@ def plan_memory(
         d_place = draft_placement(draft_cfg, placement, slots, max_len, hbm)
         check_placement(draft_cfg, d_place)
         d_graph, d_state, _, d_weights = _abstract_state(draft_cfg, d_place)
-        d_cache, d_cache_sh, d_kv = _abstract_cache(draft_cfg, d_place, slots, max_len)
+        d_cache, d_cache_sh, d_kv = _abstract_cache(draft_cfg, d_place, slots, max_len, paging)
         per_token += _abstract_cache(draft_cfg, d_place, slots, 1)[2] / slots
         draft = (d_graph, d_state, moe_backend_for(d_place), d_cache, d_cache_sh)
 
     temp_by_step: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    capacity = None if hbm is None else int(hbm * (1 - headroom))
     if compile:
         steps = _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, slots, max_len, draft,
-                               num_speculative_tokens)
+                               num_speculative_tokens, prefill_chunk)
         for name, thunk in steps.items():
-            temp_by_step[name] = _step_bytes(thunk())
+            try:
+                temp_by_step[name] = _step_bytes(thunk())
+            except Exception as e:  # the compiler's out-of-memory is a verdict, not a crash
+                needed, why = _out_of_memory(e)
+                if why is None:
+                    raise
+                errors[name] = why
+                temp_by_step[name] = needed if needed is not None else (capacity or 0) + 1
             if on_step is not None:
                 on_step(name, temp_by_step[name])
     return MemoryPlan(
         model=cfg.name, mesh=mesh_cfg.name, num_devices=mesh_cfg.num_devices, slots=slots, max_len=max_len,
         draft=draft_cfg.name if draft_cfg else None, weights=weights, kv_cache=kv, draft_weights=d_weights,
         draft_kv_cache=d_kv, temporaries=max(temp_by_step.values(), default=0), temp_by_step=temp_by_step,
-        capacity=None if hbm is None else int(hbm * (1 - headroom)), hbm=hbm,
+        capacity=capacity, hbm=hbm,
         kv_bytes_per_token=max(1, int(np.ceil(per_token))),
+        page_size=paging[1] if paging else None, num_pages=paging[0] if paging else None,
+        prefill_chunk=prefill_chunk if prefill_chunk is not None and prefill_chunk < max_len else None,
+        compile_errors=errors,
     )
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _out_of_memory(exc: Exception) -> tuple[int | None, str | None]:
+    """(bytes the step needed, a one-line reason) for a compile that ran out of device memory;
+    (None, None) for any other failure."""
+    text = str(exc)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None, None
+    m = re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?)", text)
+    if m:
+        used = float(m.group(1)) * _UNITS[m.group(2)]
+        return int(used), f"needs {fmt_bytes(used)} of {fmt_bytes(float(m.group(3)) * _UNITS[m.group(4)])}"
+    line = next((ln for ln in text.splitlines() if "RESOURCE_EXHAUSTED" in ln or "Ran out" in ln), text)
+    return None, line.strip()[:200]
 
 
 def check_fits(cfg: ModelConfig, mesh_cfg: MeshConfig, slots: int, max_len: int, **kwargs) -> MemoryPlan:

@@ -166,3 +166,55 @@ def test_draft_replicated_only_while_it_and_its_cache_are_small():
     assert draft_placement(draft, placement, 8, 4096, hbm_bytes=16 << 30) is placement
     assert draft_placement(draft, placement, 8, 4096) is placement
     assert replicated(draft_placement(draft, placement, 8, 512, hbm_bytes=16 << 30))  # a short cache fits 10%
+
+
+def test_paged_plan_counts_pages_and_matches_a_placed_paged_runner():
+    cfg = load_config("tiny-qwen3-moe").replace(**MOE)
+    mesh_cfg = load_mesh_config("cpu-8")
+    plan = plan_memory(cfg, mesh_cfg, 16, 64, devices=jax.devices(), compile=False, paging=(24, 8))
+    from jaxspec.mesh import Placement, build_mesh
+
+    runner = ModelRunner(create_model(cfg), 16, 64, page_size=8, num_pages=24,
+                         placement=Placement.create(build_mesh(mesh_cfg, jax.devices()), mesh_cfg.rules))
+    on_device0 = lambda arrays: sum(  # noqa: E731
+        s.data.nbytes for a in arrays for s in a.addressable_shards if s.device == jax.devices()[0])
+    c = runner.cache
+    assert plan.kv_cache == on_device0([c.k, c.v, c.lengths, c.page_table])
+    assert plan.cache_positions == 24 * 8
+    assert "24 pages x 8 = 192 positions (16 slots of up to 64)" in plan.table()
+
+
+def test_compiler_out_of_memory_is_a_does_not_fit_verdict(monkeypatch):
+    from jaxspec import planning
+
+    message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+               "Used 104.60G of 15.48G hbm. Exceeded hbm capacity by 89.12G.")
+
+    def steps(*args, **kwargs):
+        def boom():
+            raise RuntimeError(message)
+        return {"prefill 1x64": boom, "decode 8": lambda: None}
+
+    monkeypatch.setattr(planning, "_compile_steps", steps)
+    monkeypatch.setattr(planning, "_step_bytes", lambda compiled: 1000)
+    cfg = load_config("tiny-qwen3-moe").replace(**MOE)
+    big = dataclasses.replace(load_mesh_config("cpu-8"), hbm_bytes_per_device=16 * 2**30)
+    plan = plan_memory(cfg, big, 8, 64, devices=jax.devices())
+    assert not plan.fits
+    assert plan.temp_by_step["prefill 1x64"] == int(104.60 * 2**30)
+    with pytest.raises(DoesNotFit, match=r"ran out of device memory for prefill 1x64 \(needs 104.60 GiB of 15.48 GiB\)"
+                                         r".*chunked prefill \(--max-step-tokens\) bounds"):
+        check_fits(cfg, big, 8, 64, devices=jax.devices())
+    # Any other compile failure is still an error, not a verdict.
+    monkeypatch.setattr(planning, "_compile_steps", lambda *a, **k: {"decode 8": lambda: 1 / 0})
+    with pytest.raises(ZeroDivisionError):
+        plan_memory(cfg, big, 8, 64, devices=jax.devices())
+
+
+def test_chunked_prefill_plans_the_chunk_step():
+    cfg = load_config("tiny-qwen3-moe").replace(**MOE)
+    steps = []
+    plan = plan_memory(cfg, load_mesh_config("cpu-8"), 8, 64, devices=jax.devices(), prefill_chunk=16,
+                       on_step=lambda name, b: steps.append(name))
+    assert steps == ["prefill chunk 1x16", "decode 8"]
+    assert plan.prefill_chunk == 16 and plan.fits

@@ -2,13 +2,16 @@
 """Per-device memory of serving MODEL on MESH: weights, KV cache, compiled temporaries; does it fit?
 
     python tools/plan_memory.py qwen3-30b-a3b tpu-v5e-8 --slots 8 --max-len 4096 --draft qwen3-0.6b
+    python tools/plan_memory.py mixtral-8x7b tpu-v5p-8 --kv-cache paged --slots 64 --kv-pages 8192
 
 MODEL and --draft are config names (configs/models) or JSON paths; MESH is a mesh config
 (configs/meshes: cpu-8, tpu-v5e-8, tpu-v5e-4, tpu-v5p-8, gpu-8xh100, gpu-1xh100). Temporaries
 come from ahead-of-time compiles of the real prefill / decode (/ verify / draft) steps with
 abstract weights for the mesh's topology (TPU: libtpu; GPU: jax-cuda12-plugin and ptxas), so no
-accelerator and no weights are needed. Exit status 0 when it fits, 1 (with the largest
-slots x context that would fit) when it does not.
+accelerator and no weights are needed. Prompts are planned as the server prefills them, in chunks
+of --max-step-tokens (0: whole prompts, whose prefill temporaries grow with the context). Exit
+status 0 when it fits, 1 (with the largest slots x context, or pages, that would fit) when it does
+not, including when the compiler itself runs out of device memory for a step.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="override the parameter dtype of both models")
     p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="fraction of device memory kept free")
     p.add_argument("--no-compile", action="store_true", help="weights and cache only (skip the AOT compiles)")
+    p.add_argument("--kv-cache", choices=("slot", "paged"), default="slot",
+                   help="paged: plan a page pool (--kv-pages x --page-size positions) for --slots requests at once")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-pages", type=int, default=None, help="pages in the pool (default: --slots x --max-len / --page-size)")
+    p.add_argument("--max-step-tokens", type=int, default=512,
+                   help="prompt tokens prefilled per step, as serve's flag (0: whole prompts); bounds prefill temporaries")
     args = p.parse_args(argv)
 
     cfg = load_config(args.model)
@@ -44,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
         draft = draft.replace(dtype=args.dtype) if draft else None
+    max_len = args.max_len or cfg.max_seq_len
+    paging = None
+    if args.kv_cache == "paged":
+        paging = (args.kv_pages or args.slots * max_len // args.page_size, args.page_size)
     plan = plan_memory(
-        cfg, load_mesh_config(args.mesh), args.slots, args.max_len or cfg.max_seq_len, draft_cfg=draft,
+        cfg, load_mesh_config(args.mesh), args.slots, max_len, draft_cfg=draft,
         num_speculative_tokens=args.k, compile=not args.no_compile, headroom=args.headroom,
+        paging=paging, prefill_chunk=args.max_step_tokens or None,
         on_step=lambda name, b: print(f"  compiled {name}: {b / 2**30:.3f} GiB transient", file=sys.stderr, flush=True),
     )
     print(plan.table())
