@@ -307,3 +307,17 @@ def test_pallas_backend_reads_pages_through_the_paged_kernel(models):
     finally:
         kernel.paged_attention = real
     assert calls and got == run("xla")
+
+
+def test_serve_defaults_and_checks_for_the_cache_flags():
+    from jaxspec.config import ConfigError
+    from jaxspec.serve import options_from_args, parse_args
+
+    engine, _ = options_from_args(parse_args([]))
+    assert (engine.kv_cache, engine.page_size, engine.kv_pages, engine.prefix_cache, engine.max_step_tokens) == (
+        "slot", 16, None, True, 512)
+    engine, _ = options_from_args(parse_args(["--kv-cache", "paged", "--kv-pages", "100", "--no-prefix-cache",
+                                              "--max-step-tokens", "64"]))
+    assert (engine.kv_cache, engine.kv_pages, engine.prefix_cache, engine.max_step_tokens) == ("paged", 100, False, 64)
+    with pytest.raises(ConfigError, match="page_size 24 must be >= 1 and divide max_len"):
+        options_from_args(parse_args(["--kv-cache", "paged", "--page-size", "24", "--max-len", "100"]))
