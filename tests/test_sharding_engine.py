@@ -238,3 +238,22 @@ def test_nnx_state_of_placed_runner_is_sharded(target):
     assert runner.cache.k.sharding.spec[1] == "data" and runner.cache.k.sharding.spec[3] == "tensor"
     assert runner.cache.k.addressable_shards[0].data.shape == (2, SLOTS // 2, MAX_LEN, 4, 16)
     assert KVCache  # imported for the shape contract above
+
+
+@pytest.mark.slow
+def test_paged_cache_greedy_identical_on_mesh(target, single_device_greedy):
+    """A paged target and draft cache on a 2x2x2 mesh: kv heads split over tensor, pages whole on every
+    data shard (any row may read any page), output equal to one device's slot cache."""
+    from jaxspec.speculative import DraftModelProposer, SpeculativeRunner
+
+    placement = placement_for((2, 2, 2), EP_TP_RULES)
+    plain = ModelRunner(target, SLOTS, MAX_LEN, placement=placement, page_size=8, num_pages=40)
+    assert _greedy(PlainRunner(plain)) == single_device_greedy
+    assert plain.cache.k.sharding.is_equivalent_to(plain.cache_sharding.k, 5)
+    assert plain.cache.page_table.sharding.is_fully_replicated
+    draft = scaled_model("tiny-dense", seed=7, scale=3.0, vocab_size=264)
+    spec = SpeculativeRunner(ModelRunner(target, SLOTS, MAX_LEN, placement=placement, page_size=8, num_pages=40),
+                             DraftModelProposer(draft), num_speculative_tokens=3, k_max=3)
+    assert _greedy(spec) == single_device_greedy
+    assert spec.proposer.cache.paged and spec.proposer.cache.k.sharding.is_equivalent_to(
+        spec.proposer._cache_sharding.k, 5)
