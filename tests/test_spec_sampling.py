@@ -15,6 +15,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
 from jaxspec.config import load_config
@@ -65,8 +66,11 @@ def exact_distribution(model, prompt: list[int], n: int, settings: dict) -> dict
     return level
 
 
-def test_engine_sampled_sequences_follow_the_target_distribution():
-    runner = SpeculativeRunner(ModelRunner(TARGET, SLOTS, MAX_LEN), DraftModelProposer(DRAFT),
+@pytest.mark.parametrize("paged", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["slot", "paged"])
+def test_engine_sampled_sequences_follow_the_target_distribution(paged):
+    # Paged: every sample shares the prompt's cached pages (prefix hits) with the others in flight.
+    pages = dict(page_size=2, num_pages=SLOTS * MAX_LEN // 2) if paged else {}
+    runner = SpeculativeRunner(ModelRunner(TARGET, SLOTS, MAX_LEN, **pages), DraftModelProposer(DRAFT),
                                num_speculative_tokens=2, k_max=8)
     engine = Engine(runner, ByteTokenizer(), max_waiting=NUM_SAMPLES)
     params = [SamplingParams(**SETTINGS, seed=10_000 + i, max_tokens=N_TOKENS, ignore_eos=True)
@@ -91,6 +95,8 @@ def test_engine_sampled_sequences_follow_the_target_distribution():
     assert pvalue > 1e-3, f"chi-square p = {pvalue:.2e}"
 
     # Every kind of step happened: rejections, fully accepted runs (bonus tokens), drafts sampled.
+    if paged:
+        assert engine.pages.stats.hit_tokens > 0
     agg = engine.spec_stats
     assert 0.1 < agg.acceptance_rate < 0.95
     assert agg.accepted_per_position[1] > 0 and agg.num_accepted_tokens < agg.num_draft_tokens
