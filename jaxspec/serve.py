@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--page-size", type=int, metavar="N", default=16, help="positions per KV page (--kv-cache paged)")
     m.add_argument("--kv-pages", type=int, metavar="N", default=None,
                    help="pages in the KV pool (--kv-cache paged); default: --slots x --max-len / --page-size")
+    m.add_argument("--kv-memory-fraction", type=float, metavar="F", default=None,
+                   help="--kv-cache paged: size the pool to this fraction of the device's memory, less the weights "
+                   "(instead of --kv-pages)")
     m.add_argument("--no-prefix-cache", action="store_true",
                    help="--kv-cache paged: do not reuse cached pages of earlier prompts' leading blocks")
     m.add_argument("--max-step-tokens", type=int, metavar="N", default=512,
@@ -123,7 +126,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         max_len=args.max_len,
         max_waiting=args.max_waiting, dtype=args.dtype, mesh=args.mesh, default_max_tokens=args.default_max_tokens,
         kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
-        kv_pages=args.kv_pages, prefix_cache=not args.no_prefix_cache, max_step_tokens=args.max_step_tokens,
+        kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, max_step_tokens=args.max_step_tokens,
     )
     engine.validate()
     server = ServerOptions(

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
@@ -48,6 +50,7 @@ class EngineOptions:
     kv_cache: str = "slot"  # "slot": max_len positions per slot; "paged": a shared pool of pages
     page_size: int = 16  # positions per page (paged)
     kv_pages: int | None = None  # pages in the pool (paged); None: slots * max_len / page_size
+    kv_memory_fraction: float | None = None  # paged: size the pool to this fraction of device memory instead
     prefix_cache: bool = True  # paged: reuse cached pages of earlier prompts' leading blocks
     max_step_tokens: int = 512  # prompt tokens prefilled per step; longer prompts go in chunks
 
@@ -73,6 +76,11 @@ class EngineOptions:
             raise ConfigError(f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
         if self.kv_pages is not None and self.kv_pages < 1:
             raise ConfigError(f"kv_pages must be >= 1, got {self.kv_pages}")
+        if self.kv_memory_fraction is not None:
+            if not 0 < self.kv_memory_fraction < 1:
+                raise ConfigError(f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction}")
+            if self.kv_pages is not None or self.kv_cache != "paged":
+                raise ConfigError("kv_memory_fraction sizes a paged cache (--kv-cache paged) instead of --kv-pages")
         try:
             mesh_for_option(self.mesh)
         except MeshConfigError as e:
@@ -136,15 +144,41 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
                 f"draft tokenizer has {draft_tokenizer.vocab_size} tokens, the target's {tokenizer.vocab_size}: "
                 "a draft must share the target's vocabulary"
             )
+    kv_pages = opts.kv_pages
+    if opts.kv_memory_fraction is not None:
+        kv_pages = pages_for_memory_fraction(opts, model, draft_model if opts.spec_method == "draft" else None)
+        log.info("KV pool: %d pages of %d positions (%.0f%% of device memory less weights)", kv_pages,
+                 opts.page_size, 100 * opts.kv_memory_fraction)
     try:
         return make_runner(model, num_slots=opts.slots, max_len=opts.max_len, placement=placement,
                            spec_method=opts.spec_method, draft=draft_model,
                            num_speculative_tokens="auto" if opts.adaptive_k else opts.num_speculative_tokens,
                            k_max=opts.num_speculative_tokens,
-                           page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=opts.kv_pages,
+                           page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=kv_pages,
                            prefill_chunk=opts.max_step_tokens)
     except ValueError as e:  # incompatible draft (vocabulary, context length)
         raise ConfigError(str(e)) from e
+
+
+def pages_for_memory_fraction(opts: EngineOptions, model: Transformer, draft: Transformer | None) -> int:
+    """Pages of the target's (and a draft model's) cache that fit ``kv_memory_fraction`` of one
+    device's memory after the weights (the first device; per-device on a mesh: weights and
+    pages are counted as if unsharded, which under-fills a sharded pool rather than overfilling it)."""
+    from jaxspec.mesh import device_memory_bytes
+
+    hbm = device_memory_bytes(jax.devices()[0])
+    if hbm is None:
+        raise ConfigError("--kv-memory-fraction needs a device that reports its memory (this one does not): "
+                          "give the pool's size with --kv-pages")
+    models = [model] + ([draft] if draft is not None else [])
+    weights = sum(x.size * x.dtype.itemsize for m in models for x in jax.tree.leaves(nnx.state(m)))
+    per_page = sum(2 * m.cfg.num_layers * opts.page_size * m.cfg.num_kv_heads * m.cfg.head_dim
+                   * jnp.dtype(m.cfg.dtype).itemsize for m in models)
+    pages = int((hbm * opts.kv_memory_fraction - weights) // per_page)
+    if pages < 1:
+        raise ConfigError(f"--kv-memory-fraction {opts.kv_memory_fraction}: {hbm * opts.kv_memory_fraction / 2**30:.2f} "
+                          f"GiB leaves no room for KV pages beside {weights / 2**30:.2f} GiB of weights")
+    return pages
 
 
 def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRunner] | None = None) -> EngineBundle:

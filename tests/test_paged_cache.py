@@ -321,3 +321,23 @@ def test_serve_defaults_and_checks_for_the_cache_flags():
     assert (engine.kv_cache, engine.kv_pages, engine.prefix_cache, engine.max_step_tokens) == ("paged", 100, False, 64)
     with pytest.raises(ConfigError, match="page_size 24 must be >= 1 and divide max_len"):
         options_from_args(parse_args(["--kv-cache", "paged", "--page-size", "24", "--max-len", "100"]))
+
+
+def test_kv_memory_fraction_sizes_the_pool_from_device_memory(models, monkeypatch):
+    from jaxspec import mesh
+    from jaxspec.config import ConfigError
+    from serving.build import EngineOptions, pages_for_memory_fraction
+
+    model, draft = models
+    opts = EngineOptions(model="tiny-moe", kv_cache="paged", page_size=8, kv_memory_fraction=0.5, max_len=128)
+    opts.validate()
+    with pytest.raises(ConfigError, match="needs a device that reports its memory"):
+        pages_for_memory_fraction(opts, model, None)  # CPU: memory unknown
+    monkeypatch.setattr(mesh, "device_memory_bytes", lambda device: 64 << 20)
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    page = 2 * model.cfg.num_layers * 8 * model.cfg.num_kv_heads * model.cfg.head_dim * 4
+    assert pages_for_memory_fraction(opts, model, None) == int(((32 << 20) - weights) // page)
+    both = pages_for_memory_fraction(opts, model, draft)
+    assert 0 < both < pages_for_memory_fraction(opts, model, None)
+    with pytest.raises(ConfigError, match="instead of --kv-pages"):
+        EngineOptions(model="tiny-moe", kv_cache="paged", kv_pages=10, kv_memory_fraction=0.5).validate()
