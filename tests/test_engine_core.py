@@ -109,15 +109,31 @@ def test_scheduler_admits_under_the_token_budget():
 
     sched = Scheduler(max_prefill_rows=4, prefill_token_budget=64, padded_length=lambda n: max(16, 1 << (n - 1).bit_length()))
     waiting = collections.deque(req(n, i) for i, n in enumerate([10, 12, 30, 100, 5]))
-    first = sched.admit(waiting, [0, 1, 2, 3, 4])
+    first = sched.plan_prefill(waiting, [0, 1, 2, 3, 4])
     # 10, 12 -> 2 rows x 16; + 30 -> 4 rows x 32 = 128 > 64: stops at two
-    assert [r.request_id for _, r in first.items] == ["r0", "r1"] and [s for s, _ in first.items] == [0, 1]
-    second = sched.admit(waiting, [2, 3, 4])
-    assert [r.request_id for _, r in second.items] == ["r2"]  # 30 then 100 -> 2 x 128 > 64
-    third = sched.admit(waiting, [3, 4])
-    assert [r.request_id for _, r in third.items] == ["r3"]  # over the budget alone: still admitted
-    assert [r.request_id for _, r in sched.admit(waiting, []).items] == []  # no free slot
-    assert [r.request_id for _, r in sched.admit(waiting, [4]).items] == ["r4"]
+    assert [r.request_id for _, r in first.admitted] == ["r0", "r1"] and [s for s, _ in first.admitted] == [0, 1]
+    assert [(c.slot, c.start, c.end) for c in first.chunks] == [(0, 0, 10), (1, 0, 12)]
+    second = sched.plan_prefill(waiting, [2, 3, 4])
+    assert [r.request_id for _, r in second.admitted] == ["r2"]  # 30 then 100 -> 2 x 128 > 64
+    third = sched.plan_prefill(waiting, [3, 4])
+    assert [r.request_id for _, r in third.admitted] == ["r3"]  # over the budget alone: still admitted
+    assert [r.request_id for _, r in sched.plan_prefill(waiting, []).admitted] == []  # no free slot
+    # A request the memory check refuses waits at the head of the queue.
+    assert sched.plan_prefill(waiting, [4], reserve=lambda r: False).chunks == ()
+    assert [r.request_id for _, r in sched.plan_prefill(waiting, [4]).admitted] == ["r4"]
+
+
+def test_scheduler_continues_long_prompts_in_chunks_before_admitting():
+    sched = Scheduler(max_prefill_rows=4, prefill_token_budget=64, padded_length=lambda n: max(16, 1 << (n - 1).bit_length()),
+                      chunk=32)
+    long = Request("long", [1] * 100, GREEDY, 0)
+    waiting = collections.deque([long, Request("short", [1] * 8, GREEDY, 0)])
+    plan = sched.plan_prefill(waiting, [0, 1, 2])
+    # the long prompt's first chunk (32 padded to 32) and the short one (16) -> 2 rows x 32 <= 64
+    assert [(c.request.request_id, c.start, c.end, c.last) for c in plan.chunks] == [
+        ("long", 0, 32, False), ("short", 0, 8, True)]
+    plan = sched.plan_prefill(collections.deque(), [2], in_progress=[(0, long, 96)])
+    assert [(c.start, c.end, c.last) for c in plan.chunks] == [(96, 100, True)]
 
 
 def test_a_burst_of_arrivals_does_not_stall_running_requests(model):
