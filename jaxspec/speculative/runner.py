@@ -250,7 +250,8 @@ class SpeculativeRunner:
         return self.target.prefill_row_buckets[-1]
 
     def prefill(self, slot: int, request: Request, slots: SlotTable) -> int:
-        return self.prefill_batch([(slot, request)], slots)[0]
+        chunk = PrefillChunk(slot, request, request.num_cached_tokens, len(request.prompt_ids))
+        return self.prefill_batch([chunk], slots)[0]
 
     def padded_length(self, prompt_len: int) -> int:
         return self.target.bucket_for(prompt_len)
