@@ -54,7 +54,8 @@ def peak_running(records: list[dict]) -> int:
     for r in records:
         if r.get("server_ttft_s") is None or r.get("server_e2e_s") is None:
             continue
-        events += [(r["start_s"] + r["server_ttft_s"], 1), (r["start_s"] + r["server_e2e_s"], -1)]
+        t0 = r["server_arrival_s"]
+        events += [(t0 + r["server_ttft_s"], 1), (t0 + r["server_e2e_s"], -1)]
     most = cur = 0
     for _, d in sorted(events, key=lambda e: (e[0], e[1])):
         cur += d

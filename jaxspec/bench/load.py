@@ -60,6 +60,7 @@ def _finish(rec: dict, last, t_send: float) -> dict:
     if last.HasField("timing") and last.timing.HasField("arrival_time"):
         t = last.timing
         arrival = _seconds(t.arrival_time)
+        rec["server_arrival_s"] = arrival  # the server's clock: comparable across one server's records
         if t.HasField("last_token_time"):
             rec["server_e2e_s"] = _seconds(t.last_token_time) - arrival
         if t.HasField("first_token_time"):
