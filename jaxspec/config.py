@@ -61,6 +61,10 @@ class ModelConfig:
     eos_ids: tuple[int, ...] = (2,)
     pad_id: int = 0
     dtype: str = "float32"  # parameter and activation dtype
+    # Weight-only quantization of the projections (jaxspec.models.quant): None, "int8" or "int4";
+    # int4 groups up to quant_group_size entries per scale.
+    quantization: str | None = None
+    quant_group_size: int = 128
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
@@ -100,6 +104,10 @@ class ModelConfig:
                 )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{self.name}: dtype {self.dtype!r} not supported (float32, bfloat16, float16)")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ConfigError(f"{self.name}: quantization {self.quantization!r} not supported (int8, int4 or null)")
+        if self.quant_group_size < 2 or self.quant_group_size % 2:
+            raise ConfigError(f"{self.name}: quant_group_size must be even and >= 2, got {self.quant_group_size}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"{self.name}: sliding_window must be > 0 or null")
 

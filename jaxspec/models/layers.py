@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxspec.config import ModelConfig
 from jaxspec.models.kv_cache import gather_pages, page_slots
+from jaxspec.models.quant import qeinsum  # a weight read with self.w[...] may be quantized (models.quant)
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
 
@@ -161,9 +162,9 @@ class Attention(nnx.Module):
         """``kv_len`` (static): attend over cache positions [0, kv_len) only; every query
         position must be < kv_len (the caller buckets it over the rows' lengths)."""
         cfg = self.cfg
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
+        q = qeinsum("btd,dhk->bthk", x, self.wq[...])
+        k = qeinsum("btd,dhk->bthk", x, self.wk[...])
+        v = qeinsum("btd,dhk->bthk", x, self.wv[...])
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
         if cfg.qk_norm:
@@ -183,7 +184,7 @@ class Attention(nnx.Module):
             span = max_len if kv_len is None else min(kv_len, max_len)
             table = jnp.take(page_table, rows, axis=0, mode="fill", fill_value=cache_k.shape[1])
             attn = paged_attention(q, cache_k[layer], cache_v[layer], table, positions, span, cfg.sliding_window)
-            return jnp.einsum("bthk,hkd->btd", attn, self.wo[...]), cache_k, cache_v
+            return qeinsum("bthk,hkd->btd", attn, self.wo[...]), cache_k, cache_v
         if page_table is not None:
             keys, values, cache_k, cache_v = _paged_write_read(cache_k, cache_v, page_table, layer, rows, positions,
                                                                k, v, kv_len)
@@ -199,7 +200,7 @@ class Attention(nnx.Module):
                 keys = jnp.take(keys, slot_ids, axis=0, mode="clip")
                 values = jnp.take(values, slot_ids, axis=0, mode="clip")
         attn = attention(q, keys, values, positions, cfg.sliding_window, attention_backend)
-        out = jnp.einsum("bthk,hkd->btd", attn, self.wo[...])
+        out = qeinsum("bthk,hkd->btd", attn, self.wo[...])
         return out, cache_k, cache_v
 
 
@@ -224,5 +225,5 @@ class MLP(nnx.Module):
         self.w_down = param(rngs, (mlp_dim, d_model), ("mlp", "embed"), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])
-        return h @ self.w_down[...]
+        h = jax.nn.silu(qeinsum("...d,df->...f", x, self.w_gate[...])) * qeinsum("...d,df->...f", x, self.w_up[...])
+        return qeinsum("...f,fd->...d", h, self.w_down[...])

@@ -37,6 +37,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxspec.models.quant import as_float, qeinsum
+
 # fn(x[N,D], expert_ids[N,k], weights[N,k], w_gate[E,D,F], w_up[E,D,F], w_down[E,F,D]) -> [N,D]
 DispatchFn = Callable[..., jax.Array]
 BACKENDS: dict[str, DispatchFn] = {}
@@ -47,8 +49,8 @@ def register_backend(name: str, fn: DispatchFn) -> None:
 
 
 def _swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, spec: str, out_spec: str) -> jax.Array:
-    h = jax.nn.silu(jnp.einsum(spec, x, w_gate)) * jnp.einsum(spec, x, w_up)
-    return jnp.einsum(out_spec, h, w_down)
+    h = jax.nn.silu(qeinsum(spec, x, w_gate)) * qeinsum(spec, x, w_up)
+    return qeinsum(out_spec, h, w_down)
 
 
 def dispatch_dense(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
@@ -111,6 +113,7 @@ def dispatch_ragged(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     num_experts = w_gate.shape[0]
     order, token_of, _, group_sizes = sort_assignments(expert_ids, num_experts)
     xs = x[token_of]  # [A, D], rows grouped by expert
+    w_gate, w_up, w_down = (as_float(w, x.dtype) for w in (w_gate, w_up, w_down))  # int8: dequantized per use
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
     y = jax.lax.ragged_dot(h, w_down, group_sizes).astype(jnp.float32)
     y = y * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
@@ -130,7 +133,7 @@ def per_expert_f32(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
 
     def one_expert(e, out):  # out [N, D] f32
         def run(out):
-            take = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
+            take = lambda w: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False), w)  # noqa: E731
             y = _swiglu(x, take(w_gate), take(w_up), take(w_down), "nd,df->nf", "nf,fd->nd")
             return out + y.astype(jnp.float32) * jax.lax.dynamic_slice_in_dim(combine, e, 1, axis=1)
 

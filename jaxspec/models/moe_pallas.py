@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.models.moe_dispatch import sort_assignments, register_backend
+from jaxspec.models.quant import as_float
 from pallas_kernels._common import default_interpret
 from pallas_kernels.gmm import Tiling, gmm
 
@@ -47,7 +48,7 @@ def dispatch_pallas(
     xs = x[token_of]  # [N*k, D], rows grouped by expert
 
     def mm(lhs, w, tile):
-        return gmm(lhs, w.astype(lhs.dtype), group_sizes, tiling=tile, interpret=interpret, backend=backend)
+        return gmm(lhs, as_float(w, lhs.dtype), group_sizes, tiling=tile, interpret=interpret, backend=backend)
 
     h = jax.nn.silu(mm(xs, w_gate, tiling)) * mm(xs, w_up, tiling)
     y = mm(h.astype(x.dtype), w_down, down_tiling).astype(jnp.float32)

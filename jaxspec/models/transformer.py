@@ -34,6 +34,7 @@ from jaxspec.config import ModelConfig
 from jaxspec.models.kv_cache import KVCache
 from jaxspec.models.layers import MLP, Attention, RMSNorm, param, rope_inv_frequencies
 from jaxspec.models.moe import MoEBlock
+from jaxspec.models.quant import qeinsum
 
 
 class ForwardOutput(NamedTuple):
@@ -122,7 +123,7 @@ class Transformer(nnx.Module):
         aux = jnp.concatenate([captured[i] for i in aux_layers], axis=-1) if aux_layers else None
         hidden = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
+        logits = qeinsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
 
         rows = jnp.arange(b) if slot_ids is None else slot_ids
         lengths = cache.lengths.at[rows].set(start + num_valid, mode="drop")
@@ -137,8 +138,14 @@ def check_aux_layers(aux_layers: tuple[int, ...], num_layers: int) -> None:
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A randomly initialised model (tests, benchmarks, training from scratch)."""
-    return Transformer(cfg, nnx.Rngs(params=seed))
+    """A randomly initialised model (tests, benchmarks, training from scratch); quantized as
+    ``cfg.quantization`` says (so ``abstract_model`` gives a quantized model's structure)."""
+    model = Transformer(cfg.replace(quantization=None), nnx.Rngs(params=seed))
+    if cfg.quantization is not None:
+        from jaxspec.models.quant import quantize_model
+
+        quantize_model(model, cfg.quantization, cfg.quant_group_size)
+    return model
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:
