@@ -62,7 +62,7 @@ from jaxspec.training.eagle3 import (
     train_step,
     vocab_coverage,
 )
-from jaxspec.training.eagle3_eval import acceptance_sweep, drafting_cost, format_table
+from jaxspec.training.eagle3_eval import acceptance_sweep, batch1_throughput, drafting_cost, format_table
 from jaxspec.training.loop import LoopConfig, run_loop
 from jaxspec.training.runs import environment, write_json
 from jaxspec.training.state import CheckpointError, OptimConfig, RunCheckpointer, check_resume_compatible
@@ -74,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/eagle3")
     p.add_argument("--out", default=None, help="export the trained head here (speculators layout)")
     add_corpus_args(p)
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (required unless --evaluate)")
+    p.add_argument("--evaluate", default=None, metavar="HEAD_DIR",
+                   help="no training: measure this head (acceptance for --ks, and with --compare-draft, --cost, "
+                        "--throughput the draft, drafting cost and batch-1 speed) and write --report")
+    p.add_argument("--report", default=None, help="with --evaluate: write the figures to this JSON file")
+    p.add_argument("--throughput", action="store_true",
+                   help="with --evaluate: end-to-end greedy tokens/s at batch 1 (plain, head, --compare-draft)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
     p.add_argument("--ttt-steps", type=int, default=6, help="unrolled drafting steps trained per position")
@@ -109,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-seed", type=int, default=1234, help="which held-out prompts are cut "
                    "(1234: the prompts of the built-in model card)")
     p.add_argument("--no-acceptance", action="store_true", help="skip the engine acceptance runs")
+    p.add_argument("--no-before-acceptance", action="store_true",
+                   help="skip the acceptance runs before training (e.g. with --init, when they are known)")
     p.add_argument("--compare-draft", default=None, help="also measure this draft model ('builtin' or a path)")
     p.add_argument("--cost", action="store_true", help="measure drafting time per token (batch 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -128,6 +136,11 @@ def _ks(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.evaluate:
+        return evaluate_head(args)
+    if args.steps is None:
+        print("error: --steps is required (or --evaluate HEAD_DIR)", file=sys.stderr)
+        return 2
     try:
         target_dir = resolve(args.target, "target")
         target, tokenizer = load_any(target_dir)
@@ -228,16 +241,16 @@ def main(argv: list[str] | None = None) -> int:
                              args.prompt_seed)
     max_len = args.prompt_tokens + args.new_tokens
 
-    def figures(st) -> dict:
+    def figures(st, acceptance: bool = True) -> dict:
         out = {"heldout": eval_fn(st)}
-        if not args.no_acceptance:
+        if acceptance and not args.no_acceptance:
             out["acceptance"] = acceptance_sweep(target, "eagle3", merge_head(head_graphdef, st.params, buffers),
                                                  tokenizer, prompts, ks, args.new_tokens, max_len=max_len)
         return out
 
     before_path = run_dir / "figures_before.json"
     if not before_path.exists():
-        write_json(before_path, figures(state))
+        write_json(before_path, figures(state, not args.no_before_acceptance))
     before = json.loads(before_path.read_text())
     _print_figures("before", before)
 
@@ -277,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": vars(optim), "environment": environment(),
     }
     tables = {}
-    if not args.no_acceptance:
+    if "acceptance" in before:
         tables["eagle3 (before)"] = before["acceptance"]
+    if "acceptance" in after:
         tables["eagle3"] = after["acceptance"]
     if args.compare_draft:
         draft, _ = load_any(resolve(args.compare_draft, "draft"), role="draft")
@@ -304,6 +318,49 @@ def main(argv: list[str] | None = None) -> int:
         out = save_eagle3(args.out, final, verifier=report["target"])
         write_json(out / "train_report.json", report)
         print(f"exported {out}")
+    return 0
+
+
+def evaluate_head(args) -> int:
+    """``--evaluate HEAD_DIR``: the figures of a trained head (and a draft beside it), no training."""
+    try:
+        target_dir = resolve(args.target, "target")
+        target, tokenizer = load_any(target_dir)
+        head = load_eagle3(args.evaluate, target=target.cfg)
+        corpus = corpus_from_args(args)
+        ks = _ks(args.ks)
+    except (ConfigError, ModelDirError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train_docs, heldout_docs = corpus.split()
+    prompts = corpus_prompts(heldout_docs or train_docs, tokenizer, args.acceptance_prompts, args.prompt_tokens,
+                             args.prompt_seed)
+    max_len = args.prompt_tokens + args.new_tokens
+    drafters = {"eagle3": ("eagle3", head)}
+    if args.compare_draft:
+        drafters["draft"] = ("draft", load_any(resolve(args.compare_draft, "draft"), role="draft")[0])
+    report: dict = {"head": str(Path(args.evaluate).absolute()), "target": args.target,
+                    "acceptance_prompts": {"count": len(prompts), "prompt_tokens": args.prompt_tokens,
+                                           "new_tokens": args.new_tokens, "seed": args.prompt_seed},
+                    "environment": environment()}
+    if not args.no_acceptance:
+        sweeps = {name: acceptance_sweep(target, method, d, tokenizer, prompts, ks, args.new_tokens, max_len=max_len)
+                  for name, (method, d) in drafters.items()}
+        report["acceptance"] = sweeps
+        print(format_table(sweeps))
+    if args.cost:
+        report["cost"] = {name: drafting_cost(target, method, d, k=4, max_len=max_len)
+                          for name, (method, d) in drafters.items()}
+        for name, c in report["cost"].items():
+            extra = f" ({c['ms_per_token_with_absorb']:.3f} with the absorb)" if "absorb_ms" in c else ""
+            print(f"drafting cost {name}: {c['ms_per_token']:.3f} ms per drafted token at k=4{extra}")
+    if args.throughput:
+        report["throughput"] = batch1_throughput(target, drafters, tokenizer, prompts[:4], 4, args.new_tokens)
+        for name, r in report["throughput"].items():
+            extra = f" ({r['speedup']:.2f}x plain)" if "speedup" in r else ""
+            print(f"batch 1, k=4: {name} {r['tokens_per_s']:.1f} tokens/s{extra}")
+    if args.report:
+        write_json(args.report, report)
     return 0
 
 

@@ -86,3 +86,33 @@ def format_table(rows: dict[str, dict[int, dict]]) -> str:
             lines.append(f"| {name} | {k} | {r['mean_acceptance_length']:.2f} | {r['acceptance_rate']:.3f} | {per} |")
     return "\n".join(lines)
 
+
+
+def batch1_throughput(target: Transformer, drafters: dict[str, tuple[str, object]], tokenizer: Tokenizer,
+                      prompts: Sequence[Sequence[int]], k: int = 4, max_tokens: int = 128) -> dict[str, dict]:
+    """End-to-end greedy tokens/s at batch 1 (one slot, prefill included, k fixed) of plain decoding
+    and of each drafter ({name: (method, draft)}), every engine compiled by two untimed passes first
+    (as ``jaxspec.training.acceptance.decode_throughput`` does), then timed in turns so a change
+    in machine load falls on all of them alike."""
+    max_len = max(len(p) for p in prompts) + max_tokens
+    engines = {"plain": Engine(make_runner(target, num_slots=1, max_len=max_len), tokenizer)}
+    for name, (method, draft) in drafters.items():
+        engines[name] = Engine(make_runner(target, num_slots=1, max_len=max_len, spec_method=method, draft=draft,
+                                           num_speculative_tokens=k, k_max=k), tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    for engine in engines.values():
+        for _ in range(2):
+            engine.generate([list(p) for p in prompts], params)
+    seconds = {name: [] for name in engines}
+    tokens = {}
+    for _ in range(3):
+        for name, engine in engines.items():
+            t = time.perf_counter()
+            out = engine.generate([list(p) for p in prompts], params)
+            seconds[name].append(time.perf_counter() - t)
+            tokens[name] = sum(len(c.token_ids) for c in out)
+    result = {name: {"tokens": tokens[name], "tokens_per_s": tokens[name] / statistics.median(s)}
+              for name, s in seconds.items()}
+    for name in drafters:
+        result[name]["speedup"] = result[name]["tokens_per_s"] / result["plain"]["tokens_per_s"]
+    return result
