@@ -26,8 +26,9 @@ from jaxspec.engine import Engine, InvalidRequestError
 from jaxspec.engine.factory import make_runner
 from jaxspec.loading import DEFAULT_MODEL, default_draft, load_any
 from jaxspec.mesh import AUTO_MESH, mesh_for_option, placement_for_mesh
+from jaxspec.models.quant import MODES as QUANT_MODES
 from jaxspec.sampling import SamplingError, SamplingParams
-from jaxspec.speculative import SPEC_METHODS, SpeculativeRunner
+from jaxspec.speculative import SPEC_METHODS, DraftModelProposer, SpeculativeRunner
 from jaxspec.speculative.adaptive import CostModel, KPolicy, Roofline
 
 ONE_SHOT_PROBE_EVERY = 64  # steps with speculation off before trying it again (the server's policy: 16)
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"orbax model directory, or Hugging Face folder (default: {DEFAULT_MODEL}, with the built-in draft)",
     )
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override parameter dtype")
+    p.add_argument("--quantize", default=None, choices=QUANT_MODES,
+                   help="quantize the target's weights at load: int8 (per-channel scales) or int4 (grouped scales); "
+                   "activations stay in --dtype")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -79,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens proposed per step, or auto (default): adapt k to the acceptance and the step "
                       "costs (estimated, then measured on the steps that run; with --warmup, measured first)")
     spec.add_argument("--k-max", type=int, default=8, help="largest k (default 8)")
+    spec.add_argument("--draft-quantize", default=None, choices=QUANT_MODES,
+                      help="quantize the draft model's weights at load (costs acceptance, never correctness)")
     return p
 
 
@@ -100,13 +106,17 @@ def k_arg(minimum: int):
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
-    model, tokenizer = load_any(args.model, dtype=args.dtype)
+    model, tokenizer = load_any(args.model, dtype=args.dtype, quantize=args.quantize)
     max_len = args.max_len or min(model.cfg.max_seq_len, 2048)
     mesh_cfg = mesh_for_option(args.mesh)
     placement = placement_for_mesh(mesh_cfg) if mesh_cfg is not None else None
     draft_name = default_draft(args.model, args.draft, args.spec_method)
     method = args.spec_method or ("draft" if draft_name else "none")
-    draft = load_any(draft_name, dtype=args.dtype, role="draft")[0] if method == "draft" and draft_name else None
+    if args.draft_quantize and method != "draft":
+        raise ValueError("--draft-quantize quantizes a draft model (--spec-method draft)")
+    draft = None
+    if method == "draft" and draft_name:
+        draft = load_any(draft_name, dtype=args.dtype, role="draft", quantize=args.draft_quantize)[0]
     if method == "eagle3":
         if not draft_name:
             raise ValueError("--spec-method eagle3 needs --draft PATH (an EAGLE-3 head folder)")
@@ -128,6 +138,16 @@ def build_engine(args: argparse.Namespace) -> Engine:
         # the server paid at warm-up: probe less often.
         runner.policy = KPolicy(runner.buckets, probe_every=ONE_SHOT_PROBE_EVERY)
     return Engine(runner, tokenizer)
+
+
+def precision(engine: Engine) -> dict[str, dict[str, str | None]]:
+    """What the target (and a draft model) compute in: activation dtype and weight quantization (None: float)."""
+    of = lambda cfg: {"dtype": cfg.dtype, "quantization": cfg.quantization}  # noqa: E731
+    out = {"target": of(engine.cfg)}
+    proposer = getattr(engine.runner, "proposer", None)
+    if isinstance(proposer, DraftModelProposer):
+        out["draft"] = of(proposer.cfg)
+    return out
 
 
 def roofline_for(placement) -> Roofline:
@@ -259,6 +279,7 @@ def _run(args: argparse.Namespace, params: SamplingParams) -> int:
         }
         if result.spec is not None:
             out["spec"] = result.spec.to_dict()
+        out["precision"] = precision(engine)
         print(json.dumps(out, ensure_ascii=False))
     else:
         print(result.text)

@@ -9,6 +9,7 @@ from jaxspec import builtin
 from jaxspec.checkpoint.orbax_io import is_model_dir, load_model
 from jaxspec.config import ConfigError, load_config
 from jaxspec.models import Transformer, create_model
+from jaxspec.models.quant import quantize_model
 from jaxspec.tokenizer import ByteTokenizer, Tokenizer
 
 DEFAULT_MODEL = builtin.BUILTIN  # the shipped, trained MoE code model (jaxspec/builtin.py)
@@ -22,15 +23,35 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
 
 
 def load_any(name_or_path: str | None = None, dtype: str | None = None, seed: int = 0,
-             role: str = "target") -> tuple[Transformer, Tokenizer]:
+             role: str = "target", quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
     """Load a model and its tokenizer.
 
     - ``builtin`` / ``builtin-dense``: the shipped MoE / dense model for ``role`` ("target", or
       "draft" where a draft is named);
-    - an orbax model directory written by ``jaxspec.checkpoint.save_model``;
+    - an orbax model directory written by ``jaxspec.checkpoint.save_model`` (quantized ones too);
     - a Hugging Face folder (config.json + safetensors);
     - a config name under configs/models (random weights, byte tokenizer; for tests and benchmarks).
+
+    ``quantize`` ("int8" | "int4"): quantize the weights once loaded (``jaxspec.models.quant``).
     """
+    model, tokenizer = _load(name_or_path, dtype, seed, role)
+    return quantized(model, quantize), tokenizer
+
+
+def quantized(model: Transformer, mode: str | None) -> Transformer:
+    """``model`` quantized as ``mode`` says (None: as it is); a model saved quantized must be asked
+    for in its own precision or none."""
+    if mode is None or model.cfg.quantization == mode:
+        return model
+    if model.cfg.quantization is not None:
+        raise ConfigError(f"the model was saved quantized ({model.cfg.quantization}): it cannot be loaded as {mode}")
+    try:
+        return quantize_model(model, mode, model.cfg.quant_group_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _load(name_or_path: str | None, dtype: str | None, seed: int, role: str) -> tuple[Transformer, Tokenizer]:
     name_or_path = builtin.resolve(name_or_path or DEFAULT_MODEL, role)
     path = Path(name_or_path)
     if path.is_dir():

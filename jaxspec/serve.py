@@ -24,6 +24,7 @@ from jaxspec.config import ConfigError
 from jaxspec.generate import k_arg
 from jaxspec.loading import DEFAULT_MODEL, default_draft
 from jaxspec.mesh import AUTO_MESH, mesh_for_option
+from jaxspec.models.quant import MODES as QUANT_MODES
 from serving.auth import load_token
 from serving.build import KV_CACHES, SPEC_METHODS, EngineOptions, load_engine
 from serving.server import JaxSpecServer, ServerOptions
@@ -88,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output budget of requests that do not set max_tokens (capped by the context)")
     m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="override the parameter dtype")
+    m.add_argument("--quantize", choices=QUANT_MODES, default=None,
+                   help="quantize the target's weights at load: int8 (per-channel scales) or int4 (grouped scales); "
+                   "activations stay in --dtype")
+    m.add_argument("--draft-quantize", choices=QUANT_MODES, default=None,
+                   help="quantize the draft model's weights at load (costs acceptance, never correctness)")
     compilation_cache.add_arguments(m)
     m.add_argument("--kernel-selftest", choices=("on", "off"), default="on",
                    help="on an accelerator, check the Pallas kernels in use against their references at warm-up "
@@ -124,7 +130,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
                                 else args.num_speculative_tokens),
         adaptive_k=args.num_speculative_tokens == "auto", slots=args.slots,
         max_len=args.max_len,
-        max_waiting=args.max_waiting, dtype=args.dtype, mesh=args.mesh, default_max_tokens=args.default_max_tokens,
+        max_waiting=args.max_waiting, dtype=args.dtype, quantize=args.quantize, draft_quantize=args.draft_quantize,
+        mesh=args.mesh, default_max_tokens=args.default_max_tokens,
         kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
         kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, max_step_tokens=args.max_step_tokens,
     )

@@ -23,7 +23,8 @@ from jaxspec import builtin, compilation_cache, kernels
 from jaxspec.loading import DEFAULT_MODEL, load_any
 from jaxspec.mesh import MeshConfigError, mesh_for_option, placement_for_mesh
 from jaxspec.models import Transformer
-from jaxspec.speculative import SPEC_METHODS
+from jaxspec.models.quant import MODES as QUANT_MODES
+from jaxspec.speculative import SPEC_METHODS, DraftModelProposer
 from jaxspec.tokenizer import Tokenizer
 from serving.engine_loop import GuardedRunner
 from serving.protocol import RequestLimits
@@ -43,6 +44,8 @@ class EngineOptions:
     max_len: int | None = None  # per-slot context; None: the model's max_seq_len
     max_waiting: int = 256
     dtype: str | None = None
+    quantize: str | None = None  # target weights: "int8" | "int4" (jaxspec.models.quant); None: as loaded
+    draft_quantize: str | None = None  # the draft model's weights, likewise
     seed: int = 0  # random-weight configs only
     default_max_tokens: int = 256
     mesh: str | None = None  # mesh config name/path or "auto" (jaxspec.mesh.mesh_for_option); None: one device
@@ -61,6 +64,11 @@ class EngineOptions:
             raise ConfigError(f"spec_method {self.spec_method!r} needs a draft model or EAGLE-3 head (--draft)")
         if self.draft and self.spec_method not in ("draft", "eagle3"):
             raise ConfigError(f"--draft is only used with --spec-method draft or eagle3 (got {self.spec_method!r})")
+        for name in ("quantize", "draft_quantize"):
+            if getattr(self, name) not in (None, *QUANT_MODES):
+                raise ConfigError(f"{name} must be one of {', '.join(QUANT_MODES)} or unset, got {getattr(self, name)!r}")
+        if self.draft_quantize and self.spec_method != "draft":
+            raise ConfigError("--draft-quantize quantizes a draft model (--spec-method draft)")
         if self.spec_method != "none" and self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         for name in ("slots", "max_waiting", "default_max_tokens"):
@@ -107,6 +115,8 @@ class ModelDescription:
     devices: tuple[str, ...] = ()
     mesh_shape: dict[str, int] = dataclasses.field(default_factory=dict)
     dtype: str = ""
+    quantization: str = ""  # the target's weights: "int8", "int4"; "": float (dtype)
+    draft_quantization: str = ""  # a draft model's, likewise
     num_experts: int = 0
     num_experts_per_token: int = 0
 
@@ -138,7 +148,8 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
         draft_model = load_eagle3(opts.draft, target=model.cfg, dtype=opts.dtype)
     if opts.spec_method == "draft":
         log.info("loading draft model %s", opts.draft)
-        draft_model, draft_tokenizer = load_any(opts.draft, dtype=opts.dtype, seed=opts.seed, role="draft")
+        draft_model, draft_tokenizer = load_any(opts.draft, dtype=opts.dtype, seed=opts.seed, role="draft",
+                                                quantize=opts.draft_quantize)
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise ConfigError(
                 f"draft tokenizer has {draft_tokenizer.vocab_size} tokens, the target's {tokenizer.vocab_size}: "
@@ -187,7 +198,7 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
     ``wrap_runner`` may wrap the step runner (tests inject faults and delays this way)."""
     opts.validate()
     log.info("loading model %s", opts.model)
-    model, tokenizer = load_any(opts.model, dtype=opts.dtype, seed=opts.seed)
+    model, tokenizer = load_any(opts.model, dtype=opts.dtype, seed=opts.seed, quantize=opts.quantize)
     _check_memory(opts, model)
     runner = build_runner(opts, model, tokenizer)
     if opts.kernel_selftest:
@@ -247,11 +258,14 @@ def bundle_engine(
     engine = Engine(GuardedRunner(runner), tokenizer, max_waiting=max_waiting, speculative=speculative,
                     prefix_caching=prefix_caching, prefill_token_budget=prefill_token_budget)
     cfg = runner.cfg
+    proposer = getattr(runner, "proposer", None)
+    draft_quantization = proposer.cfg.quantization if isinstance(proposer, DraftModelProposer) else None
     platform, devices, mesh = runner.device_info()
     description = ModelDescription(
         model_id=model_id, context_length=engine.max_len, vocab_size=cfg.vocab_size, eos_ids=engine.eos_ids,
         num_slots=runner.num_slots, spec_method=spec_method, max_speculative_tokens=max_speculative_tokens,
         draft_model_id=draft_model_id, platform=platform, devices=devices, mesh_shape=mesh, dtype=cfg.dtype,
+        quantization=cfg.quantization or "", draft_quantization=draft_quantization or "",
         num_experts=cfg.num_experts, num_experts_per_token=cfg.num_experts_per_tok,
     )
     limits = RequestLimits(

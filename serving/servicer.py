@@ -119,7 +119,8 @@ class JaxSpecServicer(pb_grpc.JaxSpecServicer):
             model_id=d.model_id, context_length=d.context_length, vocab_size=d.vocab_size,
             eos_token_ids=list(d.eos_ids), spec_method=d.spec_method, max_speculative_tokens=d.max_speculative_tokens,
             draft_model_id=d.draft_model_id, num_slots=d.num_slots, platform=d.platform, devices=list(d.devices),
-            mesh_shape=d.mesh_shape, dtype=d.dtype, num_experts=d.num_experts,
+            mesh_shape=d.mesh_shape, dtype=d.dtype, quantization=d.quantization,
+            draft_quantization=d.draft_quantization, num_experts=d.num_experts,
             num_experts_per_token=d.num_experts_per_token, max_stop_strings=lim.max_stop_strings,
             max_stop_string_length=lim.max_stop_string_chars, default_max_tokens=lim.default_max_tokens,
         )

@@ -218,3 +218,56 @@ def test_quantized_model_directory_round_trip(tmp_path):
         np.testing.assert_array_equal(a, b)
     tokens = np.arange(3, 30)
     np.testing.assert_array_equal(full_forward(loaded, tokens), full_forward(model, tokens))
+
+
+def test_load_any_quantizes_at_load_and_keeps_a_saved_precision(tmp_path):
+    from jaxspec.checkpoint.orbax_io import save_model
+    from jaxspec.config import ConfigError
+    from jaxspec.loading import load_any
+
+    model, _ = load_any("tiny-moe", quantize="int8")  # a config name (random weights)
+    assert model.cfg.quantization == "int8" and isinstance(model.layers[0].moe.w_gate, QuantizedWeight)
+    save_model(tmp_path / "float", create_model(load_config("tiny-dense"), 0), ByteTokenizer())
+    loaded, _ = load_any(str(tmp_path / "float"), quantize="int4")  # a float directory, quantized at load
+    assert loaded.cfg.quantization == "int4"
+    save_model(tmp_path / "int4", loaded, ByteTokenizer())
+    assert load_any(str(tmp_path / "int4"))[0].cfg.quantization == "int4"  # as saved
+    assert load_any(str(tmp_path / "int4"), quantize="int4")[0].cfg.quantization == "int4"
+    with pytest.raises(ConfigError, match="saved quantized"):
+        load_any(str(tmp_path / "int4"), quantize="int8")
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_generate_flags_quantize_target_and_draft():
+    from jaxspec import generate
+
+    parser = generate.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantize", "int2", "x"])
+    args = parser.parse_args(["--model", "tiny-moe", "--draft", "tiny-moe", "--quantize", "int8",
+                              "--draft-quantize", "int4", "--max-len", "64", "--kernel-selftest", "off", "x"])
+    engine = generate.build_engine(args)
+    assert generate.precision(engine) == {"target": {"dtype": "float32", "quantization": "int8"},
+                                          "draft": {"dtype": "float32", "quantization": "int4"}}
+    args = parser.parse_args(["--model", "tiny-moe", "--spec-method", "ngram", "--draft-quantize", "int4", "x"])
+    with pytest.raises(ValueError, match="draft-quantize"):
+        generate.build_engine(args)
+
+
+def test_serve_flags_reach_the_engine_options_and_model_info():
+    from jaxspec.config import ConfigError
+    from jaxspec.serve import options_from_args, parse_args
+    from serving.build import EngineOptions, load_engine
+
+    opts, _ = options_from_args(parse_args(["--model", "tiny-moe", "--draft", "tiny-moe", "--quantize", "int4",
+                                            "--draft-quantize", "int8"]))
+    assert (opts.quantize, opts.draft_quantize, opts.spec_method) == ("int4", "int8", "draft")
+    assert options_from_args(parse_args(["--model", "tiny-moe", "--spec-method", "none"]))[0].quantize is None
+    with pytest.raises(ConfigError, match="draft-quantize"):
+        options_from_args(parse_args(["--model", "tiny-moe", "--spec-method", "none", "--draft-quantize", "int4"]))
+    with pytest.raises(ConfigError, match="quantize"):
+        EngineOptions(model="tiny-moe", quantize="fp8").validate()
+    bundle = load_engine(EngineOptions(model="tiny-moe", draft="tiny-moe", spec_method="draft", quantize="int8",
+                                       draft_quantize="int4", slots=2, max_len=64, kernel_selftest=False))
+    d = bundle.description
+    assert (d.dtype, d.quantization, d.draft_quantization) == ("float32", "int8", "int4")
