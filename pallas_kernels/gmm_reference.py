@@ -80,3 +80,18 @@ def tgmm_reference(
     masked = mask[:, :, None] * lhs[None]  # [G_local, m, k]
     out = jnp.einsum("gmk,mn->gkn", masked, rhs, preferred_element_type=jnp.float32)
     return out.astype(out_dtype)
+
+
+def gmm_int8_reference(
+    lhs: jax.Array,  # [m, k]
+    rhs_q: jax.Array,  # [G_local, k, n] int8
+    scale: jax.Array,  # [G_local, 1, n]
+    group_sizes: jax.Array,  # [G] int32
+    group_offset: jax.Array | int = 0,
+    *,
+    preferred_element_type=None,
+) -> jax.Array:
+    """``gmm_reference`` against the dequantized weights ``rhs_q * scale``, in float32."""
+    w = rhs_q.astype(jnp.float32) * scale.astype(jnp.float32)
+    out = gmm_reference(lhs.astype(jnp.float32), w, group_sizes, group_offset, preferred_element_type=jnp.float32)
+    return out.astype(jnp.dtype(preferred_element_type or lhs.dtype))
