@@ -181,6 +181,28 @@ def test_every_dispatch_backend_reads_quantized_experts(backend):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("local", ["per_expert", "dense", "grouped"])
+def test_expert_parallel_reads_quantized_experts(local):
+    """Experts split over a (data 2, expert 2, tensor 2) mesh of CPU devices: the int8 scales'
+    size-1 contracted axis is replicated, int4 groups split with the width they scale."""
+    from jax.sharding import Mesh
+
+    from jaxspec.models.moe_parallel import ExpertParallel
+
+    mesh = Mesh(np.asarray(jax.devices()[:8], dtype=object).reshape(2, 2, 2), ("data", "expert", "tensor"))
+    e, d, f, n = 8, 32, 64, 16
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    x = jax.random.normal(keys[0], (n, d))
+    ws = [quantize(_spread_weight(s, seed=i), (1,), bits, 16)
+          for i, (s, bits) in enumerate((((e, d, f), 8), ((e, d, f), 4), ((e, f, d), 4 if local == "dense" else 8)))]
+    ids = jax.random.randint(keys[1], (n, 2), 0, e)
+    gates = jax.nn.softmax(jax.random.normal(keys[2], (n, 2)))
+    want = BACKENDS["dense"](x, ids, gates, *(dequantize(w) for w in ws))
+    backend = ExpertParallel(mesh, ("expert",), ("tensor",), ("data",), local)
+    got = jax.jit(lambda *a: backend(*a))(x, ids, gates, *ws)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
 # ------------------------------------------------------------ speculative decoding
 @pytest.mark.slow
 def test_greedy_speculative_equals_greedy_plain_of_the_same_quantized_target():

@@ -62,6 +62,7 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from jaxspec.mesh import MOE_EXCHANGES
 from jaxspec.models.moe_dispatch import per_expert_f32, register_backend
+from jaxspec.models.quant import as_float, qeinsum
 
 # Local experts per device on CPU: per_expert up to this many tokens (it skips unchosen experts).
 LOCAL_PER_EXPERT_MAX_TOKENS = 128
@@ -83,12 +84,18 @@ def _spec(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def _weight_spec(w, axes: tuple):
+    """The PartitionSpec of an expert weight, per array of a quantized one: an axis of size 1
+    (the contracted axis of int8 scales) is replicated, not split."""
+    return jax.tree.map(lambda a: P(*(ax if n > 1 else None for ax, n in zip(axes, a.shape))), w)
+
+
 def _swiglu_dense(x, local_ids, weights, w_gate, w_up, w_down):
     """Every local expert on every token; assignments outside [0, E_loc) one-hot to zero."""
     e_loc = w_gate.shape[0]
     combine = jnp.sum(jax.nn.one_hot(local_ids, e_loc, dtype=jnp.float32) * weights[..., None], axis=1)  # [N, E_loc]
-    h = jax.nn.silu(jnp.einsum("nd,edf->enf", x, w_gate)) * jnp.einsum("nd,edf->enf", x, w_up)
-    y = jnp.einsum("enf,efd->end", h, w_down)
+    h = jax.nn.silu(qeinsum("nd,edf->enf", x, w_gate)) * qeinsum("nd,edf->enf", x, w_up)
+    y = qeinsum("enf,efd->end", h, w_down)
     return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine)
 
 
@@ -97,6 +104,7 @@ def _ragged_swiglu(xs, keys, w_gate, w_up, w_down):
     through ragged_dot; group sizes are counted from keys [M] (each row's local expert, E_loc for
     none; any order). Rows past the groups come out 0."""
     sizes = jnp.sum(jax.nn.one_hot(keys, w_gate.shape[0], dtype=jnp.int32), axis=0)  # the sentinel one-hots to zeros
+    w_gate, w_up, w_down = (as_float(w, xs.dtype) for w in (w_gate, w_up, w_down))  # int8: dequantized per use
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
     return jax.lax.ragged_dot(h, w_down, sizes).astype(jnp.float32)
 
@@ -224,7 +232,9 @@ class ExpertParallel:
         ea, ta, ka = _spec(self.expert_axes), _spec(self.tensor_axes), _spec(tok)
         return jax.shard_map(
             shard, mesh=self.mesh,
-            in_specs=(P(ka, None), P(ka, None), P(ka, None), P(ea, None, ta), P(ea, None, ta), P(ea, ta, None)),
+            in_specs=(P(ka, None), P(ka, None), P(ka, None),
+                      _weight_spec(w_gate, (ea, None, ta)), _weight_spec(w_up, (ea, None, ta)),
+                      _weight_spec(w_down, (ea, ta, None))),
             out_specs=P(ka, None),
             # per_expert's lax.cond keeps a zero accumulator in one branch and adds a
             # device-varying share in the other; varying-axis tracking would reject that.
