@@ -293,3 +293,14 @@ def test_serve_flags_reach_the_engine_options_and_model_info():
                                        draft_quantize="int4", slots=2, max_len=64, kernel_selftest=False))
     d = bundle.description
     assert (d.dtype, d.quantization, d.draft_quantization) == ("float32", "int8", "int4")
+
+
+def test_memory_planner_counts_quantized_bytes():
+    """The planner builds the abstract model from the config, quantization included."""
+    from jaxspec.planning import check_fits_on_device
+
+    cfg = load_config("tiny-moe")
+    plans = {q: check_fits_on_device(cfg.replace(quantization=q), 2, 64) for q in (None, "int8", "int4")}
+    assert plans["int4"].weights < plans["int8"].weights < plans[None].weights / 2
+    assert plans["int8"].weights == weight_bytes(quantize_model(create_model(cfg, 0), "int8"))
+    assert plans["int8"].kv_cache == plans[None].kv_cache  # weights only: the KV cache keeps its dtype
