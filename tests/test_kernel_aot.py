@@ -132,6 +132,27 @@ def test_kernels_compile_for_real_shapes(variant, request):
     )
 
 
+def test_int8_grouped_matmul_compiles_for_real_shapes(tpu_device):
+    """gmm_int8 (TPU only) on Mixtral-8x7B's expert up and down projections, and the ``pallas`` MoE
+    layer of Qwen3-30B-A3B with int8 experts (three gmm_int8 calls)."""
+    from jaxspec.models.moe_pallas import dispatch_pallas
+    from jaxspec.models.quant import QArray
+    from pallas_kernels.gmm_int8 import gmm_int8
+
+    bf16, i8, f32, i32 = jnp.bfloat16, jnp.int8, jnp.float32, jnp.int32
+    fn = functools.partial(gmm_int8, backend="tpu", interpret=False)
+    _compile(fn, tpu_device, ((512, 4096), bf16), ((8, 4096, 14336), i8), ((8, 1, 14336), f32), ((8,), i32))
+    _compile(fn, tpu_device, ((512, 14336), bf16), ((8, 14336, 4096), i8), ((8, 1, 4096), f32), ((8,), i32))
+
+    def layer(x, ids, w, gq, gs, uq, us, dq, ds):
+        return dispatch_pallas(x, ids, w, QArray(gq, gs, 8), QArray(uq, us, 8), QArray(dq, ds, 8), backend="tpu",
+                               interpret=False)
+
+    e, d, f = 128, 2048, 768
+    _compile(layer, tpu_device, ((64, d), bf16), ((64, 8), i32), ((64, 8), f32), ((e, d, f), i8), ((e, 1, f), f32),
+             ((e, d, f), i8), ((e, 1, f), f32), ((e, f, d), i8), ((e, 1, d), f32))
+
+
 def test_mosaic_rejects_illegal_block_at_compile(tpu_device):
     """Past our validation, the TPU toolchain refuses a (128, 100) lhs block."""
     from pallas_kernels import gmm as gmm_mod
