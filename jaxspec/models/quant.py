@@ -4,9 +4,10 @@
 ``Transformer`` (attention q/k/v/o, dense and shared-expert MLPs, expert weights,
 lm_head) by ``QuantizedWeight`` modules: an int8 parameter ``q`` and a float32
 parameter ``scale``, both tagged with logical axes so they shard like the weight
-they replace. Embeddings, norms and the router stay float (small, and routing is
-sensitive to them). Activations stay float: the weight is dequantized where it is
-used, inside the jitted step, so no float copy of the model exists.
+they replace. Embeddings (read by a gather, and the output head when tied), norms
+and the router (small, and routing is sensitive to it) stay float. Activations stay
+float: the weight is dequantized where it is used, inside the jitted step, so no float
+copy of the model is kept.
 
 Formats (``w`` the float weight, "contracted" the axes a matmul sums over):
 
@@ -21,8 +22,11 @@ Formats (``w`` the float weight, "contracted" the axes a matmul sums over):
 Layers read a weight with ``self.w[...]`` as before: on a ``QuantizedWeight`` that
 gives a ``QArray`` (a pytree of q, scale), and ``qeinsum`` multiplies by it. int8
 scales factor out of the sum, so ``qeinsum`` multiplies by the int8 values and scales
-the product; int4 groups do not, so the weight is dequantized (XLA fuses it into the
-matmul's operand where it can).
+the product; int4 groups do not, so the weight is dequantized at the matmul (a temporary of
+that one weight inside the step, unless XLA fuses it into the matmul's operand). Expert
+dispatch slices experts or tiles before multiplying (``moe_dispatch``), so only those are
+dequantized; ``dense``, ``ragged`` and the Pallas ``gmm`` on GPU dequantize the whole expert
+tensor per use, and the Pallas TPU path reads int8 experts directly (``pallas_kernels.gmm_int8``).
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ def quantize(w: jax.Array, contracted: tuple[int, ...], bits: int, group_size: i
 
 
 def dequantize(w: QArray, dtype=jnp.float32) -> jax.Array:
-    """The float weight ``w`` stands for (per use: XLA fuses it into the consumer where it can)."""
+    """The float weight ``w`` stands for."""
     values = unpack_int4(w.q, w.axis) if w.bits == 4 else w.q
     scale = w.scale
     if w.bits == 4:
