@@ -37,7 +37,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxspec.models.quant import as_float, qeinsum
+from jaxspec.models.quant import qeinsum, qragged_dot
 
 # fn(x[N,D], expert_ids[N,k], weights[N,k], w_gate[E,D,F], w_up[E,D,F], w_down[E,F,D]) -> [N,D]
 DispatchFn = Callable[..., jax.Array]
@@ -111,11 +111,11 @@ def dispatch_sorted(x, expert_ids, weights, w_gate, w_up, w_down, tile_rows: int
 def dispatch_ragged(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     n, k = expert_ids.shape
     num_experts = w_gate.shape[0]
-    order, token_of, _, group_sizes = sort_assignments(expert_ids, num_experts)
+    order, token_of, sorted_e, group_sizes = sort_assignments(expert_ids, num_experts)
     xs = x[token_of]  # [A, D], rows grouped by expert
-    w_gate, w_up, w_down = (as_float(w, x.dtype) for w in (w_gate, w_up, w_down))  # int8: dequantized per use
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, group_sizes)) * jax.lax.ragged_dot(xs, w_up, group_sizes)
-    y = jax.lax.ragged_dot(h, w_down, group_sizes).astype(jnp.float32)
+    mm = lambda lhs, w: qragged_dot(lhs, w, group_sizes, sorted_e)  # noqa: E731  (w float or quantized)
+    h = jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)
+    y = mm(h, w_down).astype(jnp.float32)
     y = y * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of].add(y).astype(x.dtype)
 

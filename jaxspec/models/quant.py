@@ -25,7 +25,8 @@ scales factor out of the sum, so ``qeinsum`` multiplies by the int8 values and s
 the product; int4 groups do not, so the weight is dequantized at the matmul (a temporary of
 that one weight inside the step, unless XLA fuses it into the matmul's operand). Expert
 dispatch slices experts or tiles before multiplying (``moe_dispatch``), so only those are
-dequantized; ``dense``, ``ragged`` and the Pallas ``gmm`` on GPU dequantize the whole expert
+dequantized; ``ragged`` scales its grouped products like ``qeinsum`` (``qragged_dot``) for
+int8; ``dense``, int4 in ``ragged`` and the Pallas ``gmm`` on GPU dequantize the whole expert
 tensor per use, and the Pallas TPU path reads int8 experts directly (``pallas_kernels.gmm_int8``).
 """
 
@@ -159,6 +160,16 @@ def qeinsum(spec: str, x: jax.Array, w: jax.Array | QArray, **kwargs) -> jax.Arr
     scale = w.scale.reshape([n for c, n in zip(w_letters, w.scale.shape) if c in out])
     y = jnp.einsum(spec, x, w.q.astype(x.dtype), **kwargs)
     return jnp.einsum(f"{out},{kept}->{out}", y, scale.astype(y.dtype))  # broadcasting product
+
+
+def qragged_dot(lhs: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array, row_group: jax.Array) -> jax.Array:
+    """``jax.lax.ragged_dot(lhs [M, K], w [G, K, N], group_sizes)`` for a float or quantized ``w``;
+    ``row_group`` [M] is each row's group (any value for rows past the groups, which come out 0)."""
+    if isinstance(w, QArray) and w.bits == 8:
+        # The int8 values, then each row's group's column scales: no scaled copy of the weights.
+        y = jax.lax.ragged_dot(lhs, w.q.astype(lhs.dtype), group_sizes)
+        return y * jnp.take(w.scale[:, 0], row_group, axis=0, mode="clip").astype(y.dtype)
+    return jax.lax.ragged_dot(lhs, as_float(w, lhs.dtype), group_sizes)
 
 
 # ------------------------------------------------------------------------ the model
