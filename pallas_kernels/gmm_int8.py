@@ -1,15 +1,17 @@
-"""Grouped matmul with an int8 right-hand side, dequantized in the kernel (TPU / Mosaic variant).
+"""Grouped matmul with an int8 right-hand side, dequantized in the kernel (TPU and GPU variants).
 
 ``gmm_int8(lhs[m, k], rhs_q[G, k, n] int8, scale[G, 1, n], group_sizes[G]) -> [m, n]`` is
 ``gmm(lhs, rhs_q * scale, group_sizes)`` (see ``gmm_reference`` for the row/group contract)
 without a float copy of the weights: each rhs block is read from HBM as int8 (half the
-bytes of bfloat16, a quarter of float32), widened to the lhs dtype in VMEM for the MXU,
-and the per-output-column scale, constant along the contraction, is applied once to the
-float32 accumulator when a work item's last k block is done.
+bytes of bfloat16, a quarter of float32) and widened to the lhs dtype on chip for the
+matrix unit; the per-output-column scale, constant along the contraction, multiplies the
+float32 product of a group once, after its whole contraction.
 
-Work items, grid, tiling and the output-block protocol are ``gmm``'s TPU ones
-(``pallas_kernels.gmm``); this file adds the scale operand and the widening. Forward
-only (inference). No Triton variant yet: ``moe_pallas`` dequantizes for ``gmm`` there.
+Grids, tilings, work items and output protocols are ``gmm``'s (``pallas_kernels.gmm``):
+TPU, the work-item grid whose accumulator belongs to one group, scaled when its last k
+block is done; GPU (Triton), a program per output tile looping over the groups that
+overlap its rows, each group's partial product scaled before it joins the tile's sum.
+This file adds the scale operand and the widening. Forward only (inference).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import cdiv, default_interpret, matmul_precision, resolve_backend
 from pallas_kernels.gmm import Tiling, _row_tile_metadata, choose_tiling, validate_tiling
@@ -112,6 +115,60 @@ def _gmm_int8_tpu(lhs, rhs_q, scale, starts, ends, tiling: Tiling, out_dtype, in
     )(*scalars, lhs, rhs_q, scale)
 
 
+def _gmm_int8_gpu_kernel(
+    group_lo_ref, group_hi_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, scale_ref, out_ref,
+    *, m: int, k: int, n: int, tm: int, tk: int, tn: int, precision,
+):
+    t, j = pl.program_id(0), pl.program_id(1)
+    rows = t * tm + jnp.arange(tm)
+    cols = j * tn + jnp.arange(tn)
+    col_ok = cols < n
+    num_k_tiles = cdiv(k, tk)
+
+    def group_body(g, acc):
+        start, end = starts_ref[g], ends_ref[g]
+        row_ok = (rows >= start) & (rows < end) & (rows < m)
+
+        def k_body(kk, part):
+            ks = kk * tk + jnp.arange(tk)
+            k_ok = ks < k
+            # Masked-off elements load as 0: rows of other groups and the k tail contribute nothing.
+            a = plgpu.load(lhs_ref.at[pl.ds(t * tm, tm), pl.ds(kk * tk, tk)], mask=row_ok[:, None] & k_ok[None, :], other=0)
+            w = plgpu.load(rhs_ref.at[g, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)], mask=k_ok[:, None] & col_ok[None, :],
+                           other=0)
+            return part + plgpu.dot(a, w.astype(a.dtype), precision=precision)
+
+        trips = (end > start).astype(jnp.int32) * num_k_tiles  # an empty group runs no k iterations
+        part = lax.fori_loop(0, trips, k_body, jnp.zeros((tm, tn), jnp.float32))
+        scale = plgpu.load(scale_ref.at[g, pl.ds(0, 1), pl.ds(j * tn, tn)], mask=col_ok[None, :], other=0)  # [1, tn]
+        return acc + part * scale.astype(jnp.float32)
+
+    acc = lax.fori_loop(group_lo_ref[t], group_hi_ref[t], group_body, jnp.zeros((tm, tn), jnp.float32))
+    plgpu.store(out_ref.at[pl.ds(t * tm, tm), pl.ds(j * tn, tn)], acc.astype(out_ref.dtype),
+                mask=(rows < m)[:, None] & col_ok[None, :])
+
+
+def _gmm_int8_gpu(lhs, rhs_q, scale, starts, ends, tiling: Tiling, out_dtype, interpret: bool) -> jax.Array:
+    m, k = lhs.shape
+    n = rhs_q.shape[2]
+    tm, tk, tn = tiling
+    num_tiles = cdiv(m, tm)
+    tile_first_row = jnp.arange(num_tiles, dtype=jnp.int32) * tm
+    # Local groups overlapping tile t: those ending after its first row and starting before its end.
+    group_lo = jnp.searchsorted(ends, tile_first_row, side="right", method="compare_all").astype(jnp.int32)
+    group_hi = jnp.searchsorted(starts, tile_first_row + tm - 1, side="right", method="compare_all").astype(jnp.int32)
+    kernel = functools.partial(_gmm_int8_gpu_kernel, m=m, k=k, n=n, tm=tm, tk=tk, tn=tn,
+                               precision=matmul_precision(lhs.dtype))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_tiles, cdiv(n, tn)),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="gmm_int8_gpu",
+    )(group_lo, group_hi, starts, ends, lhs, rhs_q, scale)
+
+
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret", "backend", "preferred_element_type"))
 def gmm_int8(
     lhs: jax.Array,  # [m, k], rows sorted by group
@@ -128,8 +185,7 @@ def gmm_int8(
     """out[r] = (lhs[r] @ rhs_q[g]) * scale[g] for row r of local group g (f32 accumulation); other rows zero."""
     if interpret is None:
         interpret = default_interpret()
-    if resolve_backend(backend, interpret) != "tpu":
-        raise NotImplementedError("gmm_int8 has a TPU (Mosaic) variant only; dequantize and use gmm on GPUs")
+    variant = resolve_backend(backend, interpret)
     if rhs_q.dtype != jnp.int8 or scale.shape != (rhs_q.shape[0], 1, rhs_q.shape[2]):
         raise ValueError(f"gmm_int8 needs int8 rhs [G, k, n] and scales [G, 1, n], got {rhs_q.dtype} "
                          f"{rhs_q.shape} and {scale.shape}")
@@ -138,7 +194,8 @@ def gmm_int8(
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     if m == 0 or k == 0 or n == 0:
         return jnp.zeros((m, n), out_dtype)
-    tiling = tuple(int(t) for t in (tiling or choose_tiling(m, k, n, g_local, lhs.dtype, "tpu")))
-    validate_tiling(tiling, m, k, n, "tpu", "gmm_int8")
+    tiling = tuple(int(t) for t in (tiling or choose_tiling(m, k, n, g_local, lhs.dtype, variant)))
+    validate_tiling(tiling, m, k, n, variant, "gmm_int8")
     starts, ends = local_group_bounds(group_sizes, group_offset, g_local, m)
-    return _gmm_int8_tpu(lhs, rhs_q, scale, starts, ends, tiling, out_dtype, interpret)
+    impl = _gmm_int8_tpu if variant == "tpu" else _gmm_int8_gpu
+    return impl(lhs, rhs_q, scale, starts, ends, tiling, out_dtype, interpret)

@@ -132,24 +132,26 @@ def test_kernels_compile_for_real_shapes(variant, request):
     )
 
 
-def test_int8_grouped_matmul_compiles_for_real_shapes(tpu_device):
-    """gmm_int8 (TPU only) on Mixtral-8x7B's expert up and down projections, and the ``pallas`` MoE
-    layer of Qwen3-30B-A3B with int8 experts (three gmm_int8 calls)."""
+@pytest.mark.parametrize("variant", ["tpu", "gpu"])
+def test_int8_grouped_matmul_compiles_for_real_shapes(variant, request):
+    """gmm_int8 on Mixtral-8x7B's expert up and down projections, and the ``pallas`` MoE layer of
+    Qwen3-30B-A3B with int8 experts (three gmm_int8 calls)."""
     from jaxspec.models.moe_pallas import dispatch_pallas
     from jaxspec.models.quant import QArray
     from pallas_kernels.gmm_int8 import gmm_int8
 
+    device = request.getfixturevalue(f"{variant}_device")
     bf16, i8, f32, i32 = jnp.bfloat16, jnp.int8, jnp.float32, jnp.int32
-    fn = functools.partial(gmm_int8, backend="tpu", interpret=False)
-    _compile(fn, tpu_device, ((512, 4096), bf16), ((8, 4096, 14336), i8), ((8, 1, 14336), f32), ((8,), i32))
-    _compile(fn, tpu_device, ((512, 14336), bf16), ((8, 14336, 4096), i8), ((8, 1, 4096), f32), ((8,), i32))
+    fn = functools.partial(gmm_int8, backend=variant, interpret=False)
+    _compile(fn, device, ((512, 4096), bf16), ((8, 4096, 14336), i8), ((8, 1, 14336), f32), ((8,), i32))
+    _compile(fn, device, ((512, 14336), bf16), ((8, 14336, 4096), i8), ((8, 1, 4096), f32), ((8,), i32))
 
     def layer(x, ids, w, gq, gs, uq, us, dq, ds):
-        return dispatch_pallas(x, ids, w, QArray(gq, gs, 8), QArray(uq, us, 8), QArray(dq, ds, 8), backend="tpu",
+        return dispatch_pallas(x, ids, w, QArray(gq, gs, 8), QArray(uq, us, 8), QArray(dq, ds, 8), backend=variant,
                                interpret=False)
 
     e, d, f = 128, 2048, 768
-    _compile(layer, tpu_device, ((64, d), bf16), ((64, 8), i32), ((64, 8), f32), ((e, d, f), i8), ((e, 1, f), f32),
+    _compile(layer, device, ((64, d), bf16), ((64, 8), i32), ((64, 8), f32), ((e, d, f), i8), ((e, 1, f), f32),
              ((e, d, f), i8), ((e, 1, f), f32), ((e, f, d), i8), ((e, 1, d), f32))
 
 

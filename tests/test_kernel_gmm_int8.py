@@ -1,5 +1,5 @@
 """The int8-weight grouped matmul (pallas_kernels/gmm_int8.py) against its reference and a float64
-oracle, in the Pallas interpreter (TPU variant), and through the ``pallas`` MoE backend.
+oracle, in the Pallas interpreter (TPU and GPU variants), and through the ``pallas`` MoE backend.
 
 Tolerances: float32 lhs within rtol 1e-5 / atol 1e-4 of the float64 oracle (sums of 128-256
 products of unit-variance values and int8 scales ~ 1/127: like gmm's float32 bound); bf16 lhs
@@ -21,7 +21,6 @@ from pallas_kernels.gmm_int8 import gmm_int8
 from pallas_kernels.gmm_reference import gmm_int8_reference
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-INTERPRET = interpret_for("tpu")
 
 
 def _oracle(lhs, q, scale, sizes, offset=0) -> np.ndarray:
@@ -45,9 +44,9 @@ def _data(m, k, n, g, dtype, seed=0):
 
 
 @functools.cache
-def _kernel(tiling, offset_static: bool):
-    fn = functools.partial(gmm_int8, tiling=tiling, interpret=INTERPRET, backend="tpu")
-    return jax.jit(fn, compiler_options=FAST_COMPILE) if offset_static else fn
+def _kernel(tiling, variant: str):
+    fn = functools.partial(gmm_int8, tiling=tiling, interpret=interpret_for(variant), backend=variant)
+    return jax.jit(fn, compiler_options=FAST_COMPILE)
 
 
 LAYOUTS = [  # group sizes over 4 groups: ragged, an empty group, rows past the sum, one group
@@ -58,11 +57,12 @@ LAYOUTS = [  # group sizes over 4 groups: ragged, an empty group, rows past the 
 ]
 
 
-@pytest.mark.parametrize("tiling", [(8, 128, 128), (16, 256, 128), (40, 128, 128)])
-def test_gmm_int8_matches_the_oracle_float32(tiling):
+@pytest.mark.parametrize("variant,tiling", [("tpu", (8, 128, 128)), ("tpu", (16, 256, 128)), ("tpu", (40, 128, 128)),
+                                            ("gpu", (16, 64, 64)), ("gpu", (32, 128, 128))])
+def test_gmm_int8_matches_the_oracle_float32(variant, tiling):
     m, k, n, g = 40, 256, 128, 4
     lhs, q, scale = _data(m, k, n, g, jnp.float32)
-    fn = _kernel(tiling, True)
+    fn = _kernel(tiling, variant)
     for sizes in LAYOUTS:
         sizes = jnp.array(sizes, jnp.int32)
         got = np.asarray(fn(lhs, q, scale, sizes))
@@ -70,16 +70,18 @@ def test_gmm_int8_matches_the_oracle_float32(tiling):
         np.testing.assert_allclose(got, gmm_int8_reference(lhs, q, scale, sizes), rtol=1e-5, atol=1e-4)
 
 
-def test_gmm_int8_bf16_lhs_and_expert_shard():
+@pytest.mark.parametrize("variant", ["tpu", "gpu"])
+def test_gmm_int8_bf16_lhs_and_expert_shard(variant):
     """bf16 activations (int8 values are exact in bf16), and a shard holding groups 2..3 of 4."""
     m, k, n = 40, 128, 256
     lhs, q, scale = _data(m, k, n, 2, jnp.bfloat16, seed=1)
     sizes = jnp.array([9, 11, 7, 13], jnp.int32)
-    got = gmm_int8(lhs, q, scale, sizes, 2, interpret=INTERPRET, backend="tpu", preferred_element_type=jnp.float32)
+    interpret = interpret_for(variant)
+    got = gmm_int8(lhs, q, scale, sizes, 2, interpret=interpret, backend=variant, preferred_element_type=jnp.float32)
     want = gmm_int8_reference(lhs, q, scale, sizes, 2, preferred_element_type=jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
     assert not np.any(np.asarray(got)[:20])  # rows of groups 0 and 1 (another shard's) are zeros
-    out_bf16 = gmm_int8(lhs, q, scale, sizes, 2, interpret=INTERPRET, backend="tpu")
+    out_bf16 = gmm_int8(lhs, q, scale, sizes, 2, interpret=interpret, backend=variant)
     assert out_bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out_bf16, np.float32), np.asarray(want), rtol=2 ** -7, atol=1e-2)
 
@@ -88,8 +90,6 @@ def test_gmm_int8_refuses_other_formats():
     lhs, q, scale = _data(8, 128, 128, 2, jnp.float32)
     with pytest.raises(ValueError, match="int8"):
         gmm_int8(lhs, q.astype(jnp.float32), scale, jnp.array([4, 4]), interpret=True, backend="tpu")
-    with pytest.raises(NotImplementedError):
-        gmm_int8(lhs, q, scale, jnp.array([4, 4]), interpret=True, backend="gpu")
 
 
 def test_pallas_moe_backend_reads_int8_experts_through_the_kernel(monkeypatch):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxspec.models.moe_dispatch import sort_assignments, register_backend
 from jaxspec.models.quant import QArray, as_float
-from pallas_kernels._common import default_interpret, resolve_backend
+from pallas_kernels._common import default_interpret
 from pallas_kernels.gmm import Tiling, gmm
 from pallas_kernels.gmm_int8 import gmm_int8
 
@@ -49,7 +49,7 @@ def dispatch_pallas(
     xs = x[token_of]  # [N*k, D], rows grouped by expert
 
     def mm(lhs, w, tile):
-        if isinstance(w, QArray) and w.bits == 8 and resolve_backend(backend, interpret) == "tpu":
+        if isinstance(w, QArray) and w.bits == 8:
             # int8 experts stay int8 in HBM: the kernel widens each block and scales the product.
             return gmm_int8(lhs, w.q, w.scale, group_sizes, tiling=tile, interpret=interpret, backend=backend)
         return gmm(lhs, as_float(w, lhs.dtype), group_sizes, tiling=tile, interpret=interpret, backend=backend)

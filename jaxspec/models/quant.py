@@ -26,8 +26,8 @@ the product; int4 groups do not, so the weight is dequantized at the matmul (a t
 that one weight inside the step, unless XLA fuses it into the matmul's operand). Expert
 dispatch slices experts or tiles before multiplying (``moe_dispatch``), so only those are
 dequantized; ``ragged`` scales its grouped products like ``qeinsum`` (``qragged_dot``) for
-int8; ``dense``, int4 in ``ragged`` and the Pallas ``gmm`` on GPU dequantize the whole expert
-tensor per use, and the Pallas TPU path reads int8 experts directly (``pallas_kernels.gmm_int8``).
+int8; ``dense`` and int4 in ``ragged`` and ``pallas`` dequantize the whole expert tensor per
+use, and ``pallas`` reads int8 experts directly (``pallas_kernels.gmm_int8``).
 """
 
 from __future__ import annotations
