@@ -16,6 +16,9 @@ weights and replays the same requests against both; the table compares them.
 * ``chunked``   4 clients streaming short requests while 4,000-token prompts keep arriving: the
                 short requests' inter-token latency (P50/P99) with chunked prefill
                 (--max-step-tokens 256) against whole-prompt prefill.
+* ``steps``     in process, no server: one decode step's time over a slot cache and over a paged
+                cache at the same batch (what paging costs per step), and over the paged cache at
+                the batches only it can hold (what a larger batch buys on this machine).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from jaxspec.bench.load import SendOptions, closed_loop, send  # noqa: E402
 from jaxspec.bench.server import ServerProcess  # noqa: E402
 from jaxspec.bench.workloads import BenchRequest  # noqa: E402
 
-SCENARIOS = ("capacity", "prefix", "chunked")
+SCENARIOS = ("capacity", "prefix", "chunked", "steps")
 
 
 def _requests(rng, n: int, prompt: int, out: int, vocab: int, prefix: list[int] | None = None) -> list[BenchRequest]:
@@ -150,6 +153,46 @@ def chunked(args, rng) -> list[str]:
     return rows
 
 
+def steps(args, rng) -> list[str]:
+    from jaxspec.config import load_config
+    from jaxspec.engine.model_runner import ModelRunner
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.models import create_model
+
+    model = create_model(load_config(args.model))
+    max_len, ctx, page = 2048, 240, 16
+    runners = {"slot": ModelRunner(model, 8, max_len), "paged": ModelRunner(model, 64, max_len, page_size=page,
+                                                                           num_pages=8 * max_len // page)}
+    per_slot = 8 * max_len // page // 64
+    for s in range(64):  # every slot holds ctx positions in pages of its own
+        runners["paged"].assign_pages(s, list(range(s * per_slot, (s + 1) * per_slot)))
+    cases = [("slot", 8), ("paged", 8), ("paged", 32), ("paged", 64)]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
+    tokens = lambda b: rng.integers(3, args.vocab, size=b).astype(np.int32)  # noqa: E731
+
+    def step(name, b):
+        r = runners[name]
+        r.host_lengths[:b] = ctx
+        t = time.perf_counter()
+        r.decode_rows(np.arange(b), tokens(b), SlotTable(b).sampling(), np.zeros(b, np.int32))
+        return time.perf_counter() - t
+
+    for c in cases:
+        for _ in range(3):
+            step(*c)  # compile, warm
+    for _ in range(args.reps):
+        for c in cases:  # interleaved, so load changes hit every case alike
+            times[c].append(step(*c))
+    base = statistics.median(times[("slot", 8)])
+    rows = [f"decode step, {args.model}, context {ctx}, median of {args.reps} interleaved reps", "",
+            "| cache | batch | ms / step | x slot at 8 | tokens/s |", "|---|---:|---:|---:|---:|"]
+    for name, b in cases:
+        m = statistics.median(times[(name, b)])
+        rows.append(f"| {name} | {b} | {m * 1e3:.2f} | {m / base:.2f} | {b / m:.0f} |")
+    print("\n".join(rows), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
@@ -159,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--start-timeout", type=float, default=1800.0)
     p.add_argument("--out", default=None, help="write the tables here (markdown)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reps", type=int, default=30, help="interleaved repetitions per case (steps)")
     args = p.parse_args(argv)
     report = []
     for name in args.scenarios:
