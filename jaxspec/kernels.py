@@ -263,7 +263,14 @@ def selftest(step_runner, *, interpret: bool = False, force: bool = False,
         results.append(result)
         if not result.ok:
             runner.set_backends(moe="ragged")
-    if runner.statics.attention_backend == "pallas":
+    if runner.statics.attention_backend == "pallas" and runner.paging is not None:
+        result = fns["paged_attention"](cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rows,
+                                        sorted({k + 1 for k in ks}), runner.kv_buckets[-1], cfg.dtype,
+                                        cfg.sliding_window, page_size=runner.paging[1], interpret=interpret)
+        results.append(result)
+        if not result.ok:
+            runner.set_backends(attention="xla")
+    elif runner.statics.attention_backend == "pallas":
         result = fns["verify_attention"](cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rows,
                                          sorted({k + 1 for k in ks}), runner.kv_buckets[-1], cfg.dtype,
                                          cfg.sliding_window, interpret=interpret)

@@ -341,3 +341,24 @@ def test_kv_memory_fraction_sizes_the_pool_from_device_memory(models, monkeypatc
     assert 0 < both < pages_for_memory_fraction(opts, model, None)
     with pytest.raises(ConfigError, match="instead of --kv-pages"):
         EngineOptions(model="tiny-moe", kv_cache="paged", kv_pages=10, kv_memory_fraction=0.5).validate()
+
+
+def test_kernel_selftest_checks_paged_attention_for_a_paged_runner(models):
+    """On a paged runner with the pallas attention backend the self-test checks the paged kernel (not
+    the slot one) and falls back to XLA when it disagrees."""
+    from jaxspec import kernels
+    from jaxspec.engine.model_runner import ModelRunner
+    from jaxspec.kernels import KernelCheck
+
+    model, _ = models
+    runner = ModelRunner(model, 2, 64, attention_backend="pallas", page_size=16, num_pages=8)
+    seen = []
+
+    def failing(*args, **kwargs):
+        seen.append(kwargs.get("page_size"))
+        return KernelCheck("paged_attention", False, "injected")
+
+    passing = lambda *a, **k: KernelCheck("gmm", True, "")  # noqa: E731
+    results = kernels.selftest(runner, force=True, checks={"paged_attention": failing, "gmm": passing})
+    assert [r.kernel for r in results if r.kernel != "gmm"] == ["paged_attention"] and seen == [16]
+    assert runner.statics.attention_backend == "xla"
