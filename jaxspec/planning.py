@@ -341,7 +341,11 @@ def _out_of_memory(exc: Exception) -> tuple[int | None, str | None]:
     text = str(exc)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return None, None
-    m = re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?)", text)
+    # The two forms TPU compiles report: "Used 104.60G of 15.48G hbm" and "the total memory required
+    # for HLO temporaries (104.60G) exceeds available HBM (95.74G)".
+    m = (re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?)", text)
+         or re.search(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)",
+                      text))
     if m:
         used = float(m.group(1)) * _UNITS[m.group(2)]
         return int(used), f"needs {fmt_bytes(used)} of {fmt_bytes(float(m.group(3)) * _UNITS[m.group(4)])}"

@@ -205,6 +205,11 @@ def test_compiler_out_of_memory_is_a_does_not_fit_verdict(monkeypatch):
     with pytest.raises(DoesNotFit, match=r"ran out of device memory for prefill 1x64 \(needs 104.60 GiB of 15.48 GiB\)"
                                          r".*chunked prefill \(--max-step-tokens\) bounds"):
         check_fits(cfg, big, 8, 64, devices=jax.devices())
+    from jaxspec.planning import _out_of_memory
+
+    other = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+             "(104.60G) exceeds available HBM (95.74G).")
+    assert _out_of_memory(RuntimeError(other)) == (int(104.60 * 2**30), "needs 104.60 GiB of 95.74 GiB")
     # Any other compile failure is still an error, not a verdict.
     monkeypatch.setattr(planning, "_compile_steps", lambda *a, **k: {"decode 8": lambda: 1 / 0})
     with pytest.raises(ZeroDivisionError):
