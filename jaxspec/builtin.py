@@ -5,8 +5,9 @@ parameter count with its own distilled draft (``jaxspec/assets/dense/``, same to
 
 ``python -m jaxspec.serve`` and ``python -m jaxspec.generate`` use the MoE pair when no
 ``--model`` is given (with the draft proposing). ``BUILTIN`` is also accepted wherever a model
-or a draft is named: ``--model builtin``, ``--draft builtin``; ``BUILTIN_DENSE`` names the dense
-pair: ``--model builtin-dense`` (its draft proposes; ``--draft builtin`` with it means its own
+or a draft is named: ``--model builtin``, ``--draft builtin`` (with ``--spec-method eagle3``, the
+EAGLE-3 head trained for the MoE target, ``jaxspec/assets/eagle3/``, which is also that method's
+default for the MoE target); ``BUILTIN_DENSE`` names the dense pair: ``--model builtin-dense`` (its draft proposes; ``--draft builtin`` with it means its own
 draft). How they were built, on what, and how well they do: ``jaxspec/assets/MODEL_CARD.md`` and
 ``jaxspec/assets/dense/MODEL_CARD.md``; to rebuild them: ``python tools/build_assets.py`` and
 ``python tools/build_assets.py --family dense``.
@@ -25,6 +26,8 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 FAMILY_DIRS = {BUILTIN: ASSETS_DIR, BUILTIN_DENSE: ASSETS_DIR / "dense"}
 _REBUILD = {BUILTIN: "python tools/build_assets.py", BUILTIN_DENSE: "python tools/build_assets.py --family dense"}
 ROLES = ("target", "draft")
+# The EAGLE-3 head trained for the MoE target (speculators layout; tools/train_eagle3.py).
+EAGLE3_DIR = ASSETS_DIR / "eagle3"
 
 
 def is_builtin(name: str | None) -> bool:
@@ -61,3 +64,12 @@ def draft_for(model: str | None) -> str:
 def resolve(name_or_path: str, role: str = "target") -> str:
     """A built-in name -> its shipped model directory for ``role``; anything else unchanged."""
     return str(asset_dir(role, name_or_path)) if is_builtin(name_or_path) else name_or_path
+
+
+def eagle3_head(name: str = BUILTIN) -> Path:
+    """The shipped EAGLE-3 head folder for the built-in target ``name`` (only the MoE target has
+    one); raises ConfigError if there is none."""
+    if name != BUILTIN or not (EAGLE3_DIR / "config.json").exists():
+        raise ConfigError(f"there is no built-in EAGLE-3 head for {name!r}: name a head folder with --draft, "
+                          "or train one with tools/train_eagle3.py")
+    return EAGLE3_DIR

@@ -78,8 +78,13 @@ def default_draft(model: str | None, draft: str | None, spec_method: str | None)
     """The draft a CLI uses: the one named, else the built-in draft when the model is a built-in
     target and no speculative method was chosen (so the default serves with speculation).
     A built-in target's draft is its own pair's: ``--model builtin-dense`` (with no --draft or
-    ``--draft builtin``) drafts with the dense pair's draft."""
+    ``--draft builtin``) drafts with the dense pair's draft. With ``--spec-method eagle3`` the
+    built-in MoE target's default (and ``--draft builtin``) is its shipped EAGLE-3 head."""
     model = model or DEFAULT_MODEL
+    if spec_method == "eagle3":  # the built-in MoE target's EAGLE-3 head, unless a head folder is named
+        if draft == builtin.BUILTIN or (draft is None and model == builtin.BUILTIN):
+            return str(builtin.eagle3_head(model))
+        return draft
     if draft:
         return builtin.draft_for(model) if draft == builtin.BUILTIN else draft
     if builtin.is_builtin(model) and spec_method in (None, "draft"):

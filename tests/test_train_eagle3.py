@@ -234,3 +234,37 @@ def test_feature_cache_holds_the_targets_forward_and_trains(setup, tmp_path):
     assert train.main(_args(root, "cached", "--feature-cache", str(tmp_path / "fc"), "--cache-windows", "8")) == 0
     kl = _train_losses(root / "cached", "kl_0")
     assert kl[12] < 0.7 * kl[1], kl
+
+
+# ------------------------------------------------------------------ the built-in head
+def test_builtin_head_is_eagle3s_default_for_the_moe_target():
+    from jaxspec import builtin
+    from jaxspec.loading import default_draft
+
+    if not (builtin.EAGLE3_DIR / "config.json").exists():
+        pytest.skip("no built-in EAGLE-3 head in this install")
+    head_dir = str(builtin.EAGLE3_DIR)
+    assert default_draft(None, None, "eagle3") == head_dir
+    assert default_draft(builtin.BUILTIN, builtin.BUILTIN, "eagle3") == head_dir
+    assert default_draft(builtin.BUILTIN, "/my/head", "eagle3") == "/my/head"
+    assert default_draft(builtin.BUILTIN_DENSE, None, "eagle3") is None  # no head for the dense pair
+    assert default_draft(builtin.BUILTIN, None, None) == builtin.BUILTIN  # the dense draft stays the default
+
+
+@pytest.mark.slow
+def test_builtin_head_drafts_greedy_output_identical_to_plain():
+    from jaxspec import builtin
+    from jaxspec.loading import load_any
+
+    if not (builtin.EAGLE3_DIR / "config.json").exists():
+        pytest.skip("no built-in EAGLE-3 head in this install")
+    target, tok = load_any(builtin.BUILTIN)
+    head = load_eagle3(builtin.EAGLE3_DIR, target=target.cfg)
+    prompts = [tok.encode(t, add_bos=True) for t in ("def fibonacci(n):\n", "import os\n\n\nclass ", "    for i in")]
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    plain = Engine(make_runner(target, num_slots=2, max_len=64), tok).generate(prompts, params)
+    engine = Engine(make_runner(target, num_slots=2, max_len=64, spec_method="eagle3", draft=head,
+                                num_speculative_tokens=4, k_max=4), tok)
+    spec = engine.generate(prompts, params)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+    assert engine.spec_stats.mean_acceptance_length > 2.0  # a trained head: most drafts are accepted
