@@ -22,7 +22,9 @@
 - figures: held-out KL / argmax agreement per unrolled step, and greedy acceptance per position
   through the engine for k in ``--ks`` on held-out prompts, before and after (RUN_DIR/report.json,
   OUT/train_report.json); ``--compare-draft`` measures a draft model the same way beside it, and
-  ``--cost`` each drafter's drafting time per token at batch 1.
+  ``--cost`` each drafter's drafting time per token at batch 1;
+- ``--evaluate HEAD_DIR``: no training, the same figures for a trained head (``--throughput``
+  adds end-to-end greedy tokens/s at batch 1 of plain decoding, the head and ``--compare-draft``).
 """
 
 from __future__ import annotations
