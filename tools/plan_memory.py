@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft", default=None, help="draft model config (must share the target's vocabulary size)")
     p.add_argument("--k", type=int, default=4, help="draft tokens per step (verification shape)")
     p.add_argument("--dtype", default=None, help="override the parameter dtype of both models")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantized target")
+    p.add_argument("--draft-quantize", choices=("int8", "int4"), default=None, help="weight-only quantized draft")
     p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, help="fraction of device memory kept free")
     p.add_argument("--no-compile", action="store_true", help="weights and cache only (skip the AOT compiles)")
     p.add_argument("--kv-cache", choices=("slot", "paged"), default="slot",
@@ -53,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype:
         cfg = cfg.replace(dtype=args.dtype)
         draft = draft.replace(dtype=args.dtype) if draft else None
+    if args.quantize:
+        cfg = cfg.replace(quantization=args.quantize)
+    if args.draft_quantize and draft is not None:
+        draft = draft.replace(quantization=args.draft_quantize)
     max_len = args.max_len or cfg.max_seq_len
     paging = None
     if args.kv_cache == "paged":
