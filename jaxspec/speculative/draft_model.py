@@ -103,6 +103,7 @@ class DraftModelProposer:
         self._round: tuple[np.ndarray, np.ndarray] | None = None  # (slots that drafted, their L)
         self._fns: dict = {}
         self.placement: Placement | None = None
+        self.paging: tuple[int, int] | None = None
         self._state_sharding = self._cache_sharding = None
 
     def use_placement(self, target: Placement, num_slots: int = 0, max_len: int = 0) -> None:
@@ -134,6 +135,7 @@ class DraftModelProposer:
             raise ValueError(f"draft {self.cfg.name} holds {self.cfg.max_seq_len} positions; the engine needs {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
         # Paged like the target, page for page: the target's table is the draft's too.
+        self.paging = paging
         pages = dict(num_pages=paging[0], page_size=paging[1]) if paging is not None else {}
         self.page_table = None if paging is None else np.full((num_slots, max_len // paging[1]), paging[0], np.int32)
         if self.placement is None:
@@ -166,7 +168,7 @@ class DraftModelProposer:
                 kwargs["in_shardings"] = (self._state_sharding, self._cache_sharding, *[rep] * num_small)
                 kwargs["out_shardings"] = self._cache_sharding if num_outputs == 1 else (
                     self._cache_sharding, *[rep] * (num_outputs - 1))
-                key = (*key, self.placement, self.num_slots, self.max_len)
+                key = (*key, self.placement, self.num_slots, self.max_len, self.paging)
             fn = self._fns[name] = cached_jit(("draft", self.graphdef, self.moe_backend, *key), make, **kwargs)
         return fn
 
