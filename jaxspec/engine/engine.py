@@ -437,11 +437,12 @@ class Engine:
         self.runner.release(slot)
         return out
 
-    def _release_pages(self, slot: int) -> None:
+    def _release_pages(self, slot: int, tell_runner: bool = True) -> None:
         res = self._reservations.pop(slot, None)
         if res is not None:
             self.pages.release(res)  # host bookkeeping first: the pages are free whatever follows
-            self.runner.assign_pages(slot, [])
+            if tell_runner:
+                self.runner.assign_pages(slot, [])
 
     def _fail(self, slot: int, exc: Exception) -> RequestOutput:
         live = self.live[slot]
@@ -461,9 +462,7 @@ class Engine:
             self._in_flight.discard(live.request.request_id)
             self.prefilling.pop(slot, None)
             self.slots.release(slot)
-            res = self._reservations.pop(slot, None)
-            if res is not None:
-                self.pages.release(res)
+            self._release_pages(slot, tell_runner=False)  # the runner's state is unknown here
             return RequestOutput(live.request.request_id, [], "", True, FinishReason.ERROR,
                                  num_prompt_tokens=len(live.request.prompt_ids), arrival_time=live.request.arrival_time,
                                  error=f"{type(exc).__name__}: {exc}")

@@ -110,25 +110,28 @@ def check_paging(max_len: int, num_pages: int | None, page_size: int) -> None:
         raise ValueError(f"a paged cache needs a page count >= 1, got {num_pages}")
 
 
-def page_slots(cache_k: jax.Array, page_table: jax.Array, rows: jax.Array, positions: jax.Array
+def row_tables(page_table: jax.Array, rows: jax.Array, num_pages: int) -> jax.Array:
+    """The page-table rows [B, n] of a step's batch rows; rows past the table (padding) get pages
+    ``num_pages`` (none)."""
+    return jnp.take(page_table, rows, axis=0, mode="fill", fill_value=num_pages)
+
+
+def page_slots(tables: jax.Array, positions: jax.Array, num_pages: int, page_size: int
                ) -> tuple[jax.Array, jax.Array]:
-    """(page [B, T], offset [B, T]) where rows' tokens at ``positions`` live in a paged pool
-    ``cache_k`` [L, P, page_size, ..]; rows past the table (padding), positions past the context
-    and pages not handed out give page P, which a ``mode="drop"`` scatter skips."""
-    num_pages, page_size = cache_k.shape[1], cache_k.shape[2]
-    table = jnp.take(page_table, rows, axis=0, mode="fill", fill_value=num_pages)  # [B, n]
-    n = table.shape[1]
+    """(page [B, T], offset [B, T]) where tokens at ``positions`` of rows with page tables ``tables``
+    [B, n] live; positions past the context and pages not handed out give page ``num_pages``, which
+    a ``mode="drop"`` scatter skips."""
+    n = tables.shape[1]
     idx = jnp.clip(positions // page_size, 0, n - 1)
-    page = jnp.take_along_axis(table, idx, axis=1)
+    page = jnp.take_along_axis(tables, idx, axis=1)
     inside = (positions >= 0) & (positions < n * page_size)
     return jnp.where(inside, page, num_pages), positions % page_size
 
 
-def gather_pages(pool: jax.Array, page_table: jax.Array, rows: jax.Array, kv_len: int) -> jax.Array:
-    """One layer's pool [P, page_size, K, Dh] read through the rows' tables -> [B, kv_len', K, Dh]
+def gather_pages(pool: jax.Array, tables: jax.Array, kv_len: int) -> jax.Array:
+    """One layer's pool [P, page_size, K, Dh] read through rows' tables [B, n] -> [B, kv_len', K, Dh]
     (kv_len rounded up to whole pages). Pages not handed out read page P - 1: masked anyway."""
     page_size = pool.shape[1]
     n = -(-kv_len // page_size)
-    table = jnp.take(page_table, rows, axis=0, mode="fill", fill_value=pool.shape[0])[:, :n]  # [B, n]
-    out = jnp.take(pool, table, axis=0, mode="clip")  # [B, n, page_size, K, Dh]
+    out = jnp.take(pool, tables[:, :n], axis=0, mode="clip")  # [B, n, page_size, K, Dh]
     return out.reshape(out.shape[0], n * page_size, *pool.shape[2:])

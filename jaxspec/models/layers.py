@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.models.kv_cache import gather_pages, page_slots
+from jaxspec.models.kv_cache import gather_pages, page_slots, row_tables
 from jaxspec.models.quant import qeinsum  # a weight read with self.w[...] may be quantized (models.quant)
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
@@ -173,21 +173,21 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
 
         rows = jnp.arange(x.shape[0]) if slot_ids is None else slot_ids
-        if page_table is not None and attention_backend == "pallas":
-            # The kernel reads the pool through the table in place: no gathered copy of the pages.
-            from pallas_kernels.paged_attention import paged_attention
-
-            page, offset = page_slots(cache_k, page_table, rows, positions)
+        if page_table is not None:
+            num_pages, page_size = cache_k.shape[1], cache_k.shape[2]
+            tables = row_tables(page_table, rows, num_pages)  # [B, n]
+            page, offset = page_slots(tables, positions, num_pages, page_size)  # [B, T] each
             cache_k = cache_k.at[layer, page, offset].set(k.astype(cache_k.dtype), mode="drop")
             cache_v = cache_v.at[layer, page, offset].set(v.astype(cache_v.dtype), mode="drop")
-            max_len = page_table.shape[1] * cache_k.shape[2]
-            span = max_len if kv_len is None else min(kv_len, max_len)
-            table = jnp.take(page_table, rows, axis=0, mode="fill", fill_value=cache_k.shape[1])
-            attn = paged_attention(q, cache_k[layer], cache_v[layer], table, positions, span, cfg.sliding_window)
-            return qeinsum("bthk,hkd->btd", attn, self.wo[...]), cache_k, cache_v
-        if page_table is not None:
-            keys, values, cache_k, cache_v = _paged_write_read(cache_k, cache_v, page_table, layer, rows, positions,
-                                                               k, v, kv_len)
+            max_len = tables.shape[1] * page_size
+            kv_len = max_len if kv_len is None else min(kv_len, max_len)
+            if attention_backend == "pallas":
+                # The kernel reads the pool through the tables in place: no gathered copy of the pages.
+                from pallas_kernels.paged_attention import paged_attention
+
+                attn = paged_attention(q, cache_k[layer], cache_v[layer], tables, positions, kv_len, cfg.sliding_window)
+                return qeinsum("bthk,hkd->btd", attn, self.wo[...]), cache_k, cache_v
+            keys, values = gather_pages(cache_k[layer], tables, kv_len), gather_pages(cache_v[layer], tables, kv_len)
         else:
             # Write the new keys/values first; positions >= M and padding rows (slot id S) are dropped.
             cache_k = cache_k.at[layer, rows[:, None], positions].set(k.astype(cache_k.dtype), mode="drop")
@@ -202,18 +202,6 @@ class Attention(nnx.Module):
         attn = attention(q, keys, values, positions, cfg.sliding_window, attention_backend)
         out = qeinsum("bthk,hkd->btd", attn, self.wo[...])
         return out, cache_k, cache_v
-
-
-def _paged_write_read(cache_k, cache_v, page_table, layer, rows, positions, k, v, kv_len):
-    """The paged twin of the slot path: write through the page table, then gather the rows'
-    first kv_len positions (whole pages) -> (keys, values [B, kv_len', K, Dh], cache_k, cache_v)."""
-    page, offset = page_slots(cache_k, page_table, rows, positions)  # [B, T] each
-    cache_k = cache_k.at[layer, page, offset].set(k.astype(cache_k.dtype), mode="drop")
-    cache_v = cache_v.at[layer, page, offset].set(v.astype(cache_v.dtype), mode="drop")
-    max_len = page_table.shape[1] * cache_k.shape[2]
-    kv_len = max_len if kv_len is None else min(kv_len, max_len)
-    return (gather_pages(cache_k[layer], page_table, rows, kv_len), gather_pages(cache_v[layer], page_table, rows, kv_len),
-            cache_k, cache_v)
 
 
 class MLP(nnx.Module):
