@@ -102,6 +102,7 @@ def test_same_as_baseline_compares_per_prompt_and_level():
 def test_config_parser():
     assert parse_config("none").serve_flags() == ["--spec-method", "none"]
     assert parse_config("draft:k=4").serve_flags() == ["--spec-method", "draft", "--num-speculative-tokens", "4"]
+    assert parse_config("eagle3:k=3").serve_flags() == ["--spec-method", "eagle3", "--num-speculative-tokens", "3"]
     assert parse_config("ngram:auto,max=8").serve_flags() == [
         "--spec-method", "ngram", "--num-speculative-tokens", "auto", "--max-speculative-tokens", "8"]
     dense = parse_config("dense-k4=draft:k=4 --model builtin-dense --slots 16")

@@ -26,10 +26,23 @@ from flax import nnx
 from jaxspec.loading import load_any
 from jaxspec.models import KVCache
 from jaxspec.models.moe_dispatch import BACKENDS
+import jaxspec.models.moe_pallas  # noqa: F401,E402  (registers the "pallas" dispatch)
 
 
 def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Bytes per second moved by a large array copy (read + write)."""
+    """Bytes per second moved by a large array copy (read + write), in the memory the forward reads:
+    the accelerator's on a GPU/TPU, host memory on a CPU."""
+    if jax.default_backend() != "cpu":
+        nbytes *= 8  # well past the accelerator's caches
+        src = jnp.ones(nbytes // 4, jnp.float32)
+        copy = jax.jit(lambda x: x + 1.0)
+        jax.block_until_ready(copy(src))
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(copy(src))
+            best = min(best, time.perf_counter() - t)
+        return 2 * nbytes / best
     src = np.ones(nbytes // 8, np.float64)
     dst = np.empty_like(src)
     best = float("inf")

@@ -3,7 +3,7 @@
 A configuration is written ``[LABEL=]METHOD[:OPTIONS] [SERVE FLAGS...]``:
 
 * ``none``                       plain decoding (``--spec-method none``)
-* ``draft:k=4`` / ``ngram:k=4``  a fixed number of draft tokens per step
+* ``draft:k=4`` / ``ngram:k=4`` / ``eagle3:k=4``  a fixed number of draft tokens per step
 * ``draft:auto`` / ``ngram:auto[,max=8]``  k chosen per step by the server (``max``: the largest k)
 * anything after the first space is passed to ``python -m jaxspec.serve`` for this configuration only,
   e.g. ``"none --model builtin-dense"`` or ``"dense-k4=draft:k=4 --model builtin-dense --slots 16"``.
@@ -23,9 +23,9 @@ import dataclasses
 import re
 import shlex
 
-METHODS = ("none", "draft", "ngram")
+METHODS = ("none", "draft", "ngram", "eagle3")
 USAGE = ("expected [LABEL=]METHOD[:OPTIONS] [SERVE FLAGS], METHOD:OPTIONS one of none, draft:k=K, "
-         "draft:auto[,max=K], ngram:k=K, ngram:auto[,max=K] (K >= 1)")
+         "draft:auto[,max=K], ngram:k=K, ngram:auto[,max=K], eagle3:k=K, eagle3:auto[,max=K] (K >= 1)")
 # Flags a configuration's METHOD sets; giving them again among its serve flags would be ambiguous.
 SPEC_FLAGS = ("--spec-method", "--num-speculative-tokens", "--max-speculative-tokens")
 
@@ -33,7 +33,7 @@ SPEC_FLAGS = ("--spec-method", "--num-speculative-tokens", "--max-speculative-to
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     name: str  # the label in every table
-    method: str  # none | draft | ngram
+    method: str  # none | draft | ngram | eagle3
     k: int | str | None = None  # fixed draft length, "auto", or None (no speculation)
     max_k: int | None = None  # --max-speculative-tokens (auto only)
     serve_args: tuple[str, ...] = ()  # extra `python -m jaxspec.serve` flags for this configuration
