@@ -287,4 +287,6 @@ def _run(args: argparse.Namespace, params: SamplingParams) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxspec.startup import fast_exit
+
+    fast_exit(main())

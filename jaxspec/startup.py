@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 # Device nodes of the accelerators jax has plugins for: NVIDIA GPUs, TPU VMs (v4+ /dev/accel*, older
 # /dev/vfio), AMD GPUs. A machine with one of them keeps jax's own platform choice.
@@ -70,3 +70,22 @@ def quiet_start() -> None:
         import jax
 
         jax.devices()  # plugin discovery imports the CUDA plugin module again (one more line)
+
+
+def fast_exit(code: int) -> NoReturn:
+    """End a one-shot CLI at once with exit status ``code``: wait for jax's pending effects, flush
+    logging and the standard streams, then leave without the interpreter's teardown (freeing the
+    modules, jax's backends and XLA's objects one by one: about 0.5 s on a CPU after a generate,
+    for memory the OS reclaims anyway). jax writes persistent-cache entries as it compiles, so
+    nothing is lost. Call only from a ``__main__`` block: atexit handlers do not run."""
+    import logging
+
+    if "jax" in sys.modules:
+        sys.modules["jax"].effects_barrier()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: the status Python itself gives
+            code = code or 120
+    os._exit(code)

@@ -149,6 +149,85 @@ def test_generate_refuses_an_unsafe_cache_dir(tmp_path, capsys):
     assert "group/world-writable" in capsys.readouterr().err
 
 
+# --------------------------------------------------------------- a one-shot CLI's start and exit
+def _one_device_target(cfg):
+    from flax import nnx
+
+    from jaxspec.models import abstract_model
+
+    _, state = nnx.split(abstract_model(cfg))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device), nnx.to_pure_dict(state))
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_local_reader_reads_what_orbax_restores(dtype):
+    """The built-in target read with tensorstore directly equals orbax's restore, leaf for leaf
+    (values, dtype after the cast, device)."""
+    import numpy as np
+
+    from jaxspec import builtin
+    from jaxspec.checkpoint import orbax_io
+    from jaxspec.config import ModelConfig
+
+    d = builtin.asset_dir("target")
+    cfg = ModelConfig.from_dict(json.loads((d / "config.json").read_text()))
+    target = _one_device_target(cfg.replace(dtype=dtype) if dtype else cfg)
+    fast, slow = orbax_io.read_local(d / "params", target), orbax_io._orbax_restore(d, target)
+    assert fast is not None
+    assert jax.tree.structure(fast) == jax.tree.structure(slow)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+        assert a.dtype == b.dtype == np.dtype(dtype or "float32") and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_local_reader_reads_a_quantized_save_and_leaves_mismatches_to_orbax(tmp_path):
+    import numpy as np
+    from flax import nnx
+
+    from jaxspec.checkpoint import CheckpointError, load_model, orbax_io, save_model
+    from jaxspec.loading import load_any
+
+    model, tokenizer = load_any("tiny-moe", quantize="int8")
+    save_model(tmp_path / "m", model, tokenizer)
+    target = _one_device_target(model.cfg)
+    fast = orbax_io.read_local(tmp_path / "m" / "params", target)
+    assert fast is not None
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(nnx.state(model))):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Another model's shapes: not read here; orbax reports the mismatch.
+    other = _one_device_target(model.cfg.replace(d_model=2 * model.cfg.d_model))
+    assert orbax_io.read_local(tmp_path / "m" / "params", other) is None
+    bad = tmp_path / "m" / "config.json"
+    bad.write_text(json.dumps({**json.loads(bad.read_text()), "d_model": 2 * model.cfg.d_model}))
+    with pytest.raises(CheckpointError, match="do not match config.json"):
+        load_model(tmp_path / "m")
+
+
+def test_loading_the_builtin_pair_does_not_import_orbax(tmp_path):
+    code = ("import sys; from jaxspec.loading import load_any; load_any('builtin'); load_any('builtin', role='draft'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'orbax'))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_cli_env(tmp_path), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_fast_exit_flushes_and_keeps_the_status(tmp_path):
+    code = ("import logging, sys; from jaxspec.startup import fast_exit; "
+            "logging.basicConfig(stream=sys.stderr); logging.getLogger('x').warning('logged'); "
+            "sys.stdout.write('partial line'); fast_exit(3)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout) == (3, "partial line") and "logged" in run.stderr
+
+
+def test_generate_cli_exit_status_is_mains(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "jaxspec.generate", "--model", "no-such-model", "x"], cwd=tmp_path,
+                         env=_cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.startswith("error:") and run.stdout == "", run.stderr
+
+
 # --------------------------------------------------------------- Pallas kernels on a first accelerator run
 def test_gmm_check_passes_the_real_kernel_in_the_interpreter():
     from jaxspec import kernels
