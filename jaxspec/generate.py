@@ -6,8 +6,9 @@ Prints the completion; with ``--json`` prints text, token ids, finish reason and
 from __future__ import annotations
 
 if __name__ == "__main__":  # before anything imports jax
-    from jaxspec.startup import quiet_start
+    from jaxspec.startup import one_shot_gc, quiet_start
 
+    one_shot_gc()
     quiet_start()
 
 import argparse

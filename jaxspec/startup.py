@@ -60,6 +60,20 @@ def filtered_fd2(noise: re.Pattern = NOISE) -> Iterator[None]:
                 sys.stderr.flush()
 
 
+# A one-shot CLI's collector thresholds (Python's defaults: 700, 10, 10).
+ONE_SHOT_GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def one_shot_gc() -> None:
+    """Collect garbage less often in a one-shot CLI: importing jax and flax, loading the models and
+    tracing the steps create some hundreds of thousands of objects that live to the end, and the
+    default thresholds walk them again and again (about 0.15 s of a 2 s generate on a CPU).
+    Cycles are still collected, every 50,000 net allocations instead of 700."""
+    import gc
+
+    gc.set_threshold(*ONE_SHOT_GC_THRESHOLDS)
+
+
 def quiet_start() -> None:
     """Call first in a CLI's ``__main__`` block, before anything imports jax."""
     if "jax" in sys.modules:
