@@ -1,10 +1,13 @@
 """Which Pallas kernels the engine picks by itself, and the warm-up self-test of the enabled ones.
 
 A kernel is chosen by ``auto`` only on a platform where it has been validated on the hardware
-(``VALIDATED``: ``tools/device_check.py`` passing there; see docs/kernels.md). No kernel has run on a
-TPU or GPU yet, so ``auto`` uses XLA's own paths everywhere (``ragged_dot`` for MoE experts on an
-accelerator) and a Pallas kernel runs only when asked for (``moe_backend="pallas"``) or trusted
-with ``JAXSPEC_TRUST_KERNELS=gmm`` (or ``gmm:tpu``) after validating it on one's own hardware.
+(``VALIDATED``: its tests passing there compiled, by ``tools/device_check.py``; see docs/kernels.md).
+All four kernels passed on an NVIDIA H200 (jax 0.11.2); none has run on a TPU, so there ``auto``
+uses XLA's own paths (``ragged_dot`` for MoE experts) and a Pallas kernel runs only when asked for
+(``moe_backend="pallas"``) or trusted with ``JAXSPEC_TRUST_KERNELS=gmm:tpu`` after validating it on
+one's own hardware. Of the validated kernels only the grouped matmul is picked by ``auto``, and on
+a GPU only for steps where it measured faster than ``ragged_dot`` (``moe_dispatch.choose_backend``);
+verification attention and the sampler stay opt-in.
 
 On an accelerator the warm-up of ``generate`` and ``serve`` checks each Pallas kernel a runner will
 use (grouped matmul, verification attention, verification sampler) against its jnp reference on
@@ -25,10 +28,10 @@ log = logging.getLogger("jaxspec")
 
 # kernel -> platforms ("tpu", "gpu") where it has run and passed tools/device_check.py.
 VALIDATED: dict[str, frozenset[str]] = {
-    "gmm": frozenset(),
-    "rejection_sampling": frozenset(),
-    "verify_attention": frozenset(),
-    "paged_attention": frozenset(),
+    "gmm": frozenset({"gpu"}),
+    "rejection_sampling": frozenset({"gpu"}),
+    "verify_attention": frozenset({"gpu"}),
+    "paged_attention": frozenset({"gpu"}),
 }
 TRUST_ENV = "JAXSPEC_TRUST_KERNELS"
 ACCELERATORS = ("tpu", "gpu")
@@ -213,7 +216,8 @@ def moe_uses_pallas(runner) -> bool:
     backend = runner.moe_backend if runner.moe_backend is not None else runner.cfg.moe_backend
     if not isinstance(backend, str):
         return False  # a tuned table or a placed (mesh) backend: resolved per call
-    return choose_backend(backend, 1, runner_platform(runner)) == "pallas"
+    # Any step may route enough rows for ``auto`` to pick the kernel (a prefill does): the largest.
+    return choose_backend(backend, 1 << 30, runner_platform(runner)) == "pallas"
 
 
 def runner_platform(runner) -> str:
@@ -263,7 +267,9 @@ def selftest(step_runner, *, interpret: bool = False, force: bool = False,
         results.append(result)
         if not result.ok:
             runner.set_backends(moe="ragged")
-    if runner.statics.attention_backend == "pallas" and runner.paging is not None:
+    # An int8 paged cache is gathered and dequantized, then attended by verify_attention (the paged
+    # kernel has no int8 input yet): that is the kernel to check then.
+    if runner.statics.attention_backend == "pallas" and runner.paging is not None and runner.kv_dtype is None:
         result = fns["paged_attention"](cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rows,
                                         sorted({k + 1 for k in ks}), runner.kv_buckets[-1], cfg.dtype,
                                         cfg.sliding_window, page_size=runner.paging[1], interpret=interpret)

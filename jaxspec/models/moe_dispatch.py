@@ -26,7 +26,8 @@ register themselves; ``choose_backend`` imports them by module path on first use
 (``load_backend``), so importing jaxspec loads no Pallas code, and no module imports
 back into one that is importing it.
 ``auto`` picks per platform and token count (see ``choose_backend``); on an accelerator it picks
-``ragged`` until the Pallas kernel is recorded as validated there (``jaxspec.kernels``).
+``ragged`` until the Pallas kernel is recorded as validated there (``jaxspec.kernels``), and on a GPU
+where it is, the kernel only for steps that route enough rows to beat ``ragged_dot``.
 """
 
 from __future__ import annotations
@@ -238,8 +239,15 @@ def available_backends() -> list[str]:
     return sorted(BACKENDS)
 
 
-def choose_backend(requested: str, num_tokens: int, platform: str | None = None) -> str:
-    """Resolve ``auto`` to a concrete backend for this platform and token count (a static int)."""
+# On an H200 (docs/device/nvidia-h200-2026-11-30.md) the Pallas grouped matmul beat ragged_dot from
+# 512 routed rows (Qwen3-30B-A3B decode of 64 tokens, every prefill: 1.8x to 26x) and lost below
+# (Mixtral-8x7B decode of 64 tokens: 0.85x; the 334M bench MoE's decode steps: 0.55-0.9x).
+GPU_PALLAS_MIN_ROWS = 512
+
+
+def choose_backend(requested: str, num_tokens: int, platform: str | None = None, top_k: int = 1) -> str:
+    """Resolve ``auto`` to a concrete backend for this platform and token count (static ints; a
+    step routes ``num_tokens * top_k`` rows to the experts)."""
     if requested != "auto":
         if not load_backend(requested):
             raise ValueError(
@@ -251,7 +259,11 @@ def choose_backend(requested: str, num_tokens: int, platform: str | None = None)
         from jaxspec.kernels import validated
 
         # The Pallas grouped matmul only where it has been validated on the hardware (jaxspec.kernels).
-        return "pallas" if validated("gmm", platform) and load_backend("pallas") else "ragged"
+        if not (validated("gmm", platform) and load_backend("pallas")):
+            return "ragged"
+        if platform != "tpu" and num_tokens * top_k < GPU_PALLAS_MIN_ROWS:
+            return "ragged"
+        return "pallas"
     return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "sorted"
 
 
@@ -262,5 +274,5 @@ def dispatch(x, expert_ids, weights, w_gate, w_up, w_down, backend: str | Dispat
     own configuration (``moe_parallel.ExpertParallel`` holds its mesh this way)."""
     if callable(backend):
         return backend(x, expert_ids, weights, w_gate, w_up, w_down)
-    name = choose_backend(backend, x.shape[0])
+    name = choose_backend(backend, x.shape[0], top_k=expert_ids.shape[1])
     return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)
