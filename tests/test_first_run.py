@@ -141,6 +141,23 @@ def test_generate_is_quiet_and_caches_compiled_steps(tmp_path):
     assert runs[1].stderr == "", runs[1].stderr
 
 
+@pytest.mark.slow
+def test_one_shot_cli_compiles_only_the_shapes_it_runs(tmp_path):
+    """Every executable the process compiles lands in its (empty) cache directory: a request of
+    a short prompt and 4 tokens compiles one target prefill (of 3 prompt buckets) and at most one
+    step function per step it ran (of 4 proposal buckets plus the plain decode a warm-up compiles)."""
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "jaxspec.generate", "--model", "tiny-moe", "--draft", "tiny-moe", "--max-len", "64",
+           "--max-tokens", "4", "--ignore-eos", "--json", "--compilation-cache-dir", str(cache), "def f(x):"]
+    run = subprocess.run(cmd, cwd=tmp_path, env=_cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    steps = json.loads(run.stdout)["spec"]["num_steps"]
+    compiled = [p.name.split("-")[0] for p in cache.glob("*-cache")]
+    assert compiled.count("jit__prefill_impl") == 1, compiled
+    step_fns = [name for name in compiled if name in ("jit_step", "jit__decode_impl", "jit_loop", "jit_verify")]
+    assert 1 <= len(step_fns) <= steps, (compiled, steps)
+
+
 def test_generate_refuses_an_unsafe_cache_dir(tmp_path, capsys):
     d = tmp_path / "open"
     d.mkdir()
