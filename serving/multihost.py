@@ -1,0 +1,251 @@
+"""Leader and followers of a multi-host engine, at the ``StepRunner`` boundary.
+
+Every process of a ``jax.distributed`` job holds a replica of the same step runner (same
+model, same global mesh, same compiled steps), and each jitted step must run on every
+process, in the same order, with the same host inputs. The engine (scheduler, requests,
+tokenisation) runs on the leader only, unchanged: its runner is wrapped in a
+``BroadcastingRunner``, which publishes every call that does device work (prefill, decode,
+page assignment, release, warm-up) with its host arguments on a ``StepChannel`` before
+running it locally. Followers run ``follow``: read call n, run it on their replica, drop the
+outputs (the leader alone reads tokens back), repeat until the leader's stop record.
+
+Records hold host values only (ints, lists, numpy arrays, the requests' dataclasses) and are
+pickled: they travel from process 0 to its own job's processes through the coordination
+service, the same trust boundary as the collectives themselves.
+
+Failure handling. A follower that cannot run a call the leader ran (or that loses the
+coordinator) exits non-zero at once, and the leader's next collective fails or hangs. The
+leader checks, whenever a call raises or runs longer than ``stall_s``, whether every process
+is still alive; if one is gone it raises ``FollowerLost`` (the engine fails that step's
+requests) and calls ``on_lost`` (the server: NOT_SERVING, exit non-zero). A step stuck in a
+collective cannot be interrupted, so the default ``on_lost`` for a stall ends the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxspec.distributed import StepChannel
+from jaxspec.engine.scheduler import SpecPolicy
+from jaxspec.engine.slots import SlotTable
+from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
+
+log = logging.getLogger("jaxspec.multihost")
+
+EXIT_FOLLOWER_LOST = 3  # the leader's exit status when a follower died
+EXIT_DIVERGED = 4  # a follower's exit status when it could not run what the leader ran
+STOP = "stop"
+# The slot table columns runners read (SlotTable.sampling, num_generated, last_token, active).
+SLOT_COLUMNS = ("active", "last_token", "num_generated", "temperature", "top_k", "top_p", "min_p", "seed")
+
+
+class FollowerLost(RuntimeError):
+    """A follower process of the multi-host job is gone: no step can run any more."""
+
+
+def slot_columns(slots: SlotTable) -> dict[str, np.ndarray]:
+    return {name: getattr(slots, name).copy() for name in SLOT_COLUMNS}
+
+
+def load_columns(slots: SlotTable, columns: dict[str, np.ndarray]) -> None:
+    for name, value in columns.items():
+        getattr(slots, name)[...] = value
+
+
+def encode(call: str, prev_ok: bool, **args: Any) -> bytes:
+    return pickle.dumps({"call": call, "prev_ok": prev_ok, "args": args}, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_record(record: bytes) -> dict[str, Any]:
+    return pickle.loads(record)
+
+
+class BroadcastingRunner:
+    """The leader's runner: publishes each device call, then runs it on the local replica.
+
+    Not pipelined (the engine's overlap mode queues steps whose inputs stay on the device,
+    which a follower could not be told about), so every decode is one published call."""
+
+    pipelined = False
+
+    def __init__(self, runner: Any, channel: StepChannel, *, stall_s: float = 30.0,
+                 on_lost: Callable[[str], None] | None = None):
+        self._inner = runner
+        self.channel = channel
+        self.cfg = runner.cfg
+        self.num_slots = runner.num_slots
+        self.max_len = runner.max_len
+        self.reuses_prefix = runner.reuses_prefix
+        self.lookahead = runner.lookahead
+        self.prefill_chunk = runner.prefill_chunk
+        self.stall_s = stall_s
+        self.on_lost = on_lost or _exit_lost
+        self.lost: str | None = None  # why the job cannot step any more
+        self._prev_ok = True
+        self._stopped = False
+        self._busy_since: float | None = None
+        self._lock = threading.Lock()
+        self._watchdog = threading.Thread(target=self._watch, name="jaxspec-multihost-watchdog", daemon=True)
+        self._watchdog.start()
+
+    # --------------------------------------------------------- host-only calls
+    @property
+    def max_prefill_rows(self) -> int:
+        return self._inner.max_prefill_rows
+
+    def paging(self) -> tuple[int, int] | None:
+        return self._inner.paging()
+
+    def speculation(self) -> SpecPolicy | None:
+        return self._inner.speculation()
+
+    def padded_length(self, prompt_len: int) -> int:
+        return self._inner.padded_length(prompt_len)
+
+    def expert_load_snapshot(self) -> np.ndarray:
+        return self._inner.expert_load_snapshot()
+
+    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
+        return self._inner.device_info()
+
+    # ------------------------------------------------------- published calls
+    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
+        wire = [(c.slot, c.request, c.start, c.end) for c in chunks]
+        return self._run("prefill_batch", lambda: self._inner.prefill_batch(chunks, slots),
+                         chunks=wire, slots=slot_columns(slots))
+
+    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
+        return self._run("decode", lambda: self._inner.decode(slots, plan), slots=slot_columns(slots),
+                         plan=(plan.slots, plan.k, plan.kb))
+
+    def assign_pages(self, slot: int, pages: list[int]) -> None:
+        self._run("assign_pages", lambda: self._inner.assign_pages(slot, pages), slot=int(slot),
+                  pages=[int(p) for p in pages])
+
+    def release(self, slot: int) -> None:
+        self._run("release", lambda: self._inner.release(slot), slot=int(slot))
+
+    def warmup(self) -> None:
+        self._run("warmup", self._inner.warmup)
+
+    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: Any = None) -> Any:
+        raise NotImplementedError("multi-host runners are not pipelined")
+
+    def collect(self, handle: Any) -> StepResult:
+        raise NotImplementedError("multi-host runners are not pipelined")
+
+    def stop(self) -> None:
+        """Tell the followers to exit (they return 0). Idempotent; safe after a failure."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            try:
+                self.channel.publish(encode(STOP, self._prev_ok))
+            except Exception:  # noqa: BLE001  (the coordinator may be gone already)
+                log.exception("could not publish the stop record")
+
+    # --------------------------------------------------------------- machinery
+    def _run(self, call: str, local: Callable[[], Any], **args: Any) -> Any:
+        with self._lock:
+            if self.lost is not None:
+                raise FollowerLost(self.lost)
+            if self._stopped:
+                raise RuntimeError("multi-host runner already stopped")
+            self.channel.publish(encode(call, self._prev_ok, **args))
+            self._busy_since = time.monotonic()
+            try:
+                out = local()
+            except Exception as e:
+                self._prev_ok = False
+                gone = self._missing()
+                if gone:
+                    self._lose(f"follower process(es) {gone} left the job during {call}: {type(e).__name__}: {e}")
+                    raise FollowerLost(self.lost) from e
+                raise
+            finally:
+                self._busy_since = None
+            self._prev_ok = True
+            return out
+
+    def _missing(self) -> list[int]:
+        try:
+            live = set(self.channel.live_processes())
+        except Exception as e:  # noqa: BLE001  (the coordination service itself failed)
+            log.error("cannot ask the coordination service which processes are alive: %s", e)
+            return [-1]
+        return [p for p in range(self.channel.num_processes) if p not in live]
+
+    def _lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+            log.error("multi-host job broken: %s", why)
+            self.on_lost(why)
+
+    def _watch(self) -> None:
+        """A step that runs far longer than any step should may be stuck in a collective with a
+        dead peer: ask the coordinator whether everybody is still there."""
+        while True:
+            time.sleep(max(0.5, self.stall_s / 4))
+            since = self._busy_since
+            if since is None or time.monotonic() - since < self.stall_s or self.lost is not None:
+                continue
+            gone = self._missing()
+            if gone:
+                self._lose(f"follower process(es) {gone} left the job; a step has been stuck for "
+                           f"{time.monotonic() - since:.0f}s")
+
+
+def _exit_lost(why: str) -> None:
+    """Default ``on_lost``: nothing more can run; end the process non-zero with the reason."""
+    log.critical("exiting: %s", why)
+    logging.shutdown()
+    os._exit(EXIT_FOLLOWER_LOST)
+
+
+def follow(runner: Any, channel: StepChannel, *, idle_timeout_s: float | None = None) -> int:
+    """A follower's loop: run the leader's calls on ``runner`` until the stop record; returns the
+    exit status (0: the leader stopped; EXIT_DIVERGED: this replica failed a call the leader ran)."""
+    slots = SlotTable(runner.num_slots)
+    ok, last_error = True, None
+    while True:
+        rec = decode_record(channel.receive(timeout_s=idle_timeout_s))
+        if rec["prev_ok"] and not ok:
+            log.critical("this process failed call %d, which the leader ran: %s", channel.seq - 1, last_error)
+            return EXIT_DIVERGED
+        call, args = rec["call"], rec["args"]
+        if call == STOP:
+            channel.ack(force=True)
+            log.info("leader stopped after %d calls", channel.seq - 1)
+            return 0
+        try:
+            _execute(runner, slots, call, args)
+            ok, last_error = True, None
+        except Exception as e:  # the leader's replica probably failed alike (a bad prompt): compare next
+            log.warning("call %d (%s) failed here: %s: %s", channel.seq, call, type(e).__name__, e)
+            ok, last_error = False, f"{type(e).__name__}: {e}"
+        channel.ack()
+
+
+def _execute(runner: Any, slots: SlotTable, call: str, args: dict[str, Any]) -> None:
+    if "slots" in args:
+        load_columns(slots, args["slots"])
+    if call == "prefill_batch":
+        runner.prefill_batch([PrefillChunk(*c) for c in args["chunks"]], slots)
+    elif call == "decode":
+        runner.decode(slots, DecodePlan(*args["plan"]))
+    elif call == "assign_pages":
+        runner.assign_pages(args["slot"], args["pages"])
+    elif call == "release":
+        runner.release(args["slot"])
+    elif call == "warmup":
+        runner.warmup()
+    else:
+        raise ValueError(f"unknown multi-host call {call!r} (leader and follower versions differ?)")
