@@ -149,6 +149,7 @@ class StepChannel:
         self.ack_every = ack_every
         self._prefix = f"{namespace}/step"
         self._acks = f"{namespace}/ack"
+        self._beats = f"{namespace}/beat"
         self.seq = 0  # leader: last published; follower: last received
         self._pruned = 0  # leader: records below this are deleted
 
@@ -176,9 +177,21 @@ class StepChannel:
         except Exception:  # noqa: BLE001  (not acknowledged anything yet: NOT_FOUND)
             return 0
 
-    def live_processes(self) -> list[int]:
-        """Processes the coordination service still hears from."""
-        return sorted(self.client.get_live_nodes(list(range(self.num_processes))))
+    # Liveness. The runtime's own ``get_live_nodes`` is collective (it returns once every live
+    # process has called it), so it cannot tell the leader alone who is gone. Followers bump a
+    # counter instead, and the leader watches whether each counter still moves.
+    def beat(self, count: int) -> None:
+        self.client.key_value_set_bytes(f"{self._beats}/{self.process_id}", str(count).encode(), allow_overwrite=True)
+
+    def beats(self) -> dict[int, int]:
+        """Each follower's last heartbeat count (-1: none yet)."""
+        out = {}
+        for p in range(1, self.num_processes):
+            try:
+                out[p] = int(self.client.key_value_try_get_bytes(f"{self._beats}/{p}"))
+            except Exception:  # noqa: BLE001  (NOT_FOUND: no beat yet)
+                out[p] = -1
+        return out
 
     # --------------------------------------------------------------- follower
     def receive(self, timeout_s: float | None = None, poll_s: float = 5.0) -> bytes:

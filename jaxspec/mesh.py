@@ -346,7 +346,8 @@ def device_memory_bytes(device: jax.Device) -> int | None:
 
 
 def draft_placement(draft_cfg: ModelConfig, target: Placement, num_slots: int = 0, max_len: int = 0,
-                    hbm_bytes: int | None = None, max_replicated_bytes: int | None = None) -> Placement:
+                    hbm_bytes: int | None = None, max_replicated_bytes: int | None = None,
+                    kv_dtype: str | None = None) -> Placement:
     """The draft model's placement: replicated weights when the draft is small (its k draft steps
     then run without any collective), else the target's rules. Small means its weights plus its
     KV cache for ``num_slots`` x ``max_len`` (slots split over the data axes either way), as each
@@ -359,7 +360,8 @@ def draft_placement(draft_cfg: ModelConfig, target: Placement, num_slots: int = 
     replicated = Placement.create(target.mesh, {**REPLICATED_RULES, "slots": target.rules.get("slots")})
     cache_bytes = 0
     if num_slots and max_len:
-        cache_bytes = KVCache.abstract(draft_cfg, num_slots, max_len).nbytes() // replicated.axis_size("slots")
+        cache = KVCache.abstract(draft_cfg, num_slots, max_len, kv_dtype=kv_dtype)
+        cache_bytes = cache.nbytes() // replicated.axis_size("slots")
     if param_bytes(draft_cfg) + cache_bytes <= max_replicated_bytes:
         return replicated
     return target

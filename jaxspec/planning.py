@@ -34,6 +34,7 @@ from jaxspec.config import ModelConfig
 from jaxspec.mesh import (MeshConfig, Placement, build_mesh, check_placement, device_memory_bytes, draft_placement,
                           topology_devices)
 from jaxspec.models import KVCache, abstract_model
+from jaxspec.models.kv_cache import check_kv_dtype
 
 DEFAULT_HEADROOM = 0.08  # device memory kept free for the runtime, fragmentation and collectives' buffers
 GiB = float(1 << 30)
@@ -78,6 +79,7 @@ class MemoryPlan:
     # Steps whose compile ran out of device memory: name -> the compiler's words (their bytes are in
     # temp_by_step as the compiler reported them, or the capacity plus one byte when it did not say).
     compile_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    kv_dtype: str = ""  # what the target's cache stores: "int8" or a float dtype
 
     @property
     def total(self) -> int:
@@ -138,7 +140,7 @@ class MemoryPlan:
                        f"would fit (estimate)")
 
     def table(self) -> str:
-        rows = [("weights", self.weights), ("KV cache", self.kv_cache)]
+        rows = [("weights", self.weights), (f"KV cache ({self.kv_dtype})" if self.kv_dtype else "KV cache", self.kv_cache)]
         if self.draft:
             rows += [("draft weights", self.draft_weights), ("draft KV cache", self.draft_kv_cache)]
         rows += [(f"temporaries ({name})", b) for name, b in self.temp_by_step.items()]
@@ -180,9 +182,9 @@ def _abstract_state(cfg: ModelConfig, placement: Placement):
 
 
 def _abstract_cache(cfg: ModelConfig, placement: Placement, slots: int, max_len: int,
-                    paging: tuple[int, int] | None = None):
+                    paging: tuple[int, int] | None = None, kv_dtype: str | None = None):
     pages = {} if paging is None else dict(num_pages=paging[0], page_size=paging[1])
-    abstract = KVCache.abstract(cfg, slots, max_len, **pages)
+    abstract = KVCache.abstract(cfg, slots, max_len, kv_dtype=kv_dtype, **pages)
     shardings = placement.cache_shardings(abstract)
     structs = KVCache(*(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                         for a, s in zip(abstract, shardings)))
@@ -270,12 +272,15 @@ def plan_memory(
     on_step: Callable[[str, int], None] | None = None,
     paging: tuple[int, int] | None = None,
     prefill_chunk: int | None = None,
+    kv_dtype: str | None = None,
+    draft_kv_dtype: str | None = None,
 ) -> MemoryPlan:
     """Per-device memory of serving ``cfg`` (and ``draft_cfg``) with ``slots`` x ``max_len`` on the mesh.
 
     ``paging``: a paged cache of (num_pages, page_size) with ``slots`` requests at once.
     ``prefill_chunk``: prompts are prefilled in chunks of this many tokens (the engine's
-    ``--max-step-tokens``), which bounds the prefill step's temporaries. A step whose compile runs
+    ``--max-step-tokens``), which bounds the prefill step's temporaries. ``kv_dtype`` /
+    ``draft_kv_dtype``: "int8" KV caches (values and their scales are counted). A step whose compile runs
     out of device memory makes the plan a "does not fit" with the compiler's figures.
 
     ``devices``: the devices to build the mesh from (default: the mesh config's ahead-of-time
@@ -288,19 +293,20 @@ def plan_memory(
     check_placement(cfg, placement)
     hbm = _device_memory(mesh_cfg, devices)
     graphdef, state, state_sh, weights = _abstract_state(cfg, placement)
-    cache, cache_sh, kv = _abstract_cache(cfg, placement, slots, max_len, paging)
-    per_token = _abstract_cache(cfg, placement, slots, 1)[2] / slots
+    kv_dtype, draft_kv_dtype = check_kv_dtype(kv_dtype), check_kv_dtype(draft_kv_dtype)
+    cache, cache_sh, kv = _abstract_cache(cfg, placement, slots, max_len, paging, kv_dtype)
+    per_token = _abstract_cache(cfg, placement, slots, 1, kv_dtype=kv_dtype)[2] / slots
 
     draft = None
     d_weights = d_kv = 0
     if draft_cfg is not None:
         from jaxspec.models.moe_parallel import moe_backend_for
 
-        d_place = draft_placement(draft_cfg, placement, slots, max_len, hbm)
+        d_place = draft_placement(draft_cfg, placement, slots, max_len, hbm, kv_dtype=draft_kv_dtype)
         check_placement(draft_cfg, d_place)
         d_graph, d_state, _, d_weights = _abstract_state(draft_cfg, d_place)
-        d_cache, d_cache_sh, d_kv = _abstract_cache(draft_cfg, d_place, slots, max_len, paging)
-        per_token += _abstract_cache(draft_cfg, d_place, slots, 1)[2] / slots
+        d_cache, d_cache_sh, d_kv = _abstract_cache(draft_cfg, d_place, slots, max_len, paging, draft_kv_dtype)
+        per_token += _abstract_cache(draft_cfg, d_place, slots, 1, kv_dtype=draft_kv_dtype)[2] / slots
         draft = (d_graph, d_state, moe_backend_for(d_place), d_cache, d_cache_sh)
 
     temp_by_step: dict[str, int] = {}
@@ -328,7 +334,7 @@ def plan_memory(
         kv_bytes_per_token=max(1, int(np.ceil(per_token))),
         page_size=paging[1] if paging else None, num_pages=paging[0] if paging else None,
         prefill_chunk=prefill_chunk if prefill_chunk is not None and prefill_chunk < max_len else None,
-        compile_errors=errors,
+        compile_errors=errors, kv_dtype=cache.kv_dtype,
     )
 
 
@@ -363,7 +369,8 @@ def check_fits(cfg: ModelConfig, mesh_cfg: MeshConfig, slots: int, max_len: int,
 
 
 def check_fits_on_device(cfg: ModelConfig, slots: int, max_len: int, draft_cfg: ModelConfig | None = None,
-                         device: jax.Device | None = None, headroom: float = DEFAULT_HEADROOM) -> MemoryPlan:
+                         device: jax.Device | None = None, headroom: float = DEFAULT_HEADROOM,
+                         kv_dtype: str | None = None) -> MemoryPlan:
     """``check_fits`` for serving on one local device (what ``python -m jaxspec.serve`` does):
     weights and cache only, so start-up pays no extra compile (temporaries show at warm-up).
     Device memory comes from ``memory_stats()``; a device without it (CPU) passes."""
@@ -374,4 +381,4 @@ def check_fits_on_device(cfg: ModelConfig, slots: int, max_len: int, draft_cfg: 
     local = MeshConfig(name=f"one {device.device_kind}", platform=platform if platform in ("cpu", "tpu", "gpu") else "cpu",
                        axes={"data": 1, "expert": 1, "tensor": 1}, rules=dict(REPLICATED_RULES))
     return check_fits(cfg, local, slots, max_len, draft_cfg=draft_cfg, devices=[device], compile=False,
-                      headroom=headroom)
+                      headroom=headroom, kv_dtype=kv_dtype)

@@ -24,6 +24,7 @@ from jaxspec.config import ConfigError
 from jaxspec.generate import k_arg
 from jaxspec.loading import DEFAULT_MODEL, default_draft
 from jaxspec.mesh import AUTO_MESH, mesh_for_option
+from jaxspec.models.kv_cache import KV_DTYPES
 from jaxspec.models.quant import MODES as QUANT_MODES
 from serving.auth import load_token
 from serving.build import KV_CACHES, SPEC_METHODS, EngineOptions, load_engine
@@ -72,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--kv-cache", choices=KV_CACHES, default="slot",
                    help="KV cache layout: slot (every slot reserves --max-len positions) or paged (one pool of "
                    "pages handed out as requests need them, with prefix caching)")
+    m.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto",
+                   help="what the target's KV cache stores: auto (the model's dtype) or int8 (per-head-per-token "
+                   "scales: half the bytes of bfloat16, so twice the tokens in the same memory)")
+    m.add_argument("--draft-kv-cache-dtype", choices=KV_DTYPES, default="auto",
+                   help="the draft model's KV cache, likewise (costs acceptance, never correctness)")
     m.add_argument("--page-size", type=int, metavar="N", default=16, help="positions per KV page (--kv-cache paged)")
     m.add_argument("--kv-pages", type=int, metavar="N", default=None,
                    help="pages in the KV pool (--kv-cache paged); default: --slots x --max-len / --page-size")
@@ -133,6 +139,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         max_waiting=args.max_waiting, dtype=args.dtype, quantize=args.quantize, draft_quantize=args.draft_quantize,
         mesh=args.mesh, default_max_tokens=args.default_max_tokens,
         kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
+        kv_cache_dtype=args.kv_cache_dtype, draft_kv_cache_dtype=args.draft_kv_cache_dtype,
         kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, max_step_tokens=args.max_step_tokens,
     )
     engine.validate()
@@ -196,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     mesh_cfg = mesh_for_option(engine_opts.mesh)
-    log.info("model %s; speculation %s; mesh %s; %d slots; max_len %s", engine_opts.model, _speculation(engine_opts),
-             f"{mesh_cfg.name} {mesh_cfg.axes}" if mesh_cfg else "none (one device)", engine_opts.slots,
-             engine_opts.max_len or "the model's max_seq_len")
+    log.info("model %s; speculation %s; mesh %s; %d slots; max_len %s; %s KV cache (%s)", engine_opts.model,
+             _speculation(engine_opts), f"{mesh_cfg.name} {mesh_cfg.axes}" if mesh_cfg else "none (one device)",
+             engine_opts.slots, engine_opts.max_len or "the model's max_seq_len", engine_opts.kv_cache,
+             engine_opts.kv_cache_dtype if engine_opts.kv_cache_dtype != "auto" else "model dtype")
     try:
         return asyncio.run(serve(engine_opts, server_opts))
     except OSError as e:  # port in use, unreadable certificate...

@@ -14,7 +14,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxspec.models.kv_cache import KV_CACHE_AXES, KV_PAGED_AXES, LENGTHS_AXES, KVCache
+from jaxspec.models.kv_cache import (KV_CACHE_AXES, KV_PAGED_AXES, KV_PAGED_SCALE_AXES, KV_SCALE_AXES, LENGTHS_AXES,
+                                     KVCache)
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
@@ -83,12 +84,16 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules) -> KVCache:
     paged = cache.page_table is not None
     kv = NamedSharding(mesh, logical_to_spec(KV_PAGED_AXES if paged else KV_CACHE_AXES, rules, mesh, cache.k.shape))
+    scale = None
+    if cache.k_scale is not None:  # int8: the scales split like the values, less head_dim
+        axes = KV_PAGED_SCALE_AXES if paged else KV_SCALE_AXES
+        scale = NamedSharding(mesh, logical_to_spec(axes, rules, mesh, cache.k_scale.shape))
     if not paged:
         lengths = NamedSharding(mesh, logical_to_spec(LENGTHS_AXES, rules, mesh, cache.lengths.shape))
-        return KVCache(kv, kv, lengths)
+        return KVCache(kv, kv, lengths, None, scale, scale)
     # A paged step may pack any slots into its rows: per-slot metadata lives whole on every device.
     rep = NamedSharding(mesh, PartitionSpec())
-    return KVCache(kv, kv, rep, rep)
+    return KVCache(kv, kv, rep, rep, scale, scale)
 
 
 def shard_cache(cache: KVCache, mesh: Mesh, rules: Rules) -> KVCache:

@@ -74,8 +74,9 @@ def one_shot_gc() -> None:
     gc.set_threshold(*ONE_SHOT_GC_THRESHOLDS)
 
 
-def quiet_start() -> None:
-    """Call first in a CLI's ``__main__`` block, before anything imports jax."""
+def quiet_start(backend: bool = True) -> None:
+    """Call first in a CLI's ``__main__`` block, before anything imports jax. ``backend=False``:
+    import jax but start no backend (``jax.distributed.initialize`` must come first)."""
     if "jax" in sys.modules:
         return
     if not os.environ.get("JAX_PLATFORMS") and not accelerator_present():
@@ -83,7 +84,16 @@ def quiet_start() -> None:
     with filtered_fd2():
         import jax
 
-        jax.devices()  # plugin discovery imports the CUDA plugin module again (one more line)
+        if backend:
+            jax.devices()  # plugin discovery imports the CUDA plugin module again (one more line)
+
+
+def multiprocess_requested(argv: list[str]) -> bool:
+    """Whether a command line (or the environment) asks for jax's multi-process runtime
+    (``jaxspec.distributed``); decided before jax is imported, so that no backend starts first."""
+    flags = {"--coordinator", "--num-processes"}
+    return (any(a.split("=", 1)[0] in flags for a in argv) or bool(os.environ.get("JAXSPEC_COORDINATOR"))
+            or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
 
 
 def fast_exit(code: int) -> NoReturn:

@@ -22,7 +22,8 @@ from jaxspec.engine.factory import KV_CACHES, make_runner
 from jaxspec import builtin, compilation_cache, kernels
 from jaxspec.loading import DEFAULT_MODEL, load_any
 from jaxspec.mesh import MeshConfigError, mesh_for_option, placement_for_mesh
-from jaxspec.models import Transformer
+from jaxspec.models import KVCache, Transformer
+from jaxspec.models.kv_cache import KV_DTYPES
 from jaxspec.models.quant import MODES as QUANT_MODES
 from jaxspec.speculative import SPEC_METHODS, DraftModelProposer
 from jaxspec.tokenizer import Tokenizer
@@ -56,6 +57,8 @@ class EngineOptions:
     kv_memory_fraction: float | None = None  # paged: size the pool to this fraction of device memory instead
     prefix_cache: bool = True  # paged: reuse cached pages of earlier prompts' leading blocks
     max_step_tokens: int = 512  # prompt tokens prefilled per step; longer prompts go in chunks
+    kv_cache_dtype: str = "auto"  # target's KV cache: "auto" (the model's dtype) or "int8" (models.kv_cache)
+    draft_kv_cache_dtype: str = "auto"  # a draft model's own KV cache, likewise
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
@@ -69,6 +72,11 @@ class EngineOptions:
                 raise ConfigError(f"{name} must be one of {', '.join(QUANT_MODES)} or unset, got {getattr(self, name)!r}")
         if self.draft_quantize and self.spec_method != "draft":
             raise ConfigError("--draft-quantize quantizes a draft model (--spec-method draft)")
+        for name in ("kv_cache_dtype", "draft_kv_cache_dtype"):
+            if getattr(self, name) not in KV_DTYPES:
+                raise ConfigError(f"{name} must be one of {', '.join(KV_DTYPES)}, got {getattr(self, name)!r}")
+        if self.draft_kv_cache_dtype != "auto" and self.spec_method != "draft":
+            raise ConfigError("--draft-kv-cache-dtype sets a draft model's cache (--spec-method draft)")
         if self.spec_method != "none" and self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         for name in ("slots", "max_waiting", "default_max_tokens"):
@@ -117,6 +125,7 @@ class ModelDescription:
     dtype: str = ""
     quantization: str = ""  # the target's weights: "int8", "int4"; "": float (dtype)
     draft_quantization: str = ""  # a draft model's, likewise
+    kv_cache_dtype: str = ""  # what the target's KV cache stores: "int8" or a float dtype
     num_experts: int = 0
     num_experts_per_token: int = 0
 
@@ -166,7 +175,8 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
                            num_speculative_tokens="auto" if opts.adaptive_k else opts.num_speculative_tokens,
                            k_max=opts.num_speculative_tokens,
                            page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=kv_pages,
-                           prefill_chunk=opts.max_step_tokens)
+                           prefill_chunk=opts.max_step_tokens, kv_dtype=opts.kv_cache_dtype,
+                           draft_kv_dtype=opts.draft_kv_cache_dtype)
     except ValueError as e:  # incompatible draft (vocabulary, context length)
         raise ConfigError(str(e)) from e
 
@@ -181,10 +191,11 @@ def pages_for_memory_fraction(opts: EngineOptions, model: Transformer, draft: Tr
     if hbm is None:
         raise ConfigError("--kv-memory-fraction needs a device that reports its memory (this one does not): "
                           "give the pool's size with --kv-pages")
-    models = [model] + ([draft] if draft is not None else [])
-    weights = sum(x.size * x.dtype.itemsize for m in models for x in jax.tree.leaves(nnx.state(m)))
-    per_page = sum(2 * m.cfg.num_layers * opts.page_size * m.cfg.num_kv_heads * m.cfg.head_dim
-                   * jnp.dtype(m.cfg.dtype).itemsize for m in models)
+    models = [(model, opts.kv_cache_dtype)] + ([(draft, opts.draft_kv_cache_dtype)] if draft is not None else [])
+    weights = sum(x.size * x.dtype.itemsize for m, _ in models for x in jax.tree.leaves(nnx.state(m)))
+    # One page of every layer's keys and values (int8: a byte per value plus a float32 scale per head).
+    per_page = sum(KVCache.abstract(m.cfg, 1, opts.page_size, num_pages=1, page_size=opts.page_size,
+                                    kv_dtype=kv).nbytes() - 2 * 4 for m, kv in models)
     pages = int((hbm * opts.kv_memory_fraction - weights) // per_page)
     if pages < 1:
         raise ConfigError(f"--kv-memory-fraction {opts.kv_memory_fraction}: {hbm * opts.kv_memory_fraction / 2**30:.2f} "
@@ -229,9 +240,10 @@ def _check_memory(opts: EngineOptions, model: Transformer) -> None:
     try:
         mesh_cfg = mesh_for_option(opts.mesh)
         if mesh_cfg is None:
-            plan = check_fits_on_device(model.cfg, slots, max_len)
+            plan = check_fits_on_device(model.cfg, slots, max_len, kv_dtype=opts.kv_cache_dtype)
         else:
-            plan = check_fits(model.cfg, mesh_cfg, slots, max_len, devices=jax.devices(), compile=False)
+            plan = check_fits(model.cfg, mesh_cfg, slots, max_len, devices=jax.devices(), compile=False,
+                              kv_dtype=opts.kv_cache_dtype)
     except MeshConfigError as e:
         raise ConfigError(f"--mesh: {e}") from e
     except DoesNotFit as e:
@@ -266,6 +278,7 @@ def bundle_engine(
         num_slots=runner.num_slots, spec_method=spec_method, max_speculative_tokens=max_speculative_tokens,
         draft_model_id=draft_model_id, platform=platform, devices=devices, mesh_shape=mesh, dtype=cfg.dtype,
         quantization=cfg.quantization or "", draft_quantization=draft_quantization or "",
+        kv_cache_dtype=_kv_cache_dtype(runner),
         num_experts=cfg.num_experts, num_experts_per_token=cfg.num_experts_per_tok,
     )
     limits = RequestLimits(
@@ -273,6 +286,12 @@ def bundle_engine(
         speculative=speculative, max_speculative_tokens=max_speculative_tokens,
     )
     return EngineBundle(engine, tokenizer, description, limits)
+
+
+def _kv_cache_dtype(runner: StepRunner) -> str:
+    """What the target's KV cache stores ("int8" or the model's dtype), for ModelInfo."""
+    model_runner = getattr(runner, "target", None) or getattr(runner, "runner", None)
+    return getattr(model_runner, "kv_dtype", None) or runner.cfg.dtype
 
 
 def _model_id(name_or_path: str, role: str = "target") -> str:

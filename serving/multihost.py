@@ -40,7 +40,8 @@ from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
 log = logging.getLogger("jaxspec.multihost")
 
 EXIT_FOLLOWER_LOST = 3  # the leader's exit status when a follower died
-EXIT_DIVERGED = 4  # a follower's exit status when it could not run what the leader ran
+EXIT_DIVERGED = 4
+HEARTBEAT_S = 1.0  # how often followers beat and the leader looks  # a follower's exit status when it could not run what the leader ran
 STOP = "stop"
 # The slot table columns runners read (SlotTable.sampling, num_generated, last_token, active).
 SLOT_COLUMNS = ("active", "last_token", "num_generated", "temperature", "top_k", "top_p", "min_p", "seed")
@@ -48,6 +49,24 @@ SLOT_COLUMNS = ("active", "last_token", "num_generated", "temperature", "top_k",
 
 class FollowerLost(RuntimeError):
     """A follower process of the multi-host job is gone: no step can run any more."""
+
+
+def host_lengths_for_reads(runner: Any, _depth: int = 0) -> int:
+    """Make every ``ModelRunner`` inside ``runner`` answer ``lengths()`` from its host copy.
+
+    ``ModelRunner.warmup`` saves the cache lengths by reading them from the device; they are split
+    over the data axis, and a process cannot read shards on another host. The host copy
+    (``host_lengths``) is what the device holds between steps, so reading it is equivalent.
+    Returns how many runners were adjusted."""
+    from jaxspec.engine.model_runner import ModelRunner
+
+    if isinstance(runner, ModelRunner):
+        runner.lengths = lambda r=runner: r.host_lengths.copy()
+        return 1
+    if _depth > 2 or not hasattr(runner, "__dict__"):
+        return 0
+    return sum(host_lengths_for_reads(v, _depth + 1) for v in vars(runner).values()
+               if hasattr(v, "__dict__") and not isinstance(v, type))
 
 
 def slot_columns(slots: SlotTable) -> dict[str, np.ndarray]:
@@ -75,9 +94,10 @@ class BroadcastingRunner:
 
     pipelined = False
 
-    def __init__(self, runner: Any, channel: StepChannel, *, stall_s: float = 30.0,
+    def __init__(self, runner: Any, channel: StepChannel, *, stall_s: float = 30.0, dead_after_s: float = 15.0,
                  on_lost: Callable[[str], None] | None = None):
         self._inner = runner
+        host_lengths_for_reads(runner)
         self.channel = channel
         self.cfg = runner.cfg
         self.num_slots = runner.num_slots
@@ -86,6 +106,8 @@ class BroadcastingRunner:
         self.lookahead = runner.lookahead
         self.prefill_chunk = runner.prefill_chunk
         self.stall_s = stall_s
+        self.dead_after_s = dead_after_s
+        self._beats: dict[int, tuple[int, float]] = {}  # follower -> (last count, when it changed)
         self.on_lost = on_lost or _exit_lost
         self.lost: str | None = None  # why the job cannot step any more
         self._prev_ok = True
@@ -143,14 +165,19 @@ class BroadcastingRunner:
 
     def stop(self) -> None:
         """Tell the followers to exit (they return 0). Idempotent; safe after a failure."""
-        with self._lock:
+        # A step stuck in a collective holds the lock for good: then there is nobody to stop.
+        if not self._lock.acquire(timeout=10.0):
+            log.error("a step is still running; not publishing the stop record")
+            return
+        try:
             if self._stopped:
                 return
             self._stopped = True
-            try:
-                self.channel.publish(encode(STOP, self._prev_ok))
-            except Exception:  # noqa: BLE001  (the coordinator may be gone already)
-                log.exception("could not publish the stop record")
+            self.channel.publish(encode(STOP, self._prev_ok))
+        except Exception:  # noqa: BLE001  (the coordinator may be gone already)
+            log.exception("could not publish the stop record")
+        finally:
+            self._lock.release()
 
     # --------------------------------------------------------------- machinery
     def _run(self, call: str, local: Callable[[], Any], **args: Any) -> Any:
@@ -165,7 +192,7 @@ class BroadcastingRunner:
                 out = local()
             except Exception as e:
                 self._prev_ok = False
-                gone = self._missing()
+                gone = self._missing(since=time.monotonic())
                 if gone:
                     self._lose(f"follower process(es) {gone} left the job during {call}: {type(e).__name__}: {e}")
                     raise FollowerLost(self.lost) from e
@@ -175,13 +202,27 @@ class BroadcastingRunner:
             self._prev_ok = True
             return out
 
-    def _missing(self) -> list[int]:
+    def _poll_beats(self) -> None:
+        now = time.monotonic()
         try:
-            live = set(self.channel.live_processes())
+            beats = self.channel.beats()
         except Exception as e:  # noqa: BLE001  (the coordination service itself failed)
-            log.error("cannot ask the coordination service which processes are alive: %s", e)
-            return [-1]
-        return [p for p in range(self.channel.num_processes) if p not in live]
+            log.error("cannot read the followers' heartbeats: %s", e)
+            return
+        for p, count in beats.items():
+            if self._beats.get(p, (None, 0.0))[0] != count:
+                self._beats[p] = (count, now)
+
+    def _missing(self, since: float | None = None) -> list[int]:
+        """Followers whose heartbeat has not moved for ``dead_after_s``. ``since`` (a failed call's
+        time): wait until each follower either beats after it (alive) or goes quiet for good."""
+        while True:
+            self._poll_beats()
+            now = time.monotonic()
+            gone = [p for p, (_, t) in self._beats.items() if now - t > self.dead_after_s]
+            if gone or since is None or all(t > since for _, t in self._beats.values()):
+                return gone
+            time.sleep(HEARTBEAT_S)
 
     def _lose(self, why: str) -> None:
         if self.lost is None:
@@ -190,16 +231,17 @@ class BroadcastingRunner:
             self.on_lost(why)
 
     def _watch(self) -> None:
-        """A step that runs far longer than any step should may be stuck in a collective with a
-        dead peer: ask the coordinator whether everybody is still there."""
-        while True:
-            time.sleep(max(0.5, self.stall_s / 4))
+        """Follow the followers' heartbeats; a step that has run for ``stall_s`` while a follower
+        went quiet is stuck in a collective with a dead peer."""
+        while self.lost is None and not self._stopped:
+            time.sleep(HEARTBEAT_S)
             since = self._busy_since
-            if since is None or time.monotonic() - since < self.stall_s or self.lost is not None:
+            if since is None or time.monotonic() - since < self.stall_s:
+                self._poll_beats()
                 continue
             gone = self._missing()
             if gone:
-                self._lose(f"follower process(es) {gone} left the job; a step has been stuck for "
+                self._lose(f"follower process(es) {gone} stopped beating; a step has been stuck for "
                            f"{time.monotonic() - since:.0f}s")
 
 
@@ -213,7 +255,30 @@ def _exit_lost(why: str) -> None:
 def follow(runner: Any, channel: StepChannel, *, idle_timeout_s: float | None = None) -> int:
     """A follower's loop: run the leader's calls on ``runner`` until the stop record; returns the
     exit status (0: the leader stopped; EXIT_DIVERGED: this replica failed a call the leader ran)."""
+    host_lengths_for_reads(runner)
     slots = SlotTable(runner.num_slots)
+    done = threading.Event()
+    beater = threading.Thread(target=_beat, args=(channel, done), name="jaxspec-heartbeat", daemon=True)
+    beater.start()
+    try:
+        return _follow(runner, channel, slots, idle_timeout_s)
+    finally:
+        done.set()
+
+
+def _beat(channel: StepChannel, done: threading.Event) -> None:
+    count = 0
+    while not done.is_set():
+        try:
+            channel.beat(count)
+        except Exception as e:  # noqa: BLE001  (the leader and its coordinator are gone)
+            log.error("heartbeat failed: %s", e)
+            return
+        count += 1
+        done.wait(HEARTBEAT_S)
+
+
+def _follow(runner: Any, channel: StepChannel, slots: SlotTable, idle_timeout_s: float | None) -> int:
     ok, last_error = True, None
     while True:
         rec = decode_record(channel.receive(timeout_s=idle_timeout_s))
@@ -249,3 +314,102 @@ def _execute(runner: Any, slots: SlotTable, call: str, args: dict[str, Any]) -> 
         runner.warmup()
     else:
         raise ValueError(f"unknown multi-host call {call!r} (leader and follower versions differ?)")
+
+
+# ------------------------------------------------------------------------------- the CLI
+def run(info, engine_opts, server_opts, *, stall_s: float = 60.0) -> int:
+    """``python -m jaxspec.serve`` in a multi-process job: the leader serves gRPC, the others
+    follow. Returns the process's exit status."""
+    import asyncio
+
+    from jaxspec.mesh import mesh_for_option
+
+    mesh = mesh_for_option(engine_opts.mesh)
+    if mesh is None or mesh.num_devices != info.global_devices:
+        # Every process must hold part of every array the steps touch: one mesh over all devices.
+        log.error("a %d-process job needs --mesh over all %d devices of the job (got %s)", info.num_processes,
+                  info.global_devices, "one device" if mesh is None else f"{mesh.name}: {mesh.num_devices} devices")
+        return 2
+    channel = StepChannel()
+    if not info.is_leader:
+        return run_follower(engine_opts, channel)
+    code, leader = asyncio.run(serve_leader(engine_opts, server_opts, channel, stall_s=stall_s))
+    if leader is not None and leader.lost is not None:
+        # A dead peer can leave jax's own shutdown (a barrier over every process) waiting for minutes.
+        log.critical("exiting: %s", leader.lost)
+        logging.shutdown()
+        os._exit(EXIT_FOLLOWER_LOST)
+    return code
+
+
+def run_follower(engine_opts, channel: StepChannel) -> int:
+    """Build the same engine as the leader (its runner is this process's replica) and follow."""
+    import signal
+
+    from serving.build import load_engine
+
+    # An orchestrator signals every pod at once; the leader drains and then publishes the stop
+    # record, which this process must still be here to see (its collectives need it until then).
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: waiting for the leader's stop record"))
+    bundle = load_engine(engine_opts)
+    log.info("follower %d ready: replaying the leader's steps", channel.process_id)
+    try:
+        return follow(bundle.engine.runner, channel)
+    except Exception as e:  # noqa: BLE001  (the leader or the coordinator is gone)
+        log.critical("follower %d stops: %s: %s", channel.process_id, type(e).__name__, e)
+        return EXIT_FOLLOWER_LOST
+
+
+async def serve_leader(engine_opts, server_opts, channel: StepChannel, *, stall_s: float = 60.0):
+    """``jaxspec.serve.serve`` with the runner broadcasting to the followers; returns
+    (exit status, the BroadcastingRunner or None if loading failed before it existed)."""
+    import asyncio
+    import signal
+
+    from serving.build import load_engine
+    from serving.engine_loop import ServerState
+    from serving.server import JaxSpecServer
+
+    loop = asyncio.get_running_loop()
+    holder: list[BroadcastingRunner] = []
+    server: JaxSpecServer | None = None
+
+    def fail(why: str) -> None:  # event loop: NOT_SERVING, in-flight requests end, exit non-zero
+        server.engine_loop.set_state(ServerState.FAILED)
+        server.exit_code = EXIT_FOLLOWER_LOST
+
+    def on_lost(why: str) -> None:  # any thread
+        loop.call_soon_threadsafe(fail, why)
+        # A step stuck in a collective never returns: the orderly shutdown gets this long.
+        timer = threading.Timer(30.0, _exit_lost, [why])
+        timer.daemon = True
+        timer.start()
+
+    def wrap(runner):
+        holder.append(BroadcastingRunner(runner, channel, stall_s=stall_s, on_lost=on_lost))
+        return holder[0]
+
+    server = JaxSpecServer(lambda: load_engine(engine_opts, wrap), server_opts)
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: draining (grace period %.1fs), then stopping the followers", sig.name,
+                     server_opts.grace_period)
+            asyncio.ensure_future(server.drain())
+        else:
+            asyncio.ensure_future(server.stop())
+
+    try:
+        await server.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        code = await server.wait_stopped()
+    finally:
+        if holder:
+            holder[0].stop()
+        else:  # loading failed before the runner existed: the followers still wait for record 1
+            channel.publish(encode(STOP, False))
+    return code, (holder[0] if holder else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,7 +69,20 @@ def _worker(process_id: int, port: int, out: str) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------ the test
+def _serve_worker(process_id: int, port: int, grpc_port: int) -> int:
+    """One process of ``python -m jaxspec.serve --coordinator ...`` (serving.multihost.run)."""
+    from jaxspec import distributed
+
+    info = distributed.initialize(f"127.0.0.1:{port}", 2, process_id, timeout_s=120, heartbeat_timeout_s=10)
+    from serving.build import EngineOptions
+    from serving.multihost import run
+    from serving.server import ServerOptions
+
+    engine = EngineOptions(model=MODEL, mesh=MESH, slots=SLOTS, max_len=MAX_LEN, kernel_selftest=False)
+    return run(info, engine, ServerOptions(port=grpc_port, grace_period=5.0), stall_s=10.0)
+
+
+# ------------------------------------------------------------------------------ the tests
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,8 +119,90 @@ def test_two_processes_generate_what_one_process_does(tmp_path):
     assert got["calls"] >= 1 + (MAX_TOKENS - 1) + len(PROMPTS) + 1
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "worker":
+class _Job:
+    """Two worker processes, killed in any case when the test ends."""
+
+    def __init__(self, tmp_path: Path, mode: str, *args: str):
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+               "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+        self.logs = [tmp_path / f"{mode}-p{i}.log" for i in range(2)]
+        self.procs = [subprocess.Popen([sys.executable, __file__, mode, str(i), *args], env=env,
+                                       stdout=open(self.logs[i], "w"), stderr=subprocess.STDOUT) for i in range(2)]
+
+    def wait(self, timeout: float) -> list[int | None]:
+        deadline = time.monotonic() + timeout
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        return codes
+
+    def tails(self) -> str:
+        return "\n".join(f"--- process {i}:\n{log.read_text()[-3000:]}" for i, log in enumerate(self.logs))
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _wait_serving(client, job: _Job, timeout: float) -> None:
+    import grpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in job.procs), f"a process exited during start-up\n{job.tails()}"
+        try:
+            if client.health(timeout=2.0) == "SERVING":
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(1.0)
+    raise AssertionError(f"not SERVING within {timeout}s\n{job.tails()}")
+
+
+def _serve_reference() -> list[list[int]]:
+    """What one process with an 8-device mesh generates for each prompt alone, as the server loads it."""
+    from jaxspec.engine import Engine
+    from jaxspec.engine.factory import make_runner
+    from jaxspec.loading import load_any
+    from jaxspec.mesh import load_mesh_config, placement_for_mesh
+    from jaxspec.sampling import SamplingParams
+
+    model, tokenizer = load_any(MODEL, seed=0)
+    runner = make_runner(model, num_slots=SLOTS, max_len=MAX_LEN, placement=placement_for_mesh(load_mesh_config(MESH)))
+    engine = Engine(runner, tokenizer, eos_ids=[])
+    return [engine.generate([p], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0].token_ids
+            for p in PROMPTS]
+
+
+@pytest.mark.slow
+def test_leader_serves_grpc_and_sigterm_stops_every_process(tmp_path):
+    from serving.client import JaxSpecClient
+
+    grpc_port = _free_port()
+    job = _Job(tmp_path, "serve", str(_free_port()), str(grpc_port))
+    try:
+        with JaxSpecClient(f"127.0.0.1:{grpc_port}", timeout=TIMEOUT_S) as client:
+            _wait_serving(client, job, TIMEOUT_S)
+            got = [list(client.generate(p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True).token_ids)
+                   for p in PROMPTS]
+        job.procs[0].send_signal(signal.SIGTERM)  # the leader drains, then stops the follower
+        codes = job.wait(120)
+        assert codes == [0, 0], f"exit codes {codes}\n{job.tails()}"
+    finally:
+        job.kill()
+    assert got == _serve_reference()
+
+
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] in ("worker", "serve"):
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    sys.exit(_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
+    if sys.argv[1] == "worker":
+        sys.exit(_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
+    sys.exit(_serve_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))

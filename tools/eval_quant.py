@@ -11,6 +11,9 @@ For the target in float32, int8 and int4 (jaxspec.models.quant):
   and the mean number of tokens before the first difference.
 For the draft in float32, int8 and int4, proposing for the float32 target: greedy acceptance at
 k = --k (acceptance per position and mean acceptance length).
+``--kv-cache-dtype int8`` adds a row per weight precision ("<weights>+kv-int8") measured with an int8
+KV cache (jaxspec.models.kv_cache), still against float32 weights with a float cache;
+``--weights`` limits the weight precisions measured.
 Nothing is timed.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 
 import jax
@@ -30,32 +34,57 @@ from jaxspec.engine import Engine
 from jaxspec.engine.factory import make_runner
 from jaxspec.loading import load_any
 from jaxspec.models import KVCache
+from jaxspec.models.kv_cache import KV_DTYPES
 from jaxspec.sampling import SamplingParams
 from jaxspec.training.acceptance import measure_acceptance
 from jaxspec.training.corpus import add_corpus_args, corpus_from_args
-from jaxspec.training.data import encode_documents, eval_windows
+from jaxspec.training.data import encode_documents, eval_windows, token_byte_lengths
 from jaxspec.training.distill import corpus_prompts
 from jaxspec.training.evaluation import heldout_bits_per_byte
 
 PRECISIONS = (None, "int8", "int4")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _argmax(graphdef, state, tokens):  # tokens [B, T] -> greedy choices [B, T]
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _argmax(graphdef, state, tokens, kv_dtype=None):  # tokens [B, T] -> greedy choices [B, T]
     model = nnx.merge(graphdef, state)
     b, t = tokens.shape
-    cache = KVCache.create(model.cfg, b, t)
+    cache = KVCache.create(model.cfg, b, t, kv_dtype=kv_dtype)
     return jnp.argmax(model(tokens, jnp.zeros((b,), jnp.int32), cache).logits, axis=-1)
 
 
-def teacher_forced_choices(model, inputs: np.ndarray) -> np.ndarray:
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _nll_sum(graphdef, state, inputs, targets, mask, kv_dtype=None):  # [B, T] each -> total NLL (nats) of mask
+    model = nnx.merge(graphdef, state)
+    b, t = inputs.shape
+    cache = KVCache.create(model.cfg, b, t, kv_dtype=kv_dtype)
+    logp = jax.nn.log_softmax(model(inputs, jnp.zeros((b,), jnp.int32), cache).logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask, nll, 0.0))
+
+
+def kv_bits_per_byte(model, tokenizer, documents, seq_len: int, batch_size: int, kv_dtype: str) -> float:
+    """``heldout_bits_per_byte`` (same windows, same byte count) with a ``kv_dtype`` KV cache."""
+    windows = eval_windows(encode_documents(tokenizer, documents), seq_len, model.cfg.pad_id)
     graphdef, state = nnx.split(model)
-    return np.concatenate([np.asarray(_argmax(graphdef, state, jnp.asarray(inputs[i:i + 1])))
+    total = 0.0
+    for i in range(0, len(windows.inputs), batch_size):
+        sl = slice(i, i + batch_size)
+        total += float(_nll_sum(graphdef, state, jnp.asarray(windows.inputs[sl]), jnp.asarray(windows.targets[sl]),
+                                jnp.asarray(windows.mask[sl]), kv_dtype))
+    nbytes = int(token_byte_lengths(tokenizer)[windows.targets[windows.mask]].sum())
+    return total / math.log(2) / nbytes
+
+
+def teacher_forced_choices(model, inputs: np.ndarray, kv_dtype: str | None = None) -> np.ndarray:
+    graphdef, state = nnx.split(model)
+    return np.concatenate([np.asarray(_argmax(graphdef, state, jnp.asarray(inputs[i:i + 1]), kv_dtype))
                            for i in range(len(inputs))])
 
 
-def greedy(model, tokenizer, prompts, new_tokens: int) -> list[list[int]]:
-    engine = Engine(make_runner(model, num_slots=len(prompts), max_len=max(map(len, prompts)) + new_tokens), tokenizer)
+def greedy(model, tokenizer, prompts, new_tokens: int, kv_dtype: str | None = None) -> list[list[int]]:
+    engine = Engine(make_runner(model, num_slots=len(prompts), max_len=max(map(len, prompts)) + new_tokens,
+                                kv_dtype=kv_dtype), tokenizer)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     return [c.token_ids for c in engine.generate([list(p) for p in prompts], params)]
 
@@ -75,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--skip-draft", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto",
+                   help="int8: also measure every weight precision with an int8 KV cache")
+    p.add_argument("--weights", nargs="+", choices=("float32", "int8", "int4"), default=["float32", "int8", "int4"],
+                   help="weight precisions of the target to measure (float32 is always the reference)")
     args = p.parse_args(argv)
 
     _, heldout = corpus_from_args(args).split()
@@ -89,16 +122,22 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"group_size": args.group_size, "target": {}, "draft": {}}
     reference = None
-    for mode in PRECISIONS:
-        name = mode or "float32"
+    kv_modes = [None] + ([args.kv_cache_dtype] if args.kv_cache_dtype != "auto" else [])
+    runs = [(mode, kv) for mode in PRECISIONS for kv in kv_modes
+            if (mode or "float32") in args.weights or (mode is None and kv is None)]
+    for mode, kv in runs:
+        name = (mode or "float32") + (f"+kv-{kv}" if kv else "")
         model, tokenizer = load(args.target, "target", mode)
         seq_len = model.cfg.max_seq_len
-        bpb = heldout_bits_per_byte(model, tokenizer, heldout, seq_len, args.batch_size)["bits_per_byte"]
+        if kv is None:
+            bpb = heldout_bits_per_byte(model, tokenizer, heldout, seq_len, args.batch_size)["bits_per_byte"]
+        else:
+            bpb = kv_bits_per_byte(model, tokenizer, heldout, seq_len, args.batch_size, kv)
         windows = eval_windows(encode_documents(tokenizer, heldout), seq_len, model.cfg.pad_id)
         rows = -(-args.agreement_tokens // seq_len)
-        choices = teacher_forced_choices(model, windows.inputs[:rows])[windows.mask[:rows]][: args.agreement_tokens]
+        choices = teacher_forced_choices(model, windows.inputs[:rows], kv)[windows.mask[:rows]][: args.agreement_tokens]
         prompts = corpus_prompts(heldout, tokenizer, args.prompts, args.prompt_tokens, args.seed)
-        outs = greedy(model, tokenizer, prompts, args.new_tokens)
+        outs = greedy(model, tokenizer, prompts, args.new_tokens, kv)
         if reference is None:
             reference = choices, outs
         ref_choices, ref_outs = reference

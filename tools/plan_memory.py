@@ -3,6 +3,7 @@
 
     python tools/plan_memory.py qwen3-30b-a3b tpu-v5e-8 --slots 8 --max-len 4096 --draft qwen3-0.6b
     python tools/plan_memory.py mixtral-8x7b tpu-v5p-8 --kv-cache paged --slots 64 --kv-pages 8192
+    python tools/plan_memory.py qwen3-30b-a3b tpu-v5e-4 --quantize int8 --kv-cache-dtype int8 --no-compile
 
 MODEL and --draft are config names (configs/models) or JSON paths; MESH is a mesh config
 (configs/meshes: cpu-8, tpu-v5e-8, tpu-v5e-4, tpu-v5p-8, gpu-8xh100, gpu-1xh100). Temporaries
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from jaxspec.config import load_config  # noqa: E402
 from jaxspec.mesh import load_mesh_config  # noqa: E402
+from jaxspec.models.kv_cache import KV_DTYPES  # noqa: E402
 from jaxspec.planning import DEFAULT_HEADROOM, plan_memory  # noqa: E402
 
 
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache", choices=("slot", "paged"), default="slot",
                    help="paged: plan a page pool (--kv-pages x --page-size positions) for --slots requests at once")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-cache-dtype", choices=KV_DTYPES, default="auto",
+                   help="the target's KV cache: auto (the model's dtype) or int8 (per-head-per-token scales)")
+    p.add_argument("--draft-kv-cache-dtype", choices=KV_DTYPES, default="auto", help="the draft's KV cache, likewise")
     p.add_argument("--kv-pages", type=int, default=None, help="pages in the pool (default: --slots x --max-len / --page-size)")
     p.add_argument("--max-step-tokens", type=int, default=512,
                    help="prompt tokens prefilled per step, as serve's flag (0: whole prompts); bounds prefill temporaries")
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, load_mesh_config(args.mesh), args.slots, max_len, draft_cfg=draft,
         num_speculative_tokens=args.k, compile=not args.no_compile, headroom=args.headroom,
         paging=paging, prefill_chunk=args.max_step_tokens or None,
+        kv_dtype=args.kv_cache_dtype, draft_kv_dtype=args.draft_kv_cache_dtype,
         on_step=lambda name, b: print(f"  compiled {name}: {b / 2**30:.3f} GiB transient", file=sys.stderr, flush=True),
     )
     print(plan.table())

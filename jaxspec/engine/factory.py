@@ -15,22 +15,25 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
                 spec_method: str = "none", draft=None,
                 num_speculative_tokens: int | str = AUTO, k_max: int = 4,
                 page_size: int | None = None, num_pages: int | None = None,
-                prefill_chunk: int | None = None) -> StepRunner:
+                prefill_chunk: int | None = None, kv_dtype: str | None = None,
+                draft_kv_dtype: str | None = None) -> StepRunner:
     """A ``PlainRunner`` for ``spec_method="none"``, else a ``SpeculativeRunner`` whose proposer is
     ``draft`` ("draft": a ``Transformer``; "eagle3": an ``Eagle3Head``, which reads this target's hidden
     states) or prompt lookup ("ngram"), with k fixed or "auto" (adaptive, up to k_max).
     ``page_size``: a paged KV cache of ``num_pages`` pages (default: as many positions as the slot
     cache would hold, ``num_slots * max_len``) for the target and a draft model alike.
     ``prefill_chunk``: prompts longer than this are prefilled in chunks, one per engine step.
+    ``kv_dtype`` / ``draft_kv_dtype``: "int8" KV caches (per-head-per-token scales) for the target /
+    a draft model, each on its own; None or "auto": the model's dtype.
     Raises ValueError for an unknown method or an incompatible draft."""
     if spec_method not in SPEC_METHODS:
         raise ValueError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {spec_method!r}")
     if page_size is not None and num_pages is None:
         num_pages = num_slots * (max_len or model.cfg.max_seq_len) // page_size
     target = ModelRunner(model, num_slots, max_len, placement=placement, page_size=page_size, num_pages=num_pages,
-                         prefill_chunk=prefill_chunk)
+                         prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
     if spec_method == "none":
         return PlainRunner(target)
     k_max = max(k_max, num_speculative_tokens if isinstance(num_speculative_tokens, int) else 0)
-    return SpeculativeRunner(target, make_proposer(spec_method, draft, target=model),
+    return SpeculativeRunner(target, make_proposer(spec_method, draft, target=model, draft_kv_dtype=draft_kv_dtype),
                              num_speculative_tokens=num_speculative_tokens, k_max=k_max)

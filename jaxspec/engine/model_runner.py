@@ -26,6 +26,7 @@ from jaxspec.engine.slots import SlotTable
 from jaxspec.mesh import Placement, check_placement
 from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
+from jaxspec.models.kv_cache import check_kv_dtype
 from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.models.transformer import check_aux_layers
 from jaxspec.sampling import BatchSampling, pad_sampling, sample_tokens, take_sampling
@@ -268,6 +269,7 @@ class ModelRunner:
         page_size: int | None = None,
         num_pages: int | None = None,
         prefill_chunk: int | None = None,
+        kv_dtype: str | None = None,
     ):
         """``placement``: run on a mesh (parameters moved to their shardings if they are not
         there yet; ``moe_backend`` then names the per-device expert computation's backend only
@@ -275,13 +277,16 @@ class ModelRunner:
         ``max_prefill_rows``: most prompts one prefill call takes (a compiled bucket each).
         ``page_size``: a paged cache of ``num_pages`` pages (see kv_cache); the engine hands out
         pages (``assign_pages``) before a slot is prefilled. ``prefill_chunk``: prompts longer than
-        this are prefilled in pieces of at most this many tokens (one per engine step)."""
+        this are prefilled in pieces of at most this many tokens (one per engine step).
+        ``kv_dtype``: "int8" stores keys and values in int8 with per-head-per-token scales (see
+        kv_cache); None or "auto": the model's dtype."""
         self.cfg = model.cfg
         self.num_slots = num_slots
         self.max_len = max_len or self.cfg.max_seq_len
         if self.max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len {self.max_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
         check_attention_backend(attention_backend)
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.moe_backend = moe_backend
         self.placement = placement
         self.graphdef, self.state = nnx.split(model)
@@ -294,14 +299,15 @@ class ModelRunner:
         if placement is not None:
             self.state_sharding = state_sharding = placement.state_shardings(self.state)
             self.state = jax.device_put(self.state, state_sharding)
-            abstract = KVCache.abstract(self.cfg, num_slots, self.max_len, num_pages=num_pages, page_size=page_size)
+            abstract = KVCache.abstract(self.cfg, num_slots, self.max_len, num_pages=num_pages, page_size=page_size,
+                                        kv_dtype=self.kv_dtype)
             cache_sharding = placement.cache_shardings(abstract)
-            key = (self.graphdef, self.statics, num_slots, self.max_len, num_pages, page_size)
+            key = (self.graphdef, self.statics, num_slots, self.max_len, num_pages, page_size, self.kv_dtype)
             self._steps = placed_steps(self.graphdef, self.statics, state_sharding, cache_sharding, key)
         self.cache_sharding = cache_sharding
         self.paging = (num_pages, page_size) if page_size is not None else None
         create = functools.partial(KVCache.create, self.cfg, num_slots, self.max_len, num_pages=num_pages,
-                                   page_size=page_size)
+                                   page_size=page_size, kv_dtype=self.kv_dtype)
         if cache_sharding is None:
             # Committed to a device like every later (jit-output) cache, so the first and
             # later steps see the same argument placement and share one compilation.

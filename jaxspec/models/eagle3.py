@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspec.config import SUPPORTED_ROPE_SCALING, ConfigError
-from jaxspec.models.kv_cache import KVCache
+from jaxspec.models.kv_cache import KVCache, read_slots, write_slots
 from jaxspec.models.layers import MLP, RMSNorm, apply_rope, attention, param, rope_inv_frequencies, zeros_param
 
 
@@ -116,16 +116,12 @@ class Eagle3Attention(nnx.Module):
         k = apply_rope(jnp.einsum("btd,dhk->bthk", x, self.wk[...]), positions, inv_freq)
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
         # Write first (positions past the cache and padding rows, slot id S, are dropped), then attend.
-        rows = (jnp.arange(x.shape[0]) if slot_ids is None else slot_ids)[:, None]
-        ck = cache.k.at[0, rows, positions].set(k.astype(cache.k.dtype), mode="drop")
-        cv = cache.v.at[0, rows, positions].set(v.astype(cache.v.dtype), mode="drop")
-        kv_len = ck.shape[2] if kv_len is None else min(kv_len, ck.shape[2])
-        keys, values = ck[0, :, :kv_len], cv[0, :, :kv_len]
-        if slot_ids is not None:
-            keys = jnp.take(keys, slot_ids, axis=0, mode="clip")
-            values = jnp.take(values, slot_ids, axis=0, mode="clip")
+        rows = jnp.arange(x.shape[0]) if slot_ids is None else slot_ids
+        cache = write_slots(cache, 0, rows, positions, k, v)
+        kv_len = cache.k.shape[2] if kv_len is None else min(kv_len, cache.k.shape[2])
+        keys, values = read_slots(cache, 0, kv_len, slot_ids, k.dtype)
         out = attention(q, keys, values, positions)
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), cache._replace(k=ck, v=cv)
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), cache
 
 
 class Eagle3Head(nnx.Module):

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.models.kv_cache import gather_pages, page_slots, row_tables
+from jaxspec.models.kv_cache import (KVCache, page_slots, read_pages, read_slots, row_tables,
+                                     write_pages, write_slots)
 from jaxspec.models.quant import qeinsum  # a weight read with self.w[...] may be quantized (models.quant)
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
@@ -150,15 +151,13 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,  # [B, T, D]
         positions: jax.Array,  # [B, T]
-        cache_k: jax.Array,  # [L, S, M, K, Dh]
-        cache_v: jax.Array,
+        cache: KVCache,  # every layer's; paged when cache.page_table is set, int8 when cache.quantized
         layer: int,
         slot_ids: jax.Array | None,  # [B] or None for "row b is slot b"
         inv_freq: jax.Array,
         kv_len: int | None = None,
         attention_backend: str = "xla",
-        page_table: jax.Array | None = None,  # [S, n]: the cache is paged (see kv_cache)
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, KVCache]:
         """``kv_len`` (static): attend over cache positions [0, kv_len) only; every query
         position must be < kv_len (the caller buckets it over the rows' lengths)."""
         cfg = self.cfg
@@ -173,35 +172,32 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
 
         rows = jnp.arange(x.shape[0]) if slot_ids is None else slot_ids
-        if page_table is not None:
-            num_pages, page_size = cache_k.shape[1], cache_k.shape[2]
-            tables = row_tables(page_table, rows, num_pages)  # [B, n]
+        if cache.page_table is not None:
+            num_pages, page_size = cache.k.shape[1], cache.k.shape[2]
+            tables = row_tables(cache.page_table, rows, num_pages)  # [B, n]
             page, offset = page_slots(tables, positions, num_pages, page_size)  # [B, T] each
-            cache_k = cache_k.at[layer, page, offset].set(k.astype(cache_k.dtype), mode="drop")
-            cache_v = cache_v.at[layer, page, offset].set(v.astype(cache_v.dtype), mode="drop")
+            cache = write_pages(cache, layer, page, offset, k, v)
             max_len = tables.shape[1] * page_size
             kv_len = max_len if kv_len is None else min(kv_len, max_len)
-            if attention_backend == "pallas":
+            if attention_backend == "pallas" and not cache.quantized:
                 # The kernel reads the pool through the tables in place: no gathered copy of the pages.
                 from pallas_kernels.paged_attention import paged_attention
 
-                attn = paged_attention(q, cache_k[layer], cache_v[layer], tables, positions, kv_len, cfg.sliding_window)
-                return qeinsum("bthk,hkd->btd", attn, self.wo[...]), cache_k, cache_v
-            keys, values = gather_pages(cache_k[layer], tables, kv_len), gather_pages(cache_v[layer], tables, kv_len)
+                attn = paged_attention(q, cache.k[layer], cache.v[layer], tables, positions, kv_len, cfg.sliding_window)
+                return qeinsum("bthk,hkd->btd", attn, self.wo[...]), cache
+            # XLA, or an int8 pool (the paged kernel has no int8 input yet): gather the rows' pages,
+            # dequantize them, and attend below (the pallas backend through verify_attention).
+            keys, values = read_pages(cache, layer, tables, kv_len, k.dtype)
         else:
             # Write the new keys/values first; positions >= M and padding rows (slot id S) are dropped.
-            cache_k = cache_k.at[layer, rows[:, None], positions].set(k.astype(cache_k.dtype), mode="drop")
-            cache_v = cache_v.at[layer, rows[:, None], positions].set(v.astype(cache_v.dtype), mode="drop")
+            cache = write_slots(cache, layer, rows, positions, k, v)
             # Read only the rows' slots and the first kv_len positions: decode cost follows the
             # live contexts, not the cache's capacity.
-            kv_len = cache_k.shape[2] if kv_len is None else min(kv_len, cache_k.shape[2])
-            keys, values = cache_k[layer, :, :kv_len], cache_v[layer, :, :kv_len]
-            if slot_ids is not None:
-                keys = jnp.take(keys, slot_ids, axis=0, mode="clip")
-                values = jnp.take(values, slot_ids, axis=0, mode="clip")
+            kv_len = cache.k.shape[2] if kv_len is None else min(kv_len, cache.k.shape[2])
+            keys, values = read_slots(cache, layer, kv_len, slot_ids, k.dtype)
         attn = attention(q, keys, values, positions, cfg.sliding_window, attention_backend)
         out = qeinsum("bthk,hkd->btd", attn, self.wo[...])
-        return out, cache_k, cache_v
+        return out, cache
 
 
 class MLP(nnx.Module):

@@ -58,11 +58,10 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.mlp_dim, dt, rngs)
 
-    def __call__(self, x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend,
-                 router_stats=False, capacity_factor=None, kv_len=None, attention_backend="xla", page_table=None):
-        attn_out, cache_k, cache_v = self.attn(
-            self.attn_norm(x), positions, cache_k, cache_v, self.layer, slot_ids, inv_freq, kv_len, attention_backend,
-            page_table,
+    def __call__(self, x, positions, cache: KVCache, slot_ids, valid, inv_freq, moe_backend,
+                 router_stats=False, capacity_factor=None, kv_len=None, attention_backend="xla"):
+        attn_out, cache = self.attn(
+            self.attn_norm(x), positions, cache, self.layer, slot_ids, inv_freq, kv_len, attention_backend,
         )
         x = x + attn_out
         h = self.mlp_norm(x)
@@ -70,7 +69,7 @@ class DecoderLayer(nnx.Module):
             mlp_out, counts = self.moe(h, valid, moe_backend, router_stats, capacity_factor)
         else:
             mlp_out, counts = self.mlp(h), None
-        return x + mlp_out, cache_k, cache_v, counts
+        return x + mlp_out, cache, counts
 
 
 class Transformer(nnx.Module):
@@ -106,16 +105,15 @@ class Transformer(nnx.Module):
         inv_freq = rope_inv_frequencies(cfg)
 
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
-        cache_k, cache_v = cache.k, cache.v
         loads = []
         check_aux_layers(aux_layers, cfg.num_layers)
         captured = {}
         for i, layer in enumerate(self.layers):
             if i in aux_layers:
                 captured[i] = x
-            x, cache_k, cache_v, counts = layer(
-                x, positions, cache_k, cache_v, slot_ids, valid, inv_freq, moe_backend, router_stats, capacity_factor,
-                kv_len, attention_backend, cache.page_table,
+            x, cache, counts = layer(
+                x, positions, cache, slot_ids, valid, inv_freq, moe_backend, router_stats, capacity_factor,
+                kv_len, attention_backend,
             )
             loads.append(counts if counts is not None else jnp.zeros((max(cfg.num_experts, 1),), jnp.int32))
         if cfg.num_layers in aux_layers:
@@ -127,7 +125,7 @@ class Transformer(nnx.Module):
 
         rows = jnp.arange(b) if slot_ids is None else slot_ids
         lengths = cache.lengths.at[rows].set(start + num_valid, mode="drop")
-        return ForwardOutput(logits, hidden, KVCache(cache_k, cache_v, lengths, cache.page_table), jnp.stack(loads), aux)
+        return ForwardOutput(logits, hidden, cache.with_lengths(lengths), jnp.stack(loads), aux)
 
 
 def check_aux_layers(aux_layers: tuple[int, ...], num_layers: int) -> None:

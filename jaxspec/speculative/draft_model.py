@@ -36,6 +36,7 @@ from jaxspec.config import ModelConfig
 from jaxspec.engine.model_runner import kv_buckets, prefill_buckets, slots_unsplit
 from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
+from jaxspec.models.kv_cache import check_kv_dtype
 from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, batch_noise, logits_to_probs, sample_from_probs
 from jaxspec.speculative.jit_cache import cached_jit
@@ -93,8 +94,12 @@ class DraftModelProposer:
     name = "draft"
     deterministic = False
 
-    def __init__(self, model: Transformer, moe_backend: str | None = None, catchup_chunk: int = 16):
+    def __init__(self, model: Transformer, moe_backend: str | None = None, catchup_chunk: int = 16,
+                 kv_dtype: str | None = None):
+        """``kv_dtype``: the draft's own KV cache precision ("int8" or None/"auto": the model's dtype),
+        independent of the target's."""
         self.cfg: ModelConfig = model.cfg
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.graphdef, self.state = nnx.split(model)
         self.moe_backend = moe_backend
         self.catchup_chunk = catchup_chunk
@@ -113,7 +118,7 @@ class DraftModelProposer:
         the target's. Steps get explicit in/out shardings, so the draft cache keeps its layout from
         step to step."""
         hbm = device_memory_bytes(target.mesh.devices.flat[0])
-        placement = draft_placement(self.cfg, target, num_slots, max_len, hbm)
+        placement = draft_placement(self.cfg, target, num_slots, max_len, hbm, kv_dtype=self.kv_dtype)
         check_placement(self.cfg, placement)
         self.placement = placement
         self._state_sharding = placement.state_shardings(self.state)
@@ -137,6 +142,7 @@ class DraftModelProposer:
         # Paged like the target, page for page: the target's table is the draft's too.
         self.paging = paging
         pages = dict(num_pages=paging[0], page_size=paging[1]) if paging is not None else {}
+        pages["kv_dtype"] = self.kv_dtype
         self.page_table = None if paging is None else np.full((num_slots, max_len // paging[1]), paging[0], np.int32)
         if self.placement is None:
             # Committed to a device like every later (jit-output) cache: the first step and the
@@ -168,7 +174,7 @@ class DraftModelProposer:
                 kwargs["in_shardings"] = (self._state_sharding, self._cache_sharding, *[rep] * num_small)
                 kwargs["out_shardings"] = self._cache_sharding if num_outputs == 1 else (
                     self._cache_sharding, *[rep] * (num_outputs - 1))
-                key = (*key, self.placement, self.num_slots, self.max_len, self.paging)
+                key = (*key, self.placement, self.num_slots, self.max_len, self.paging, self.kv_dtype)
             fn = self._fns[name] = cached_jit(("draft", self.graphdef, self.moe_backend, *key), make, **kwargs)
         return fn
 

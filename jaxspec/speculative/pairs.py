@@ -38,9 +38,11 @@ def perturbed_copy(model: Transformer, noise: float, seed: int = 0) -> Transform
 
 
 def make_proposer(method: str, draft=None, moe_backend: str | None = None,
-                  ngram_max: int = 3, ngram_min: int = 1, target: Transformer | None = None) -> Proposer:
+                  ngram_max: int = 3, ngram_min: int = 1, target: Transformer | None = None,
+                  draft_kv_dtype: str | None = None) -> Proposer:
     """``draft``: a ``Transformer`` ("draft") or an ``Eagle3Head`` ("eagle3", which shares the
-    ``target``'s embeddings unless it has its own)."""
+    ``target``'s embeddings unless it has its own). ``draft_kv_dtype``: "int8" for a draft model's
+    own KV cache (the EAGLE-3 head's cache stays in its dtype)."""
     if method == "none":
         return NoProposer()
     if method == "ngram":
@@ -48,7 +50,7 @@ def make_proposer(method: str, draft=None, moe_backend: str | None = None,
     if method == "draft":
         if draft is None:
             raise ValueError("--spec-method draft needs a draft model (--draft NAME_OR_PATH)")
-        return DraftModelProposer(draft, moe_backend=moe_backend)
+        return DraftModelProposer(draft, moe_backend=moe_backend, kv_dtype=draft_kv_dtype)
     if method == "eagle3":
         from jaxspec.models.eagle3 import Eagle3Head
         from jaxspec.speculative.eagle3 import Eagle3Proposer

@@ -170,7 +170,7 @@ class SpeculativeRunner:
                 rep = target.placement.replicated()
                 kwargs["in_shardings"] = (target.state_sharding, target.cache_sharding, *[rep] * 9)
                 kwargs["out_shardings"] = (target.cache_sharding, rep, rep, rep)
-                key = (*key, self.num_slots, self.max_len, target.paging)  # the shardings depend on all three
+                key = (*key, self.num_slots, self.max_len, target.paging, target.kv_dtype)  # the shardings depend on these
             fn = self._verify_fns[(kb, deterministic, kv_len)] = cached_jit(
                 key, lambda: _make_verify(target.forward_fn(), self.verify_backend, kv_len, not target.compact_rows),
                 **kwargs)
