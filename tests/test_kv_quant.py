@@ -284,3 +284,19 @@ def test_server_options_build_int8_caches_for_target_and_draft():
     assert bundle.description.kv_cache_dtype == "int8"
     plain = load_engine(EngineOptions(model="tiny-moe", slots=2, max_len=32, kernel_selftest=False, mesh=None))
     assert plain.description.kv_cache_dtype == "float32"
+
+
+def test_kernel_selftest_checks_verify_attention_for_an_int8_paged_runner():
+    """An int8 pool is gathered and attended by verify_attention (the paged kernel has no int8 input):
+    the self-test checks that kernel, and falls back to XLA when it disagrees."""
+    from jaxspec import kernels
+    from jaxspec.kernels import KernelCheck
+
+    runner = ModelRunner(_target(), 2, 64, attention_backend="pallas", page_size=16, num_pages=8, kv_dtype="int8")
+    failing = lambda *a, **k: KernelCheck("verify_attention", False, "injected")  # noqa: E731
+    unexpected = lambda *a, **k: KernelCheck("paged_attention", True, "")  # noqa: E731
+    passing = lambda *a, **k: KernelCheck("gmm", True, "")  # noqa: E731
+    results = kernels.selftest(runner, force=True, checks={"verify_attention": failing, "paged_attention": unexpected,
+                                                           "gmm": passing})
+    assert [r.kernel for r in results if r.kernel != "gmm"] == ["verify_attention"]
+    assert runner.statics.attention_backend == "xla"
