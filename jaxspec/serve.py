@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what the target's KV cache stores: auto (the model's dtype) or int8 (per-head-per-token "
                    "scales: half the bytes of bfloat16, so twice the tokens in the same memory)")
     m.add_argument("--draft-kv-cache-dtype", choices=KV_DTYPES, default="auto",
-                   help="the draft model's KV cache, likewise (costs acceptance, never correctness)")
+                   help="the draft model's (or EAGLE-3 head's) KV cache, likewise (costs acceptance, never "
+                   "correctness)")
     m.add_argument("--page-size", type=int, metavar="N", default=16, help="positions per KV page (--kv-cache paged)")
     m.add_argument("--kv-pages", type=int, metavar="N", default=None,
                    help="pages in the KV pool (--kv-cache paged); default: --slots x --max-len / --page-size")

@@ -58,7 +58,7 @@ class EngineOptions:
     prefix_cache: bool = True  # paged: reuse cached pages of earlier prompts' leading blocks
     max_step_tokens: int = 512  # prompt tokens prefilled per step; longer prompts go in chunks
     kv_cache_dtype: str = "auto"  # target's KV cache: "auto" (the model's dtype) or "int8" (models.kv_cache)
-    draft_kv_cache_dtype: str = "auto"  # a draft model's own KV cache, likewise
+    draft_kv_cache_dtype: str = "auto"  # a draft model's or EAGLE-3 head's own KV cache, likewise
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
@@ -75,8 +75,9 @@ class EngineOptions:
         for name in ("kv_cache_dtype", "draft_kv_cache_dtype"):
             if getattr(self, name) not in KV_DTYPES:
                 raise ConfigError(f"{name} must be one of {', '.join(KV_DTYPES)}, got {getattr(self, name)!r}")
-        if self.draft_kv_cache_dtype != "auto" and self.spec_method != "draft":
-            raise ConfigError("--draft-kv-cache-dtype sets a draft model's cache (--spec-method draft)")
+        if self.draft_kv_cache_dtype != "auto" and self.spec_method not in ("draft", "eagle3"):
+            raise ConfigError("--draft-kv-cache-dtype sets a draft model's or EAGLE-3 head's cache "
+                              "(--spec-method draft or eagle3)")
         if self.spec_method != "none" and self.num_speculative_tokens < 1:
             raise ConfigError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         for name in ("slots", "max_waiting", "default_max_tokens"):

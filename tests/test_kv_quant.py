@@ -254,7 +254,7 @@ def test_bad_kv_dtype_values_are_refused_clearly():
     assert engine.kv_cache_dtype == "int8" and engine.draft_kv_cache_dtype == "auto"
     with pytest.raises(ConfigError, match="kv_cache_dtype must be one of auto, int8, got 'fp8'"):
         EngineOptions(model="tiny-moe", kv_cache_dtype="fp8").validate()
-    with pytest.raises(ConfigError, match="--draft-kv-cache-dtype sets a draft model's cache"):
+    with pytest.raises(ConfigError, match="--draft-kv-cache-dtype sets a draft model's or EAGLE-3 head's cache"):
         EngineOptions(model="tiny-moe", draft_kv_cache_dtype="int8").validate()
 
 
@@ -300,3 +300,45 @@ def test_kernel_selftest_checks_verify_attention_for_an_int8_paged_runner():
                                                            "gmm": passing})
     assert [r.kernel for r in results if r.kernel != "gmm"] == ["verify_attention"]
     assert runner.statics.attention_backend == "xla"
+
+
+def test_kv_memory_fraction_counts_the_bytes_of_int8_pages(monkeypatch):
+    """--kv-memory-fraction sizes the pool by the bytes an int8 page really takes (values + scales)."""
+    import dataclasses
+
+    from jaxspec import mesh
+    from serving.build import EngineOptions, pages_for_memory_fraction
+
+    model = _target()  # float32: int8 values are a quarter of the bytes, plus 4 / head_dim for the scales
+    monkeypatch.setattr(mesh, "device_memory_bytes", lambda device: 64 << 20)
+    opts = EngineOptions(model="tiny-moe", kv_cache="paged", page_size=8, kv_memory_fraction=0.5, max_len=128)
+    float_pages = pages_for_memory_fraction(opts, model, None)
+    int8_pages = pages_for_memory_fraction(dataclasses.replace(opts, kv_cache_dtype="int8"), model, None)
+    cfg = model.cfg
+    page = 2 * cfg.num_layers * 8 * cfg.num_kv_heads * (cfg.head_dim + 4)  # int8 values + float32 scales
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    assert int8_pages == int(((32 << 20) - weights) // page)
+    # float32 pages take 4 * head_dim bytes per head and position, int8 ones head_dim + 4.
+    assert int8_pages / float_pages == pytest.approx(4 * cfg.head_dim / (cfg.head_dim + 4), rel=0.01)
+
+
+@pytest.mark.slow
+def test_greedy_eagle3_with_int8_caches_equals_greedy_plain():
+    """An EAGLE-3 head with its own int8 cache, proposing for an int8-KV target: the output is the
+    plain int8-KV target's."""
+    from jaxspec.engine.factory import make_runner
+    from jaxspec.models.eagle3 import Eagle3Config, Eagle3Head
+
+    target = _target()
+    cfg = target.cfg
+    head_cfg = Eagle3Config(name="int8-kv-head", hidden_size=cfg.d_model, target_hidden_size=cfg.d_model,
+                            vocab_size=cfg.vocab_size, draft_vocab_size=cfg.vocab_size, num_heads=cfg.num_heads,
+                            num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim,
+                            aux_layers=(0, 1, cfg.num_layers), max_seq_len=MAX_LEN)
+    head = Eagle3Head(head_cfg, nnx.Rngs(params=3))
+    prompts = _prompts(cfg.vocab_size)
+    plain = _generate(PlainRunner(ModelRunner(target, SLOTS, MAX_LEN, kv_dtype="int8")), prompts)
+    runner = make_runner(target, num_slots=SLOTS, max_len=MAX_LEN, spec_method="eagle3", draft=head,
+                         num_speculative_tokens=2, k_max=2, kv_dtype="int8", draft_kv_dtype="int8")
+    assert runner.proposer.cache.quantized and runner.target.cache.quantized
+    assert _generate(runner, prompts) == plain

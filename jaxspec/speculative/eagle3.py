@@ -39,6 +39,7 @@ from flax import nnx
 from jaxspec.config import ModelConfig
 from jaxspec.engine.model_runner import batch_buckets, prefill_buckets
 from jaxspec.models import KVCache
+from jaxspec.models.kv_cache import check_kv_dtype
 from jaxspec.models.eagle3 import Eagle3Head
 from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, batch_noise, logits_to_probs, sample_from_probs
 from jaxspec.speculative.jit_cache import cached_jit
@@ -96,9 +97,11 @@ class Eagle3Proposer:
     name = "eagle3"
     deterministic = False
 
-    def __init__(self, head: Eagle3Head, target_embed: jax.Array | None = None):
-        """``target_embed``: the target's embedding table [V, D], shared (needed unless the head has its own)."""
+    def __init__(self, head: Eagle3Head, target_embed: jax.Array | None = None, kv_dtype: str | None = None):
+        """``target_embed``: the target's embedding table [V, D], shared (needed unless the head has its own).
+        ``kv_dtype``: "int8" for the head's own KV cache (None or "auto": the head's dtype)."""
         self.cfg = head.cfg
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         if not self.cfg.own_embeddings and target_embed is None:
             raise ValueError("this EAGLE-3 head shares the target's embeddings: pass target_embed")
         self.graphdef, self.state = nnx.split(head)
@@ -126,7 +129,7 @@ class Eagle3Proposer:
         self.num_slots, self.max_len = num_slots, max_len
         self.feature_dtype = jnp.dtype(target_cfg.dtype)
         dev = jax.devices()[0]
-        self.cache = jax.device_put(KVCache.create(self.cfg, num_slots, max_len), dev)
+        self.cache = jax.device_put(KVCache.create(self.cfg, num_slots, max_len, kv_dtype=self.kv_dtype), dev)
         self.last = jax.device_put(jnp.zeros((num_slots, self.cfg.hidden_size), jnp.dtype(self.cfg.dtype)), dev)
         self.lengths = np.zeros(num_slots, np.int32)
         self.prefill_widths = prefill_buckets(max_len)

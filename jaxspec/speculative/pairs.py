@@ -41,8 +41,8 @@ def make_proposer(method: str, draft=None, moe_backend: str | None = None,
                   ngram_max: int = 3, ngram_min: int = 1, target: Transformer | None = None,
                   draft_kv_dtype: str | None = None) -> Proposer:
     """``draft``: a ``Transformer`` ("draft") or an ``Eagle3Head`` ("eagle3", which shares the
-    ``target``'s embeddings unless it has its own). ``draft_kv_dtype``: "int8" for a draft model's
-    own KV cache (the EAGLE-3 head's cache stays in its dtype)."""
+    ``target``'s embeddings unless it has its own). ``draft_kv_dtype``: "int8" for the draft model's
+    or the EAGLE-3 head's own KV cache."""
     if method == "none":
         return NoProposer()
     if method == "ngram":
@@ -58,5 +58,5 @@ def make_proposer(method: str, draft=None, moe_backend: str | None = None,
         if not isinstance(draft, Eagle3Head):
             raise ValueError("--spec-method eagle3 needs an EAGLE-3 head (--draft PATH to a head folder)")
         embed = None if draft.cfg.own_embeddings or target is None else target.embed[...]
-        return Eagle3Proposer(draft, target_embed=embed)
+        return Eagle3Proposer(draft, target_embed=embed, kv_dtype=draft_kv_dtype)
     raise ValueError(f"unknown speculative method {method!r}; choose from {', '.join(SPEC_METHODS)}")
