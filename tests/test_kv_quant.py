@@ -188,6 +188,7 @@ def test_greedy_speculative_equals_greedy_plain_with_an_int8_target(paged):
     assert agree >= 0.8, agree
 
 
+@pytest.mark.slow  # about 35 s on the shared 2-core machine
 def test_greedy_prompt_lookup_equals_greedy_plain_with_an_int8_target():
     """The quick form of the test above: prompt lookup (no draft model to compile), two requests."""
     from jaxspec.speculative import NgramProposer
