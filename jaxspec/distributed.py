@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"this process's index, 0 = the leader that serves. Env: {ENV_PROCESS_ID}")
     g.add_argument("--distributed-timeout", type=int, default=300,
                    help="seconds to wait for every process to join")
+    g.add_argument("--distributed-heartbeat-timeout", type=int, default=100,
+                   help="seconds of silence after which JAX's runtime declares a process dead and aborts the others "
+                        "(the leader notices a dead follower sooner through its own heartbeats)")
 
 
 def _env_int(name: str) -> int | None:
@@ -113,7 +116,8 @@ def initialize_from_args(args: argparse.Namespace) -> ProcessInfo | None:
     """``initialize`` when the arguments ask for it (see ``wanted``), else None (one process)."""
     if not wanted(args):
         return None
-    return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
+    return initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout,
+                      heartbeat_timeout_s=args.distributed_heartbeat_timeout)
 
 
 def _platform() -> str:

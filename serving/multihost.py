@@ -14,11 +14,15 @@ pickled: they travel from process 0 to its own job's processes through the coord
 service, the same trust boundary as the collectives themselves.
 
 Failure handling. A follower that cannot run a call the leader ran (or that loses the
-coordinator) exits non-zero at once, and the leader's next collective fails or hangs. The
-leader checks, whenever a call raises or runs longer than ``stall_s``, whether every process
-is still alive; if one is gone it raises ``FollowerLost`` (the engine fails that step's
-requests) and calls ``on_lost`` (the server: NOT_SERVING, exit non-zero). A step stuck in a
-collective cannot be interrupted, so the default ``on_lost`` for a stall ends the process.
+coordinator) exits non-zero at once, and the leader's next collective fails or hangs. Followers
+bump a heartbeat counter in the key-value store every second (the runtime's ``get_live_nodes``
+is collective: it returns only once every live process has called it, so the leader cannot ask
+it alone). When a call raises, or runs longer than ``stall_s``, the leader checks the heartbeats;
+a follower quiet for ``dead_after_s`` makes it raise ``FollowerLost`` (the engine fails that
+step's requests with ERROR) and call ``on_lost`` (the server: NOT_SERVING, exit status 3). A step
+stuck in a collective cannot be interrupted, so ``on_lost`` gives the orderly shutdown 30 s and
+then ends the process. JAX's own heartbeat timeout (``--distributed-heartbeat-timeout``, 100 s by
+default) aborts every process later still, should all of this fail.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
 log = logging.getLogger("jaxspec.multihost")
 
 EXIT_FOLLOWER_LOST = 3  # the leader's exit status when a follower died
-EXIT_DIVERGED = 4
-HEARTBEAT_S = 1.0  # how often followers beat and the leader looks  # a follower's exit status when it could not run what the leader ran
+EXIT_DIVERGED = 4  # a follower's exit status when it could not run what the leader ran
+HEARTBEAT_S = 1.0  # how often followers beat and the leader looks
 STOP = "stop"
 # The slot table columns runners read (SlotTable.sampling, num_generated, last_token, active).
 SLOT_COLUMNS = ("active", "last_token", "num_generated", "temperature", "top_k", "top_p", "min_p", "seed")
@@ -94,7 +98,7 @@ class BroadcastingRunner:
 
     pipelined = False
 
-    def __init__(self, runner: Any, channel: StepChannel, *, stall_s: float = 30.0, dead_after_s: float = 15.0,
+    def __init__(self, runner: Any, channel: StepChannel, *, stall_s: float = 30.0, dead_after_s: float = 5.0,
                  on_lost: Callable[[str], None] | None = None):
         self._inner = runner
         host_lengths_for_reads(runner)
@@ -192,7 +196,7 @@ class BroadcastingRunner:
                 out = local()
             except Exception as e:
                 self._prev_ok = False
-                gone = self._missing(since=time.monotonic())
+                gone = self._missing(wait=True)
                 if gone:
                     self._lose(f"follower process(es) {gone} left the job during {call}: {type(e).__name__}: {e}")
                     raise FollowerLost(self.lost) from e
@@ -213,16 +217,19 @@ class BroadcastingRunner:
             if self._beats.get(p, (None, 0.0))[0] != count:
                 self._beats[p] = (count, now)
 
-    def _missing(self, since: float | None = None) -> list[int]:
-        """Followers whose heartbeat has not moved for ``dead_after_s``. ``since`` (a failed call's
-        time): wait until each follower either beats after it (alive) or goes quiet for good."""
+    def _missing(self, wait: bool = False) -> list[int]:
+        """Followers whose heartbeat has not moved for ``dead_after_s``. ``wait`` (after a failed
+        call): wait until each follower either beats again (alive) or stays quiet that long."""
+        self._poll_beats()
+        # A beat first seen now may predate the failure; only a later one proves life.
+        before = {p: count for p, (count, _) in self._beats.items()}
         while True:
-            self._poll_beats()
             now = time.monotonic()
             gone = [p for p, (_, t) in self._beats.items() if now - t > self.dead_after_s]
-            if gone or since is None or all(t > since for _, t in self._beats.values()):
+            if gone or not wait or all(self._beats[p][0] != c for p, c in before.items()):
                 return gone
-            time.sleep(HEARTBEAT_S)
+            time.sleep(HEARTBEAT_S / 4)
+            self._poll_beats()
 
     def _lose(self, why: str) -> None:
         if self.lost is None:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 80], list(range(30, 52))]
@@ -73,13 +74,204 @@ def _serve_worker(process_id: int, port: int, grpc_port: int) -> int:
     """One process of ``python -m jaxspec.serve --coordinator ...`` (serving.multihost.run)."""
     from jaxspec import distributed
 
-    info = distributed.initialize(f"127.0.0.1:{port}", 2, process_id, timeout_s=120, heartbeat_timeout_s=10)
+    info = distributed.initialize(f"127.0.0.1:{port}", 2, process_id, timeout_s=120, heartbeat_timeout_s=60)
     from serving.build import EngineOptions
     from serving.multihost import run
     from serving.server import ServerOptions
 
     engine = EngineOptions(model=MODEL, mesh=MESH, slots=SLOTS, max_len=MAX_LEN, kernel_selftest=False)
     return run(info, engine, ServerOptions(port=grpc_port, grace_period=5.0), stall_s=10.0)
+
+
+# ------------------------------------------------- the protocol, in one process (fast)
+class _Store:
+    """The key-value store's methods StepChannel uses, in memory."""
+
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+
+    def key_value_set_bytes(self, key, value, allow_overwrite=False):
+        assert allow_overwrite or key not in self.data, key
+        self.data[key] = value
+
+    def blocking_key_value_get_bytes(self, key, timeout_in_ms):
+        if key not in self.data:
+            raise RuntimeError("DEADLINE_EXCEEDED: no such key yet")
+        return self.data[key]
+
+    def key_value_try_get_bytes(self, key):
+        if key not in self.data:
+            raise RuntimeError("NOT_FOUND")
+        return self.data[key]
+
+    def key_value_delete(self, key):
+        self.data.pop(key, None)
+
+
+class _Recorder:
+    """A StepRunner that records what it is asked to run (and can fail one call)."""
+
+    cfg = type("Cfg", (), {"vocab_size": 259, "eos_ids": ()})()
+    num_slots, max_len, max_prefill_rows = 4, 64, 4
+    reuses_prefix, lookahead, prefill_chunk = True, 0, None
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls, self.fail_on = [], fail_on
+
+    def _log(self, *entry):
+        self.calls.append(entry)
+        if entry[0] == self.fail_on:
+            raise RuntimeError(f"{entry[0]} failed")
+
+    def prefill_batch(self, chunks, slots):
+        self._log("prefill_batch", [(c.slot, c.request.prompt_ids, c.start, c.end) for c in chunks],
+                  slots.temperature.tolist())
+        return [7] * len(chunks)
+
+    def decode(self, slots, plan):
+        from jaxspec.engine.step import StepResult
+
+        self._log("decode", plan.slots.tolist(), slots.last_token.tolist(), slots.num_generated.tolist())
+        return StepResult.plain(plan.slots, [8] * len(plan.slots))
+
+    def release(self, slot):
+        self._log("release", slot)
+
+    def assign_pages(self, slot, pages):
+        self._log("assign_pages", slot, pages)
+
+    def speculation(self):
+        return None
+
+    def paging(self):
+        return None
+
+    def padded_length(self, n):
+        return 16
+
+
+def _pair(store, ack_every=2):
+    from jaxspec.distributed import StepChannel
+
+    lead = StepChannel(store, num_processes=2, process_id=0, ack_every=ack_every)
+    return lead, StepChannel(store, num_processes=2, process_id=1, ack_every=ack_every)
+
+
+def test_follower_replays_the_leaders_calls_and_stops():
+    from jaxspec.engine import Engine
+    from jaxspec.sampling import SamplingParams
+    from jaxspec.tokenizer import ByteTokenizer
+    from serving.multihost import BroadcastingRunner, follow
+
+    store = _Store()
+    lead_ch, follow_ch = _pair(store)
+    leader, replica = _Recorder(), _Recorder()
+    runner = BroadcastingRunner(leader, lead_ch)
+    assert runner.pipelined is False
+    engine = Engine(runner, ByteTokenizer(), eos_ids=[], overlap=True)
+    assert not engine.overlap  # the engine's overlap mode stays off for a broadcasting runner
+    engine.generate([[1, 2, 3], [4, 5]], [SamplingParams(max_tokens=3, temperature=0.5),
+                                          SamplingParams(max_tokens=2, temperature=0.0)])
+    runner.stop()
+    assert follow(replica, follow_ch, idle_timeout_s=5) == 0
+    assert replica.calls == leader.calls and len(leader.calls) >= 4
+
+
+def test_records_every_follower_acknowledged_are_deleted():
+    store = _Store()
+    lead, follower = _pair(store, ack_every=2)
+    for i in range(2):
+        lead.publish(b"%d" % i)
+    assert [follower.receive(timeout_s=1) for _ in range(2)] == [b"0", b"1"]
+    follower.ack()  # every 2nd record
+    lead.publish(b"2")
+    lead.publish(b"3")  # the 4th record prunes what the follower acknowledged
+    assert sorted(k for k in store.data if k.startswith("jaxspec/step/")) == ["jaxspec/step/3", "jaxspec/step/4"]
+    assert follower.receive(timeout_s=1) == b"2"
+    with pytest.raises(TimeoutError):
+        _pair(store)[1].receive(timeout_s=0.1, poll_s=0.05)  # record 1 is gone: a late joiner waits
+
+
+def test_follower_that_fails_a_call_the_leader_ran_exits_non_zero():
+    from serving.multihost import EXIT_DIVERGED, BroadcastingRunner, follow
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.engine.step import DecodePlan
+
+    lead_ch, follow_ch = _pair(_Store())
+    runner = BroadcastingRunner(_Recorder(), lead_ch)
+    runner.decode(SlotTable(4), DecodePlan.plain(np.array([0])))
+    runner.release(0)
+    assert follow(_Recorder(fail_on="decode"), follow_ch, idle_timeout_s=5) == EXIT_DIVERGED
+
+
+def test_a_call_both_sides_fail_is_not_divergence():
+    import threading
+
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.engine.step import DecodePlan
+    from serving.multihost import BroadcastingRunner, _beat, follow
+
+    lead_ch, follow_ch = _pair(_Store())
+    lost, done = [], threading.Event()
+    beater = threading.Thread(target=_beat, args=(follow_ch, done), daemon=True)
+    beater.start()  # the follower is alive: the failure is the call's own
+    runner = BroadcastingRunner(_Recorder(fail_on="release"), lead_ch, on_lost=lost.append)
+    try:
+        with pytest.raises(RuntimeError, match="release failed"):
+            runner.release(1)
+        runner.decode(SlotTable(4), DecodePlan.plain(np.array([0])))  # the job carries on
+    finally:
+        done.set()
+    runner.stop()
+    assert follow(_Recorder(fail_on="release"), follow_ch, idle_timeout_s=5) == 0
+    assert not lost
+
+
+def test_a_failed_call_with_a_silent_follower_loses_the_job():
+    from serving.multihost import BroadcastingRunner, FollowerLost
+
+    lead_ch, follow_ch = _pair(_Store())
+    follow_ch.beat(0)  # one beat, then silence: the follower died
+    lost = []
+    runner = BroadcastingRunner(_Recorder(fail_on="decode"), lead_ch, dead_after_s=0.5, on_lost=lost.append)
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.engine.step import DecodePlan
+
+    with pytest.raises(FollowerLost, match=r"follower process\(es\) \[1\] left the job during decode"):
+        runner.decode(SlotTable(4), DecodePlan.plain(np.array([0])))
+    assert len(lost) == 1
+    with pytest.raises(FollowerLost):  # nothing runs any more, nothing is published
+        runner.release(0)
+    assert lead_ch.seq == 1
+
+
+def test_distributed_arguments_are_checked_before_anything_starts():
+    import argparse
+
+    from jaxspec import distributed
+    from jaxspec.startup import multiprocess_requested
+
+    p = argparse.ArgumentParser()
+    distributed.add_arguments(p)
+    assert not distributed.wanted(p.parse_args([]))
+    assert distributed.wanted(p.parse_args(["--coordinator", "h:1", "--num-processes", "2", "--process-id", "1"]))
+    with pytest.raises(distributed.DistributedError, match="--num-processes and --process-id"):
+        distributed.initialize("h:1", None, None)
+    with pytest.raises(distributed.DistributedError, match="outside 0..1"):
+        distributed.initialize("h:1", 2, 2)
+    assert multiprocess_requested(["--coordinator=h:1"]) and not multiprocess_requested(["--model", "x"])
+
+
+@pytest.mark.parametrize("mesh", ["tpu-v5e-16", "tpu-v5p-16", "gpu-2x8xh100"])
+def test_multihost_meshes_span_16_devices_and_split_mixtral(mesh):
+    from jaxspec.config import load_config
+    from jaxspec.mesh import load_mesh_config
+
+    cfg, model = load_mesh_config(mesh), load_config("mixtral-8x7b")
+    assert cfg.num_devices == 16
+    # Every weight dimension the rules split divides evenly (nothing silently stays replicated).
+    assert model.num_experts % cfg.axes["expert"] == 0 and model.moe_mlp_dim % cfg.axes["tensor"] == 0
+    assert model.num_kv_heads % cfg.axes["tensor"] == 0
 
 
 # ------------------------------------------------------------------------------ the tests
@@ -197,6 +389,42 @@ def test_leader_serves_grpc_and_sigterm_stops_every_process(tmp_path):
     finally:
         job.kill()
     assert got == _serve_reference()
+
+
+@pytest.mark.slow
+def test_follower_killed_fails_requests_and_the_leader_exits_non_zero(tmp_path):
+    import grpc
+
+    from serving.client import JaxSpecClient
+    from serving.multihost import EXIT_FOLLOWER_LOST
+    from serving.pb import jaxspec_pb2 as pb
+
+    grpc_port = _free_port()
+    job = _Job(tmp_path, "serve", str(_free_port()), str(grpc_port))
+    failures = []
+    try:
+        with JaxSpecClient(f"127.0.0.1:{grpc_port}", timeout=TIMEOUT_S) as client:
+            _wait_serving(client, job, TIMEOUT_S)
+            # Killed after the first streamed token; should the request win the race and finish, the
+            # next one meets the dead follower instead.
+            for attempt in range(2):
+                try:
+                    for i, msg in enumerate(client.generate_stream(PROMPTS[0], max_tokens=MAX_LEN - 8,
+                                                                   temperature=0.0, ignore_eos=True)):
+                        if i == 0 and attempt == 0:
+                            job.procs[1].kill()
+                        if msg.finished and msg.finish_reason != pb.FINISH_REASON_LENGTH:
+                            failures.append(msg.finish_reason)
+                except grpc.RpcError as e:
+                    failures.append(e.code())
+                if failures:
+                    break
+        codes = job.wait(180)
+        assert codes[0] == EXIT_FOLLOWER_LOST, f"exit codes {codes}\n{job.tails()}"
+    finally:
+        job.kill()
+    assert failures, "no request failed after the follower died"
+    assert "follower process(es) [1]" in job.logs[0].read_text()
 
 
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] in ("worker", "serve"):
