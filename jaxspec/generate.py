@@ -138,7 +138,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         # A probe's first step compiles its bucket (on a CPU as long as tens of plain steps), which
         # the server paid at warm-up: probe less often.
         runner.policy = KPolicy(runner.buckets, probe_every=ONE_SHOT_PROBE_EVERY)
-    return Engine(runner, tokenizer)
+    return Engine(runner, tokenizer, overlap=True)
 
 
 def precision(engine: Engine) -> dict[str, dict[str, str | None]]:

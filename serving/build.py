@@ -56,6 +56,7 @@ class EngineOptions:
     kv_pages: int | None = None  # pages in the pool (paged); None: slots * max_len / page_size
     kv_memory_fraction: float | None = None  # paged: size the pool to this fraction of device memory instead
     prefix_cache: bool = True  # paged: reuse cached pages of earlier prompts' leading blocks
+    overlap: bool = True  # plain decoding: queue step n+1 before applying step n (Engine(overlap=...))
     max_step_tokens: int = 512  # prompt tokens prefilled per step; longer prompts go in chunks
     kv_cache_dtype: str = "auto"  # target's KV cache: "auto" (the model's dtype) or "int8" (models.kv_cache)
     draft_kv_cache_dtype: str = "auto"  # a draft model's or EAGLE-3 head's own KV cache, likewise
@@ -221,7 +222,7 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
         runner, tokenizer, model_id=_model_id(opts.model), max_waiting=opts.max_waiting,
         spec_method=opts.spec_method, max_speculative_tokens=opts.num_speculative_tokens if opts.speculative else 0,
         draft_model_id=_model_id(opts.draft, "draft") if opts.draft else "", default_max_tokens=opts.default_max_tokens,
-        prefix_caching=opts.prefix_cache, prefill_token_budget=opts.max_step_tokens,
+        prefix_caching=opts.prefix_cache, prefill_token_budget=opts.max_step_tokens, overlap=opts.overlap,
     )
 
 
@@ -265,11 +266,12 @@ def bundle_engine(
     default_max_tokens: int = 256,
     prefix_caching: bool = True,
     prefill_token_budget: int = 1024,
+    overlap: bool = True,
 ) -> EngineBundle:
     """An engine around ``runner`` (wrapped so request failures are logged) and its descriptions."""
     speculative = spec_method != "none"
     engine = Engine(GuardedRunner(runner), tokenizer, max_waiting=max_waiting, speculative=speculative,
-                    prefix_caching=prefix_caching, prefill_token_budget=prefill_token_budget)
+                    prefix_caching=prefix_caching, prefill_token_budget=prefill_token_budget, overlap=overlap)
     cfg = runner.cfg
     proposer = getattr(runner, "proposer", None)
     draft_quantization = proposer.cfg.quantization if isinstance(proposer, DraftModelProposer) else None

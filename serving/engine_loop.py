@@ -140,6 +140,16 @@ class GuardedRunner:
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
         return self._inner.decode(slots, plan)
 
+    @property
+    def pipelined(self) -> bool:
+        return self._inner.pipelined
+
+    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: Any = None) -> Any:
+        return self._inner.dispatch(slots, plan, after)
+
+    def collect(self, handle: Any) -> StepResult:
+        return self._inner.collect(handle)
+
     def speculation(self) -> SpecPolicy | None:
         return self._inner.speculation()
 

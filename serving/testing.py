@@ -118,6 +118,8 @@ def persistent_compilation_cache(directory: str | Path | None = None) -> Iterato
 class ControlledRunner:
     """Wraps a StepRunner; tests switch on slow steps, injected faults or a held warm-up."""
 
+    pipelined = False  # faults and delays are injected in ``decode``: every step goes through it
+
     def __init__(self, inner: StepRunner, poison_prompt_ids: Sequence[int] | None = None):
         self.inner = inner
         self.cfg = inner.cfg

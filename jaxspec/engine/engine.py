@@ -14,10 +14,11 @@ share every host-side rule.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import random
 import time
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from jaxspec.engine.request import (
 from jaxspec.engine.pages import PagePool, Reservation
 from jaxspec.engine.scheduler import Scheduler, SpecPolicy
 from jaxspec.engine.slots import SlotTable
-from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
+from jaxspec.engine.step import DecodePlan, PrefillChunk, QueuedStep, StepResult
 from jaxspec.engine.stopping import OutputTracker
 from jaxspec.sampling import SamplingParams
 from jaxspec.tokenizer import Tokenizer
@@ -60,6 +61,19 @@ class StepRunner(Protocol):
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
         """Run one decode step as planned."""
+        ...
+
+    # Whether decode steps can be queued before the previous one's tokens reach the host
+    # (``dispatch`` / ``collect``; plain single-device decoding).
+    pipelined: bool
+
+    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: Any = None) -> Any:
+        """Pipelined runners: queue ``decode``'s device work and return a handle. ``after``: the
+        handle of the step just queued over the same slots and not collected yet; it feeds this one."""
+        ...
+
+    def collect(self, handle: Any) -> StepResult:
+        """Pipelined runners: wait for a dispatched step; its result."""
         ...
 
     def speculation(self) -> SpecPolicy | None:
@@ -137,10 +151,26 @@ class PlainRunner:
         return self.runner.device_info()
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
+        return self.collect(self.dispatch(slots, plan))
+
+    @property
+    def pipelined(self) -> bool:
+        return self.runner.can_chain
+
+    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: "QueuedStep | None" = None) -> QueuedStep:
         t0 = time.perf_counter()
-        tokens = self.runner.decode_rows(plan.slots, slots.last_token[plan.slots], slots.sampling(plan.slots),
-                                         slots.num_generated[plan.slots])
-        return StepResult.plain(plan.slots, tokens, time.perf_counter() - t0)
+        act = plan.slots
+        if after is None:
+            handle = self.runner.dispatch_decode(act, slots.last_token[act], slots.sampling(act),
+                                                 slots.num_generated[act])
+        else:
+            # The step before is not applied yet: every slot is one token further than the table says.
+            handle = self.runner.dispatch_decode(act, None, None, slots.num_generated[act] + 1, after=after.handle)
+        return QueuedStep(plan, handle, t0)
+
+    def collect(self, queued: QueuedStep) -> StepResult:
+        tokens = self.runner.collect_decode(queued.handle)
+        return StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0)
 
     def speculation(self) -> None:
         return None
@@ -150,6 +180,15 @@ class PlainRunner:
 
     def warmup(self) -> None:
         self.runner.warmup()
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """The engine's record of a dispatched step it has not applied yet: which request each
+    stepped slot held, so that tokens of a request that ended meanwhile are dropped."""
+
+    queued: Any
+    request_ids: tuple[str, ...]  # per planned slot
 
 
 class StepFailed(RuntimeError):
@@ -183,11 +222,17 @@ class Engine:
         speculative: bool | None = None,
         prefill_token_budget: int = 1024,
         prefix_caching: bool = True,
+        overlap: bool = False,
     ):
         """``prefill_token_budget``: padded prompt tokens prefilled per step at most (one prompt
         of any length always is), so arrivals never stall the running requests for long.
         ``prefix_caching``: with a paged cache, prompts reuse cached pages of earlier prompts'
-        leading blocks (off where the runner's proposer cannot, e.g. an EAGLE-3 head)."""
+        leading blocks (off where the runner's proposer cannot, e.g. an EAGLE-3 head).
+        ``overlap``: where the runner is pipelined (single-device decoding), queue a plain decode
+        step n+1 on the device before applying step n on the host (stop checks, detokenising,
+        outputs), so host work hides behind device work. A step's tokens then come out of the
+        next ``step()`` call; a request that stops at step n had a wasted row in step n+1. Steps
+        the scheduler plans with proposals (speculative) wait for every earlier token first."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.cfg = runner.cfg
@@ -209,6 +254,8 @@ class Engine:
         self.pages = None if paging is None else PagePool(*paging, prefix_caching=prefix_caching and runner.reuses_prefix)
         self._reservations: dict[int, Reservation] = {}  # slot -> its pages (paged caches)
         self._pending: dict[str, Reservation] = {}  # request id -> pages reserved at admission
+        self.overlap = overlap and runner.pipelined
+        self._in_flight_step: _InFlight | None = None  # overlap: dispatched, not applied yet
 
     # ------------------------------------------------------------- admission
     @property
@@ -321,29 +368,114 @@ class Engine:
         requests it ran over get a final ERROR output and ``StepFailed`` carries every output
         of the step (expiries and admissions included) to the caller."""
         outputs: list[RequestOutput] = []
+        if self._in_flight_step is not None and not self._can_chain():
+            outputs += self._apply_in_flight()  # the batch changes: apply the queued step first
         outputs += self._expire_deadlines()
         outputs += self._admit()
-        if self.slots.active.any():
-            try:
-                plan = self.scheduler.plan_decode(self.slots)
-                result = self.runner.decode(self.slots, plan)
-            except Exception as e:
-                outputs += [self._fail_hard(slot, e) for slot in self.slots.active_slots()]
-                raise StepFailed(outputs, e) from e
-            now = time.monotonic()
-            times = self.scheduler.update(result)  # (draft_s, verify_s)
-            if self.spec_stats is not None:
-                self.spec_stats.add_step(*times)
-            for slot, tokens, drafted, accepted in result.items():
-                live = self.live.get(slot)
-                if live is None:
-                    continue
-                if live.spec is not None:
-                    live.spec.add(drafted, accepted)
-                    live.spec.add_step(*times)
-                    self.spec_stats.add(drafted, accepted)
-                outputs.append(self._emit_or_fail(slot, tokens, now))
+        if not self.slots.active.any():
+            return outputs
+        if self.overlap:
+            return outputs + self._overlapped_decode(outputs)
+        try:
+            plan = self.scheduler.plan_decode(self.slots)
+            result = self.runner.decode(self.slots, plan)
+        except Exception as e:
+            outputs += [self._fail_hard(slot, e) for slot in self.slots.active_slots()]
+            raise StepFailed(outputs, e) from e
+        return outputs + self._apply(result)
+
+    def _apply(self, result: StepResult, request_ids: Sequence[str] | None = None) -> list[RequestOutput]:
+        """A decode step's tokens to its requests (``request_ids``: only to these, per slot)."""
+        outputs = []
+        now = time.monotonic()
+        times = self.scheduler.update(result)  # (draft_s, verify_s)
+        if self.spec_stats is not None:
+            self.spec_stats.add_step(*times)
+        for i, (slot, tokens, drafted, accepted) in enumerate(result.items()):
+            live = self.live.get(slot)
+            if live is None or (request_ids is not None and live.request.request_id != request_ids[i]):
+                continue  # the request ended after the step was queued
+            if live.spec is not None:
+                live.spec.add(drafted, accepted)
+                live.spec.add_step(*times)
+                self.spec_stats.add(drafted, accepted)
+            outputs.append(self._emit_or_fail(slot, tokens, now))
         return outputs
+
+    # ------------------------------------------------------- overlapped steps
+    def _can_chain(self) -> bool:
+        """Whether the next decode step can be queued behind the one in flight: the same requests,
+        none of them at its token limit (their rows would be wasted), nobody waiting to be admitted
+        or prefilling, no deadline due."""
+        flight = self._in_flight_step
+        act = np.flatnonzero(self.slots.active)
+        if self.waiting or self.prefilling or not np.array_equal(flight.queued.plan.slots, act):
+            return False
+        now = time.monotonic()
+        for slot, rid in zip(act.tolist(), flight.request_ids):
+            req = self.live[slot].request
+            if req.request_id != rid or (req.deadline is not None and req.deadline <= now):
+                return False
+            if self.slots.num_generated[slot] + 2 > req.params.max_tokens:
+                return False
+        return True
+
+    def _dispatch(self, plan: DecodePlan, after: "_InFlight | None") -> _InFlight:
+        queued = self.runner.dispatch(self.slots, plan, None if after is None else after.queued)
+        return _InFlight(queued, tuple(self.live[s].request.request_id for s in plan.slots.tolist()))
+
+    def _apply_in_flight(self, flight: _InFlight | None = None) -> list[RequestOutput]:
+        if flight is None:
+            flight, self._in_flight_step = self._in_flight_step, None
+        try:
+            result = self.runner.collect(flight.queued)
+        except Exception as e:
+            outputs = [self._fail_hard(slot, e) for slot, rid in zip(flight.queued.plan.slots.tolist(), flight.request_ids)
+                       if slot in self.live and self.live[slot].request.request_id == rid]
+            raise StepFailed(outputs, e) from e
+        return self._apply(result, flight.request_ids)
+
+    def _overlapped_decode(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Queue this step's plain decode and apply the one queued before it while it runs; a
+        speculative step applies the queued one first (it drafts from every token so far)."""
+        done: list[RequestOutput] = []
+        flight = self._in_flight_step
+        result = nxt = None
+        try:
+            plan = self.scheduler.plan_decode(self.slots)
+            if flight is not None and (plan.kb > 0 or not np.array_equal(plan.slots, flight.queued.plan.slots)):
+                done += self._apply_in_flight()
+                flight = None
+                if not self.slots.active.any():
+                    return done
+                plan = self.scheduler.refit(plan, self.slots)
+            self._in_flight_step = None
+            if plan.kb > 0:
+                result = self.runner.decode(self.slots, plan)
+            else:
+                nxt = self._dispatch(plan, flight)
+        except StepFailed as failed:
+            raise StepFailed(outputs + done + failed.outputs, failed.cause) from failed.cause
+        except Exception as e:
+            if flight is not None:  # step n's tokens are still good: deliver them
+                try:
+                    done += self._apply_in_flight(flight)
+                except StepFailed as failed:
+                    done += failed.outputs
+            done += [self._fail_hard(slot, e) for slot in self.slots.active_slots()]
+            raise StepFailed(outputs + done, e) from e
+        if result is not None:
+            return done + self._apply(result)
+        self._in_flight_step = nxt
+        if flight is None:
+            return done
+        try:
+            return done + self._apply_in_flight(flight)
+        except StepFailed as failed:
+            # Step n+1 was fed by the failed step n: void. Its requests end with step n's error.
+            self._in_flight_step = None
+            rest = [self._fail_hard(s, failed.cause) for s in self.slots.active_slots()]
+            raise StepFailed(outputs + done + failed.outputs + rest, failed.cause) from failed.cause
 
     def _emit_or_fail(self, slot: int, tokens: list[int], now: float) -> RequestOutput:
         """Host-side processing of one request's tokens; a failure there (detokenizer,

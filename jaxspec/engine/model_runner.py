@@ -14,6 +14,8 @@ sharding it went in with, so nothing is resharded between decode steps.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -76,6 +78,18 @@ def slots_unsplit(cache_sharding: KVCache) -> bool:
     """Whether the cache's slot axis lives whole on every device (rows can be packed freely)."""
     spec = getattr(cache_sharding.k, "spec", None)
     return spec is None or len(spec) < 2 or spec[1] is None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeHandle:
+    """A dispatched decode step: its tokens and expert load still on the device."""
+
+    rows: np.ndarray  # [n] the slots it stepped
+    where: np.ndarray  # [n] the batch row of each
+    tokens: jax.Array  # [B] one token per batch row
+    load: jax.Array
+    num_valid: jax.Array  # [B] its inputs kept on the device for a chained step
+    sampling: BatchSampling
 
 
 def scatter_rows(x, where: np.ndarray, rows: int, value) -> np.ndarray:
@@ -476,20 +490,52 @@ class ModelRunner:
     def decode_rows(self, rows: np.ndarray, last_tokens: np.ndarray, sampling: BatchSampling,
                     out_positions: np.ndarray) -> np.ndarray:
         """One token for each slot in ``rows`` [n] (inputs one per row) -> tokens [n]."""
+        return self.collect_decode(self.dispatch_decode(rows, last_tokens, sampling, out_positions))
+
+    @property
+    def can_chain(self) -> bool:
+        """Whether a decode step can take the previous one's tokens where they are (on the device):
+        single-device runners, whose step outputs need no resharding to be inputs again."""
+        return self.placement is None
+
+    def dispatch_decode(self, rows: np.ndarray, last_tokens: np.ndarray | None, sampling: BatchSampling | None,
+                        out_positions: np.ndarray, after: "DecodeHandle | None" = None) -> "DecodeHandle":
+        """``decode_rows`` without waiting: the step is queued and its tokens stay on the device.
+        ``after``: the step just queued over the same ``rows``, not yet collected; its tokens are this
+        step's inputs and its settings are reused (``last_tokens`` and ``sampling`` are then ignored),
+        so the host prepares step n+1 while the device still runs step n."""
         row_slots, where = self.row_layout(rows)
         b = len(row_slots)
         start = self.host_lengths[rows]
         kv_len = self.kv_bucket_for(int(start.max()) + 1)
+        if after is not None:
+            if not self.can_chain or not np.array_equal(after.rows, rows):
+                raise ValueError("a chained decode step runs over the same rows of a single-device runner")
+            tokens_in, valid, row_sampling = after.tokens, after.num_valid, after.sampling
+        else:
+            # Device arrays, kept by the handle: a chained step reuses them without a transfer.
+            tokens_in = self._decode_tokens(scatter_rows(last_tokens, where, b, 0))
+            valid = jnp.asarray(scatter_rows(np.ones(len(rows), np.int32), where, b, 0))
+            row_sampling = BatchSampling(*(jnp.asarray(x) for x in scatter_sampling(sampling, where, b)))
         self.cache, tokens, load, *aux = self._steps[1](
-            self.state, self.cache, row_slots, scatter_rows(last_tokens, where, b, 0),
-            self.row_starts(row_slots, where, start), scatter_rows(np.ones(len(rows), np.int32), where, b, 0),
-            scatter_sampling(sampling, where, b),
-            scatter_rows(out_positions, where, b, 0), kv_len=kv_len,
+            self.state, self.cache, row_slots, tokens_in, self.row_starts(row_slots, where, start), valid,
+            row_sampling, scatter_rows(out_positions, where, b, 0), kv_len=kv_len,
         )
         self.captured = aux[0] if aux else None
         self.host_lengths[rows] += 1
-        self.add_expert_load(load)
-        return np.asarray(tokens)[where]
+        return DecodeHandle(np.asarray(rows), where, tokens, load, valid, row_sampling)
+
+    def _decode_tokens(self, tokens: np.ndarray):
+        """A decode step's input tokens placed as a step's output tokens are (committed to the
+        device): a chained step passes the previous output, and jit keys its compilations on
+        placement, so every decode step passes them alike."""
+        return jax.device_put(tokens, self.cache.lengths.sharding) if self.can_chain else tokens
+
+    def collect_decode(self, handle: "DecodeHandle") -> np.ndarray:
+        """Wait for a dispatched step: its tokens [n] on the host."""
+        tokens = np.asarray(handle.tokens)
+        self.add_expert_load(handle.load)
+        return tokens[handle.where]
 
     def idle_decode(self, rows: int, kv_len: int, live: bool = False) -> None:
         """A decode step of ``rows`` rows that touches no slot (every write lands past the cache end
@@ -499,7 +545,8 @@ class ModelRunner:
         zeros = np.zeros(rows, np.int32)
         tokens = np.random.default_rng(rows).integers(0, self.cfg.vocab_size, rows).astype(np.int32) if live else zeros
         self.cache, out, *_ = self._steps[1](
-            self.state, self.cache, np.full(rows, s, np.int32), tokens, np.full(rows, self.max_len, np.int32),
+            self.state, self.cache, np.full(rows, s, np.int32), self._decode_tokens(tokens),
+            np.full(rows, self.max_len, np.int32),
             np.full(rows, int(live), np.int32), pad_sampling(SlotTable(0).sampling(), rows), zeros, kv_len=kv_len)
         out.block_until_ready()
         if not self.compact_rows:

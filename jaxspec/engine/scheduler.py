@@ -121,6 +121,14 @@ class Scheduler:
         act = np.flatnonzero(slots.active)
         return self.spec.plan(slots, act) if self.spec is not None else DecodePlan.plain(act)
 
+    def refit(self, plan: DecodePlan, slots: SlotTable) -> DecodePlan:
+        """``plan`` once the step queued before it has been applied: over the slots still active,
+        each k capped by what its request can still use. No new choice (the policy chose once)."""
+        act = np.flatnonzero(slots.active)
+        if self.spec is None:
+            return DecodePlan.plain(act)
+        return self.spec.refit(plan, slots, act)
+
     def update(self, result: StepResult) -> tuple[float, float]:
         """Learn from a decode step's result; returns its (draft_s, verify_s)."""
         if self.spec is not None:

@@ -3,7 +3,8 @@
 The scheduler decides (``DecodePlan``: which slots step, how many tokens each proposes), the
 runner executes the plan and reports (``StepResult``), the engine applies the result (stop
 checks, detokenisation, outputs) and hands it back to the scheduler (acceptance estimates,
-step costs). Host values only: the runner keeps every device array to itself.
+step costs). Host values only: the runner keeps every device array to itself (a ``QueuedStep``
+carries them as the runner's opaque handle).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class DecodePlan:
     def plain(cls, slots: np.ndarray) -> "DecodePlan":
         slots = np.asarray(slots, np.int64)
         return cls(slots, np.zeros(len(slots), np.int32), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuedStep:
+    """A plain decode step a pipelined runner queued on the device and has not collected yet."""
+
+    plan: DecodePlan
+    handle: Any  # the runner's own record of its device arrays
+    t0: float  # when it was queued (its result's step time runs from here to its collection)
 
 
 @dataclasses.dataclass(frozen=True)

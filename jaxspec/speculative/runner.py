@@ -36,7 +36,7 @@ import numpy as np
 from jaxspec.engine.model_runner import ModelRunner, scatter_rows, scatter_sampling
 from jaxspec.engine.request import InvalidRequestError, Request
 from jaxspec.engine.slots import SlotTable
-from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
+from jaxspec.engine.step import DecodePlan, PrefillChunk, QueuedStep, StepResult
 from jaxspec.sampling import BatchSampling, logits_to_probs, pad_sampling
 from jaxspec.speculative.adaptive import CostModel, KPolicy, k_buckets
 from jaxspec.speculative.draft_model import DraftModelProposer
@@ -447,6 +447,33 @@ class SpeculativeRunner:
         drafted = proposal.num_draft[where] if proposal is not None and kb_run > 0 else np.zeros(n, np.int32)
         return StepResult(act, self._extend_history(act, out_tokens, accepted), np.asarray(drafted, np.int32),
                           np.asarray(accepted, np.int32), kb_run, t1 - t0, t2 - t1)
+
+    @property
+    def pipelined(self) -> bool:
+        """Steps planned without proposals can be queued before the previous one is collected
+        (``dispatch``); not with an EAGLE-3 head, which absorbs every step's hidden states."""
+        return not self.feature_layers and self.target.can_chain
+
+    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: QueuedStep | None = None) -> QueuedStep:
+        """Queue a plain (kb = 0) step; ``after``: the plain step queued just before, over the
+        same slots, whose tokens (still on the device) feed this one."""
+        if plan.kb != 0 or self.feature_layers:
+            raise ValueError("only plain steps of a runner without an EAGLE-3 head are queued ahead")
+        t0 = time.perf_counter()
+        act = plan.slots
+        if after is None:
+            handle = self.target.dispatch_decode(act, self.history.last()[act], slots.sampling(act),
+                                                 slots.num_generated[act].astype(np.int32))
+        else:  # the step before is not applied yet: every slot is one token further than the table says
+            handle = self.target.dispatch_decode(act, None, None, (slots.num_generated[act] + 1).astype(np.int32),
+                                                 after=after.handle)
+        return QueuedStep(plan, handle, t0)
+
+    def collect(self, queued: QueuedStep) -> StepResult:
+        tokens = self.target.collect_decode(queued.handle)
+        for s, tok in zip(queued.plan.slots.tolist(), tokens.tolist()):
+            self.history.append(s, tok)
+        return StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0)
 
     def _plain_decode(self, act, sampling, out_pos) -> StepResult:
         """A step with nothing to propose: the target's own decode step and only the bookkeeping it

@@ -112,6 +112,13 @@ class SpecScheduler:
         k[:] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
         return DecodePlan(act, k, kb if k.any() else 0)
 
+    def refit(self, plan: DecodePlan, slots: SlotTable, act: np.ndarray) -> DecodePlan:
+        """``plan`` over ``act`` (a subset of its slots: the others ended), k capped again."""
+        k = plan.k[np.isin(plan.slots, act)]
+        caps = np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
+        k = np.minimum(k, caps).astype(np.int32)
+        return DecodePlan(act, k, plan.kb if k.any() else 0)
+
     def update(self, result: StepResult) -> tuple[float, float]:
         """Fold a step's outcome into the acceptance estimates and its time into the step costs.
         Returns the step's (draft_s, verify_s): a fused step's one wall time split as its bucket's

@@ -1,0 +1,225 @@
+"""Overlapped plain decoding: step n+1 queued on the device before step n is applied on the host.
+
+Same outputs as the plain engine whatever joins, leaves, stops, expires or fails; no compilation
+after warm-up; the steps really chain (the next one is fed by the previous one's device tokens)."""
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from helpers import CompileCounter, scaled_model
+from jaxspec.engine import Engine, FinishReason, ModelRunner, PlainRunner
+from jaxspec.engine.engine import StepFailed
+from jaxspec.sampling import SamplingParams
+from jaxspec.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scaled_model("tiny-moe", scale=3.0)
+
+
+class CountingRunner(PlainRunner):
+    """Counts dispatches fed by the previous step's device tokens."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.chained = 0
+        self.dispatched = 0
+
+    def dispatch(self, slots, plan, after=None):
+        self.dispatched += 1
+        self.chained += after is not None
+        return super().dispatch(slots, plan, after)
+
+
+def make_engine(model, overlap=True, slots=4, max_len=96, **kw):
+    runner = CountingRunner(ModelRunner(model, num_slots=slots, max_len=max_len))
+    return Engine(runner, ByteTokenizer(), overlap=overlap, **kw)
+
+
+def mixed_workload(eng, seed=0, steps=80, limit=16):
+    """Requests join between steps with mixed prompts and settings; returns id -> (tokens, reason)."""
+    rng = random.Random(seed)
+    got: dict[str, list[int]] = {}
+    reasons = {}
+    submitted = 0
+    step = 0
+    while step < steps or eng.has_unfinished():
+        if step < steps and submitted < limit and rng.random() < 0.4:
+            n = rng.randint(1, 30)
+            text = "".join(rng.choice("abcdefgh ") for _ in range(n))
+            sp = SamplingParams(temperature=rng.choice([0.0, 0.9]), top_k=rng.choice([0, 5]),
+                                max_tokens=rng.randint(1, 14), seed=step, stop_strings=rng.choice([(), ("a",)]))
+            rid = eng.add_request(text, sp, request_id=f"r{submitted}")
+            got[rid] = []
+            submitted += 1
+        for out in eng.step():
+            got[out.request_id] += out.new_token_ids
+            if out.finished:
+                assert out.request_id not in reasons, "two final outputs"
+                reasons[out.request_id] = out.finish_reason
+        step += 1
+    assert set(reasons) == set(got)
+    return {rid: (got[rid], reasons[rid]) for rid in got}
+
+
+def test_overlapped_outputs_equal_plain_and_steps_chain(model):
+    plain = mixed_workload(make_engine(model, overlap=False))
+    eng = make_engine(model, overlap=True)
+    assert eng.overlap
+    over = mixed_workload(eng)
+    assert over == plain
+    assert len(plain) >= 10
+    assert eng.runner.chained > eng.runner.dispatched // 3, (eng.runner.chained, eng.runner.dispatched)
+
+
+def test_overlap_is_off_for_a_plain_engine_by_default(model):
+    eng = make_engine(model, overlap=False)
+    eng.add_request("abc", SamplingParams(max_tokens=6, ignore_eos=True))
+    outs = eng.step()  # admission emits the first token, the decode step its second
+    assert [len(o.new_token_ids) for o in outs] == [1, 1]
+    assert eng.runner.chained == 0
+
+
+def test_no_recompilation_after_warmup_when_chaining(model):
+    eng = make_engine(model, slots=4, max_len=64)
+    eng.runner.warmup()
+    counter = CompileCounter()
+    mixed_workload(eng, seed=3, steps=60, limit=12)
+    assert eng.runner.chained > 0
+    assert counter.count == 0, f"{counter.count} compilation(s) after warm-up"
+
+
+def test_abort_while_a_step_is_in_flight_loses_nothing_else(model):
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    want = make_engine(model, overlap=False).generate(["keep me"], params)[0].token_ids
+    eng = make_engine(model)
+    a = eng.add_request("abort me", params)
+    b = eng.add_request("keep me", params)
+    got = {a: [], b: []}
+    finals = {}
+    for _ in range(4):
+        for out in eng.step():
+            got[out.request_id] += out.new_token_ids
+            if out.finished:
+                finals[out.request_id] = out.finish_reason
+    assert eng._in_flight_step is not None  # a queued step covers both requests
+    out = eng.abort(a)
+    assert out.finished and out.finish_reason == FinishReason.ABORTED
+    n_aborted = len(got[a])
+    while eng.has_unfinished():
+        for out in eng.step():
+            assert out.request_id != a, "a token for an aborted request"
+            got[out.request_id] += out.new_token_ids
+            if out.finished:
+                finals[out.request_id] = out.finish_reason
+    assert got[b] == want and finals[b] == FinishReason.LENGTH
+    assert len(got[a]) == n_aborted
+    # The freed slot serves a new request exactly.
+    assert eng.generate(["keep me"], params)[0].token_ids == want
+
+
+def test_deadline_expiry_during_overlap(model):
+    eng = make_engine(model)
+    slow = eng.add_request("x", SamplingParams(max_tokens=60, ignore_eos=True), deadline=time.monotonic() + 0.3)
+    fast = eng.add_request("y", SamplingParams(max_tokens=5, ignore_eos=True))
+    finals = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                finals[out.request_id] = out
+        time.sleep(0.01)
+    assert finals[fast].finish_reason == FinishReason.LENGTH and finals[fast].num_generated_tokens == 5
+    assert finals[slow].finish_reason == FinishReason.DEADLINE
+
+
+def test_a_failing_step_ends_every_request_in_it(model):
+    eng = make_engine(model)
+    ids = [eng.add_request(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in ("aa", "bb")]
+    outs = eng.step() + eng.step() + eng.step()
+    assert eng._in_flight_step is not None
+    real = eng.runner.collect
+
+    def broken(queued):
+        raise RuntimeError("device fault")
+
+    eng.runner.collect = broken
+    with pytest.raises(StepFailed) as info:
+        for _ in range(3):
+            outs += eng.step()
+    final = {o.request_id: o for o in info.value.outputs if o.finished}
+    assert set(final) == set(ids)
+    assert all(o.finish_reason == FinishReason.ERROR and "device fault" in o.error for o in final.values())
+    assert not eng.has_unfinished() and eng._in_flight_step is None
+    eng.runner.collect = real
+    res = eng.generate(["cc"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(res.token_ids) == 4 and res.finish_reason == FinishReason.LENGTH
+
+
+def test_serve_overlaps_plain_decoding_by_default(model):
+    from jaxspec.serve import options_from_args, parse_args
+    from serving.build import bundle_engine
+
+    assert options_from_args(parse_args([]))[0].overlap
+    assert not options_from_args(parse_args(["--no-overlap"]))[0].overlap
+    runner = PlainRunner(ModelRunner(model, num_slots=2, max_len=64))
+    assert bundle_engine(runner, ByteTokenizer(), model_id="m").engine.overlap
+    assert not bundle_engine(runner, ByteTokenizer(), model_id="m", overlap=False).engine.overlap
+
+
+# ------------------------------------------------------------------ speculative runners
+class CountingSpecRunner:
+    """Wraps a SpeculativeRunner's dispatch to count chained plain steps."""
+
+    def __init__(self, runner):
+        self.chained = 0
+        real = runner.dispatch
+
+        def dispatch(slots, plan, after=None):
+            self.chained += after is not None
+            return real(slots, plan, after)
+
+        runner.dispatch = dispatch
+
+
+def _expensive_drafting():
+    """Costs under which drafting never pays: adaptive k stays at 0 except for its probes."""
+    from jaxspec.speculative.adaptive import CostModel
+
+    buckets = [1, 2, 4, 8]
+    return CostModel({0: 0.0, **{b: 1.0 * b for b in buckets}}, {0: 1e-2, **{b: 1e-2 for b in buckets}},
+                     smoothing=0.0)
+
+
+@pytest.mark.parametrize("kind,k", [("identical", "auto"), ("ngram", "auto"), ("noisy", 4)])
+def test_speculative_engine_overlaps_its_plain_steps_exactly(kind, k):
+    """Plain steps (adaptive k at 0 between probes) are queued ahead; speculative ones (the probes,
+    fixed k) wait for every token, the draft catching up on the chained steps' tokens: greedy and
+    seeded sampled output equal the engine's without overlap."""
+    from test_spec_greedy import PROMPTS, TOK, spec_runner
+
+    sampled = SamplingParams(temperature=0.8, seed=5, max_tokens=20, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    kw = dict(cost_model=_expensive_drafting(), probe_every=3) if k == "auto" else {}
+    for params in (greedy, sampled):
+        ref = Engine(spec_runner(kind, k, **kw), TOK)
+        want = ref.generate(PROMPTS, params)
+        runner = spec_runner(kind, k, **kw)
+        counter = CountingSpecRunner(runner)
+        eng = Engine(runner, TOK, overlap=True)
+        assert eng.overlap
+        got = eng.generate(PROMPTS, params)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        if kind != "ngram":  # a lookup may find nothing to propose
+            assert eng.spec_stats.num_draft_tokens > 0  # probes / fixed k drafted
+        if k != "auto":  # the same steps draft (with adaptive k, probes fall on other steps)
+            assert eng.spec_stats.num_draft_tokens == ref.spec_stats.num_draft_tokens
+        if kind == "identical" and params is greedy:
+            assert eng.spec_stats.acceptance_rate == 1.0  # the draft caught up on every chained token
+        if k == "auto":
+            assert counter.chained > 0
+        else:
+            assert counter.chained == 0  # every step is planned with proposals: nothing to chain
