@@ -27,6 +27,7 @@ from jaxspec.engine import Engine, InvalidRequestError
 from jaxspec.engine.factory import make_runner
 from jaxspec.loading import DEFAULT_MODEL, default_draft, load_any
 from jaxspec.mesh import AUTO_MESH, mesh_for_option, placement_for_mesh
+from jaxspec.models.kv_cache import KV_DTYPES
 from jaxspec.models.quant import MODES as QUANT_MODES
 from jaxspec.sampling import SamplingError, SamplingParams
 from jaxspec.speculative import SPEC_METHODS, DraftModelProposer, SpeculativeRunner
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None, choices=QUANT_MODES,
                    help="quantize the target's weights at load: int8 (per-channel scales) or int4 (grouped scales); "
                    "activations stay in --dtype")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_DTYPES,
+                   help="the target's KV cache: auto (the model's dtype) or int8 (per-head-per-token scales)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -125,7 +128,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
 
         draft = load_eagle3(draft_name, target=model.cfg, dtype=args.dtype)
     runner = make_runner(model, num_slots=1, max_len=max_len, placement=placement, spec_method=method, draft=draft,
-                         num_speculative_tokens=args.num_speculative_tokens, k_max=args.k_max)
+                         num_speculative_tokens=args.num_speculative_tokens, k_max=args.k_max,
+                         kv_dtype=getattr(args, "kv_cache_dtype", "auto"))
     if getattr(args, "kernel_selftest", "on") == "on":
         kernels.selftest(runner)
     if getattr(args, "warmup", False):

@@ -6,7 +6,6 @@ after warm-up; the steps really chain (the next one is fed by the previous one's
 import random
 import time
 
-import numpy as np
 import pytest
 
 from helpers import CompileCounter, scaled_model

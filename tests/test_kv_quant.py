@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -343,3 +345,15 @@ def test_greedy_eagle3_with_int8_caches_equals_greedy_plain():
                          num_speculative_tokens=2, k_max=2, kv_dtype="int8", draft_kv_dtype="int8")
     assert runner.proposer.cache.quantized and runner.target.cache.quantized
     assert _generate(runner, prompts) == plain
+
+
+def test_generate_cli_runs_an_int8_kv_cache(capsys):
+    from jaxspec import generate
+
+    argv = ["--model", "tiny-moe", "--spec-method", "none", "--max-tokens", "6", "--ignore-eos", "--json", "ab"]
+    assert generate.main([*argv, "--kv-cache-dtype", "int8"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["usage"]["completion_tokens"] == 6
+    with pytest.raises(SystemExit):
+        generate.main([*argv, "--kv-cache-dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
