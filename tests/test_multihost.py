@@ -27,27 +27,34 @@ MODEL, MESH, SCALE = "tiny-moe", "cpu-8", 3.0
 TIMEOUT_S = 480  # both processes compile every step on one shared core
 
 
-def _build_runner():
+def _build_runner(spec: str = "none"):
     from helpers import scaled_model
     from jaxspec.engine.factory import make_runner
     from jaxspec.mesh import load_mesh_config, placement_for_mesh
 
     # The same seed on every process: each one builds identical weights and places its shards.
     model = scaled_model(MODEL, scale=SCALE)
-    return make_runner(model, num_slots=SLOTS, max_len=MAX_LEN, placement=placement_for_mesh(load_mesh_config(MESH)))
+    # Speculative: the target's weights scaled less (it agrees often, not always: drafts are both
+    # accepted and rejected), k fixed.
+    draft = scaled_model(MODEL, scale=2.0) if spec == "draft" else None
+    return make_runner(model, num_slots=SLOTS, max_len=MAX_LEN, placement=placement_for_mesh(load_mesh_config(MESH)),
+                       spec_method=spec, draft=draft, num_speculative_tokens=2)
 
 
-def _generate(runner) -> list[list[int]]:
+def _generate(runner) -> tuple[list[list[int]], list[int]]:
+    """Greedy tokens of every prompt, and (speculative) how many drafts were proposed / accepted."""
     from jaxspec.engine import Engine
     from jaxspec.sampling import SamplingParams
     from jaxspec.tokenizer import ByteTokenizer
 
     engine = Engine(runner, ByteTokenizer(), eos_ids=[])
     done = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
-    return [c.token_ids for c in done]
+    stats = engine.spec_stats
+    drafts = [stats.num_draft_tokens, stats.num_accepted_tokens] if stats is not None else [0, 0]
+    return [c.token_ids for c in done], drafts
 
 
-def _worker(process_id: int, port: int, out: str) -> int:
+def _worker(process_id: int, port: int, out: str, spec: str) -> int:
     import jax
 
     from jaxspec import distributed
@@ -57,16 +64,16 @@ def _worker(process_id: int, port: int, out: str) -> int:
     assert info.global_devices == 8 and info.local_devices == 4, info
     from serving.multihost import BroadcastingRunner, follow
 
-    runner = _build_runner()
+    runner = _build_runner(spec)
     channel = distributed.StepChannel()
     if not info.is_leader:
         return follow(runner, channel, idle_timeout_s=TIMEOUT_S)
     leader = BroadcastingRunner(runner, channel)
     try:
-        tokens = _generate(leader)
+        tokens, drafts = _generate(leader)
     finally:
         leader.stop()
-    Path(out).write_text(json.dumps({"tokens": tokens, "calls": channel.seq}))
+    Path(out).write_text(json.dumps({"tokens": tokens, "drafts": drafts, "calls": channel.seq}))
     return 0
 
 
@@ -281,36 +288,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_generate_what_one_process_does(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
-    port, out = _free_port(), tmp_path / "leader.json"
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(i), str(port), str(out)], env=env,
-                              stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT)
-             for i in range(2)]
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:  # a hang fails the test instead of blocking the suite
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    logs = {i: (tmp_path / f"p{i}.log").read_text()[-3000:] for i in range(2)}
-    assert codes == [0, 0], f"exit codes {codes}\nleader log:\n{logs[0]}\nfollower log:\n{logs[1]}"
-    got = json.loads(out.read_text())
-
-    # The reference: this process (8 virtual devices, see conftest), same config, weights and mesh.
-    want = _generate(_build_runner())
-    assert got["tokens"] == want
-    assert all(len(t) == MAX_TOKENS for t in want)
-    # Every prefill and decode went through the channel: at least one prefill and
-    # MAX_TOKENS - 1 decodes, plus each request's release, plus the stop record.
-    assert got["calls"] >= 1 + (MAX_TOKENS - 1) + len(PROMPTS) + 1
-
-
 class _Job:
     """Two worker processes, killed in any case when the test ends."""
 
@@ -340,6 +317,29 @@ class _Job:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["none", "draft"])
+def test_two_processes_generate_what_one_process_does(tmp_path, spec):
+    out = tmp_path / "leader.json"
+    job = _Job(tmp_path, "worker", str(_free_port()), str(out), spec)
+    try:
+        codes = job.wait(TIMEOUT_S)  # a hang fails the test instead of blocking the suite
+    finally:
+        job.kill()
+    assert codes == [0, 0], f"exit codes {codes}\n{job.tails()}"
+    got = json.loads(out.read_text())
+
+    # The reference: this process (8 virtual devices, see conftest), same config, weights and mesh.
+    want, drafts = _generate(_build_runner(spec))
+    assert got["tokens"] == want and got["drafts"] == drafts
+    assert all(len(t) == MAX_TOKENS for t in want)
+    if spec == "draft":  # drafts were verified, and the draft's other weights were not always right
+        assert 0 < drafts[1] < drafts[0], drafts
+    # Every prefill and decode went through the channel: a prefill, each request's release, the
+    # stop record, and (plain decoding) MAX_TOKENS - 1 decode steps at least.
+    assert got["calls"] >= 1 + len(PROMPTS) + 1 + (MAX_TOKENS - 1 if spec == "none" else 1)
 
 
 def _wait_serving(client, job: _Job, timeout: float) -> None:
@@ -432,5 +432,5 @@ if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] in ("worker", "
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if sys.argv[1] == "worker":
-        sys.exit(_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
+        sys.exit(_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]))
     sys.exit(_serve_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
