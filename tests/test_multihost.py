@@ -37,8 +37,10 @@ def _build_runner(spec: str = "none"):
     # Speculative: the target's weights scaled less (it agrees often, not always: drafts are both
     # accepted and rejected), k fixed.
     draft = scaled_model(MODEL, scale=2.0) if spec == "draft" else None
+    paged = dict(page_size=16) if spec == "paged" else {}  # "paged": plain decoding from a paged cache
     return make_runner(model, num_slots=SLOTS, max_len=MAX_LEN, placement=placement_for_mesh(load_mesh_config(MESH)),
-                       spec_method=spec, draft=draft, num_speculative_tokens=2)
+                       spec_method="draft" if spec == "draft" else "none", draft=draft, num_speculative_tokens=2,
+                       **paged)
 
 
 def _generate(runner) -> tuple[list[list[int]], list[int]]:
@@ -320,7 +322,7 @@ class _Job:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", ["none", "draft"])
+@pytest.mark.parametrize("spec", ["none", "draft", "paged"])
 def test_two_processes_generate_what_one_process_does(tmp_path, spec):
     out = tmp_path / "leader.json"
     job = _Job(tmp_path, "worker", str(_free_port()), str(out), spec)
@@ -339,7 +341,7 @@ def test_two_processes_generate_what_one_process_does(tmp_path, spec):
         assert 0 < drafts[1] < drafts[0], drafts
     # Every prefill and decode went through the channel: a prefill, each request's release, the
     # stop record, and (plain decoding) MAX_TOKENS - 1 decode steps at least.
-    assert got["calls"] >= 1 + len(PROMPTS) + 1 + (MAX_TOKENS - 1 if spec == "none" else 1)
+    assert got["calls"] >= 1 + len(PROMPTS) + 1 + (1 if spec == "draft" else MAX_TOKENS - 1)
 
 
 def _wait_serving(client, job: _Job, timeout: float) -> None:
