@@ -271,6 +271,18 @@ def test_distributed_arguments_are_checked_before_anything_starts():
     assert multiprocess_requested(["--coordinator=h:1"]) and not multiprocess_requested(["--model", "x"])
 
 
+@pytest.mark.parametrize("mesh", [None, "cpu-8"])
+def test_a_job_needs_a_mesh_over_all_its_devices(mesh, caplog):
+    from jaxspec.distributed import ProcessInfo
+    from serving.build import EngineOptions
+    from serving.multihost import run
+    from serving.server import ServerOptions
+
+    job = ProcessInfo(process_id=1, num_processes=2, local_devices=8, global_devices=16)  # cpu-8 covers 8 of 16
+    assert run(job, EngineOptions(model=MODEL, mesh=mesh), ServerOptions()) == 2
+    assert "needs --mesh over all 16 devices" in caplog.text
+
+
 @pytest.mark.parametrize("mesh", ["tpu-v5e-16", "tpu-v5p-16", "gpu-2x8xh100"])
 def test_multihost_meshes_span_16_devices_and_split_mixtral(mesh):
     from jaxspec.config import load_config
