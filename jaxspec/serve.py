@@ -8,18 +8,20 @@ then the process exits 0; a second signal aborts what is left at once.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before anything imports jax
-    from jaxspec.startup import quiet_start
+import sys
 
-    quiet_start()
+if __name__ == "__main__":  # before anything imports jax
+    from jaxspec.startup import multiprocess_requested, quiet_start
+
+    quiet_start(backend=not multiprocess_requested(sys.argv[1:]))
 
 import argparse
 import asyncio
 import logging
 import signal
-import sys
 
 from jaxspec import compilation_cache
+from jaxspec import distributed
 from jaxspec.config import ConfigError
 from jaxspec.generate import k_arg
 from jaxspec.loading import DEFAULT_MODEL, default_draft
@@ -87,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(instead of --kv-pages)")
     m.add_argument("--no-prefix-cache", action="store_true",
                    help="--kv-cache paged: do not reuse cached pages of earlier prompts' leading blocks")
+    m.add_argument("--no-overlap", action="store_true",
+                   help="plain decoding: apply each decode step on the host before queuing the next (by default "
+                   "step n+1 runs on the device while step n's tokens are checked and sent)")
     m.add_argument("--max-step-tokens", type=int, metavar="N", default=512,
                    help="prompt tokens prefilled per engine step; a longer prompt is prefilled in chunks between "
                    "the running requests' decode steps, so it never stalls them for more than one chunk")
@@ -125,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--expert-load-interval", type=float, default=10.0, metavar="SECONDS",
                    help="how often the per-expert routing counters are read from the device")
     o.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    distributed.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -141,7 +147,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         mesh=args.mesh, default_max_tokens=args.default_max_tokens,
         kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
         kv_cache_dtype=args.kv_cache_dtype, draft_kv_cache_dtype=args.draft_kv_cache_dtype,
-        kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, max_step_tokens=args.max_step_tokens,
+        kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, overlap=not args.no_overlap, max_step_tokens=args.max_step_tokens,
     )
     engine.validate()
     server = ServerOptions(
@@ -188,6 +194,11 @@ def _speculation(opts: EngineOptions) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # first: checking the options starts jax's backend, which must join the job before it starts
+        process = distributed.initialize_from_args(args)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         engine_opts, server_opts = options_from_args(args)
     except (ConfigError, ValueError, OSError) as e:
@@ -209,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
              engine_opts.slots, engine_opts.max_len or "the model's max_seq_len", engine_opts.kv_cache,
              engine_opts.kv_cache_dtype if engine_opts.kv_cache_dtype != "auto" else "model dtype")
     try:
+        if process is not None:  # one process of a multi-host job: the leader serves, the others follow
+            from serving import multihost
+
+            return multihost.run(process, engine_opts, server_opts)
         return asyncio.run(serve(engine_opts, server_opts))
     except OSError as e:  # port in use, unreadable certificate...
         log.error("%s", e)
