@@ -70,6 +70,25 @@ class CompileCounter:
             self.count += 1
 
 
+def feed_in_blocks(fwd, state, cache: KVCache, seqs, slot_of, plan) -> tuple[list[np.ndarray], KVCache]:
+    """Feed two sequences through ``cache`` (rows in slots ``slot_of``) in blocks of ``plan[i]``
+    tokens per forward, ``fwd(state, tokens, start, cache, slot_ids, num_valid)`` -> (logits [T, V]
+    per sequence, cache): prefill-like blocks and single-token decodes interleaved."""
+    pos, got = [0, 0], [[], []]
+    for t in plan:
+        toks = np.zeros((2, 8), np.int32)
+        valid = np.array([min(t, len(s) - p) for s, p in zip(seqs, pos)], np.int32).clip(0)
+        for r in range(2):
+            toks[r, : valid[r]] = seqs[r][pos[r]: pos[r] + valid[r]]
+        out = fwd(state, jnp.asarray(toks), jnp.asarray(pos, jnp.int32), cache, jnp.asarray(slot_of, jnp.int32),
+                  jnp.asarray(valid))
+        cache = out.cache
+        for r in range(2):
+            got[r].append(np.asarray(out.logits[r, : valid[r]]))
+            pos[r] += int(valid[r])
+    return [np.concatenate(g) for g in got], cache
+
+
 def interpret_for(backend: str) -> bool:
     """Run a Pallas kernel test in the interpreter, unless JAXSPEC_KERNELS_COMPILED=1 and this process's
     accelerator is the kernel's backend (tools/device_check.py: the same tests, compiled on a GPU/TPU)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import full_forward, scaled_model
+from helpers import feed_in_blocks, full_forward, scaled_model
 from jaxspec.config import ConfigError, load_config
 from jaxspec.engine import Engine, ModelRunner, PlainRunner
 from jaxspec.models import KVCache, create_model
@@ -62,20 +62,7 @@ def _fwd(graphdef):
 def _run_blocks(model, cache: KVCache, seqs, slot_of) -> tuple[list[np.ndarray], KVCache]:
     """Feed two sequences through ``cache`` in the blocks of PLAN -> (logits [T, V] per sequence, cache)."""
     graphdef, state = nnx.split(model)
-    fwd = _fwd(graphdef)
-    pos, got = [0, 0], [[], []]
-    for t in PLAN:
-        toks = np.zeros((2, 8), np.int32)
-        valid = np.array([min(t, len(s) - p) for s, p in zip(seqs, pos)], np.int32).clip(0)
-        for r in range(2):
-            toks[r, : valid[r]] = seqs[r][pos[r]: pos[r] + valid[r]]
-        out = fwd(state, jnp.asarray(toks), jnp.asarray(pos, jnp.int32), cache, jnp.asarray(slot_of, jnp.int32),
-                  jnp.asarray(valid))
-        cache = out.cache
-        for r in range(2):
-            got[r].append(np.asarray(out.logits[r, : valid[r]]))
-            pos[r] += int(valid[r])
-    return [np.concatenate(g) for g in got], cache
+    return feed_in_blocks(_fwd(graphdef), state, cache, seqs, slot_of, PLAN)
 
 
 def _seqs(model):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import CompileCounter, full_forward, scaled_model
+from helpers import CompileCounter, feed_in_blocks, full_forward, scaled_model
 from jaxspec.engine.engine import Engine
 from jaxspec.engine.factory import make_runner
 from jaxspec.engine.pages import PagePool
@@ -103,21 +103,9 @@ def test_paged_forward_in_blocks_matches_full_forward(name):
     table[2] = [7, 3, 11, 0, 19, 5]  # scattered, interleaved with slot 0's pages
     table[0, :4] = [1, 18, 2, 4]
     cache = cache._replace(page_table=jnp.asarray(table))
-    slot_of, pos, got = [2, 0], [0, 0], [[], []]
-    plan = [5, 1, 7, 3, 8, 6, 2]
-    for t in plan:
-        toks = np.zeros((2, 8), np.int32)
-        valid = np.array([min(t, len(s) - p) for s, p in zip(seqs, pos)], np.int32).clip(0)
-        for r in range(2):
-            toks[r, : valid[r]] = seqs[r][pos[r]: pos[r] + valid[r]]
-        out = fwd(state, jnp.asarray(toks), jnp.asarray(pos, jnp.int32), cache, jnp.asarray(slot_of, jnp.int32),
-                  jnp.asarray(valid))
-        cache = out.cache
-        for r in range(2):
-            got[r].append(np.asarray(out.logits[r, : valid[r]]))
-            pos[r] += int(valid[r])
+    got, cache = feed_in_blocks(fwd, state, cache, seqs, [2, 0], [5, 1, 7, 3, 8, 6, 2])
     for r in range(2):
-        np.testing.assert_allclose(np.concatenate(got[r]), refs[r], atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(got[r], refs[r], atol=2e-5, rtol=2e-5)
     # The table is what addresses the pool: slot 2's first page really is page 7.
     assert float(jnp.abs(cache.k[:, 7]).sum()) > 0 and float(jnp.abs(cache.k[:, 6]).sum()) == 0
 
