@@ -6,6 +6,7 @@ after warm-up; the steps really chain (the next one is fed by the previous one's
 import random
 import time
 
+import numpy as np
 import pytest
 
 from helpers import CompileCounter, scaled_model
@@ -222,3 +223,21 @@ def test_speculative_engine_overlaps_its_plain_steps_exactly(kind, k):
             assert counter.chained > 0
         else:
             assert counter.chained == 0  # every step is planned with proposals: nothing to chain
+
+
+def test_a_queued_steps_time_is_not_taken_for_its_cost():
+    """A queued step is collected a step later: its wall time spans the host's work on the step
+    before, so the adaptive policy's costs (measured without it) must not learn from it."""
+    import dataclasses
+
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.adaptive import CostModel
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    costs = CostModel({0: 0.0, 1: 1e-3}, {0: 1e-2, 1: 1.2e-2}, smoothing=0.5)
+    sched = SpecScheduler(2, [1], 1, None, rows_for=lambda n: 2, measure=lambda rows: costs, cost_model=costs)
+    step = StepResult.plain(np.array([0, 1]), np.array([5, 6]), 1.0)
+    sched.update(dataclasses.replace(step, queued=True))
+    assert costs.verify_s[0] == 1e-2
+    sched.update(step)
+    assert costs.verify_s[0] > 0.1

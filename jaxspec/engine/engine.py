@@ -170,7 +170,8 @@ class PlainRunner:
 
     def collect(self, queued: QueuedStep) -> StepResult:
         tokens = self.runner.collect_decode(queued.handle)
-        return StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0)
+        return dataclasses.replace(StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0),
+                                   queued=True)
 
     def speculation(self) -> None:
         return None

@@ -66,6 +66,9 @@ class StepResult:
     draft_s: float = 0.0  # wall time of drafting
     verify_s: float = 0.0  # wall time of the rest of the step
     fused: bool = False  # drafting and verification ran as one call (verify_s holds both)
+    # Queued ahead and collected a step later (``QueuedStep``): its wall time spans the host's work
+    # on the step before, so it is no measure of the step's own cost.
+    queued: bool = False
 
     @classmethod
     def plain(cls, slots: np.ndarray, tokens: np.ndarray, step_s: float = 0.0) -> "StepResult":

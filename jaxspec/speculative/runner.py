@@ -25,6 +25,7 @@ same (seed, position, PURPOSE_TARGET) token a kb = 0 verification would.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections import Counter
@@ -473,7 +474,8 @@ class SpeculativeRunner:
         tokens = self.target.collect_decode(queued.handle)
         for s, tok in zip(queued.plan.slots.tolist(), tokens.tolist()):
             self.history.append(s, tok)
-        return StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0)
+        return dataclasses.replace(StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0),
+                                   queued=True)
 
     def _plain_decode(self, act, sampling, out_pos) -> StepResult:
         """A step with nothing to propose: the target's own decode step and only the bookkeeping it

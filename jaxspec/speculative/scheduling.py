@@ -128,7 +128,7 @@ class SpecScheduler:
         self.bucket_steps[result.kb] += 1
         costs = self._known_costs(self._rows_for(len(result.slots)))
         times = (result.draft_s, result.verify_s)
-        if costs is None:
+        if costs is None or result.queued:  # a queued step's time is not its cost (StepResult.queued)
             return times
         if result.fused:
             times = costs.split(result.kb, result.draft_s + result.verify_s)
