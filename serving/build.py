@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxspec.config import ConfigError

@@ -42,7 +42,7 @@ from jaxspec.sampling import BatchSampling, logits_to_probs, pad_sampling
 from jaxspec.speculative.adaptive import CostModel, KPolicy, k_buckets
 from jaxspec.speculative.draft_model import DraftModelProposer
 from jaxspec.speculative.jit_cache import cached_jit
-from jaxspec.speculative.proposer import NoProposer, Proposal, Proposer, SpecContext, TokenHistory
+from jaxspec.speculative.proposer import NoProposer, Proposer, SpecContext, TokenHistory
 from jaxspec.speculative.scheduling import SpecScheduler
 from jaxspec.speculative.verify import get_backend, verify_with_keys
 
