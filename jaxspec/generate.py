@@ -129,7 +129,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         draft = load_eagle3(draft_name, target=model.cfg, dtype=args.dtype)
     runner = make_runner(model, num_slots=1, max_len=max_len, placement=placement, spec_method=method, draft=draft,
                          num_speculative_tokens=args.num_speculative_tokens, k_max=args.k_max,
-                         kv_dtype=getattr(args, "kv_cache_dtype", "auto"))
+                         kv_dtype=args.kv_cache_dtype)
     if getattr(args, "kernel_selftest", "on") == "on":
         kernels.selftest(runner)
     if getattr(args, "warmup", False):

@@ -102,13 +102,9 @@ class Snapshot:
     spec_stats: SpecStats | None = None  # engine-wide speculation counters (a copy)
 
 
-class GuardedRunner:
-    """Wraps a StepRunner so that a request's prefill failure leaves a traceback in the log.
-
-    The engine already turns a prefill exception into that one request's ERROR
-    output; it keeps only the message, so the traceback is logged here.
-    Every StepRunner method is delegated unchanged.
-    """
+class WrappedRunner:
+    """A StepRunner around another: its host-only parts (sizes, policy, descriptions) are the inner
+    runner's; subclasses wrap the device calls."""
 
     def __init__(self, runner: Any):
         self._inner = runner
@@ -125,6 +121,27 @@ class GuardedRunner:
 
     def paging(self) -> tuple[int, int] | None:
         return self._inner.paging()
+
+    def speculation(self) -> SpecPolicy | None:
+        return self._inner.speculation()
+
+    def padded_length(self, prompt_len: int) -> int:
+        return self._inner.padded_length(prompt_len)
+
+    def expert_load_snapshot(self) -> np.ndarray:
+        return self._inner.expert_load_snapshot()
+
+    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
+        return self._inner.device_info()
+
+
+class GuardedRunner(WrappedRunner):
+    """Wraps a StepRunner so that a request's prefill failure leaves a traceback in the log.
+
+    The engine already turns a prefill exception into that one request's ERROR
+    output; it keeps only the message, so the traceback is logged here.
+    Every other StepRunner method is delegated unchanged.
+    """
 
     def assign_pages(self, slot: int, pages: list[int]) -> None:
         self._inner.assign_pages(slot, pages)
@@ -150,23 +167,11 @@ class GuardedRunner:
     def collect(self, handle: Any) -> StepResult:
         return self._inner.collect(handle)
 
-    def speculation(self) -> SpecPolicy | None:
-        return self._inner.speculation()
-
     def release(self, slot: int) -> None:
         self._inner.release(slot)
 
     def warmup(self) -> None:
         self._inner.warmup()
-
-    def padded_length(self, prompt_len: int) -> int:
-        return self._inner.padded_length(prompt_len)
-
-    def expert_load_snapshot(self) -> np.ndarray:
-        return self._inner.expert_load_snapshot()
-
-    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
-        return self._inner.device_info()
 
 
 class EngineLoop:

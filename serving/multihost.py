@@ -37,9 +37,9 @@ from typing import Any, Callable
 import numpy as np
 
 from jaxspec.distributed import StepChannel
-from jaxspec.engine.scheduler import SpecPolicy
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
+from serving.engine_loop import WrappedRunner
 
 log = logging.getLogger("jaxspec.multihost")
 
@@ -90,7 +90,7 @@ def decode_record(record: bytes) -> dict[str, Any]:
     return pickle.loads(record)
 
 
-class BroadcastingRunner:
+class BroadcastingRunner(WrappedRunner):
     """The leader's runner: publishes each device call, then runs it on the local replica.
 
     Not pipelined (the engine's overlap mode queues steps whose inputs stay on the device,
@@ -100,15 +100,9 @@ class BroadcastingRunner:
 
     def __init__(self, runner: Any, channel: StepChannel, *, stall_s: float = 30.0, dead_after_s: float = 5.0,
                  on_lost: Callable[[str], None] | None = None):
-        self._inner = runner
+        super().__init__(runner)
         host_lengths_for_reads(runner)
         self.channel = channel
-        self.cfg = runner.cfg
-        self.num_slots = runner.num_slots
-        self.max_len = runner.max_len
-        self.reuses_prefix = runner.reuses_prefix
-        self.lookahead = runner.lookahead
-        self.prefill_chunk = runner.prefill_chunk
         self.stall_s = stall_s
         self.dead_after_s = dead_after_s
         self._beats: dict[int, tuple[int, float]] = {}  # follower -> (last count, when it changed)
@@ -120,26 +114,6 @@ class BroadcastingRunner:
         self._lock = threading.Lock()
         self._watchdog = threading.Thread(target=self._watch, name="jaxspec-multihost-watchdog", daemon=True)
         self._watchdog.start()
-
-    # --------------------------------------------------------- host-only calls
-    @property
-    def max_prefill_rows(self) -> int:
-        return self._inner.max_prefill_rows
-
-    def paging(self) -> tuple[int, int] | None:
-        return self._inner.paging()
-
-    def speculation(self) -> SpecPolicy | None:
-        return self._inner.speculation()
-
-    def padded_length(self, prompt_len: int) -> int:
-        return self._inner.padded_length(prompt_len)
-
-    def expert_load_snapshot(self) -> np.ndarray:
-        return self._inner.expert_load_snapshot()
-
-    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
-        return self._inner.device_info()
 
     # ------------------------------------------------------- published calls
     def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
@@ -160,12 +134,6 @@ class BroadcastingRunner:
 
     def warmup(self) -> None:
         self._run("warmup", self._inner.warmup)
-
-    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: Any = None) -> Any:
-        raise NotImplementedError("multi-host runners are not pipelined")
-
-    def collect(self, handle: Any) -> StepResult:
-        raise NotImplementedError("multi-host runners are not pipelined")
 
     def stop(self) -> None:
         """Tell the followers to exit (they return 0). Idempotent; safe after a failure."""

@@ -170,6 +170,13 @@ def test_serve_overlaps_plain_decoding_by_default(model):
     assert not bundle_engine(runner, ByteTokenizer(), model_id="m", overlap=False).engine.overlap
 
 
+def test_generate_overlaps_by_default():
+    from jaxspec import generate
+
+    args = generate.build_parser().parse_args(["--model", "tiny-moe", "--spec-method", "none", "x"])
+    assert generate.build_engine(args).overlap
+
+
 # ------------------------------------------------------------------ speculative runners
 class CountingSpecRunner:
     """Wraps a SpeculativeRunner's dispatch to count chained plain steps."""

@@ -151,27 +151,17 @@ class PlainRunner:
         return self.runner.device_info()
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
-        return self.collect(self.dispatch(slots, plan))
+        return self.runner.collect_step(self.dispatch(slots, plan), overlapped=False)
 
     @property
     def pipelined(self) -> bool:
         return self.runner.can_chain
 
-    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: "QueuedStep | None" = None) -> QueuedStep:
-        t0 = time.perf_counter()
-        act = plan.slots
-        if after is None:
-            handle = self.runner.dispatch_decode(act, slots.last_token[act], slots.sampling(act),
-                                                 slots.num_generated[act])
-        else:
-            # The step before is not applied yet: every slot is one token further than the table says.
-            handle = self.runner.dispatch_decode(act, None, None, slots.num_generated[act] + 1, after=after.handle)
-        return QueuedStep(plan, handle, t0)
+    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: QueuedStep | None = None) -> QueuedStep:
+        return self.runner.queue_step(slots, plan, slots.last_token[plan.slots], after)
 
     def collect(self, queued: QueuedStep) -> StepResult:
-        tokens = self.runner.collect_decode(queued.handle)
-        return dataclasses.replace(StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0),
-                                   queued=True)
+        return self.runner.collect_step(queued)
 
     def speculation(self) -> None:
         return None
@@ -188,7 +178,7 @@ class _InFlight:
     """The engine's record of a dispatched step it has not applied yet: which request each
     stepped slot held, so that tokens of a request that ended meanwhile are dropped."""
 
-    queued: Any
+    queued: QueuedStep
     request_ids: tuple[str, ...]  # per planned slot
 
 

@@ -15,8 +15,8 @@ sharding it went in with, so nothing is resharded between decode steps.
 from __future__ import annotations
 
 import dataclasses
-
 import functools
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.engine.slots import SlotTable
+from jaxspec.engine.step import DecodePlan, QueuedStep, StepResult
 from jaxspec.mesh import Placement, check_placement
 from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
@@ -536,6 +537,23 @@ class ModelRunner:
         tokens = np.asarray(handle.tokens)
         self.add_expert_load(handle.load)
         return tokens[handle.where]
+
+    def queue_step(self, slots: SlotTable, plan: DecodePlan, last_tokens: np.ndarray,
+                   after: QueuedStep | None = None) -> QueuedStep:
+        """A plain decode step over ``plan.slots`` (inputs ``last_tokens`` [n]), dispatched; ``after``:
+        the step queued just before over the same slots, not applied yet, whose tokens feed this one."""
+        t0 = time.perf_counter()
+        act = plan.slots
+        if after is None:
+            handle = self.dispatch_decode(act, last_tokens, slots.sampling(act), slots.num_generated[act])
+        else:  # the step before is not applied yet: every slot is one token further than the table says
+            handle = self.dispatch_decode(act, None, None, slots.num_generated[act] + 1, after=after.handle)
+        return QueuedStep(plan, handle, t0)
+
+    def collect_step(self, queued: QueuedStep, overlapped: bool = True) -> StepResult:
+        """Wait for a queued step; ``overlapped``: collected a step later (``StepResult.queued``)."""
+        tokens = self.collect_decode(queued.handle)
+        return StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0, queued=overlapped)
 
     def idle_decode(self, rows: int, kv_len: int, live: bool = False) -> None:
         """A decode step of ``rows`` rows that touches no slot (every write lands past the cache end

@@ -71,10 +71,11 @@ class StepResult:
     queued: bool = False
 
     @classmethod
-    def plain(cls, slots: np.ndarray, tokens: np.ndarray, step_s: float = 0.0) -> "StepResult":
+    def plain(cls, slots: np.ndarray, tokens: np.ndarray, step_s: float = 0.0, queued: bool = False) -> "StepResult":
         n = len(slots)
         zeros = np.zeros(n, np.int32)
-        return cls(np.asarray(slots), [[int(t)] for t in np.asarray(tokens).tolist()], zeros, zeros, 0, 0.0, step_s)
+        return cls(np.asarray(slots), [[int(t)] for t in np.asarray(tokens).tolist()], zeros, zeros, 0, 0.0, step_s,
+                   queued=queued)
 
     def items(self):
         """(slot, tokens, drafted, accepted) per slot."""

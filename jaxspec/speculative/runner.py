@@ -25,7 +25,6 @@ same (seed, position, PURPOSE_TARGET) token a kb = 0 verification would.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from collections import Counter
@@ -397,7 +396,9 @@ class SpeculativeRunner:
         k, kb = plan.k, plan.kb
         sampling = slots.sampling(act)
         if kb == 0 and not self.feature_layers:
-            return self._plain_decode(act, sampling, out_pos)
+            # Nothing to propose: the target's own decode step and only the bookkeeping it needs, so
+            # that an adaptive policy that turns speculation off pays what ``PlainRunner`` pays.
+            return self.collect(self.dispatch(slots, plan), overlapped=False)
         row_slots, where = self.target.row_layout(act)  # batch rows; the row of each active slot
         b = len(row_slots)
         active = scatter_rows(np.ones(n, bool), where, b, False)
@@ -460,31 +461,13 @@ class SpeculativeRunner:
         same slots, whose tokens (still on the device) feed this one."""
         if plan.kb != 0 or self.feature_layers:
             raise ValueError("only plain steps of a runner without an EAGLE-3 head are queued ahead")
-        t0 = time.perf_counter()
-        act = plan.slots
-        if after is None:
-            handle = self.target.dispatch_decode(act, self.history.last()[act], slots.sampling(act),
-                                                 slots.num_generated[act].astype(np.int32))
-        else:  # the step before is not applied yet: every slot is one token further than the table says
-            handle = self.target.dispatch_decode(act, None, None, (slots.num_generated[act] + 1).astype(np.int32),
-                                                 after=after.handle)
-        return QueuedStep(plan, handle, t0)
+        return self.target.queue_step(slots, plan, self.history.last()[plan.slots], after)
 
-    def collect(self, queued: QueuedStep) -> StepResult:
-        tokens = self.target.collect_decode(queued.handle)
-        for s, tok in zip(queued.plan.slots.tolist(), tokens.tolist()):
-            self.history.append(s, tok)
-        return dataclasses.replace(StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0),
-                                   queued=True)
-
-    def _plain_decode(self, act, sampling, out_pos) -> StepResult:
-        """A step with nothing to propose: the target's own decode step and only the bookkeeping it
-        needs, so that an adaptive policy that turns speculation off pays what ``PlainRunner`` pays."""
-        t0 = time.perf_counter()
-        tokens = self.target.decode_rows(act, self.history.last()[act], sampling, out_pos)
-        for s, tok in zip(act.tolist(), tokens.tolist()):
-            self.history.append(s, tok)
-        return StepResult.plain(act, tokens, time.perf_counter() - t0)
+    def collect(self, queued: QueuedStep, overlapped: bool = True) -> StepResult:
+        result = self.target.collect_step(queued, overlapped)
+        for s, tokens in zip(result.slots.tolist(), result.tokens):
+            self.history.append(s, tokens[0])
+        return result
 
     def _extend_history(self, act, out_tokens, accepted) -> list[list[int]]:
         """Per active slot: its a accepted drafts plus one target token, appended to the history."""
