@@ -80,6 +80,11 @@ class MemoryPlan:
     # temp_by_step as the compiler reported them, or the capacity plus one byte when it did not say).
     compile_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     kv_dtype: str = ""  # what the target's cache stores: "int8" or a float dtype
+    num_hosts: int = 1  # processes (hosts) the mesh's devices belong to
+    moe_exchange: str = "psum"  # expert parallelism's token exchange (MeshConfig.moe_exchange)
+    host_axes: tuple[str, ...] = ()  # mesh axes whose devices sit on more than one host
+    # ragged-all-to-all ops in each compiled step's HLO (the routed expert exchange; 0 with psum)
+    ragged_all_to_all: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -148,11 +153,17 @@ class MemoryPlan:
         if self.capacity is not None:
             rows.append((f"usable ({self.hbm / GiB:.2f} GiB less headroom)", self.capacity))
         width = max(len(r[0]) for r in rows)
-        lines = [f"{self.model}{' + ' + self.draft if self.draft else ''} on {self.mesh} ({self.num_devices} devices), "
-                 f"{self.cache_shape()}, per device:"]
+        hosts = f" on {self.num_hosts} hosts" if self.num_hosts > 1 else ""
+        lines = [f"{self.model}{' + ' + self.draft if self.draft else ''} on {self.mesh} ({self.num_devices} devices"
+                 f"{hosts}), {self.cache_shape()}, per device:"]
         lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB"
                   + ("  (compile ran out of memory)" if name.removeprefix("temporaries (").rstrip(")")
                      in self.compile_errors else "") for name, b in rows]
+        if self.num_hosts > 1:
+            lines.append(f"  mesh axes across hosts: {', '.join(self.host_axes) or 'none'}; MoE exchange "
+                         f"{self.moe_exchange}" + (f"; ragged-all-to-all ops per step: " + ", ".join(
+                             f"{name} {n}" for name, n in self.ragged_all_to_all.items())
+                             if self.ragged_all_to_all else ""))
         if self.capacity is not None:
             slots, ctx = self.largest()
             verdict = "yes" if self.fits else "NO"
@@ -253,6 +264,19 @@ def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, s
     return steps
 
 
+def _ragged_all_to_all_ops(compiled) -> int:
+    """Routed expert exchanges in a compiled step (instructions, not metadata mentions)."""
+    return len(re.findall(r"\sragged-all-to-all(?:-start)?\(", compiled.as_text()))
+
+
+def host_axes(mesh) -> tuple[str, ...]:
+    """Mesh axes along which devices of different processes (hosts) meet: their collectives
+    leave the host (on a TPU slice still over ICI; on GPU hosts over the network)."""
+    procs = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+    return tuple(name for i, name in enumerate(mesh.axis_names)
+                 if procs.shape[i] > 1 and not (np.diff(procs, axis=i) == 0).all())
+
+
 def _device_memory(mesh_cfg: MeshConfig, devices) -> int | None:
     if mesh_cfg.hbm_bytes_per_device:
         return int(mesh_cfg.hbm_bytes_per_device)
@@ -311,13 +335,16 @@ def plan_memory(
 
     temp_by_step: dict[str, int] = {}
     errors: dict[str, str] = {}
+    ragged: dict[str, int] = {}
     capacity = None if hbm is None else int(hbm * (1 - headroom))
     if compile:
         steps = _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, slots, max_len, draft,
                                num_speculative_tokens, prefill_chunk)
         for name, thunk in steps.items():
             try:
-                temp_by_step[name] = _step_bytes(thunk())
+                compiled = thunk()
+                temp_by_step[name] = _step_bytes(compiled)
+                ragged[name] = _ragged_all_to_all_ops(compiled)
             except Exception as e:  # the compiler's out-of-memory is a verdict, not a crash
                 needed, why = _out_of_memory(e)
                 if why is None:
@@ -335,6 +362,8 @@ def plan_memory(
         page_size=paging[1] if paging else None, num_pages=paging[0] if paging else None,
         prefill_chunk=prefill_chunk if prefill_chunk is not None and prefill_chunk < max_len else None,
         compile_errors=errors, kv_dtype=cache.kv_dtype,
+        num_hosts=len({d.process_index for d in mesh.devices.flat}), moe_exchange=mesh_cfg.moe_exchange,
+        host_axes=host_axes(mesh), ragged_all_to_all=ragged,
     )
 
 

@@ -8,8 +8,11 @@
 For each (target model, draft, mesh, slots x context) the prefill, decode, verification and
 draft-loop steps are lowered with abstract weights placed by the mesh config's rules and
 compiled by the target's own compiler (libtpu / XLA:GPU + ptxas); the per-device bytes come
-from the shardings (weights, KV cache) and ``compiled.memory_analysis()`` (temporaries). See
-docs/sharding.md for the results and jaxspec/planning.py for how the numbers are combined.
+from the shardings (weights, KV cache) and ``compiled.memory_analysis()`` (temporaries). Multi-host
+slices (tpu-v5e-16, tpu-v5p-16, tpu-v5p-32) compile as one program over all their chips, the way
+every host's process runs it; the table names the hosts and counts the routed expert exchange's
+ragged-all-to-all ops in each step. See docs/sharding.md and docs/multihost.md for the results
+and jaxspec/planning.py for how the numbers are combined.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ TARGETS = [
     ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-8-ep4", 8, 2048),
     ("qwen3-30b-a3b", "qwen3-0.6b", "gpu-1xh100", 8, 4096),
     ("qwen3-30b-a3b", "qwen3-0.6b", "tpu-v5e-4", 8, 4096),
+    # Multi-host slices (docs/multihost.md): 4 hosts of a v5e 4x4, 4 / 2 hosts of a v5p 2x2x4 / 2x2x2.
+    ("mixtral-8x7b", "llama-1b", "tpu-v5e-16", 16, 4096),
+    ("qwen3-235b-a22b", "qwen3-0.6b", "tpu-v5p-32", 16, 4096),
+    ("qwen3-235b-a22b", "qwen3-0.6b", "tpu-v5p-16", 16, 4096),
 ]
 
 
@@ -61,14 +68,19 @@ def run_row(model: str, draft: str | None, mesh: str, slots: int, max_len: int, 
     g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
     slots_fit, ctx_fit = plan.largest()
     verdict = "yes" if plan.fits else "**no**"
-    return (f"| {model} + {plan.draft or '-'} | {mesh} ({plan.num_devices}) | {slots}x{max_len} | {g(plan.weights)} | "
-            f"{g(plan.kv_cache)} | {g(plan.draft_weights + plan.draft_kv_cache)} | {g(plan.temporaries)} | "
-            f"{g(plan.total)} | {g(plan.hbm)} | {verdict} | {slots}x{ctx_fit} | {seconds:.0f} |")
+    hosts = f", {plan.num_hosts} hosts" if plan.num_hosts > 1 else ""
+    exchange = plan.moe_exchange
+    if any(plan.ragged_all_to_all.values()):
+        exchange += " (" + ", ".join(f"{n} {name.split()[0]}" for name, n in plan.ragged_all_to_all.items()) + ")"
+    return (f"| {model} + {plan.draft or '-'} | {mesh} ({plan.num_devices}{hosts}) | {slots}x{max_len} | "
+            f"{g(plan.weights)} | {g(plan.kv_cache)} | {g(plan.draft_weights + plan.draft_kv_cache)} | "
+            f"{g(plan.temporaries)} | {g(plan.total)} | {g(plan.hbm)} | {verdict} | {slots}x{ctx_fit} | {exchange} | "
+            f"{seconds:.0f} |")
 
 
 HEADER = ("| model + draft | mesh (devices) | slots x ctx | weights | KV cache | draft w+KV | temporaries | total | "
-          "HBM | fits | largest ctx at these slots (est.) | compile s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "HBM | fits | largest ctx at these slots (est.) | MoE exchange (ragged-all-to-all ops per step) | compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:

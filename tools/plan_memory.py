@@ -18,6 +18,7 @@ not, including when the compiler itself runs out of device memory for a step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -26,7 +27,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compute nowhere: the topology o
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxspec.config import load_config  # noqa: E402
-from jaxspec.mesh import load_mesh_config  # noqa: E402
+from jaxspec.mesh import MOE_EXCHANGES, load_mesh_config  # noqa: E402
 from jaxspec.models.kv_cache import KV_DTYPES  # noqa: E402
 from jaxspec.planning import DEFAULT_HEADROOM, plan_memory  # noqa: E402
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-pages", type=int, default=None, help="pages in the pool (default: --slots x --max-len / --page-size)")
     p.add_argument("--max-step-tokens", type=int, default=512,
                    help="prompt tokens prefilled per step, as serve's flag (0: whole prompts); bounds prefill temporaries")
+    p.add_argument("--moe-exchange", choices=MOE_EXCHANGES, default=None,
+                   help="override the mesh config's expert-parallel token exchange (ragged_all_to_all: routed)")
     args = p.parse_args(argv)
 
     cfg = load_config(args.model)
@@ -68,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     paging = None
     if args.kv_cache == "paged":
         paging = (args.kv_pages or args.slots * max_len // args.page_size, args.page_size)
+    mesh_cfg = load_mesh_config(args.mesh)
+    if args.moe_exchange:
+        mesh_cfg = dataclasses.replace(mesh_cfg, moe_exchange=args.moe_exchange)
     plan = plan_memory(
-        cfg, load_mesh_config(args.mesh), args.slots, max_len, draft_cfg=draft,
+        cfg, mesh_cfg, args.slots, max_len, draft_cfg=draft,
         num_speculative_tokens=args.k, compile=not args.no_compile, headroom=args.headroom,
         paging=paging, prefill_chunk=args.max_step_tokens or None,
         kv_dtype=args.kv_cache_dtype, draft_kv_dtype=args.draft_kv_cache_dtype,
