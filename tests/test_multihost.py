@@ -283,7 +283,7 @@ def test_a_job_needs_a_mesh_over_all_its_devices(mesh, caplog):
     assert "needs --mesh over all 16 devices" in caplog.text
 
 
-@pytest.mark.parametrize("mesh", ["tpu-v5e-16", "tpu-v5p-16", "gpu-2x8xh100"])
+@pytest.mark.parametrize("mesh", ["tpu-v5e-16", "tpu-v5p-32", "gpu-2x8xh100"])
 def test_multihost_meshes_span_16_devices_and_split_mixtral(mesh):
     from jaxspec.config import load_config
     from jaxspec.mesh import load_mesh_config
