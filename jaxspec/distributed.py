@@ -182,10 +182,17 @@ class StepChannel:
             return 0
 
     # Liveness. The runtime's own ``get_live_nodes`` is collective (it returns once every live
-    # process has called it), so it cannot tell the leader alone who is gone. Followers bump a
-    # counter instead, and the leader watches whether each counter still moves.
+    # process has called it), so it cannot tell the leader alone who is gone. Every process bumps
+    # a counter instead; the leader watches the followers' and the followers report the leader's.
     def beat(self, count: int) -> None:
         self.client.key_value_set_bytes(f"{self._beats}/{self.process_id}", str(count).encode(), allow_overwrite=True)
+
+    def beat_of(self, process: int) -> int | None:
+        """One process's last heartbeat count (None: none yet). Followers read the leader's."""
+        try:
+            return int(self.client.key_value_try_get_bytes(f"{self._beats}/{process}"))
+        except Exception:  # noqa: BLE001  (NOT_FOUND: no beat yet)
+            return None
 
     def beats(self) -> dict[int, int]:
         """Each follower's last heartbeat count (-1: none yet)."""

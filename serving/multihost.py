@@ -40,6 +40,7 @@ from jaxspec.distributed import StepChannel
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, PrefillChunk, StepResult
 from serving.engine_loop import WrappedRunner
+from serving.follower_health import FAILED, FOLLOWING, STOPPED, FollowerStatus
 
 log = logging.getLogger("jaxspec.multihost")
 
@@ -206,10 +207,16 @@ class BroadcastingRunner(WrappedRunner):
             self.on_lost(why)
 
     def _watch(self) -> None:
-        """Follow the followers' heartbeats; a step that has run for ``stall_s`` while a follower
-        went quiet is stuck in a collective with a dead peer."""
+        """Follow the followers' heartbeats (and beat for their health endpoints); a step that has
+        run for ``stall_s`` while a follower went quiet is stuck in a collective with a dead peer."""
+        count = 0
         while self.lost is None and not self._stopped:
             time.sleep(HEARTBEAT_S)
+            try:
+                self.channel.beat(count)
+                count += 1
+            except Exception as e:  # noqa: BLE001  (the coordination service failed: _poll_beats logs it)
+                log.debug("leader heartbeat failed: %s", e)
             since = self._busy_since
             if since is None or time.monotonic() - since < self.stall_s:
                 self._poll_beats()
@@ -227,33 +234,44 @@ def _exit_lost(why: str) -> None:
     os._exit(EXIT_FOLLOWER_LOST)
 
 
-def follow(runner: Any, channel: StepChannel, *, idle_timeout_s: float | None = None) -> int:
+def follow(runner: Any, channel: StepChannel, *, idle_timeout_s: float | None = None,
+           status: FollowerStatus | None = None) -> int:
     """A follower's loop: run the leader's calls on ``runner`` until the stop record; returns the
-    exit status (0: the leader stopped; EXIT_DIVERGED: this replica failed a call the leader ran)."""
+    exit status (0: the leader stopped; EXIT_DIVERGED: this replica failed a call the leader ran).
+    ``status`` (the health endpoint's) counts the replayed calls and the leader's heartbeat."""
     host_lengths_for_reads(runner)
     slots = SlotTable(runner.num_slots)
+    status = status or FollowerStatus(channel.process_id)
+    status.set_state(FOLLOWING)
     done = threading.Event()
-    beater = threading.Thread(target=_beat, args=(channel, done), name="jaxspec-heartbeat", daemon=True)
+    beater = threading.Thread(target=_beat, args=(channel, done, status), name="jaxspec-heartbeat", daemon=True)
     beater.start()
+    code = EXIT_FOLLOWER_LOST
     try:
-        return _follow(runner, channel, slots, idle_timeout_s)
+        code = _follow(runner, channel, slots, idle_timeout_s, status)
+        return code
     finally:
+        status.set_state(STOPPED if code == 0 else FAILED)
         done.set()
 
 
-def _beat(channel: StepChannel, done: threading.Event) -> None:
+def _beat(channel: StepChannel, done: threading.Event, status: FollowerStatus | None = None) -> None:
     count = 0
     while not done.is_set():
         try:
             channel.beat(count)
+            leader = channel.beat_of(0)
         except Exception as e:  # noqa: BLE001  (the leader and its coordinator are gone)
             log.error("heartbeat failed: %s", e)
             return
+        if leader is not None and status is not None:
+            status.leader_beat(leader)
         count += 1
         done.wait(HEARTBEAT_S)
 
 
-def _follow(runner: Any, channel: StepChannel, slots: SlotTable, idle_timeout_s: float | None) -> int:
+def _follow(runner: Any, channel: StepChannel, slots: SlotTable, idle_timeout_s: float | None,
+            status: FollowerStatus) -> int:
     ok, last_error = True, None
     while True:
         rec = decode_record(channel.receive(timeout_s=idle_timeout_s))
@@ -265,12 +283,14 @@ def _follow(runner: Any, channel: StepChannel, slots: SlotTable, idle_timeout_s:
             channel.ack(force=True)
             log.info("leader stopped after %d calls", channel.seq - 1)
             return 0
+        t = time.monotonic()
         try:
             _execute(runner, slots, call, args)
             ok, last_error = True, None
         except Exception as e:  # the leader's replica probably failed alike (a bad prompt): compare next
             log.warning("call %d (%s) failed here: %s: %s", channel.seq, call, type(e).__name__, e)
             ok, last_error = False, f"{type(e).__name__}: {e}"
+        status.replayed(call, channel.seq, time.monotonic() - t, ok)
         channel.ack()
 
 
@@ -307,7 +327,7 @@ def run(info, engine_opts, server_opts, *, stall_s: float = 60.0) -> int:
         return 2
     channel = StepChannel()
     if not info.is_leader:
-        return run_follower(engine_opts, channel)
+        return run_follower(engine_opts, channel, server_opts)
     code, leader = asyncio.run(serve_leader(engine_opts, server_opts, channel, stall_s=stall_s))
     if leader is not None and leader.lost is not None:
         # A dead peer can leave jax's own shutdown (a barrier over every process) waiting for minutes.
@@ -317,8 +337,10 @@ def run(info, engine_opts, server_opts, *, stall_s: float = 60.0) -> int:
     return code
 
 
-def run_follower(engine_opts, channel: StepChannel) -> int:
-    """Build the same engine as the leader (its runner is this process's replica) and follow."""
+def run_follower(engine_opts, channel: StepChannel, server_opts=None) -> int:
+    """Build the same engine as the leader (its runner is this process's replica) and follow.
+    ``server_opts.metrics_port`` (``--metrics-port``): this process's /health and /metrics
+    (serving/follower_health.py), up from before loading (503 until it follows)."""
     import signal
 
     from serving.build import load_engine
@@ -326,13 +348,21 @@ def run_follower(engine_opts, channel: StepChannel) -> int:
     # An orchestrator signals every pod at once; the leader drains and then publishes the stop
     # record, which this process must still be here to see (its collectives need it until then).
     signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: waiting for the leader's stop record"))
-    bundle = load_engine(engine_opts)
-    log.info("follower %d ready: replaying the leader's steps", channel.process_id)
+    status = FollowerStatus(channel.process_id)
+    if server_opts is not None and server_opts.metrics_port is not None:
+        port = status.serve_http(server_opts.host, server_opts.metrics_port)
+        log.info("follower %d: health and metrics on http://%s:%d/health, /metrics", channel.process_id,
+                 server_opts.host, port)
     try:
-        return follow(bundle.engine.runner, channel)
+        bundle = load_engine(engine_opts)
+        log.info("follower %d ready: replaying the leader's steps", channel.process_id)
+        return follow(bundle.engine.runner, channel, status=status)
     except Exception as e:  # noqa: BLE001  (the leader or the coordinator is gone)
+        status.set_state(FAILED)
         log.critical("follower %d stops: %s: %s", channel.process_id, type(e).__name__, e)
         return EXIT_FOLLOWER_LOST
+    finally:
+        status.shutdown()
 
 
 async def serve_leader(engine_opts, server_opts, channel: StepChannel, *, stall_s: float = 60.0):

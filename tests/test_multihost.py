@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +81,7 @@ def _worker(process_id: int, port: int, out: str, spec: str) -> int:
     return 0
 
 
-def _serve_worker(process_id: int, port: int, grpc_port: int) -> int:
+def _serve_worker(process_id: int, port: int, grpc_port: int, metrics_port: int | None = None) -> int:
     """One process of ``python -m jaxspec.serve --coordinator ...`` (serving.multihost.run)."""
     from jaxspec import distributed
 
@@ -89,7 +91,9 @@ def _serve_worker(process_id: int, port: int, grpc_port: int) -> int:
     from serving.server import ServerOptions
 
     engine = EngineOptions(model=MODEL, mesh=MESH, slots=SLOTS, max_len=MAX_LEN, kernel_selftest=False)
-    return run(info, engine, ServerOptions(port=grpc_port, grace_period=5.0), stall_s=10.0)
+    # One machine: only the follower takes --metrics-port (on separate hosts every process can).
+    metrics = metrics_port if process_id == 1 else None
+    return run(info, engine, ServerOptions(port=grpc_port, grace_period=5.0, metrics_port=metrics), stall_s=10.0)
 
 
 # ------------------------------------------------- the protocol, in one process (fast)
@@ -184,6 +188,76 @@ def test_follower_replays_the_leaders_calls_and_stops():
     runner.stop()
     assert follow(replica, follow_ch, idle_timeout_s=5) == 0
     assert replica.calls == leader.calls and len(leader.calls) >= 4
+
+
+def test_follower_health_counts_replayed_calls_and_the_leaders_heartbeat():
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.engine.step import DecodePlan
+    from serving.follower_health import FollowerStatus
+    from serving.multihost import BroadcastingRunner, follow
+
+    lead_ch, follow_ch = _pair(_Store())
+    runner = BroadcastingRunner(_Recorder(), lead_ch)
+    for _ in range(3):
+        runner.decode(SlotTable(4), DecodePlan.plain(np.array([0])))
+    runner.release(0)
+    time.sleep(1.5)  # the leader's watchdog beats once a second
+    runner.stop()
+    status = FollowerStatus(1)
+    assert not status.healthy() and status.health()["state"] == "LOADING"
+    seen = []
+
+    class Probed(_Recorder):  # what the health endpoint says while a call replays
+        def release(self, slot):
+            seen.append(status.health())
+
+    assert follow(Probed(), follow_ch, idle_timeout_s=5, status=status) == 0
+    h = status.health()
+    assert h["state"] == "STOPPED" and h["status"] == "NOT_SERVING"  # the job is over
+    assert (h["replayed_calls"], h["last_record"]) == (4, 4) and h["seconds_since_last_call"] >= 0
+    assert status.calls.labels("decode")._value.get() == 3 and status.calls.labels("release")._value.get() == 1
+    assert lead_ch.beat_of(0) is not None  # the leader beat, and the follower saw it while following
+    assert [(s["state"], s["status"], s["replayed_calls"]) for s in seen] == [("FOLLOWING", "SERVING", 3)]
+
+
+def test_follower_health_endpoint_reports_a_silent_leader():
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    from serving import follower_health
+    from serving.follower_health import FOLLOWING, FollowerStatus
+
+    now = [100.0]
+    status = FollowerStatus(3, clock=lambda: now[0])
+    port = status.serve_http("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as loading:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+        assert loading.value.code == 503 and _json.loads(loading.value.read())["state"] == "LOADING"
+        status.set_state(FOLLOWING)
+        status.leader_beat(7)
+        status.replayed("decode", 12, 0.25, ok=True)
+        status.replayed("decode", 13, 0.5, ok=False)
+        now[0] += 2.0
+        body = _json.loads(urllib.request.urlopen(f"{url}/health", timeout=5).read())
+        assert body == {"status": "SERVING", "state": "FOLLOWING", "process_id": 3, "replayed_calls": 2,
+                        "last_record": 13, "seconds_since_last_call": 2.0, "leader_heartbeat_age_s": 2.0}
+        metrics = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+        for line in ('jaxspec_follower_replayed_calls_total{call="decode"} 2.0',
+                     'jaxspec_follower_failed_calls_total{call="decode"} 1.0', "jaxspec_follower_last_record 13.0",
+                     "jaxspec_follower_last_call_duration_seconds 0.5",
+                     "jaxspec_follower_leader_heartbeat_age_seconds 2.0", "jaxspec_follower_up 1.0"):
+            assert line in metrics, line
+        now[0] += follower_health.LEADER_SILENT_S  # the leader's count stopped moving
+        status.leader_beat(7)
+        with pytest.raises(urllib.error.HTTPError) as silent:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+        assert silent.value.code == 503 and _json.loads(silent.value.read())["leader_heartbeat_age_s"] == 12.0
+        assert "jaxspec_follower_up 0.0" in urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    finally:
+        status.shutdown()
 
 
 def test_records_every_follower_acknowledged_are_deleted():
@@ -390,13 +464,20 @@ def _serve_reference() -> list[list[int]]:
 def test_leader_serves_grpc_and_sigterm_stops_every_process(tmp_path):
     from serving.client import JaxSpecClient
 
-    grpc_port = _free_port()
-    job = _Job(tmp_path, "serve", str(_free_port()), str(grpc_port))
+    grpc_port, metrics_port = _free_port(), _free_port()
+    job = _Job(tmp_path, "serve", str(_free_port()), str(grpc_port), str(metrics_port))
     try:
         with JaxSpecClient(f"127.0.0.1:{grpc_port}", timeout=TIMEOUT_S) as client:
             _wait_serving(client, job, TIMEOUT_S)
             got = [list(client.generate(p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True).token_ids)
                    for p in PROMPTS]
+        # The follower's own endpoint: it replayed every decode step of both requests.
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health", timeout=10).read())
+        assert health["status"] == "SERVING" and health["process_id"] == 1, health
+        assert health["leader_heartbeat_age_s"] < 5 and health["replayed_calls"] >= len(PROMPTS) * MAX_TOKENS
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        decodes = re.search(r'jaxspec_follower_replayed_calls_total\{call="decode"\} ([\d.]+)', metrics)
+        assert decodes and float(decodes.group(1)) >= len(PROMPTS) * (MAX_TOKENS - 1), metrics
         job.procs[0].send_signal(signal.SIGTERM)  # the leader drains, then stops the follower
         codes = job.wait(120)
         assert codes == [0, 0], f"exit codes {codes}\n{job.tails()}"
@@ -447,4 +528,4 @@ if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] in ("worker", "
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if sys.argv[1] == "worker":
         sys.exit(_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]))
-    sys.exit(_serve_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+    sys.exit(_serve_worker(*(int(a) for a in sys.argv[2:])))
