@@ -124,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     o = p.add_argument_group("operations")
     o.add_argument("--metrics-port", type=int, metavar="PORT", default=None,
-                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: pick a free port)")
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: pick a free port); on a "
+                        "multi-host follower also /health (docs/multihost.md)")
     o.add_argument("--grace-period", type=float, metavar="SECONDS", default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT")
     o.add_argument("--expert-load-interval", type=float, default=10.0, metavar="SECONDS",
