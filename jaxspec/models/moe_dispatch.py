@@ -38,7 +38,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxspec.models.quant import qeinsum, qragged_dot
+from jaxspec.models.quant import QArray, qeinsum, qragged_dot
 
 # fn(x[N,D], expert_ids[N,k], weights[N,k], w_gate[E,D,F], w_up[E,D,F], w_down[E,F,D]) -> [N,D]
 DispatchFn = Callable[..., jax.Array]
@@ -54,10 +54,18 @@ def _swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
     return qeinsum(out_spec, h, w_down)
 
 
+def every_expert(x, w_gate, w_up, w_down) -> jax.Array:
+    """Every expert's SwiGLU FFN on every row of x [N, D] -> [E, N, D] (x's dtype)."""
+    if any(isinstance(w, QArray) for w in (w_gate, w_up, w_down)):
+        # One expert at a time, so only that expert's weights are ever widened or dequantized.
+        return jax.lax.map(lambda ws: _swiglu(x, *ws, "nd,df->nf", "nf,fd->nd"), (w_gate, w_up, w_down))
+    return _swiglu(x, w_gate, w_up, w_down, "nd,edf->enf", "enf,efd->end")
+
+
 def dispatch_dense(x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
     num_experts = w_gate.shape[0]
     combine = jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # [N,E]
-    y = _swiglu(x, w_gate, w_up, w_down, "nd,edf->enf", "enf,efd->end")  # [E,N,D]
+    y = every_expert(x, w_gate, w_up, w_down)  # [E,N,D]
     return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine).astype(x.dtype)
 
 

@@ -9,6 +9,10 @@ The computation is the one of ``dispatch_ragged``: assignments sorted by expert
 (stable, so ties keep token order), rows gathered, three grouped matmuls for the
 SwiGLU expert FFN, and a weighted scatter-add back to tokens. It is dropless: a
 token's output never depends on the rest of the batch.
+
+Quantized experts stay quantized in HBM: int8 through ``gmm_int8``, int4 through ``gmm_int4``
+(both dequantize blocks in the kernel). An int4 shape the kernel has no tiling for (a scale group
+narrower than the kernel's tiles) goes through ``qragged_dot``, which dequantizes chunk by chunk.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.models.moe_dispatch import sort_assignments, register_backend
-from jaxspec.models.quant import QArray, as_float
-from pallas_kernels._common import default_interpret
+from jaxspec.models.quant import QArray, qragged_dot
+from pallas_kernels._common import default_interpret, resolve_backend
 from pallas_kernels.gmm import Tiling, gmm
+from pallas_kernels.gmm_int4 import gmm_int4, supports as gmm_int4_supports
 from pallas_kernels.gmm_int8 import gmm_int8
 
 
@@ -45,14 +50,22 @@ def dispatch_pallas(
     if interpret is None:
         interpret = default_interpret()
     n = expert_ids.shape[0]
-    order, token_of, _, group_sizes = sort_assignments(expert_ids, w_gate.shape[0])
+    num_experts = w_gate.shape[0]
+    order, token_of, sorted_e, group_sizes = sort_assignments(expert_ids, num_experts)
     xs = x[token_of]  # [N*k, D], rows grouped by expert
+    variant = resolve_backend(backend, interpret)
 
     def mm(lhs, w, tile):
-        if isinstance(w, QArray) and w.bits == 8:
-            # int8 experts stay int8 in HBM: the kernel widens each block and scales the product.
+        if not isinstance(w, QArray):
+            return gmm(lhs, w, group_sizes, tiling=tile, interpret=interpret, backend=backend)
+        if w.bits == 8:
             return gmm_int8(lhs, w.q, w.scale, group_sizes, tiling=tile, interpret=interpret, backend=backend)
-        return gmm(lhs, as_float(w, lhs.dtype), group_sizes, tiling=tile, interpret=interpret, backend=backend)
+        # int4: ``tiling`` is gmm's (tk in unpacked entries), so the int4 kernel picks its own.
+        m, k = lhs.shape
+        group = k // w.scale.shape[1]
+        if w.axis % w.q.ndim == 1 and gmm_int4_supports(m, k, w.shape[2], group, num_experts, lhs.dtype, variant):
+            return gmm_int4(lhs, w.q, w.scale, group_sizes, interpret=interpret, backend=backend)
+        return qragged_dot(lhs, w, group_sizes, sorted_e)
 
     h = jax.nn.silu(mm(xs, w_gate, tiling)) * mm(xs, w_up, tiling)
     y = mm(h.astype(x.dtype), w_down, down_tiling).astype(jnp.float32)

@@ -61,8 +61,8 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from jaxspec.mesh import MOE_EXCHANGES
-from jaxspec.models.moe_dispatch import per_expert_f32, register_backend
-from jaxspec.models.quant import as_float, qeinsum
+from jaxspec.models.moe_dispatch import every_expert, per_expert_f32, register_backend
+from jaxspec.models.quant import qragged_dot
 
 # Local experts per device on CPU: per_expert up to this many tokens (it skips unchosen experts).
 LOCAL_PER_EXPERT_MAX_TOKENS = 128
@@ -94,19 +94,18 @@ def _swiglu_dense(x, local_ids, weights, w_gate, w_up, w_down):
     """Every local expert on every token; assignments outside [0, E_loc) one-hot to zero."""
     e_loc = w_gate.shape[0]
     combine = jnp.sum(jax.nn.one_hot(local_ids, e_loc, dtype=jnp.float32) * weights[..., None], axis=1)  # [N, E_loc]
-    h = jax.nn.silu(qeinsum("nd,edf->enf", x, w_gate)) * qeinsum("nd,edf->enf", x, w_up)
-    y = qeinsum("enf,efd->end", h, w_down)
+    y = every_expert(x, w_gate, w_up, w_down)  # [E_loc, N, D]
     return jnp.einsum("end,ne->nd", y.astype(jnp.float32), combine)
 
 
 def _ragged_swiglu(xs, keys, w_gate, w_up, w_down):
     """xs [M, D] already sorted by local expert (rows of no local expert last) -> [M, D] f32
-    through ragged_dot; group sizes are counted from keys [M] (each row's local expert, E_loc for
-    none; any order). Rows past the groups come out 0."""
+    through ragged_dot; keys [M] is each row's local expert (E_loc for none), in xs's order.
+    Rows past the groups come out 0. Quantized experts are never dequantized whole (``qragged_dot``)."""
     sizes = jnp.sum(jax.nn.one_hot(keys, w_gate.shape[0], dtype=jnp.int32), axis=0)  # the sentinel one-hots to zeros
-    w_gate, w_up, w_down = (as_float(w, xs.dtype) for w in (w_gate, w_up, w_down))  # int8: dequantized per use
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-    return jax.lax.ragged_dot(h, w_down, sizes).astype(jnp.float32)
+    mm = lambda lhs, w: qragged_dot(lhs, w, sizes, keys)  # noqa: E731
+    h = jax.nn.silu(mm(xs, w_gate)) * mm(xs, w_up)
+    return mm(h, w_down).astype(jnp.float32)
 
 
 def _swiglu_grouped(x, local_ids, weights, w_gate, w_up, w_down):
@@ -117,7 +116,7 @@ def _swiglu_grouped(x, local_ids, weights, w_gate, w_up, w_down):
     key = jnp.where(mine, local_ids, e_loc).reshape(-1)  # e_loc = "another device's expert"
     order = jnp.argsort(key, stable=True)
     token_of = (order // k).astype(jnp.int32)
-    y = _ragged_swiglu(x[token_of], key, w_gate, w_up, w_down)
+    y = _ragged_swiglu(x[token_of], key[order], w_gate, w_up, w_down)
     w = jnp.where(mine, weights, 0.0).reshape(-1)[order].astype(jnp.float32)
     return jnp.zeros((n, x.shape[1]), jnp.float32).at[token_of].add(y * w[:, None])
 
@@ -150,7 +149,7 @@ def ragged_all_to_all_via_all_gather(operand, output, input_offsets, send_sizes,
 def _grouped_rows(rows, local_ids, w_gate, w_up, w_down):
     """rows [M, D] each for local expert local_ids[m] (== E_loc: an empty buffer row) -> [M, D] f32."""
     order = jnp.argsort(local_ids, stable=True)  # the sentinel sorts past every group
-    y = _ragged_swiglu(rows[order], local_ids, w_gate, w_up, w_down)
+    y = _ragged_swiglu(rows[order], local_ids[order], w_gate, w_up, w_down)
     return jnp.zeros_like(y).at[order].set(y)
 
 

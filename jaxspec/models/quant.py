@@ -24,10 +24,10 @@ gives a ``QArray`` (a pytree of q, scale), and ``qeinsum`` multiplies by it. int
 scales factor out of the sum, so ``qeinsum`` multiplies by the int8 values and scales
 the product; int4 groups do not, so the weight is dequantized at the matmul (a temporary of
 that one weight inside the step, unless XLA fuses it into the matmul's operand). Expert
-dispatch slices experts or tiles before multiplying (``moe_dispatch``), so only those are
-dequantized; ``ragged`` scales its grouped products like ``qeinsum`` (``qragged_dot``) for
-int8; ``dense`` and int4 in ``ragged`` and ``pallas`` dequantize the whole expert tensor per
-use, and ``pallas`` reads int8 experts directly (``pallas_kernels.gmm_int8``).
+dispatch never dequantizes a whole [E, D, F] expert tensor: the looping backends slice an expert
+or a tile first, ``dense`` maps over experts, ``ragged`` and expert parallelism multiply by int8
+values directly and walk int4 contractions in chunks (``qragged_dot``), and ``pallas`` reads int8
+and int4 experts in its kernels (``pallas_kernels.gmm_int8``, ``gmm_int4``).
 """
 
 from __future__ import annotations
@@ -162,14 +162,40 @@ def qeinsum(spec: str, x: jax.Array, w: jax.Array | QArray, **kwargs) -> jax.Arr
     return jnp.einsum(f"{out},{kept}->{out}", y, scale.astype(y.dtype))  # broadcasting product
 
 
+INT4_RAGGED_CHUNK = 1024  # contraction entries dequantized per step of an int4 ``qragged_dot``
+
+
 def qragged_dot(lhs: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array, row_group: jax.Array) -> jax.Array:
     """``jax.lax.ragged_dot(lhs [M, K], w [G, K, N], group_sizes)`` for a float or quantized ``w``;
-    ``row_group`` [M] is each row's group (any value for rows past the groups, which come out 0)."""
-    if isinstance(w, QArray) and w.bits == 8:
-        # The int8 values, then each row's group's column scales: no scaled copy of the weights.
-        y = jax.lax.ragged_dot(lhs, w.q.astype(lhs.dtype), group_sizes)
-        return y * jnp.take(w.scale[:, 0], row_group, axis=0, mode="clip").astype(y.dtype)
-    return jax.lax.ragged_dot(lhs, as_float(w, lhs.dtype), group_sizes)
+    ``row_group`` [M] is each row's group (any value for rows past the groups, which come out 0).
+
+    int8: the int8 values go into the grouped product as they are (a mixed-dtype dot: no float copy
+    of the experts), then each row's group's column scales multiply the float32 product. int4: the
+    contraction is walked in chunks of whole scale groups (``INT4_RAGGED_CHUNK`` entries), each
+    chunk of every expert dequantized inside the loop, so at most one chunk exists in float."""
+    if not isinstance(w, QArray):
+        return jax.lax.ragged_dot(lhs, w, group_sizes)
+    if w.bits == 8:
+        y = jax.lax.ragged_dot(lhs, w.q, group_sizes, preferred_element_type=jnp.float32)
+        return (y * jnp.take(w.scale[:, 0], row_group, axis=0, mode="clip")).astype(lhs.dtype)
+    if w.axis % w.q.ndim != 1:
+        raise ValueError(f"int4 expert weights must be packed along the contraction (axis 1), got axis {w.axis}")
+    k, num_groups = lhs.shape[1], w.scale.shape[1]
+    group = k // num_groups
+    per = max(1, min(num_groups, INT4_RAGGED_CHUNK // group))
+    while num_groups % per:  # chunks of whole groups that tile the contraction
+        per -= 1
+    chunk = per * group
+
+    def step(i, acc):
+        q = jax.lax.dynamic_slice_in_dim(w.q, i * (chunk // 2), chunk // 2, axis=1)
+        s = jax.lax.dynamic_slice_in_dim(w.scale, i * per, per, axis=1)
+        x = jax.lax.dynamic_slice_in_dim(lhs, i * chunk, chunk, axis=1)
+        return acc + jax.lax.ragged_dot(x, dequantize(QArray(q, s, 4, w.axis), lhs.dtype), group_sizes,
+                                        preferred_element_type=jnp.float32)
+
+    acc = jnp.zeros((lhs.shape[0], w.shape[2]), jnp.float32)
+    return jax.lax.fori_loop(0, num_groups // per, step, acc).astype(lhs.dtype)
 
 
 # ------------------------------------------------------------------------ the model
