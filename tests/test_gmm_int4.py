@@ -20,6 +20,7 @@ import pytest
 from helpers import interpret_for
 from jaxspec.models.quant import dequantize, quantize
 from pallas_kernels.gmm_int4 import gmm_int4, gmm_int4_reference, supports, unpack_reference
+from test_kernel_aot import _compile, gpu_device, tpu_device  # noqa: F401  (the AOT test's fixtures)
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -111,3 +112,40 @@ def test_gmm_int4_refuses_bad_formats_and_tilings():
     with pytest.raises(ValueError, match="neither a multiple of 8"):
         gmm_int4(lhs, qa.q, qa.scale, jnp.array([4, 4]), tiling=(8, 256, 128), interpret=True, backend="tpu")
     assert supports(8, 1024, 128, 128, 2, jnp.bfloat16, "tpu") and not supports(8, 1024, 128, 8, 2, jnp.bfloat16, "gpu")
+
+
+# ------------------------------------------------------------------- ahead-of-time compiles
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["tpu", "gpu"])
+def test_gmm_int4_compiles_for_real_shapes(variant, request):
+    """The real compilers (Mosaic for TPU v5e, Triton + ptxas for H100) accept gmm_int4 at
+    Mixtral-8x7B's expert up and down projections (groups of 128) and the ``pallas`` MoE layer of
+    Qwen3-30B-A3B with int4 experts (three gmm_int4 calls; the 768-wide down contraction is one
+    k block of 6 groups on TPU)."""
+    from jaxspec.models.moe_pallas import dispatch_pallas
+    from jaxspec.models.quant import QArray
+
+    device = request.getfixturevalue(f"{variant}_device")
+    bf16, i8, f32, i32 = jnp.bfloat16, jnp.int8, jnp.float32, jnp.int32
+    fn = functools.partial(gmm_int4, backend=variant, interpret=False)
+    _compile(fn, device, ((512, 4096), bf16), ((8, 2048, 14336), i8), ((8, 32, 14336), f32), ((8,), i32))
+    _compile(fn, device, ((512, 14336), bf16), ((8, 7168, 4096), i8), ((8, 112, 4096), f32), ((8,), i32))
+
+    calls = []
+
+    def layer(x, ids, w, gq, gs, uq, us, dq, ds):
+        qa = lambda q, s: QArray(q, s, 4, -2)  # noqa: E731
+        return dispatch_pallas(x, ids, w, qa(gq, gs), qa(uq, us), qa(dq, ds), backend=variant, interpret=False)
+
+    import jaxspec.models.moe_pallas as moe_pallas
+
+    real = moe_pallas.gmm_int4
+    moe_pallas.gmm_int4 = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        e, d, f = 128, 2048, 768
+        _compile(layer, device, ((64, d), bf16), ((64, 8), i32), ((64, 8), f32), ((e, d // 2, f), i8),
+                 ((e, d // 128, f), f32), ((e, d // 2, f), i8), ((e, d // 128, f), f32), ((e, f // 2, d), i8),
+                 ((e, f // 128, d), f32))
+    finally:
+        moe_pallas.gmm_int4 = real
+    assert len(calls) == 3  # all three projections went through the kernel, none through a fallback
