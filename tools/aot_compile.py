@@ -4,6 +4,7 @@
     python tools/aot_compile.py                 # every row of TARGETS, markdown table on stdout
     python tools/aot_compile.py --only v5p      # rows whose mesh or model contains "v5p"
     python tools/aot_compile.py --only qwen3-30b --only v5e-8   # rows matching both
+    python tools/aot_compile.py --only tpu-v5e-16 --moe-exchange ragged_all_to_all
 
 For each (target model, draft, mesh, slots x context) the prefill, decode, verification and
 draft-loop steps are lowered with abstract weights placed by the mesh config's rules and
@@ -18,6 +19,7 @@ and jaxspec/planning.py for how the numbers are combined.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -26,7 +28,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jaxspec.config import ModelConfig, load_config  # noqa: E402
-from jaxspec.mesh import load_mesh_config  # noqa: E402
+from jaxspec.mesh import MOE_EXCHANGES, load_mesh_config  # noqa: E402
 from jaxspec.planning import GiB, plan_memory  # noqa: E402
 
 
@@ -56,11 +58,15 @@ TARGETS = [
 ]
 
 
-def run_row(model: str, draft: str | None, mesh: str, slots: int, max_len: int, k: int) -> str:
+def run_row(model: str, draft: str | None, mesh: str, slots: int, max_len: int, k: int,
+            moe_exchange: str | None = None) -> str:
     cfg = load_config(model)
     draft_cfg = None if draft is None else llama_1b_draft_for(cfg) if draft == "llama-1b" else load_config(draft)
+    mesh_cfg = load_mesh_config(mesh)
+    if moe_exchange:
+        mesh_cfg = dataclasses.replace(mesh_cfg, moe_exchange=moe_exchange)
     t = time.perf_counter()
-    plan = plan_memory(cfg, load_mesh_config(mesh), slots, max_len, draft_cfg=draft_cfg, num_speculative_tokens=k,
+    plan = plan_memory(cfg, mesh_cfg, slots, max_len, draft_cfg=draft_cfg, num_speculative_tokens=k,
                        on_step=lambda n, b: print(f"  {model} on {mesh}: compiled {n} ({b / GiB:.3f} GiB)",
                                                   file=sys.stderr, flush=True))
     seconds = time.perf_counter() - t
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows whose model or mesh name contains this, or whose slots x context is this "
                         "(e.g. 8x2048); repeat: rows matching every one")
     p.add_argument("--k", type=int, default=4, help="draft tokens per verification")
+    p.add_argument("--moe-exchange", choices=MOE_EXCHANGES, default=None,
+                   help="override the mesh configs' expert-parallel token exchange for these rows")
     args = p.parse_args(argv)
     rows = [r for r in TARGETS if all(s in r[0] or s in r[2] or s == f"{r[3]}x{r[4]}" for s in args.only or [])]
     if not rows:
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print("Per-device GiB.")
     print(HEADER, flush=True)
     for row in rows:
-        print(run_row(*row, k=args.k), flush=True)
+        print(run_row(*row, k=args.k, moe_exchange=args.moe_exchange), flush=True)
     return 0
 
 
