@@ -9,9 +9,12 @@ one's own hardware. Of the validated kernels only the grouped matmul is picked b
 a GPU only for steps where it measured faster than ``ragged_dot`` (``moe_dispatch.choose_backend``);
 verification attention and the sampler stay opt-in.
 
+The grouped matmuls for quantized experts (``gmm_int8``, ``gmm_int4``) are registered separately
+and validated nowhere yet: ``auto`` keeps int8 / int4 experts on ``ragged_dot`` until they are.
+
 On an accelerator the warm-up of ``generate`` and ``serve`` checks each Pallas kernel a runner will
-use (grouped matmul, verification attention, verification sampler) against its jnp reference on
-random inputs of the served shapes (``--kernel-selftest off`` to skip) and, if one disagrees, falls
+use (grouped matmul, or its int8 / int4 variant for quantized experts, verification attention,
+verification sampler) against its jnp reference on random inputs of the served shapes (``--kernel-selftest off`` to skip) and, if one disagrees, falls
 back to the XLA path for it with one log line.
 """
 
@@ -29,6 +32,9 @@ log = logging.getLogger("jaxspec")
 # kernel -> platforms ("tpu", "gpu") where it has run and passed tools/device_check.py.
 VALIDATED: dict[str, frozenset[str]] = {
     "gmm": frozenset({"gpu"}),
+    # Quantized-weight grouped matmuls: interpreter-tested and compiled ahead of time for v5e and H100 only.
+    "gmm_int8": frozenset(),
+    "gmm_int4": frozenset(),
     "rejection_sampling": frozenset({"gpu"}),
     "verify_attention": frozenset({"gpu"}),
     "paged_attention": frozenset({"gpu"}),
@@ -66,17 +72,46 @@ def _tolerance(dtype) -> float:
     return 1e-4 if np.dtype(dtype) == np.float32 else 3e-2
 
 
+def _grouped_matmul(quantization: str | None, group_size: int):
+    """(kernel name, fn(lhs, w float [G, k, n], sizes, interpret) -> out, reference(lhs, w, sizes)) for
+    the grouped matmul that experts of this format run through (the weights quantized first)."""
+    import jax.numpy as jnp
+
+    from jaxspec.models.quant import quantize
+    from pallas_kernels.gmm_reference import gmm_reference
+
+    if quantization is None:
+        from pallas_kernels.gmm import gmm
+
+        return "gmm", lambda lhs, w, sizes, interpret: gmm(lhs, w, sizes, interpret=interpret), gmm_reference
+    bits = {"int8": 8, "int4": 4}[quantization]
+    if bits == 8:
+        from pallas_kernels.gmm_int8 import gmm_int8 as kernel
+        from pallas_kernels.gmm_reference import gmm_int8_reference as reference
+    else:
+        from pallas_kernels.gmm_int4 import gmm_int4 as kernel, gmm_int4_reference as reference
+
+    def run(fn, lhs, w, sizes, **kw):
+        qa = quantize(w, (1,), bits, group_size)
+        return fn(lhs, qa.q, qa.scale, sizes, **kw).astype(jnp.float32)
+
+    return (f"gmm_{quantization}", lambda lhs, w, sizes, interpret: run(kernel, lhs, w, sizes, interpret=interpret),
+            lambda lhs, w, sizes: run(reference, lhs, w, sizes))
+
+
 def check_gmm(num_experts: int, d_model: int, mlp_dim: int, top_k: int, token_counts: Sequence[int], dtype="float32",
-              *, interpret: bool = False, impl: Callable | None = None, seed: int = 0) -> KernelCheck:
-    """The grouped matmul (the MoE expert projections: [D -> F] and [F -> D]) against
-    ``gmm_reference`` for every token count, with random routing; relative max error."""
+              *, interpret: bool = False, impl: Callable | None = None, seed: int = 0,
+              quantization: str | None = None, group_size: int = 128) -> KernelCheck:
+    """The grouped matmul (the MoE expert projections: [D -> F] and [F -> D]) against its
+    reference for every token count, with random routing; relative max error. ``quantization``
+    ("int8" / "int4"): the quantized-weight kernel (``gmm_int8`` / ``gmm_int4``) on the same
+    weights quantized, against its reference on the same quantized values."""
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.gmm import gmm
-    from pallas_kernels.gmm_reference import gmm_reference
-
-    impl = impl or gmm
+    name, kernel, reference = _grouped_matmul(quantization, group_size)
+    if impl is not None:
+        kernel = lambda lhs, w, sizes, interpret: impl(lhs, w, sizes, interpret=interpret)  # noqa: E731
     rng = np.random.default_rng(seed)
     dt = jnp.dtype(dtype)
     worst = 0.0
@@ -86,15 +121,15 @@ def check_gmm(num_experts: int, d_model: int, mlp_dim: int, top_k: int, token_co
         for k, f in ((d_model, mlp_dim), (mlp_dim, d_model)):
             lhs = jnp.asarray(rng.normal(size=(m, k)), dt)
             rhs = jnp.asarray(rng.normal(size=(num_experts, k, f)) / np.sqrt(k), dt)
-            got = np.asarray(impl(lhs, rhs, jnp.asarray(sizes), interpret=interpret).astype(jnp.float32))
-            want = np.asarray(jax.jit(gmm_reference)(lhs, rhs, jnp.asarray(sizes)).astype(jnp.float32))
+            got = np.asarray(kernel(lhs, rhs, jnp.asarray(sizes), interpret).astype(jnp.float32))
+            want = np.asarray(jax.jit(reference)(lhs, rhs, jnp.asarray(sizes)).astype(jnp.float32))
             err = float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-30)) if np.all(np.isfinite(got)) \
                 else float("inf")
             worst = max(worst, err)
             if not err <= _tolerance(dt):
-                return KernelCheck("gmm", False, f"{m} rows x [{k} -> {f}] x {num_experts} experts ({dt.name}): "
+                return KernelCheck(name, False, f"{m} rows x [{k} -> {f}] x {num_experts} experts ({dt.name}): "
                                    f"relative error {err:.3g} (tolerance {_tolerance(dt):.0e})")
-    return KernelCheck("gmm", True, f"relative error {worst:.3g}")
+    return KernelCheck(name, True, f"relative error {worst:.3g}")
 
 
 def _rel_error(got, want) -> float:
@@ -217,7 +252,8 @@ def moe_uses_pallas(runner) -> bool:
     if not isinstance(backend, str):
         return False  # a tuned table or a placed (mesh) backend: resolved per call
     # Any step may route enough rows for ``auto`` to pick the kernel (a prefill does): the largest.
-    return choose_backend(backend, 1 << 30, runner_platform(runner)) == "pallas"
+    kernel = f"gmm_{runner.cfg.quantization}" if runner.cfg.quantization else "gmm"
+    return choose_backend(backend, 1 << 30, runner_platform(runner), kernel=kernel) == "pallas"
 
 
 def runner_platform(runner) -> str:
@@ -262,8 +298,9 @@ def selftest(step_runner, *, interpret: bool = False, force: bool = False,
     results = []
     if moe_uses_pallas(runner):
         counts = sorted({b * (k + 1) for b in rows for k in ks} | {runner.buckets[0]})
+        quant = {"quantization": cfg.quantization, "group_size": cfg.quant_group_size} if cfg.quantization else {}
         result = fns["gmm"](cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim, cfg.num_experts_per_tok, counts,
-                            cfg.dtype, interpret=interpret)
+                            cfg.dtype, interpret=interpret, **quant)
         results.append(result)
         if not result.ok:
             runner.set_backends(moe="ragged")

@@ -109,3 +109,27 @@ def test_expert_parallel_never_dequantizes_a_whole_expert_tensor(local, bits):
     assert bad == []
     want = BACKENDS["dense"](x, ids, gates, *(dequantize(w) for w in ws))
     np.testing.assert_allclose(jax.jit(lambda *a: backend(*a))(x, ids, gates, *ws), want, rtol=2e-5, atol=2e-5)
+
+
+def test_auto_picks_the_pallas_backend_only_where_the_experts_kernel_is_validated():
+    """On a GPU the float grouped matmul is validated and the quantized ones are not: ``auto``
+    keeps quantized experts on ragged_dot (chunked / int8-direct) until they are."""
+    from jaxspec.models.moe_dispatch import choose_backend, grouped_kernel
+
+    int8, int4 = _experts(8)[0], _experts(4)[0]
+    assert [grouped_kernel(w) for w in (int8, int4, dequantize(int8))] == ["gmm_int8", "gmm_int4", "gmm"]
+    assert choose_backend("auto", 4096, "gpu", top_k=2) == "pallas"
+    assert choose_backend("auto", 4096, "gpu", top_k=2, kernel="gmm_int8") == "ragged"
+    assert choose_backend("auto", 4096, "gpu", top_k=2, kernel="gmm_int4") == "ragged"
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_kernel_selftest_checks_the_quantized_grouped_matmul(quantization):
+    from jaxspec.kernels import check_gmm
+
+    result = check_gmm(4, 256, 256, 2, [8, 24], "float32", interpret=True, quantization=quantization)
+    assert result.ok and result.kernel == f"gmm_{quantization}", result
+    # A kernel giving the wrong answer is caught.
+    wrong = check_gmm(4, 256, 256, 2, [8], "float32", interpret=True, quantization=quantization,
+                      impl=lambda lhs, w, sizes, interpret: jnp.zeros((lhs.shape[0], w.shape[2])))
+    assert not wrong.ok and wrong.kernel == f"gmm_{quantization}"

@@ -253,9 +253,16 @@ def available_backends() -> list[str]:
 GPU_PALLAS_MIN_ROWS = 512
 
 
-def choose_backend(requested: str, num_tokens: int, platform: str | None = None, top_k: int = 1) -> str:
+def grouped_kernel(w) -> str:
+    """The Pallas grouped-matmul kernel (``jaxspec.kernels`` name) the pallas backend runs for expert weight ``w``."""
+    return {8: "gmm_int8", 4: "gmm_int4"}[w.bits] if isinstance(w, QArray) else "gmm"
+
+
+def choose_backend(requested: str, num_tokens: int, platform: str | None = None, top_k: int = 1,
+                   kernel: str = "gmm") -> str:
     """Resolve ``auto`` to a concrete backend for this platform and token count (static ints; a
-    step routes ``num_tokens * top_k`` rows to the experts)."""
+    step routes ``num_tokens * top_k`` rows to the experts). ``kernel``: the grouped matmul the
+    experts' format needs (``grouped_kernel``); ``auto`` picks Pallas only where that one is validated."""
     if requested != "auto":
         if not load_backend(requested):
             raise ValueError(
@@ -267,7 +274,7 @@ def choose_backend(requested: str, num_tokens: int, platform: str | None = None,
         from jaxspec.kernels import validated
 
         # The Pallas grouped matmul only where it has been validated on the hardware (jaxspec.kernels).
-        if not (validated("gmm", platform) and load_backend("pallas")):
+        if not (validated(kernel, platform) and load_backend("pallas")):
             return "ragged"
         if platform != "tpu" and num_tokens * top_k < GPU_PALLAS_MIN_ROWS:
             return "ragged"
@@ -282,5 +289,5 @@ def dispatch(x, expert_ids, weights, w_gate, w_up, w_down, backend: str | Dispat
     own configuration (``moe_parallel.ExpertParallel`` holds its mesh this way)."""
     if callable(backend):
         return backend(x, expert_ids, weights, w_gate, w_up, w_down)
-    name = choose_backend(backend, x.shape[0], top_k=expert_ids.shape[1])
+    name = choose_backend(backend, x.shape[0], top_k=expert_ids.shape[1], kernel=grouped_kernel(w_gate))
     return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)
