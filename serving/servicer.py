@@ -120,7 +120,7 @@ class JaxSpecServicer(pb_grpc.JaxSpecServicer):
             eos_token_ids=list(d.eos_ids), spec_method=d.spec_method, max_speculative_tokens=d.max_speculative_tokens,
             draft_model_id=d.draft_model_id, num_slots=d.num_slots, platform=d.platform, devices=list(d.devices),
             mesh_shape=d.mesh_shape, dtype=d.dtype, quantization=d.quantization,
-            draft_quantization=d.draft_quantization, num_experts=d.num_experts,
+            draft_quantization=d.draft_quantization, kv_cache_dtype=d.kv_cache_dtype, num_experts=d.num_experts,
             num_experts_per_token=d.num_experts_per_token, max_stop_strings=lim.max_stop_strings,
             max_stop_string_length=lim.max_stop_string_chars, default_max_tokens=lim.default_max_tokens,
         )

@@ -164,7 +164,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "context_length", "vocab_size", "eos_token_ids", "spec_method", "max_speculative_tokens", "draft_model_id", "num_slots", "platform", "devices", "mesh_shape", "dtype", "num_experts", "num_experts_per_token", "max_stop_strings", "max_stop_string_length", "default_max_tokens", "quantization", "draft_quantization")
+    __slots__ = ("model_id", "context_length", "vocab_size", "eos_token_ids", "spec_method", "max_speculative_tokens", "draft_model_id", "num_slots", "platform", "devices", "mesh_shape", "dtype", "num_experts", "num_experts_per_token", "max_stop_strings", "max_stop_string_length", "default_max_tokens", "quantization", "draft_quantization", "kv_cache_dtype")
     class MeshShapeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,7 @@ class ModelInfo(_message.Message):
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     DRAFT_QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     context_length: int
     vocab_size: int
@@ -210,7 +211,8 @@ class ModelInfo(_message.Message):
     default_max_tokens: int
     quantization: str
     draft_quantization: str
-    def __init__(self, model_id: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., spec_method: _Optional[str] = ..., max_speculative_tokens: _Optional[int] = ..., draft_model_id: _Optional[str] = ..., num_slots: _Optional[int] = ..., platform: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., mesh_shape: _Optional[_Mapping[str, int]] = ..., dtype: _Optional[str] = ..., num_experts: _Optional[int] = ..., num_experts_per_token: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_length: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., quantization: _Optional[str] = ..., draft_quantization: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, model_id: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., spec_method: _Optional[str] = ..., max_speculative_tokens: _Optional[int] = ..., draft_model_id: _Optional[str] = ..., num_slots: _Optional[int] = ..., platform: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., mesh_shape: _Optional[_Mapping[str, int]] = ..., dtype: _Optional[str] = ..., num_experts: _Optional[int] = ..., num_experts_per_token: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_length: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., quantization: _Optional[str] = ..., draft_quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
