@@ -266,7 +266,8 @@ def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, s
 
 def _ragged_all_to_all_ops(compiled) -> int:
     """Routed expert exchanges in a compiled step (instructions, not metadata mentions)."""
-    return len(re.findall(r"\sragged-all-to-all(?:-start)?\(", compiled.as_text()))
+    text = compiled.as_text() if hasattr(compiled, "as_text") else None
+    return len(re.findall(r"\sragged-all-to-all(?:-start)?\(", text)) if text else 0
 
 
 def host_axes(mesh) -> tuple[str, ...]:

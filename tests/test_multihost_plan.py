@@ -51,12 +51,18 @@ def test_planner_reports_per_chip_memory_of_mixtral_on_a_v5e_4x4():
     assert "(16 devices on 4 hosts)" in plan.table() and "axes across hosts: expert, tensor" in plan.table()
 
 
-def test_qwen3_235b_needs_a_v5p_slice_of_two_hosts():
-    """Qwen3-235B-A22B (235.1B parameters, 438 GiB in bfloat16): 8 v5p chips on 2 hosts hold it,
-    16 v5e chips do not (weights alone are twice a chip)."""
+def test_qwen3_235b_config_has_the_published_size():
     cfg = load_config("qwen3-235b-a22b")
     assert round(cfg.param_counts()["total"] / 1e9, 1) == 235.1
     assert round(cfg.param_counts()["active"] / 1e9, 1) == 22.2
+    assert cfg.vocab_size == load_config("qwen3-0.6b").vocab_size  # its draft's
+
+
+@pytest.mark.slow  # building the abstract 94-layer model takes about a minute
+def test_qwen3_235b_needs_a_v5p_slice_of_two_hosts():
+    """Qwen3-235B-A22B (438 GiB in bfloat16): 8 v5p chips on 2 hosts hold it, 16 v5e chips do
+    not (the weights alone are twice a chip)."""
+    cfg = load_config("qwen3-235b-a22b")
     v5p = plan_memory(cfg, load_mesh_config("tpu-v5p-16"), 16, 4096, compile=False)
     assert v5p.num_hosts == 2 and v5p.moe_exchange == "ragged_all_to_all"
     assert v5p.fits and 50 * 2**30 < v5p.weights < 60 * 2**30
