@@ -5,8 +5,13 @@
     python tools/plan_memory.py mixtral-8x7b tpu-v5p-8 --kv-cache paged --slots 64 --kv-pages 8192
     python tools/plan_memory.py qwen3-30b-a3b tpu-v5e-4 --quantize int8 --kv-cache-dtype int8 --no-compile
 
+    python tools/plan_memory.py qwen3-235b-a22b tpu-v5p-32 --draft qwen3-0.6b --slots 16 --max-len 4096
+
 MODEL and --draft are config names (configs/models) or JSON paths; MESH is a mesh config
-(configs/meshes: cpu-8, tpu-v5e-8, tpu-v5e-4, tpu-v5p-8, gpu-8xh100, gpu-1xh100). Temporaries
+(configs/meshes: cpu-8, tpu-v5e-8, tpu-v5e-4, tpu-v5p-8, gpu-8xh100, gpu-1xh100, and the multi-host
+slices tpu-v5e-16, tpu-v5p-16, tpu-v5p-32, gpu-2x8xh100, compiled as one program over every chip of
+the slice, the one each host's process runs; the plan names the hosts, the mesh axes that cross
+them and the ragged-all-to-all ops of the routed expert exchange in each step). Temporaries
 come from ahead-of-time compiles of the real prefill / decode (/ verify / draft) steps with
 abstract weights for the mesh's topology (TPU: libtpu; GPU: jax-cuda12-plugin and ptxas), so no
 accelerator and no weights are needed. Prompts are planned as the server prefills them, in chunks
