@@ -152,7 +152,10 @@ def qeinsum(spec: str, x: jax.Array, w: jax.Array | QArray, **kwargs) -> jax.Arr
     if not isinstance(w, QArray):
         return jnp.einsum(spec, x, w, **kwargs)
     if w.bits == 4:
-        return jnp.einsum(spec, x, dequantize(w, x.dtype), **kwargs)
+        # Dequantized in x's dtype, not float32: a copy XLA keeps (e.g. hoisted out of the draft loop) is then half the size.
+        values = unpack_int4(w.q, w.axis).astype(x.dtype)
+        scale = jnp.repeat(w.scale.astype(x.dtype), values.shape[w.axis] // w.scale.shape[w.axis], axis=w.axis)
+        return jnp.einsum(spec, x, values * scale, **kwargs)
     # int8: x @ (q * s) == (x @ q) * s, the scales being constant along the contracted axes.
     inputs, out = spec.replace(" ", "").split("->")
     w_letters = inputs.split(",")[1]
