@@ -67,7 +67,7 @@ LAYOUTS = [[10, 0, 17, 13], [3, 25, 2, 5], [40, 0, 0, 0], [0, 0, 0, 0]]
 
 
 @pytest.mark.parametrize("variant,tiling,group_size,k", [
-    ("tpu", (8, 512, 128), 128, 1024),  # 8 groups per k block, 2 k blocks
+    ("tpu", (8, 512, 128), 128, 2048),  # 8 groups per k block, 2 k blocks
     ("tpu", (40, 128, 128), 64, 256),  # tk = the whole packed axis: 4 groups of 32 packed rows
     ("gpu", (16, 64, 64), 128, 256),
     ("gpu", (32, 32, 128), 64, 256),
