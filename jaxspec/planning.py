@@ -161,7 +161,7 @@ class MemoryPlan:
                      in self.compile_errors else "") for name, b in rows]
         if self.num_hosts > 1:
             lines.append(f"  mesh axes across hosts: {', '.join(self.host_axes) or 'none'}; MoE exchange "
-                         f"{self.moe_exchange}" + (f"; ragged-all-to-all ops per step: " + ", ".join(
+                         f"{self.moe_exchange}" + ("; ragged-all-to-all ops per step: " + ", ".join(
                              f"{name} {n}" for name, n in self.ragged_all_to_all.items())
                              if self.ragged_all_to_all else ""))
         if self.capacity is not None:
