@@ -5,7 +5,8 @@ that every host keeps up with the leader. ``FollowerStatus`` counts the calls th
 replays and serves, on one HTTP port:
 
   GET /health   200 while following with a live leader, else 503; JSON body
-                {"status", "process_id", "replayed_calls", "last_record", "seconds_since_last_call",
+                {"status", "process_id", "replayed_calls", "last_record", "decode_steps_by_kb",
+                 "seconds_since_last_call",
                  "leader_heartbeat_age_s"}
   GET /metrics  Prometheus text, ``jaxspec_follower_`` metrics (below)
 
@@ -50,6 +51,10 @@ class FollowerStatus:
                                 ["call"], registry=r)
         self.last_record = Gauge("jaxspec_follower_last_record", "Sequence number of the last record received",
                                  registry=r)
+        self.decode_steps = Counter("jaxspec_follower_decode_steps",
+                                    "Decode steps replayed, by the proposal length kb they ran (the leader's plan)",
+                                    ["kb"], registry=r)
+        self._decode_kb: dict[int, int] = {}
         self.call_seconds = Gauge("jaxspec_follower_last_call_duration_seconds", "Wall time of the last replayed call",
                                   registry=r)
         Gauge("jaxspec_follower_seconds_since_last_call", "Seconds since the last replayed call ended (-1: none yet)",
@@ -78,6 +83,12 @@ class FollowerStatus:
             self._replayed += 1
             self._seq = seq
 
+    def decoded(self, kb: int) -> None:
+        """A replayed decode step ran proposal length ``kb`` (0: no drafts verified)."""
+        self.decode_steps.labels(str(kb)).inc()
+        with self._lock:
+            self._decode_kb[kb] = self._decode_kb.get(kb, 0) + 1
+
     def leader_beat(self, count: int) -> None:
         with self._lock:
             if self._leader_beat is None or self._leader_beat[0] != count:
@@ -102,6 +113,7 @@ class FollowerStatus:
             "status": ("SERVING" if self.healthy() else "NOT_SERVING"), "state": self.state,
             "process_id": self.process_id,
             "replayed_calls": self._replayed, "last_record": self._seq,
+            "decode_steps_by_kb": {str(kb): n for kb, n in sorted(self._decode_kb.items())},
             "seconds_since_last_call": None if since is None else round(since, 3),
             "leader_heartbeat_age_s": round(self.leader_heartbeat_age(), 3),
         }

@@ -27,6 +27,7 @@ default) aborts every process later still, should all of this fail.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -83,8 +84,30 @@ def load_columns(slots: SlotTable, columns: dict[str, np.ndarray]) -> None:
         getattr(slots, name)[...] = value
 
 
-def encode(call: str, prev_ok: bool, **args: Any) -> bytes:
-    return pickle.dumps({"call": call, "prev_ok": prev_ok, "args": args}, protocol=pickle.HIGHEST_PROTOCOL)
+def encode(call: str, prev_ok: bool, prev_decode: tuple | None = None, **args: Any) -> bytes:
+    """A record: the call and its host arguments, whether the leader's previous call succeeded and,
+    if that call was a decode step, what it ran (``decode_summary``), for the follower to compare."""
+    return pickle.dumps({"call": call, "prev_ok": prev_ok, "prev_decode": prev_decode, "args": args},
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_summary(result: StepResult) -> tuple[int, list[list[int]]]:
+    """What a decode step ran and emitted: (kb, tokens per slot). The leader's and each follower's
+    must be equal: a follower that ran another proposal length (a host-side choice such as prompt
+    lookup finding nothing) or kept other tokens no longer holds the leader's state."""
+    return int(result.kb), [[int(t) for t in toks] for toks in result.tokens]
+
+
+def speculative_runners(runner: Any, _depth: int = 0) -> list[Any]:
+    """The ``SpeculativeRunner`` objects inside ``runner`` (itself or wrapped, a few levels deep)."""
+    from jaxspec.speculative.runner import SpeculativeRunner
+
+    if isinstance(runner, SpeculativeRunner):
+        return [runner]
+    if _depth > 2 or not hasattr(runner, "__dict__"):
+        return []
+    return [r for v in vars(runner).values() if hasattr(v, "__dict__") and not isinstance(v, type)
+            for r in speculative_runners(v, _depth + 1)]
 
 
 def decode_record(record: bytes) -> dict[str, Any]:
@@ -110,9 +133,14 @@ class BroadcastingRunner(WrappedRunner):
         self.on_lost = on_lost or _exit_lost
         self.lost: str | None = None  # why the job cannot step any more
         self._prev_ok = True
+        self._prev_decode: tuple | None = None  # decode_summary of the previous call, if a decode
+        self.decode_kb: collections.Counter[int] = collections.Counter()  # decode steps run, by kb
         self._stopped = False
         self._busy_since: float | None = None
+        self._in_call = False
         self._lock = threading.Lock()
+        for spec in speculative_runners(runner):
+            self._publish_measurements(spec)
         self._watchdog = threading.Thread(target=self._watch, name="jaxspec-multihost-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -123,8 +151,11 @@ class BroadcastingRunner(WrappedRunner):
                          chunks=wire, slots=slot_columns(slots))
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
-        return self._run("decode", lambda: self._inner.decode(slots, plan), slots=slot_columns(slots),
-                         plan=(plan.slots, plan.k, plan.kb))
+        result = self._run("decode", lambda: self._inner.decode(slots, plan), slots=slot_columns(slots),
+                           plan=(plan.slots, plan.k, plan.kb))
+        self._prev_decode = decode_summary(result)
+        self.decode_kb[result.kb] += 1
+        return result
 
     def assign_pages(self, slot: int, pages: list[int]) -> None:
         self._run("assign_pages", lambda: self._inner.assign_pages(slot, pages), slot=int(slot),
@@ -133,8 +164,29 @@ class BroadcastingRunner(WrappedRunner):
     def release(self, slot: int) -> None:
         self._run("release", lambda: self._inner.release(slot), slot=int(slot))
 
+    def resume(self, slot: int, last_token: int) -> None:
+        self._run("resume", lambda: self._inner.resume(slot, last_token), slot=int(slot),
+                  token=int(last_token))
+
     def warmup(self) -> None:
         self._run("warmup", self._inner.warmup)
+
+    def _publish_measurements(self, spec: Any) -> None:
+        """Adaptive k measures a batch bucket's step costs when the scheduler first needs them
+        (``SpecScheduler.costs_for``, while planning, outside any runner call) unless warm-up did:
+        those timed steps run on the mesh, so every follower must run them too. ``spec``'s
+        ``measure_costs`` is published as a call of its own, except inside a published call
+        (warm-up), which followers replay whole. The leader's measurements alone steer k: what a
+        follower measures is dropped, and it runs the kb of each published decode plan."""
+        local = spec.measure_costs
+
+        def measure_costs(reps: int = 5, rows: int | None = None):
+            if self._in_call:
+                return local(reps, rows)
+            return self._run("measure_costs", lambda: local(reps, rows), reps=int(reps),
+                             rows=None if rows is None else int(rows))
+
+        spec.measure_costs = measure_costs
 
     def stop(self) -> None:
         """Tell the followers to exit (they return 0). Idempotent; safe after a failure."""
@@ -146,7 +198,9 @@ class BroadcastingRunner(WrappedRunner):
             if self._stopped:
                 return
             self._stopped = True
-            self.channel.publish(encode(STOP, self._prev_ok))
+            self.channel.publish(encode(STOP, self._prev_ok, self._prev_decode))
+            log.info("stopping the followers after %d calls; decode steps by proposal length kb: %s",
+                     self.channel.seq, dict(sorted(self.decode_kb.items())))
         except Exception:  # noqa: BLE001  (the coordinator may be gone already)
             log.exception("could not publish the stop record")
         finally:
@@ -159,8 +213,10 @@ class BroadcastingRunner(WrappedRunner):
                 raise FollowerLost(self.lost)
             if self._stopped:
                 raise RuntimeError("multi-host runner already stopped")
-            self.channel.publish(encode(call, self._prev_ok, **args))
+            self.channel.publish(encode(call, self._prev_ok, self._prev_decode, **args))
+            self._prev_decode = None
             self._busy_since = time.monotonic()
+            self._in_call = True
             try:
                 out = local()
             except Exception as e:
@@ -172,6 +228,7 @@ class BroadcastingRunner(WrappedRunner):
                 raise
             finally:
                 self._busy_since = None
+                self._in_call = False
             self._prev_ok = True
             return out
 
@@ -272,12 +329,18 @@ def _beat(channel: StepChannel, done: threading.Event, status: FollowerStatus | 
 
 def _follow(runner: Any, channel: StepChannel, slots: SlotTable, idle_timeout_s: float | None,
             status: FollowerStatus) -> int:
-    ok, last_error = True, None
+    ok, last_error, mine = True, None, None
     while True:
         rec = decode_record(channel.receive(timeout_s=idle_timeout_s))
         if rec["prev_ok"] and not ok:
             log.critical("this process failed call %d, which the leader ran: %s", channel.seq - 1, last_error)
             return EXIT_DIVERGED
+        leaders = rec.get("prev_decode")
+        if leaders is not None and mine is not None and tuple(leaders) != tuple(mine):
+            log.critical("decode call %d diverged from the leader's: the leader ran kb=%d and emitted %s, this "
+                         "process ran kb=%d and emitted %s", channel.seq - 1, leaders[0], leaders[1], mine[0], mine[1])
+            return EXIT_DIVERGED
+        mine = None
         call, args = rec["call"], rec["args"]
         if call == STOP:
             channel.ack(force=True)
@@ -285,8 +348,11 @@ def _follow(runner: Any, channel: StepChannel, slots: SlotTable, idle_timeout_s:
             return 0
         t = time.monotonic()
         try:
-            _execute(runner, slots, call, args)
+            out = _execute(runner, slots, call, args)
             ok, last_error = True, None
+            if call == "decode":
+                mine = decode_summary(out)
+                status.decoded(mine[0])
         except Exception as e:  # the leader's replica probably failed alike (a bad prompt): compare next
             log.warning("call %d (%s) failed here: %s: %s", channel.seq, call, type(e).__name__, e)
             ok, last_error = False, f"{type(e).__name__}: {e}"
@@ -294,19 +360,25 @@ def _follow(runner: Any, channel: StepChannel, slots: SlotTable, idle_timeout_s:
         channel.ack()
 
 
-def _execute(runner: Any, slots: SlotTable, call: str, args: dict[str, Any]) -> None:
+def _execute(runner: Any, slots: SlotTable, call: str, args: dict[str, Any]) -> Any:
     if "slots" in args:
         load_columns(slots, args["slots"])
     if call == "prefill_batch":
         runner.prefill_batch([PrefillChunk(*c) for c in args["chunks"]], slots)
     elif call == "decode":
-        runner.decode(slots, DecodePlan(*args["plan"]))
+        # The leader's plan as it ran it: its kb, never a choice of this process's own.
+        return runner.decode(slots, DecodePlan(*args["plan"]))
     elif call == "assign_pages":
         runner.assign_pages(args["slot"], args["pages"])
     elif call == "release":
         runner.release(args["slot"])
+    elif call == "resume":
+        runner.resume(args["slot"], args["token"])
     elif call == "warmup":
         runner.warmup()
+    elif call == "measure_costs":  # the leader's adaptive policy timed the steps; the times here are dropped
+        (spec,) = speculative_runners(runner)
+        spec.measure_costs(args["reps"], args["rows"])
     else:
         raise ValueError(f"unknown multi-host call {call!r} (leader and follower versions differ?)")
 

@@ -8,6 +8,7 @@ This file is also the worker both processes run (``python tests/test_multihost.p
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -96,6 +97,38 @@ def _serve_worker(process_id: int, port: int, grpc_port: int, metrics_port: int 
     return run(info, engine, ServerOptions(port=grpc_port, grace_period=5.0, metrics_port=metrics), stall_s=10.0)
 
 
+def _save_models(root: Path) -> None:
+    """The scaled target and draft of ``_build_runner`` as model directories (what serve loads)."""
+    from helpers import scaled_model
+    from jaxspec.checkpoint import save_model
+    from jaxspec.tokenizer import ByteTokenizer
+
+    save_model(root / "target", scaled_model(MODEL, scale=SCALE), ByteTokenizer())
+    save_model(root / "draft", scaled_model(MODEL, scale=2.0), ByteTokenizer())
+
+
+def _spec_options(root: Path, spec: str):
+    """``--spec-method spec`` as serve runs it by default: adaptive k (up to 2 here), measured costs."""
+    from serving.build import EngineOptions
+
+    return EngineOptions(model=str(root / "target"), draft=str(root / "draft") if spec == "draft" else None,
+                         spec_method=spec, num_speculative_tokens=2, mesh=MESH, slots=SLOTS, max_len=MAX_LEN,
+                         kernel_selftest=False)
+
+
+def _serve_spec_worker(process_id: int, port: int, grpc_port: int, metrics_port: int, root: str, spec: str) -> int:
+    """One process of ``python -m jaxspec.serve --model DIR [--draft DIR] --spec-method spec --coordinator ...``."""
+    from jaxspec import distributed
+
+    info = distributed.initialize(f"127.0.0.1:{port}", 2, process_id, timeout_s=120, heartbeat_timeout_s=60)
+    from serving.multihost import run
+    from serving.server import ServerOptions
+
+    metrics = metrics_port if process_id == 1 else None
+    return run(info, _spec_options(Path(root), spec),
+               ServerOptions(port=grpc_port, grace_period=5.0, metrics_port=metrics), stall_s=30.0)
+
+
 # ------------------------------------------------- the protocol, in one process (fast)
 class _Store:
     """The key-value store's methods StepChannel uses, in memory."""
@@ -128,8 +161,8 @@ class _Recorder:
     num_slots, max_len, max_prefill_rows = 4, 64, 4
     reuses_prefix, lookahead, prefill_chunk = True, 0, None
 
-    def __init__(self, fail_on: str | None = None):
-        self.calls, self.fail_on = [], fail_on
+    def __init__(self, fail_on: str | None = None, kb: int = 0):
+        self.calls, self.fail_on, self.kb = [], fail_on, kb
 
     def _log(self, *entry):
         self.calls.append(entry)
@@ -145,7 +178,10 @@ class _Recorder:
         from jaxspec.engine.step import StepResult
 
         self._log("decode", plan.slots.tolist(), slots.last_token.tolist(), slots.num_generated.tolist())
-        return StepResult.plain(plan.slots, [8] * len(plan.slots))
+        import dataclasses
+
+        # kb: the proposal length this replica ran
+        return dataclasses.replace(StepResult.plain(plan.slots, [8] * len(plan.slots)), kb=self.kb)
 
     def release(self, slot):
         self._log("release", slot)
@@ -240,15 +276,18 @@ def test_follower_health_endpoint_reports_a_silent_leader():
         status.leader_beat(7)
         status.replayed("decode", 12, 0.25, ok=True)
         status.replayed("decode", 13, 0.5, ok=False)
+        status.decoded(2)
         now[0] += 2.0
         body = _json.loads(urllib.request.urlopen(f"{url}/health", timeout=5).read())
         assert body == {"status": "SERVING", "state": "FOLLOWING", "process_id": 3, "replayed_calls": 2,
-                        "last_record": 13, "seconds_since_last_call": 2.0, "leader_heartbeat_age_s": 2.0}
+                        "last_record": 13, "decode_steps_by_kb": {"2": 1}, "seconds_since_last_call": 2.0,
+                        "leader_heartbeat_age_s": 2.0}
         metrics = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
         for line in ('jaxspec_follower_replayed_calls_total{call="decode"} 2.0',
                      'jaxspec_follower_failed_calls_total{call="decode"} 1.0', "jaxspec_follower_last_record 13.0",
                      "jaxspec_follower_last_call_duration_seconds 0.5",
-                     "jaxspec_follower_leader_heartbeat_age_seconds 2.0", "jaxspec_follower_up 1.0"):
+                     "jaxspec_follower_leader_heartbeat_age_seconds 2.0", "jaxspec_follower_up 1.0",
+                     'jaxspec_follower_decode_steps_total{kb="2"} 1.0'):
             assert line in metrics, line
         now[0] += follower_health.LEADER_SILENT_S  # the leader's count stopped moving
         status.leader_beat(7)
@@ -285,6 +324,65 @@ def test_follower_that_fails_a_call_the_leader_ran_exits_non_zero():
     runner.decode(SlotTable(4), DecodePlan.plain(np.array([0])))
     runner.release(0)
     assert follow(_Recorder(fail_on="decode"), follow_ch, idle_timeout_s=5) == EXIT_DIVERGED
+
+
+def test_a_follower_whose_decode_ran_another_kb_exits_non_zero():
+    """Each record carries what the leader's previous decode ran (kb, tokens); a follower that ran
+    another proposal length there exits at the next record."""
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.engine.step import DecodePlan
+    from serving.follower_health import FollowerStatus
+    from serving.multihost import EXIT_DIVERGED, BroadcastingRunner, follow
+
+    for replica_kb, want in ((2, 0), (0, EXIT_DIVERGED)):
+        lead_ch, follow_ch = _pair(_Store())
+        runner = BroadcastingRunner(_Recorder(kb=2), lead_ch)
+        runner.decode(SlotTable(4), DecodePlan.plain(np.array([0])))
+        runner.stop()  # the stop record carries the last decode's summary too
+        assert dict(runner.decode_kb) == {2: 1}
+        status = FollowerStatus(1)
+        assert follow(_Recorder(kb=replica_kb), follow_ch, idle_timeout_s=5, status=status) == want
+        assert status.health()["decode_steps_by_kb"] == {str(replica_kb): 1}
+
+
+def test_adaptive_cost_measurement_outside_warmup_is_replayed_by_followers():
+    """Without warm-up, adaptive k measures a batch bucket's costs when it first plans there: the
+    leader publishes that measurement (timed steps on the mesh) as a call, the follower runs the
+    same steps, then every decode with the kb the leader chose (its kb and tokens checked)."""
+    from jaxspec.engine import Engine
+    from jaxspec.engine.factory import make_runner
+    from jaxspec.loading import load_any
+    from jaxspec.sampling import SamplingParams
+    from jaxspec.tokenizer import ByteTokenizer
+    from serving.follower_health import FollowerStatus
+    from jaxspec.speculative.adaptive import KPolicy
+    from serving.multihost import BroadcastingRunner, decode_record, follow
+
+    model, _ = load_any(MODEL, seed=0)
+    build = lambda: make_runner(model, num_slots=2, max_len=32, spec_method="ngram",  # noqa: E731
+                                num_speculative_tokens="auto", k_max=2)
+    store = _Store()
+    lead_ch, follow_ch = _pair(store, ack_every=10_000)  # keep every record to read them back
+    leader_inner = build()
+    leader_inner.policy = KPolicy(leader_inner.buckets, probe_every=1)  # probes: kb > 0 steps for sure
+    leader = BroadcastingRunner(leader_inner, lead_ch)
+    engine = Engine(leader, ByteTokenizer(), eos_ids=[])
+    engine.generate([[3, 4, 5, 3, 4, 5, 3, 4]], SamplingParams(max_tokens=6, temperature=0.0))
+    leader.stop()
+    records = [decode_record(store.data[f"jaxspec/step/{i}"]) for i in range(1, lead_ch.seq + 1)]
+    calls = [r["call"] for r in records]
+    assert "measure_costs" in calls and "warmup" not in calls
+    # The leader's policy drafted (its plan's kb > 0); a lookup that found nothing ran kb = 0 instead.
+    planned = [r["args"]["plan"][2] for r in records if r["call"] == "decode"]
+    assert any(kb > 0 for kb in planned), planned
+    assert calls.index("measure_costs") < calls.index("decode")
+    status = FollowerStatus(1)
+    replica = build()
+    assert follow(replica, follow_ch, idle_timeout_s=5, status=status) == 0
+    assert status.calls.labels("measure_costs")._value.get() == 1
+    assert status.health()["decode_steps_by_kb"] == {str(kb): n for kb, n in sorted(leader.decode_kb.items())}
+    assert not replica.spec.cost_models  # the follower plans nothing: its timings were dropped
+    assert leader_inner.spec.cost_models
 
 
 def test_a_call_both_sides_fail_is_not_divergence():
@@ -487,6 +585,50 @@ def test_leader_serves_grpc_and_sigterm_stops_every_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("spec", ["draft", "ngram"])
+def test_leader_serves_speculative_decoding_with_adaptive_k(tmp_path, spec):
+    """The serving default for a draft model (and prompt lookup): adaptive k. The leader's warm-up
+    measures the step costs (the follower replays the timed steps), the leader's policy alone picks
+    each step's kb, and the follower runs exactly that kb: its decode steps by kb equal the leader's
+    (each record also checks the previous decode's kb and tokens). Greedy tokens through the
+    leader's gRPC port equal a single-process 8-device run of the same options."""
+    from serving.client import JaxSpecClient
+
+    _save_models(tmp_path)
+    grpc_port, metrics_port = _free_port(), _free_port()
+    job = _Job(tmp_path, "serve-spec", str(_free_port()), str(grpc_port), str(metrics_port), str(tmp_path), spec)
+    try:
+        with JaxSpecClient(f"127.0.0.1:{grpc_port}", timeout=TIMEOUT_S) as client:
+            _wait_serving(client, job, TIMEOUT_S)
+            got = [list(client.generate(p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True).token_ids)
+                   for p in PROMPTS]
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health", timeout=10).read())
+        job.procs[0].send_signal(signal.SIGTERM)
+        codes = job.wait(120)
+        assert codes == [0, 0], f"exit codes {codes}\n{job.tails()}"  # 4: the follower diverged
+    finally:
+        job.kill()
+    leader_log = job.logs[0].read_text()
+    assert "warm-up compiled every shape" in leader_log
+    ran = re.search(r"decode steps by proposal length kb: (\{.*\})", leader_log)
+    assert ran, job.tails()
+    leader_kb = {str(kb): n for kb, n in sorted(ast.literal_eval(ran.group(1)).items())}
+    assert health["decode_steps_by_kb"] == leader_kb, (health, leader_kb)
+    assert sum(leader_kb.values()) >= len(PROMPTS) * (MAX_TOKENS - 1) // (1 + max(map(int, leader_kb)))
+    assert any(int(kb) > 0 for kb in leader_kb), leader_kb  # steps that verified drafts were replayed
+
+    # The reference: this process, 8 devices, the same directories and options (adaptive k, its
+    # costs measured here when first needed); each prompt alone, as the client sent them.
+    from serving.build import load_engine
+    from jaxspec.sampling import SamplingParams
+
+    engine = load_engine(_spec_options(tmp_path, spec)).engine
+    want = [engine.generate([p], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0].token_ids
+            for p in PROMPTS]
+    assert got == want and all(len(t) == MAX_TOKENS for t in want)
+
+
+@pytest.mark.slow
 def test_follower_killed_fails_requests_and_the_leader_exits_non_zero(tmp_path):
     import grpc
 
@@ -522,10 +664,12 @@ def test_follower_killed_fails_requests_and_the_leader_exits_non_zero(tmp_path):
     assert "follower process(es) [1]" in job.logs[0].read_text()
 
 
-if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] in ("worker", "serve"):
+if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] in ("worker", "serve", "serve-spec"):
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if sys.argv[1] == "worker":
         sys.exit(_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]))
+    if sys.argv[1] == "serve-spec":
+        sys.exit(_serve_spec_worker(*(int(a) for a in sys.argv[2:6]), sys.argv[6], sys.argv[7]))
     sys.exit(_serve_worker(*(int(a) for a in sys.argv[2:])))

@@ -3,7 +3,11 @@
 Tensors are read one at a time from the memory-mapped safetensors files,
 converted to the target dtype and layout in host memory and placed straight onto
 their target sharding, so peak host memory is about one tensor (one layer's
-stacked expert weight for MoE layers). All names, shapes and dtypes are checked
+stacked expert weight for MoE layers, twice while it is stacked). A stacked expert
+weight is made only of the experts this process's devices hold: with the experts split
+over the hosts of a multi-process job each host reads only its own experts' tensors.
+Every other tensor is read whole on every process (its layout conversion needs the
+whole tensor), each device keeping its own box. All names, shapes and dtypes are checked
 against the config before the first tensor is read, so a bad checkpoint fails
 fast and says which tensor is wrong.
 
@@ -43,6 +47,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from jaxspec.checkpoint.hf_config import architecture_of, load_hf_config, read_json
+from jaxspec.checkpoint import orbax_io
 from jaxspec.checkpoint.orbax_io import CheckpointError
 from jaxspec.config import ModelConfig
 from jaxspec.models import Transformer, abstract_model
@@ -271,6 +276,21 @@ def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def _rows_held(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list[int]:
+    """The indices along axis 0 (experts, for a stacked weight) that this process's devices hold."""
+    return sorted({r for box in orbax_io.shard_boxes(sharding, shape).values() for r in range(*box[0])})
+
+
+def _place_stacked(rows: dict[int, np.ndarray], shape: tuple[int, ...], sharding: jax.sharding.Sharding) -> jax.Array:
+    """A stacked weight from the rows (experts) this process read: each device's box stacked
+    from its own rows only."""
+    def shard(index: tuple) -> np.ndarray:
+        rest = tuple(index[1:])
+        return np.stack([rows[r][rest] for r in range(*index[0].indices(shape[0]))])
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
 def load_hf_weights(
     directory: str | os.PathLike,
     cfg: ModelConfig,
@@ -292,27 +312,34 @@ def load_hf_weights(
     for path, target in planned.items():
         assert tuple(expected[path].shape) == target.shape, (path, expected[path].shape, target.shape)
 
-    total = sum(len(t.sources) for t in plan)
+    # A stacked (per-expert) weight: only the experts this process's devices hold are read, so
+    # with the experts split over hosts each host reads its own experts' tensors. Other tensors
+    # are read whole (one at a time) and each device keeps its box.
+    held = {t.path: _rows_held(shardings[t.path], t.shape) for t in plan if t.stacked}
+    total = sum(len(held[t.path]) if t.stacked else 1 for t in plan)
     done = 0
     params: dict = {}
     with SafetensorsFiles(directory) as files:
         _check_checkpoint(plan, files, cfg)
         for target in plan:
             if target.stacked:
-                host = np.empty(target.shape, np_dtype)
-                for e, src in enumerate(target.sources):
-                    host[e] = src.convert(files.read(src.name))  # the assignment casts
+                rows = {}
+                for e in held[target.path]:
+                    src = target.sources[e]
+                    rows[e] = np.ascontiguousarray(src.convert(files.read(src.name)), dtype=np_dtype)
                     done += 1
                     if progress:
                         progress(done, total, src.name)
+                _set_path(params, target.path, _place_stacked(rows, target.shape, shardings[target.path]))
+                del rows
             else:
                 src = target.sources[0]
                 host = np.ascontiguousarray(src.convert(files.read(src.name)), dtype=np_dtype)
                 done += 1
                 if progress:
                     progress(done, total, src.name)
-            _set_path(params, target.path, _place(host, shardings[target.path]))
-            del host
+                _set_path(params, target.path, _place(host, shardings[target.path]))
+                del host
     nnx.replace_by_pure_dict(abs_state, params)
     return nnx.merge(graphdef, abs_state)
 

@@ -6,10 +6,15 @@ Layout::
     DIR/params/         orbax StandardCheckpointer tree of the model's parameters
     DIR/tokenizer.*     the tokenizer's own files (see jaxspec.tokenizer)
 
-Loading onto one device (no mesh) reads the arrays with tensorstore directly, the way orbax does
-(a ``cast`` to the requested dtype over each zarr array in the checkpoint's OCDBT store): orbax
-itself then need not be imported (about 0.15 s of a one-shot CLI's start, and as much again for
-its restore machinery). Anything laid out otherwise, and every load onto a mesh, goes through orbax.
+Loading reads the arrays with tensorstore directly, the way orbax does (a ``cast`` to the
+requested dtype over each zarr array in the checkpoint's OCDBT store), and reads only what this
+process's devices hold: onto one device, every array whole; onto a mesh (``mesh`` and ``rules``),
+each array's boxes that this process's addressable devices hold under its target
+``NamedSharding``, each distinct box once (``read_sharded``). In a multi-process job every host
+thus reads its own shards and never the whole model, with no collective or barrier while loading.
+orbax itself need not be imported (about 0.15 s of a one-shot CLI's start, and as much again for
+its restore machinery); a directory laid out otherwise goes through orbax's restore, which also
+restores into the target shardings.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ def load_model(
     dtype: str | None = None,
 ) -> tuple[Transformer, Tokenizer]:
     """Restore a model directory; with ``mesh`` and ``rules`` each array is restored straight
-    into its target sharding (no full copy on one device)."""
+    into its target sharding, each process reading only its own devices' shards (no full copy on
+    any host or device)."""
     d = Path(directory).absolute()
     if not (d / "config.json").exists():
         raise CheckpointError(f"{d} is not a jaxspec model directory: config.json missing")
@@ -82,7 +88,7 @@ def load_model(
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device), nnx.to_pure_dict(abs_state))
-    params = read_local(d / "params", target) if mesh is None else None
+    params = read_sharded(d / "params", target)
     if params is None:
         params = _orbax_restore(d, target)
     nnx.replace_by_pure_dict(abs_state, params)
@@ -108,11 +114,36 @@ def _flat(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], jax
     return out
 
 
-def read_local(params_dir: Path, target: dict) -> dict | None:
-    """``target``'s arrays (a pure dict of ShapeDtypeStructs on one device) read from an orbax
-    StandardCheckpointer directory with tensorstore, as orbax reads them; None where the directory
-    is not laid out as this expects (an OCDBT store of zarr arrays, one per ``.``-joined tree path,
-    each of the target's shape) or anything fails: orbax then reads it (and reports what is wrong)."""
+def _box(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A device's index (a tuple of slices) as hashable (start, stop) pairs, one per dimension."""
+    return tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
+
+
+def shard_boxes(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> dict:
+    """This process's devices -> the box of ``shape`` each holds under ``sharding``."""
+    return {dev: _box(index, shape) for dev, index in sharding.addressable_devices_indices_map(shape).items()}
+
+
+def read_box(store, box: tuple[tuple[int, int], ...], path: tuple[str, ...] = ()):
+    """Start reading one box of the open tensorstore array of tree path ``path`` (a future of a
+    numpy array)."""
+    return store[tuple(slice(a, b) for a, b in box)].read() if box else store.read()
+
+
+# Host memory for boxes read but not yet placed: reads beyond it wait for earlier arrays to be
+# placed (one array's boxes are always in flight together, however large).
+READ_WINDOW_BYTES = 1 << 30
+
+
+def read_sharded(params_dir: Path, target: dict) -> dict | None:
+    """``target``'s arrays (a pure dict of ShapeDtypeStructs with shardings: one device, or
+    NamedShardings over a mesh, possibly spanning several processes) read from an orbax
+    StandardCheckpointer directory with tensorstore, as orbax reads them, each process reading
+    only the boxes its addressable devices hold, each distinct box once. Reads are in flight
+    together up to ``READ_WINDOW_BYTES`` of host memory, and each array is placed on its devices
+    as soon as its boxes are in. None where the directory is not laid out as this expects (an
+    OCDBT store of zarr arrays, one per ``.``-joined tree path, each of the target's shape) or a
+    read fails: orbax then reads it (and reports what is wrong)."""
     try:
         import tensorstore as ts
 
@@ -134,15 +165,48 @@ def read_local(params_dir: Path, target: dict) -> dict | None:
         stores = {path: future.result() for path, future in opened.items()}
         if any(tuple(stores[path].shape) != tuple(want.shape) for path, want in wanted.items()):
             return None
-        reads = {path: store.read() for path, store in stores.items()}
-        host = {path: future.result() for path, future in reads.items()}
     except Exception:  # noqa: BLE001  any other layout or failure: orbax's reader decides
         return None
-    arrays = jax.device_put([host[path] for path in wanted], [want.sharding for want in wanted.values()])
-    flat = dict(zip(wanted, arrays))
+
+    flat: dict = {}
+    pending: list = []  # (path, {box: read future}, bytes), oldest first
+    in_flight = 0
+
+    def place_oldest() -> None:
+        nonlocal in_flight
+        path, futures, nbytes = pending.pop(0)
+        host = {box: future.result() for box, future in futures.items()}
+        shape = tuple(wanted[path].shape)
+        flat[path] = jax.make_array_from_callback(shape, wanted[path].sharding,
+                                                  lambda index: host[_box(index, shape)])
+        in_flight -= nbytes
+
+    try:
+        for path, want in wanted.items():
+            shape = tuple(want.shape)
+            boxes = list(dict.fromkeys(shard_boxes(want.sharding, shape).values()))
+            nbytes = sum(int(np.prod([b - a for a, b in box])) for box in boxes) * np.dtype(want.dtype).itemsize
+            while pending and in_flight + nbytes > READ_WINDOW_BYTES:
+                place_oldest()
+            pending.append((path, {box: read_box(stores[path], box, path) for box in boxes}, nbytes))
+            in_flight += nbytes
+        while pending:
+            place_oldest()
+    except Exception as e:  # noqa: BLE001  a failed read: orbax's reader decides
+        if not _is_read_error(e):
+            raise
+        return None
 
     def rebuild(tree: dict, prefix: tuple[str, ...] = ()) -> dict:
         return {key: rebuild(value, (*prefix, str(key))) if isinstance(value, dict) else flat[(*prefix, str(key))]
                 for key, value in tree.items()}
 
     return rebuild(target)
+
+
+def _is_read_error(e: Exception) -> bool:
+    """A tensorstore read's failure (as opposed to placing the arrays read)."""
+    return type(e).__module__.startswith("tensorstore") or isinstance(e, (OSError, ValueError))
+
+
+read_local = read_sharded  # the one-device case's former name
