@@ -56,3 +56,15 @@ def test_dispatch_table_picks_the_fastest_measured_backend_per_token_count():
     args = _problem(5, seed=7, experts=E)
     np.testing.assert_allclose(jax.jit(table)(*args), dispatch_dense(*args), atol=1e-5, rtol=1e-5)
     assert hash(table) == hash(table_from_times({1: {"per_expert": 1.0}, 8: {"expert_rows": 1.0}}, "sorted"))
+
+
+def test_tuned_table_fallback_keeps_quantized_experts_off_unvalidated_kernels(monkeypatch):
+    """Beyond its measured counts a table resolves ``auto`` for the experts' format and routed rows."""
+    from jaxspec.models.moe_tuning import DispatchTable
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    table = DispatchTable(((8, "per_expert"),), fallback="auto")
+    assert table.backend_for(4096, top_k=2, kernel="gmm") == "pallas"  # validated on gpu, above the crossover
+    assert table.backend_for(4096, top_k=2, kernel="gmm_int8") == "ragged"  # not validated on hardware
+    assert table.backend_for(4096, top_k=2, kernel="gmm_int4") == "ragged"
+    assert table.backend_for(16, top_k=2, kernel="gmm") == "ragged"  # below the measured crossover

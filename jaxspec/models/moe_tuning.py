@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.config import ModelConfig
-from jaxspec.models.moe_dispatch import BACKENDS, choose_backend
+from jaxspec.models.moe_dispatch import BACKENDS, choose_backend, grouped_kernel
 
 CPU_CANDIDATES = ("per_expert", "per_expert_static", "expert_rows", "sorted")
 
@@ -34,14 +34,17 @@ class DispatchTable:
     choices: tuple[tuple[int, str], ...]  # (token count, backend), ascending
     fallback: str = "auto"
 
-    def backend_for(self, num_tokens: int) -> str:
+    def backend_for(self, num_tokens: int, top_k: int = 1, kernel: str = "gmm") -> str:
         for count, name in self.choices:
             if num_tokens <= count:
                 return name
-        return choose_backend(self.fallback, num_tokens)
+        # Beyond the measured counts, ``auto`` decides as it would untuned: for these experts'
+        # format (a quantized grouped matmul validated nowhere keeps ``ragged``) and routed rows.
+        return choose_backend(self.fallback, num_tokens, top_k=top_k, kernel=kernel)
 
     def __call__(self, x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
-        return BACKENDS[self.backend_for(x.shape[0])](x, expert_ids, weights, w_gate, w_up, w_down)
+        name = self.backend_for(x.shape[0], top_k=expert_ids.shape[1], kernel=grouped_kernel(w_gate))
+        return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)
 
 
 def measure_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Sequence[str] = CPU_CANDIDATES,
