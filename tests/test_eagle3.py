@@ -372,6 +372,40 @@ def test_greedy_with_adaptive_k_and_per_request_k(tmp_path):
     assert counter.count == 0, f"{counter.count} compilation(s) after warm-up"
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fuse", [True, False])
+def test_spans_follow_the_contexts_and_nothing_compiles_after_warmup(tmp_path, fuse):
+    """Contexts crossing the first attention span (128): the head's rounds and absorbs attend over
+    the span of the rows' real lengths (fused: the target's span; unfused: the head's own), every
+    one compiled at warm-up, and the output stays plain greedy decoding."""
+    cfg = load_config("tiny-moe")
+    model = create_model(cfg, 0)
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, V, 110).tolist(), rng.integers(3, V, 9).tolist()]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = [o.token_ids for o in Engine(PlainRunner(ModelRunner(model, 2, 256)), TOK).generate(prompts, params)]
+    head = head_for(cfg, sorted({t for o in plain for t in o}), 9, tmp_path, "speculators")
+    runner = SpeculativeRunner(ModelRunner(model, 2, 256), make_proposer("eagle3", head, target=model),
+                               num_speculative_tokens=2, k_max=2, fuse=fuse)
+    assert runner.fused_head == fuse
+    spans = []
+    if fuse:
+        run = runner._run_fused_head
+        runner._run_fused_head = lambda kb, kv_len, *a: (spans.append(kv_len), run(kb, kv_len, *a))[1]
+    else:
+        prop = runner.proposer
+        draft = prop._draft
+        prop._draft = lambda kb, kv_len: (spans.append(kv_len), draft(kb, kv_len))[1]
+    engine = Engine(runner, TOK)
+    runner.warmup()
+    spans.clear()
+    counter = CompileCounter()
+    assert [o.token_ids for o in engine.generate(prompts, [params] * 2)] == plain
+    assert counter.count == 0, f"{counter.count} compilation(s) after warm-up"
+    assert {128, 256} <= set(spans), sorted(set(spans))
+    assert engine.spec_stats.num_accepted_tokens > 0
+
 # ------------------------------------------------------------------- engine: sampled
 def _uniform_head(first_tokens: list[int], support: list[int]) -> tuple:
     """A head with a zero lm_head: its q is uniform over the draft vocabulary before filtering,
@@ -398,8 +432,11 @@ def _sampled_sequences(head, num: int, wrong_q: bool) -> tuple[list[tuple[int, .
             return Proposal(p.tokens, q, p.num_draft)
 
         proposer.propose = propose
+    # The injected q goes through ``propose``: that run takes the unfused path (the correct one runs
+    # the head's round inside the verification step).
     runner = SpeculativeRunner(ModelRunner(tss.TARGET, tss.SLOTS, tss.MAX_LEN), proposer, num_speculative_tokens=2,
-                               k_max=4)
+                               k_max=4, fuse=not wrong_q)
+    assert runner.fused_head == (not wrong_q)
     engine = Engine(runner, TOK, max_waiting=num)
     params = [SamplingParams(**tss.SETTINGS, seed=50_000 + i, max_tokens=tss.N_TOKENS, ignore_eos=True)
               for i in range(num)]

@@ -21,9 +21,18 @@ settings (``logits_to_probs``: temperature, top-k/top-p/min-p applied there) and
 (seed, output position, PURPOSE_DRAFT); q, scattered to the target ids through d2t (zero
 elsewhere), is returned with the tokens, so exact rejection sampling stays exact.
 
-Not yet: the runner's fused single-call step (this proposer runs as a separate jitted call before
-verification, plus one absorb call after each step), meshes (the target's features are captured on
-one device only), attention spans (the head attends over its whole cache).
+Rounds and absorbs attend over a compiled span of the rows' real lengths (``kv_buckets``, x4
+apart, as a draft model's), every span compiled at warm-up. When every row is greedy a drafted
+token is the argmax of the head's logits and q its one-hot, with no softmax or noise; q's stay in
+the draft vocabulary until one scatter to the target's ids per round.
+
+In the runner's fused step (single device, packed rows: ``SpeculativeRunner.fused_head``) the
+round, the target's verification and the absorb of the kept positions run as one jitted call
+(``round_fns``; the host only books the absorbed lengths, ``absorbed``); otherwise the round is
+its own call before verification and the absorb one after (``observe``). Prefills and plain
+steps are absorbed through ``observe`` in both cases.
+
+Not yet: meshes (the target's features are captured on one device only).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.engine.model_runner import batch_buckets, prefill_buckets
+from jaxspec.engine.model_runner import batch_buckets, bucket_up, kv_buckets, prefill_buckets
 from jaxspec.models import KVCache
 from jaxspec.models.kv_cache import check_kv_dtype
 from jaxspec.models.eagle3 import Eagle3Head
@@ -46,49 +55,76 @@ from jaxspec.speculative.jit_cache import cached_jit
 from jaxspec.speculative.proposer import Proposal, SpecContext
 
 
-def draft_distribution(head: Eagle3Head, out: jax.Array, sampling: BatchSampling, pos: jax.Array, vocab: int,
-                       all_greedy) -> tuple[jax.Array, jax.Array]:
-    """One drafted token per row from head outputs [B, D] -> (target ids [B], q over the target vocabulary [B, V])."""
-    q_d = logits_to_probs(head.logits(out), sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
-    noise = batch_noise(sampling.seed, pos, q_d.shape[-1], PURPOSE_DRAFT, all_greedy)
-    ids = head.target_ids()
-    tok = jnp.take(ids, sample_from_probs(q_d, noise))
-    q = jnp.zeros((q_d.shape[0], vocab), jnp.float32).at[:, ids].set(q_d)
-    return tok, q
+def _draw(head: Eagle3Head, out: jax.Array, sampling: BatchSampling, pos: jax.Array, all_greedy
+          ) -> tuple[jax.Array, jax.Array]:
+    """One draft-vocabulary id per row and its q [B, draft_vocab]. When every row is greedy, the
+    argmax and its one-hot directly (what ``logits_to_probs`` and the race give greedy rows):
+    no softmax, filter test or noise per drafted token."""
+    logits = head.logits(out)
+
+    def greedy():
+        d = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return d, jax.nn.one_hot(d, logits.shape[-1], dtype=jnp.float32)
+
+    def sampled():
+        q_d = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+        noise = batch_noise(sampling.seed, pos, q_d.shape[-1], PURPOSE_DRAFT, all_greedy)
+        return sample_from_probs(q_d, noise), q_d
+
+    return jax.lax.cond(all_greedy, greedy, sampled)
 
 
-def _make_absorb(graphdef):
+def _to_target_vocab(head: Eagle3Head, q_d: jax.Array, vocab: int) -> jax.Array:
+    """q over the draft vocabulary [..., draft_vocab] -> over the target's [..., V] (zero off d2t's ids)."""
+    return jnp.zeros((*q_d.shape[:-1], vocab), jnp.float32).at[..., head.target_ids()].set(q_d)
+
+
+def _make_absorb(graphdef, kv_len: int):
     def absorb(state, embed, cache, last, slot_ids, tokens, features, start, count):
         """Rows b: slot slot_ids[b] (padding: the slot count), positions start[b] .. start[b]+count[b]-1
-        with target features [B, W, F] and next tokens [B, W] -> (cache, last)."""
-        head = nnx.merge(graphdef, state)
-        s = last.shape[0]
-        ids = jnp.where(count > 0, slot_ids, s)  # rows with nothing to absorb write nothing
-        out, cache = head(jnp.maximum(tokens, 0), features, start, cache, ids, embed)
-        final = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
-        return cache, last.at[ids].set(final.astype(last.dtype), mode="drop")
+        (all below ``kv_len``) with target features [B, W, F] and next tokens [B, W] -> (cache, last)."""
+        return absorb_rows(nnx.merge(graphdef, state), embed, cache, last, slot_ids, tokens, features, start, count,
+                           kv_len)
 
     return absorb
 
 
-def _make_draft(graphdef, kb: int, vocab: int):
+def absorb_rows(head: Eagle3Head, embed, cache, last, slot_ids, tokens, features, start, count, kv_len: int):
+    """The absorb of ``_make_absorb`` on a merged head (also run inside a fused step)."""
+    s = last.shape[0]
+    ids = jnp.where(count > 0, slot_ids, s)  # rows with nothing to absorb write nothing
+    out, cache = head(jnp.maximum(tokens, 0), features, start, cache, ids, embed, kv_len=kv_len)
+    final = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
+    return cache, last.at[ids].set(final.astype(last.dtype), mode="drop")
+
+
+def _make_draft(graphdef, kb: int, vocab: int, kv_len: int):
     def draft(state, embed, cache, last, slot_ids, start, sampling: BatchSampling, out_pos):
         """kb drafts for rows b (slot slot_ids[b]; padding rows: the slot count), the first fed at
-        ``start`` -> (cache, tokens [B, kb], q [B, kb, V])."""
-        head = nnx.merge(graphdef, state)
-        all_greedy = jnp.all(sampling.temperature <= 0)
-        h = jnp.take(last, slot_ids, axis=0, mode="clip")
-        tok, q = draft_distribution(head, h, sampling, out_pos, vocab, all_greedy)
-        toks, qs = [tok], [q]
-        for i in range(1, kb):  # unrolled: kb is a small static bucket
-            out, cache = head(tok[:, None], h[:, None], start + i - 1, cache, slot_ids, embed, fused=True)
-            h = out[:, 0]
-            tok, q = draft_distribution(head, h, sampling, out_pos + i, vocab, all_greedy)
-            toks.append(tok)
-            qs.append(q)
-        return cache, jnp.stack(toks, axis=1), jnp.stack(qs, axis=1)
+        ``start`` (live rows' start + kb <= ``kv_len``) -> (cache, tokens [B, kb], q [B, kb, V])."""
+        return draft_rows(nnx.merge(graphdef, state), kb, vocab, kv_len, embed, cache, last, slot_ids, start,
+                          sampling, out_pos)
 
     return draft
+
+
+def draft_rows(head: Eagle3Head, kb: int, vocab: int, kv_len: int, embed, cache, last, slot_ids, start,
+               sampling: BatchSampling, out_pos):
+    """The round of ``_make_draft`` on a merged head (also run inside a fused step). Drafts and q's
+    stay in the draft vocabulary until the end: one scatter to the target's ids per round."""
+    all_greedy = jnp.all(sampling.temperature <= 0)
+    h = jnp.take(last, slot_ids, axis=0, mode="clip")
+    d, q_d = _draw(head, h, sampling, out_pos, all_greedy)
+    ds, qs = [d], [q_d]
+    ids = head.target_ids()
+    for i in range(1, kb):  # unrolled: kb is a small static bucket
+        out, cache = head(jnp.take(ids, d)[:, None], h[:, None], start + i - 1, cache, slot_ids, embed, fused=True,
+                          kv_len=kv_len)
+        h = out[:, 0]
+        d, q_d = _draw(head, h, sampling, out_pos + i, all_greedy)
+        ds.append(d)
+        qs.append(q_d)
+    return cache, jnp.take(ids, jnp.stack(ds, axis=1)), _to_target_vocab(head, jnp.stack(qs, axis=1), vocab)
 
 
 class Eagle3Proposer:
@@ -134,6 +170,12 @@ class Eagle3Proposer:
         self.lengths = np.zeros(num_slots, np.int32)
         self.prefill_widths = prefill_buckets(max_len)
         self.rows = batch_buckets(min(4, num_slots))  # ModelRunner's default prefill row buckets
+        # Attention spans, as the draft model's (x4 apart: the head's attention is a small part of
+        # its round, and every span multiplies the rounds compiled).
+        self.kv_buckets = kv_buckets(max_len, factor=4)
+
+    def kv_bucket_for(self, positions: int) -> int:
+        return bucket_up(min(int(positions), self.max_len), self.kv_buckets)
 
     def _jit(self, key: tuple, make, donate: tuple[int, ...]):
         fn = self._fns.get(key)
@@ -141,12 +183,21 @@ class Eagle3Proposer:
             fn = self._fns[key] = cached_jit(("eagle3", self.graphdef, *key), make, donate_argnums=donate)
         return fn
 
-    def _absorb(self):
-        return self._jit(("absorb",), lambda: _make_absorb(self.graphdef), (2, 3))  # cache, last
+    def _absorb(self, kv_len: int):
+        return self._jit(("absorb", kv_len), lambda: _make_absorb(self.graphdef, kv_len), (2, 3))  # cache, last
 
-    def _draft(self, kb: int):
+    def _draft(self, kb: int, kv_len: int):
         vocab = self.cfg.vocab_size
-        return self._jit(("draft", kb, vocab), lambda: _make_draft(self.graphdef, kb, vocab), (2,))  # cache
+        return self._jit(("draft", kb, vocab, kv_len), lambda: _make_draft(self.graphdef, kb, vocab, kv_len),
+                         (2,))  # cache
+
+    def absorb_span(self, start: np.ndarray, count: np.ndarray, width: int) -> int:
+        """The span an absorb of positions start[b] .. start[b]+count[b]-1 attends over: the rows'
+        real end, but at least the block's width (a prompt's absorb then compiles one span per
+        prompt bucket, not every span)."""
+        live = np.asarray(count) > 0
+        end = int((np.asarray(start)[live] + np.asarray(count)[live]).max(initial=0))
+        return self.kv_bucket_for(max(end, width))
 
     # ---------------------------------------------------------------- requests
     def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
@@ -162,6 +213,14 @@ class Eagle3Proposer:
         """The target processed positions start[b] .. start[b]+count[b]-1 of slot row_slots[b]
         (count 0: nothing) with ``features`` [B, W, F]; ``tokens`` [B, W] holds the token *after*
         each of those positions (the next input, already known). Absorbed into the head's cache."""
+        row_slots, count = self.absorbed(row_slots, start, count)
+        kv_len = self.absorb_span(start, count, features.shape[1])
+        self.cache, self.last = self._absorb(kv_len)(self.state, self.embed, self.cache, self.last, row_slots,
+                                                     tokens, features, np.asarray(start, np.int32), count)
+
+    def absorbed(self, row_slots, start, count) -> tuple[np.ndarray, np.ndarray]:
+        """Host bookkeeping of an absorb of positions start[b] .. start[b]+count[b]-1 of slot
+        row_slots[b] (``observe``, or a runner's fused step that absorbed them on the device)."""
         row_slots = np.asarray(row_slots, np.int32)
         count = np.asarray(count, np.int32)
         live = count > 0
@@ -169,64 +228,79 @@ class Eagle3Proposer:
             raise RuntimeError(f"EAGLE-3 head out of step with the target: head lengths "
                                f"{self.lengths[row_slots[live]].tolist()}, target positions "
                                f"{np.asarray(start)[live].tolist()}")
-        self.cache, self.last = self._absorb()(self.state, self.embed, self.cache, self.last, row_slots,
-                                               tokens, features, np.asarray(start, np.int32), count)
         self.lengths[row_slots[live]] += count[live]
+        return row_slots, count
+
+    def check_round(self, ctx: SpecContext) -> None:
+        _, live = ctx.live()
+        if (ctx.history.length[live] - 1 != self.lengths[live]).any():
+            raise RuntimeError("EAGLE-3 head has not absorbed the context the target has")
+
+    def round_fns(self, kb: int, kv_len: int):
+        """(round, absorb) as pure functions, for a runner to fuse into its step: round (state,
+        embed, cache, last, slot_ids, start, sampling, out_pos) -> (cache, tokens [B, kb], q's
+        [B, kb, V]); absorb (state, embed, cache, last, slot_ids, tokens, features, start, count)
+        -> (cache, last). Both attend over ``kv_len``."""
+        return _make_draft(self.graphdef, kb, self.cfg.vocab_size, kv_len), _make_absorb(self.graphdef, kv_len)
 
     def propose(self, ctx: SpecContext) -> Proposal:
         idx, live = ctx.live()
         rows = ctx.rows.astype(np.int32)
         safe = np.minimum(rows, self.num_slots - 1)
         start = np.where(ctx.active, self.lengths[safe], self.max_len).astype(np.int32)
-        if (ctx.history.length[live] - 1 != self.lengths[live]).any():
-            raise RuntimeError("EAGLE-3 head has not absorbed the context the target has")
-        self.cache, tokens, probs = self._draft(ctx.kb)(self.state, self.embed, self.cache, self.last, rows, start,
-                                                         ctx.sampling, ctx.out_pos)
+        self.check_round(ctx)
+        kv_len = self.kv_bucket_for(int(start[ctx.active].max(initial=0)) + ctx.kb)
+        self.cache, tokens, probs = self._draft(ctx.kb, kv_len)(self.state, self.embed, self.cache, self.last, rows,
+                                                                 start, ctx.sampling, ctx.out_pos)
         return Proposal(tokens, probs, np.where(ctx.active, ctx.k, 0).astype(np.int32))
 
     def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
         pass  # the accepted positions arrive through ``observe`` with the target's features
 
     # ----------------------------------------------------------------- warm-up
-    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None) -> None:
-        """Compile every draft length x batch bucket, and the absorbs of prefills (every prompt
-        bucket), plain steps (width 1) and verifications (width kb + 1); no slot is touched."""
-        for kb in buckets:
+    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None, drafts: bool = True) -> None:
+        """Compile every draft length x batch bucket x span (``drafts=False``: none, where a runner
+        fuses the round into its step), and the absorbs of prefills (every prompt bucket at its own
+        span), plain steps (width 1) and verifications (width kb + 1) at every span; no slot is touched."""
+        for kb in buckets if drafts else ():
             for rows in batch_buckets or [self.num_slots]:
-                if kb > 0:
-                    self._run_dummy(kb, rows)
+                for kv_len in self.kv_buckets:
+                    if kb > 0:
+                        self._run_dummy(kb, rows, kv_len)
         for rows in batch_buckets or [self.num_slots]:
             for width in sorted({1, *[kb + 1 for kb in buckets if kb > 0]}):
-                self._dummy_absorb(rows, width)
+                for kv_len in self.kv_buckets:
+                    if kv_len >= self.kv_bucket_for(width):
+                        self._dummy_absorb(rows, width, kv_len)
         for width in self.prefill_widths:
             for rows in self.rows:
-                self._dummy_absorb(rows, width)
+                self._dummy_absorb(rows, width, self.kv_bucket_for(width))
 
-    def _dummy_absorb(self, rows: int, width: int) -> None:
+    def _dummy_absorb(self, rows: int, width: int, kv_len: int | None = None) -> None:
         z = np.zeros(rows, np.int32)
         # Committed like the target's step outputs, so the real calls share this compilation.
         feats = jax.device_put(jnp.zeros((rows, width, self.cfg.feature_size), self.feature_dtype), jax.devices()[0])
-        self.cache, self.last = self._absorb()(self.state, self.embed, self.cache, self.last,
-                                               np.full(rows, self.num_slots, np.int32),
-                                               np.zeros((rows, width), np.int32), feats, z, z)
+        self.cache, self.last = self._absorb(kv_len or self.kv_bucket_for(width))(
+            self.state, self.embed, self.cache, self.last, np.full(rows, self.num_slots, np.int32),
+            np.zeros((rows, width), np.int32), feats, z, z)
 
-    def _run_dummy(self, kb: int, rows: int | None = None) -> None:
+    def _run_dummy(self, kb: int, rows: int | None = None, kv_len: int | None = None) -> None:
         b = rows or self.num_slots
         sampling = BatchSampling(np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32),
                                  np.zeros(b, np.float32), np.zeros((b, 2), np.uint32))
         far = np.full(b, self.max_len, np.int32)  # padding rows at positions past the cache: nothing written
-        self.cache, tokens, _ = self._draft(kb)(self.state, self.embed, self.cache, self.last,
-                                                np.full(b, self.num_slots, np.int32), far, sampling,
-                                                np.zeros(b, np.int32))
+        self.cache, tokens, _ = self._draft(kb, self.kv_bucket_for(kv_len or self.max_len))(
+            self.state, self.embed, self.cache, self.last, np.full(b, self.num_slots, np.int32), far, sampling,
+            np.zeros(b, np.int32))
         tokens.block_until_ready()
 
     def measure(self, kb: int, reps: int, rows: int | None = None, kv_len: int | None = None) -> float:
         if kb == 0:
             return 0.0
-        self._run_dummy(kb, rows)
+        self._run_dummy(kb, rows, kv_len)
         times = []
         for _ in range(reps):
             t = time.perf_counter()
-            self._run_dummy(kb, rows)
+            self._run_dummy(kb, rows, kv_len)
             times.append(time.perf_counter() - t)
         return statistics.median(times)

@@ -6,10 +6,14 @@ Acceptance: greedy requests through ``Engine`` over ``make_runner(..., num_specu
 k fixed; ``acceptance_per_position[i]`` = P(draft i accepted | drafted), ``mean_acceptance_length``
 = tokens emitted per verification step.
 
-Drafting cost: the proposer's own ``measure`` (median wall time of one jitted proposal of k
-tokens at batch 1, after a warm call) divided by k. An EAGLE-3 head also absorbs the verified
-positions after every step (one head forward over k + 1 positions): ``absorb_ms`` times it, and
-``ms_per_token_with_absorb`` adds it to the proposal's time per drafted token.
+Drafting cost: median wall time of one jitted proposal of k tokens at batch 1 (what the
+proposer's ``measure`` times; after warm calls, every drafter and call timed in turns) divided
+by k. An EAGLE-3 head also absorbs the verified positions after every step (one head forward
+over k + 1 positions): ``absorb_ms`` times it, and
+``ms_per_token_with_absorb`` adds it to the proposal's time per drafted token. In the runner's
+fused step the round and the absorb run inside the verification's call: ``step_ms`` times the
+two as one jitted call (what the head adds to a step, with one dispatch), ``ms_per_token_step``
+per drafted token.
 """
 
 from __future__ import annotations
@@ -53,27 +57,72 @@ def acceptance_sweep(target: Transformer, method: str, draft, tokenizer: Tokeniz
 
 def drafting_cost(target: Transformer, method: str, draft, k: int = 4, reps: int = 50, max_len: int = 256) -> dict:
     """Milliseconds per drafted token at batch 1 (see the module docstring)."""
-    runner = make_runner(target, num_slots=1, max_len=max_len, spec_method=method, draft=draft,
-                         num_speculative_tokens=k, k_max=k)
-    prop = runner.proposer
-    total = prop.measure(k, reps, rows=1)
-    out = {"method": method, "k": k, "reps": reps, "proposal_ms": 1000 * total, "ms_per_token": 1000 * total / k}
-    if method == "eagle3":
-        absorb = _absorb_ms(prop, k + 1, reps)
-        out["absorb_ms"] = absorb
-        out["ms_per_token_with_absorb"] = (1000 * total + absorb) / k
+    return drafting_costs(target, {method: (method, draft)}, k, reps, max_len)[method]
+
+
+def drafting_costs(target: Transformer, drafters: dict[str, tuple[str, object]], k: int = 4, reps: int = 50,
+                   max_len: int = 256) -> dict[str, dict]:
+    """``drafting_cost`` of every drafter ({name: (method, draft)}), all timed in turns (one rep of
+    each, then the next), so a change in machine load falls on all of them alike."""
+    timers: dict[tuple[str, str], object] = {}
+    for name, (method, draft) in drafters.items():
+        runner = make_runner(target, num_slots=1, max_len=max_len, spec_method=method, draft=draft,
+                             num_speculative_tokens=k, k_max=k)
+        prop = runner.proposer
+        timers[name, "proposal"] = lambda prop=prop: prop._run_dummy(k, 1)
+        if method == "eagle3":
+            timers[name, "absorb"] = lambda prop=prop: (prop._dummy_absorb(1, k + 1), jax.block_until_ready(prop.last))
+            timers[name, "step"] = _round_and_absorb(prop, k)
+    for fn in timers.values():  # compile / warm
+        fn()
+        fn()
+    times: dict = {key: [] for key in timers}
+    for _ in range(reps):
+        for key, fn in timers.items():
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    ms = {key: 1000 * statistics.median(v) for key, v in times.items()}
+    out = {}
+    for name, (method, _) in drafters.items():
+        total = ms[name, "proposal"]
+        out[name] = {"method": method, "k": k, "reps": reps, "proposal_ms": total, "ms_per_token": total / k}
+        if method == "eagle3":
+            out[name].update(absorb_ms=ms[name, "absorb"], ms_per_token_with_absorb=(total + ms[name, "absorb"]) / k,
+                             step_ms=ms[name, "step"], ms_per_token_step=ms[name, "step"] / k)
     return out
 
 
-def _absorb_ms(prop, width: int, reps: int) -> float:
-    prop._dummy_absorb(1, width)  # compile
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        prop._dummy_absorb(1, width)
-        jax.block_until_ready(prop.last)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+def _round_and_absorb(prop, k: int):
+    """The head's round of k and its absorb of k + 1 positions as one jitted call over one padding
+    row (every write dropped), at the longest span like ``measure``: the head's share of a fused
+    step -> a function running it once."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxspec.sampling import BatchSampling
+
+    kv_len = prop.kv_buckets[-1]
+    round_, absorb = prop.round_fns(k, kv_len)
+
+    def both(state, embed, cache, last, slot_ids, start, sampling, out_pos, tokens, feats):
+        cache, drafts, q = round_(state, embed, cache, last, slot_ids, start, sampling, out_pos)
+        cache, last = absorb(state, embed, cache, last, slot_ids, tokens, feats, start, jnp.ones_like(start))
+        return cache, last, drafts, q
+
+    fn = jax.jit(both, donate_argnums=(2, 3))
+    sampling = BatchSampling(np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32),
+                             np.zeros(1, np.float32), np.zeros((1, 2), np.uint32))
+    feats = jax.device_put(jnp.zeros((1, k + 1, prop.cfg.feature_size), prop.feature_dtype), jax.devices()[0])
+    pad, far = np.full(1, prop.num_slots, np.int32), np.full(1, prop.max_len, np.int32)
+    tokens, zero = np.zeros((1, k + 1), np.int32), np.zeros(1, np.int32)
+
+    def run():
+        prop.cache, prop.last, drafts, _ = fn(prop.state, prop.embed, prop.cache, prop.last, pad, far, sampling, zero,
+                                              tokens, feats)
+        drafts.block_until_ready()
+
+    return run
 
 
 def format_table(rows: dict[str, dict[int, dict]]) -> str:
