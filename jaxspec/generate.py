@@ -25,7 +25,7 @@ from jaxspec.checkpoint import CheckpointError
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, InvalidRequestError
 from jaxspec.engine.factory import make_runner
-from jaxspec.loading import DEFAULT_MODEL, default_draft, load_any
+from jaxspec.loading import DEFAULT_MODEL, default_draft, draft_load_placement, load_any
 from jaxspec.mesh import AUTO_MESH, mesh_for_option, placement_for_mesh
 from jaxspec.models.kv_cache import KV_DTYPES
 from jaxspec.models.quant import MODES as QUANT_MODES
@@ -110,17 +110,19 @@ def k_arg(minimum: int):
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
-    model, tokenizer = load_any(args.model, dtype=args.dtype, quantize=args.quantize)
-    max_len = args.max_len or min(model.cfg.max_seq_len, 2048)
+    # The mesh first: a model directory is then read straight into its shardings, shard by shard.
     mesh_cfg = mesh_for_option(args.mesh)
     placement = placement_for_mesh(mesh_cfg) if mesh_cfg is not None else None
+    model, tokenizer = load_any(args.model, dtype=args.dtype, quantize=args.quantize, placement=placement)
+    max_len = args.max_len or min(model.cfg.max_seq_len, 2048)
     draft_name = default_draft(args.model, args.draft, args.spec_method)
     method = args.spec_method or ("draft" if draft_name else "none")
     if args.draft_quantize and method != "draft":
         raise ValueError("--draft-quantize quantizes a draft model (--spec-method draft)")
     draft = None
     if method == "draft" and draft_name:
-        draft = load_any(draft_name, dtype=args.dtype, role="draft", quantize=args.draft_quantize)[0]
+        draft = load_any(draft_name, dtype=args.dtype, role="draft", quantize=args.draft_quantize,
+                         placement=draft_load_placement(draft_name, placement, 1, max_len, args.dtype))[0]
     if method == "eagle3":
         if not draft_name:
             raise ValueError("--spec-method eagle3 needs --draft PATH (an EAGLE-3 head folder)")

@@ -29,7 +29,7 @@ from jaxspec.mesh import AUTO_MESH, mesh_for_option
 from jaxspec.models.kv_cache import KV_DTYPES
 from jaxspec.models.quant import MODES as QUANT_MODES
 from serving.auth import load_token
-from serving.build import KV_CACHES, SPEC_METHODS, EngineOptions, load_engine
+from serving.build import KV_ADMISSIONS, KV_CACHES, SPEC_METHODS, EngineOptions, load_engine
 from serving.server import JaxSpecServer, ServerOptions
 
 log = logging.getLogger("jaxspec.serving")
@@ -92,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--no-overlap", action="store_true",
                    help="plain decoding: apply each decode step on the host before queuing the next (by default "
                    "step n+1 runs on the device while step n's tokens are checked and sent)")
+    m.add_argument("--kv-admission", choices=KV_ADMISSIONS, default="optimistic",
+                   help="--kv-cache paged: 'optimistic' admits a request when its prompt fits and gives it pages "
+                   "as it grows, preempting (and later recomputing) the newest request if the pool runs dry; "
+                   "'reserve' takes pages for prompt + max_tokens up front, so nothing is ever preempted")
     m.add_argument("--max-step-tokens", type=int, metavar="N", default=512,
                    help="prompt tokens prefilled per engine step; a longer prompt is prefilled in chunks between "
                    "the running requests' decode steps, so it never stalls them for more than one chunk")
@@ -148,7 +152,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         mesh=args.mesh, default_max_tokens=args.default_max_tokens,
         kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
         kv_cache_dtype=args.kv_cache_dtype, draft_kv_cache_dtype=args.draft_kv_cache_dtype,
-        kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, overlap=not args.no_overlap, max_step_tokens=args.max_step_tokens,
+        kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, overlap=not args.no_overlap, max_step_tokens=args.max_step_tokens, kv_admission=args.kv_admission,
     )
     engine.validate()
     server = ServerOptions(

@@ -17,10 +17,11 @@ from flax import nnx
 
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
+from jaxspec.engine.engine import KV_ADMISSIONS
 from jaxspec.engine.factory import KV_CACHES, make_runner
 from jaxspec import builtin, compilation_cache, kernels
-from jaxspec.loading import DEFAULT_MODEL, load_any
-from jaxspec.mesh import MeshConfigError, mesh_for_option, placement_for_mesh
+from jaxspec.loading import DEFAULT_MODEL, draft_load_placement, load_any
+from jaxspec.mesh import MeshConfigError, Placement, mesh_for_option, placement_for_mesh
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.kv_cache import KV_DTYPES
 from jaxspec.models.quant import MODES as QUANT_MODES
@@ -57,6 +58,7 @@ class EngineOptions:
     prefix_cache: bool = True  # paged: reuse cached pages of earlier prompts' leading blocks
     overlap: bool = True  # plain decoding: queue step n+1 before applying step n (Engine(overlap=...))
     max_step_tokens: int = 512  # prompt tokens prefilled per step; longer prompts go in chunks
+    kv_admission: str = "optimistic"  # paged: take pages as requests grow (preempt when dry) or reserve them up front
     kv_cache_dtype: str = "auto"  # target's KV cache: "auto" (the model's dtype) or "int8" (models.kv_cache)
     draft_kv_cache_dtype: str = "auto"  # a draft model's or EAGLE-3 head's own KV cache, likewise
 
@@ -91,6 +93,8 @@ class EngineOptions:
             raise ConfigError(f"page_size {self.page_size} must be >= 1 and divide max_len ({self.max_len})")
         if self.max_step_tokens < 1:
             raise ConfigError(f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
+        if self.kv_admission not in KV_ADMISSIONS:
+            raise ConfigError(f"kv_admission must be one of {', '.join(KV_ADMISSIONS)}, got {self.kv_admission!r}")
         if self.kv_pages is not None and self.kv_pages < 1:
             raise ConfigError(f"kv_pages must be >= 1, got {self.kv_pages}")
         if self.kv_memory_fraction is not None:
@@ -139,12 +143,20 @@ class EngineBundle:
     limits: RequestLimits
 
 
+def engine_placement(opts: EngineOptions) -> Placement | None:
+    """The target's placement for ``opts.mesh`` (None: one device), built before any weights are
+    read so they can be read straight into it."""
+    mesh_cfg = mesh_for_option(opts.mesh)
+    return placement_for_mesh(mesh_cfg) if mesh_cfg is not None else None
+
+
 def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) -> StepRunner:
     """The step runner for ``opts``: plain decoding, or draft-then-verify.
 
     ``jaxspec.engine.factory.make_runner`` picks the decoding method (for the CLI too). The
     serving layer only needs a ``StepRunner`` that honours ``Request.num_speculative_tokens``
-    (0 = plain decoding for that request), as ``SpeculativeRunner`` does.
+    (0 = plain decoding for that request), as ``SpeculativeRunner`` does. A draft model is
+    read straight into its shardings on the mesh (each process reading its own shards).
     """
     mesh_cfg = mesh_for_option(opts.mesh)
     placement = placement_for_mesh(mesh_cfg) if mesh_cfg is not None else None
@@ -159,7 +171,11 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
     if opts.spec_method == "draft":
         log.info("loading draft model %s", opts.draft)
         draft_model, draft_tokenizer = load_any(opts.draft, dtype=opts.dtype, seed=opts.seed, role="draft",
-                                                quantize=opts.draft_quantize)
+                                                quantize=opts.draft_quantize,
+                                                placement=draft_load_placement(
+                                                    opts.draft, placement, opts.slots,
+                                                    opts.max_len or model.cfg.max_seq_len, opts.dtype,
+                                                    opts.draft_kv_cache_dtype))
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise ConfigError(
                 f"draft tokenizer has {draft_tokenizer.vocab_size} tokens, the target's {tokenizer.vocab_size}: "
@@ -209,8 +225,12 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
 
     ``wrap_runner`` may wrap the step runner (tests inject faults and delays this way)."""
     opts.validate()
+    # The mesh first, then the weights: a model directory is read straight into its shardings,
+    # each process of a multi-host job reading only its own devices' shards.
+    placement = engine_placement(opts)
     log.info("loading model %s", opts.model)
-    model, tokenizer = load_any(opts.model, dtype=opts.dtype, seed=opts.seed, quantize=opts.quantize)
+    model, tokenizer = load_any(opts.model, dtype=opts.dtype, seed=opts.seed, quantize=opts.quantize,
+                                placement=placement)
     _check_memory(opts, model)
     runner = build_runner(opts, model, tokenizer)
     if opts.kernel_selftest:
@@ -222,6 +242,7 @@ def load_engine(opts: EngineOptions, wrap_runner: Callable[[StepRunner], StepRun
         spec_method=opts.spec_method, max_speculative_tokens=opts.num_speculative_tokens if opts.speculative else 0,
         draft_model_id=_model_id(opts.draft, "draft") if opts.draft else "", default_max_tokens=opts.default_max_tokens,
         prefix_caching=opts.prefix_cache, prefill_token_budget=opts.max_step_tokens, overlap=opts.overlap,
+        kv_admission=opts.kv_admission,
     )
 
 
@@ -266,11 +287,13 @@ def bundle_engine(
     prefix_caching: bool = True,
     prefill_token_budget: int = 1024,
     overlap: bool = True,
+    kv_admission: str = "optimistic",
 ) -> EngineBundle:
     """An engine around ``runner`` (wrapped so request failures are logged) and its descriptions."""
     speculative = spec_method != "none"
     engine = Engine(GuardedRunner(runner), tokenizer, max_waiting=max_waiting, speculative=speculative,
-                    prefix_caching=prefix_caching, prefill_token_budget=prefill_token_budget, overlap=overlap)
+                    prefix_caching=prefix_caching, prefill_token_budget=prefill_token_budget, overlap=overlap,
+                    kv_admission=kv_admission)
     cfg = runner.cfg
     proposer = getattr(runner, "proposer", None)
     draft_quantization = proposer.cfg.quantization if isinstance(proposer, DraftModelProposer) else None

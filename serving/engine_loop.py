@@ -134,6 +134,9 @@ class WrappedRunner:
     def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
         return self._inner.device_info()
 
+    def resume(self, slot: int, last_token: int) -> None:
+        self._inner.resume(slot, last_token)
+
 
 class GuardedRunner(WrappedRunner):
     """Wraps a StepRunner so that a request's prefill failure leaves a traceback in the log.

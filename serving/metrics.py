@@ -39,6 +39,9 @@ class ServingMetrics:
         self.prefix_cache_hits = Counter("jaxspec_prefix_cache_requests",
                                          "Finished requests by whether their prompt hit the prefix cache", ["hit"],
                                          registry=r)
+        self.preemptions = Counter("jaxspec_num_preemptions",
+                                   "Preemptions of finished requests: KV pages freed when the pool ran dry, the "
+                                   "request recomputed later (optimistic KV admission)", registry=r)
         self.generation_tokens = Counter("jaxspec_generation_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram("jaxspec_time_to_first_token_seconds", "Arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -84,6 +87,7 @@ class ServingMetrics:
         self.prompt_tokens.inc(out.num_prompt_tokens)
         self.cached_prompt_tokens.inc(out.num_cached_tokens)
         self.prefix_cache_hits.labels("true" if out.num_cached_tokens else "false").inc()
+        self.preemptions.inc(out.num_preemptions)
         now = time.monotonic()
         ttft = out.first_token_time - out.arrival_time if out.first_token_time is not None else None
         if ttft is not None:
@@ -150,6 +154,8 @@ def log_request(handle: RequestHandle, out: RequestOutput, ttft: float | None, e
     }
     if out.first_token_time is not None and out.last_token_time is not None and out.num_generated_tokens > 1:
         record["mean_itl_s"] = round((out.last_token_time - out.first_token_time) / (out.num_generated_tokens - 1), 6)
+    if out.num_preemptions:
+        record["preemptions"] = out.num_preemptions
     if handle.cancel_reason is not None and out.finish_reason in (FinishReason.ABORTED, FinishReason.DEADLINE):
         record["cancelled_by_client"] = True
     if handle.speculative and out.spec is not None:

@@ -1,5 +1,6 @@
 """Paged KV cache: the page pool, the paged forward, and engines over it (exact against the slot cache)."""
 
+import dataclasses
 import random
 
 import jax
@@ -178,12 +179,12 @@ def test_prefix_cache_off_and_per_request_opt_out(models):
     assert outs[rid] == 0 and outs[hit] == 32
 
 
-def test_admission_waits_for_pages_and_every_request_finishes(models):
+def test_reserved_admission_waits_for_pages_and_every_request_finishes(models):
     model, _ = models
-    # 12 pages of 8: a request of 24 prompt + 16 output tokens needs 5, so two run at once
-    # although there are 6 slots.
+    # 12 pages of 8: a request of 24 prompt + 16 output tokens needs 5, so with every page reserved
+    # at admission two run at once although there are 6 slots.
     eng = Engine(make_runner(model, num_slots=6, max_len=64, page_size=8, num_pages=12), ByteTokenizer(), eos_ids=[],
-                 prefix_caching=False)
+                 prefix_caching=False, kv_admission="reserve")
     rng = np.random.default_rng(3)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     ids = [eng.add_request(list(rng.integers(3, 200, size=24)), params) for _ in range(6)]
@@ -309,6 +310,21 @@ def test_serve_defaults_and_checks_for_the_cache_flags():
     assert (engine.kv_cache, engine.kv_pages, engine.prefix_cache, engine.max_step_tokens) == ("paged", 100, False, 64)
     with pytest.raises(ConfigError, match="page_size 24 must be >= 1 and divide max_len"):
         options_from_args(parse_args(["--kv-cache", "paged", "--page-size", "24", "--max-len", "100"]))
+    assert engine.kv_admission == "optimistic"  # the default: pages as requests grow, preemption when dry
+    engine, _ = options_from_args(parse_args(["--kv-cache", "paged", "--kv-admission", "reserve"]))
+    assert engine.kv_admission == "reserve"
+    with pytest.raises(ConfigError, match="kv_admission must be one of optimistic, reserve, got 'lazy'"):
+        dataclasses.replace(engine, kv_admission="lazy").validate()
+
+
+def test_bundle_engine_passes_the_admission_mode(models):
+    from serving.build import bundle_engine
+
+    model, _ = models
+    runner = make_runner(model, num_slots=2, max_len=64, page_size=8, num_pages=16)
+    for mode in ("optimistic", "reserve"):
+        bundle = bundle_engine(runner, ByteTokenizer(), model_id="tiny", kv_admission=mode)
+        assert bundle.engine.kv_admission == mode
 
 
 def test_kv_memory_fraction_sizes_the_pool_from_device_memory(models, monkeypatch):

@@ -66,9 +66,14 @@ def test_prefix_hits_are_reported_and_outputs_equal_the_slot_cache(servers):
 
 
 def test_requests_beyond_the_pages_wait_and_all_finish(servers):
-    paged, _ = servers
+    paged, slot = servers
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(3, 250, size=60)] for _ in range(8)]
     with JaxSpecClient(paged.target, timeout=300) as c, cf.ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda p: c.generate(p, max_tokens=8, ignore_eos=True), prompts))
     assert all(len(o.token_ids) == 8 for o in outs)
+    # Admitted optimistically (prompt and first step), some were preempted and recomputed: exactly.
+    with JaxSpecClient(slot.target, timeout=300) as c:
+        ref = [c.generate(p, max_tokens=8, ignore_eos=True) for p in prompts]
+    assert [list(o.token_ids) for o in outs] == [list(r.token_ids) for r in ref]
+    assert "jaxspec_num_preemptions_total" in _scrape(paged)

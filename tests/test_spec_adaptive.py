@@ -157,29 +157,38 @@ def test_ngram_proposer_per_slot_k():
     assert p.tokens[0, :2].tolist() == [3, 4]
 
 
+def _running(sched, n: int, max_tokens: int):
+    """A slot table with n requests running, each started in ``sched``; (slots, active slot ids)."""
+    from jaxspec.engine.request import Request
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.sampling import SamplingParams
+
+    slots = SlotTable(n)
+    for s in range(n):
+        req = Request(f"r{s}", [1, 2, 3], SamplingParams(max_tokens=max_tokens), seed=s)
+        slots.assign(s, req)
+        slots.active[s] = True
+        sched.start(s, req)
+    return slots, np.arange(n)
+
+
 def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
     """A bucket whose steps keep emitting fewer tokens per row-second than a plain step (acceptance
     that falls with the draft position, costs the step model does not see) stops being chosen, and
     comes back once probes of it do better."""
-    from jaxspec.engine.request import Request
-    from jaxspec.engine.slots import SlotTable
     from jaxspec.engine.step import StepResult
-    from jaxspec.sampling import SamplingParams
     from jaxspec.speculative.scheduling import MIN_REALISED_STEPS, SpecScheduler
 
     costs = _costs(1e-4, 0.02)  # drafting nearly free on paper
-    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs)
-    slots = SlotTable(4)
-    for s in range(4):
-        req = Request(f"r{s}", [1, 2, 3], SamplingParams(max_tokens=200), seed=s)
-        slots.assign(s, req)
-        slots.active[s] = True
-        sched.start(s, req)
-    act = np.arange(4)
+    clock = [0.0]
+    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
+                          clock=lambda: clock[0])
+    slots, act = _running(sched, 4, 200)
     first = sched.plan(slots, act).kb
     assert first > 0
 
     def run(kb: int, tokens_per_row: int, step_s: float) -> None:
+        clock[0] += step_s  # the wall period from the step before
         sched.update(StepResult(act, [[0] * tokens_per_row] * 4, np.full(4, kb), np.full(4, tokens_per_row - 1),
                                 kb, 0.0, step_s))
 
@@ -197,3 +206,122 @@ def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
                           cost_model=CostModel(costs.draft_s, costs.verify_s, smoothing=0.0))
     fixed.update(StepResult(act, [[0]] * 4, np.full(4, first), np.zeros(4), first, 0.0, 1.0))
     assert not fixed.realised
+
+
+def test_costs_are_the_observed_wall_periods_once_seen():
+    """A bucket's cost is the median wall period its steps showed in serving; a bucket not seen yet
+    costs its own time plus the host time the seen drafting buckets showed above theirs."""
+    from jaxspec.speculative.adaptive import MIN_PERIODS
+
+    costs = _costs(1e-3, 0.1)
+    own0, own2, own4 = costs.own_cost(0), costs.own_cost(2), costs.own_cost(4)
+    for _ in range(MIN_PERIODS - 1):
+        costs.observe_period(0, 0.5 * own0)
+    assert costs.step_cost(0) == pytest.approx(own0)  # too few periods yet
+    costs.observe_period(0, 0.5 * own0)
+    costs.observe_period(0, 100.0)  # a stray pause does not move the median
+    assert costs.step_cost(0) == pytest.approx(0.5 * own0)  # queued plain steps hide the host's work
+    assert costs.step_cost(2) == pytest.approx(own2)  # no drafting bucket seen: its own time
+    for _ in range(MIN_PERIODS):
+        costs.observe_period(4, own4 + 3e-3)
+    assert costs.step_cost(4) == pytest.approx(own4 + 3e-3)
+    assert costs.step_cost(2) == pytest.approx(own2 + 3e-3)  # the host time bucket 4 showed
+    assert costs.split(4, 1.0) == pytest.approx((costs.draft_s[4] / own4, costs.verify_s[4] / own4))
+
+
+def test_scheduler_stops_drafting_when_served_periods_say_plain_is_faster():
+    """On paper (the steps' own times) drafting pays; in serving, plain steps queued behind each other
+    take half their own time and drafting steps pay the host's work on top: the policy follows the
+    periods it measures and turns speculation off."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    costs = _costs(1e-4, 0.02)
+    clock = [0.0]
+    sched = SpecScheduler(1, BUCKETS, 8, None, rows_for=lambda n: 1, measure=lambda rows: costs,
+                          clock=lambda: clock[0], probe_every=1000)
+    slots, act = _running(sched, 1, 10_000)
+    plain = costs.own_cost(0)
+    for _ in range(200):
+        plan = sched.plan(slots, act)
+        if plan.kb == 0:
+            clock[0] += 0.5 * plain
+            result = StepResult.plain(act, np.zeros(1, np.int32), queued=True)
+        else:  # half the drafts accepted; the step costs its own time and 3 plain steps of host work
+            clock[0] += costs.own_cost(plan.kb) + 3 * plain
+            acc = plan.kb // 2
+            result = StepResult(act, [[0] * (acc + 1)], np.array([plan.kb]), np.array([acc]), plan.kb, 0.0,
+                                costs.own_cost(plan.kb))
+        sched.update(result)
+        slots.num_generated[0] += len(result.tokens[0])
+    assert sched.bucket_steps[0] > 150
+    assert sched.plan(slots, act).kb == 0
+    assert sched.costs_for(1).step_cost(0) == pytest.approx(0.5 * plain)
+
+
+def test_scheduler_with_speculation_off_skips_the_choice_but_keeps_probing():
+    """While the policy keeps kb = 0 the scheduler does not redo the full choice every step (it runs on
+    the plain path's every step), yet probes come on the policy's schedule and a changed batch or a
+    probe's outcome brings a full choice back."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import OFF_REFRESH_STEPS, SpecScheduler
+
+    costs = CostModel({0: 0.0, **{b: 1.0 * b for b in BUCKETS}}, {0: 1e-2, **{b: 1e-2 for b in BUCKETS}},
+                      smoothing=0.0)  # drafting never pays
+    sched = SpecScheduler(2, BUCKETS, 8, None, rows_for=lambda n: 2, measure=lambda rows: costs, cost_model=costs,
+                          probe_every=5)
+    choices = []
+    choose = sched.policy.choose
+    sched.policy.choose = lambda *a, **kw: choices.append(1) or choose(*a, **kw)
+    slots, act = _running(sched, 2, 10_000)
+    kbs = []
+    for _ in range(60):
+        kb = sched.plan(slots, act).kb
+        kbs.append(kb)
+        tokens = [[0] * (1 + (kb > 0))] * 2
+        sched.update(StepResult(act, tokens, np.full(2, kb), np.full(2, int(kb > 0)), kb, 0.0, 1e-2))
+        slots.num_generated[act] += len(tokens[0])
+    probes = [i for i, kb in enumerate(kbs) if kb > 0]
+    assert probes and all(kbs[i] == BUCKETS[0] for i in probes)
+    gaps = np.diff(probes)
+    assert gaps[0] >= 5 and (gaps[1:] >= gaps[:-1]).all()  # the wait before a probe doubles while probes fail
+    # A full choice after every probe and at least every OFF_REFRESH_STEPS off steps, not every step.
+    assert len(probes) < len(choices) <= len(probes) + 60 // OFF_REFRESH_STEPS + 2
+    n = len(choices)
+    sched.release(1)
+    slots.active[1] = False
+    sched.plan(slots, np.arange(1))
+    assert len(choices) == n + 1  # a changed batch chooses afresh
+
+
+def test_probe_schedule_defaults_match_the_readme():
+    """README: with speculation off a probe runs after 16 plain steps, the wait doubling up to 512."""
+    import inspect
+
+    from jaxspec.speculative import SpeculativeRunner
+
+    assert inspect.signature(SpeculativeRunner).parameters["probe_every"].default == 16
+    policy = KPolicy([1, 2])
+    assert (policy.probe_every, policy.max_probe_every) == (16, 512)
+
+
+def test_a_new_batch_bucket_borrows_what_other_buckets_saw_in_serving():
+    """Costs at a batch size not seen yet take the queued-plain ratio and the drafting host time from
+    the buckets that were: drafting does not look cheap there just because it is new."""
+    from jaxspec.speculative.adaptive import MIN_PERIODS
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    models = {1: _costs(1e-3, 0.1), 4: _costs(1e-3, 0.1)}
+    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 1 if n == 1 else 4, measure=models.__getitem__)
+    seen = sched.costs_for(1)
+    for _ in range(MIN_PERIODS):
+        seen.observe_period(0, 0.5 * seen.own_cost(0))
+        seen.observe_period(2, seen.own_cost(2) + 4e-3)
+    new = sched.costs_for(4)
+    assert new.step_cost(0) == pytest.approx(new.own_cost(0)) and new.step_cost(4) == pytest.approx(new.own_cost(4))
+    sched._lend(4, new)
+    assert new.step_cost(0) == pytest.approx(0.5 * new.own_cost(0))
+    assert new.step_cost(4) == pytest.approx(new.own_cost(4) + 4e-3)
+    for _ in range(MIN_PERIODS):  # its own observations win once it has them
+        new.observe_period(0, 0.9 * new.own_cost(0))
+    assert new.step_cost(0) == pytest.approx(0.9 * new.own_cost(0))

@@ -266,6 +266,44 @@ def test_draft_catches_up_after_steps_without_drafting():
     assert engine.spec_stats.acceptance_rate == 1.0
 
 
+def test_slot_cache_draft_gets_the_prompt_at_its_first_drafting_step_in_one_call():
+    """With a slot cache the draft is not fed at prefill (a request that never drafts never pays
+    for it); one request running, the first probe feeds its prompt and every token since in one
+    prefill-shaped call, later probes the tokens since the last. An identical draft fed right
+    proposes exactly the target's tokens: every probe is fully accepted."""
+    buckets = [1, 2, 4, 8]
+    expensive = CostModel({0: 0.0, **{b: 1.0 * b for b in buckets}}, {0: 1e-2, **{b: 1e-2 for b in buckets}},
+                          smoothing=0.0)
+    runner = spec_runner("identical", "auto", cost_model=expensive, probe_every=3)
+    engine = Engine(runner, TOK)
+    prop = runner.proposer
+    feeds, feed = [], prop._feed
+    prop._feed = lambda slot, ids, start=0: feeds.append((slot, start, len(ids))) or feed(slot, ids, start)
+    chunks, extend = [], prop._extend
+    prop._extend = lambda: chunks.append(1) or extend()
+    fed_at_prefill, prefill = [], prop.prefill
+
+    def counted_prefill(*args, **kw):
+        before = len(feeds)
+        prefill(*args, **kw)
+        fed_at_prefill.append(len(feeds) - before)
+
+    prop.prefill = counted_prefill
+    for i, prompt in enumerate(PROMPTS[:3]):
+        before = len(feeds)
+        engine.add_request(prompt, GREEDY, request_id=f"r{i}")
+        tokens = []
+        while engine.has_unfinished():
+            tokens += [t for out in engine.step() for t in out.new_token_ids]
+        assert tuple(tokens) == plain_tokens(GREEDY)[i]
+        mine = feeds[before:]
+        assert mine and mine[0][1] == 0 and mine[0][2] >= len(prompt)  # the whole prompt at once
+        assert all(a[2] <= b[1] for a, b in zip(mine, mine[1:]))  # never feeds a position twice
+    assert fed_at_prefill == [0, 0, 0]
+    assert len(chunks) == len(feeds)  # every catch-up was one call for the one lagging slot
+    assert engine.spec_stats.num_draft_tokens > 0 and engine.spec_stats.acceptance_rate == 1.0
+
+
 @pytest.mark.parametrize("kind", ["noisy", "ngram"])
 def test_no_compilation_after_warmup(kind):
     """After ``warmup`` no step compiles again, whatever the mix: every proposal bucket, k = 0
@@ -345,3 +383,15 @@ def test_fused_step_equals_the_two_call_step():
     split, _ = generate(split_runner, PROMPTS, mixed)
     assert [o.token_ids for o in fused] == [o.token_ids for o in split]
     assert engine.spec_stats.num_draft_tokens > 0 and fused_runner.bucket_steps[4] > 0
+
+
+def test_speculation_counters_come_on_the_final_output():
+    """A request's speculation counters are copied once, onto its final output (what the server,
+    metrics and generate read), not onto every token's."""
+    engine = Engine(spec_runner("noisy", 2), TOK)
+    engine.add_request(PROMPTS[0], GREEDY, request_id="r")
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[-1].finished and outs[-1].spec is not None and outs[-1].spec.num_draft_tokens > 0
+    assert all(o.spec is None for o in outs[:-1]) and len(outs) > 1

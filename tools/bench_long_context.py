@@ -16,6 +16,12 @@ weights and replays the same requests against both; the table compares them.
 * ``chunked``   4 clients streaming short requests while 4,000-token prompts keep arriving: the
                 short requests' inter-token latency (P50/P99) with chunked prefill
                 (--max-step-tokens 256) against whole-prompt prefill.
+* ``admission`` in process, no server: the same page pool with every page a request may write
+                reserved at admission (``Engine(kv_admission="reserve")``) against optimistic
+                admission (pages taken as requests grow, the newest preempted and recomputed when
+                the pool runs dry), for requests allowed 512 output tokens that stop far earlier
+                (a stop token set that ends outputs after ~32, or ~128, tokens). Reports the most
+                requests running at once, preemptions, throughput, and that the outputs are equal.
 * ``steps``     in process, no server: one decode step's time over a slot cache and over a paged
                 cache at the same batch (what paging costs per step), and over the paged cache at
                 the batches only it can hold (what a larger batch buys on this machine).
@@ -38,7 +44,7 @@ from jaxspec.bench.load import SendOptions, closed_loop, send  # noqa: E402
 from jaxspec.bench.server import ServerProcess  # noqa: E402
 from jaxspec.bench.workloads import BenchRequest  # noqa: E402
 
-SCENARIOS = ("capacity", "prefix", "chunked", "steps")
+SCENARIOS = ("capacity", "prefix", "chunked", "admission", "steps")
 
 
 def _requests(rng, n: int, prompt: int, out: int, vocab: int, prefix: list[int] | None = None) -> list[BenchRequest]:
@@ -153,6 +159,53 @@ def chunked(args, rng) -> list[str]:
     return rows
 
 
+def admission(args, rng) -> list[str]:
+    from jaxspec.config import load_config
+    from jaxspec.engine.engine import Engine
+    from jaxspec.engine.factory import make_runner
+    from jaxspec.models import create_model
+    from jaxspec.sampling import SamplingParams
+    from jaxspec.tokenizer import ByteTokenizer
+
+    model = create_model(load_config(args.model))
+    vocab = model.cfg.vocab_size
+    max_len, page, pages, slots, n = 1024, 16, 256, 32, args.admission_requests
+    runner = make_runner(model, num_slots=slots, max_len=max_len, page_size=page, num_pages=pages)
+    prompts = [[int(t) for t in rng.integers(3, args.vocab, size=200)] for _ in range(n)]
+
+    def run(mode: str, count: int, every: int):
+        stop_ids = tuple(range(3, vocab, every))  # 1/every of the vocabulary ends an output
+        eng = Engine(runner, ByteTokenizer(), eos_ids=[], max_waiting=count, kv_admission=mode, prefix_caching=False)
+        for i, p in enumerate(prompts[:count]):
+            eng.add_request(p, SamplingParams(max_tokens=512, temperature=1.0, seed=i, stop_token_ids=stop_ids))
+        outs: dict[str, list[int]] = {}
+        most, t = 0, time.perf_counter()
+        while eng.has_unfinished():
+            for o in eng.step():
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+            most = max(most, eng.num_running)
+        return eng, outs, most, time.perf_counter() - t
+
+    run("optimistic", min(n, 2 * slots), 32)  # compile every shape the runs take
+    rows = [f"{n} requests, prompts of 200 tokens, max_tokens 512, context {max_len}; {pages} pages of {page} "
+            f"positions ({pages * page} positions), {slots} slots; an output ends at any of 1/N of the vocabulary", "",
+            "| stop ids | admission | most running | preemptions | mean output | tokens/s | wall (s) |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    same = []
+    for every in (32, 128):
+        outputs = {}
+        for mode in ("reserve", "optimistic"):
+            eng, outs, most, wall = run(mode, n, every)
+            outputs[mode] = outs
+            total = sum(len(v) for v in outs.values())
+            rows.append(f"| 1/{every} | {mode} | {most} | {eng.num_preemptions} | {total / len(outs):.1f} "
+                        f"| {total / wall:.0f} | {wall:.1f} |")
+            print(rows[-1], flush=True)
+        same.append(outputs["reserve"] == outputs["optimistic"])
+    rows.append(f"\noutputs identical under both admissions: {all(same)}")
+    return rows
+
+
 def steps(args, rng) -> list[str]:
     from jaxspec.config import load_config
     from jaxspec.engine.model_runner import ModelRunner
@@ -203,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the tables here (markdown)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reps", type=int, default=30, help="interleaved repetitions per case (steps)")
+    p.add_argument("--admission-requests", type=int, default=96, help="requests per admission run")
     args = p.parse_args(argv)
     report = []
     for name in args.scenarios:

@@ -1,7 +1,8 @@
 """Generation engine: slots, jitted prefill/decode, continuous batching."""
 
-from jaxspec.engine.engine import Engine, PlainRunner, StepRunner
+from jaxspec.engine.engine import Engine
 from jaxspec.engine.model_runner import ModelRunner, prefill_buckets
+from jaxspec.engine.runner import PlainRunner, StepRunner
 from jaxspec.engine.request import (
     Completion,
     FinishReason,

@@ -6,7 +6,7 @@ into free slots (prefill), runs one batched decode step over every active slot
 (plain, or draft+verify when the runner speculates), and returns per-request
 ``RequestOutput`` deltas. Requests can join and leave between any two steps.
 
-Runners (``StepRunner``) do the device work; the engine does scheduling,
+Runners (``StepRunner``, ``jaxspec.engine.runner``) do the device work; the engine does scheduling,
 validation, stopping and detokenisation, so plain and speculative decoding
 share every host-side rule.
 """
@@ -18,11 +18,10 @@ import dataclasses
 import itertools
 import random
 import time
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from jaxspec.config import ModelConfig
 from jaxspec.engine.request import (
     Completion,
     FinishReason,
@@ -33,144 +32,16 @@ from jaxspec.engine.request import (
     SpecStats,
 )
 from jaxspec.engine.pages import PagePool, Reservation
-from jaxspec.engine.scheduler import Scheduler, SpecPolicy
+from jaxspec.engine.runner import StepRunner
+from jaxspec.engine.scheduler import Scheduler
 from jaxspec.engine.slots import SlotTable
-from jaxspec.engine.step import DecodePlan, PrefillChunk, QueuedStep, StepResult
+from jaxspec.engine.step import DecodePlan, QueuedStep, StepResult
 from jaxspec.engine.stopping import OutputTracker
 from jaxspec.sampling import SamplingParams
 from jaxspec.tokenizer import Tokenizer
 
 
-class StepRunner(Protocol):
-    """Device work for one engine. ``decode`` executes a ``DecodePlan`` and returns, per planned
-    slot, the new tokens (one for plain decoding, 1..k+1 under speculation) and (drafted,
-    accepted) counts."""
-
-    cfg: ModelConfig
-    num_slots: int
-    max_len: int
-
-    max_prefill_rows: int  # most prompts one ``prefill_batch`` takes
-    # Longest prompt piece one step prefills (longer prompts go in chunks); None: whole prompts.
-    prefill_chunk: int | None
-
-    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
-        """Prefill prompt chunks in one call; returns each chunk's sampled token (the request's
-        first token where the chunk is its prompt's last; meaningless otherwise)."""
-        ...
-
-    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
-        """Run one decode step as planned."""
-        ...
-
-    # Whether decode steps can be queued before the previous one's tokens reach the host
-    # (``dispatch`` / ``collect``; plain single-device decoding).
-    pipelined: bool
-
-    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: Any = None) -> Any:
-        """Pipelined runners: queue ``decode``'s device work and return a handle. ``after``: the
-        handle of the step just queued over the same slots and not collected yet; it feeds this one."""
-        ...
-
-    def collect(self, handle: Any) -> StepResult:
-        """Pipelined runners: wait for a dispatched step; its result."""
-        ...
-
-    def speculation(self) -> SpecPolicy | None:
-        """The policy that plans this runner's proposal lengths (None: plain decoding)."""
-        ...
-
-    def paging(self) -> tuple[int, int] | None:
-        """(num_pages, page_size) of a paged cache; None: a slot cache."""
-        ...
-
-    # Paged caches: whether a prompt can start prefill after a prefix already in shared pages.
-    reuses_prefix: bool
-    # Positions past a request's last token that one step may write (speculative look-ahead).
-    lookahead: int
-
-    def assign_pages(self, slot: int, pages: list[int]) -> None:
-        """Paged caches: ``slot`` holds its positions in ``pages`` (empty: none) from now on."""
-        ...
-
-    def release(self, slot: int) -> None: ...
-
-    def warmup(self) -> None: ...
-
-    def padded_length(self, prompt_len: int) -> int:
-        """The compiled length a prompt of this many tokens is prefilled at."""
-        ...
-
-    def expert_load_snapshot(self) -> "np.ndarray":
-        """Cumulative tokens routed per expert [layers, experts] of the target (a copy)."""
-        ...
-
-    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
-        """(platform, devices, mesh shape) of the target's parameters."""
-        ...
-
-
-class PlainRunner:
-    """One token per active slot per step, through ``ModelRunner``."""
-
-    def __init__(self, model_runner):
-        self.runner = model_runner
-        self.cfg = model_runner.cfg
-        self.num_slots = model_runner.num_slots
-        self.max_len = model_runner.max_len
-
-    @property
-    def max_prefill_rows(self) -> int:
-        return self.runner.prefill_row_buckets[-1]
-
-    reuses_prefix = True
-    lookahead = 0
-
-    def paging(self) -> tuple[int, int] | None:
-        return self.runner.paging
-
-    def assign_pages(self, slot: int, pages: list[int]) -> None:
-        self.runner.assign_pages(slot, pages)
-
-    @property
-    def prefill_chunk(self) -> int | None:
-        return self.runner.prefill_chunk
-
-    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
-        idx = np.array([c.slot for c in chunks])
-        return self.runner.prefill_many(idx, [c.request.prompt_ids[: c.end] for c in chunks], slots.sampling(idx),
-                                        [c.start for c in chunks])
-
-    def padded_length(self, prompt_len: int) -> int:
-        return self.runner.bucket_for(prompt_len)
-
-    def expert_load_snapshot(self) -> np.ndarray:
-        return self.runner.expert_load_snapshot()
-
-    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
-        return self.runner.device_info()
-
-    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
-        return self.runner.collect_step(self.dispatch(slots, plan), overlapped=False)
-
-    @property
-    def pipelined(self) -> bool:
-        return self.runner.can_chain
-
-    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: QueuedStep | None = None) -> QueuedStep:
-        return self.runner.queue_step(slots, plan, slots.last_token[plan.slots], after)
-
-    def collect(self, queued: QueuedStep) -> StepResult:
-        return self.runner.collect_step(queued)
-
-    def speculation(self) -> None:
-        return None
-
-    def release(self, slot: int) -> None:
-        self.runner.set_length(slot, 0)
-
-    def warmup(self) -> None:
-        self.runner.warmup()
+KV_ADMISSIONS = ("optimistic", "reserve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +72,8 @@ class _Live:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.spec = SpecStats() if speculative else None
+        self.num_cached_tokens = request.num_cached_tokens  # of its first admission (the response's)
+        self.preemptions = 0
 
 
 class Engine:
@@ -214,6 +87,8 @@ class Engine:
         prefill_token_budget: int = 1024,
         prefix_caching: bool = True,
         overlap: bool = False,
+        kv_admission: str = "optimistic",
+        kv_watermark: float = 0.01,
     ):
         """``prefill_token_budget``: padded prompt tokens prefilled per step at most (one prompt
         of any length always is), so arrivals never stall the running requests for long.
@@ -223,7 +98,14 @@ class Engine:
         step n+1 on the device before applying step n on the host (stop checks, detokenising,
         outputs), so host work hides behind device work. A step's tokens then come out of the
         next ``step()`` call; a request that stops at step n had a wasted row in step n+1. Steps
-        the scheduler plans with proposals (speculative) wait for every earlier token first."""
+        the scheduler plans with proposals (speculative) wait for every earlier token first.
+        ``kv_admission`` (paged caches): "optimistic" admits a request while the pool has pages for
+        its prompt and first step plus ``kv_watermark`` (a fraction of the pool) to spare, takes
+        pages as it grows, and when the pool runs dry preempts the newest request (its pages are
+        freed; it waits at the front of the queue with its output so far and is recomputed, exactly,
+        when pages free up); "reserve" takes every page a request may write (prompt, max_tokens,
+        speculative look-ahead) at admission, so nothing is ever preempted but pages a request never
+        uses stay idle (for latency that must not depend on the load of others)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.cfg = runner.cfg
@@ -245,6 +127,16 @@ class Engine:
         self.pages = None if paging is None else PagePool(*paging, prefix_caching=prefix_caching and runner.reuses_prefix)
         self._reservations: dict[int, Reservation] = {}  # slot -> its pages (paged caches)
         self._pending: dict[str, Reservation] = {}  # request id -> pages reserved at admission
+        if kv_admission not in KV_ADMISSIONS:
+            raise ValueError(f"kv_admission must be one of {', '.join(KV_ADMISSIONS)}, got {kv_admission!r}")
+        if not 0.0 <= kv_watermark < 1.0:
+            raise ValueError(f"kv_watermark must be in [0, 1), got {kv_watermark}")
+        self.kv_admission = kv_admission
+        self.optimistic = self.pages is not None and kv_admission == "optimistic"
+        self.watermark = int(kv_watermark * self.pages.num_pages) if self.pages is not None else 0
+        self.num_preemptions = 0  # over the engine's life
+        self._preempted: dict[str, _Live] = {}  # request id -> state of a preempted request (waiting)
+        self._no_admission = False  # this step preempted: admit nothing new (it would be preempted next)
         self.overlap = overlap and runner.pipelined
         self._in_flight_step: _InFlight | None = None  # overlap: dispatched, not applied yet
 
@@ -272,6 +164,11 @@ class Engine:
             )
         if self.pages is not None:
             need = self.pages.pages_for(self._positions(len(prompt_ids), params))
+            first = self.pages.pages_for(min(self.max_len, len(prompt_ids) + 1 + self.runner.lookahead))
+            if first > self.pages.num_pages:
+                raise InvalidRequestError(
+                    "prompt", f"prompt ({len(prompt_ids)} tokens) needs {first} KV pages of {self.pages.page_size} "
+                    f"positions; the pool holds {self.pages.num_pages}")
             if need > self.pages.num_pages:
                 raise InvalidRequestError(
                     "max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} "
@@ -284,12 +181,30 @@ class Engine:
         """Cache positions a request may write: prompt, output and the speculative look-ahead."""
         return min(self.max_len, prompt_len + params.max_tokens + self.runner.lookahead)
 
+    def _limit(self, req: Request) -> int:
+        """Cache positions ``req`` may ever write (a recomputed request counts its own prompt only)."""
+        return self._positions(req.num_prompt_tokens, req.params)
+
+    def _cache_length(self, slot: int) -> int:
+        """Positions in a decoding slot's cache: its prompt and all output tokens but the last."""
+        req = self.live[slot].request
+        return req.num_prompt_tokens + int(self.slots.num_generated[slot]) - 1
+
     def _reserve(self, req: Request) -> bool:
         """Paged caches: take the request's pages now, or say it must wait."""
         if self.pages is None:
             return True
-        res = self.pages.reserve(req.prompt_ids, self._positions(len(req.prompt_ids), req.params),
-                                 use_cache=req.use_prefix_cache)
+        if self.optimistic:
+            if self._no_admission:
+                return False
+            # Prompt and the first decode step now; the watermark spares the running requests' growth
+            # (an empty engine admits whatever fits the pool: nothing else could ever make room).
+            positions = min(self._limit(req), len(req.prompt_ids) + 1 + self.runner.lookahead)
+            keep = self.watermark if (self._reservations or self._pending) else 0
+        else:
+            positions, keep = self._limit(req), 0
+        res = self.pages.reserve(req.prompt_ids, positions, use_cache=req.use_prefix_cache, keep_free=keep,
+                                 record=not req.resumed)
         if res is None:
             return False
         req.num_cached_tokens = res.cached_tokens
@@ -333,6 +248,15 @@ class Engine:
             if req.request_id == request_id:
                 self.waiting.remove(req)
                 self._in_flight.discard(request_id)
+                live = self._preempted.pop(request_id, None)
+                if live is not None:  # preempted: its output so far stands
+                    return RequestOutput(
+                        request_id, [], live.tracker.finish(reason), True, reason,
+                        num_prompt_tokens=req.num_prompt_tokens, num_generated_tokens=len(live.tracker.token_ids),
+                        arrival_time=req.arrival_time, first_token_time=live.first_token_time,
+                        last_token_time=live.last_token_time,
+                        spec=live.spec.snapshot() if live.spec is not None else None,
+                        num_cached_tokens=live.num_cached_tokens, num_preemptions=live.preemptions)
                 return RequestOutput(request_id, [], "", True, reason, arrival_time=req.arrival_time,
                                      num_prompt_tokens=len(req.prompt_ids))
         for slot, live in list(self.live.items()):
@@ -359,9 +283,12 @@ class Engine:
         requests it ran over get a final ERROR output and ``StepFailed`` carries every output
         of the step (expiries and admissions included) to the caller."""
         outputs: list[RequestOutput] = []
-        if self._in_flight_step is not None and not self._can_chain():
+        if self._in_flight_step is not None and not (self._can_chain() and self._grow(extra=1)):
             outputs += self._apply_in_flight()  # the batch changes: apply the queued step first
         outputs += self._expire_deadlines()
+        self._no_admission = False
+        if self._in_flight_step is None:
+            self._make_room()  # pages for this step's decode, before anyone new is admitted
         outputs += self._admit()
         if not self.slots.active.any():
             return outputs
@@ -468,6 +395,68 @@ class Engine:
             rest = [self._fail_hard(s, failed.cause) for s in self.slots.active_slots()]
             raise StepFailed(outputs + done + failed.outputs + rest, failed.cause) from failed.cause
 
+    # ------------------------------------------------- optimistic admission
+    def _grow(self, extra: int = 0) -> bool:
+        """Optimistic admission: give every decoding request the pages its next step writes (its
+        cache length, the token fed, the speculative look-ahead; ``extra``: steps queued ahead and
+        not applied yet). All or nothing: False, taking nothing, if the pool has too few."""
+        if not self.optimistic:
+            return True
+        grow = []
+        for slot in self.slots.active_slots():
+            res = self._reservations.get(slot)
+            if res is None:
+                continue
+            positions = min(self._limit(self.live[slot].request),
+                            self._cache_length(slot) + 1 + extra + self.runner.lookahead)
+            more = self.pages.pages_for(positions) - len(res.pages)
+            if more > 0:
+                grow.append((slot, res, positions, more))
+        if sum(g[3] for g in grow) > self.pages.available:
+            return False
+        for slot, res, positions, _ in grow:
+            self.pages.extend(res, positions)
+            self.runner.assign_pages(slot, res.pages)
+        return True
+
+    def _make_room(self) -> None:
+        """``_grow``, preempting the newest request until the pool holds the rest's next step (one
+        request alone always fits: ``validate`` refused any that could not fit an empty pool)."""
+        while not self._grow():
+            victims = [s for s in self.live if s in self._reservations]
+            if not victims:
+                raise RuntimeError("the KV pool cannot hold the next step of a single request")
+            self._preempt(max(victims, key=lambda s: (self.live[s].request.arrival_time, s)))
+
+    def _preempt(self, slot: int) -> None:
+        """Free ``slot``'s cache and put its request back at the front of the queue with its output so
+        far: it is prefilled again (prompt and all output tokens but the last, from the prefix cache
+        where it can) and continues from its last token, so its output is what it would have been."""
+        live = self.live.pop(slot)
+        req = live.request
+        tokens = live.tracker.token_ids
+        res = self._reservations[slot]
+        if self.slots.active[slot] and tokens:
+            base = req.prompt_ids[: req.num_prompt_tokens]
+            again = dataclasses.replace(req, prompt_ids=[*base, *tokens[:-1]], resumed=len(tokens) - 1,
+                                        num_cached_tokens=0)
+            # Its computed blocks stay findable for the recomputation. A speculative runner's draft
+            # cache lags its context, so there only the prompt's blocks (registered at prefill) are.
+            if req.use_prefix_cache and not self.speculative:
+                self.pages.register(again.prompt_ids, res)
+        else:  # preempted while its prompt was being prefilled: it starts that again
+            again = dataclasses.replace(req, num_cached_tokens=0)
+        live.preemptions += 1
+        self.num_preemptions += 1
+        self._preempted[req.request_id] = live
+        self.prefilling.pop(slot, None)
+        self.slots.release(slot)
+        self.scheduler.released(slot)
+        self._release_pages(slot)
+        self.runner.release(slot)
+        self.waiting.appendleft(again)
+        self._no_admission = True
+
     def _emit_or_fail(self, slot: int, tokens: list[int], now: float) -> RequestOutput:
         """Host-side processing of one request's tokens; a failure there (detokenizer,
         stop handling) fails that request alone."""
@@ -482,7 +471,11 @@ class Engine:
         if not plan.chunks:
             return []
         for slot, req in plan.admitted:
-            self.live[slot] = _Live(req, OutputTracker(self.tokenizer, req.params, self.eos_ids), self.speculative)
+            live = self._preempted.pop(req.request_id, None)
+            if live is None:
+                live = _Live(req, OutputTracker(self.tokenizer, req.params, self.eos_ids), self.speculative)
+            live.request = req
+            self.live[slot] = live
             self.slots.assign(slot, req)
             if self.pages is not None:
                 res = self._reservations[slot] = self._pending.pop(req.request_id)
@@ -512,6 +505,13 @@ class Engine:
                 if self.pages is not None and req.use_prefix_cache:
                     self.pages.register(req.prompt_ids, self._reservations[slot])
                 self.slots.active[slot] = True
+                tokens = self.live[slot].tracker.token_ids
+                if tokens:  # recomputed after a preemption: its next step feeds its last token again
+                    self.slots.num_generated[slot] = len(tokens)
+                    self.slots.last_token[slot] = tokens[-1]
+                    self.runner.resume(slot, tokens[-1])
+                    self.scheduler.started(slot, req)
+                    continue
                 self.scheduler.started(slot, req)
                 outputs.append(self._emit_or_fail(slot, [first], time.monotonic()))
         return outputs
@@ -539,14 +539,17 @@ class Engine:
             finished=finished,
             finish_reason=reason,
             stop_match=match,
-            num_prompt_tokens=len(req.prompt_ids),
+            num_prompt_tokens=req.num_prompt_tokens,
             num_generated_tokens=len(live.tracker.token_ids),
             arrival_time=req.arrival_time,
             first_token_time=live.first_token_time,
             last_token_time=live.last_token_time,
             error=error,
-            spec=live.spec.snapshot() if live.spec is not None else None,  # delivered to another thread
-            num_cached_tokens=req.num_cached_tokens,
+            # On the final output only (what the server, metrics and ``generate`` read): a copy per
+            # token would be host work on every step. A copy: it is delivered to another thread.
+            spec=live.spec.snapshot() if live.spec is not None and finished else None,
+            num_cached_tokens=live.num_cached_tokens,
+            num_preemptions=live.preemptions,
         )
 
     def _finish(self, slot, reason, text="", token_ids=(), match=None, error=None) -> RequestOutput:
@@ -634,4 +637,5 @@ def _assemble(outputs: list[RequestOutput]) -> Completion:
         last_token_time=last.last_token_time,
         spec=last.spec,
         num_cached_tokens=last.num_cached_tokens,
+        num_preemptions=last.num_preemptions,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxspec.engine.engine import PlainRunner, StepRunner
+from jaxspec.engine.runner import PlainRunner, StepRunner
 from jaxspec.engine.model_runner import ModelRunner
 from jaxspec.mesh import Placement
 from jaxspec.models import Transformer

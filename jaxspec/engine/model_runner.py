@@ -514,10 +514,11 @@ class ModelRunner:
                 raise ValueError("a chained decode step runs over the same rows of a single-device runner")
             tokens_in, valid, row_sampling = after.tokens, after.num_valid, after.sampling
         else:
-            # Device arrays, kept by the handle: a chained step reuses them without a transfer.
+            # Device arrays, kept by the handle: a chained step reuses them without a transfer. Put, not
+            # jnp.asarray: that compiles a staging computation per new shape (after warm-up).
             tokens_in = self._decode_tokens(scatter_rows(last_tokens, where, b, 0))
-            valid = jnp.asarray(scatter_rows(np.ones(len(rows), np.int32), where, b, 0))
-            row_sampling = BatchSampling(*(jnp.asarray(x) for x in scatter_sampling(sampling, where, b)))
+            valid = jax.device_put(scatter_rows(np.ones(len(rows), np.int32), where, b, 0))
+            row_sampling = BatchSampling(*(jax.device_put(x) for x in scatter_sampling(sampling, where, b)))
         self.cache, tokens, load, *aux = self._steps[1](
             self.state, self.cache, row_slots, tokens_in, self.row_starts(row_slots, where, start), valid,
             row_sampling, scatter_rows(out_positions, where, b, 0), kv_len=kv_len,
@@ -538,10 +539,11 @@ class ModelRunner:
         self.add_expert_load(handle.load)
         return tokens[handle.where]
 
-    def queue_step(self, slots: SlotTable, plan: DecodePlan, last_tokens: np.ndarray,
+    def queue_step(self, slots: SlotTable, plan: DecodePlan, last_tokens: np.ndarray | None,
                    after: QueuedStep | None = None) -> QueuedStep:
         """A plain decode step over ``plan.slots`` (inputs ``last_tokens`` [n]), dispatched; ``after``:
-        the step queued just before over the same slots, not applied yet, whose tokens feed this one."""
+        the step queued just before over the same slots, not applied yet, whose tokens feed this one
+        (``last_tokens`` is then not read)."""
         t0 = time.perf_counter()
         act = plan.slots
         if after is None:

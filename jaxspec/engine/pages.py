@@ -1,10 +1,11 @@
 """Host-side page allocator of a paged KV cache, with prefix caching.
 
 One pool of ``num_pages`` pages of ``page_size`` positions serves every slot (the target's and
-the draft's caches use the same page ids, so one table describes both). A request is admitted
-with its pages reserved for everything it can write: prompt, ``max_tokens`` and the speculative
-look-ahead. Reserving up front means the pool can never run dry mid-generation, so no request is
-ever preempted or failed for memory once running; a request that does not fit waits.
+the draft's caches use the same page ids, so one table describes both). How much a request takes
+at admission is the engine's choice (``Engine(kv_admission=...)``): everything it can write up
+front (prompt, ``max_tokens``, the speculative look-ahead: the pool never runs dry, a request
+that does not fit waits), or its prompt and first step only, the rest taken page by page as it
+grows (``extend``), with preemption when the pool runs dry.
 
 Prefix caching: once a prompt is prefilled, every page holding a *full* block of prompt tokens
 is keyed by a digest of that block and every block before it. A later prompt with the same
@@ -95,15 +96,18 @@ class PagePool:
         return pages
 
     # -------------------------------------------------------------- reserving
-    def reserve(self, prompt: list[int], positions: int, use_cache: bool = True) -> Reservation | None:
+    def reserve(self, prompt: list[int], positions: int, use_cache: bool = True, keep_free: int = 0,
+                record: bool = True) -> Reservation | None:
         """Pages for a request that writes positions [0, positions), its prompt's cached prefix
-        shared; None if the pool cannot hold it now (nothing is taken then)."""
+        shared; None if the pool cannot hold it now with ``keep_free`` pages still available after
+        (nothing is taken then). ``record``: count the lookup in ``stats`` (not for a preempted
+        request's recomputation)."""
         need = self.pages_for(positions)
         cached = self._match(prompt) if use_cache else []
         cached = cached[:need]
         # Cached pages nobody references count against what is available, like fresh ones.
         taken_idle = sum(1 for p in cached if self.refs[p] == 0)
-        if need - len(cached) + taken_idle > self.available:
+        if need - len(cached) + taken_idle + keep_free > self.available:
             return None
         for p in cached:
             if self.refs[p] == 0:
@@ -112,11 +116,25 @@ class PagePool:
         fresh = [self._take() for _ in range(need - len(cached))]
         for p in fresh:
             self.refs[p] = 1
-        if use_cache:
+        if use_cache and record:
             self.stats.queries += 1
             self.stats.prompt_tokens += len(prompt)
             self.stats.hit_tokens += len(cached) * self.page_size
         return Reservation(cached + fresh, len(cached), self.page_size)
+
+    def extend(self, reservation: Reservation, positions: int) -> bool:
+        """Grow a reservation to cover positions [0, positions) with fresh pages; False (nothing
+        taken) if the pool has too few available."""
+        more = self.pages_for(positions) - len(reservation.pages)
+        if more <= 0:
+            return True
+        if more > self.available:
+            return False
+        for _ in range(more):
+            p = self._take()
+            self.refs[p] = 1
+            reservation.pages.append(p)
+        return True
 
     def _take(self) -> int:
         if self._free:

@@ -41,6 +41,13 @@ class Request:
     num_speculative_tokens: int | None = None  # per-request override (None: engine default)
     use_prefix_cache: bool = True  # paged caches: may reuse (and offer) cached prompt pages
     num_cached_tokens: int = 0  # set at admission: prompt tokens found in the prefix cache
+    # A preempted request waiting to be recomputed: ``prompt_ids`` ends with this many of its own
+    # output tokens (all but the last one it generated), prefilled again before it continues.
+    resumed: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids) - self.resumed
 
 
 @dataclasses.dataclass
@@ -123,8 +130,9 @@ class RequestOutput:
     first_token_time: float | None = None
     last_token_time: float | None = None
     error: str | None = None
-    spec: SpecStats | None = None
+    spec: SpecStats | None = None  # speculative engines, on the final output: the request's counters
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not prefilled)
+    num_preemptions: int = 0  # times the request was preempted (its cache freed, recomputed later)
 
 
 @dataclasses.dataclass
@@ -142,3 +150,4 @@ class Completion:
     last_token_time: float | None
     spec: SpecStats | None = None
     num_cached_tokens: int = 0
+    num_preemptions: int = 0

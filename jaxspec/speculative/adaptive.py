@@ -20,11 +20,13 @@ compute (and the draft's KV reads) grow with kb, and verification is no longer
 free. The sweet spot is in between, and measured costs find it per machine.
 
 Costs are measured, not guessed: the runner times every compiled draft loop and
-verification at warm-up (at its slot count, the only batch shape it runs) and
-keeps refining them from the steps it actually runs. ``CostModel.analytic`` is a
-roofline model (weight bytes read, with an MoE layer reading the
-``N * (1 - (1 - top_k/N)^T)`` experts that T tokens touch, plus FLOPs) for
-planning and deterministic tests; the engine does not use it unless asked.
+verification at warm-up (per compiled batch bucket), and the scheduler then
+weighs the wall periods the steps actually take in serving (``CostModel.step_cost``):
+a plain step queued behind the previous one hides the host's work, a drafting
+step does not, and a policy fed only device times drafts where plain is faster.
+``CostModel.analytic`` is a roofline model (weight bytes read, with an MoE layer
+reading the ``N * (1 - (1 - top_k/N)^T)`` experts that T tokens touch, plus FLOPs)
+for planning and deterministic tests; the engine does not use it unless asked.
 
 While kb = 0 nothing is learned about acceptance, so after ``probe_every``
 steps off the smallest bucket is run once anyway to refresh the estimates; each
@@ -34,11 +36,16 @@ probe that does not turn speculation back on doubles the wait (up to
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import statistics
 
 import numpy as np
 
 from jaxspec.config import ModelConfig
+
+MIN_PERIODS = 3  # observed steps of a bucket before their median period is its cost
+PERIOD_WINDOW = 15  # recent periods kept per bucket (a median over them ignores stray pauses)
 
 
 def expected_tokens(alpha: np.ndarray | float, k: np.ndarray | int) -> np.ndarray:
@@ -123,15 +130,57 @@ class AcceptanceEstimator:
 
 @dataclasses.dataclass
 class CostModel:
-    """Seconds per step for each proposal bucket (kb = 0: verification of one token, no draft)."""
+    """Seconds per step for each proposal bucket (kb = 0: verification of one token, no draft).
+
+    ``draft_s``/``verify_s`` are the steps' own (device) times. What the policy weighs is each
+    bucket's wall period in serving, which differs: a plain step queued behind the one before hides
+    the host's work on it, a drafting step does not. ``observe_period`` records the periods a
+    scheduler measures between consecutive steps; a bucket with enough of them costs their median,
+    one without costs its own time plus the host time the observed drafting buckets showed above
+    theirs (or, none seen yet, what other batch buckets showed: ``lent``)."""
 
     draft_s: dict[int, float]
     verify_s: dict[int, float]
     source: str = "measured"
     smoothing: float = 0.05  # weight of each observed step in the running refinement
+    periods: dict[int, collections.deque] = dataclasses.field(default_factory=dict)
+    # (plain_ratio, drafting_extra) seen at other batch buckets: used where this one has seen none yet.
+    lent: tuple[float | None, float | None] = (None, None)
+
+    def own_cost(self, kb: int) -> float:
+        """The step's own time (draft + verification), without the host's work around it."""
+        return self.draft_s.get(kb, 0.0) + self.verify_s[kb]
+
+    def period(self, kb: int) -> float | None:
+        """Median observed wall period of bucket kb, once enough steps were seen."""
+        seen = self.periods.get(kb)
+        return statistics.median(seen) if seen is not None and len(seen) >= MIN_PERIODS else None
 
     def step_cost(self, kb: int) -> float:
-        return self.draft_s.get(kb, 0.0) + self.verify_s[kb]
+        observed = self.period(kb)
+        if observed is not None:
+            return observed
+        own = self.own_cost(kb)
+        lent_ratio, lent_extra = self.lent
+        if kb == 0:
+            return own * (lent_ratio if lent_ratio is not None else 1.0)
+        extra = self.drafting_extra()
+        extra = extra if extra is not None else lent_extra
+        return own + (extra if extra is not None else 0.0)
+
+    def plain_ratio(self) -> float | None:
+        """Observed plain period over the plain step's own time (below 1 where steps queue)."""
+        observed = self.period(0)
+        return observed / self.own_cost(0) if observed is not None and self.own_cost(0) > 0 else None
+
+    def drafting_extra(self) -> float | None:
+        """Median host time the observed drafting buckets' periods showed above their own times."""
+        extra = [p - self.own_cost(b) for b in self.periods if b > 0 and (p := self.period(b)) is not None]
+        return statistics.median(extra) if extra else None
+
+    def observe_period(self, kb: int, seconds: float) -> None:
+        if kb in self.verify_s:
+            self.periods.setdefault(kb, collections.deque(maxlen=PERIOD_WINDOW)).append(seconds)
 
     def observe(self, kb: int, draft_s: float, verify_s: float) -> None:
         """Fold a step's measured times in (the machine may be busier than at warm-up)."""
@@ -144,7 +193,7 @@ class CostModel:
     def split(self, kb: int, step_s: float) -> tuple[float, float]:
         """(draft_s, verify_s) of a step whose draft and verification ran as one call, split as this
         model splits bucket kb."""
-        total = self.step_cost(kb) if kb in self.verify_s else 0.0
+        total = self.own_cost(kb) if kb in self.verify_s else 0.0
         share = self.draft_s.get(kb, 0.0) / total if total > 0 else 0.0
         return share * step_s, (1.0 - share) * step_s
 
@@ -233,17 +282,28 @@ class KPolicy:
             self.last_rates[kb] = rate
             if best_kb is None or rate > best_rate * (1.0 + self.min_gain):
                 best_kb, best_rate = kb, rate
-        if best_kb == 0 and free.any() and self.buckets and (caps[free] > 0).any():
-            if self._probed:  # the last probe did not make speculation worth it: back off
-                self._wait = min(2 * self._wait, self.max_probe_every)
-                self._probed = False
-            self._off_steps += 1
-            if self._off_steps >= self._wait:
-                self._off_steps = 0
-                self._probed = True
-                return self.buckets[0]
+        if best_kb == 0 and self.can_probe(caps, forced):
+            return self.off_step()
         else:
             self._off_steps = 0
             if best_kb > 0:
                 self._wait, self._probed = self.probe_every, False
         return best_kb
+
+    def can_probe(self, caps: np.ndarray, forced: np.ndarray) -> bool:
+        """Whether a step with speculation off could run a probe: a free slot that can use a draft."""
+        free = forced < 0
+        return bool(self.buckets) and bool(free.any()) and bool((caps[free] > 0).any())
+
+    def off_step(self) -> int:
+        """A step for which kb = 0 was chosen: 0, or the smallest bucket when a probe is due (the wait
+        doubles after each probe that did not turn speculation back on)."""
+        if self._probed:
+            self._wait = min(2 * self._wait, self.max_probe_every)
+            self._probed = False
+        self._off_steps += 1
+        if self._off_steps >= self._wait:
+            self._off_steps = 0
+            self._probed = True
+            return self.buckets[0]
+        return 0

@@ -43,6 +43,7 @@ from jaxspec.speculative.jit_cache import cached_jit
 from jaxspec.speculative.proposer import Proposal, SpecContext
 
 PENDING_BLOCK = 2  # pending tokens step 0 can absorb (last proposal + bonus)
+CALL_ROWS = 64  # a call's fixed cost, in token rows computed, when choosing how to catch up
 
 
 def _make_extend(graphdef, backend):
@@ -202,6 +203,17 @@ class DraftModelProposer:
         self.cache = self.cache._replace(page_table=jax.device_put(self.page_table, target))
 
     def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
+        """A slot cache feeds the prompt at the slot's first drafting step (``_catch_up``), so a
+        request that never drafts (adaptive k off) never pays for it. Paged caches feed it now:
+        prompt pages are shared with later requests through the prefix cache, draft half included."""
+        if self.paging is None:
+            if start == 0:
+                self.lengths[slot] = 0
+            return
+        self._feed(slot, prompt_ids, start)
+
+    def _feed(self, slot: int, prompt_ids, start: int = 0) -> None:
+        """Extend ``slot``'s cache with ``prompt_ids[start:]`` (one row, a prefill bucket)."""
         n = len(prompt_ids) - start
         bucket = next(b for b in self.buckets if n <= b)
         tokens = np.zeros((1, bucket), np.int32)
@@ -217,10 +229,24 @@ class DraftModelProposer:
         self._sync_lengths()
 
     def _catch_up(self, ctx: SpecContext) -> None:
-        """Feed all but the last pending token of slots more than PENDING_BLOCK behind."""
+        """Feed all but the last pending token of slots more than PENDING_BLOCK behind (after steps
+        that did not draft, or a prompt not yet prefilled). Either one prefill-shaped call per
+        lagging slot, or chunks over every slot at once, whichever computes fewer rows: a few slots
+        far behind (one request at a time, a probe after many plain steps) take the first, many
+        slots a little behind the second. Both shapes are compiled at warm-up."""
         hist_len = ctx.history.length
         active = np.zeros(self.num_slots, bool)
         active[ctx.live()[1]] = True
+        todo = np.where(active & (hist_len - self.lengths > PENDING_BLOCK), hist_len - 1 - self.lengths, 0)
+        lagging = np.flatnonzero(todo)
+        if not lagging.size:
+            return
+        chunked = -(-int(todo.max()) // self.catchup_chunk) * (self.num_slots * self.catchup_chunk + CALL_ROWS)
+        per_slot = sum(next(b for b in self.buckets if t <= b) + CALL_ROWS for t in todo[lagging].tolist())
+        if per_slot <= chunked:
+            for slot in lagging.tolist():
+                self._feed(slot, ctx.history.context(slot)[: hist_len[slot] - 1], int(self.lengths[slot]))
+            return
         while True:
             lag = np.where(active, hist_len - self.lengths, 0)
             todo = np.where(lag > PENDING_BLOCK, np.minimum(lag - 1, self.catchup_chunk), 0).astype(np.int32)
@@ -285,7 +311,7 @@ class DraftModelProposer:
         fuses the loop into its own step."""
         saved = self.lengths.copy()
         for b in self.buckets:
-            self.prefill(0, [0] * b)
+            self._feed(0, [0] * b)
         for kb in buckets if loops else ():
             for rows in batch_buckets or [self.num_slots]:
                 for kv_len in self.kv_buckets:

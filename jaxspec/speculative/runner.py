@@ -93,6 +93,25 @@ def _make_fused(loop, verify, kb: int):
     return step
 
 
+def _make_fused_head(round_, absorb, verify):
+    """EAGLE-3: the head's round, the verification (which returns the target's features of the
+    verified positions) and the head's absorb of the kept ones in one step (packed rows only), so
+    a step is one dispatch and one device->host transfer, as with a fused draft model."""
+
+    def step(t_state, t_cache, h_state, embed, h_cache, last, slot_ids, last_tokens, start, num_draft,
+             sampling: BatchSampling, out_pos, active):
+        h_cache, drafts, q = round_(h_state, embed, h_cache, last, slot_ids, start, sampling, out_pos)
+        t_cache, out_tokens, accepted, load, feats = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
+                                                            num_draft, sampling, out_pos, active)
+        # t0 and the accepted drafts, each followed by the next kept token (as ``observe`` gets them).
+        h_cache, last = absorb(h_state, embed, h_cache, last, slot_ids, out_tokens, feats, start,
+                               jnp.where(active, accepted + 1, 0))
+        packed = jnp.concatenate([out_tokens.astype(jnp.int32), accepted.astype(jnp.int32)[:, None]], axis=1)
+        return t_cache, h_cache, last, packed, load
+
+    return step
+
+
 class SpeculativeRunner:
     """Draft-then-verify decoding over a target ``ModelRunner`` and a ``Proposer``."""
 
@@ -156,6 +175,9 @@ class SpeculativeRunner:
         self.fused = (fuse and isinstance(self.proposer, DraftModelProposer) and target.placement is None
                       and self.proposer.placement is None and target.compact_rows and self.proposer.compact_rows)
         self._fused_fns: dict[tuple[int, int], object] = {}
+        # An EAGLE-3 head likewise: its round, the verification and its absorb in one call.
+        self.fused_head = (fuse and bool(self.feature_layers) and hasattr(self.proposer, "round_fns")
+                           and target.placement is None and target.compact_rows)
 
     # ---------------------------------------------------------------- compiled steps
     def _verify_fn(self, kb: int, deterministic: bool, kv_len: int):
@@ -188,6 +210,25 @@ class SpeculativeRunner:
                 donate_argnums=(1, 3))
         return fn
 
+    def _fused_head_fn(self, kb: int, kv_len: int):
+        fn = self._fused_fns.get(("head", kb, kv_len))
+        if fn is None:
+            target, prop = self.target, self.proposer
+            key = ("fused_head", target.graphdef, target.statics, prop.graphdef, kb, kv_len, self.verify_backend)
+            fn = self._fused_fns[("head", kb, kv_len)] = cached_jit(
+                key, lambda: _make_fused_head(*prop.round_fns(kb, kv_len),
+                                              _make_verify(target.forward_fn(), self.verify_backend, kv_len, False)),
+                donate_argnums=(1, 4, 5))
+        return fn
+
+    def _run_fused_head(self, kb: int, kv_len: int, slot_ids, last_tokens, start, num_draft, sampling, out_pos,
+                        active):
+        t, p = self.target, self.proposer
+        t.cache, p.cache, p.last, packed, load = self._fused_head_fn(kb, kv_len)(
+            t.state, t.cache, p.state, p.embed, p.cache, p.last, slot_ids, last_tokens, start, num_draft, sampling,
+            out_pos, active)
+        return packed, load
+
     def _run_fused(self, kb: int, kv_len: int, slot_ids, block, pending, d_lengths, last_tokens, start, num_draft,
                    sampling, out_pos, active):
         t, p = self.target, self.proposer
@@ -218,6 +259,14 @@ class SpeculativeRunner:
         sampling = pad_sampling(SlotTable(0).sampling(), rows)
         rng = np.random.default_rng(rows * 16 + kb)
         slot_ids, zeros = np.full(rows, s, np.int32), np.zeros(rows, np.int32)
+        if self.fused_head:
+            far = np.full(rows, self.max_len, np.int32)  # every write past the cache end (and slot id S)
+            last = rng.integers(0, self.cfg.vocab_size, rows).astype(np.int32)
+            num_draft = np.full(rows, kb if live else 0, np.int32)
+            packed, _ = self._run_fused_head(kb, kv_len, slot_ids, last, far, num_draft, sampling, zeros,
+                                             np.full(rows, live, bool))
+            packed.block_until_ready()
+            return
         if self.fused:
             far = np.full(rows, self.max_len, np.int32)  # every write past the cache end (and slot id S)
             block = rng.integers(0, self.cfg.vocab_size, (rows, 2)).astype(np.int32)
@@ -311,6 +360,13 @@ class SpeculativeRunner:
             self.proposer.observe(row_slots, tokens, feats, np.zeros(rows, np.int32), count)
         return firsts
 
+    def resume(self, slot: int, last_token: int) -> None:
+        """``slot``'s context was prefilled again after a preemption: its next step feeds
+        ``last_token`` (the output token it had), not the token that prefill sampled."""
+        at = int(self.history.length[slot]) - 1
+        if 0 <= at < self.history.capacity:
+            self.history.tokens[slot, at] = last_token
+
     def release(self, slot: int) -> None:
         self.target.set_length(slot, 0)
         self.proposer.release(slot)
@@ -322,6 +378,8 @@ class SpeculativeRunner:
         self.target.warmup()
         if self.fused:
             self.proposer.warmup(self.buckets, loops=False)
+        elif self.fused_head:  # the head's absorbs of prefills and plain steps; its rounds run in the steps
+            self.proposer.warmup(self.buckets, self.target.batch_buckets, drafts=False)
         else:
             self.proposer.warmup(self.buckets, self.target.batch_buckets)
         for rows in self.target.batch_buckets:
@@ -342,7 +400,7 @@ class SpeculativeRunner:
         kbs = [0, *self.buckets]
         draft_s: dict[int, float] = {}
         for kb in kbs:
-            if self.fused or kb == 0:  # a fused step's time holds its draft
+            if self.fused or self.fused_head or kb == 0:  # a fused step's time holds its draft
                 draft_s[kb] = 0.0
             else:
                 draft_s[kb] = self.proposer.measure(kb, reps, rows, kv_len)
@@ -410,6 +468,8 @@ class SpeculativeRunner:
         kb_run = kb
         if kb > 0 and self.fused:
             return self._fused_decode(ctx, act, where, row_slots, last, sampling, out_pos, t0)
+        if kb > 0 and self.fused_head:
+            return self._fused_head_decode(ctx, act, where, row_slots, last, t0)
         if kb > 0:
             proposal = self.proposer.propose(ctx)
             if self.proposer.deterministic and not proposal.num_draft.any():
@@ -461,7 +521,8 @@ class SpeculativeRunner:
         same slots, whose tokens (still on the device) feed this one."""
         if plan.kb != 0 or self.feature_layers:
             raise ValueError("only plain steps of a runner without an EAGLE-3 head are queued ahead")
-        return self.target.queue_step(slots, plan, self.history.last()[plan.slots], after)
+        last = self.history.last()[plan.slots] if after is None else None  # chained: fed on the device
+        return self.target.queue_step(slots, plan, last, after)
 
     def collect(self, queued: QueuedStep, overlapped: bool = True) -> StepResult:
         result = self.target.collect_step(queued, overlapped)
@@ -493,6 +554,25 @@ class SpeculativeRunner:
         self.target.set_lengths_host(act, start + 1 + accepted)
         self.target.add_expert_load(load)
         self.proposer.commit_host(scatter_rows(accepted, where, b, 0), kb)
+        step_s = time.perf_counter() - t0
+        return StepResult(act, self._extend_history(act, out_tokens, accepted), num_draft[where],
+                          accepted.astype(np.int32), kb, 0.0, step_s, fused=True)
+
+    def _fused_head_decode(self, ctx: SpecContext, act, where, row_slots, last, t0: float) -> StepResult:
+        """``decode``'s step with an EAGLE-3 head as one jitted call (round, verification, absorb)."""
+        b, kb = len(row_slots), ctx.kb
+        self.proposer.check_round(ctx)
+        start = (self.history.length[act] - 1).astype(np.int32)
+        kv_len = self.target.kv_bucket_for(int(start.max()) + kb + 1)
+        num_draft = np.where(ctx.active, ctx.k, 0).astype(np.int32)
+        starts = self.target.row_starts(row_slots, where, start)
+        packed, load = self._run_fused_head(kb, kv_len, row_slots, scatter_rows(last, where, b, 0), starts, num_draft,
+                                            ctx.sampling, ctx.out_pos, ctx.active)
+        packed = np.asarray(packed)  # the step's one device->host transfer
+        out_tokens, accepted = packed[where, : kb + 1], packed[where, kb + 1]
+        self.target.set_lengths_host(act, start + 1 + accepted)
+        self.target.add_expert_load(load)
+        self.proposer.absorbed(row_slots, starts, np.where(ctx.active, packed[:, kb + 1] + 1, 0))
         step_s = time.perf_counter() - t0
         return StepResult(act, self._extend_history(act, out_tokens, accepted), num_draft[where],
                           accepted.astype(np.int32), kb, 0.0, step_s, fused=True)

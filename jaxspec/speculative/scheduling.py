@@ -10,6 +10,8 @@ wall time). The engine asks it for a ``DecodePlan`` before each decode step and 
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 from collections import Counter
 from typing import Callable
 
@@ -23,17 +25,19 @@ from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy
 
 REALISED_WEIGHT = 0.2  # of each step in a bucket's running realised rate
 MIN_REALISED_STEPS = 3  # steps of a bucket before its realised rate can leave it out
+OFF_REFRESH_STEPS = 8  # steps with speculation off between two full choices (costs drift meanwhile)
 
 
 class SpecScheduler:
     def __init__(self, num_slots: int, buckets: list[int], k_max: int, default_k: int | None,
                  rows_for: Callable[[int], int], measure: Callable[[int], CostModel],
-                 cost_model: CostModel | None = None, probe_every: int = 16):
+                 cost_model: CostModel | None = None, probe_every: int = 16,
+                 clock: Callable[[], float] = time.perf_counter):
         """``default_k``: the fixed proposal length, or None for adaptive k. ``rows_for(n)``: the
         compiled batch bucket a step over n slots runs at (costs are kept per bucket).
         ``measure(rows)`` times the compiled steps at a bucket (the runner's ``measure_costs``),
         used when a bucket's costs are first needed; ``cost_model`` replaces measured costs at
-        every bucket."""
+        every bucket. ``clock``: seconds, for the wall period between consecutive steps."""
         self._rows_for = functools.lru_cache(maxsize=None)(rows_for)
         self.buckets = list(buckets)
         self.k_max = k_max
@@ -52,6 +56,14 @@ class SpecScheduler:
         # the step's own time; a bucket that keeps emitting fewer tokens per row-second than a
         # plain step is left out until a probe of it does better.
         self.realised: dict[tuple[int, int], tuple[float, int]] = {}
+        # The wall period of a step is the time from the update of the step before to its own: the
+        # step, its planning and the host's work on the outputs before it, which is what serving
+        # pays per step. A batch change (start, release) starts a new run of consecutive steps.
+        self._clock = clock
+        self._last_update: tuple[float, int] | None = None  # (clock, batch bucket) of the last step
+        # Steps since the policy chose kb = 0 over the current batch (None: choose afresh next step).
+        self._off_run: int | None = None
+        self._off_rows = 0
 
     # ------------------------------------------------------------ slots
     def start(self, slot: int, request: Request) -> None:
@@ -61,10 +73,13 @@ class SpecScheduler:
         self.override[slot] = -1 if k is None else min(int(k), self.k_max)
         self.max_tokens[slot] = request.params.max_tokens
         self.estimator.reset(slot)
+        self._last_update = None  # the admission's prefill is not part of the next step's period
+        self._off_run = None
 
     def release(self, slot: int) -> None:
         self.override[slot] = -1
         self.estimator.reset(slot)
+        self._last_update = self._off_run = None
 
     # ------------------------------------------------------------ costs
     def costs_for(self, rows: int) -> CostModel:
@@ -79,11 +94,22 @@ class SpecScheduler:
     def _known_costs(self, rows: int) -> CostModel | None:
         return self.cost_model if self.cost_model is not None else self.cost_models.get(rows)
 
+    def _lend(self, rows: int, costs: CostModel) -> None:
+        """A batch bucket's costs borrow, until they have their own, what the other buckets saw of
+        serving: how much queued plain steps beat their own time, and the host time drafting steps
+        add (so a batch size seen for the first time does not start by drafting on device times)."""
+        if self.cost_model is not None or costs.smoothing <= 0:
+            return
+        others = [m for r, m in self.cost_models.items() if r != rows]
+        ratios = [x for m in others if (x := m.plain_ratio()) is not None]
+        extras = [x for m in others if (x := m.drafting_extra()) is not None]
+        costs.lent = (statistics.median(ratios) if ratios else None, statistics.median(extras) if extras else None)
+
     def _blocked(self, rows: int, costs: CostModel) -> frozenset[int]:
-        """Buckets whose realised tokens per row-second fell below a plain step's (1 / its cost)."""
+        """Buckets whose realised tokens per row-second fell below a plain step's (1 / its period)."""
         if not self.realised or costs.smoothing <= 0:
             return frozenset()
-        plain = 1.0 / costs.verify_s[0]
+        plain = 1.0 / costs.step_cost(0)
         return frozenset(kb for (r, kb), (rate, count) in self.realised.items()
                          if r == rows and count >= MIN_REALISED_STEPS and rate < plain)
 
@@ -107,8 +133,16 @@ class SpecScheduler:
             k[:] = np.minimum(wanted, caps)
             return DecodePlan(act, k, bucket_for(int(wanted.max()), self.buckets) if k.any() else 0)
         rows = self._rows_for(len(act))
-        costs = self.costs_for(rows)
-        kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs))
+        if self._off_run is not None and self._off_run < OFF_REFRESH_STEPS and self._off_rows == rows:
+            # Speculation is off and nothing the choice depends on moved but the costs' slow drift:
+            # no new choice, only the policy's count towards its next probe.
+            self._off_run += 1
+            kb = self.policy.off_step() if self.policy.can_probe(caps, forced) else 0
+        else:
+            costs = self.costs_for(rows)
+            self._lend(rows, costs)
+            kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs))
+            self._off_run, self._off_rows = (0 if kb == 0 else None), rows
         k[:] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
         return DecodePlan(act, k, kb if k.any() else 0)
 
@@ -123,21 +157,33 @@ class SpecScheduler:
         """Fold a step's outcome into the acceptance estimates and its time into the step costs.
         Returns the step's (draft_s, verify_s): a fused step's one wall time split as its bucket's
         costs split."""
+        now = self._clock()
         for slot, _, drafted, accepted in result.items():
             self.estimator.update(slot, drafted, accepted)
+        if result.kb > 0:  # acceptance estimates moved
+            self._off_run = None
         self.bucket_steps[result.kb] += 1
-        costs = self._known_costs(self._rows_for(len(result.slots)))
+        rows = self._rows_for(len(result.slots))
+        last, self._last_update = self._last_update, (now, rows)
+        costs = self._known_costs(rows)
         times = (result.draft_s, result.verify_s)
-        if costs is None or result.queued:  # a queued step's time is not its cost (StepResult.queued)
+        if costs is None:
             return times
-        if result.fused:
+        if result.fused and not result.queued:
             times = costs.split(result.kb, result.draft_s + result.verify_s)
-        costs.observe(result.kb, *times)
-        step_s = times[0] + times[1]
         # Costs held fixed (smoothing 0: synthetic or given) are not seconds of this machine's steps.
-        if self.adaptive and costs.smoothing > 0 and result.kb > 0 and step_s > 0 and len(result.slots):
+        if costs.smoothing <= 0:
+            return times
+        period = now - last[0] if last is not None and last[1] == rows else None
+        if period is not None:
+            costs.observe_period(result.kb, period)
+        if result.queued:  # a queued step's own time is not its cost (StepResult.queued)
+            return times
+        costs.observe(result.kb, *times)
+        step_s = period if period is not None else times[0] + times[1]
+        if self.adaptive and result.kb > 0 and step_s > 0 and len(result.slots):
             rate = sum(map(len, result.tokens)) / (len(result.slots) * step_s)
-            key = (self._rows_for(len(result.slots)), result.kb)
+            key = (rows, result.kb)
             mean, count = self.realised.get(key, (rate, 0))
             self.realised[key] = (mean + REALISED_WEIGHT * (rate - mean) if count else rate, count + 1)
         return times

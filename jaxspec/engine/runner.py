@@ -1,0 +1,155 @@
+"""The runner side of the engine: the ``StepRunner`` protocol every runner implements (the device
+work of prefill, decode steps and cache bookkeeping) and ``PlainRunner``, plain decoding over a
+``ModelRunner``. The engine schedules and applies; a runner executes plans and returns results."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from jaxspec.config import ModelConfig
+from jaxspec.engine.scheduler import SpecPolicy
+from jaxspec.engine.slots import SlotTable
+from jaxspec.engine.step import DecodePlan, PrefillChunk, QueuedStep, StepResult
+
+
+class StepRunner(Protocol):
+    """Device work for one engine. ``decode`` executes a ``DecodePlan`` and returns, per planned
+    slot, the new tokens (one for plain decoding, 1..k+1 under speculation) and (drafted,
+    accepted) counts."""
+
+    cfg: ModelConfig
+    num_slots: int
+    max_len: int
+
+    max_prefill_rows: int  # most prompts one ``prefill_batch`` takes
+    # Longest prompt piece one step prefills (longer prompts go in chunks); None: whole prompts.
+    prefill_chunk: int | None
+
+    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
+        """Prefill prompt chunks in one call; returns each chunk's sampled token (the request's
+        first token where the chunk is its prompt's last; meaningless otherwise)."""
+        ...
+
+    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
+        """Run one decode step as planned."""
+        ...
+
+    # Whether decode steps can be queued before the previous one's tokens reach the host
+    # (``dispatch`` / ``collect``; plain single-device decoding).
+    pipelined: bool
+
+    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: Any = None) -> Any:
+        """Pipelined runners: queue ``decode``'s device work and return a handle. ``after``: the
+        handle of the step just queued over the same slots and not collected yet; it feeds this one."""
+        ...
+
+    def collect(self, handle: Any) -> StepResult:
+        """Pipelined runners: wait for a dispatched step; its result."""
+        ...
+
+    def speculation(self) -> SpecPolicy | None:
+        """The policy that plans this runner's proposal lengths (None: plain decoding)."""
+        ...
+
+    def paging(self) -> tuple[int, int] | None:
+        """(num_pages, page_size) of a paged cache; None: a slot cache."""
+        ...
+
+    # Paged caches: whether a prompt can start prefill after a prefix already in shared pages.
+    reuses_prefix: bool
+    # Positions past a request's last token that one step may write (speculative look-ahead).
+    lookahead: int
+
+    def assign_pages(self, slot: int, pages: list[int]) -> None:
+        """Paged caches: ``slot`` holds its positions in ``pages`` (empty: none) from now on."""
+        ...
+
+    def resume(self, slot: int, last_token: int) -> None:
+        """A preempted request's context (prompt and all but its last output token) was
+        prefilled again into ``slot``: its next step feeds ``last_token``, not the token that
+        prefill sampled."""
+        ...
+
+    def release(self, slot: int) -> None: ...
+
+    def warmup(self) -> None: ...
+
+    def padded_length(self, prompt_len: int) -> int:
+        """The compiled length a prompt of this many tokens is prefilled at."""
+        ...
+
+    def expert_load_snapshot(self) -> "np.ndarray":
+        """Cumulative tokens routed per expert [layers, experts] of the target (a copy)."""
+        ...
+
+    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
+        """(platform, devices, mesh shape) of the target's parameters."""
+        ...
+
+
+class PlainRunner:
+    """One token per active slot per step, through ``ModelRunner``."""
+
+    def __init__(self, model_runner):
+        self.runner = model_runner
+        self.cfg = model_runner.cfg
+        self.num_slots = model_runner.num_slots
+        self.max_len = model_runner.max_len
+
+    @property
+    def max_prefill_rows(self) -> int:
+        return self.runner.prefill_row_buckets[-1]
+
+    reuses_prefix = True
+    lookahead = 0
+
+    def paging(self) -> tuple[int, int] | None:
+        return self.runner.paging
+
+    def assign_pages(self, slot: int, pages: list[int]) -> None:
+        self.runner.assign_pages(slot, pages)
+
+    def resume(self, slot: int, last_token: int) -> None:
+        pass  # the engine's slot table feeds the last token
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        return self.runner.prefill_chunk
+
+    def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
+        idx = np.array([c.slot for c in chunks])
+        return self.runner.prefill_many(idx, [c.request.prompt_ids[: c.end] for c in chunks], slots.sampling(idx),
+                                        [c.start for c in chunks])
+
+    def padded_length(self, prompt_len: int) -> int:
+        return self.runner.bucket_for(prompt_len)
+
+    def expert_load_snapshot(self) -> np.ndarray:
+        return self.runner.expert_load_snapshot()
+
+    def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
+        return self.runner.device_info()
+
+    def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
+        return self.runner.collect_step(self.dispatch(slots, plan), overlapped=False)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.runner.can_chain
+
+    def dispatch(self, slots: SlotTable, plan: DecodePlan, after: QueuedStep | None = None) -> QueuedStep:
+        return self.runner.queue_step(slots, plan, slots.last_token[plan.slots], after)
+
+    def collect(self, queued: QueuedStep) -> StepResult:
+        return self.runner.collect_step(queued)
+
+    def speculation(self) -> None:
+        return None
+
+    def release(self, slot: int) -> None:
+        self.runner.set_length(slot, 0)
+
+    def warmup(self) -> None:
+        self.runner.warmup()
