@@ -204,7 +204,7 @@ def merge_outputs(outputs: Sequence[RequestOutput], *, with_spec: bool) -> pb.Ge
         text="".join(o.text_delta for o in outputs),
         token_ids=[t for o in outputs for t in o.new_token_ids],
         usage=pb.Usage(prompt_tokens=last.num_prompt_tokens, completion_tokens=last.num_generated_tokens,
-                       cached_prompt_tokens=last.num_cached_tokens),
+                       cached_prompt_tokens=last.num_cached_tokens, preemptions=last.num_preemptions),
         finished=last.finished,
     )
     if not last.finished:

@@ -151,6 +151,9 @@ def test_abort_of_a_preempted_request_keeps_its_output(models):
     assert got and eng.waiting[0].request_id == late
     out = eng.abort(late)
     assert out.finished and out.num_generated_tokens == len(got) and out.num_preemptions == 1
+    # The response carries the count (gRPC usage).
+    from serving.protocol import merge_outputs
+    assert merge_outputs([out], with_spec=False).usage.preemptions == 1
     assert late not in eng._preempted and not eng.waiting
 
 

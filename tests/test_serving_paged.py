@@ -69,6 +69,7 @@ def test_requests_beyond_the_pages_wait_and_all_finish(servers):
     paged, slot = servers
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(3, 250, size=60)] for _ in range(8)]
+    before = _metric(_scrape(paged), "jaxspec_num_preemptions_total")
     with JaxSpecClient(paged.target, timeout=300) as c, cf.ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda p: c.generate(p, max_tokens=8, ignore_eos=True), prompts))
     assert all(len(o.token_ids) == 8 for o in outs)
@@ -76,4 +77,7 @@ def test_requests_beyond_the_pages_wait_and_all_finish(servers):
     with JaxSpecClient(slot.target, timeout=300) as c:
         ref = [c.generate(p, max_tokens=8, ignore_eos=True) for p in prompts]
     assert [list(o.token_ids) for o in outs] == [list(r.token_ids) for r in ref]
-    assert "jaxspec_num_preemptions_total" in _scrape(paged)
+    # Each response counts its own preemptions; together they are what the metric gained.
+    after = _metric(_scrape(paged), "jaxspec_num_preemptions_total")
+    assert sum(o.usage.preemptions for o in outs) == after - before
+    assert all(r.usage.preemptions == 0 for r in ref)
