@@ -232,15 +232,19 @@ _PLACED_STEPS: dict[tuple, tuple[Callable, SpanSteps, SpanSteps]] = {}
 
 
 def placed_steps(graphdef, statics: StepStatics, state_sharding, cache_sharding: KVCache, key: tuple):
-    """(prefill, decode) jitted with in/out shardings: parameters and cache as placed, the small
-    per-step inputs and outputs (tokens, sampling settings, logits, expert load) replicated."""
+    """(prefill, decode, prefill at an offset) jitted with in/out shardings: parameters and cache as
+    placed, the small per-step inputs and outputs (tokens, sampling settings, logits, expert load,
+    captured hidden states) replicated."""
     steps = _PLACED_STEPS.get(key)
     if steps is None:
         rep = statics.moe_backend.placement.replicated()
+        # EAGLE-3 features [rows, T, F] replicated like the logits: the head's absorb (one device's
+        # worth of work, its rows in any order) takes them as they come out.
+        aux = (rep,) if statics.aux_layers else ()
         prefill = jax.jit(
             functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,),
             in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep),
-            out_shardings=(cache_sharding, rep, rep, rep),
+            out_shardings=(cache_sharding, rep, rep, rep, *aux),
         )
         # A cache whose slots are split over devices is stepped in slot order: packing rows of
         # different shards into one batch would move cache rows between devices.
@@ -249,12 +253,12 @@ def placed_steps(graphdef, statics: StepStatics, state_sharding, cache_sharding:
             functools.partial(_decode_impl, graphdef, statics, kv_len=kv_len, identity_rows=identity),
             donate_argnums=(1,),
             in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep, rep, rep),
-            out_shardings=(cache_sharding, rep, rep),
+            out_shardings=(cache_sharding, rep, rep, *aux),
         ))
         prefill_at = SpanSteps(lambda kv_len: jax.jit(
             functools.partial(_prefill_at_impl, graphdef, statics, kv_len=kv_len), donate_argnums=(1,),
             in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep, rep),
-            out_shardings=(cache_sharding, rep, rep, rep),
+            out_shardings=(cache_sharding, rep, rep, rep, *aux),
         ))
         steps = _PLACED_STEPS[key] = (prefill, decode, prefill_at)
     return steps
@@ -317,9 +321,11 @@ class ModelRunner:
             abstract = KVCache.abstract(self.cfg, num_slots, self.max_len, num_pages=num_pages, page_size=page_size,
                                         kv_dtype=self.kv_dtype)
             cache_sharding = placement.cache_shardings(abstract)
-            key = (self.graphdef, self.statics, num_slots, self.max_len, num_pages, page_size, self.kv_dtype)
-            self._steps = placed_steps(self.graphdef, self.statics, state_sharding, cache_sharding, key)
         self.cache_sharding = cache_sharding
+        if placement is not None:
+            # Everything the cache's shardings depend on (the statics join it in ``_placed``).
+            self._cache_key = (num_slots, self.max_len, num_pages, page_size, self.kv_dtype)
+            self._steps = self._placed()
         self.paging = (num_pages, page_size) if page_size is not None else None
         create = functools.partial(KVCache.create, self.cfg, num_slots, self.max_len, num_pages=num_pages,
                                    page_size=page_size, kv_dtype=self.kv_dtype)
@@ -350,6 +356,10 @@ class ModelRunner:
         self.captured = None
 
     # ----------------------------------------------------------------- helpers
+    def _placed(self) -> tuple[Callable, SpanSteps, SpanSteps]:
+        key = (self.graphdef, self.statics, *self._cache_key)
+        return placed_steps(self.graphdef, self.statics, self.state_sharding, self.cache_sharding, key)
+
     def model(self, state=None) -> Transformer:
         return nnx.merge(self.graphdef, self.state if state is None else state)
 
@@ -398,13 +408,12 @@ class ModelRunner:
     def capture_hidden(self, layers: Sequence[int]) -> None:
         """Make every step also return the hidden states entering ``layers`` (see the forward contract),
         kept in ``captured`` after prefill and decode (verification steps built from ``forward_fn``
-        return them too). Call before the first step; single-device runners only for now."""
-        if self.placement is not None:
-            raise NotImplementedError("capturing hidden states (EAGLE-3) is not supported on a mesh yet")
+        return them too). Call before the first step. On a mesh the features come back replicated,
+        like the logits."""
         layers = tuple(int(i) for i in layers)
         check_aux_layers(layers, self.cfg.num_layers)
         self.statics = StepStatics(self.statics.moe_backend, self.statics.attention_backend, layers)
-        self._steps = unplaced_steps(self.graphdef, self.statics)
+        self._steps = unplaced_steps(self.graphdef, self.statics) if self.placement is None else self._placed()
 
     # -------------------------------------------------------------- host API
     def prefill(self, slot: int, prompt_ids: list[int], slots: SlotTable) -> int:

@@ -92,6 +92,15 @@ class Eagle3Config:
         """Width of the fused target features: len(aux_layers) * target_hidden_size."""
         return len(self.aux_layers) * self.target_hidden_size
 
+    def param_counts(self) -> dict[str, int]:
+        """Parameters of the head (as ``ModelConfig.param_counts``; the shared embeddings not counted):
+        what ``mesh.draft_placement`` weighs when it places the head like a draft model."""
+        d, dh = self.hidden_size, self.head_dim
+        attn = 2 * d * dh * (self.num_heads + 2 * self.num_kv_heads) + self.num_heads * dh * d
+        total = (self.feature_size * d + (d if self.fc_bias else 0) + 4 * d + attn + 3 * d * self.mlp_dim
+                 + d * self.draft_vocab_size + (self.vocab_size * d if self.own_embeddings else 0))
+        return {"total": total, "active": total}
+
     def replace(self, **changes) -> "Eagle3Config":
         return dataclasses.replace(self, **changes)
 

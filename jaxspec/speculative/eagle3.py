@@ -26,13 +26,19 @@ apart, as a draft model's), every span compiled at warm-up. When every row is gr
 token is the argmax of the head's logits and q its one-hot, with no softmax or noise; q's stay in
 the draft vocabulary until one scatter to the target's ids per round.
 
-In the runner's fused step (single device, packed rows: ``SpeculativeRunner.fused_head``) the
-round, the target's verification and the absorb of the kept positions run as one jitted call
-(``round_fns``; the host only books the absorbed lengths, ``absorbed``); otherwise the round is
-its own call before verification and the absorb one after (``observe``). Prefills and plain
-steps are absorbed through ``observe`` in both cases.
+In the runner's fused step (``SpeculativeRunner.fused_head``, on one device or a mesh) the round,
+the target's verification and the absorb of the kept positions run as one jitted call
+(``round_fns``; the host only books the absorbed lengths, ``absorbed``); otherwise (``fuse=False``)
+the round is its own call before verification and the absorb one after (``observe``). Prefills and
+plain steps are absorbed through ``observe`` in both cases.
 
-Not yet: meshes (the target's features are captured on one device only).
+On a mesh (``use_placement``, called by the runner when the target is placed) the head is placed
+as a draft model is: weights replicated when the head and its cache are small, else by the
+target's rules; its cache's slots split like the target's; the shared embedding table where the
+target's is. The target's steps return the features replicated, like the logits, and the head's
+calls are compiled with explicit in/out shardings, so its cache keeps its layout from step to step.
+Where the target's cache splits slots over devices a step covers every slot in order, and the
+head's calls index its cache by those slot ids.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from flax import nnx
 
 from jaxspec.config import ModelConfig
 from jaxspec.engine.model_runner import batch_buckets, bucket_up, kv_buckets, prefill_buckets
+from jaxspec.mesh import Placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache
 from jaxspec.models.kv_cache import check_kv_dtype
 from jaxspec.models.eagle3 import Eagle3Head
@@ -145,6 +152,28 @@ class Eagle3Proposer:
         self.feature_layers = self.cfg.aux_layers  # the runner makes the target return these
         self.cache: KVCache | None = None
         self._fns: dict = {}
+        self.placement: Placement | None = None
+        self._shardings = None  # on a mesh: (state, embed, cache, last, replicated)
+
+    def use_placement(self, target: Placement, num_slots: int = 0, max_len: int = 0) -> None:
+        """Run on the target's mesh (call before ``attach``), placed as a draft model is
+        (``mesh.draft_placement``: weights replicated when the head with its cache is small, else
+        the target's rules; cache slots split like the target's). A shared embedding table goes
+        where the target's own is (a table already there, e.g. read into the target's shardings,
+        is used as it is). Rounds and absorbs get explicit in/out shardings: the head's cache keeps
+        its layout from step to step, ``last`` [S, D] and the step inputs are replicated."""
+        hbm = device_memory_bytes(target.mesh.devices.flat[0])
+        self.placement = placement = draft_placement(self.cfg, target, num_slots, max_len, hbm,
+                                                     kv_dtype=self.kv_dtype)
+        state_sharding = placement.state_shardings(self.state)
+        self.state = jax.device_put(self.state, state_sharding)
+        embed_sharding = None
+        if self.embed is not None:  # the target's embed parameter's logical axes, by the target's rules
+            embed_sharding = target.sharding(("vocab", "embed"), self.embed.shape)
+            self.embed = jax.device_put(self.embed, embed_sharding)
+        rep = placement.replicated()
+        self._shardings = (state_sharding, embed_sharding or rep, None, rep, rep)
+        self._fns = {}
 
     # ------------------------------------------------------------------ setup
     # The head's position p reads the token at p + 1, so its cache of a prompt prefix depends on
@@ -164,9 +193,21 @@ class Eagle3Proposer:
                              f"the engine needs {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
         self.feature_dtype = jnp.dtype(target_cfg.dtype)
-        dev = jax.devices()[0]
-        self.cache = jax.device_put(KVCache.create(self.cfg, num_slots, max_len, kv_dtype=self.kv_dtype), dev)
-        self.last = jax.device_put(jnp.zeros((num_slots, self.cfg.hidden_size), jnp.dtype(self.cfg.dtype)), dev)
+        create = lambda: KVCache.create(self.cfg, num_slots, max_len, kv_dtype=self.kv_dtype)  # noqa: E731
+        last = jnp.zeros((num_slots, self.cfg.hidden_size), jnp.dtype(self.cfg.dtype))  # [S, D]
+        if self.placement is None:
+            # Committed to a device like every later (jit-output) array: first and later calls share
+            # one compilation.
+            dev = jax.devices()[0]
+            self.cache, self.last = jax.device_put(create(), dev), jax.device_put(last, dev)
+        else:  # created in place, shard by shard
+            state, embed, _, last_sharding, rep = self._shardings
+            cache_sharding = self.placement.cache_shardings(
+                KVCache.abstract(self.cfg, num_slots, max_len, kv_dtype=self.kv_dtype))
+            self._shardings = (state, embed, cache_sharding, last_sharding, rep)
+            self.cache = jax.jit(create, out_shardings=cache_sharding)()
+            self.last = jax.device_put(last, last_sharding)
+        self._fns = {}
         self.lengths = np.zeros(num_slots, np.int32)
         self.prefill_widths = prefill_buckets(max_len)
         self.rows = batch_buckets(min(4, num_slots))  # ModelRunner's default prefill row buckets
@@ -177,19 +218,30 @@ class Eagle3Proposer:
     def kv_bucket_for(self, positions: int) -> int:
         return bucket_up(min(int(positions), self.max_len), self.kv_buckets)
 
-    def _jit(self, key: tuple, make, donate: tuple[int, ...]):
+    def _jit(self, key: tuple, make, donate: tuple[int, ...], num_small: int, outputs: tuple[str, ...]):
+        """Resolved once per proposer: the shared cache's key hashes the graphdef (~1 ms). Every
+        call takes (state, embed, cache, last, then ``num_small`` small inputs); on a mesh the
+        outputs named "cache" / "last" keep those layouts, the others are replicated."""
         fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[key] = cached_jit(("eagle3", self.graphdef, *key), make, donate_argnums=donate)
+            kwargs: dict = {"donate_argnums": donate}
+            full = ("eagle3", self.graphdef, *key)
+            if self.placement is not None:
+                state, embed, cache, last, rep = self._shardings
+                kwargs["in_shardings"] = (state, embed, cache, last, *[rep] * num_small)
+                kwargs["out_shardings"] = tuple({"cache": cache, "last": last}.get(o, rep) for o in outputs)
+                full = (*full, self.placement, self.num_slots, self.max_len, self.kv_dtype)
+            fn = self._fns[key] = cached_jit(full, make, **kwargs)
         return fn
 
     def _absorb(self, kv_len: int):
-        return self._jit(("absorb", kv_len), lambda: _make_absorb(self.graphdef, kv_len), (2, 3))  # cache, last
+        return self._jit(("absorb", kv_len), lambda: _make_absorb(self.graphdef, kv_len), (2, 3),  # cache, last
+                         5, ("cache", "last"))
 
     def _draft(self, kb: int, kv_len: int):
         vocab = self.cfg.vocab_size
         return self._jit(("draft", kb, vocab, kv_len), lambda: _make_draft(self.graphdef, kb, vocab, kv_len),
-                         (2,))  # cache
+                         (2,), 4, ("cache", "tokens", "q"))  # donates the cache
 
     def absorb_span(self, start: np.ndarray, count: np.ndarray, width: int) -> int:
         """The span an absorb of positions start[b] .. start[b]+count[b]-1 attends over: the rows'
@@ -236,6 +288,10 @@ class Eagle3Proposer:
         if (ctx.history.length[live] - 1 != self.lengths[live]).any():
             raise RuntimeError("EAGLE-3 head has not absorbed the context the target has")
 
+    def step_shardings(self) -> tuple | None:
+        """On a mesh: the shardings of (state, embed, cache, last) for a runner's fused step; else None."""
+        return None if self.placement is None else self._shardings[:4]
+
     def round_fns(self, kb: int, kv_len: int):
         """(round, absorb) as pure functions, for a runner to fuse into its step: round (state,
         embed, cache, last, slot_ids, start, sampling, out_pos) -> (cache, tokens [B, kb], q's
@@ -279,7 +335,8 @@ class Eagle3Proposer:
     def _dummy_absorb(self, rows: int, width: int, kv_len: int | None = None) -> None:
         z = np.zeros(rows, np.int32)
         # Committed like the target's step outputs, so the real calls share this compilation.
-        feats = jax.device_put(jnp.zeros((rows, width, self.cfg.feature_size), self.feature_dtype), jax.devices()[0])
+        where = self._shardings[4] if self.placement is not None else jax.devices()[0]
+        feats = jax.device_put(jnp.zeros((rows, width, self.cfg.feature_size), self.feature_dtype), where)
         self.cache, self.last = self._absorb(kv_len or self.kv_bucket_for(width))(
             self.state, self.embed, self.cache, self.last, np.full(rows, self.num_slots, np.int32),
             np.zeros((rows, width), np.int32), feats, z, z)

@@ -95,12 +95,17 @@ def _make_fused(loop, verify, kb: int):
 
 def _make_fused_head(round_, absorb, verify):
     """EAGLE-3: the head's round, the verification (which returns the target's features of the
-    verified positions) and the head's absorb of the kept ones in one step (packed rows only), so
-    a step is one dispatch and one device->host transfer, as with a fused draft model."""
+    verified positions) and the head's absorb of the kept ones in one step, so a step is one
+    dispatch and one device->host transfer, as with a fused draft model. Rows are packed, or every
+    slot in order where the target's cache splits slots over devices (``verify`` then built with
+    ``identity_rows``); on a mesh the runner compiles it with every state and cache as placed."""
 
     def step(t_state, t_cache, h_state, embed, h_cache, last, slot_ids, last_tokens, start, num_draft,
              sampling: BatchSampling, out_pos, active):
-        h_cache, drafts, q = round_(h_state, embed, h_cache, last, slot_ids, start, sampling, out_pos)
+        # Rows that do not step (slots in order, where the cache splits them over devices) draft at
+        # positions past the head's cache: nothing of theirs is written.
+        far = jnp.where(active, start, h_cache.k.shape[2])
+        h_cache, drafts, q = round_(h_state, embed, h_cache, last, slot_ids, far, sampling, out_pos)
         t_cache, out_tokens, accepted, load, feats = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
                                                             num_draft, sampling, out_pos, active)
         # t0 and the accepted drafts, each followed by the next kept token (as ``observe`` gets them).
@@ -135,7 +140,9 @@ class SpeculativeRunner:
         ``cost_model``: costs for the adaptive policy (default: measured at warm-up,
         or before the first adaptive step). ``profile``: wait for the draft before
         verifying, so the step's time splits into drafting and verification (a host sync per
-        step; off when serving: the draft's time is then only its dispatch)."""
+        step; off when serving: the draft's time is then only its dispatch). ``fuse``: run a
+        single-device draft model's loop, or an EAGLE-3 head's round and absorb (on one device or
+        a mesh alike), inside the verification step, one call per step."""
         self.target = target
         self.cfg = target.cfg
         self.num_slots = target.num_slots
@@ -175,9 +182,8 @@ class SpeculativeRunner:
         self.fused = (fuse and isinstance(self.proposer, DraftModelProposer) and target.placement is None
                       and self.proposer.placement is None and target.compact_rows and self.proposer.compact_rows)
         self._fused_fns: dict[tuple[int, int], object] = {}
-        # An EAGLE-3 head likewise: its round, the verification and its absorb in one call.
-        self.fused_head = (fuse and bool(self.feature_layers) and hasattr(self.proposer, "round_fns")
-                           and target.placement is None and target.compact_rows)
+        # An EAGLE-3 head likewise (on a mesh too): its round, the verification and its absorb in one call.
+        self.fused_head = fuse and bool(self.feature_layers) and hasattr(self.proposer, "round_fns")
 
     # ---------------------------------------------------------------- compiled steps
     def _verify_fn(self, kb: int, deterministic: bool, kv_len: int):
@@ -191,7 +197,8 @@ class SpeculativeRunner:
             if target.placement is not None:  # explicit layouts: the cache comes back as it went in
                 rep = target.placement.replicated()
                 kwargs["in_shardings"] = (target.state_sharding, target.cache_sharding, *[rep] * 9)
-                kwargs["out_shardings"] = (target.cache_sharding, rep, rep, rep)
+                # With a target capturing hidden states (EAGLE-3) its features come last, replicated.
+                kwargs["out_shardings"] = (target.cache_sharding, rep, rep, rep, *((rep,) if self.feature_layers else ()))
                 key = (*key, self.num_slots, self.max_len, target.paging, target.kv_dtype)  # the shardings depend on these
             fn = self._verify_fns[(kb, deterministic, kv_len)] = cached_jit(
                 key, lambda: _make_verify(target.forward_fn(), self.verify_backend, kv_len, not target.compact_rows),
@@ -215,10 +222,21 @@ class SpeculativeRunner:
         if fn is None:
             target, prop = self.target, self.proposer
             key = ("fused_head", target.graphdef, target.statics, prop.graphdef, kb, kv_len, self.verify_backend)
+            kwargs: dict = {"donate_argnums": (1, 4, 5)}  # the target's cache, the head's cache and last
+            head = prop.step_shardings() if hasattr(prop, "step_shardings") else None
+            if target.placement is not None and head is not None:  # every state and cache as placed
+                rep = target.placement.replicated()
+                h_state, embed, h_cache, last = head
+                kwargs["in_shardings"] = (target.state_sharding, target.cache_sharding, h_state, embed, h_cache, last,
+                                          *[rep] * 7)
+                kwargs["out_shardings"] = (target.cache_sharding, h_cache, last, rep, rep)
+                key = (*key, prop.placement, self.num_slots, self.max_len, target.paging, target.kv_dtype,
+                       prop.kv_dtype)
+            identity = not target.compact_rows
             fn = self._fused_fns[("head", kb, kv_len)] = cached_jit(
                 key, lambda: _make_fused_head(*prop.round_fns(kb, kv_len),
-                                              _make_verify(target.forward_fn(), self.verify_backend, kv_len, False)),
-                donate_argnums=(1, 4, 5))
+                                              _make_verify(target.forward_fn(), self.verify_backend, kv_len, identity)),
+                **kwargs)
         return fn
 
     def _run_fused_head(self, kb: int, kv_len: int, slot_ids, last_tokens, start, num_draft, sampling, out_pos,
@@ -266,6 +284,8 @@ class SpeculativeRunner:
             packed, _ = self._run_fused_head(kb, kv_len, slot_ids, last, far, num_draft, sampling, zeros,
                                              np.full(rows, live, bool))
             packed.block_until_ready()
+            if live and not self.target.compact_rows:  # slots in order: live dummy rows set lengths
+                self.target.sync_lengths()
             return
         if self.fused:
             far = np.full(rows, self.max_len, np.int32)  # every write past the cache end (and slot id S)
