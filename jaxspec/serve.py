@@ -28,6 +28,7 @@ from jaxspec.loading import DEFAULT_MODEL, default_draft
 from jaxspec.mesh import AUTO_MESH, mesh_for_option
 from jaxspec.models.kv_cache import KV_DTYPES
 from jaxspec.models.quant import MODES as QUANT_MODES
+from jaxspec.engine.model_runner import MIXED_PREFILL
 from serving.auth import load_token
 from serving.build import KV_ADMISSIONS, KV_CACHES, SPEC_METHODS, EngineOptions, load_engine
 from serving.server import JaxSpecServer, ServerOptions
@@ -96,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--kv-cache paged: 'optimistic' admits a request when its prompt fits and gives it pages "
                    "as it grows, preempting (and later recomputing) the newest request if the pool runs dry; "
                    "'reserve' takes pages for prompt + max_tokens up front, so nothing is ever preempted")
+    m.add_argument("--mixed-prefill", choices=MIXED_PREFILL, default="auto",
+                   help="run a full --max-step-tokens chunk of a long prompt and the running requests' decode "
+                   "step as one call, so each layer's weights (the experts) are read once for both: 'auto' on "
+                   "TPU/GPU, not on a CPU (compute-bound there, where it measured slower)")
     m.add_argument("--max-step-tokens", type=int, metavar="N", default=512,
                    help="prompt tokens prefilled per engine step; a longer prompt is prefilled in chunks between "
                    "the running requests' decode steps, so it never stalls them for more than one chunk")
@@ -153,6 +158,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
         kv_cache_dtype=args.kv_cache_dtype, draft_kv_cache_dtype=args.draft_kv_cache_dtype,
         kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, overlap=not args.no_overlap, max_step_tokens=args.max_step_tokens, kv_admission=args.kv_admission,
+        mixed_prefill=args.mixed_prefill,
     )
     engine.validate()
     server = ServerOptions(

@@ -19,6 +19,7 @@ from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
 from jaxspec.engine.engine import KV_ADMISSIONS
 from jaxspec.engine.factory import KV_CACHES, make_runner
+from jaxspec.engine.model_runner import MIXED_PREFILL
 from jaxspec import builtin, compilation_cache, kernels
 from jaxspec.loading import DEFAULT_MODEL, draft_load_placement, load_any
 from jaxspec.mesh import MeshConfigError, Placement, mesh_for_option, placement_for_mesh
@@ -58,6 +59,7 @@ class EngineOptions:
     prefix_cache: bool = True  # paged: reuse cached pages of earlier prompts' leading blocks
     overlap: bool = True  # plain decoding: queue step n+1 before applying step n (Engine(overlap=...))
     max_step_tokens: int = 512  # prompt tokens prefilled per step; longer prompts go in chunks
+    mixed_prefill: str = "auto"  # a full chunk with the decode step in one call: on / off / accelerators only
     kv_admission: str = "optimistic"  # paged: take pages as requests grow (preempt when dry) or reserve them up front
     kv_cache_dtype: str = "auto"  # target's KV cache: "auto" (the model's dtype) or "int8" (models.kv_cache)
     draft_kv_cache_dtype: str = "auto"  # a draft model's or EAGLE-3 head's own KV cache, likewise
@@ -93,6 +95,8 @@ class EngineOptions:
             raise ConfigError(f"page_size {self.page_size} must be >= 1 and divide max_len ({self.max_len})")
         if self.max_step_tokens < 1:
             raise ConfigError(f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
+        if self.mixed_prefill not in MIXED_PREFILL:
+            raise ConfigError(f"mixed_prefill must be one of {', '.join(MIXED_PREFILL)}, got {self.mixed_prefill!r}")
         if self.kv_admission not in KV_ADMISSIONS:
             raise ConfigError(f"kv_admission must be one of {', '.join(KV_ADMISSIONS)}, got {self.kv_admission!r}")
         if self.kv_pages is not None and self.kv_pages < 1:
@@ -193,7 +197,7 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
                            k_max=opts.num_speculative_tokens,
                            page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=kv_pages,
                            prefill_chunk=opts.max_step_tokens, kv_dtype=opts.kv_cache_dtype,
-                           draft_kv_dtype=opts.draft_kv_cache_dtype)
+                           draft_kv_dtype=opts.draft_kv_cache_dtype, mixed_prefill=opts.mixed_prefill)
     except ValueError as e:  # incompatible draft (vocabulary, context length)
         raise ConfigError(str(e)) from e
 

@@ -137,6 +137,11 @@ class WrappedRunner:
     def resume(self, slot: int, last_token: int) -> None:
         self._inner.resume(slot, last_token)
 
+    def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan) -> None:
+        """Prefill and decode stay apart unless a subclass wraps the mixed call too (a wrapper of
+        ``prefill_batch`` and ``decode`` sees every call)."""
+        return None
+
 
 class GuardedRunner(WrappedRunner):
     """Wraps a StepRunner so that a request's prefill failure leaves a traceback in the log.
@@ -159,6 +164,14 @@ class GuardedRunner(WrappedRunner):
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
         return self._inner.decode(slots, plan)
+
+    def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan
+                            ) -> tuple[int, StepResult] | None:
+        try:
+            return self._inner.prefill_with_decode(chunk, slots, plan)
+        except Exception:
+            log.exception("prefill with decode failed for request %s (slot %s)", chunk.request.request_id, chunk.slot)
+            raise
 
     @property
     def pipelined(self) -> bool:

@@ -143,6 +143,9 @@ class ControlledRunner:
             raise RuntimeError("injected decode fault")
         return self.inner.decode(slots, plan)
 
+    def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan) -> None:
+        return None  # every step goes through ``decode``, where faults and delays are injected
+
     def speculation(self):
         return self.inner.speculation()
 

@@ -25,6 +25,9 @@ weights and replays the same requests against both; the table compares them.
 * ``steps``     in process, no server: one decode step's time over a slot cache and over a paged
                 cache at the same batch (what paging costs per step), and over the paged cache at
                 the batches only it can hold (what a larger batch buys on this machine).
+* ``mixed``     in process, no server: one step that prefills a 256-token chunk of a long prompt
+                and decodes b running requests, as two calls (the chunk, then the decode step)
+                against one mixed call (``jaxspec.engine.mixed_step``).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from jaxspec.bench.load import SendOptions, closed_loop, send  # noqa: E402
 from jaxspec.bench.server import ServerProcess  # noqa: E402
 from jaxspec.bench.workloads import BenchRequest  # noqa: E402
 
-SCENARIOS = ("capacity", "prefix", "chunked", "admission", "steps")
+SCENARIOS = ("capacity", "prefix", "chunked", "admission", "steps", "mixed")
 
 
 def _requests(rng, n: int, prompt: int, out: int, vocab: int, prefix: list[int] | None = None) -> list[BenchRequest]:
@@ -242,6 +245,48 @@ def steps(args, rng) -> list[str]:
     for name, b in cases:
         m = statistics.median(times[(name, b)])
         rows.append(f"| {name} | {b} | {m * 1e3:.2f} | {m / base:.2f} | {b / m:.0f} |")
+    print("\n".join(rows), flush=True)
+    return rows
+
+
+def mixed(args, rng) -> list[str]:
+    from jaxspec.config import load_config
+    from jaxspec.engine.model_runner import ModelRunner
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.models import create_model
+
+    model = create_model(load_config(args.model))
+    max_len, ctx, chunk, slots = 2048, 1024, 256, 16
+    runner = ModelRunner(model, slots, max_len, prefill_chunk=chunk, mixed_prefill="on")
+    runner.warmup()
+    prompt = [int(t) for t in rng.integers(3, args.vocab, size=ctx + chunk)]
+    one = SlotTable(1).sampling()
+    cases = [(kind, b) for b in (1, 4, 8) for kind in ("apart", "mixed")]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
+
+    def step(kind, b):
+        rows = np.arange(b)
+        runner.host_lengths[:b] = 240  # the decoding requests' contexts
+        tokens, positions = rng.integers(3, args.vocab, size=b).astype(np.int32), np.zeros(b, np.int32)
+        t = time.perf_counter()
+        if kind == "apart":  # the engine's two calls: the chunk at an offset, then the decode step
+            runner.prefill_many([slots - 1], [prompt], one, [ctx])
+            runner.decode_rows(rows, tokens, SlotTable(b).sampling(), positions)
+        else:
+            runner.prefill_with_decode(slots - 1, prompt, ctx, one, rows, tokens, SlotTable(b).sampling(), positions)
+        return time.perf_counter() - t
+
+    for c in cases:
+        step(*c)
+    for _ in range(args.reps):
+        for c in cases:  # interleaved, so load changes hit every case alike
+            times[c].append(step(*c))
+    rows = [f"one step: a {chunk}-token chunk at position {ctx} + b decode rows (contexts 240), {args.model}, "
+            f"context {max_len}, median of {args.reps} interleaved reps", "",
+            "| decode rows | two calls (ms) | one mixed call (ms) | mixed / two |", "|---:|---:|---:|---:|"]
+    for b in (1, 4, 8):
+        apart, joint = statistics.median(times[("apart", b)]), statistics.median(times[("mixed", b)])
+        rows.append(f"| {b} | {apart * 1e3:.2f} | {joint * 1e3:.2f} | {joint / apart:.2f} |")
     print("\n".join(rows), flush=True)
     return rows
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import random
 import time
 from typing import Iterable, Sequence
@@ -35,10 +36,12 @@ from jaxspec.engine.pages import PagePool, Reservation
 from jaxspec.engine.runner import StepRunner
 from jaxspec.engine.scheduler import Scheduler
 from jaxspec.engine.slots import SlotTable
-from jaxspec.engine.step import DecodePlan, QueuedStep, StepResult
+from jaxspec.engine.step import DecodePlan, PrefillChunk, QueuedStep, StepResult
 from jaxspec.engine.stopping import OutputTracker
 from jaxspec.sampling import SamplingParams
 from jaxspec.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 KV_ADMISSIONS = ("optimistic", "reserve")
@@ -139,6 +142,7 @@ class Engine:
         self._no_admission = False  # this step preempted: admit nothing new (it would be preempted next)
         self.overlap = overlap and runner.pipelined
         self._in_flight_step: _InFlight | None = None  # overlap: dispatched, not applied yet
+        self._mixed_result: StepResult | None = None  # a decode run with this step's prefill chunk
 
     # ------------------------------------------------------------- admission
     @property
@@ -290,6 +294,9 @@ class Engine:
         if self._in_flight_step is None:
             self._make_room()  # pages for this step's decode, before anyone new is admitted
         outputs += self._admit()
+        if self._mixed_result is not None:  # this step's decode ran with a prompt chunk's prefill
+            result, self._mixed_result = self._mixed_result, None
+            return outputs + self._apply(result)
         if not self.slots.active.any():
             return outputs
         if self.overlap:
@@ -482,7 +489,8 @@ class Engine:
                 self.runner.assign_pages(slot, res.pages)
         chunks = list(plan.chunks)
         try:
-            groups = [(chunks, self.runner.prefill_batch(chunks, self.slots))]
+            firsts = self._prefill_with_decode(chunks)
+            groups = [(chunks, firsts if firsts is not None else self.runner.prefill_batch(chunks, self.slots))]
         except Exception:
             if len(chunks) == 1:
                 groups = [(chunks, None)]
@@ -515,6 +523,23 @@ class Engine:
                 self.scheduler.started(slot, req)
                 outputs.append(self._emit_or_fail(slot, [first], time.monotonic()))
         return outputs
+
+    def _prefill_with_decode(self, chunks: list[PrefillChunk]) -> list[int] | None:
+        """A long prompt's chunk and the running requests' plain decode step in one call, where the
+        runner can (its result waits in ``_mixed_result``); None: nothing ran. A failure of the
+        joint call leaves the two to run apart, where a failure is the prompt's or the step's."""
+        if (self.speculative or len(chunks) != 1 or self.runner.prefill_chunk is None
+                or self._in_flight_step is not None or not self.slots.active.any()):
+            return None
+        try:
+            mixed = self.runner.prefill_with_decode(chunks[0], self.slots, self.scheduler.plan_decode(self.slots))
+        except Exception:
+            log.warning("prefill with decode failed; running them apart", exc_info=True)
+            return None
+        if mixed is None:
+            return None
+        first, self._mixed_result = mixed
+        return [first]
 
     def _emit(self, slot: int, tokens: list[int], now: float) -> RequestOutput:
         live = self.live[slot]

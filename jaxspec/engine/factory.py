@@ -16,7 +16,7 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
                 num_speculative_tokens: int | str = AUTO, k_max: int = 4,
                 page_size: int | None = None, num_pages: int | None = None,
                 prefill_chunk: int | None = None, kv_dtype: str | None = None,
-                draft_kv_dtype: str | None = None) -> StepRunner:
+                draft_kv_dtype: str | None = None, mixed_prefill: str = "auto") -> StepRunner:
     """A ``PlainRunner`` for ``spec_method="none"``, else a ``SpeculativeRunner`` whose proposer is
     ``draft`` ("draft": a ``Transformer``; "eagle3": an ``Eagle3Head``, which reads this target's hidden
     states) or prompt lookup ("ngram"), with k fixed or "auto" (adaptive, up to k_max).
@@ -25,13 +25,15 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
     ``prefill_chunk``: prompts longer than this are prefilled in chunks, one per engine step.
     ``kv_dtype`` / ``draft_kv_dtype``: "int8" KV caches (per-head-per-token scales) for the target /
     a draft model, each on its own; None or "auto": the model's dtype.
+    ``mixed_prefill``: a full prompt chunk and a plain decode step in one call ("on"), two ("off"),
+    or one on accelerators only ("auto"; ``jaxspec.engine.mixed_step``).
     Raises ValueError for an unknown method or an incompatible draft."""
     if spec_method not in SPEC_METHODS:
         raise ValueError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {spec_method!r}")
     if page_size is not None and num_pages is None:
         num_pages = num_slots * (max_len or model.cfg.max_seq_len) // page_size
     target = ModelRunner(model, num_slots, max_len, placement=placement, page_size=page_size, num_pages=num_pages,
-                         prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
+                         prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, mixed_prefill=mixed_prefill)
     if spec_method == "none":
         return PlainRunner(target)
     k_max = max(k_max, num_speculative_tokens if isinstance(num_speculative_tokens, int) else 0)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxspec.engine.mixed_step import mixed_step
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, QueuedStep, StepResult
 from jaxspec.mesh import Placement, check_placement
@@ -35,6 +36,7 @@ from jaxspec.models.transformer import check_aux_layers
 from jaxspec.sampling import BatchSampling, pad_sampling, sample_tokens, take_sampling
 
 MIN_PREFILL_BUCKET = 16
+MIXED_PREFILL = ("auto", "on", "off")
 MIN_KV_BUCKET = 128
 
 
@@ -289,6 +291,7 @@ class ModelRunner:
         num_pages: int | None = None,
         prefill_chunk: int | None = None,
         kv_dtype: str | None = None,
+        mixed_prefill: str = "auto",
     ):
         """``placement``: run on a mesh (parameters moved to their shardings if they are not
         there yet; ``moe_backend`` then names the per-device expert computation's backend only
@@ -298,7 +301,9 @@ class ModelRunner:
         pages (``assign_pages``) before a slot is prefilled. ``prefill_chunk``: prompts longer than
         this are prefilled in pieces of at most this many tokens (one per engine step).
         ``kv_dtype``: "int8" stores keys and values in int8 with per-head-per-token scales (see
-        kv_cache); None or "auto": the model's dtype."""
+        kv_cache); None or "auto": the model's dtype. ``mixed_prefill`` (with ``prefill_chunk``):
+        "on" runs a full chunk and a decode step as one call (``mixed_step``), "off" as two,
+        "auto" mixes on accelerators only (see ``mixed_step`` for why not on a CPU)."""
         self.cfg = model.cfg
         self.num_slots = num_slots
         self.max_len = max_len or self.cfg.max_seq_len
@@ -342,6 +347,9 @@ class ModelRunner:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk if prefill_chunk is not None and prefill_chunk < self.max_len else None
+        if mixed_prefill not in MIXED_PREFILL:
+            raise ValueError(f"mixed_prefill must be one of {', '.join(MIXED_PREFILL)}, got {mixed_prefill!r}")
+        self.mixed_prefill = mixed_prefill == "on" or (mixed_prefill == "auto" and jax.default_backend() != "cpu")
         # Active rows are packed into batch buckets unless the cache's slots are split over
         # devices (then a step covers every slot in order; idle rows still route to no expert).
         self.compact_rows = cache_sharding is None or slots_unsplit(cache_sharding)
@@ -654,6 +662,54 @@ class ModelRunner:
                 self.idle_decode(b, kv_len)
         if self.paging is not None or self.prefill_chunk is not None:
             self.warmup_offset_prefill()
+        if self.mixed_length is not None:
+            for b in self.batch_buckets:
+                self._run_mixed(np.full(b, s, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
+                                np.zeros(b, np.int32), pad_sampling(SlotTable(0).sampling(), b), np.zeros(b, np.int32),
+                                np.full((1, self.mixed_length), self.cfg.pad_id, np.int32), 0, s, 0,
+                                pad_sampling(SlotTable(0).sampling(), 1))[0].block_until_ready()
         self.set_length(0, 0)  # the release path's small update, compiled here rather than mid-serving
         self._set_lengths(jnp.asarray(saved))
         self.host_lengths[:] = saved_host
+
+    # ------------------------------------------------ prefill chunk + decode in one call
+    @property
+    def mixed_length(self) -> int | None:
+        """The compiled length of a prefill chunk that runs in one call with a decode step
+        (``mixed_step``): a full chunk of a long prompt. None: this runner never mixes (switched
+        off, whole prompts, slots split over devices, or steps that return hidden features)."""
+        if not self.mixed_prefill or self.prefill_chunk is None or not self.compact_rows or self.statics.aux_layers:
+            return None
+        return self.bucket_for(self.prefill_chunk)
+
+    def _run_mixed(self, row_slots, d_tokens, d_start, d_valid, d_sampling, d_out_positions, p_tokens, p_start: int,
+                   p_slot: int, p_valid: int, p_sampling):
+        key = () if self.placement is None else self._cache_key
+        step = mixed_step(self.graphdef, self.statics, self.max_len, self.state_sharding, self.cache_sharding, key)
+        self.cache, d_out, p_out, load = step(
+            self.state, self.cache, row_slots, d_tokens, d_start, d_valid, d_sampling, d_out_positions, p_tokens,
+            np.array([p_start], np.int32), np.array([p_slot], np.int32), np.array([p_valid], np.int32), p_sampling)
+        return d_out, p_out, load
+
+    def prefill_with_decode(self, slot: int, prompt_ids: Sequence[int], start: int, p_sampling: BatchSampling,
+                            rows: np.ndarray, last_tokens: np.ndarray, sampling: BatchSampling,
+                            out_positions: np.ndarray) -> tuple[int, np.ndarray]:
+        """Prefill ``prompt_ids[start:]`` into ``slot`` (a chunk of ``mixed_length`` tokens' bucket)
+        and decode one token for each slot in ``rows`` [n] (inputs one per row), in one call ->
+        (the token the chunk samples, decode tokens [n])."""
+        n_p = len(prompt_ids) - start
+        if self.mixed_length is None or self.bucket_for(n_p) != self.mixed_length:
+            raise ValueError(f"a chunk of {n_p} tokens does not run with a decode step on this runner")
+        tokens = np.full((1, self.mixed_length), self.cfg.pad_id, np.int32)
+        tokens[0, :n_p] = prompt_ids[start:]
+        row_slots, where = self.row_layout(rows)
+        b = len(row_slots)
+        d_out, p_out, load = self._run_mixed(
+            row_slots, scatter_rows(last_tokens, where, b, 0), self.row_starts(row_slots, where, self.host_lengths[rows]),
+            scatter_rows(np.ones(len(rows), np.int32), where, b, 0), scatter_sampling(sampling, where, b),
+            scatter_rows(out_positions, where, b, 0), tokens, start, slot, n_p, pad_sampling(p_sampling, 1))
+        self.captured = None
+        self.host_lengths[rows] += 1
+        self.host_lengths[slot] = len(prompt_ids)
+        self.add_expert_load(load)
+        return int(np.asarray(p_out)[0]), np.asarray(d_out)[where]

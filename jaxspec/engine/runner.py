@@ -4,6 +4,7 @@ work of prefill, decode steps and cache bookkeeping) and ``PlainRunner``, plain 
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,6 +35,13 @@ class StepRunner(Protocol):
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
         """Run one decode step as planned."""
+        ...
+
+    def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan
+                            ) -> tuple[int, StepResult] | None:
+        """Prefill one chunk and run a decode step in one call where this runner can (the experts'
+        weights read once for both): (the chunk's sampled token, the step's result). None: not
+        for this chunk and plan; nothing ran, and the engine runs them apart."""
         ...
 
     # Whether decode steps can be queued before the previous one's tokens reach the host
@@ -122,6 +130,18 @@ class PlainRunner:
         idx = np.array([c.slot for c in chunks])
         return self.runner.prefill_many(idx, [c.request.prompt_ids[: c.end] for c in chunks], slots.sampling(idx),
                                         [c.start for c in chunks])
+
+    def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan
+                            ) -> tuple[int, StepResult] | None:
+        r = self.runner
+        if plan.kb or r.mixed_length is None or r.bucket_for(chunk.end - chunk.start) != r.mixed_length:
+            return None
+        t0 = time.perf_counter()
+        act = plan.slots
+        first, tokens = r.prefill_with_decode(
+            chunk.slot, chunk.request.prompt_ids[: chunk.end], chunk.start, slots.sampling(np.array([chunk.slot])),
+            act, slots.last_token[act], slots.sampling(act), slots.num_generated[act])
+        return first, StepResult.plain(act, tokens, time.perf_counter() - t0)
 
     def padded_length(self, prompt_len: int) -> int:
         return self.runner.bucket_for(prompt_len)

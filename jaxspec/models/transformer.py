@@ -45,6 +45,16 @@ class ForwardOutput(NamedTuple):
     aux_hidden: jax.Array | None = None
 
 
+class Segment(NamedTuple):
+    """Rows of one shape in a mixed forward (``Transformer.forward_segments``): decode rows, or a
+    prefill chunk. Fields as the forward's arguments of the same names."""
+
+    tokens: jax.Array  # [B, T] int32
+    start: jax.Array  # [B] int32
+    slot_ids: jax.Array  # [B] int32 (padding rows: slot id S)
+    num_valid: jax.Array  # [B] int32
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
@@ -60,16 +70,25 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, cache: KVCache, slot_ids, valid, inv_freq, moe_backend,
                  router_stats=False, capacity_factor=None, kv_len=None, attention_backend="xla"):
+        x, cache = self.attend(x, positions, cache, slot_ids, inv_freq, kv_len, attention_backend)
+        x, counts = self.feed_forward(x, valid, moe_backend, router_stats, capacity_factor)
+        return x, cache, counts
+
+    def attend(self, x, positions, cache: KVCache, slot_ids, inv_freq, kv_len=None, attention_backend="xla"):
+        """The attention half: x [B, T, D] -> (x + attention, cache with the rows' K/V written)."""
         attn_out, cache = self.attn(
             self.attn_norm(x), positions, cache, self.layer, slot_ids, inv_freq, kv_len, attention_backend,
         )
-        x = x + attn_out
+        return x + attn_out, cache
+
+    def feed_forward(self, x, valid, moe_backend, router_stats=False, capacity_factor=None):
+        """The MLP or MoE half: x [B, T, D], valid [B, T] -> (x + feed-forward, tokens per expert or None)."""
         h = self.mlp_norm(x)
         if self.is_moe:
             mlp_out, counts = self.moe(h, valid, moe_backend, router_stats, capacity_factor)
         else:
             mlp_out, counts = self.mlp(h), None
-        return x + mlp_out, cache, counts
+        return x + mlp_out, counts
 
 
 class Transformer(nnx.Module):
@@ -120,12 +139,55 @@ class Transformer(nnx.Module):
             captured[cfg.num_layers] = x
         aux = jnp.concatenate([captured[i] for i in aux_layers], axis=-1) if aux_layers else None
         hidden = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = qeinsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
+        logits = self.logits(hidden)
 
         rows = jnp.arange(b) if slot_ids is None else slot_ids
         lengths = cache.lengths.at[rows].set(start + num_valid, mode="drop")
         return ForwardOutput(logits, hidden, cache.with_lengths(lengths), jnp.stack(loads), aux)
+
+    def forward_segments(
+        self,
+        segments: tuple[Segment, ...],
+        cache: KVCache,
+        kv_lens: tuple[int, ...],  # static: each segment's attention span (as ``kv_len``)
+        moe_backend: str | None = None,
+        attention_backend: str = "xla",
+    ) -> tuple[list[jax.Array], KVCache, jax.Array]:
+        """One pass over segments of different shapes (decode rows and a prefill chunk): each
+        attends with its own shape and span, and the feed-forward of every layer runs once over
+        all their tokens, so a step that both decodes and prefills reads the experts' weights
+        once. Exactly the per-segment forwards' results: every op is per token except attention,
+        which stays per segment. Returns (final hidden states per segment [B_g, T_g, D], cache
+        with every segment's K/V and lengths written, expert load [L, E])."""
+        cfg = self.cfg
+        inv_freq = rope_inv_frequencies(cfg)
+        sizes, positions, valids, xs = [], [], [], []
+        for seg in segments:
+            b, t = seg.tokens.shape
+            sizes.append(b * t)
+            positions.append(seg.start[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :])
+            valids.append(jnp.arange(t, dtype=jnp.int32)[None, :] < seg.num_valid[:, None])
+            xs.append(jnp.take(self.embed[...], seg.tokens, axis=0))  # [B_g, T_g, D]
+        offsets = [sum(sizes[:i]) for i in range(1, len(sizes))]
+        valid = jnp.concatenate([v.reshape(1, -1) for v in valids], axis=1)  # [1, N]
+        loads = []
+        for layer in self.layers:
+            for g, seg in enumerate(segments):
+                xs[g], cache = layer.attend(xs[g], positions[g], cache, seg.slot_ids, inv_freq, kv_lens[g],
+                                            attention_backend)
+            flat = jnp.concatenate([x.reshape(1, -1, cfg.d_model) for x in xs], axis=1)  # [1, N, D]
+            flat, counts = layer.feed_forward(flat, valid, moe_backend)
+            xs = [part.reshape(x.shape) for part, x in zip(jnp.split(flat, offsets, axis=1), xs)]
+            loads.append(counts if counts is not None else jnp.zeros((max(cfg.num_experts, 1),), jnp.int32))
+        lengths = cache.lengths
+        for seg in segments:
+            lengths = lengths.at[seg.slot_ids].set(seg.start + seg.num_valid, mode="drop")
+        return [self.final_norm(x) for x in xs], cache.with_lengths(lengths), jnp.stack(loads)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states [B, T, D] -> logits [B, T, V] float32."""
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return qeinsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
 
 
 def check_aux_layers(aux_layers: tuple[int, ...], num_layers: int) -> None:

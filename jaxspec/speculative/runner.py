@@ -465,6 +465,11 @@ class SpeculativeRunner:
     def bucket_steps(self) -> Counter:
         return self.spec.bucket_steps
 
+    def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan) -> None:
+        """Never mixed: a verification step drafts from every slot's tokens so far, and the draft's
+        (or head's) own prefill would still be its own call."""
+        return None
+
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
         act = plan.slots
         n = len(act)

@@ -1,0 +1,69 @@
+"""One jitted call that decodes the running rows and prefills a prompt chunk.
+
+While a long prompt is prefilled in chunks (``ModelRunner(prefill_chunk=...)``), every engine step
+both decodes the running requests and prefills one chunk. As two calls, each reads every weight the
+step touches, and for a MoE a prefill chunk and a batch of decode rows wake most experts alike, so
+the expert weights (most of a MoE's bytes) are read twice per step. Here the two run as segments of
+one forward (``Transformer.forward_segments``): each attends with its own shape, and each layer's
+feed-forward runs once over both segments' tokens, so the experts are read once.
+
+Shapes: the decode rows are a compiled batch bucket, the chunk one row of the full-chunk length
+bucket, and both attend over the whole context (one span), so a runner compiles one mixed step per
+decode batch bucket. The chunk's attention over the context dominates such a step; the decode
+rows' reads past their own lengths are the price of not multiplying the compiled shapes by the
+span buckets. Shorter pieces (a prompt's last chunk, short prompts) run as their own prefill call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspec.models.transformer import Segment
+from jaxspec.sampling import BatchSampling, sample_tokens
+
+
+def _mixed_impl(graphdef, statics, state, cache, d_slots, d_tokens, d_start, d_valid, d_sampling: BatchSampling,
+                d_out_positions, p_tokens, p_start, p_slots, p_valid, p_sampling: BatchSampling, *, kv_len: int):
+    """Decode rows d_* [B] (padding rows: slot id S, valid 0) and prefill rows p_tokens [P, T] from
+    p_start [P] -> (cache, decode tokens [B], each prefill row's sampled token [P], expert load)."""
+    from jaxspec.engine.model_runner import PlacedBackend  # the runner module imports this one
+
+    placed = statics.moe_backend if isinstance(statics.moe_backend, PlacedBackend) else None
+    backend = placed.dispatch if placed is not None else statics.moe_backend
+    model = nnx.merge(graphdef, state)
+    segments = (Segment(d_tokens[:, None], d_start, d_slots, d_valid), Segment(p_tokens, p_start, p_slots, p_valid))
+    (hd, hp), cache, load = model.forward_segments(segments, cache, (kv_len, kv_len), backend,
+                                                   statics.attention_backend)
+    if placed is not None:
+        cache = jax.lax.with_sharding_constraint(cache, placed.placement.cache_shardings(cache))
+    d_out = sample_tokens(model.logits(hd)[:, 0], d_sampling, d_out_positions)
+    # Logits over the whole chunk, then its last valid position's, exactly as a prefill call does.
+    logits = model.logits(hp)
+    last = jnp.take_along_axis(logits, jnp.maximum(p_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
+    p_out = sample_tokens(last, p_sampling, jnp.zeros_like(p_valid))
+    return cache, d_out, p_out, load
+
+
+_STEPS: dict[tuple, Callable] = {}
+
+
+def mixed_step(graphdef, statics, kv_len: int, state_sharding=None, cache_sharding=None, key: tuple = ()) -> Callable:
+    """The jitted mixed step of a runner (shared by runners of one architecture, span and, placed,
+    one mesh layout): the cache donated; placed runners' small inputs and outputs replicated."""
+    full_key = (graphdef, statics, kv_len, *key)
+    step = _STEPS.get(full_key)
+    if step is None:
+        fn = functools.partial(_mixed_impl, graphdef, statics, kv_len=kv_len)
+        if state_sharding is None:
+            step = jax.jit(fn, donate_argnums=(1,))
+        else:
+            rep = statics.moe_backend.placement.replicated()
+            step = jax.jit(fn, donate_argnums=(1,), in_shardings=(state_sharding, cache_sharding, *[rep] * 11),
+                           out_shardings=(cache_sharding, rep, rep, rep))
+        _STEPS[full_key] = step
+    return step

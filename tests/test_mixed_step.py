@@ -1,0 +1,100 @@
+"""A long prompt's chunk and the running requests' decode step in one jitted call
+(``jaxspec.engine.mixed_step``): exactly the separate calls' results, no compilation after warm-up."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import CompileCounter, scaled_model
+from jaxspec.engine.engine import Engine
+from jaxspec.engine.factory import make_runner
+from jaxspec.models.kv_cache import KVCache
+from jaxspec.models.transformer import Segment
+from jaxspec.sampling import SamplingParams
+from jaxspec.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scaled_model("tiny-moe")
+
+
+def test_forward_segments_equals_the_segments_forwards_one_after_another(model):
+    cfg, s, m = model.cfg, 4, 64
+    rng = np.random.default_rng(0)
+    first = model(jnp.asarray(rng.integers(3, 200, (1, 10)), jnp.int32), jnp.zeros(1, jnp.int32),
+                  KVCache.create(cfg, s, m), jnp.array([0]), jnp.array([10]), kv_len=m)
+    # Decode rows (one a padding row) and a padded prefill chunk for another slot.
+    dec = Segment(jnp.array([[7], [0]], jnp.int32), jnp.array([10, 0], jnp.int32), jnp.array([0, s], jnp.int32),
+                  jnp.array([1, 0], jnp.int32))
+    pre = Segment(jnp.asarray(rng.integers(3, 200, (1, 8)), jnp.int32), jnp.array([0], jnp.int32),
+                  jnp.array([1], jnp.int32), jnp.array([6], jnp.int32))
+    a = model(*dec[:2], first.cache, *dec[2:], kv_len=m)
+    b = model(*pre[:2], a.cache, *pre[2:], kv_len=m)
+    (hd, hp), cache, load = model.forward_segments((dec, pre), first.cache, (m, m))
+    np.testing.assert_array_equal(np.asarray(model.logits(hd))[0], np.asarray(a.logits)[0])
+    np.testing.assert_array_equal(np.asarray(model.logits(hp))[0, :6], np.asarray(b.logits)[0, :6])
+    np.testing.assert_array_equal(np.asarray(cache.k), np.asarray(b.cache.k))
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [11, 6, 0, 0])
+    np.testing.assert_array_equal(np.asarray(load), np.asarray(a.expert_load) + np.asarray(b.expert_load))
+
+
+def _serve(runner, prompts, late, params):
+    """Two requests decoding, then ``late`` (a long prompt) arrives: greedy tokens per request."""
+    eng = Engine(runner, ByteTokenizer(), eos_ids=[])
+    ids = [eng.add_request(p, params) for p in prompts]
+    got = {}
+    for _ in range(3):
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    ids.append(eng.add_request(late, params))
+    while eng.has_unfinished():
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return [got[i] for i in ids]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["slot", "paged"])
+def test_chunks_run_with_decode_steps_and_outputs_equal_whole_prompt_prefill(model, paged):
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(3, 250, size=n)] for n in (12, 20)]
+    late = [int(t) for t in rng.integers(3, 250, size=100)]  # chunks of 32, 32, 32, 4
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    paging = dict(page_size=8) if paged else {}
+    ref = _serve(make_runner(model, num_slots=4, max_len=256, **paging), prompts, late, params)
+    runner = make_runner(model, num_slots=4, max_len=256, prefill_chunk=32, mixed_prefill="on", **paging)
+    inner = runner.runner
+    calls = []
+    mixed = inner.prefill_with_decode
+    inner.prefill_with_decode = lambda *a: calls.append(len(a[4])) or mixed(*a)
+    assert _serve(runner, prompts, late, params) == ref
+    assert calls == [2, 2, 2]  # the three full chunks, each with both running requests' decode
+
+
+@pytest.mark.slow
+def test_no_compilation_after_warmup_with_mixed_steps(model):
+    runner = make_runner(model, num_slots=2, max_len=64, prefill_chunk=16, page_size=8, mixed_prefill="on")
+    assert runner.runner.mixed_length == 16
+    runner.warmup()
+    counter = CompileCounter()
+    eng = Engine(runner, ByteTokenizer(), eos_ids=[])
+    rng = np.random.default_rng(2)
+    for i, n in enumerate((5, 40, 9, 50, 33)):
+        eng.add_request([int(t) for t in rng.integers(3, 250, size=n)],
+                        SamplingParams(max_tokens=10, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True))
+        eng.step()
+    while eng.has_unfinished():
+        eng.step()
+    assert counter.count == 0, f"{counter.count} compilation(s) after warm-up"
+
+
+def test_mixing_is_on_where_asked_and_by_default_only_on_accelerators(model, monkeypatch):
+    import jax
+
+    assert make_runner(model, num_slots=2, max_len=64, prefill_chunk=16, mixed_prefill="off").runner.mixed_length is None
+    assert make_runner(model, num_slots=2, max_len=64, prefill_chunk=16).runner.mixed_length is None  # CPU
+    assert make_runner(model, num_slots=2, max_len=64, mixed_prefill="on").runner.mixed_length is None  # whole prompts
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert make_runner(model, num_slots=2, max_len=64, prefill_chunk=16).runner.mixed_length == 16
+    with pytest.raises(ValueError, match="mixed_prefill must be one of"):
+        make_runner(model, num_slots=2, max_len=64, mixed_prefill="yes")
