@@ -12,6 +12,9 @@ bucket, and both attend over the whole context (one span), so a runner compiles 
 decode batch bucket. The chunk's attention over the context dominates such a step; the decode
 rows' reads past their own lengths are the price of not multiplying the compiled shapes by the
 span buckets. Shorter pieces (a prompt's last chunk, short prompts) run as their own prefill call.
+
+``mixed_prefill="auto"`` mixes on accelerators only: on a CPU a chunk is compute-bound, the saved
+weight reads are small, and one call measured 1.12-1.20x two (``docs/long_context.md``).
 """
 
 from __future__ import annotations
