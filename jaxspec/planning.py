@@ -214,8 +214,8 @@ def _step_bytes(compiled) -> int:
 def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, slots, max_len,
                    draft=None, k: int = 4, prefill_chunk: int | None = None) -> dict[str, Callable]:
     """The real engine steps, lowered with abstract arguments; returns name -> compile thunk."""
-    from jaxspec.engine.model_runner import (PlacedBackend, StepStatics, _decode_impl, _prefill_at_impl, _prefill_impl,
-                                             slots_unsplit)
+    from jaxspec.engine.steps import (PlacedBackend, StepStatics, _decode_impl, _prefill_at_impl, _prefill_impl,
+                                      slots_unsplit)
     from jaxspec.models.moe_parallel import moe_backend_for
     from jaxspec.sampling import BatchSampling
 
@@ -246,7 +246,7 @@ def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, s
     steps[f"decode {slots}"] = lambda: decode.lower(state, cache, i32(slots), i32(slots), i32(slots), i32(slots),
                                                    sampling(slots), i32(slots)).compile()
     if draft is not None:
-        from jaxspec.engine.model_runner import _forward
+        from jaxspec.engine.steps import _forward
         from jaxspec.speculative.draft_model import PENDING_BLOCK, _make_loop
         from jaxspec.speculative.runner import _make_verify
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxspec.engine.steps import PlacedBackend
 from jaxspec.models.transformer import Segment
 from jaxspec.sampling import BatchSampling, sample_tokens
 
@@ -34,8 +35,6 @@ def _mixed_impl(graphdef, statics, state, cache, d_slots, d_tokens, d_start, d_v
                 d_out_positions, p_tokens, p_start, p_slots, p_valid, p_sampling: BatchSampling, *, kv_len: int):
     """Decode rows d_* [B] (padding rows: slot id S, valid 0) and prefill rows p_tokens [P, T] from
     p_start [P] -> (cache, decode tokens [B], each prefill row's sampled token [P], expert load)."""
-    from jaxspec.engine.model_runner import PlacedBackend  # the runner module imports this one
-
     placed = statics.moe_backend if isinstance(statics.moe_backend, PlacedBackend) else None
     backend = placed.dispatch if placed is not None else statics.moe_backend
     model = nnx.merge(graphdef, state)

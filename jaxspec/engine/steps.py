@@ -1,0 +1,174 @@
+"""The jitted steps a ``ModelRunner`` runs: prefill, prefill at an offset, and decode.
+
+The step functions are module-level with the graph definition static, so runners of the same
+model architecture share compiled executables (a new engine does not recompile). Single-device
+runners get them from ``unplaced_steps``; runners on a mesh from ``placed_steps``, compiled with
+explicit in/out shardings: the cache comes back with the sharding it went in with.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspec.mesh import Placement
+from jaxspec.models import KVCache
+from jaxspec.sampling import BatchSampling, sample_tokens
+
+
+def slots_unsplit(cache_sharding: KVCache) -> bool:
+    """Whether the cache's slot axis lives whole on every device (rows can be packed freely)."""
+    spec = getattr(cache_sharding.k, "spec", None)
+    return spec is None or len(spec) < 2 or spec[1] is None
+
+
+class StepStatics(NamedTuple):
+    """Everything static a step's trace depends on besides shapes and the graph: part of every
+    jit key, so runners that differ here never share a compiled step. Hashable."""
+
+    moe_backend: Any = None  # backend name, ExpertParallel, PlacedBackend, or None (the config's)
+    attention_backend: str = "xla"
+    # Layers whose input hidden states the steps also return (EAGLE-3 features; ``()``: none, and
+    # the steps are exactly the plain ones).
+    aux_layers: tuple[int, ...] = ()
+
+
+class PlacedBackend(NamedTuple):
+    """The ``moe_backend`` of a runner on a mesh: the MoE dispatch plus the placement.
+
+    Steps built from ``ModelRunner.forward_fn`` (speculative verification) then pin the
+    cache they return to its input sharding too, and jit caches keyed on ``moe_backend``
+    tell runners on different meshes apart. Hashable (a static jit argument)."""
+
+    dispatch: Any  # backend name, ExpertParallel, or None (the model config's)
+    placement: Placement
+
+
+def _forward(graphdef, statics: StepStatics, state, tokens, start, cache, slot_ids=None, num_valid=None, kv_len=None):
+    moe_backend = statics.moe_backend
+    placed = moe_backend if isinstance(moe_backend, PlacedBackend) else None
+    backend = placed.dispatch if placed else moe_backend
+    out = nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend, kv_len=kv_len,
+                                     attention_backend=statics.attention_backend, aux_layers=statics.aux_layers)
+    if placed is not None:
+        out = out._replace(cache=jax.lax.with_sharding_constraint(out.cache, placed.placement.cache_shardings(out.cache)))
+    return out
+
+
+def _prefill_impl(graphdef, statics, state, cache, tokens, slot_ids, num_valid, sampling: BatchSampling):
+    """tokens [P, T] prompts from position 0, slot_ids/num_valid [P] (padding rows: slot id S)
+    -> (cache, first token [P], last logits [P, V], expert load[, aux hidden [P, T, F] with
+    ``statics.aux_layers``]). Attends over T positions only."""
+    p, t = tokens.shape
+    out = _forward(graphdef, statics, state, tokens, jnp.zeros((p,), jnp.int32), cache, slot_ids, num_valid, kv_len=t)
+    last = jnp.take_along_axis(out.logits, jnp.maximum(num_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
+    token = sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32))
+    return (out.cache, token, last, out.expert_load, *_aux(out))
+
+
+def _prefill_at_impl(graphdef, statics, state, cache, tokens, start, slot_ids, num_valid, sampling: BatchSampling,
+                     *, kv_len: int):
+    """``_prefill_impl`` for prompts whose first ``start`` [P] tokens are already in the cache (a
+    shared prefix, or earlier chunks): tokens [P, T] go to start..start+T-1; attends over kv_len."""
+    p, t = tokens.shape
+    out = _forward(graphdef, statics, state, tokens, start, cache, slot_ids, num_valid, kv_len=kv_len)
+    last = jnp.take_along_axis(out.logits, jnp.maximum(num_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
+    token = sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32))
+    return (out.cache, token, last, out.expert_load, *_aux(out))
+
+
+def _aux(out) -> tuple:
+    return () if out.aux_hidden is None else (out.aux_hidden,)
+
+
+def _decode_impl(graphdef, statics, state, cache, slot_ids, last_tokens, start, num_valid, sampling: BatchSampling,
+                 out_positions, *, kv_len: int, identity_rows: bool = False):
+    """One token for each of B rows: slot_ids/last_tokens/start/num_valid/out_positions [B] (padding
+    rows: slot id S, num_valid 0) -> (cache, tokens [B], expert load). Attends over kv_len positions.
+    ``identity_rows``: row b is slot b (slot_ids ignored; no gather of cache rows)."""
+    ids = None if identity_rows else slot_ids
+    out = _forward(graphdef, statics, state, last_tokens[:, None], start, cache, ids, num_valid, kv_len=kv_len)
+    tokens = sample_tokens(out.logits[:, 0], sampling, out_positions)
+    return (out.cache, tokens, out.expert_load, *_aux(out))
+
+
+# Jitted steps with the graphdef bound, resolved once per runner: hashing a graphdef
+# costs ~1 ms, too much to pay on every decode step as a static argument.
+_STEPS: dict[tuple, tuple[Callable, "SpanSteps", "SpanSteps"]] = {}
+
+
+class SpanSteps:
+    """A decode step compiled once per attention span: ``step(*args, kv_len=N)``. The span is
+    bound into each jitted function (not a static keyword), so it works with explicit
+    in/out shardings too."""
+
+    def __init__(self, make: Callable[[int], Callable]):
+        self._make = make
+        self._fns: dict[int, Callable] = {}
+
+    def for_span(self, kv_len: int) -> Callable:
+        fn = self._fns.get(kv_len)
+        if fn is None:
+            fn = self._fns[kv_len] = self._make(kv_len)
+        return fn
+
+    def __call__(self, *args, kv_len: int):
+        return self.for_span(kv_len)(*args)
+
+
+def unplaced_steps(graphdef, statics: StepStatics) -> tuple[Callable, SpanSteps, SpanSteps]:
+    """(prefill, decode, prefill at an offset) for a single-device runner, shared by every runner of
+    this architecture."""
+    key = (graphdef, statics)
+    steps = _STEPS.get(key)
+    if steps is None:
+        steps = _STEPS[key] = (
+            jax.jit(functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,)),
+            SpanSteps(lambda kv_len: jax.jit(functools.partial(_decode_impl, graphdef, statics, kv_len=kv_len),
+                                             donate_argnums=(1,))),
+            SpanSteps(lambda kv_len: jax.jit(functools.partial(_prefill_at_impl, graphdef, statics, kv_len=kv_len),
+                                             donate_argnums=(1,))),
+        )
+    return steps
+
+# Steps of placed runners, compiled with explicit shardings; keyed on everything the
+# shardings depend on, so runners of one architecture on one mesh share executables.
+_PLACED_STEPS: dict[tuple, tuple[Callable, SpanSteps, SpanSteps]] = {}
+
+
+def placed_steps(graphdef, statics: StepStatics, state_sharding, cache_sharding: KVCache, key: tuple):
+    """(prefill, decode, prefill at an offset) jitted with in/out shardings: parameters and cache as
+    placed, the small per-step inputs and outputs (tokens, sampling settings, logits, expert load,
+    captured hidden states) replicated."""
+    steps = _PLACED_STEPS.get(key)
+    if steps is None:
+        rep = statics.moe_backend.placement.replicated()
+        # EAGLE-3 features [rows, T, F] replicated like the logits: the head's absorb (one device's
+        # worth of work, its rows in any order) takes them as they come out.
+        aux = (rep,) if statics.aux_layers else ()
+        prefill = jax.jit(
+            functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,),
+            in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep),
+            out_shardings=(cache_sharding, rep, rep, rep, *aux),
+        )
+        # A cache whose slots are split over devices is stepped in slot order: packing rows of
+        # different shards into one batch would move cache rows between devices.
+        identity = not slots_unsplit(cache_sharding)
+        decode = SpanSteps(lambda kv_len: jax.jit(
+            functools.partial(_decode_impl, graphdef, statics, kv_len=kv_len, identity_rows=identity),
+            donate_argnums=(1,),
+            in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep, rep, rep),
+            out_shardings=(cache_sharding, rep, rep, *aux),
+        ))
+        prefill_at = SpanSteps(lambda kv_len: jax.jit(
+            functools.partial(_prefill_at_impl, graphdef, statics, kv_len=kv_len), donate_argnums=(1,),
+            in_shardings=(state_sharding, cache_sharding, rep, rep, rep, rep, rep),
+            out_shardings=(cache_sharding, rep, rep, rep, *aux),
+        ))
+        steps = _PLACED_STEPS[key] = (prefill, decode, prefill_at)
+    return steps
+
