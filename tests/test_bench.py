@@ -182,6 +182,19 @@ def test_edit_prompts_repeat_their_first_line():
         head, marker, first = text.rpartition(EDIT_MARKER + "\n")
         assert marker and first.lstrip().startswith(("def ", "async def ")) and first.endswith("\n")
         assert head.startswith(first)  # the prompt opens with the line it ends on: a copy follows
+    one = make_workload("edit", tok, 4, 32, 0, context=512).requests
+    two = make_workload("edit:copies=2", tok, 4, 32, 0, context=512).requests
+    for a, b in zip(one, two):
+        text, shown = tok.decode(list(b.prompt)), tok.decode(list(a.prompt))
+        body, _, first = shown.rpartition(EDIT_MARKER + "\n")
+        # The function and the marker twice, then the first line: a copy is shown before one is asked.
+        assert text.count(EDIT_MARKER) == 2 and text == body + EDIT_MARKER + "\n" + body + EDIT_MARKER + "\n" + first
+        assert len(b.prompt) + b.max_tokens <= 512
+    for bad in ("edit:copies=0", "edit:copy=2"):
+        with pytest.raises(ValueError, match="bad workload"):
+            make_workload(bad, tok, 2, 32, 0, context=512)
+    with pytest.raises(ValueError, match="do not fit the context"):
+        make_workload("edit:copies=4", tok, 2, 32, 0, context=256)
 
 
 def test_jsonl_prompts_and_sharegpt(tmp_path):

@@ -3,9 +3,11 @@
 * ``code``    held-out CPython standard-library files (the split the built-in models never trained on,
               ``jaxspec.training.corpus``) cut at line boundaries into prompts of 100-200 tokens; the
               model completes them.
-* ``edit``    copy-heavy: a held-out function, the comment ``# the same function, unchanged:`` and the
-              function's first line again, so the right continuation re-emits the prompt (what n-gram
-              / prompt-lookup speculation is for).
+* ``edit[:copies=N]``  copy-heavy: a held-out function, the comment ``# the same function, unchanged:``
+              and the function's first line again, so the right continuation re-emits the prompt (what
+              n-gram / prompt-lookup speculation is for). ``copies=N`` (default 1) shows the function
+              and the marker N times before the first line: small models copy once they have seen a
+              copy made in the prompt.
 * ``long[:in=N,out=M]``  prefill-heavy: held-out file text cut to prompts near the context length
               (default: context - out - 8 tokens), short outputs (default 16).
 * ``synthetic:in=N,out=M[,text=random|repeat]``  fixed token counts; ``repeat`` repeats one random
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 EDIT_MARKER = "# the same function, unchanged:"
-WORKLOAD_USAGE = ("expected code, edit, long[:in=N,out=M], synthetic:in=N,out=M[,text=random|repeat] "
+WORKLOAD_USAGE = ("expected code, edit[:copies=N], long[:in=N,out=M], synthetic:in=N,out=M[,text=random|repeat] "
                   "or jsonl:PATH")
 
 
@@ -117,11 +119,18 @@ def file_prompts(docs, tok, count: int, seed: int, lo: int, hi: int) -> list[lis
     raise ValueError(f"could not cut {count} prompts of {lo}-{hi} tokens from the held-out files")
 
 
-def edit_prompts(docs, tok, count: int, seed: int, max_tokens: int) -> list[list[int]]:
-    """Function text + marker comment + the function's first line: the continuation is a copy.
-    Functions must hold at least max_tokens + 16 tokens so the whole output can be copied."""
+def edit_prompts(docs, tok, count: int, seed: int, max_tokens: int, copies: int = 1,
+                 context: int | None = None) -> list[list[int]]:
+    """(Function text + marker comment) x ``copies`` + the function's first line: the continuation is
+    a copy. Functions must hold at least max_tokens + 16 tokens so the whole output can be copied,
+    and (with ``context``) the prompt and the output must fit it."""
     need = max_tokens + 16
     limit = max(160, need + 48)
+    if context is not None:
+        limit = min(limit, (context - max_tokens - 8) // copies - 16)
+        if limit < need:
+            raise ValueError(f"edit workload: {copies} copies of a function of >= {need} tokens and "
+                             f"{max_tokens} output tokens do not fit the context of {context}")
     functions = []
     for d in docs:  # documents come sorted by id and ast.walk is deterministic
         try:
@@ -139,7 +148,11 @@ def edit_prompts(docs, tok, count: int, seed: int, max_tokens: int) -> list[list
         text, ids = cut_lines(tok, fn, limit)
         if len(ids) < need:
             continue
-        prompts.append(tok.encode(text.rstrip("\n") + "\n\n" + indent + EDIT_MARKER + "\n" + first, add_bos=True))
+        shown = (text.rstrip("\n") + "\n\n" + indent + EDIT_MARKER + "\n") * copies
+        ids = tok.encode(shown + first, add_bos=True)
+        if context is not None and len(ids) + max_tokens > context:
+            continue
+        prompts.append(ids)
         if len(prompts) == count:
             return prompts
     if not prompts:
@@ -195,12 +208,13 @@ def make_workload(spec: str, tok, count: int, max_tokens: int, seed: int, *, con
     kind, _, rest = spec.partition(":")
     pairs: list[tuple[list[int], int]]
     dropped = 0
-    if kind in ("code", "edit") and not rest:
-        docs = _held_out_docs(corpus)
-        if kind == "code":
-            pairs = [(p, max_tokens) for p in file_prompts(docs, tok, total, seed, 100, 200)]
-        else:
-            pairs = [(p, max_tokens) for p in edit_prompts(docs, tok, total, seed, max_tokens)]
+    if kind == "code" and not rest:
+        pairs = [(p, max_tokens) for p in file_prompts(_held_out_docs(corpus), tok, total, seed, 100, 200)]
+    elif kind == "edit":
+        opts = _options(rest, spec, {"copies": r"[1-9]\d*"})
+        copies = int(opts.get("copies", 1))
+        pairs = [(p, max_tokens) for p in edit_prompts(_held_out_docs(corpus), tok, total, seed, max_tokens,
+                                                       copies, context)]
     elif kind == "long":
         opts = _options(rest, spec, {"in": r"\d+", "out": r"\d+"})
         out = int(opts.get("out", 16))
