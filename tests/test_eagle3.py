@@ -361,7 +361,14 @@ def test_greedy_with_adaptive_k_and_per_request_k(tmp_path):
                                num_speculative_tokens="auto", k_max=2, cost_model=costs)
     engine = Engine(runner, TOK)
     runner.warmup()
+    assert runner.fused_head
     counter = CompileCounter()
+    # Fused, a k = 0 step is one call too (the target's step and the head's absorb of its features):
+    # no separate plain decode step, and the head absorbs nothing outside the steps but prompts.
+    plain_steps, absorbs = [], []
+    runner.target.decode_rows = lambda *a, **kw: plain_steps.append(a)
+    observe = runner.proposer.observe
+    runner.proposer.observe = lambda rows, tokens, *a: (absorbs.append(np.shape(tokens)[1]), observe(rows, tokens, *a))
     ids = [engine.add_request(p, GREEDY, num_speculative_tokens=k) for p, k in zip(prompts, (None, 0, 1, 2, None))]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_unfinished():
@@ -369,6 +376,7 @@ def test_greedy_with_adaptive_k_and_per_request_k(tmp_path):
             tokens[o.request_id] += o.new_token_ids
     assert [tokens[i] for i in ids] == plain
     assert {0, 1, 2} <= {kb for kb, n in runner.bucket_steps.items() if n}
+    assert not plain_steps and absorbs and all(width > 2 for width in absorbs), (len(plain_steps), absorbs)
     assert counter.count == 0, f"{counter.count} compilation(s) after warm-up"
 
 

@@ -29,8 +29,9 @@ the draft vocabulary until one scatter to the target's ids per round.
 In the runner's fused step (``SpeculativeRunner.fused_head``, on one device or a mesh) the round,
 the target's verification and the absorb of the kept positions run as one jitted call
 (``round_fns``; the host only books the absorbed lengths, ``absorbed``); otherwise (``fuse=False``)
-the round is its own call before verification and the absorb one after (``observe``). Prefills and
-plain steps are absorbed through ``observe`` in both cases.
+the round is its own call before verification and the absorb one after (``observe``). Fused, a
+step in which the adaptive policy drafts nothing (k = 0) is one call as well: the target's one-token
+step and the absorb of its features. Prefills are absorbed through ``observe`` in both cases.
 
 On a mesh (``use_placement``, called by the runner when the target is placed) the head is placed
 as a draft model is: weights replicated when the head and its cache are small, else by the

@@ -98,14 +98,19 @@ def _make_fused_head(round_, absorb, verify):
     verified positions) and the head's absorb of the kept ones in one step, so a step is one
     dispatch and one device->host transfer, as with a fused draft model. Rows are packed, or every
     slot in order where the target's cache splits slots over devices (``verify`` then built with
-    ``identity_rows``); on a mesh the runner compiles it with every state and cache as placed."""
+    ``identity_rows``); on a mesh the runner compiles it with every state and cache as placed.
+    ``round_`` None: a k = 0 step (the one-token verification draws the token a plain decode step
+    draws), so a step the adaptive policy does not draft in is one call too."""
 
     def step(t_state, t_cache, h_state, embed, h_cache, last, slot_ids, last_tokens, start, num_draft,
              sampling: BatchSampling, out_pos, active):
-        # Rows that do not step (slots in order, where the cache splits them over devices) draft at
-        # positions past the head's cache: nothing of theirs is written.
-        far = jnp.where(active, start, h_cache.k.shape[2])
-        h_cache, drafts, q = round_(h_state, embed, h_cache, last, slot_ids, far, sampling, out_pos)
+        if round_ is None:  # k = 0: the target's one-token step and the head's absorb of it
+            drafts, q = jnp.zeros((slot_ids.shape[0], 0), jnp.int32), None
+        else:
+            # Rows that do not step (slots in order, where the cache splits them over devices) draft
+            # at positions past the head's cache: nothing of theirs is written.
+            far = jnp.where(active, start, h_cache.k.shape[2])
+            h_cache, drafts, q = round_(h_state, embed, h_cache, last, slot_ids, far, sampling, out_pos)
         t_cache, out_tokens, accepted, load, feats = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
                                                             num_draft, sampling, out_pos, active)
         # t0 and the accepted drafts, each followed by the next kept token (as ``observe`` gets them).
@@ -233,10 +238,12 @@ class SpeculativeRunner:
                 key = (*key, prop.placement, self.num_slots, self.max_len, target.paging, target.kv_dtype,
                        prop.kv_dtype)
             identity = not target.compact_rows
-            fn = self._fused_fns[("head", kb, kv_len)] = cached_jit(
-                key, lambda: _make_fused_head(*prop.round_fns(kb, kv_len),
-                                              _make_verify(target.forward_fn(), self.verify_backend, kv_len, identity)),
-                **kwargs)
+            def make():
+                round_, absorb = prop.round_fns(max(kb, 1), kv_len)
+                return _make_fused_head(round_ if kb else None, absorb,
+                                        _make_verify(target.forward_fn(), self.verify_backend, kv_len, identity))
+
+            fn = self._fused_fns[("head", kb, kv_len)] = cached_jit(key, make, **kwargs)
         return fn
 
     def _run_fused_head(self, kb: int, kv_len: int, slot_ids, last_tokens, start, num_draft, sampling, out_pos,
@@ -271,7 +278,7 @@ class SpeculativeRunner:
         the step with valid random tokens that route to experts as real traffic does."""
         s = self.num_slots
         rows = rows if self.target.compact_rows else s
-        if kb == 0:
+        if kb == 0 and not self.fused_head:
             self.target.idle_decode(rows, kv_len, live)
             return
         sampling = pad_sampling(SlotTable(0).sampling(), rows)
@@ -404,7 +411,7 @@ class SpeculativeRunner:
             self.proposer.warmup(self.buckets, self.target.batch_buckets)
         for rows in self.target.batch_buckets:
             for kv_len in self.target.kv_buckets:
-                for kb in self.buckets:
+                for kb in [0, *self.buckets] if self.fused_head else self.buckets:
                     self._dummy_step(kb, rows, kv_len)
         if self.adaptive and self.spec.cost_model is None:
             for rows in self.target.batch_buckets:
@@ -493,7 +500,7 @@ class SpeculativeRunner:
         kb_run = kb
         if kb > 0 and self.fused:
             return self._fused_decode(ctx, act, where, row_slots, last, sampling, out_pos, t0)
-        if kb > 0 and self.fused_head:
+        if self.fused_head:
             return self._fused_head_decode(ctx, act, where, row_slots, last, t0)
         if kb > 0:
             proposal = self.proposer.propose(ctx)
