@@ -21,3 +21,19 @@ def _release_compiled_executables():
     process crashed XLA:CPU's compiler (a segfault inside a later compile)."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _persistent_compilation_cache():
+    """One persistent compilation cache for the whole run: many tests build the same tiny models
+    and compile the same step programs, which then load instead of compiling again. A cache hit
+    still fires jax's backend-compile event, so ``CompileCounter`` counts it as a compilation.
+    ``JAXSPEC_TEST_SESSION_CACHE=0`` turns it off (to time compilations)."""
+    if os.environ.get("JAXSPEC_TEST_SESSION_CACHE") == "0":
+        yield None
+        return
+    from serving.testing import persistent_compilation_cache
+
+    with persistent_compilation_cache() as path:
+        yield path
+
