@@ -492,9 +492,10 @@ class ModelRunner:
     def lengths(self) -> np.ndarray:
         return np.asarray(self.cache.lengths)
 
-    def warmup(self) -> None:
-        """Compile every prefill (rows x length) bucket and every decode (rows x span) bucket; no
-        request state is touched (every write goes to the padding slot id)."""
+    def warmup(self, decode: bool = True) -> None:
+        """Compile every prefill (rows x length) bucket and every decode (rows x span) bucket (not
+        with ``decode=False``: a caller whose steps never run this runner's decode); no request
+        state is touched (every write goes to the padding slot id)."""
         saved = self.lengths()
         saved_host = self.host_lengths.copy()
         s = self.num_slots
@@ -504,7 +505,7 @@ class ModelRunner:
                 self.cache, token, *_ = self._steps[0](
                     self.state, self.cache, tokens, np.full(rows, s, np.int32), np.zeros(rows, np.int32),
                     pad_sampling(SlotTable(0).sampling(), rows))
-        for b in self.batch_buckets:
+        for b in self.batch_buckets if decode else ():
             for kv_len in self.kv_buckets:
                 self.idle_decode(b, kv_len)
         if self.paging is not None or self.prefill_chunk is not None:

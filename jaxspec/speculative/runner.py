@@ -402,7 +402,9 @@ class SpeculativeRunner:
     def warmup(self) -> None:
         """Compile prefill, every draft loop and verification (rows x span x k buckets); measure
         costs per batch bucket if adaptive."""
-        self.target.warmup()
+        # Fused with an EAGLE-3 head every step, k = 0 included, is the runner's own: the target's
+        # plain decode steps never run.
+        self.target.warmup(decode=not self.fused_head)
         if self.fused:
             self.proposer.warmup(self.buckets, loops=False)
         elif self.fused_head:  # the head's absorbs of prefills and plain steps; its rounds run in the steps
