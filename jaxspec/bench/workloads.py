@@ -6,8 +6,7 @@
 * ``edit[:copies=N]``  copy-heavy: a held-out function, the comment ``# the same function, unchanged:``
               and the function's first line again, so the right continuation re-emits the prompt (what
               n-gram / prompt-lookup speculation is for). ``copies=N`` (default 1) shows the function
-              and the marker N times before the first line: small models copy once they have seen a
-              copy made in the prompt.
+              and the marker N times before the first line, a copy made before one is asked for.
 * ``long[:in=N,out=M]``  prefill-heavy: held-out file text cut to prompts near the context length
               (default: context - out - 8 tokens), short outputs (default 16).
 * ``synthetic:in=N,out=M[,text=random|repeat]``  fixed token counts; ``repeat`` repeats one random

@@ -316,15 +316,16 @@ class Eagle3Proposer:
 
     # ----------------------------------------------------------------- warm-up
     def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None, drafts: bool = True) -> None:
-        """Compile every draft length x batch bucket x span (``drafts=False``: none, where a runner
-        fuses the round into its step), and the absorbs of prefills (every prompt bucket at its own
-        span), plain steps (width 1) and verifications (width kb + 1) at every span; no slot is touched."""
+        """Compile every draft length x batch bucket x span, the absorbs of plain steps (width 1) and
+        verifications (width kb + 1) at every span (``drafts=False``: none of these, where a runner
+        fuses the round and the absorbs into its steps), and the absorbs of prefills (every prompt
+        bucket at its own span); no slot is touched."""
         for kb in buckets if drafts else ():
             for rows in batch_buckets or [self.num_slots]:
                 for kv_len in self.kv_buckets:
                     if kb > 0:
                         self._run_dummy(kb, rows, kv_len)
-        for rows in batch_buckets or [self.num_slots]:
+        for rows in (batch_buckets or [self.num_slots]) if drafts else ():
             for width in sorted({1, *[kb + 1 for kb in buckets if kb > 0]}):
                 for kv_len in self.kv_buckets:
                     if kv_len >= self.kv_bucket_for(width):

@@ -407,7 +407,7 @@ class SpeculativeRunner:
         self.target.warmup(decode=not self.fused_head)
         if self.fused:
             self.proposer.warmup(self.buckets, loops=False)
-        elif self.fused_head:  # the head's absorbs of prefills and plain steps; its rounds run in the steps
+        elif self.fused_head:  # the head's absorbs of prefills; its rounds and other absorbs run in the steps
             self.proposer.warmup(self.buckets, self.target.batch_buckets, drafts=False)
         else:
             self.proposer.warmup(self.buckets, self.target.batch_buckets)
