@@ -187,7 +187,7 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
             )
     kv_pages = opts.kv_pages
     if opts.kv_memory_fraction is not None:
-        kv_pages = pages_for_memory_fraction(opts, model, draft_model if opts.spec_method == "draft" else None)
+        kv_pages = pages_for_memory_fraction(opts, model, draft_model)
         log.info("KV pool: %d pages of %d positions (%.0f%% of device memory less weights)", kv_pages,
                  opts.page_size, 100 * opts.kv_memory_fraction)
     try:
@@ -202,8 +202,9 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
         raise ConfigError(str(e)) from e
 
 
-def pages_for_memory_fraction(opts: EngineOptions, model: Transformer, draft: Transformer | None) -> int:
-    """Pages of the target's (and a draft model's) cache that fit ``kv_memory_fraction`` of one
+def pages_for_memory_fraction(opts: EngineOptions, model: Transformer, draft=None) -> int:
+    """Pages of the target's (and a draft model's or EAGLE-3 head's: each pages its cache page for
+    page with the target) cache that fit ``kv_memory_fraction`` of one
     device's memory after the weights (the first device; per-device on a mesh: weights and
     pages are counted as if unsharded, which under-fills a sharded pool rather than overfilling it)."""
     from jaxspec.mesh import device_memory_bytes

@@ -112,6 +112,7 @@ class WrappedRunner:
         self.num_slots = runner.num_slots
         self.max_len = runner.max_len
         self.reuses_prefix = runner.reuses_prefix
+        self.prefix_key_tokens = runner.prefix_key_tokens
         self.lookahead = runner.lookahead
         self.prefill_chunk = runner.prefill_chunk
 

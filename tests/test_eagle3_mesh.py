@@ -1,8 +1,9 @@
 """EAGLE-3 heads with the target on a mesh (8 virtual CPU devices, float32): the target's captured
 features equal one device's, and greedy speculative output equals plain greedy decoding, with the
 head replicated (1x8 tensor mesh, slots whole on every device) or placed by the target's rules
-(2x4 data x tensor mesh, cache slots split over data), fused into the verification step or not;
-and, once warmed up, no step compiles."""
+(2x4 data x tensor mesh, cache slots split over data), fused into the verification step or not,
+with a paged cache (the head's paged like the target's) and chunked prompts; and, once warmed up,
+no step compiles."""
 
 from __future__ import annotations
 
@@ -79,12 +80,14 @@ def make_head(target, outputs: list[list[int]], seed: int = 5):
     return head
 
 
-def spec_runner(target, head, shape, fuse=True, k=2):
-    """The CLI's and the server's path (``make_runner`` with a placement) for the fused step."""
+def spec_runner(target, head, shape, fuse=True, k=2, paged=False):
+    """The CLI's and the server's path (``make_runner`` with a placement) for the fused step;
+    ``paged``: a paged cache (the head's paged with the target's table) and prompts in chunks."""
     placement = placement_for(shape)
     if fuse:
+        pages = dict(page_size=8, num_pages=SLOTS * MAX_LEN // 8, prefill_chunk=16) if paged else {}
         runner = make_runner(target, num_slots=SLOTS, max_len=MAX_LEN, placement=placement, spec_method="eagle3",
-                             draft=head, num_speculative_tokens=k, k_max=k)
+                             draft=head, num_speculative_tokens=k, k_max=k, **pages)
     else:
         runner = SpeculativeRunner(ModelRunner(target, SLOTS, MAX_LEN, placement=placement),
                                    make_proposer("eagle3", head, target=target), num_speculative_tokens=k, k_max=k,
@@ -123,16 +126,17 @@ def test_captured_features_equal_single_device(target):
     assert placed.captured.sharding.is_fully_replicated
 
 
-@pytest.mark.parametrize("mesh,fuse,sharded_head", [
-    pytest.param("1x8", True, False, id="1x8-fused-replicated-head"),
-    pytest.param("2x4", True, True, id="2x4-split-slots-fused-sharded-head"),
-    pytest.param("2x4", False, False, id="2x4-split-slots-unfused"),
+@pytest.mark.parametrize("mesh,fuse,sharded_head,paged", [
+    pytest.param("1x8", True, False, False, id="1x8-fused-replicated-head"),
+    pytest.param("2x4", True, True, False, id="2x4-split-slots-fused-sharded-head"),
+    pytest.param("2x4", False, False, False, id="2x4-split-slots-unfused"),
+    pytest.param("2x4", True, True, True, id="2x4-paged-chunked-fused-sharded-head"),
 ])
-def test_greedy_output_equals_plain_decoding(target, plain_greedy, monkeypatch, mesh, fuse, sharded_head):
+def test_greedy_output_equals_plain_decoding(target, plain_greedy, monkeypatch, mesh, fuse, sharded_head, paged):
     if sharded_head:  # no head is small enough to replicate: it takes the target's rules
         monkeypatch.setattr(mesh_mod, "DRAFT_REPLICATE_MAX_BYTES", 0)
     head = make_head(target, plain_greedy)
-    runner = spec_runner(target, head, MESHES[mesh], fuse=fuse)
+    runner = spec_runner(target, head, MESHES[mesh], fuse=fuse, paged=paged)
     engine = Engine(runner, TOK)
     assert [o.token_ids for o in engine.generate(PROMPTS, GREEDY)] == plain_greedy
     stats = engine.spec_stats
@@ -145,7 +149,9 @@ def test_greedy_output_equals_plain_decoding(target, plain_greedy, monkeypatch, 
     # Both caches kept their compiled layouts through prefills, rounds, verifications and absorbs.
     h_cache = prop.step_shardings()[2]
     assert prop.cache.k.sharding.is_equivalent_to(h_cache.k, 5)
-    assert prop.cache.k.sharding.spec[1] == tgt.cache.k.sharding.spec[1] == "data"  # slots split alike
+    # Slots split alike over data; pools of pages (any row may read any page) are not split.
+    assert prop.cache.k.sharding.spec[1] == tgt.cache.k.sharding.spec[1] == (None if paged else "data")
+    assert prop.cache.paged == tgt.cache.paged == paged
     assert prop.last.sharding.is_fully_replicated
     assert tgt.cache.k.sharding.is_equivalent_to(tgt.cache_sharding.k, 5)
     assert prop.embed.sharding.is_equivalent_to(tgt.state["embed"][...].sharding, 2)

@@ -127,7 +127,8 @@ class Engine:
                                    chunk=runner.prefill_chunk)
         self.prefilling: dict[int, int] = {}  # slot -> prompt tokens in its cache, for prompts prefilled in chunks
         paging = runner.paging()
-        self.pages = None if paging is None else PagePool(*paging, prefix_caching=prefix_caching and runner.reuses_prefix)
+        self.pages = None if paging is None else PagePool(*paging, prefix_caching=prefix_caching and runner.reuses_prefix,
+                                                          key_tokens=runner.prefix_key_tokens)
         self._reservations: dict[int, Reservation] = {}  # slot -> its pages (paged caches)
         self._pending: dict[str, Reservation] = {}  # request id -> pages reserved at admission
         if kv_admission not in KV_ADMISSIONS:

@@ -21,7 +21,7 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
     ``draft`` ("draft": a ``Transformer``; "eagle3": an ``Eagle3Head``, which reads this target's hidden
     states) or prompt lookup ("ngram"), with k fixed or "auto" (adaptive, up to k_max).
     ``page_size``: a paged KV cache of ``num_pages`` pages (default: as many positions as the slot
-    cache would hold, ``num_slots * max_len``) for the target and a draft model alike.
+    cache would hold, ``num_slots * max_len``) for the target and a draft model or EAGLE-3 head alike.
     ``prefill_chunk``: prompts longer than this are prefilled in chunks, one per engine step.
     ``kv_dtype`` / ``draft_kv_dtype``: "int8" KV caches (per-head-per-token scales) for the target /
     a draft model, each on its own; None or "auto": the model's dtype.

@@ -12,7 +12,10 @@ is keyed by a digest of that block and every block before it. A later prompt wit
 leading blocks takes those pages (reference counted, stored once however many requests share
 them) and prefills only the rest. A page whose last user finished stays cached, least recently
 used first out, until the pool needs it. The block holding a prompt's last token is never taken
-from the cache: prefill must run that token to get the first output token's logits.
+from the cache: prefill must run that token to get the first output token's logits. With
+``key_tokens`` k > 0 a block's key also covers the k tokens after it, for caches whose entry at a
+position depends on the tokens that follow (an EAGLE-3 head's reads the next token): two prompts
+share a block only where they also agree on what follows it.
 """
 
 from __future__ import annotations
@@ -47,12 +50,15 @@ class PrefixStats:
 
 
 class PagePool:
-    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True):
+    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True, key_tokens: int = 0):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"a page pool needs num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
+        if key_tokens < 0:
+            raise ValueError(f"key_tokens must be >= 0, got {key_tokens}")
         self.num_pages = num_pages
         self.page_size = page_size
         self.prefix_caching = prefix_caching
+        self.key_tokens = key_tokens
         self.refs = np.zeros(num_pages, np.int32)
         self._free = collections.deque(range(num_pages))  # hold nothing worth keeping
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unreferenced (LRU first)
@@ -74,13 +80,14 @@ class PagePool:
         return -(-positions // self.page_size)
 
     def digests(self, prompt: list[int] | np.ndarray) -> list[bytes]:
-        """Chained digests of the prompt's full blocks, except one holding its last token."""
-        blocks = (len(prompt) - 1) // self.page_size
+        """Chained digests of the prompt's full blocks (each with the ``key_tokens`` after it), except
+        one holding its last token."""
+        blocks = (len(prompt) - max(self.key_tokens, 1)) // self.page_size
         out, prev = [], b""
         arr = np.asarray(prompt, np.int64)
         for i in range(blocks):
             h = hashlib.blake2b(prev, digest_size=16)
-            h.update(arr[i * self.page_size:(i + 1) * self.page_size].tobytes())
+            h.update(arr[i * self.page_size:(i + 1) * self.page_size + self.key_tokens].tobytes())
             prev = h.digest()
             out.append(prev)
         return out

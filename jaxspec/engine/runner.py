@@ -65,8 +65,11 @@ class StepRunner(Protocol):
         """(num_pages, page_size) of a paged cache; None: a slot cache."""
         ...
 
-    # Paged caches: whether a prompt can start prefill after a prefix already in shared pages.
+    # Paged caches: whether a prompt can start prefill after a prefix already in shared pages, and
+    # how many tokens after a cached block its key must also cover (the caches' entries of a
+    # block depend on them: 1 for an EAGLE-3 head).
     reuses_prefix: bool
+    prefix_key_tokens: int
     # Positions past a request's last token that one step may write (speculative look-ahead).
     lookahead: int
 
@@ -111,6 +114,7 @@ class PlainRunner:
         return self.runner.prefill_row_buckets[-1]
 
     reuses_prefix = True
+    prefix_key_tokens = 0
     lookahead = 0
 
     def paging(self) -> tuple[int, int] | None:

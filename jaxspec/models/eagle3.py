@@ -15,7 +15,8 @@ its own over the context:
 Position p of the head takes the token at p + 1 with the target's features at p, so its logits at
 p predict the token at p + 2. Drafting step 1 reads the target's features; steps 2..k feed the
 head's own ``out`` (before ``norm``) back in place of ``fused`` (no ``fc``), with the token just
-drafted. The head keeps one layer of KV cache per slot (``KVCache`` with ``num_layers`` 1).
+drafted. The head keeps one layer of KV cache (``KVCache`` with ``num_layers`` 1): per slot, or paged
+with the target's page table.
 
 Layer ids follow the target forward's ``aux_layers`` (the residual stream *entering* layer i; 0 is
 the embeddings). Default ``[2, L // 2, L - 3]`` for an L-layer target, as vLLM and SGLang use.
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspec.config import SUPPORTED_ROPE_SCALING, ConfigError
-from jaxspec.models.kv_cache import KVCache, read_slots, write_slots
+from jaxspec.models.kv_cache import KVCache, write_and_read
 from jaxspec.models.layers import MLP, RMSNorm, apply_rope, attention, param, rope_inv_frequencies, zeros_param
 
 
@@ -124,11 +125,10 @@ class Eagle3Attention(nnx.Module):
         q = apply_rope(jnp.einsum("btd,dhk->bthk", x, self.wq[...]), positions, inv_freq)
         k = apply_rope(jnp.einsum("btd,dhk->bthk", x, self.wk[...]), positions, inv_freq)
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
-        # Write first (positions past the cache and padding rows, slot id S, are dropped), then attend.
+        # Write first (positions past the cache and padding rows, slot id S, are dropped), then attend;
+        # a paged cache reads the target's page table (the head's pool is paged page for page).
         rows = jnp.arange(x.shape[0]) if slot_ids is None else slot_ids
-        cache = write_slots(cache, 0, rows, positions, k, v)
-        kv_len = cache.k.shape[2] if kv_len is None else min(kv_len, cache.k.shape[2])
-        keys, values = read_slots(cache, 0, kv_len, slot_ids, k.dtype)
+        cache, keys, values = write_and_read(cache, 0, rows, slot_ids, positions, k, v, kv_len)
         out = attention(q, keys, values, positions)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...]), cache
 

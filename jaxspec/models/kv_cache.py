@@ -261,3 +261,22 @@ def read_pages(cache: KVCache, layer: int, tables: jax.Array, kv_len: int, dtype
     vs = jnp.moveaxis(jnp.take(cache.v_scale[layer], flat, axis=1, mode="clip"), 0, 2)
     return dequantize_kv(keys, ks, dtype), dequantize_kv(values, vs, dtype)
 
+
+
+def write_and_read(cache: KVCache, layer: int, rows: jax.Array, slot_ids: jax.Array | None, positions: jax.Array,
+                   k: jax.Array, v: jax.Array, kv_len: int | None) -> tuple[KVCache, jax.Array, jax.Array]:
+    """One layer's step through either layout (the XLA path): write the new k, v [B, T, K, Dh] of rows
+    [B] (slot ids; padding rows: S) at positions [B, T], then read keys and values [B, kv_len', K,
+    Dh] over positions [0, kv_len) (None: the whole context). ``slot_ids`` None: row b is slot b.
+    Writes come first, so a query sees its own token; positions past the context are dropped."""
+    if cache.page_table is not None:
+        num_pages, page_size = cache.k.shape[1], cache.k.shape[2]
+        tables = row_tables(cache.page_table, rows, num_pages)  # [B, n]
+        page, offset = page_slots(tables, positions, num_pages, page_size)  # [B, T] each
+        cache = write_pages(cache, layer, page, offset, k, v)
+        kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
+        return cache, *read_pages(cache, layer, tables, kv_len, k.dtype)
+    cache = write_slots(cache, layer, rows, positions, k, v)
+    # Only the rows' slots and the first kv_len positions: cost follows the live contexts.
+    kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
+    return cache, *read_slots(cache, layer, kv_len, slot_ids, k.dtype)

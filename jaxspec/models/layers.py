@@ -14,8 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.models.kv_cache import (KVCache, page_slots, read_pages, read_slots, row_tables,
-                                     write_pages, write_slots)
+from jaxspec.models.kv_cache import KVCache, page_slots, row_tables, write_and_read, write_pages
 from jaxspec.models.quant import qeinsum  # a weight read with self.w[...] may be quantized (models.quant)
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
@@ -172,29 +171,20 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
 
         rows = jnp.arange(x.shape[0]) if slot_ids is None else slot_ids
-        if cache.page_table is not None:
+        if cache.page_table is not None and attention_backend == "pallas" and not cache.quantized:
+            # The kernel reads the pool through the tables in place: no gathered copy of the pages.
+            from pallas_kernels.paged_attention import paged_attention
+
             num_pages, page_size = cache.k.shape[1], cache.k.shape[2]
             tables = row_tables(cache.page_table, rows, num_pages)  # [B, n]
             page, offset = page_slots(tables, positions, num_pages, page_size)  # [B, T] each
             cache = write_pages(cache, layer, page, offset, k, v)
-            max_len = tables.shape[1] * page_size
-            kv_len = max_len if kv_len is None else min(kv_len, max_len)
-            if attention_backend == "pallas" and not cache.quantized:
-                # The kernel reads the pool through the tables in place: no gathered copy of the pages.
-                from pallas_kernels.paged_attention import paged_attention
-
-                attn = paged_attention(q, cache.k[layer], cache.v[layer], tables, positions, kv_len, cfg.sliding_window)
-                return qeinsum("bthk,hkd->btd", attn, self.wo[...]), cache
-            # XLA, or an int8 pool (the paged kernel has no int8 input yet): gather the rows' pages,
-            # dequantize them, and attend below (the pallas backend through verify_attention).
-            keys, values = read_pages(cache, layer, tables, kv_len, k.dtype)
-        else:
-            # Write the new keys/values first; positions >= M and padding rows (slot id S) are dropped.
-            cache = write_slots(cache, layer, rows, positions, k, v)
-            # Read only the rows' slots and the first kv_len positions: decode cost follows the
-            # live contexts, not the cache's capacity.
-            kv_len = cache.k.shape[2] if kv_len is None else min(kv_len, cache.k.shape[2])
-            keys, values = read_slots(cache, layer, kv_len, slot_ids, k.dtype)
+            kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
+            attn = paged_attention(q, cache.k[layer], cache.v[layer], tables, positions, kv_len, cfg.sliding_window)
+            return qeinsum("bthk,hkd->btd", attn, self.wo[...]), cache
+        # XLA, a slot cache, or an int8 pool (the paged kernel has no int8 input yet): the rows' keys
+        # and values (pages gathered and dequantized), attended below (pallas: verify_attention).
+        cache, keys, values = write_and_read(cache, layer, rows, slot_ids, positions, k, v, kv_len)
         attn = attention(q, keys, values, positions, cfg.sliding_window, attention_backend)
         out = qeinsum("bthk,hkd->btd", attn, self.wo[...])
         return out, cache

@@ -129,6 +129,7 @@ class DraftModelProposer:
 
     # ------------------------------------------------------------------ setup
     reuses_prefix = True
+    prefix_key_tokens = 0
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
                paging: tuple[int, int] | None = None) -> None:

@@ -152,6 +152,8 @@ class Eagle3Proposer:
         self.embed = None if self.cfg.own_embeddings else target_embed
         self.feature_layers = self.cfg.aux_layers  # the runner makes the target return these
         self.cache: KVCache | None = None
+        self.paging: tuple[int, int] | None = None
+        self.page_table: np.ndarray | None = None
         self._fns: dict = {}
         self.placement: Placement | None = None
         self._shardings = None  # on a mesh: (state, embed, cache, last, replicated)
@@ -177,12 +179,19 @@ class Eagle3Proposer:
         self._fns = {}
 
     # ------------------------------------------------------------------ setup
-    # The head's position p reads the token at p + 1, so its cache of a prompt prefix depends on
-    # what follows the prefix: it keeps a slot cache of its own and absorbs every prompt whole.
-    reuses_prefix = False
+    # The head's position p reads the token at p + 1, so its entries of a cached block depend on
+    # the token after the block too: prefix-cache keys cover that token (prompts share a block of
+    # the head's pages only where they also agree on the next token).
+    reuses_prefix = True
+    prefix_key_tokens = 1
 
     def set_pages(self, slot: int, pages: list[int]) -> None:
-        pass
+        if self.page_table is None:
+            raise RuntimeError("set_pages on an EAGLE-3 head with a slot cache")
+        self.page_table[slot] = self.paging[0]
+        self.page_table[slot, : len(pages)] = pages
+        target = self._shardings[2].page_table if self.placement is not None else self.cache.page_table.sharding
+        self.cache = self.cache._replace(page_table=jax.device_put(self.page_table, target))
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
                paging: tuple[int, int] | None = None) -> None:
@@ -194,7 +203,12 @@ class Eagle3Proposer:
                              f"the engine needs {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
         self.feature_dtype = jnp.dtype(target_cfg.dtype)
-        create = lambda: KVCache.create(self.cfg, num_slots, max_len, kv_dtype=self.kv_dtype)  # noqa: E731
+        # Paged like the target, page for page (the engine hands both the same page ids), so the
+        # head's memory follows the requests' lengths as the target's does.
+        self.paging = paging
+        pages = dict(num_pages=paging[0], page_size=paging[1]) if paging is not None else {}
+        self.page_table = None if paging is None else np.full((num_slots, max_len // paging[1]), paging[0], np.int32)
+        create = lambda: KVCache.create(self.cfg, num_slots, max_len, kv_dtype=self.kv_dtype, **pages)  # noqa: E731
         last = jnp.zeros((num_slots, self.cfg.hidden_size), jnp.dtype(self.cfg.dtype))  # [S, D]
         if self.placement is None:
             # Committed to a device like every later (jit-output) array: first and later calls share
@@ -204,7 +218,7 @@ class Eagle3Proposer:
         else:  # created in place, shard by shard
             state, embed, _, last_sharding, rep = self._shardings
             cache_sharding = self.placement.cache_shardings(
-                KVCache.abstract(self.cfg, num_slots, max_len, kv_dtype=self.kv_dtype))
+                KVCache.abstract(self.cfg, num_slots, max_len, kv_dtype=self.kv_dtype, **pages))
             self._shardings = (state, embed, cache_sharding, last_sharding, rep)
             self.cache = jax.jit(create, out_shardings=cache_sharding)()
             self.last = jax.device_put(last, last_sharding)
@@ -231,7 +245,7 @@ class Eagle3Proposer:
                 state, embed, cache, last, rep = self._shardings
                 kwargs["in_shardings"] = (state, embed, cache, last, *[rep] * num_small)
                 kwargs["out_shardings"] = tuple({"cache": cache, "last": last}.get(o, rep) for o in outputs)
-                full = (*full, self.placement, self.num_slots, self.max_len, self.kv_dtype)
+                full = (*full, self.placement, self.num_slots, self.max_len, self.paging, self.kv_dtype)
             fn = self._fns[key] = cached_jit(full, make, **kwargs)
         return fn
 
@@ -254,20 +268,24 @@ class Eagle3Proposer:
 
     # ---------------------------------------------------------------- requests
     def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
-        if start:
-            raise ValueError("an EAGLE-3 head absorbs whole prompts: prefix reuse is off with it")
-        self.lengths[slot] = 0  # the prompt's features arrive through ``observe``
+        """The prompt's features arrive through ``observe``; its first ``start`` positions are in
+        the head's cache already (a cached prefix's shared pages, or earlier chunks)."""
+        if start and self.paging is None and self.lengths[slot] != start:
+            raise ValueError(f"EAGLE-3 head: a prompt continues at position {start} but the head's slot cache "
+                             f"holds {int(self.lengths[slot])}")
+        self.lengths[slot] = start
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
 
     def observe(self, row_slots: np.ndarray, tokens, features: jax.Array, start: np.ndarray,
-                count: np.ndarray) -> None:
+                count: np.ndarray, kv_len: int | None = None) -> None:
         """The target processed positions start[b] .. start[b]+count[b]-1 of slot row_slots[b]
         (count 0: nothing) with ``features`` [B, W, F]; ``tokens`` [B, W] holds the token *after*
-        each of those positions (the next input, already known). Absorbed into the head's cache."""
+        each of those positions (the next input, already known). Absorbed into the head's cache,
+        attending over ``kv_len`` (default ``absorb_span``)."""
         row_slots, count = self.absorbed(row_slots, start, count)
-        kv_len = self.absorb_span(start, count, features.shape[1])
+        kv_len = kv_len or self.absorb_span(start, count, features.shape[1])
         self.cache, self.last = self._absorb(kv_len)(self.state, self.embed, self.cache, self.last, row_slots,
                                                      tokens, features, np.asarray(start, np.int32), count)
 
@@ -315,11 +333,13 @@ class Eagle3Proposer:
         pass  # the accepted positions arrive through ``observe`` with the target's features
 
     # ----------------------------------------------------------------- warm-up
-    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None, drafts: bool = True) -> None:
+    def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None, drafts: bool = True,
+               chunk_widths: list[int] = ()) -> None:
         """Compile every draft length x batch bucket x span, the absorbs of plain steps (width 1) and
         verifications (width kb + 1) at every span (``drafts=False``: none of these, where a runner
-        fuses the round and the absorbs into its steps), and the absorbs of prefills (every prompt
-        bucket at its own span); no slot is touched."""
+        fuses the round and the absorbs into its steps), the absorbs of prefills (every prompt
+        bucket at its own span) and of later prompt chunks (``chunk_widths``, over the whole
+        context, as the target prefills them); no slot is touched."""
         for kb in buckets if drafts else ():
             for rows in batch_buckets or [self.num_slots]:
                 for kv_len in self.kv_buckets:
@@ -333,6 +353,9 @@ class Eagle3Proposer:
         for width in self.prefill_widths:
             for rows in self.rows:
                 self._dummy_absorb(rows, width, self.kv_bucket_for(width))
+        for width in chunk_widths:
+            for rows in self.rows:
+                self._dummy_absorb(rows, width, self.kv_bucket_for(self.max_len))
 
     def _dummy_absorb(self, rows: int, width: int, kv_len: int | None = None) -> None:
         z = np.zeros(rows, np.int32)

@@ -42,6 +42,7 @@ class NgramProposer:
         self.max_n, self.min_n = max_n, min_n
 
     reuses_prefix = True  # reads the runner's token history only
+    prefix_key_tokens = 0
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
                paging: tuple[int, int] | None = None) -> None:

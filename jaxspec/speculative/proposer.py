@@ -108,8 +108,10 @@ class Proposal(NamedTuple):
 class Proposer(Protocol):
     name: str
     deterministic: bool  # proposals are a function of the context (one-hot q; Proposal.probs is None)
-    # Whether ``prefill`` can start after a prompt prefix already cached in shared pages.
+    # Whether ``prefill`` can start after a prompt prefix already cached in shared pages, and how
+    # many tokens after a cached block the proposer's cache entries of that block depend on.
     reuses_prefix: bool
+    prefix_key_tokens: int
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
                paging: tuple[int, int] | None = None) -> None:
@@ -146,6 +148,7 @@ class NoProposer:
     deterministic = True
 
     reuses_prefix = True
+    prefix_key_tokens = 0
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
                paging: tuple[int, int] | None = None) -> None:

@@ -109,7 +109,7 @@ def _make_fused_head(round_, absorb, verify):
         else:
             # Rows that do not step (slots in order, where the cache splits them over devices) draft
             # at positions past the head's cache: nothing of theirs is written.
-            far = jnp.where(active, start, h_cache.k.shape[2])
+            far = jnp.where(active, start, h_cache.max_len)
             h_cache, drafts, q = round_(h_state, embed, h_cache, last, slot_ids, far, sampling, out_pos)
         t_cache, out_tokens, accepted, load, feats = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
                                                             num_draft, sampling, out_pos, active)
@@ -346,6 +346,10 @@ class SpeculativeRunner:
         return self.proposer.reuses_prefix
 
     @property
+    def prefix_key_tokens(self) -> int:
+        return self.proposer.prefix_key_tokens
+
+    @property
     def lookahead(self) -> int:
         """Positions past a request's last token a step may write (verification of k_max drafts)."""
         return self.k_max
@@ -357,8 +361,7 @@ class SpeculativeRunner:
 
     @property
     def prefill_chunk(self) -> int | None:
-        # An EAGLE-3 head absorbs a prompt in one piece (its features and next tokens together).
-        return self.target.prefill_chunk if self.proposer.reuses_prefix else None
+        return self.target.prefill_chunk
 
     def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
         for c in chunks:
@@ -368,23 +371,26 @@ class SpeculativeRunner:
         idx = np.array([c.slot for c in chunks])
         firsts = self.target.prefill_many(idx, [c.request.prompt_ids[: c.end] for c in chunks], slots.sampling(idx),
                                           [c.start for c in chunks])
-        items = [(c.slot, c.request) for c in chunks]
         for c, first in zip(chunks, firsts):
             self.proposer.prefill(c.slot, c.request.prompt_ids[: c.end], c.start)
             if c.last:
                 self.history.start(c.slot, [*c.request.prompt_ids, first])
-        if self.feature_layers:  # the prompts' features: positions 0..n-1, each followed by the next token
+        if self.feature_layers:
+            # The features of each chunk's positions start..end-1, each followed by the next token
+            # (the prompt's, then the sampled first token after the prompt's last position).
             feats = self.target.captured
             rows, width = feats.shape[0], feats.shape[1]
             tokens = np.zeros((rows, width), np.int32)
-            count = np.zeros(rows, np.int32)
-            for i, ((_, request), first) in enumerate(zip(items, firsts)):
-                n = len(request.prompt_ids)
-                tokens[i, :n] = [*request.prompt_ids[1:], first]
-                count[i] = n
+            start, count = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+            for i, (c, first) in enumerate(zip(chunks, firsts)):
+                nxt = [*c.request.prompt_ids, first][c.start + 1: c.end + 1]
+                tokens[i, : len(nxt)] = nxt
+                start[i], count[i] = c.start, len(nxt)
             row_slots = np.full(rows, self.num_slots, np.int32)
-            row_slots[: len(items)] = idx
-            self.proposer.observe(row_slots, tokens, feats, np.zeros(rows, np.int32), count)
+            row_slots[: len(chunks)] = idx
+            # After a cached prefix or a chunk: the whole context, as the target prefills there (one span).
+            self.proposer.observe(row_slots, tokens, feats, start, count,
+                                  self.proposer.kv_bucket_for(self.max_len) if start.any() else None)
         return firsts
 
     def resume(self, slot: int, last_token: int) -> None:
@@ -407,8 +413,15 @@ class SpeculativeRunner:
         self.target.warmup(decode=not self.fused_head)
         if self.fused:
             self.proposer.warmup(self.buckets, loops=False)
-        elif self.fused_head:  # the head's absorbs of prefills; its rounds and other absorbs run in the steps
-            self.proposer.warmup(self.buckets, self.target.batch_buckets, drafts=False)
+        elif self.feature_layers:
+            # The head's absorbs of prefills and of what follows a cached prefix or an earlier
+            # chunk (the widths the target prefills there); fused, its rounds and other absorbs
+            # run in the steps.
+            t = self.target
+            longest = t.max_len if t.paging is not None else t.bucket_for(t.prefill_chunk) if t.prefill_chunk else 0
+            widths = [w for w in t.buckets if w <= longest]
+            self.proposer.warmup(self.buckets, self.target.batch_buckets, drafts=not self.fused_head,
+                                 chunk_widths=widths)
         else:
             self.proposer.warmup(self.buckets, self.target.batch_buckets)
         for rows in self.target.batch_buckets:
