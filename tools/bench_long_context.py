@@ -2,6 +2,8 @@
 
     python tools/bench_long_context.py                      # all three scenarios, bench-long-moe
     python tools/bench_long_context.py --scenarios prefix --model builtin
+    python tools/bench_long_context.py --scenarios prefix --model builtin --vocab 4096 --max-len 512 \
+        --prefix-tokens 400 --serve-args "--spec-method eagle3 --num-speculative-tokens 4"
 
 Each scenario starts ``python -m jaxspec.serve`` twice (the feature off, then on) with the same
 weights and replays the same requests against both; the table compares them.
@@ -10,9 +12,10 @@ weights and replays the same requests against both; the table compares them.
                 (8 x 2048 positions): a slot cache with 8 slots against a paged cache of the same
                 positions with 64 slots. Reports the most requests running at once (from the
                 server's own first/last-token times) and throughput at 32 and 64 concurrent clients.
-* ``prefix``    requests sharing a 1,500-token prefix, one at a time: server-side TTFT of the
-                first (a miss) against the later ones (hits), with and without the prefix cache;
-                the outputs must be identical.
+* ``prefix``    requests sharing a 1,500-token prefix (``--prefix-tokens``), one at a time:
+                server-side TTFT of the first (a miss) against the later ones (hits), with and
+                without the prefix cache; the outputs must be identical. ``--serve-args`` adds
+                server flags (e.g. speculative decoding) to both servers.
 * ``chunked``   4 clients streaming short requests while 4,000-token prompts keep arriving: the
                 short requests' inter-token latency (P50/P99) with chunked prefill
                 (--max-step-tokens 256) against whole-prompt prefill.
@@ -33,6 +36,7 @@ weights and replays the same requests against both; the table compares them.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import threading
@@ -108,16 +112,16 @@ def capacity(args, rng) -> list[str]:
 
 
 def prefix(args, rng) -> list[str]:
-    shared = [int(t) for t in rng.integers(3, args.vocab, size=1500)]
+    shared = [int(t) for t in rng.integers(3, args.vocab, size=args.prefix_tokens)]
     reqs = _requests(rng, 9, 24, 16, args.vocab, prefix=shared)
-    common = ["--model", args.model, "--max-len", "2048", "--spec-method", "none", "--kv-cache", "paged",
-              "--slots", "4", "--max-step-tokens", "2048"]
+    common = ["--model", args.model, "--max-len", str(args.max_len), "--spec-method", "none", "--kv-cache", "paged",
+              "--slots", "4", "--max-step-tokens", str(args.max_len), *shlex.split(args.serve_args)]
     rows = ["| prefix cache | TTFT miss (s) | TTFT hits, median (s) | hit / miss |", "|---|---:|---:|---:|"]
     outputs = {}
     for label, extra in (("off", ["--no-prefix-cache"]), ("on", [])):
         with Server([*common, *extra], args.start_timeout) as s:
             # An unrelated warm-up request: the shared prefix is first seen by request 0.
-            closed_loop(s.target, _requests(rng, 1, 1500, 4, args.vocab), 1, 1, 600, SendOptions())
+            closed_loop(s.target, _requests(rng, 1, args.prefix_tokens, 4, args.vocab), 1, 1, 600, SendOptions())
             with s.target.client() as c:
                 recs = [send(c, r, SendOptions(), time.perf_counter()) for r in reqs]
             outputs[label] = [r.get("token_ids") for r in recs]
@@ -302,6 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reps", type=int, default=30, help="interleaved repetitions per case (steps)")
     p.add_argument("--admission-requests", type=int, default=96, help="requests per admission run")
+    p.add_argument("--prefix-tokens", type=int, default=1500, help="the shared prefix's length (prefix)")
+    p.add_argument("--max-len", type=int, default=2048, help="the servers' context length (prefix)")
+    p.add_argument("--serve-args", default="", help="more server flags for both servers (prefix)")
     args = p.parse_args(argv)
     report = []
     for name in args.scenarios:
