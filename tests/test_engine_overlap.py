@@ -232,6 +232,47 @@ def test_speculative_engine_overlaps_its_plain_steps_exactly(kind, k):
             assert counter.chained == 0  # every step is planned with proposals: nothing to chain
 
 
+def test_lookup_steps_that_find_nothing_are_queued_ahead():
+    """Fixed k with n-gram lookup: a step none of whose slots' lookups finds anything is planned
+    plain and queued behind the step before (chained on the device), instead of waiting for every
+    token to find that out; steps whose lookups do find something still draft. Output unchanged."""
+    from test_spec_greedy import TOK, spec_runner
+
+    # Prompts of distinct tokens: a lookup finds nothing until the output repeats a token.
+    rng = np.random.default_rng(2)
+    prompts = [rng.permutation(np.arange(3, 259))[:12].tolist() for _ in range(4)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    ref = Engine(spec_runner("ngram", 2), TOK)
+    want = ref.generate(prompts, greedy)
+    runner = spec_runner("ngram", 2)
+    counter = CountingSpecRunner(runner)
+    eng = Engine(runner, TOK, overlap=True)
+    got = eng.generate(prompts, greedy)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert counter.chained > 0
+    assert eng.spec_stats.num_draft_tokens > 0 and runner.bucket_steps[2] > 0
+
+
+def test_scheduler_plans_no_drafts_for_slots_whose_lookup_finds_nothing():
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.engine.request import Request
+    from jaxspec.speculative.adaptive import CostModel
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    costs = CostModel({0: 0.0, 2: 1e-4}, {0: 1e-2, 2: 1e-2}, smoothing=0.0)  # drafting is free
+    can = np.array([True, False, True])
+    for default_k in (2, None):
+        sched = SpecScheduler(3, [2], 2, default_k, rows_for=lambda n: 4, measure=lambda rows: costs,
+                              cost_model=costs, would_propose=lambda slots: can[slots])
+        slots = SlotTable(3)
+        for s in range(3):
+            sched.start(s, Request(f"r{s}", [1, 2], SamplingParams(max_tokens=8), seed=0))
+        plan = sched.plan(slots, np.array([0, 1, 2]))
+        assert plan.k.tolist() == [2, 0, 2] and plan.kb == 2
+        plan = sched.plan(slots, np.array([1]))  # nobody could draft: a plain step
+        assert plan.k.tolist() == [0] and plan.kb == 0
+
+
 def test_a_queued_steps_time_is_not_taken_for_its_cost():
     """A queued step is collected a step later: its wall time spans the host's work on the step
     before, so the adaptive policy's costs (measured without it) must not learn from it."""

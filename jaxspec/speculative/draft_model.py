@@ -278,6 +278,9 @@ class DraftModelProposer:
         self._round = (idx, live, ctx.history.length[live] - 1)
         return block, pending, lengths
 
+    def would_propose(self, history, slots: np.ndarray) -> np.ndarray:
+        return np.ones(len(slots), bool)  # a model always drafts
+
     def propose(self, ctx: SpecContext) -> Proposal:
         block, pending, lengths = self.prepare(ctx)
         kv_len = self.kv_bucket_for(int((lengths + pending).max(initial=0)) + ctx.kb)

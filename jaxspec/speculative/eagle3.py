@@ -318,6 +318,9 @@ class Eagle3Proposer:
         -> (cache, last). Both attend over ``kv_len``."""
         return _make_draft(self.graphdef, kb, self.cfg.vocab_size, kv_len), _make_absorb(self.graphdef, kv_len)
 
+    def would_propose(self, history, slots: np.ndarray) -> np.ndarray:
+        return np.ones(len(slots), bool)  # a model always drafts
+
     def propose(self, ctx: SpecContext) -> Proposal:
         idx, live = ctx.live()
         rows = ctx.rows.astype(np.int32)

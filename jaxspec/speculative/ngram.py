@@ -16,20 +16,24 @@ from jaxspec.config import ModelConfig
 from jaxspec.speculative.proposer import Proposal, SpecContext, TokenHistory
 
 
-def lookup(context: np.ndarray, k: int, max_n: int = 3, min_n: int = 1) -> np.ndarray:
-    """Up to k tokens that followed the latest earlier match of the context's suffix."""
+def match_start(context: np.ndarray, max_n: int = 3, min_n: int = 1) -> int | None:
+    """Where the tokens that followed the latest earlier match of the context's suffix start (at
+    least one token follows: a match ends before the suffix); None: no match."""
     length = len(context)
-    if k <= 0:
-        return context[:0]
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         suffix = context[length - n :]
         # Windows that start before the suffix itself and have at least one token after them.
         windows = sliding_window_view(context[: length - 1], n)
         hits = np.flatnonzero(np.all(windows == suffix, axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
-            return context[start : start + k]
-    return context[:0]
+            return int(hits[-1]) + n
+    return None
+
+
+def lookup(context: np.ndarray, k: int, max_n: int = 3, min_n: int = 1) -> np.ndarray:
+    """Up to k tokens that followed the latest earlier match of the context's suffix."""
+    start = match_start(context, max_n, min_n) if k > 0 else None
+    return context[:0] if start is None else context[start : start + k]
 
 
 class NgramProposer:
@@ -40,6 +44,9 @@ class NgramProposer:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
         self.max_n, self.min_n = max_n, min_n
+        # Per slot: (context length, last token, match start) of its latest lookup. A step's plan
+        # asks ``would_propose`` and its proposal then needs the same lookup: done once.
+        self._found: dict[int, tuple[int, int, int | None]] = {}
 
     reuses_prefix = True  # reads the runner's token history only
     prefix_key_tokens = 0
@@ -52,23 +59,36 @@ class NgramProposer:
         pass
 
     def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
-        pass
+        self._found.pop(slot, None)
+
+    def _match(self, history: TokenHistory, slot: int) -> tuple[np.ndarray, int | None]:
+        context = history.context(slot)
+        key = (len(context), int(context[-1]) if len(context) else -1)
+        seen = self._found.get(slot)
+        if seen is None or seen[:2] != key:
+            seen = self._found[slot] = (*key, match_start(context, self.max_n, self.min_n))
+        return context, seen[2]
+
+    def would_propose(self, history: TokenHistory, slots: np.ndarray) -> np.ndarray:
+        return np.array([self._match(history, s)[1] is not None for s in slots.tolist()], bool)
 
     def propose(self, ctx: SpecContext) -> Proposal:
         tokens = np.zeros((len(ctx.active), ctx.kb), np.int32)
         num = np.zeros(len(ctx.active), np.int32)
         rows = ctx.rows
         for r in np.flatnonzero(ctx.active & (ctx.k > 0)):
-            found = lookup(ctx.history.context(rows[r]), int(ctx.k[r]), self.max_n, self.min_n)
-            tokens[r, : len(found)] = found
-            num[r] = len(found)
+            context, start = self._match(ctx.history, int(rows[r]))
+            if start is not None:
+                found = context[start : start + int(ctx.k[r])]
+                tokens[r, : len(found)] = found
+                num[r] = len(found)
         return Proposal(tokens, None, num)
 
     def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
         pass
 
     def release(self, slot: int) -> None:
-        pass
+        self._found.pop(slot, None)
 
     def warmup(self, buckets: list[int], batch_buckets: list[int] | None = None) -> None:
         pass
@@ -85,8 +105,11 @@ class NgramProposer:
             hist.start(s, rng.integers(0, 50, length).tolist())
         ctx = SpecContext(hist, np.ones(rows, bool), np.full(rows, kb, np.int32), kb, None, np.zeros(rows, np.int32))
         times = []
+        saved, self._found = self._found, {}  # every rep looks up afresh; the slots' own lookups stay
         for _ in range(reps):
+            self._found.clear()
             t = time.perf_counter()
             self.propose(ctx)
             times.append(time.perf_counter() - t)
+        self._found = saved
         return statistics.median(times)

@@ -126,6 +126,11 @@ class Proposer(Protocol):
         """A request entered ``slot`` (its first output token is not processed yet); its first
         ``start`` tokens are already in the (shared) cache pages."""
 
+    def would_propose(self, history: TokenHistory, slots: np.ndarray) -> np.ndarray:
+        """bool [n]: whether a step over ``history`` as it stands could propose anything for each
+        slot (a lookup that finds nothing cannot: the scheduler then plans a plain step, which can
+        be queued ahead of the step before it)."""
+
     def propose(self, ctx: SpecContext) -> Proposal: ...
 
     def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
@@ -159,6 +164,9 @@ class NoProposer:
 
     def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
         pass
+
+    def would_propose(self, history: TokenHistory, slots: np.ndarray) -> np.ndarray:
+        return np.zeros(len(slots), bool)
 
     def propose(self, ctx: SpecContext) -> Proposal:
         s = len(ctx.active)

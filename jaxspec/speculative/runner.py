@@ -181,7 +181,8 @@ class SpeculativeRunner:
         self.spec = SpecScheduler(self.num_slots, self.buckets, k_max, None if self.adaptive else self.default_k,
                                   rows_for=lambda n: len(self.target.row_layout(np.arange(n))[0]),
                                   measure=lambda rows: self.measure_costs(self.measure_reps, rows),
-                                  cost_model=cost_model, probe_every=probe_every)
+                                  cost_model=cost_model, probe_every=probe_every,
+                                  would_propose=lambda slots: self.proposer.would_propose(self.history, slots))
         self._verify_fns: dict[tuple[int, bool, int], object] = {}
         # A single-device model drafter runs inside the verification step (one call per step).
         self.fused = (fuse and isinstance(self.proposer, DraftModelProposer) and target.placement is None

@@ -32,12 +32,17 @@ class SpecScheduler:
     def __init__(self, num_slots: int, buckets: list[int], k_max: int, default_k: int | None,
                  rows_for: Callable[[int], int], measure: Callable[[int], CostModel],
                  cost_model: CostModel | None = None, probe_every: int = 16,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter,
+                 would_propose: Callable[[np.ndarray], np.ndarray] | None = None):
         """``default_k``: the fixed proposal length, or None for adaptive k. ``rows_for(n)``: the
         compiled batch bucket a step over n slots runs at (costs are kept per bucket).
         ``measure(rows)`` times the compiled steps at a bucket (the runner's ``measure_costs``),
         used when a bucket's costs are first needed; ``cost_model`` replaces measured costs at
-        every bucket. ``clock``: seconds, for the wall period between consecutive steps."""
+        every bucket. ``clock``: seconds, for the wall period between consecutive steps.
+        ``would_propose(slots)``: bool per slot, whether the proposer could propose anything now
+        (``Proposer.would_propose``); slots that could not are planned k = 0, and a step none of
+        whose slots could is a plain step (which the engine can queue ahead)."""
+        self._would_propose = would_propose
         self._rows_for = functools.lru_cache(maxsize=None)(rows_for)
         self.buckets = list(buckets)
         self.k_max = k_max
@@ -128,6 +133,11 @@ class SpecScheduler:
         if not forced.any():  # every request opted out (k = 0): a plain step
             return DecodePlan(act, k, 0)
         caps = np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
+        if self._would_propose is not None:
+            # A lookup that finds nothing now (with a step in flight: one token ago) proposes
+            # nothing: planned as such, a step of such slots only is plain and is queued ahead
+            # instead of waiting for every token to find out.
+            caps = np.where(self._would_propose(act), caps, 0)
         if not self.adaptive:
             wanted = np.where(forced < 0, self.default_k, forced)
             k[:] = np.minimum(wanted, caps)
