@@ -365,6 +365,9 @@ def test_adaptive_cost_measurement_outside_warmup_is_replayed_by_followers():
     lead_ch, follow_ch = _pair(store, ack_every=10_000)  # keep every record to read them back
     leader_inner = build()
     leader_inner.policy = KPolicy(leader_inner.buckets, probe_every=1)  # probes: kb > 0 steps for sure
+    # Plan without asking the lookup first (this model's outputs never repeat a token, so every
+    # lookup finds nothing): the probes are planned kb > 0 and the lookups then run kb = 0.
+    leader_inner.spec.would_propose = None
     leader = BroadcastingRunner(leader_inner, lead_ch)
     engine = Engine(leader, ByteTokenizer(), eos_ids=[])
     engine.generate([[3, 4, 5, 3, 4, 5, 3, 4]], SamplingParams(max_tokens=6, temperature=0.0))

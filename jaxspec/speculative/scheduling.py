@@ -42,7 +42,7 @@ class SpecScheduler:
         ``would_propose(slots)``: bool per slot, whether the proposer could propose anything now
         (``Proposer.would_propose``); slots that could not are planned k = 0, and a step none of
         whose slots could is a plain step (which the engine can queue ahead)."""
-        self._would_propose = would_propose
+        self.would_propose = would_propose
         self._rows_for = functools.lru_cache(maxsize=None)(rows_for)
         self.buckets = list(buckets)
         self.k_max = k_max
@@ -133,11 +133,11 @@ class SpecScheduler:
         if not forced.any():  # every request opted out (k = 0): a plain step
             return DecodePlan(act, k, 0)
         caps = np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
-        if self._would_propose is not None:
+        if self.would_propose is not None:
             # A lookup that finds nothing now (with a step in flight: one token ago) proposes
             # nothing: planned as such, a step of such slots only is plain and is queued ahead
             # instead of waiting for every token to find out.
-            caps = np.where(self._would_propose(act), caps, 0)
+            caps = np.where(self.would_propose(act), caps, 0)
         if not self.adaptive:
             wanted = np.where(forced < 0, self.default_k, forced)
             k[:] = np.minimum(wanted, caps)
