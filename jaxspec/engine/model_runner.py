@@ -32,7 +32,7 @@ from jaxspec.engine.steps import (PlacedBackend, SpanSteps, StepStatics, _forwar
 from jaxspec.mesh import Placement, check_placement
 from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
-from jaxspec.models.kv_cache import check_kv_dtype
+from jaxspec.models.kv_cache import check_kv_dtype, set_table_row
 from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.models.transformer import check_aux_layers
 from jaxspec.sampling import BatchSampling, pad_sampling, take_sampling
@@ -279,16 +279,8 @@ class ModelRunner:
         """Paged cache: ``slot`` holds its positions in ``pages`` from now on (none: released)."""
         if self.page_table is None:
             raise RuntimeError("assign_pages on a runner with a slot cache")
-        if len(pages) > self.page_table.shape[1]:
-            raise ValueError(f"{len(pages)} pages exceed a slot's {self.page_table.shape[1]}")
-        row = self.page_table[slot]
-        row[:] = self.paging[0]
-        row[: len(pages)] = pages
-        self._push_table()
-
-    def _push_table(self) -> None:
-        target = self.cache_sharding.page_table if self.cache_sharding is not None else self.cache.page_table.sharding
-        self.cache = self.cache._replace(page_table=jax.device_put(self.page_table, target))
+        self.cache = set_table_row(self.cache, self.page_table, slot, pages,
+                                   self.cache_sharding.page_table if self.cache_sharding is not None else None)
 
     def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], sampling: BatchSampling,
                      starts: Sequence[int] | None = None) -> list[int]:
@@ -436,13 +428,21 @@ class ModelRunner:
         if not self.compact_rows:
             self.sync_lengths()
 
+    @property
+    def offset_prefill_widths(self) -> list[int]:
+        """Length buckets a prefill after a cached prefix (paged caches: any) or an earlier chunk (up
+        to a chunk's) can take; none without either."""
+        if self.paging is None and self.prefill_chunk is None:
+            return []
+        longest = self.max_len if self.paging is not None else self.bucket_for(self.prefill_chunk)
+        return [b for b in self.buckets if b <= longest]
+
     def warmup_offset_prefill(self) -> None:
         """Compile prefill after a cached prefix or earlier chunks: every (rows, length) bucket a
         prompt's rest can take (writes go to the padding slot id)."""
         s = self.num_slots
-        longest = self.max_len if self.paging is not None else self.bucket_for(self.prefill_chunk)
         for rows in self.prefill_row_buckets:
-            for bucket in (b for b in self.buckets if b <= longest):
+            for bucket in self.offset_prefill_widths:
                 self.cache, token, *_ = self._steps[2](
                     self.state, self.cache, np.full((rows, bucket), self.cfg.pad_id, np.int32),
                     np.zeros(rows, np.int32), np.full(rows, s, np.int32), np.zeros(rows, np.int32),
@@ -508,7 +508,7 @@ class ModelRunner:
         for b in self.batch_buckets if decode else ():
             for kv_len in self.kv_buckets:
                 self.idle_decode(b, kv_len)
-        if self.paging is not None or self.prefill_chunk is not None:
+        if self.offset_prefill_widths:
             self.warmup_offset_prefill()
         if self.mixed_length is not None:
             for b in self.batch_buckets:

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxspec.config import ModelConfig
 
@@ -262,6 +263,15 @@ def read_pages(cache: KVCache, layer: int, tables: jax.Array, kv_len: int, dtype
     return dequantize_kv(keys, ks, dtype), dequantize_kv(values, vs, dtype)
 
 
+def write_through_tables(cache: KVCache, layer: int, rows: jax.Array, positions: jax.Array, k: jax.Array,
+                         v: jax.Array) -> tuple[KVCache, jax.Array]:
+    """Paged layout: k, v [B, T, K, Dh] of rows [B] (slot ids; padding rows: S) written at positions
+    [B, T] through the rows' page tables -> (cache, the rows' tables [B, n])."""
+    num_pages, page_size = cache.k.shape[1], cache.k.shape[2]
+    tables = row_tables(cache.page_table, rows, num_pages)  # [B, n]
+    page, offset = page_slots(tables, positions, num_pages, page_size)  # [B, T] each
+    return write_pages(cache, layer, page, offset, k, v), tables
+
 
 def write_and_read(cache: KVCache, layer: int, rows: jax.Array, slot_ids: jax.Array | None, positions: jax.Array,
                    k: jax.Array, v: jax.Array, kv_len: int | None) -> tuple[KVCache, jax.Array, jax.Array]:
@@ -269,14 +279,21 @@ def write_and_read(cache: KVCache, layer: int, rows: jax.Array, slot_ids: jax.Ar
     [B] (slot ids; padding rows: S) at positions [B, T], then read keys and values [B, kv_len', K,
     Dh] over positions [0, kv_len) (None: the whole context). ``slot_ids`` None: row b is slot b.
     Writes come first, so a query sees its own token; positions past the context are dropped."""
+    # Only the first kv_len positions (and the rows' own slots or pages): cost follows the live contexts.
+    kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
     if cache.page_table is not None:
-        num_pages, page_size = cache.k.shape[1], cache.k.shape[2]
-        tables = row_tables(cache.page_table, rows, num_pages)  # [B, n]
-        page, offset = page_slots(tables, positions, num_pages, page_size)  # [B, T] each
-        cache = write_pages(cache, layer, page, offset, k, v)
-        kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
+        cache, tables = write_through_tables(cache, layer, rows, positions, k, v)
         return cache, *read_pages(cache, layer, tables, kv_len, k.dtype)
     cache = write_slots(cache, layer, rows, positions, k, v)
-    # Only the rows' slots and the first kv_len positions: cost follows the live contexts.
-    kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
     return cache, *read_slots(cache, layer, kv_len, slot_ids, k.dtype)
+
+
+def set_table_row(cache: KVCache, table: np.ndarray, slot: int, pages, sharding=None) -> KVCache:
+    """Host page table ``table`` [S, n]: row ``slot`` holds ``pages`` (the rest: none, page P); the
+    cache gets the table placed as ``sharding`` (default: as its table is now), so a step's input
+    keeps its compiled layout."""
+    if len(pages) > table.shape[1]:
+        raise ValueError(f"{len(pages)} pages exceed a slot's {table.shape[1]}")
+    table[slot] = cache.num_pages
+    table[slot, : len(pages)] = pages
+    return cache._replace(page_table=jax.device_put(table, cache.page_table.sharding if sharding is None else sharding))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.models.kv_cache import KVCache, page_slots, row_tables, write_and_read, write_pages
+from jaxspec.models.kv_cache import KVCache, write_and_read, write_through_tables
 from jaxspec.models.quant import qeinsum  # a weight read with self.w[...] may be quantized (models.quant)
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
@@ -175,10 +175,7 @@ class Attention(nnx.Module):
             # The kernel reads the pool through the tables in place: no gathered copy of the pages.
             from pallas_kernels.paged_attention import paged_attention
 
-            num_pages, page_size = cache.k.shape[1], cache.k.shape[2]
-            tables = row_tables(cache.page_table, rows, num_pages)  # [B, n]
-            page, offset = page_slots(tables, positions, num_pages, page_size)  # [B, T] each
-            cache = write_pages(cache, layer, page, offset, k, v)
+            cache, tables = write_through_tables(cache, layer, rows, positions, k, v)
             kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
             attn = paged_attention(q, cache.k[layer], cache.v[layer], tables, positions, kv_len, cfg.sliding_window)
             return qeinsum("bthk,hkd->btd", attn, self.wo[...]), cache

@@ -36,7 +36,7 @@ from jaxspec.config import ModelConfig
 from jaxspec.engine.model_runner import kv_buckets, prefill_buckets, slots_unsplit
 from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
-from jaxspec.models.kv_cache import check_kv_dtype
+from jaxspec.models.kv_cache import check_kv_dtype, set_table_row
 from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, batch_noise, logits_to_probs, sample_from_probs
 from jaxspec.speculative.jit_cache import cached_jit
@@ -198,10 +198,8 @@ class DraftModelProposer:
     def set_pages(self, slot: int, pages: list[int]) -> None:
         if self.page_table is None:
             raise RuntimeError("set_pages on a draft with a slot cache")
-        self.page_table[slot] = self.cache.num_pages
-        self.page_table[slot, : len(pages)] = pages
-        target = self._cache_sharding.page_table if self._cache_sharding is not None else self.cache.page_table.sharding
-        self.cache = self.cache._replace(page_table=jax.device_put(self.page_table, target))
+        self.cache = set_table_row(self.cache, self.page_table, slot, pages,
+                                   self._cache_sharding.page_table if self._cache_sharding is not None else None)
 
     def prefill(self, slot: int, prompt_ids: list[int], start: int = 0) -> None:
         """A slot cache feeds the prompt at the slot's first drafting step (``_catch_up``), so a

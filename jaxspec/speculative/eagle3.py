@@ -56,7 +56,7 @@ from jaxspec.config import ModelConfig
 from jaxspec.engine.model_runner import batch_buckets, bucket_up, kv_buckets, prefill_buckets
 from jaxspec.mesh import Placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache
-from jaxspec.models.kv_cache import check_kv_dtype
+from jaxspec.models.kv_cache import check_kv_dtype, set_table_row
 from jaxspec.models.eagle3 import Eagle3Head
 from jaxspec.sampling import PURPOSE_DRAFT, BatchSampling, batch_noise, logits_to_probs, sample_from_probs
 from jaxspec.speculative.jit_cache import cached_jit
@@ -188,10 +188,8 @@ class Eagle3Proposer:
     def set_pages(self, slot: int, pages: list[int]) -> None:
         if self.page_table is None:
             raise RuntimeError("set_pages on an EAGLE-3 head with a slot cache")
-        self.page_table[slot] = self.paging[0]
-        self.page_table[slot, : len(pages)] = pages
-        target = self._shardings[2].page_table if self.placement is not None else self.cache.page_table.sharding
-        self.cache = self.cache._replace(page_table=jax.device_put(self.page_table, target))
+        self.cache = set_table_row(self.cache, self.page_table, slot, pages,
+                                   self._shardings[2].page_table if self.placement is not None else None)
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
                paging: tuple[int, int] | None = None) -> None:

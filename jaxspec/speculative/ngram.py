@@ -105,11 +105,9 @@ class NgramProposer:
             hist.start(s, rng.integers(0, 50, length).tolist())
         ctx = SpecContext(hist, np.ones(rows, bool), np.full(rows, kb, np.int32), kb, None, np.zeros(rows, np.int32))
         times = []
-        saved, self._found = self._found, {}  # every rep looks up afresh; the slots' own lookups stay
         for _ in range(reps):
-            self._found.clear()
+            fresh = NgramProposer(self.max_n, self.min_n)  # every rep looks up afresh; the slots' lookups stay
             t = time.perf_counter()
-            self.propose(ctx)
+            fresh.propose(ctx)
             times.append(time.perf_counter() - t)
-        self._found = saved
         return statistics.median(times)

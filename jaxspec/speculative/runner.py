@@ -418,11 +418,8 @@ class SpeculativeRunner:
             # The head's absorbs of prefills and of what follows a cached prefix or an earlier
             # chunk (the widths the target prefills there); fused, its rounds and other absorbs
             # run in the steps.
-            t = self.target
-            longest = t.max_len if t.paging is not None else t.bucket_for(t.prefill_chunk) if t.prefill_chunk else 0
-            widths = [w for w in t.buckets if w <= longest]
             self.proposer.warmup(self.buckets, self.target.batch_buckets, drafts=not self.fused_head,
-                                 chunk_widths=widths)
+                                 chunk_widths=self.target.offset_prefill_widths)
         else:
             self.proposer.warmup(self.buckets, self.target.batch_buckets)
         for rows in self.target.batch_buckets:
