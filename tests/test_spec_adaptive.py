@@ -102,6 +102,13 @@ def test_policy_respects_overrides_caps_and_probes_when_off():
     assert pol.choose(np.array([0.95]), np.array([8]), np.array([-1]), cheap) == 8
     picks = [pol.choose(low, np.array([8]), np.array([-1]), cheap) for _ in range(3)]
     assert picks == [0, 0, 1]
+    # Steps in which no slot can draft (a prompt lookup that found nothing) neither count towards
+    # the next probe nor restart its count: two off steps, any number of those, then the probe.
+    pol = KPolicy(BUCKETS, probe_every=3)
+    picks = [pol.choose(low, np.array([8]), np.array([-1]), cheap) for _ in range(2)]
+    picks += [pol.choose(low, np.array([0]), np.array([-1]), cheap) for _ in range(5)]
+    picks += [pol.choose(low, np.array([8]), np.array([-1]), cheap)]
+    assert picks == [0] * 7 + [1]
 
 
 def test_observed_step_times_refine_costs():

@@ -282,12 +282,12 @@ class KPolicy:
             self.last_rates[kb] = rate
             if best_kb is None or rate > best_rate * (1.0 + self.min_gain):
                 best_kb, best_rate = kb, rate
-        if best_kb == 0 and self.can_probe(caps, forced):
-            return self.off_step()
-        else:
-            self._off_steps = 0
-            if best_kb > 0:
-                self._wait, self._probed = self.probe_every, False
+        if best_kb == 0:
+            # A step in which no slot could use a draft neither counts towards the next probe nor
+            # resets the count: with prompt lookup, steps whose lookups find nothing come and go.
+            return self.off_step() if self.can_probe(caps, forced) else 0
+        self._off_steps = 0
+        self._wait, self._probed = self.probe_every, False
         return best_kb
 
     def can_probe(self, caps: np.ndarray, forced: np.ndarray) -> bool:

@@ -138,6 +138,8 @@ class SpecScheduler:
             # nothing: planned as such, a step of such slots only is plain and is queued ahead
             # instead of waiting for every token to find out.
             caps = np.where(self.would_propose(act), caps, 0)
+        if not caps.any():  # nothing any slot could draft: a plain step, whatever the policy
+            return DecodePlan(act, k, 0)
         if not self.adaptive:
             wanted = np.where(forced < 0, self.default_k, forced)
             k[:] = np.minimum(wanted, caps)
