@@ -12,7 +12,7 @@ import pytest
 from helpers import scaled_model
 from jaxspec.engine import Engine, FinishReason, ModelRunner, PlainRunner, Request
 from jaxspec.engine.engine import StepFailed
-from jaxspec.engine.model_runner import batch_buckets, kv_buckets
+from jaxspec.engine.model_runner import batch_buckets, bucket_up, kv_buckets, prefill_buckets
 from jaxspec.engine.scheduler import Scheduler
 from jaxspec.models.moe_dispatch import BACKENDS
 from jaxspec.sampling import SamplingParams
@@ -52,6 +52,11 @@ def test_buckets():
     assert batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(6) == [1, 2, 4, 6] and batch_buckets(1) == [1]
     assert kv_buckets(512) == [128, 256, 512] and kv_buckets(300) == [128, 256, 300] and kv_buckets(64) == [64]
     assert kv_buckets(2048, factor=4) == [128, 512, 2048] and kv_buckets(512, factor=4) == [128, 512]
+    assert prefill_buckets(64) == [16, 32, 64] and prefill_buckets(512) == [16, 32, 64, 128, 192, 256, 384, 512]
+    # From 128 positions on, a prompt pads to at most 1.5x its length (powers of two alone: up to 2x).
+    buckets = prefill_buckets(4096)
+    assert buckets == sorted(set(buckets)) and buckets[-1] == 4096
+    assert max(bucket_up(n, buckets) / n for n in range(129, 4097)) <= 1.5
 
 
 def test_a_step_runs_the_active_rows_over_their_live_span(model):
