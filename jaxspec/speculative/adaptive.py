@@ -283,9 +283,7 @@ class KPolicy:
             if best_kb is None or rate > best_rate * (1.0 + self.min_gain):
                 best_kb, best_rate = kb, rate
         if best_kb == 0:
-            # A step in which no slot could use a draft neither counts towards the next probe nor
-            # resets the count: with prompt lookup, steps whose lookups find nothing come and go.
-            return self.off_step() if self.can_probe(caps, forced) else 0
+            return self.off_step(caps, forced)
         self._off_steps = 0
         self._wait, self._probed = self.probe_every, False
         return best_kb
@@ -295,9 +293,13 @@ class KPolicy:
         free = forced < 0
         return bool(self.buckets) and bool(free.any()) and bool((caps[free] > 0).any())
 
-    def off_step(self) -> int:
+    def off_step(self, caps: np.ndarray, forced: np.ndarray) -> int:
         """A step for which kb = 0 was chosen: 0, or the smallest bucket when a probe is due (the wait
-        doubles after each probe that did not turn speculation back on)."""
+        doubles after each probe that did not turn speculation back on). A step in which no free slot
+        could use a draft neither counts towards the next probe nor restarts the count: with prompt
+        lookup, steps whose lookups find nothing come and go."""
+        if not self.can_probe(caps, forced):
+            return 0
         if self._probed:
             self._wait = min(2 * self._wait, self.max_probe_every)
             self._probed = False

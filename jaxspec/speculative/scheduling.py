@@ -149,7 +149,7 @@ class SpecScheduler:
             # Speculation is off and nothing the choice depends on moved but the costs' slow drift:
             # no new choice, only the policy's count towards its next probe.
             self._off_run += 1
-            kb = self.policy.off_step() if self.policy.can_probe(caps, forced) else 0
+            kb = self.policy.off_step(caps, forced)
         else:
             costs = self.costs_for(rows)
             self._lend(rows, costs)
