@@ -178,6 +178,10 @@ class GuardedRunner(WrappedRunner):
     def pipelined(self) -> bool:
         return self._inner.pipelined
 
+    @property
+    def queues_drafting(self) -> bool:
+        return self._inner.queues_drafting
+
     def dispatch(self, slots: SlotTable, plan: DecodePlan, after: Any = None) -> Any:
         return self._inner.dispatch(slots, plan, after)
 

@@ -121,6 +121,7 @@ class BroadcastingRunner(WrappedRunner):
     which a follower could not be told about), so every decode is one published call."""
 
     pipelined = False
+    queues_drafting = False
 
     def __init__(self, runner: Any, channel: StepChannel, *, stall_s: float = 30.0, dead_after_s: float = 5.0,
                  on_lost: Callable[[str], None] | None = None):

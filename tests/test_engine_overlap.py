@@ -228,8 +228,97 @@ def test_speculative_engine_overlaps_its_plain_steps_exactly(kind, k):
             assert eng.spec_stats.acceptance_rate == 1.0  # the draft caught up on every chained token
         if k == "auto":
             assert counter.chained > 0
+        else:  # every step drafts: chained only where the runner queues drafting steps
+            assert (counter.chained > 0) == runner.queues_drafting
+
+
+class DraftChainCounter:
+    """Wraps a SpeculativeRunner's dispatch: counts drafting steps queued, and those chained
+    behind the drafting step before (fed by its carry on the device)."""
+
+    def __init__(self, runner):
+        self.queued = self.chained = 0
+        real = runner.dispatch
+
+        def dispatch(slots, plan, after=None):
+            self.queued += plan.kb > 0
+            self.chained += plan.kb > 0 and after is not None
+            return real(slots, plan, after)
+
+        runner.dispatch = dispatch
+
+
+def spec_workload(eng, seed, steps=60, limit=14, abort_at=()):
+    """Requests join between steps (mixed prompts, greedy and seeded sampled, stop tokens, short
+    and long limits); ``abort_at``: steps at which the oldest unfinished request is aborted.
+    Returns id -> (tokens, reason)."""
+    from test_spec_greedy import CFG
+
+    rng = random.Random(seed)
+    got: dict[str, list[int]] = {}
+    reasons = {}
+    submitted = step = 0
+    while step < steps or eng.has_unfinished():
+        if step < steps and submitted < limit and rng.random() < 0.35:
+            prompt = [rng.randrange(3, CFG.vocab_size) for _ in range(rng.randint(2, 12))]
+            sp = SamplingParams(temperature=rng.choice([0.0, 0.8]), max_tokens=rng.choice([1, 3, 9, 17, 30]),
+                                seed=step, stop_token_ids=rng.choice([(), tuple(range(3, 40))]), ignore_eos=True)
+            rid = eng.add_request(prompt, sp, request_id=f"r{submitted}")
+            got[rid] = []
+            submitted += 1
+        if step in abort_at:
+            for rid in got:
+                if rid not in reasons:
+                    out = eng.abort(rid)
+                    got[rid] += out.new_token_ids
+                    reasons[rid] = out.finish_reason
+                    break
+        for out in eng.step():
+            got[out.request_id] += out.new_token_ids
+            if out.finished:
+                assert out.request_id not in reasons, "two final outputs"
+                reasons[out.request_id] = out.finish_reason
+        step += 1
+    assert set(reasons) == set(got)
+    return {rid: (got[rid], reasons[rid]) for rid in got}
+
+
+@pytest.mark.parametrize("k,paged", [(1, False), (3, False), (2, True)])
+def test_drafting_steps_queue_behind_each_other_exactly(k, paged):
+    """A fused draft model's drafting steps are queued like plain ones: step n+1 takes its inputs
+    (the draft's pending block, start and output positions, the token fed) from step n's outputs on
+    the device. Requests join, stop on tokens, hit their limits and are aborted with steps in
+    flight: every output equals the engine's without overlap, token for token (greedy and seeded
+    sampled alike), and nothing compiles after warm-up."""
+    from test_spec_greedy import MAX_LEN, TARGET, proposer
+
+    from jaxspec.speculative import SpeculativeRunner
+
+    def runner():
+        kw = dict(page_size=8, num_pages=48) if paged else {}
+        return SpeculativeRunner(ModelRunner(TARGET, 4, MAX_LEN, **kw), proposer("noisy"),
+                                 num_speculative_tokens=k, k_max=4)
+
+    ref = spec_workload(Engine(runner(), ByteTokenizer()), seed=k, abort_at=(20, 31))
+    r = runner()
+    counter = DraftChainCounter(r)
+    eng = Engine(r, ByteTokenizer(), overlap=True)
+    r.warmup()
+    compiles = CompileCounter()
+    got = spec_workload(eng, seed=k, abort_at=(20, 31))
+    assert got.keys() == ref.keys()
+    for rid, (tokens, reason) in got.items():
+        want, want_reason = ref[rid]
+        assert reason == want_reason, rid
+        if reason == FinishReason.ABORTED:  # the engine step that aborts it may hold a step in flight
+            n = min(len(tokens), len(want))
+            assert tokens[:n] == want[:n], rid
         else:
-            assert counter.chained == 0  # every step is planned with proposals: nothing to chain
+            assert tokens == want, rid
+    assert r.queues_drafting and counter.chained > 0 and counter.queued > counter.chained
+    assert compiles.count == 0
+    assert any(reason == FinishReason.STOP for _, reason in got.values())
+    assert any(reason == FinishReason.ABORTED for _, reason in got.values())
 
 
 def test_lookup_steps_that_find_nothing_are_queued_ahead():

@@ -288,7 +288,7 @@ class Engine:
         requests it ran over get a final ERROR output and ``StepFailed`` carries every output
         of the step (expiries and admissions included) to the caller."""
         outputs: list[RequestOutput] = []
-        if self._in_flight_step is not None and not (self._can_chain() and self._grow(extra=1)):
+        if self._in_flight_step is not None and not (self._can_chain() and self._grow(extra=self._advance())):
             outputs += self._apply_in_flight()  # the batch changes: apply the queued step first
         outputs += self._expire_deadlines()
         self._no_admission = False
@@ -329,10 +329,15 @@ class Engine:
         return outputs
 
     # ------------------------------------------------------- overlapped steps
-    def _can_chain(self) -> bool:
-        """Whether the next decode step can be queued behind the one in flight: the same requests,
-        none of them at its token limit (their rows would be wasted), nobody waiting to be admitted
-        or prefilling, no deadline due."""
+    def _advance(self) -> int:
+        """Tokens the step in flight can add to each of its requests (its proposals and one more)."""
+        return self._in_flight_step.queued.plan.kb + 1
+
+    def _can_chain(self, kb: int = 0) -> bool:
+        """Whether the next decode step (proposing up to ``kb`` tokens a slot) can be queued behind
+        the one in flight: the same requests, each with room for both steps' tokens under its limit
+        (rows past it would be wasted, and positions past it are not the request's to write),
+        nobody waiting to be admitted or prefilling, no deadline due."""
         flight = self._in_flight_step
         act = np.flatnonzero(self.slots.active)
         if self.waiting or self.prefilling or not np.array_equal(flight.queued.plan.slots, act):
@@ -342,9 +347,17 @@ class Engine:
             req = self.live[slot].request
             if req.request_id != rid or (req.deadline is not None and req.deadline <= now):
                 return False
-            if self.slots.num_generated[slot] + 2 > req.params.max_tokens:
+            if self.slots.num_generated[slot] + self._advance() + kb + 1 > req.params.max_tokens:
                 return False
         return True
+
+    def _chains(self, plan: DecodePlan) -> bool:
+        """Whether ``plan`` is queued behind the step in flight: steps of one kind (plain, or
+        drafting where the runner queues those) over the same slots, with room for both."""
+        flight = self._in_flight_step.queued.plan
+        if not np.array_equal(plan.slots, flight.slots) or (plan.kb > 0) != (flight.kb > 0):
+            return False
+        return plan.kb == 0 or (self.runner.queues_drafting and self._can_chain(plan.kb))
 
     def _dispatch(self, plan: DecodePlan, after: "_InFlight | None") -> _InFlight:
         queued = self.runner.dispatch(self.slots, plan, None if after is None else after.queued)
@@ -362,21 +375,23 @@ class Engine:
         return self._apply(result, flight.request_ids)
 
     def _overlapped_decode(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """Queue this step's plain decode and apply the one queued before it while it runs; a
-        speculative step applies the queued one first (it drafts from every token so far)."""
+        """Queue this step's decode and apply the one queued before it while it runs. A drafting
+        step is queued too where the runner queues those (its inputs follow from the step before
+        on the device); otherwise it applies the queued one first and runs at once (it drafts
+        from every token so far)."""
         done: list[RequestOutput] = []
         flight = self._in_flight_step
         result = nxt = None
         try:
             plan = self.scheduler.plan_decode(self.slots)
-            if flight is not None and (plan.kb > 0 or not np.array_equal(plan.slots, flight.queued.plan.slots)):
+            if flight is not None and not self._chains(plan):
                 done += self._apply_in_flight()
                 flight = None
                 if not self.slots.active.any():
                     return done
                 plan = self.scheduler.refit(plan, self.slots)
             self._in_flight_step = None
-            if plan.kb > 0:
+            if plan.kb > 0 and not self.runner.queues_drafting:
                 result = self.runner.decode(self.slots, plan)
             else:
                 nxt = self._dispatch(plan, flight)

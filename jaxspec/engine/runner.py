@@ -45,8 +45,9 @@ class StepRunner(Protocol):
         ...
 
     # Whether decode steps can be queued before the previous one's tokens reach the host
-    # (``dispatch`` / ``collect``; plain single-device decoding).
+    # (``dispatch`` / ``collect``; plain single-device decoding), and drafting steps too.
     pipelined: bool
+    queues_drafting: bool
 
     def dispatch(self, slots: SlotTable, plan: DecodePlan, after: Any = None) -> Any:
         """Pipelined runners: queue ``decode``'s device work and return a handle. ``after``: the
@@ -116,6 +117,7 @@ class PlainRunner:
     reuses_prefix = True
     prefix_key_tokens = 0
     lookahead = 0
+    queues_drafting = False
 
     def paging(self) -> tuple[int, int] | None:
         return self.runner.paging

@@ -258,9 +258,10 @@ class DraftModelProposer:
     def kv_bucket_for(self, positions: int) -> int:
         return next(b for b in self.kv_buckets if min(positions, self.max_len) <= b)
 
-    def prepare(self, ctx: SpecContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def prepare(self, ctx: SpecContext, record: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Host inputs of one round, per batch row: (pending block [B, 2], pending counts [B], draft
-        lengths [B]); catches lagging slots up first and records the round for ``commit``."""
+        lengths [B]); catches lagging slots up first and (``record``) records the round for
+        ``commit`` (a fused step's collect calls ``set_committed`` instead)."""
         self._catch_up(ctx)
         idx, live = ctx.live()
         rows = ctx.rows
@@ -273,7 +274,8 @@ class DraftModelProposer:
         if pending.max(initial=0) > PENDING_BLOCK or (pending[idx] < 1).any():
             raise RuntimeError(f"draft cache out of step with the context: pending tokens {pending.tolist()}")
         block = ctx.history.window(lengths, PENDING_BLOCK, pending, rows)
-        self._round = (idx, live, ctx.history.length[live] - 1)
+        if record:
+            self._round = (idx, live, ctx.history.length[live] - 1)
         return block, pending, lengths
 
     def would_propose(self, history, slots: np.ndarray) -> np.ndarray:
@@ -292,11 +294,10 @@ class DraftModelProposer:
         out_pos) -> (cache, tokens [B, kb], q's [B, kb, V]), for a runner to fuse into its step."""
         return _make_loop(self.graphdef, self.moe_backend, kb, kv_len, not self.compact_rows)
 
-    def commit_host(self, num_accepted: np.ndarray, kb: int) -> None:
-        """``commit`` where the step already set the device lengths (a fused step)."""
-        idx, slots, last_pos = self._round
-        self.lengths[slots] = last_pos + 1 + np.minimum(np.asarray(num_accepted)[idx], kb - 1)
-        self._round = None
+    def set_committed(self, slots: np.ndarray, last_pos: np.ndarray, num_accepted: np.ndarray, kb: int) -> None:
+        """``commit``'s host lengths where a fused step already set the device's: ``slots`` fed
+        their token at ``last_pos`` and accepted ``num_accepted`` of ``kb`` drafts."""
+        self.lengths[slots] = last_pos + 1 + np.minimum(num_accepted, kb - 1)
 
     def commit(self, ctx: SpecContext, proposal: Proposal, num_accepted: np.ndarray) -> None:
         # The round fed the pending tokens (ending with the one at position L) and

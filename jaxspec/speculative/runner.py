@@ -25,6 +25,7 @@ same (seed, position, PURPOSE_TARGET) token a kb = 0 verification would.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections import Counter
@@ -76,19 +77,37 @@ def _make_verify(fwd, backend: str, kv_len: int, identity_rows: bool):
     return verify
 
 
+# Columns of a fused drafting step's carry [B, CARRY_WIDTH] int32: the inputs one step derives for
+# the next from its accepted count and bonus token, so a chained step never waits for the host.
+(C_BLOCK0, C_BLOCK1, C_PENDING, C_DLEN, C_LAST, C_START, C_OUTPOS), CARRY_WIDTH = range(7), 7
+
+
 def _make_fused(loop, verify, kb: int):
     """Draft loop, verification and the draft cache's rollback in one step (packed rows only):
-    one dispatch and one device->host transfer (tokens and accept counts packed) per step."""
+    one dispatch and one device->host transfer (tokens and accept counts packed) per step. Its
+    inputs per row come as a carry (the draft's pending block and count, the draft's cache length,
+    the token fed, the target's start position, the output position), and it returns the next
+    step's carry: a step over the same rows can be queued before this one's tokens reach the host."""
 
-    def step(t_state, t_cache, d_state, d_cache, slot_ids, block, pending, d_lengths, last_tokens, start, num_draft,
-             sampling: BatchSampling, out_pos, active):
+    def step(t_state, t_cache, d_state, d_cache, slot_ids, carry, num_draft, sampling: BatchSampling, active):
+        block, pending, d_lengths = carry[:, C_BLOCK0:C_BLOCK1 + 1], carry[:, C_PENDING], carry[:, C_DLEN]
+        last_tokens, start, out_pos = carry[:, C_LAST], carry[:, C_START], carry[:, C_OUTPOS]
         d_cache, drafts, q = loop(d_state, d_cache, slot_ids, block, pending, d_lengths, sampling, out_pos)
         t_cache, out_tokens, accepted, load = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
                                                      num_draft, sampling, out_pos, active)
-        # The draft has seen the accepted context up to d_{kb-2} (see DraftModelProposer.commit).
-        d_len = d_cache.lengths.at[slot_ids].set(start + 1 + jnp.minimum(accepted, kb - 1), mode="drop")
-        packed = jnp.concatenate([out_tokens.astype(jnp.int32), accepted.astype(jnp.int32)[:, None]], axis=1)
-        return t_cache, d_cache.with_lengths(d_len), packed, load
+        out_tokens, accepted = out_tokens.astype(jnp.int32), accepted.astype(jnp.int32)
+        # The draft has seen the accepted context up to d_{kb-2} (see DraftModelProposer.commit):
+        # what it has not seen (the bonus token, after d_{kb-1} if every draft was accepted) is
+        # the next step's pending block.
+        seen = jnp.minimum(accepted, kb - 1)
+        d_len = start + 1 + seen
+        pick = lambda i: jnp.take_along_axis(out_tokens, i[:, None], axis=1)[:, 0]  # noqa: E731
+        nxt = jnp.stack([pick(seen), pick(jnp.minimum(seen + 1, kb)), 1 + accepted - seen, d_len, pick(accepted),
+                         start + 1 + accepted, out_pos + 1 + accepted], axis=1)
+        carry = jnp.where(active[:, None], nxt, carry)
+        d_cache = d_cache.with_lengths(d_cache.lengths.at[slot_ids].set(d_len, mode="drop"))
+        packed = jnp.concatenate([out_tokens, accepted[:, None]], axis=1)
+        return t_cache, d_cache, packed, carry, load
 
     return step
 
@@ -120,6 +139,26 @@ def _make_fused_head(round_, absorb, verify):
         return t_cache, h_cache, last, packed, load
 
     return step
+
+
+@dataclasses.dataclass(eq=False)
+class _DraftHandle:
+    """A queued fused drafting step: its rows and settings (a chained step reuses them), the
+    furthest any slot's start can be (``reach``: kv-span bucket of the steps behind it), and its
+    device outputs."""
+
+    rows: np.ndarray  # [n] the stepped slots
+    row_slots: np.ndarray  # [B] slot of each batch row
+    where: np.ndarray  # [n] row of each stepped slot
+    active: np.ndarray  # [B]
+    sampling: BatchSampling  # [B] rows
+    kb: int
+    reach: int
+    packed: jax.Array  # [B, kb + 2] tokens, then the accepted count
+    carry: jax.Array  # [B, CARRY_WIDTH]
+    load: jax.Array
+    num_draft: np.ndarray  # [B]
+    released: set = dataclasses.field(default_factory=set)
 
 
 class SpeculativeRunner:
@@ -188,6 +227,7 @@ class SpeculativeRunner:
         self.fused = (fuse and isinstance(self.proposer, DraftModelProposer) and target.placement is None
                       and self.proposer.placement is None and target.compact_rows and self.proposer.compact_rows)
         self._fused_fns: dict[tuple[int, int], object] = {}
+        self._queued: list[_DraftHandle] = []  # drafting steps dispatched and not collected yet
         # An EAGLE-3 head likewise (on a mesh too): its round, the verification and its absorb in one call.
         self.fused_head = fuse and bool(self.feature_layers) and hasattr(self.proposer, "round_fns")
 
@@ -255,13 +295,17 @@ class SpeculativeRunner:
             out_pos, active)
         return packed, load
 
-    def _run_fused(self, kb: int, kv_len: int, slot_ids, block, pending, d_lengths, last_tokens, start, num_draft,
-                   sampling, out_pos, active):
+    def _run_fused(self, kb: int, kv_len: int, slot_ids, carry, num_draft, sampling, active):
         t, p = self.target, self.proposer
-        t.cache, p.cache, packed, load = self._fused_fn(kb, kv_len)(
-            t.state, t.cache, p.state, p.cache, slot_ids, block, pending, d_lengths, last_tokens, start, num_draft,
-            sampling, out_pos, active)
-        return packed, load
+        t.cache, p.cache, packed, carry, load = self._fused_fn(kb, kv_len)(
+            t.state, t.cache, p.state, p.cache, slot_ids, carry, num_draft, sampling, active)
+        return packed, carry, load
+
+    def _carry(self, block, pending, d_lengths, last_tokens, start, out_pos):
+        """A fused step's carry from host arrays [B], placed as a step's output carry is (jit keys
+        its compilations on placement; one transfer for the six)."""
+        carry = np.stack([block[:, 0], block[:, 1], pending, d_lengths, last_tokens, start, out_pos], axis=1)
+        return jax.device_put(carry.astype(np.int32), self.target.cache.lengths.sharding)
 
     def _run_verify(self, kb: int, deterministic: bool, kv_len: int, slot_ids, last_tokens, start, draft_tokens,
                     draft_probs, num_draft, sampling, out_pos, active):
@@ -298,9 +342,9 @@ class SpeculativeRunner:
         if self.fused:
             far = np.full(rows, self.max_len, np.int32)  # every write past the cache end (and slot id S)
             block = rng.integers(0, self.cfg.vocab_size, (rows, 2)).astype(np.int32)
-            packed, _ = self._run_fused(kb, kv_len, slot_ids, block, np.full(rows, int(live), np.int32), far,
-                                        block[:, 0], far, np.full(rows, kb if live else 0, np.int32), sampling, zeros,
-                                        np.full(rows, live, bool))
+            carry = self._carry(block, np.full(rows, int(live), np.int32), far, block[:, 0], far, zeros)
+            packed, _, _ = self._run_fused(kb, kv_len, slot_ids, carry, np.full(rows, kb if live else 0, np.int32),
+                                           sampling, np.full(rows, live, bool))
             packed.block_until_ready()
             return
         # A model drafter's tokens and q's arrive as its committed device outputs (a deterministic
@@ -402,6 +446,9 @@ class SpeculativeRunner:
             self.history.tokens[slot, at] = last_token
 
     def release(self, slot: int) -> None:
+        for h in self._queued:  # a step queued over it: its outcome is not this slot's any more
+            if slot in h.rows:
+                h.released.add(slot)
         self.target.set_length(slot, 0)
         self.proposer.release(slot)
         self.history.clear(slot)
@@ -498,9 +545,10 @@ class SpeculativeRunner:
         out_pos = slots.num_generated[act].astype(np.int32)
         k, kb = plan.k, plan.kb
         sampling = slots.sampling(act)
-        if kb == 0 and not self.feature_layers:
+        if (kb == 0 and not self.feature_layers) or (kb > 0 and self.fused):
             # Nothing to propose: the target's own decode step and only the bookkeeping it needs, so
-            # that an adaptive policy that turns speculation off pays what ``PlainRunner`` pays.
+            # that an adaptive policy that turns speculation off pays what ``PlainRunner`` pays. A
+            # fused draft model's step is one call, queued and collected at once.
             return self.collect(self.dispatch(slots, plan), overlapped=False)
         row_slots, where = self.target.row_layout(act)  # batch rows; the row of each active slot
         b = len(row_slots)
@@ -511,8 +559,6 @@ class SpeculativeRunner:
         t0 = time.perf_counter()
         proposal = None
         kb_run = kb
-        if kb > 0 and self.fused:
-            return self._fused_decode(ctx, act, where, row_slots, last, sampling, out_pos, t0)
         if self.fused_head:
             return self._fused_head_decode(ctx, act, where, row_slots, last, t0)
         if kb > 0:
@@ -561,47 +607,86 @@ class SpeculativeRunner:
         (``dispatch``); not with an EAGLE-3 head, which absorbs every step's hidden states."""
         return not self.feature_layers and self.target.can_chain
 
+    @property
+    def queues_drafting(self) -> bool:
+        """Drafting steps are queued too (a fused single-device draft model): a step over the same
+        slots takes its inputs from the one before on the device (its carry)."""
+        return self.fused and self.pipelined
+
     def dispatch(self, slots: SlotTable, plan: DecodePlan, after: QueuedStep | None = None) -> QueuedStep:
-        """Queue a plain (kb = 0) step; ``after``: the plain step queued just before, over the
-        same slots, whose tokens (still on the device) feed this one."""
-        if plan.kb != 0 or self.feature_layers:
-            raise ValueError("only plain steps of a runner without an EAGLE-3 head are queued ahead")
-        last = self.history.last()[plan.slots] if after is None else None  # chained: fed on the device
-        return self.target.queue_step(slots, plan, last, after)
+        """Queue a step; ``after``: the step of the same kind (plain, or drafting) queued just before
+        over the same slots and not collected yet, whose outputs (still on the device) feed this one."""
+        prev = None if after is None else after.handle
+        if plan.kb == 0 and not self.feature_layers and not isinstance(prev, _DraftHandle):
+            last = self.history.last()[plan.slots] if after is None else None  # chained: fed on the device
+            return self.target.queue_step(slots, plan, last, after)
+        if plan.kb == 0 or not self.queues_drafting or (prev is not None and not isinstance(prev, _DraftHandle)):
+            raise ValueError("queued steps are plain steps, or drafting steps of a fused single-device draft "
+                             "model, each chained only behind its own kind")
+        t0 = time.perf_counter()
+        act, kb = plan.slots, plan.kb
+        if prev is None:
+            out_pos = slots.num_generated[act].astype(np.int32)
+            row_slots, where = self.target.row_layout(act)  # batch rows; the row of each active slot
+            b = len(row_slots)
+            active = scatter_rows(np.ones(len(act), bool), where, b, False)
+            sampling = scatter_sampling(slots.sampling(act), where, b)
+            ctx = SpecContext(self.history, active, scatter_rows(plan.k, where, b, 0), kb, sampling,
+                              scatter_rows(out_pos, where, b, 0), slots=row_slots)
+            block, pending, d_lengths = self.proposer.prepare(ctx, record=False)
+            start = (self.history.length[act] - 1).astype(np.int32)
+            carry = self._carry(block, pending, d_lengths, scatter_rows(self.history.last()[act], where, b, 0),
+                                self.target.row_starts(row_slots, where, start), ctx.out_pos)
+            reach = int(start.max())
+            self._queued = []
+        else:
+            if not np.array_equal(prev.rows, act):
+                raise ValueError("a chained drafting step runs over the slots of the step before it")
+            row_slots, where, active, sampling, carry = prev.row_slots, prev.where, prev.active, prev.sampling, prev.carry
+            reach = prev.reach + prev.kb + 1  # each slot's start moved by at most the step before's kb + 1
+        num_draft = scatter_rows(plan.k, where, len(row_slots), 0).astype(np.int32)
+        kv_len = self.target.kv_bucket_for(reach + kb + 1)
+        packed, carry, load = self._run_fused(kb, kv_len, row_slots, carry, num_draft, sampling, active)
+        handle = _DraftHandle(act, row_slots, where, active, sampling, kb, reach, packed, carry, load, num_draft)
+        self._queued.append(handle)
+        return QueuedStep(plan, handle, t0)
 
     def collect(self, queued: QueuedStep, overlapped: bool = True) -> StepResult:
+        h = queued.handle
+        if isinstance(h, _DraftHandle):
+            return self._collect_drafting(queued, h, overlapped)
         result = self.target.collect_step(queued, overlapped)
         for s, tokens in zip(result.slots.tolist(), result.tokens):
             self.history.append(s, tokens[0])
         return result
 
-    def _extend_history(self, act, out_tokens, accepted) -> list[list[int]]:
-        """Per active slot: its a accepted drafts plus one target token, appended to the history."""
+    def _collect_drafting(self, queued: QueuedStep, h: "_DraftHandle", overlapped: bool) -> StepResult:
+        """Wait for a queued drafting step and bring the host's lengths and history in line (slots
+        released since it was queued keep their fresh state)."""
+        packed = np.asarray(h.packed)  # the step's one device->host transfer
+        if h in self._queued:
+            self._queued.remove(h)
+        act, kb = h.rows, h.kb
+        out_tokens, accepted = packed[h.where, : kb + 1], packed[h.where, kb + 1]
+        keep = np.array([s not in h.released for s in act.tolist()], bool)
+        start = (self.history.length[act] - 1).astype(np.int32)  # the collects before brought it here
+        self.target.set_lengths_host(act[keep], (start + 1 + accepted)[keep])
+        self.target.add_expert_load(h.load)
+        self.proposer.set_committed(act[keep], start[keep], accepted[keep], kb)
+        tokens = self._extend_history(act, out_tokens, accepted, keep)
+        return StepResult(act, tokens, h.num_draft[h.where], accepted.astype(np.int32), kb, 0.0,
+                          time.perf_counter() - queued.t0, fused=True, queued=overlapped)
+
+    def _extend_history(self, act, out_tokens, accepted, keep=None) -> list[list[int]]:
+        """Per active slot: its a accepted drafts plus one target token, appended to the history
+        (of the slots in ``keep``, default all)."""
         out = []
         for i, s in enumerate(act.tolist()):
             tokens = out_tokens[i, : int(accepted[i]) + 1].tolist()
-            self.history.extend(s, tokens)
+            if keep is None or keep[i]:
+                self.history.extend(s, tokens)
             out.append(tokens)
         return out
-
-    def _fused_decode(self, ctx: SpecContext, act, where, row_slots, last, sampling, out_pos, t0: float) -> StepResult:
-        """``decode``'s draft-and-verify step as one jitted call (a single-device model drafter)."""
-        b, kb = len(row_slots), ctx.kb
-        block, pending, d_lengths = self.proposer.prepare(ctx)
-        start = (self.history.length[act] - 1).astype(np.int32)
-        kv_len = self.target.kv_bucket_for(int(start.max()) + kb + 1)
-        num_draft = np.where(ctx.active, ctx.k, 0).astype(np.int32)
-        packed, load = self._run_fused(kb, kv_len, row_slots, block, pending, d_lengths, scatter_rows(last, where, b, 0),
-                                       self.target.row_starts(row_slots, where, start), num_draft, ctx.sampling,
-                                       ctx.out_pos, ctx.active)
-        packed = np.asarray(packed)  # the step's one device->host transfer
-        out_tokens, accepted = packed[where, : kb + 1], packed[where, kb + 1]
-        self.target.set_lengths_host(act, start + 1 + accepted)
-        self.target.add_expert_load(load)
-        self.proposer.commit_host(scatter_rows(accepted, where, b, 0), kb)
-        step_s = time.perf_counter() - t0
-        return StepResult(act, self._extend_history(act, out_tokens, accepted), num_draft[where],
-                          accepted.astype(np.int32), kb, 0.0, step_s, fused=True)
 
     def _fused_head_decode(self, ctx: SpecContext, act, where, row_slots, last, t0: float) -> StepResult:
         """``decode``'s step with an EAGLE-3 head as one jitted call (round, verification, absorb)."""

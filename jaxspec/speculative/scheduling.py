@@ -181,7 +181,7 @@ class SpecScheduler:
         times = (result.draft_s, result.verify_s)
         if costs is None:
             return times
-        if result.fused and not result.queued:
+        if result.fused:
             times = costs.split(result.kb, result.draft_s + result.verify_s)
         # Costs held fixed (smoothing 0: synthetic or given) are not seconds of this machine's steps.
         if costs.smoothing <= 0:
@@ -189,11 +189,11 @@ class SpecScheduler:
         period = now - last[0] if last is not None and last[1] == rows else None
         if period is not None:
             costs.observe_period(result.kb, period)
-        if result.queued:  # a queued step's own time is not its cost (StepResult.queued)
-            return times
-        costs.observe(result.kb, *times)
-        step_s = period if period is not None else times[0] + times[1]
-        if self.adaptive and result.kb > 0 and step_s > 0 and len(result.slots):
+        if not result.queued:  # a queued step's own time is not its cost (StepResult.queued)
+            costs.observe(result.kb, *times)
+        # What serving paid for the step: its period, or, not queued, its own time.
+        step_s = period if period is not None else (None if result.queued else times[0] + times[1])
+        if self.adaptive and result.kb > 0 and step_s and len(result.slots):
             rate = sum(map(len, result.tokens)) / (len(result.slots) * step_s)
             key = (rows, result.kb)
             mean, count = self.realised.get(key, (rate, 0))
