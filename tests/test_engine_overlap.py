@@ -283,7 +283,8 @@ def spec_workload(eng, seed, steps=60, limit=14, abort_at=()):
     return {rid: (got[rid], reasons[rid]) for rid in got}
 
 
-@pytest.mark.parametrize("k,paged", [(1, False), (3, False), (2, True)])
+@pytest.mark.parametrize("k,paged", [(1, False), pytest.param(3, False, marks=pytest.mark.slow),
+                                     pytest.param(2, True, marks=pytest.mark.slow)])
 def test_drafting_steps_queue_behind_each_other_exactly(k, paged):
     """A fused draft model's drafting steps are queued like plain ones: step n+1 takes its inputs
     (the draft's pending block, start and output positions, the token fed) from step n's outputs on

@@ -498,7 +498,8 @@ class SpeculativeRunner:
                 t = time.perf_counter()
                 self._dummy_step(kb, rows, kv_len, live=True)
                 times[kb].append(time.perf_counter() - t)
-        return CostModel(draft_s, {kb: statistics.median(times[kb]) for kb in kbs}, source="measured")
+        return CostModel(draft_s, {kb: statistics.median(times[kb]) for kb in kbs}, source="measured",
+                         queued_drafting=self.queues_drafting)
 
     def costs_for(self, rows: int) -> CostModel:
         """The adaptive policy's costs at a batch bucket (the given model, else measured ones)."""
@@ -620,7 +621,8 @@ class SpeculativeRunner:
         if plan.kb == 0 and not self.feature_layers and not isinstance(prev, _DraftHandle):
             last = self.history.last()[plan.slots] if after is None else None  # chained: fed on the device
             return self.target.queue_step(slots, plan, last, after)
-        if plan.kb == 0 or not self.queues_drafting or (prev is not None and not isinstance(prev, _DraftHandle)):
+        if plan.kb == 0 or not self.fused or (prev is not None and not (isinstance(prev, _DraftHandle)
+                                                                         and self.queues_drafting)):
             raise ValueError("queued steps are plain steps, or drafting steps of a fused single-device draft "
                              "model, each chained only behind its own kind")
         t0 = time.perf_counter()

@@ -66,6 +66,7 @@ class SpecScheduler:
         # pays per step. A batch change (start, release) starts a new run of consecutive steps.
         self._clock = clock
         self._last_update: tuple[float, int] | None = None  # (clock, batch bucket) of the last step
+        self._last_kb = 0  # proposal bucket of the last step
         # Steps since the policy chose kb = 0 over the current batch (None: choose afresh next step).
         self._off_run: int | None = None
         self._off_rows = 0
@@ -187,6 +188,11 @@ class SpecScheduler:
         if costs.smoothing <= 0:
             return times
         period = now - last[0] if last is not None and last[1] == rows else None
+        # The first drafting step after plain ones pays for switching (the draft model catches up on
+        # the tokens it missed; a queued step before it is waited for): not a drafting run's period.
+        if result.kb > 0 and self._last_kb == 0:
+            period = None
+        self._last_kb = result.kb
         if period is not None:
             costs.observe_period(result.kb, period)
         if not result.queued:  # a queued step's own time is not its cost (StepResult.queued)
