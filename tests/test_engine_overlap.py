@@ -40,22 +40,26 @@ def make_engine(model, overlap=True, slots=4, max_len=96, **kw):
     return Engine(runner, ByteTokenizer(), overlap=overlap, **kw)
 
 
-def mixed_workload(eng, seed=0, steps=80, limit=16):
-    """Requests join between steps with mixed prompts and settings; returns id -> (tokens, reason)."""
+def run_workload(eng, seed, steps, limit, join, new_request, abort_at=()):
+    """Requests join between steps (with probability ``join``; ``new_request(rng, step)`` gives the
+    prompt and its settings); ``abort_at``: steps at which the oldest unfinished request is aborted.
+    Returns id -> (tokens, reason)."""
     rng = random.Random(seed)
     got: dict[str, list[int]] = {}
     reasons = {}
-    submitted = 0
-    step = 0
+    submitted = step = 0
     while step < steps or eng.has_unfinished():
-        if step < steps and submitted < limit and rng.random() < 0.4:
-            n = rng.randint(1, 30)
-            text = "".join(rng.choice("abcdefgh ") for _ in range(n))
-            sp = SamplingParams(temperature=rng.choice([0.0, 0.9]), top_k=rng.choice([0, 5]),
-                                max_tokens=rng.randint(1, 14), seed=step, stop_strings=rng.choice([(), ("a",)]))
-            rid = eng.add_request(text, sp, request_id=f"r{submitted}")
+        if step < steps and submitted < limit and rng.random() < join:
+            rid = eng.add_request(*new_request(rng, step), request_id=f"r{submitted}")
             got[rid] = []
             submitted += 1
+        if step in abort_at:
+            for rid in got:
+                if rid not in reasons:
+                    out = eng.abort(rid)
+                    got[rid] += out.new_token_ids
+                    reasons[rid] = out.finish_reason
+                    break
         for out in eng.step():
             got[out.request_id] += out.new_token_ids
             if out.finished:
@@ -64,6 +68,16 @@ def mixed_workload(eng, seed=0, steps=80, limit=16):
         step += 1
     assert set(reasons) == set(got)
     return {rid: (got[rid], reasons[rid]) for rid in got}
+
+
+def mixed_workload(eng, seed=0, steps=80, limit=16):
+    """Mixed text prompts and settings (greedy and sampled, stop strings, short limits)."""
+    def new_request(rng, step):
+        text = "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 30)))
+        return text, SamplingParams(temperature=rng.choice([0.0, 0.9]), top_k=rng.choice([0, 5]),
+                                    max_tokens=rng.randint(1, 14), seed=step, stop_strings=rng.choice([(), ("a",)]))
+
+    return run_workload(eng, seed, steps, limit, 0.4, new_request)
 
 
 def test_overlapped_outputs_equal_plain_and_steps_chain(model):
@@ -249,38 +263,15 @@ class DraftChainCounter:
 
 
 def spec_workload(eng, seed, steps=60, limit=14, abort_at=()):
-    """Requests join between steps (mixed prompts, greedy and seeded sampled, stop tokens, short
-    and long limits); ``abort_at``: steps at which the oldest unfinished request is aborted.
-    Returns id -> (tokens, reason)."""
+    """Token prompts, greedy and seeded sampled, stop tokens, short and long limits."""
     from test_spec_greedy import CFG
 
-    rng = random.Random(seed)
-    got: dict[str, list[int]] = {}
-    reasons = {}
-    submitted = step = 0
-    while step < steps or eng.has_unfinished():
-        if step < steps and submitted < limit and rng.random() < 0.35:
-            prompt = [rng.randrange(3, CFG.vocab_size) for _ in range(rng.randint(2, 12))]
-            sp = SamplingParams(temperature=rng.choice([0.0, 0.8]), max_tokens=rng.choice([1, 3, 9, 17, 30]),
-                                seed=step, stop_token_ids=rng.choice([(), tuple(range(3, 40))]), ignore_eos=True)
-            rid = eng.add_request(prompt, sp, request_id=f"r{submitted}")
-            got[rid] = []
-            submitted += 1
-        if step in abort_at:
-            for rid in got:
-                if rid not in reasons:
-                    out = eng.abort(rid)
-                    got[rid] += out.new_token_ids
-                    reasons[rid] = out.finish_reason
-                    break
-        for out in eng.step():
-            got[out.request_id] += out.new_token_ids
-            if out.finished:
-                assert out.request_id not in reasons, "two final outputs"
-                reasons[out.request_id] = out.finish_reason
-        step += 1
-    assert set(reasons) == set(got)
-    return {rid: (got[rid], reasons[rid]) for rid in got}
+    def new_request(rng, step):
+        prompt = [rng.randrange(3, CFG.vocab_size) for _ in range(rng.randint(2, 12))]
+        return prompt, SamplingParams(temperature=rng.choice([0.0, 0.8]), max_tokens=rng.choice([1, 3, 9, 17, 30]),
+                                      seed=step, stop_token_ids=rng.choice([(), tuple(range(3, 40))]), ignore_eos=True)
+
+    return run_workload(eng, seed, steps, limit, 0.35, new_request, abort_at)
 
 
 @pytest.mark.parametrize("k,paged", [(1, False), pytest.param(3, False, marks=pytest.mark.slow),
