@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,20 @@ def test_policy_follows_acceptance_and_cost():
     kb = pol.choose(alphas, caps, free, cheap)
     rates = {b: expected_tokens(alphas, b).sum() / cheap.step_cost(b) for b in [0, *BUCKETS]}
     assert kb == max(rates, key=rates.get)
+
+
+def test_policy_turns_drafting_on_only_for_a_clear_gain_and_keeps_it_at_a_small_one():
+    """Speculation off: a bucket must beat plain steps by ``switch_gain`` to turn it on (a switch
+    costs what step rates do not show); on: ``min_gain`` keeps it."""
+    costs = CostModel({0: 0.0, 2: 0.0}, {0: 1e-2, 2: 1.75 / 108})  # at acceptance 0.5: 8% over plain
+    caps, free = np.full(1, 8), np.full(1, -1)
+    policy = KPolicy([2], switch_gain=0.15, min_gain=0.02)
+    assert policy.choose(np.full(1, 0.5), caps, free, costs) == 0
+    assert policy.choose(np.full(1, 0.9), caps, free, costs) == 2  # 67% over plain: on
+    assert policy.choose(np.full(1, 0.5), caps, free, costs) == 2  # and 8% keeps it on
+    assert policy.choose(np.full(1, 0.3), caps, free, costs) == 0
+    assert policy.choose(np.full(1, 0.5), caps, free, costs) == 0  # off again: 8% is not enough
+    assert KPolicy([2], switch_gain=0.05).choose(np.full(1, 0.5), caps, free, costs) == 2
 
 
 def test_policy_respects_overrides_caps_and_probes_when_off():
@@ -362,6 +378,11 @@ def test_probe_schedule_defaults_match_the_readme():
     assert inspect.signature(SpeculativeRunner).parameters["probe_every"].default == 16
     policy = KPolicy([1, 2])
     assert (policy.probe_every, policy.max_probe_every) == (16, 512)
+    # "drafting must promise 15% more tokens per second than plain steps to turn it on ... 2% keeps it on"
+    assert (policy.switch_gain, policy.min_gain) == (0.15, 0.02)
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "promise 15% more tokens per second than plain steps to turn it on" in readme
+    assert "and 2% keeps it on" in readme
 
 
 def test_a_new_batch_bucket_borrows_what_other_buckets_saw_in_serving():

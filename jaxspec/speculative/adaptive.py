@@ -259,11 +259,16 @@ class KPolicy:
     """Chooses each step's proposal bucket (module docstring)."""
 
     def __init__(self, buckets: list[int], probe_every: int = 16, min_gain: float = 0.02,
-                 max_probe_every: int = 512):
+                 max_probe_every: int = 512, switch_gain: float = 0.15):
         self.buckets = list(buckets)
         self.probe_every = probe_every
         self.max_probe_every = max(max_probe_every, probe_every)
         self.min_gain = min_gain  # a longer bucket must beat a shorter one by this much (timing noise)
+        # With speculation off, drafting must beat plain steps by this much to turn it on: a switch
+        # costs what the step rates do not show (the draft catches up on the tokens it missed, a
+        # queued step is waited for), so a bucket that only breaks even would lose end to end.
+        self.switch_gain = switch_gain
+        self._drafting = False  # the last choice drafted
         self._off_steps = 0
         self._wait = probe_every  # steps off before the next probe (doubles while probes fail)
         self._probed = False
@@ -285,8 +290,10 @@ class KPolicy:
         for kb, expected in zip(candidates, tokens.tolist()):
             rate = expected / cost.step_cost(kb)
             self.last_rates[kb] = rate
-            if best_kb is None or rate > best_rate * (1.0 + self.min_gain):
+            gain = self.switch_gain if best_kb == 0 and not self._drafting else self.min_gain
+            if best_kb is None or rate > best_rate * (1.0 + gain):
                 best_kb, best_rate = kb, rate
+        self._drafting = best_kb != 0
         if best_kb == 0:
             return self.off_step(caps, forced)
         self._off_steps = 0
