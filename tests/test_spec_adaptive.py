@@ -252,29 +252,6 @@ def test_costs_are_the_observed_wall_periods_once_seen():
     assert costs.split(4, 1.0) == pytest.approx((costs.draft_s[4] / own4, costs.verify_s[4] / own4))
 
 
-def test_queued_drafting_steps_are_priced_as_queued_plain_steps_are():
-    """Where drafting steps are queued too, an unobserved drafting bucket costs its own time scaled
-    as the plain step's period scales its own (both hide the host's work), not its own time plus
-    host work; observed periods still win."""
-    from jaxspec.speculative.adaptive import MIN_PERIODS
-
-    costs = _costs(1e-3, 0.1)
-    costs.queued_drafting = True
-    own2, own4 = costs.own_cost(2), costs.own_cost(4)
-    assert costs.step_cost(2) == pytest.approx(own2)  # nothing seen: its own time
-    for _ in range(MIN_PERIODS):
-        costs.observe_period(0, 0.6 * costs.own_cost(0))
-    assert costs.step_cost(2) == pytest.approx(0.6 * own2)
-    costs.lent = (0.5, None)  # another batch bucket's ratio yields to this one's own
-    assert costs.step_cost(4) == pytest.approx(0.6 * own4)
-    for _ in range(MIN_PERIODS):
-        costs.observe_period(4, 0.9 * own4)
-    assert costs.step_cost(4) == pytest.approx(0.9 * own4)
-    fresh = _costs(1e-3, 0.1)
-    fresh.queued_drafting, fresh.lent = True, (0.5, None)
-    assert fresh.step_cost(2) == pytest.approx(0.5 * fresh.own_cost(2))
-
-
 def test_the_first_drafting_step_after_plain_ones_is_not_a_drafting_period():
     """Switching from plain steps to drafting pays once (the draft catches up on what it missed, a
     queued step is waited for): the periods of drafting runs leave that first step out."""

@@ -134,12 +134,10 @@ class CostModel:
 
     ``draft_s``/``verify_s`` are the steps' own (device) times. What the policy weighs is each
     bucket's wall period in serving, which differs: a plain step queued behind the one before hides
-    the host's work on it, a drafting step does not. ``observe_period`` records the periods a
-    scheduler measures between consecutive steps; a bucket with enough of them costs their median,
+    the host's work on it, a queued drafting step less of it, one that waits for every token none.
+    ``observe_period`` records the periods a scheduler measures between consecutive steps; a bucket with enough of them costs their median,
     one without costs its own time plus the host time the observed drafting buckets showed above
-    theirs (or, none seen yet, what other batch buckets showed: ``lent``). Where drafting steps are
-    queued too (``queued_drafting``), they hide the host's work as plain steps do: an unobserved
-    drafting bucket costs its own time scaled as the plain step's period scales its own."""
+    theirs (or, none seen yet, what other batch buckets showed: ``lent``)."""
 
     draft_s: dict[int, float]
     verify_s: dict[int, float]
@@ -148,7 +146,6 @@ class CostModel:
     periods: dict[int, collections.deque] = dataclasses.field(default_factory=dict)
     # (plain_ratio, drafting_extra) seen at other batch buckets: used where this one has seen none yet.
     lent: tuple[float | None, float | None] = (None, None)
-    queued_drafting: bool = False
 
     def own_cost(self, kb: int) -> float:
         """The step's own time (draft + verification), without the host's work around it."""
@@ -165,10 +162,8 @@ class CostModel:
             return observed
         own = self.own_cost(kb)
         lent_ratio, lent_extra = self.lent
-        if kb == 0 or self.queued_drafting:
-            ratio = self.plain_ratio() if kb else None
-            ratio = ratio if ratio is not None else lent_ratio
-            return own * (ratio if ratio is not None else 1.0)
+        if kb == 0:
+            return own * (lent_ratio if lent_ratio is not None else 1.0)
         extra = self.drafting_extra()
         extra = extra if extra is not None else lent_extra
         return own + (extra if extra is not None else 0.0)

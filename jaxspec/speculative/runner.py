@@ -498,8 +498,7 @@ class SpeculativeRunner:
                 t = time.perf_counter()
                 self._dummy_step(kb, rows, kv_len, live=True)
                 times[kb].append(time.perf_counter() - t)
-        return CostModel(draft_s, {kb: statistics.median(times[kb]) for kb in kbs}, source="measured",
-                         queued_drafting=self.queues_drafting)
+        return CostModel(draft_s, {kb: statistics.median(times[kb]) for kb in kbs}, source="measured")
 
     def costs_for(self, rows: int) -> CostModel:
         """The adaptive policy's costs at a batch bucket (the given model, else measured ones)."""
