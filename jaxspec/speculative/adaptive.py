@@ -135,9 +135,10 @@ class CostModel:
     ``draft_s``/``verify_s`` are the steps' own (device) times. What the policy weighs is each
     bucket's wall period in serving, which differs: a plain step queued behind the one before hides
     the host's work on it, a queued drafting step less of it, one that waits for every token none.
-    ``observe_period`` records the periods a scheduler measures between consecutive steps; a bucket with enough of them costs their median,
-    one without costs its own time plus the host time the observed drafting buckets showed above
-    theirs (or, none seen yet, what other batch buckets showed: ``lent``)."""
+    ``observe_period`` records the periods a scheduler measures between consecutive steps; a bucket
+    with enough of them costs their median, one without costs its own time plus the host time the
+    observed drafting buckets showed above theirs (or, none seen yet, what other batch buckets
+    showed: ``lent``)."""
 
     draft_s: dict[int, float]
     verify_s: dict[int, float]
