@@ -248,10 +248,10 @@ def _compile_steps(cfg, placement, graphdef, state, state_sh, cache, cache_sh, s
     if draft is not None:
         from jaxspec.engine.steps import _forward
         from jaxspec.speculative.draft_model import PENDING_BLOCK, _make_loop
-        from jaxspec.speculative.runner import _make_verify
+        from jaxspec.speculative.step_fns import make_verify
 
         d_graph, d_state, d_backend, d_cache, d_cache_sh = draft
-        verify = jax.jit(_make_verify(functools.partial(_forward, graphdef, statics), "xla", max_len, identity),
+        verify = jax.jit(make_verify(functools.partial(_forward, graphdef, statics), "xla", max_len, identity),
                          donate_argnums=(1,), out_shardings=(cache_sh, rep, rep, rep))
         steps[f"verify {slots}x{k + 1}"] = lambda: verify.lower(
             state, cache, i32(slots), i32(slots), i32(slots), i32(slots, k), f32(slots, k, cfg.vocab_size), i32(slots),

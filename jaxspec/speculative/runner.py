@@ -31,114 +31,22 @@ import time
 from collections import Counter
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.engine.model_runner import ModelRunner, scatter_rows, scatter_sampling
 from jaxspec.engine.request import InvalidRequestError, Request
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, PrefillChunk, QueuedStep, StepResult
-from jaxspec.sampling import BatchSampling, logits_to_probs, pad_sampling
+from jaxspec.sampling import BatchSampling, pad_sampling
 from jaxspec.speculative.adaptive import CostModel, KPolicy, k_buckets
 from jaxspec.speculative.draft_model import DraftModelProposer
 from jaxspec.speculative.jit_cache import cached_jit
 from jaxspec.speculative.proposer import NoProposer, Proposer, SpecContext, TokenHistory
 from jaxspec.speculative.scheduling import SpecScheduler
-from jaxspec.speculative.verify import get_backend, verify_with_keys
+from jaxspec.speculative.step_fns import make_fused, make_fused_head, make_verify
+from jaxspec.speculative.verify import get_backend
 
 AUTO = "auto"
-
-
-def _make_verify(fwd, backend: str, kv_len: int, identity_rows: bool):
-    def verify(state, cache, slot_ids, last_tokens, start, draft_tokens, draft_probs, num_draft, sampling: BatchSampling,
-               out_pos, active):
-        """B rows, row b = slot slot_ids[b] (padding rows: slot id S, inactive; ``identity_rows``:
-        row b is slot b and inactive rows keep their lengths)."""
-        tokens = jnp.concatenate([last_tokens[:, None], draft_tokens.astype(jnp.int32)], axis=1)
-        num_draft = jnp.where(active, num_draft, 0)
-        ids = None if identity_rows else slot_ids
-        out = fwd(state, tokens, start, cache, ids, jnp.where(active, num_draft + 1, 0), kv_len=kv_len)
-        col = lambda x: x[:, None]  # noqa: E731  per-row settings broadcast over the kb+1 positions
-        p = logits_to_probs(out.logits, col(sampling.temperature), col(sampling.top_k), col(sampling.top_p),
-                            col(sampling.min_p))
-        # Greedy rows verify one-hot p against drafts that were argmaxes too (a draft model samples
-        # greedy rows greedily; deterministic drafters are one-hot by construction).
-        out_tokens, accepted = verify_with_keys(p, draft_probs, draft_tokens, num_draft, sampling.seed, out_pos, backend,
-                                                all_greedy=jnp.all(sampling.temperature <= 0))
-        # Roll back to the accepted context (padding rows write nothing).
-        if identity_rows:
-            lengths = jnp.where(active, start + 1 + accepted, cache.lengths)
-        else:
-            lengths = out.cache.lengths.at[slot_ids].set(start + 1 + accepted, mode="drop")
-        # With a target capturing hidden states (EAGLE-3), its features [B, kb+1, F] come last.
-        extra = () if out.aux_hidden is None else (out.aux_hidden,)
-        return out.cache.with_lengths(lengths), out_tokens, accepted, out.expert_load, *extra
-
-    return verify
-
-
-# Columns of a fused drafting step's carry [B, CARRY_WIDTH] int32: the inputs one step derives for
-# the next from its accepted count and bonus token, so a chained step never waits for the host.
-(C_BLOCK0, C_BLOCK1, C_PENDING, C_DLEN, C_LAST, C_START, C_OUTPOS), CARRY_WIDTH = range(7), 7
-
-
-def _make_fused(loop, verify, kb: int):
-    """Draft loop, verification and the draft cache's rollback in one step (packed rows only):
-    one dispatch and one device->host transfer (tokens and accept counts packed) per step. Its
-    inputs per row come as a carry (the draft's pending block and count, the draft's cache length,
-    the token fed, the target's start position, the output position), and it returns the next
-    step's carry: a step over the same rows can be queued before this one's tokens reach the host."""
-
-    def step(t_state, t_cache, d_state, d_cache, slot_ids, carry, num_draft, sampling: BatchSampling, active):
-        block, pending, d_lengths = carry[:, C_BLOCK0:C_BLOCK1 + 1], carry[:, C_PENDING], carry[:, C_DLEN]
-        last_tokens, start, out_pos = carry[:, C_LAST], carry[:, C_START], carry[:, C_OUTPOS]
-        d_cache, drafts, q = loop(d_state, d_cache, slot_ids, block, pending, d_lengths, sampling, out_pos)
-        t_cache, out_tokens, accepted, load = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
-                                                     num_draft, sampling, out_pos, active)
-        out_tokens, accepted = out_tokens.astype(jnp.int32), accepted.astype(jnp.int32)
-        # The draft has seen the accepted context up to d_{kb-2} (see DraftModelProposer.commit):
-        # what it has not seen (the bonus token, after d_{kb-1} if every draft was accepted) is
-        # the next step's pending block.
-        seen = jnp.minimum(accepted, kb - 1)
-        d_len = start + 1 + seen
-        pick = lambda i: jnp.take_along_axis(out_tokens, i[:, None], axis=1)[:, 0]  # noqa: E731
-        nxt = jnp.stack([pick(seen), pick(jnp.minimum(seen + 1, kb)), 1 + accepted - seen, d_len, pick(accepted),
-                         start + 1 + accepted, out_pos + 1 + accepted], axis=1)
-        carry = jnp.where(active[:, None], nxt, carry)
-        d_cache = d_cache.with_lengths(d_cache.lengths.at[slot_ids].set(d_len, mode="drop"))
-        packed = jnp.concatenate([out_tokens, accepted[:, None]], axis=1)
-        return t_cache, d_cache, packed, carry, load
-
-    return step
-
-
-def _make_fused_head(round_, absorb, verify):
-    """EAGLE-3: the head's round, the verification (which returns the target's features of the
-    verified positions) and the head's absorb of the kept ones in one step, so a step is one
-    dispatch and one device->host transfer, as with a fused draft model. Rows are packed, or every
-    slot in order where the target's cache splits slots over devices (``verify`` then built with
-    ``identity_rows``); on a mesh the runner compiles it with every state and cache as placed.
-    ``round_`` None: a k = 0 step (the one-token verification draws the token a plain decode step
-    draws), so a step the adaptive policy does not draft in is one call too."""
-
-    def step(t_state, t_cache, h_state, embed, h_cache, last, slot_ids, last_tokens, start, num_draft,
-             sampling: BatchSampling, out_pos, active):
-        if round_ is None:  # k = 0: the target's one-token step and the head's absorb of it
-            drafts, q = jnp.zeros((slot_ids.shape[0], 0), jnp.int32), None
-        else:
-            # Rows that do not step (slots in order, where the cache splits them over devices) draft
-            # at positions past the head's cache: nothing of theirs is written.
-            far = jnp.where(active, start, h_cache.max_len)
-            h_cache, drafts, q = round_(h_state, embed, h_cache, last, slot_ids, far, sampling, out_pos)
-        t_cache, out_tokens, accepted, load, feats = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
-                                                            num_draft, sampling, out_pos, active)
-        # t0 and the accepted drafts, each followed by the next kept token (as ``observe`` gets them).
-        h_cache, last = absorb(h_state, embed, h_cache, last, slot_ids, out_tokens, feats, start,
-                               jnp.where(active, accepted + 1, 0))
-        packed = jnp.concatenate([out_tokens.astype(jnp.int32), accepted.astype(jnp.int32)[:, None]], axis=1)
-        return t_cache, h_cache, last, packed, load
-
-    return step
 
 
 @dataclasses.dataclass(eq=False)
@@ -155,7 +63,7 @@ class _DraftHandle:
     kb: int
     reach: int
     packed: jax.Array  # [B, kb + 2] tokens, then the accepted count
-    carry: jax.Array  # [B, CARRY_WIDTH]
+    carry: jax.Array  # [B, step_fns.CARRY_WIDTH]
     load: jax.Array
     num_draft: np.ndarray  # [B]
     released: set = dataclasses.field(default_factory=set)
@@ -247,7 +155,7 @@ class SpeculativeRunner:
                 kwargs["out_shardings"] = (target.cache_sharding, rep, rep, rep, *((rep,) if self.feature_layers else ()))
                 key = (*key, self.num_slots, self.max_len, target.paging, target.kv_dtype)  # the shardings depend on these
             fn = self._verify_fns[(kb, deterministic, kv_len)] = cached_jit(
-                key, lambda: _make_verify(target.forward_fn(), self.verify_backend, kv_len, not target.compact_rows),
+                key, lambda: make_verify(target.forward_fn(), self.verify_backend, kv_len, not target.compact_rows),
                 **kwargs)
         return fn
 
@@ -258,8 +166,8 @@ class SpeculativeRunner:
             key = ("fused", target.graphdef, target.statics, prop.graphdef, prop.moe_backend, kb, kv_len,
                    self.verify_backend)
             fn = self._fused_fns[(kb, kv_len)] = cached_jit(
-                key, lambda: _make_fused(prop.loop_fn(kb, kv_len),
-                                         _make_verify(target.forward_fn(), self.verify_backend, kv_len, False), kb),
+                key, lambda: make_fused(prop.loop_fn(kb, kv_len),
+                                        make_verify(target.forward_fn(), self.verify_backend, kv_len, False), kb),
                 donate_argnums=(1, 3))
         return fn
 
@@ -281,8 +189,8 @@ class SpeculativeRunner:
             identity = not target.compact_rows
             def make():
                 round_, absorb = prop.round_fns(max(kb, 1), kv_len)
-                return _make_fused_head(round_ if kb else None, absorb,
-                                        _make_verify(target.forward_fn(), self.verify_backend, kv_len, identity))
+                return make_fused_head(round_ if kb else None, absorb,
+                                       make_verify(target.forward_fn(), self.verify_backend, kv_len, identity))
 
             fn = self._fused_fns[("head", kb, kv_len)] = cached_jit(key, make, **kwargs)
         return fn
@@ -542,14 +450,14 @@ class SpeculativeRunner:
         n = len(act)
         if n == 0:
             return StepResult.plain(act, np.zeros(0, np.int32))
-        out_pos = slots.num_generated[act].astype(np.int32)
         k, kb = plan.k, plan.kb
-        sampling = slots.sampling(act)
         if (kb == 0 and not self.feature_layers) or (kb > 0 and self.fused):
             # Nothing to propose: the target's own decode step and only the bookkeeping it needs, so
             # that an adaptive policy that turns speculation off pays what ``PlainRunner`` pays. A
             # fused draft model's step is one call, queued and collected at once.
             return self.collect(self.dispatch(slots, plan), overlapped=False)
+        out_pos = slots.num_generated[act].astype(np.int32)
+        sampling = slots.sampling(act)
         row_slots, where = self.target.row_layout(act)  # batch rows; the row of each active slot
         b = len(row_slots)
         active = scatter_rows(np.ones(n, bool), where, b, False)
