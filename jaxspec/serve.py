@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "correctness)")
     m.add_argument("--page-size", type=int, metavar="N", default=16, help="positions per KV page (--kv-cache paged)")
     m.add_argument("--kv-pages", type=int, metavar="N", default=None,
-                   help="pages in the KV pool (--kv-cache paged); default: --slots x --max-len / --page-size")
+                   help="pages in the KV pool (--kv-cache paged; on a mesh that splits the slots over data, rounded "
+                   "down to whole page groups, one per data shard); default: --slots x --max-len / --page-size")
     m.add_argument("--kv-memory-fraction", type=float, metavar="F", default=None,
                    help="--kv-cache paged: size the pool to this fraction of the device's memory, less the weights "
                    "(instead of --kv-pages)")

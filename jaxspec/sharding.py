@@ -14,8 +14,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxspec.models.kv_cache import (KV_CACHE_AXES, KV_PAGED_AXES, KV_PAGED_SCALE_AXES, KV_SCALE_AXES, LENGTHS_AXES,
-                                     KVCache)
+from jaxspec.models.kv_cache import (KV_CACHE_AXES, KV_PAGED_AXES, KV_PAGED_SCALE_AXES, KV_SCALE_AXES,
+                                     KV_SPLIT_PAGED_AXES, KV_SPLIT_PAGED_SCALE_AXES, LENGTHS_AXES, KVCache)
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
@@ -82,16 +82,22 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
 
 
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules) -> KVCache:
-    paged = cache.page_table is not None
-    kv = NamedSharding(mesh, logical_to_spec(KV_PAGED_AXES if paged else KV_CACHE_AXES, rules, mesh, cache.k.shape))
+    paged, split = cache.page_table is not None, cache.page_groups is not None
+    axes = KV_SPLIT_PAGED_AXES if split else KV_PAGED_AXES if paged else KV_CACHE_AXES
+    kv = NamedSharding(mesh, logical_to_spec(axes, rules, mesh, cache.k.shape))
     scale = None
     if cache.k_scale is not None:  # int8: the scales split like the values, less head_dim
-        axes = KV_PAGED_SCALE_AXES if paged else KV_SCALE_AXES
+        axes = KV_SPLIT_PAGED_SCALE_AXES if split else KV_PAGED_SCALE_AXES if paged else KV_SCALE_AXES
         scale = NamedSharding(mesh, logical_to_spec(axes, rules, mesh, cache.k_scale.shape))
+    lengths = NamedSharding(mesh, logical_to_spec(LENGTHS_AXES, rules, mesh, cache.lengths.shape))
     if not paged:
-        lengths = NamedSharding(mesh, logical_to_spec(LENGTHS_AXES, rules, mesh, cache.lengths.shape))
         return KVCache(kv, kv, lengths, None, scale, scale)
-    # A paged step may pack any slots into its rows: per-slot metadata lives whole on every device.
+    if split:  # per-slot metadata and the groups' first pages follow the slots (rows stepped in order)
+        table = NamedSharding(mesh, logical_to_spec(("slots", None), rules, mesh, cache.page_table.shape))
+        groups = NamedSharding(mesh, logical_to_spec(("slots",), rules, mesh, cache.page_groups.shape))
+        return KVCache(kv, kv, lengths, table, scale, scale, groups)
+    # Pages whole on every device: a step may pack any slots into its rows, so per-slot metadata
+    # lives whole on every device too.
     rep = NamedSharding(mesh, PartitionSpec())
     return KVCache(kv, kv, rep, rep, scale, scale)
 

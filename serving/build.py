@@ -24,7 +24,7 @@ from jaxspec import builtin, compilation_cache, kernels
 from jaxspec.loading import DEFAULT_MODEL, draft_load_placement, load_any
 from jaxspec.mesh import MeshConfigError, Placement, mesh_for_option, placement_for_mesh
 from jaxspec.models import KVCache, Transformer
-from jaxspec.models.kv_cache import KV_DTYPES
+from jaxspec.models.kv_cache import KV_DTYPES, page_groups
 from jaxspec.models.quant import MODES as QUANT_MODES
 from jaxspec.speculative import SPEC_METHODS, DraftModelProposer
 from jaxspec.tokenizer import Tokenizer
@@ -187,7 +187,7 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
             )
     kv_pages = opts.kv_pages
     if opts.kv_memory_fraction is not None:
-        kv_pages = pages_for_memory_fraction(opts, model, draft_model)
+        kv_pages = pages_for_memory_fraction(opts, model, draft_model, placement)
         log.info("KV pool: %d pages of %d positions (%.0f%% of device memory less weights)", kv_pages,
                  opts.page_size, 100 * opts.kv_memory_fraction)
     try:
@@ -202,11 +202,14 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
         raise ConfigError(str(e)) from e
 
 
-def pages_for_memory_fraction(opts: EngineOptions, model: Transformer, draft=None) -> int:
+def pages_for_memory_fraction(opts: EngineOptions, model: Transformer, draft=None,
+                              placement: Placement | None = None) -> int:
     """Pages of the target's (and a draft model's or EAGLE-3 head's: each pages its cache page for
     page with the target) cache that fit ``kv_memory_fraction`` of one
     device's memory after the weights (the first device; per-device on a mesh: weights and
-    pages are counted as if unsharded, which under-fills a sharded pool rather than overfilling it)."""
+    pages are counted as if unsharded, which under-fills a sharded pool rather than overfilling it).
+    Pages split over ``placement``'s data axis (``page_groups``) hold a group per data shard: the pool
+    is that many times the pages one device holds."""
     from jaxspec.mesh import device_memory_bytes
 
     hbm = device_memory_bytes(jax.devices()[0])
@@ -219,6 +222,7 @@ def pages_for_memory_fraction(opts: EngineOptions, model: Transformer, draft=Non
     per_page = sum(KVCache.abstract(m.cfg, 1, opts.page_size, num_pages=1, page_size=opts.page_size,
                                     kv_dtype=kv).nbytes() - 2 * 4 for m, kv in models)
     pages = int((hbm * opts.kv_memory_fraction - weights) // per_page)
+    pages *= page_groups(placement, opts.slots, opts.page_size)
     if pages < 1:
         raise ConfigError(f"--kv-memory-fraction {opts.kv_memory_fraction}: {hbm * opts.kv_memory_fraction / 2**30:.2f} "
                           f"GiB leaves no room for KV pages beside {weights / 2**30:.2f} GiB of weights")

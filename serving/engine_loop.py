@@ -120,7 +120,7 @@ class WrappedRunner:
     def max_prefill_rows(self) -> int:
         return self._inner.max_prefill_rows
 
-    def paging(self) -> tuple[int, int] | None:
+    def paging(self) -> tuple[int, int, int] | None:
         return self._inner.paging()
 
     def speculation(self) -> SpecPolicy | None:

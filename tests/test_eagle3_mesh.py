@@ -149,8 +149,8 @@ def test_greedy_output_equals_plain_decoding(target, plain_greedy, monkeypatch, 
     # Both caches kept their compiled layouts through prefills, rounds, verifications and absorbs.
     h_cache = prop.step_shardings()[2]
     assert prop.cache.k.sharding.is_equivalent_to(h_cache.k, 5)
-    # Slots split alike over data; pools of pages (any row may read any page) are not split.
-    assert prop.cache.k.sharding.spec[1] == tgt.cache.k.sharding.spec[1] == (None if paged else "data")
+    # Slots, or pages in groups that follow the slots, split over data.
+    assert prop.cache.k.sharding.spec[1] == tgt.cache.k.sharding.spec[1] == "data"
     assert prop.cache.paged == tgt.cache.paged == paged
     assert prop.last.sharding.is_fully_replicated
     assert tgt.cache.k.sharding.is_equivalent_to(tgt.cache_sharding.k, 5)

@@ -124,7 +124,7 @@ def test_scheduler_admits_under_the_token_budget():
     assert [r.request_id for _, r in third.admitted] == ["r3"]  # over the budget alone: still admitted
     assert [r.request_id for _, r in sched.plan_prefill(waiting, []).admitted] == []  # no free slot
     # A request the memory check refuses waits at the head of the queue.
-    assert sched.plan_prefill(waiting, [4], reserve=lambda r: False).chunks == ()
+    assert sched.plan_prefill(waiting, [4], reserve=lambda r, free: None).chunks == ()
     assert [r.request_id for _, r in sched.plan_prefill(waiting, [4]).admitted] == ["r4"]
 
 

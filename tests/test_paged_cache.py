@@ -343,6 +343,14 @@ def test_kv_memory_fraction_sizes_the_pool_from_device_memory(models, monkeypatc
     assert pages_for_memory_fraction(opts, model, None) == int(((32 << 20) - weights) // page)
     both = pages_for_memory_fraction(opts, model, draft)
     assert 0 < both < pages_for_memory_fraction(opts, model, None)
+    # Pages split over a data axis of 2: each device holds one group, so the pool holds twice as many.
+    from jax.sharding import Mesh
+    from jaxspec.mesh import TP_RULES, Placement
+
+    devs = np.asarray(jax.devices()[:8], dtype=object).reshape(2, 1, 4)
+    split = Placement.create(Mesh(devs, ("data", "expert", "tensor")), TP_RULES)
+    assert opts.slots % 2 == 0
+    assert pages_for_memory_fraction(opts, model, None, split) == 2 * int(((32 << 20) - weights) // page)
     with pytest.raises(ConfigError, match="instead of --kv-pages"):
         EngineOptions(model="tiny-moe", kv_cache="paged", kv_pages=10, kv_memory_fraction=0.5).validate()
 

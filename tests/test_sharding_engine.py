@@ -242,15 +242,17 @@ def test_nnx_state_of_placed_runner_is_sharded(target):
 
 @pytest.mark.slow
 def test_paged_cache_greedy_identical_on_mesh(target, single_device_greedy):
-    """A paged target and draft cache on a 2x2x2 mesh: kv heads split over tensor, pages whole on every
-    data shard (any row may read any page), output equal to one device's slot cache."""
+    """A paged target and draft cache on a 2x2x2 mesh: kv heads split over tensor, pages split over data
+    in two groups that follow the slots, output equal to one device's slot cache."""
     from jaxspec.speculative import DraftModelProposer, SpeculativeRunner
 
     placement = placement_for((2, 2, 2), EP_TP_RULES)
     plain = ModelRunner(target, SLOTS, MAX_LEN, placement=placement, page_size=8, num_pages=40)
     assert _greedy(PlainRunner(plain)) == single_device_greedy
     assert plain.cache.k.sharding.is_equivalent_to(plain.cache_sharding.k, 5)
-    assert plain.cache.page_table.sharding.is_fully_replicated
+    assert plain.cache.k.sharding.spec[1] == "data" and plain.paging == (40, 8, 2)
+    assert plain.cache.k.addressable_shards[0].data.shape[1] == 20  # each data shard holds its group only
+    assert plain.cache.page_table.sharding.spec[0] == "data"
     draft = scaled_model("tiny-dense", seed=7, scale=3.0, vocab_size=264)
     spec = SpeculativeRunner(ModelRunner(target, SLOTS, MAX_LEN, placement=placement, page_size=8, num_pages=40),
                              DraftModelProposer(draft), num_speculative_tokens=3, k_max=3)

@@ -179,7 +179,7 @@ def test_paged_plan_counts_pages_and_matches_a_placed_paged_runner():
     on_device0 = lambda arrays: sum(  # noqa: E731
         s.data.nbytes for a in arrays for s in a.addressable_shards if s.device == jax.devices()[0])
     c = runner.cache
-    assert plan.kv_cache == on_device0([c.k, c.v, c.lengths, c.page_table])
+    assert plan.kv_cache == on_device0([a for a in c if a is not None])
     assert plan.cache_positions == 24 * 8
     assert "24 pages x 8 = 192 positions (16 slots of up to 64)" in plan.table()
 

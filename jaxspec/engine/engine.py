@@ -137,8 +137,10 @@ class Engine:
             raise ValueError(f"kv_watermark must be in [0, 1), got {kv_watermark}")
         self.kv_admission = kv_admission
         self.optimistic = self.pages is not None and kv_admission == "optimistic"
-        self.watermark = int(kv_watermark * self.pages.num_pages) if self.pages is not None else 0
+        # Pages kept spare per group for the running requests' growth.
+        self.watermark = int(kv_watermark * self.pages.group_pages) if self.pages is not None else 0
         self.num_preemptions = 0  # over the engine's life
+        self._short_groups: set[int] = set()  # page groups the last failed ``_grow`` lacked pages in
         self._preempted: dict[str, _Live] = {}  # request id -> state of a preempted request (waiting)
         self._no_admission = False  # this step preempted: admit nothing new (it would be preempted next)
         self.overlap = overlap and runner.pipelined
@@ -170,14 +172,17 @@ class Engine:
         if self.pages is not None:
             need = self.pages.pages_for(self._positions(len(prompt_ids), params))
             first = self.pages.pages_for(min(self.max_len, len(prompt_ids) + 1 + self.runner.lookahead))
-            if first > self.pages.num_pages:
+            # A request's pages all come from one group (its slot's data shard).
+            held = self.pages.group_pages
+            holds = f"the pool holds {held}" + (" per data shard" if self.pages.groups > 1 else "")
+            if first > held:
                 raise InvalidRequestError(
                     "prompt", f"prompt ({len(prompt_ids)} tokens) needs {first} KV pages of {self.pages.page_size} "
-                    f"positions; the pool holds {self.pages.num_pages}")
-            if need > self.pages.num_pages:
+                    f"positions; {holds}")
+            if need > held:
                 raise InvalidRequestError(
                     "max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} "
-                    f"KV pages of {self.pages.page_size} positions; the pool holds {self.pages.num_pages}")
+                    f"KV pages of {self.pages.page_size} positions; {holds}")
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad_stop:
             raise InvalidRequestError("stop_token_ids", f"token id {bad_stop[0]} outside the vocabulary [0, {vocab})")
@@ -195,26 +200,38 @@ class Engine:
         req = self.live[slot].request
         return req.num_prompt_tokens + int(self.slots.num_generated[slot]) - 1
 
-    def _reserve(self, req: Request) -> bool:
-        """Paged caches: take the request's pages now, or say it must wait."""
+    def _group(self, slot: int) -> int:
+        """The page group (data shard) of ``slot``'s pages."""
+        return slot // (self.runner.num_slots // self.pages.groups)
+
+    def _reserve(self, req: Request, free_slots: Sequence[int]) -> int | None:
+        """The free slot ``req`` takes, with its pages taken now (paged caches), or None: it must wait.
+        Split pages: the group with the longest cached prefix of the prompt, then the most pages."""
         if self.pages is None:
-            return True
+            return free_slots[0]
         if self.optimistic:
             if self._no_admission:
-                return False
+                return None
             # Prompt and the first decode step now; the watermark spares the running requests' growth
             # (an empty engine admits whatever fits the pool: nothing else could ever make room).
             positions = min(self._limit(req), len(req.prompt_ids) + 1 + self.runner.lookahead)
             keep = self.watermark if (self._reservations or self._pending) else 0
         else:
             positions, keep = self._limit(req), 0
-        res = self.pages.reserve(req.prompt_ids, positions, use_cache=req.use_prefix_cache, keep_free=keep,
-                                 record=not req.resumed)
-        if res is None:
-            return False
-        req.num_cached_tokens = res.cached_tokens
-        self._pending[req.request_id] = res
-        return True
+        by_group: dict[int, int] = {}
+        for slot in free_slots:
+            by_group.setdefault(self._group(slot), slot)
+        use = req.use_prefix_cache
+        order = sorted(by_group, key=lambda g: (-(self.pages.cached_blocks(req.prompt_ids, g) if use else 0),
+                                                -self.pages.available_in(g), g))
+        for group in order:
+            res = self.pages.reserve(req.prompt_ids, positions, use_cache=use, keep_free=keep,
+                                     record=not req.resumed, group=group)
+            if res is not None:
+                req.num_cached_tokens = res.cached_tokens
+                self._pending[req.request_id] = res
+                return by_group[group]
+        return None
 
     def add_request(
         self,
@@ -425,7 +442,7 @@ class Engine:
         not applied yet). All or nothing: False, taking nothing, if the pool has too few."""
         if not self.optimistic:
             return True
-        grow = []
+        grow, wanted = [], collections.Counter()
         for slot in self.slots.active_slots():
             res = self._reservations.get(slot)
             if res is None:
@@ -434,10 +451,12 @@ class Engine:
                             self._cache_length(slot) + 1 + extra + self.runner.lookahead)
             more = self.pages.pages_for(positions) - len(res.pages)
             if more > 0:
-                grow.append((slot, res, positions, more))
-        if sum(g[3] for g in grow) > self.pages.available:
+                grow.append((slot, res, positions))
+                wanted[res.group] += more
+        self._short_groups = {g for g, n in wanted.items() if n > self.pages.available_in(g)}
+        if self._short_groups:
             return False
-        for slot, res, positions, _ in grow:
+        for slot, res, positions in grow:
             self.pages.extend(res, positions)
             self.runner.assign_pages(slot, res.pages)
         return True
@@ -446,7 +465,8 @@ class Engine:
         """``_grow``, preempting the newest request until the pool holds the rest's next step (one
         request alone always fits: ``validate`` refused any that could not fit an empty pool)."""
         while not self._grow():
-            victims = [s for s in self.live if s in self._reservations]
+            short = self._short_groups  # preempt within a group that ran dry: only its pages help
+            victims = [s for s in self.live if s in self._reservations and self._reservations[s].group in short]
             if not victims:
                 raise RuntimeError("the KV pool cannot hold the next step of a single request")
             self._preempt(max(victims, key=lambda s: (self.live[s].request.arrival_time, s)))

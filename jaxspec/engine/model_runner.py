@@ -32,7 +32,7 @@ from jaxspec.engine.steps import (PlacedBackend, SpanSteps, StepStatics, _forwar
 from jaxspec.mesh import Placement, check_placement
 from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
-from jaxspec.models.kv_cache import check_kv_dtype, set_table_row
+from jaxspec.models.kv_cache import check_kv_dtype, page_groups, set_table_row
 from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.models.transformer import check_aux_layers
 from jaxspec.sampling import BatchSampling, pad_sampling, take_sampling
@@ -173,20 +173,25 @@ class ModelRunner:
             self.moe_backend = PlacedBackend(moe_backend_for(placement) or moe_backend, placement)
         self.statics = StepStatics(self.moe_backend, attention_backend)
         self._steps = unplaced_steps(self.graphdef, self.statics)
+        groups = page_groups(placement, num_slots, page_size)
+        if groups > 1 and attention_backend == "pallas":
+            raise ValueError(f"the pallas attention backend reads whole pages; pages split {groups} ways over the "
+                             "mesh's data axis need the xla backend")
         if placement is not None:
             self.state_sharding = state_sharding = placement.state_shardings(self.state)
             self.state = jax.device_put(self.state, state_sharding)
             abstract = KVCache.abstract(self.cfg, num_slots, self.max_len, num_pages=num_pages, page_size=page_size,
-                                        kv_dtype=self.kv_dtype)
+                                        kv_dtype=self.kv_dtype, page_groups=groups)
             cache_sharding = placement.cache_shardings(abstract)
         self.cache_sharding = cache_sharding
         if placement is not None:
             # Everything the cache's shardings depend on (the statics join it in ``_placed``).
-            self._cache_key = (num_slots, self.max_len, num_pages, page_size, self.kv_dtype)
+            self._cache_key = (num_slots, self.max_len, num_pages, page_size, self.kv_dtype, groups)
             self._steps = self._placed()
-        self.paging = (num_pages, page_size) if page_size is not None else None
+        # (pages, positions per page, page groups: a slot's pages all come from group slot // (S / groups))
+        self.paging = (num_pages, page_size, groups) if page_size is not None else None
         create = functools.partial(KVCache.create, self.cfg, num_slots, self.max_len, num_pages=num_pages,
-                                   page_size=page_size, kv_dtype=self.kv_dtype)
+                                   page_size=page_size, kv_dtype=self.kv_dtype, page_groups=groups)
         if cache_sharding is None:
             # Committed to a device like every later (jit-output) cache, so the first and
             # later steps see the same argument placement and share one compilation.

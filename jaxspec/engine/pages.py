@@ -16,6 +16,10 @@ from the cache: prefill must run that token to get the first output token's logi
 ``key_tokens`` k > 0 a block's key also covers the k tokens after it, for caches whose entry at a
 position depends on the tokens that follow (an EAGLE-3 head's reads the next token): two prompts
 share a block only where they also agree on what follows it.
+
+Groups: a pool split over a mesh's data axis (``groups`` > 1) holds ``num_pages / groups`` pages
+per group, group g being page ids ``g * num_pages / groups ..``; a request's pages all come from
+one group (the one its slot's data shard holds), and prefixes are cached per group.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class Reservation:
     pages: list[int]
     cached_blocks: int
     page_size: int
+    group: int = 0
 
     @property
     def cached_tokens(self) -> int:
@@ -50,27 +55,41 @@ class PrefixStats:
 
 
 class PagePool:
-    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True, key_tokens: int = 0):
+    def __init__(self, num_pages: int, page_size: int, groups: int = 1, prefix_caching: bool = True,
+                 key_tokens: int = 0):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"a page pool needs num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
         if key_tokens < 0:
             raise ValueError(f"key_tokens must be >= 0, got {key_tokens}")
+        if groups < 1 or num_pages % groups:
+            raise ValueError(f"{num_pages} pages do not split into {groups} equal groups")
         self.num_pages = num_pages
         self.page_size = page_size
+        self.groups = groups
+        self.group_pages = num_pages // groups  # pages per group
         self.prefix_caching = prefix_caching
         self.key_tokens = key_tokens
         self.refs = np.zeros(num_pages, np.int32)
-        self._free = collections.deque(range(num_pages))  # hold nothing worth keeping
-        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unreferenced (LRU first)
-        self._by_digest: dict[bytes, int] = {}
+        per = self.group_pages
+        # Per group: pages holding nothing worth keeping; cached, unreferenced pages (LRU first);
+        # cached prefixes by digest.
+        self._free = [collections.deque(range(g * per, (g + 1) * per)) for g in range(groups)]
+        self._idle: list[collections.OrderedDict[int, None]] = [collections.OrderedDict() for _ in range(groups)]
+        self._by_digest: list[dict[bytes, int]] = [{} for _ in range(groups)]
         self._digest_of: dict[int, bytes] = {}
         self.stats = PrefixStats()
 
     # ------------------------------------------------------------------ queries
     @property
     def available(self) -> int:
-        """Pages a new reservation can take (free, or cached but unreferenced)."""
-        return len(self._free) + len(self._idle)
+        """Pages a new reservation can take (free, or cached but unreferenced), over every group."""
+        return sum(self.available_in(g) for g in range(self.groups))
+
+    def available_in(self, group: int) -> int:
+        return len(self._free[group]) + len(self._idle[group])
+
+    def group_of(self, page: int) -> int:
+        return page // self.group_pages
 
     @property
     def cached_pages(self) -> int:
@@ -92,42 +111,46 @@ class PagePool:
             out.append(prev)
         return out
 
-    def _match(self, prompt) -> list[int]:
+    def _match(self, prompt, group: int = 0) -> list[int]:
         pages = []
         if self.prefix_caching:
             for d in self.digests(prompt):
-                page = self._by_digest.get(d)
+                page = self._by_digest[group].get(d)
                 if page is None:
                     break
                 pages.append(page)
         return pages
 
     # -------------------------------------------------------------- reserving
+    def cached_blocks(self, prompt: list[int], group: int) -> int:
+        """Leading blocks of ``prompt`` cached in ``group``."""
+        return len(self._match(prompt, group))
+
     def reserve(self, prompt: list[int], positions: int, use_cache: bool = True, keep_free: int = 0,
-                record: bool = True) -> Reservation | None:
-        """Pages for a request that writes positions [0, positions), its prompt's cached prefix
-        shared; None if the pool cannot hold it now with ``keep_free`` pages still available after
-        (nothing is taken then). ``record``: count the lookup in ``stats`` (not for a preempted
+                record: bool = True, group: int = 0) -> Reservation | None:
+        """Pages of ``group`` for a request that writes positions [0, positions), its prompt's cached
+        prefix shared; None if the group cannot hold it now with ``keep_free`` pages still available
+        after (nothing is taken then). ``record``: count the lookup in ``stats`` (not for a preempted
         request's recomputation)."""
         need = self.pages_for(positions)
-        cached = self._match(prompt) if use_cache else []
+        cached = self._match(prompt, group) if use_cache else []
         cached = cached[:need]
         # Cached pages nobody references count against what is available, like fresh ones.
         taken_idle = sum(1 for p in cached if self.refs[p] == 0)
-        if need - len(cached) + taken_idle + keep_free > self.available:
+        if need - len(cached) + taken_idle + keep_free > self.available_in(group):
             return None
         for p in cached:
             if self.refs[p] == 0:
-                del self._idle[p]
+                del self._idle[group][p]
             self.refs[p] += 1
-        fresh = [self._take() for _ in range(need - len(cached))]
+        fresh = [self._take(group) for _ in range(need - len(cached))]
         for p in fresh:
             self.refs[p] = 1
         if use_cache and record:
             self.stats.queries += 1
             self.stats.prompt_tokens += len(prompt)
             self.stats.hit_tokens += len(cached) * self.page_size
-        return Reservation(cached + fresh, len(cached), self.page_size)
+        return Reservation(cached + fresh, len(cached), self.page_size, group)
 
     def extend(self, reservation: Reservation, positions: int) -> bool:
         """Grow a reservation to cover positions [0, positions) with fresh pages; False (nothing
@@ -135,19 +158,19 @@ class PagePool:
         more = self.pages_for(positions) - len(reservation.pages)
         if more <= 0:
             return True
-        if more > self.available:
+        if more > self.available_in(reservation.group):
             return False
         for _ in range(more):
-            p = self._take()
+            p = self._take(reservation.group)
             self.refs[p] = 1
             reservation.pages.append(p)
         return True
 
-    def _take(self) -> int:
-        if self._free:
-            return self._free.popleft()
-        page, _ = self._idle.popitem(last=False)  # least recently used cached page
-        del self._by_digest[self._digest_of.pop(page)]
+    def _take(self, group: int) -> int:
+        if self._free[group]:
+            return self._free[group].popleft()
+        page, _ = self._idle[group].popitem(last=False)  # least recently used cached page
+        del self._by_digest[group][self._digest_of.pop(page)]
         self.stats.evictions += 1
         return page
 
@@ -159,8 +182,9 @@ class PagePool:
             if i >= len(reservation.pages):
                 break
             page = reservation.pages[i]
-            if d not in self._by_digest and page not in self._digest_of:
-                self._by_digest[d] = page
+            by_digest = self._by_digest[reservation.group]
+            if d not in by_digest and page not in self._digest_of:
+                by_digest[d] = page
                 self._digest_of[page] = d
 
     def release(self, reservation: Reservation) -> None:
@@ -171,14 +195,14 @@ class PagePool:
                 raise RuntimeError(f"page {p} released more often than reserved")
             if self.refs[p] == 0:
                 if p in self._digest_of:
-                    self._idle[p] = None  # most recently used end
+                    self._idle[self.group_of(p)][p] = None  # most recently used end
                 else:
-                    self._free.append(p)
+                    self._free[self.group_of(p)].append(p)
 
     def clear_cache(self) -> None:
         """Forget every cached prefix (pages in use stay with their requests)."""
-        for p in list(self._idle):
-            self._free.append(p)
-        self._idle.clear()
-        self._by_digest.clear()
+        for g in range(self.groups):
+            self._free[g].extend(self._idle[g])
+            self._idle[g].clear()
+            self._by_digest[g].clear()
         self._digest_of.clear()

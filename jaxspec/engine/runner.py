@@ -62,8 +62,9 @@ class StepRunner(Protocol):
         """The policy that plans this runner's proposal lengths (None: plain decoding)."""
         ...
 
-    def paging(self) -> tuple[int, int] | None:
-        """(num_pages, page_size) of a paged cache; None: a slot cache."""
+    def paging(self) -> tuple[int, int, int] | None:
+        """(num_pages, page_size, page groups) of a paged cache (a slot's pages all come from group
+        slot // (num_slots / groups)); None: a slot cache."""
         ...
 
     # Paged caches: whether a prompt can start prefill after a prefix already in shared pages, and
@@ -119,7 +120,7 @@ class PlainRunner:
     lookahead = 0
     queues_drafting = False
 
-    def paging(self) -> tuple[int, int] | None:
+    def paging(self) -> tuple[int, int, int] | None:
         return self.runner.paging
 
     def assign_pages(self, slot: int, pages: list[int]) -> None:

@@ -69,13 +69,13 @@ class Scheduler:
         return remaining if self.chunk is None else min(remaining, self.chunk)
 
     def plan_prefill(self, waiting: collections.deque[Request], free_slots: Sequence[int],
-                     reserve: Callable[[Request], bool] | None = None,
+                     reserve: Callable[[Request, Sequence[int]], int | None] | None = None,
                      in_progress: Sequence[tuple[int, Request, int]] = ()) -> PrefillPlan:
         """This step's prefill: the next chunk of each prompt in progress (``(slot, request, tokens
         done)``, oldest first), then waiting requests popped in arrival order. The first chunk always
-        fits the token budget, whatever its length. ``reserve(request)``: take the request's cache
-        memory (it may set ``num_cached_tokens``), or False if it must wait (then it and everything
-        behind it wait)."""
+        fits the token budget, whatever its length. ``reserve(request, free slots)``: the free slot the
+        request takes, its cache memory taken (it may set ``num_cached_tokens``), or None if it must
+        wait (then it and everything behind it wait); without it, the first free slot."""
         chunks: list[PrefillChunk] = []
         longest = 0
 
@@ -93,14 +93,16 @@ class Scheduler:
             longest = length
             chunks.append(PrefillChunk(slot, req, done, done + n))
         admitted: list[tuple[int, Request]] = []
-        while waiting and len(admitted) < len(free_slots) and len(chunks) < self.max_prefill_rows:
+        free = list(free_slots)
+        while waiting and free and len(chunks) < self.max_prefill_rows:
             if (length := fits(self._take(len(waiting[0].prompt_ids)))) is None:
                 break
-            if reserve is not None and not reserve(waiting[0]):
+            slot = free[0] if reserve is None else reserve(waiting[0], free)
+            if slot is None:
                 break
+            free.remove(slot)
             longest = length
             req = waiting.popleft()
-            slot = free_slots[len(admitted)]
             admitted.append((slot, req))
             start = req.num_cached_tokens
             chunks.append(PrefillChunk(slot, req, start, start + self._take(len(req.prompt_ids) - start)))

@@ -11,6 +11,12 @@ real lengths, and a page holding a shared prompt prefix can sit in several slots
 Entries a slot has not been given hold ``num_pages`` (one past the pool): writes there are
 dropped, and reads (clamped) only ever reach positions the attention mask hides.
 
+Split pages (``page_groups`` set, a mesh whose data axis splits the slots D ways): the pool's
+pages form D equal groups, group g (pages ``g * P/D ..``) on data shard g beside slots ``g * S/D
+..``, and a slot's table only ever names pages of its own group. A step whose rows are the slots
+in order reads each group's pages on its own shard (a gather batched over the groups, nothing
+moved between shards); other steps (prefill of a few rows) address pages by (group, page).
+
 Both layouts keep a per-slot length ``[slots]``. A forward writes its tokens at
 ``start .. start+T-1`` of its slot *before* attending, and masks keys by absolute
 position (key_pos <= query_pos). Every position a query may see has therefore
@@ -29,6 +35,7 @@ minor dimensions in (8, 128) blocks, so a trailing KVH axis of a few heads would
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -39,11 +46,14 @@ from jaxspec.config import ModelConfig
 
 # Logical axis names, mapped to mesh axes by jaxspec.sharding rules.
 KV_CACHE_AXES = ("layers", "slots", "seq", "kv_heads", "head_dim")
-# Pages are not split over devices: any row of a step may read any page.
+# Pages whole on every device (any row of a step may read any page) or, split, in groups that
+# follow the slots: the pages axis takes the slots' mesh axes.
 KV_PAGED_AXES = ("layers", None, None, "kv_heads", "head_dim")
+KV_SPLIT_PAGED_AXES = ("layers", "slots", None, "kv_heads", "head_dim")
 LENGTHS_AXES = ("slots",)
 KV_SCALE_AXES = ("layers", "slots", "kv_heads", "seq")  # slot: [L, S, KVH, M]
 KV_PAGED_SCALE_AXES = ("layers", "kv_heads", None)  # paged: [L, KVH, P * page_size]
+KV_SPLIT_PAGED_SCALE_AXES = ("layers", "kv_heads", "slots")
 
 # --kv-cache-dtype values: "auto" keeps the model's dtype, "int8" quantizes (per head, per token).
 KV_DTYPES = ("auto", "int8")
@@ -82,6 +92,8 @@ class KVCache(NamedTuple):
     # int8 caches: float32 scales, slot [L, S, KVH, M], paged [L, KVH, P * page_size] (see above)
     k_scale: jax.Array | None = None
     v_scale: jax.Array | None = None
+    # Split pages: [D] int32, the first page id of each group (g * P / D); its shape is the group count.
+    page_groups: jax.Array | None = None
 
     @property
     def quantized(self) -> bool:
@@ -95,6 +107,11 @@ class KVCache(NamedTuple):
     @property
     def paged(self) -> bool:
         return self.page_table is not None
+
+    @property
+    def groups(self) -> int:
+        """How many page groups the pool is split into (1: pages whole on every device)."""
+        return 1 if self.page_groups is None else self.page_groups.shape[0]
 
     @property
     def num_slots(self) -> int:
@@ -116,20 +133,23 @@ class KVCache(NamedTuple):
 
     @classmethod
     def create(cls, cfg: ModelConfig, num_slots: int, max_len: int | None = None, dtype=None,
-               num_pages: int | None = None, page_size: int | None = None, kv_dtype: str | None = None) -> "KVCache":
-        """A zeroed cache; paged when ``page_size`` is given (``num_pages`` pages in the pool);
-        int8 with per-head-per-token scales when ``kv_dtype`` is "int8"."""
-        a = cls.abstract(cfg, num_slots, max_len, dtype, num_pages, page_size, kv_dtype)
-        table = None
+               num_pages: int | None = None, page_size: int | None = None, kv_dtype: str | None = None,
+               page_groups: int = 1) -> "KVCache":
+        """A zeroed cache; paged when ``page_size`` is given (``num_pages`` pages in the pool, split
+        into ``page_groups`` groups); int8 with per-head-per-token scales when ``kv_dtype`` is "int8"."""
+        a = cls.abstract(cfg, num_slots, max_len, dtype, num_pages, page_size, kv_dtype, page_groups)
+        table = groups = None
         if a.page_table is not None:
             table = jnp.full(a.page_table.shape, a.k.shape[1], jnp.int32)
+        if a.page_groups is not None:
+            groups = jnp.arange(page_groups, dtype=jnp.int32) * (num_pages // page_groups)
         zeros = lambda x: None if x is None else jnp.zeros(x.shape, x.dtype)  # noqa: E731
-        return cls(zeros(a.k), zeros(a.v), zeros(a.lengths), table, zeros(a.k_scale), zeros(a.v_scale))
+        return cls(zeros(a.k), zeros(a.v), zeros(a.lengths), table, zeros(a.k_scale), zeros(a.v_scale), groups)
 
     @classmethod
     def abstract(cls, cfg: ModelConfig, num_slots: int, max_len: int | None = None, dtype=None,
-                 num_pages: int | None = None, page_size: int | None = None, kv_dtype: str | None = None
-                 ) -> "KVCache":
+                 num_pages: int | None = None, page_size: int | None = None, kv_dtype: str | None = None,
+                 page_groups: int = 1) -> "KVCache":
         """Shapes only (for ahead-of-time compilation and memory planning)."""
         max_len = max_len or cfg.max_seq_len
         quantized = check_kv_dtype(kv_dtype) is not None
@@ -140,15 +160,16 @@ class KVCache(NamedTuple):
             shape = (layers, num_slots, max_len, heads, cfg.head_dim)
             scale_shape = (layers, num_slots, heads, max_len)
         else:
-            check_paging(max_len, num_pages, page_size)
+            check_paging(max_len, num_pages, page_size, num_slots, page_groups)
             shape = (layers, num_pages, page_size, heads, cfg.head_dim)
             scale_shape = (layers, heads, num_pages * page_size)
             table = jax.ShapeDtypeStruct((num_slots, max_len // page_size), jnp.int32)
         # float32 scales: exact, and 4 / head_dim of the int8 bytes (3% at head_dim 128); bfloat16
         # scales would add up to 0.4% error to every vector, as much as the int8 rounding itself.
         scale = jax.ShapeDtypeStruct(scale_shape, jnp.float32) if quantized else None
+        groups = jax.ShapeDtypeStruct((page_groups,), jnp.int32) if table is not None and page_groups > 1 else None
         return cls(jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct(shape, dtype),
-                   jax.ShapeDtypeStruct((num_slots,), jnp.int32), table, scale, scale)
+                   jax.ShapeDtypeStruct((num_slots,), jnp.int32), table, scale, scale, groups)
 
     def with_lengths(self, lengths: jax.Array) -> "KVCache":
         return self._replace(lengths=lengths)
@@ -163,12 +184,25 @@ class KVCache(NamedTuple):
         return int(self.k.size * self.k.dtype.itemsize * 2 + self.lengths.size * 4 + table + scales)
 
 
-def check_paging(max_len: int, num_pages: int | None, page_size: int) -> None:
+def check_paging(max_len: int, num_pages: int | None, page_size: int, num_slots: int = 1, page_groups: int = 1
+                 ) -> None:
     """Refuse page geometries the forward cannot address, naming the numbers."""
     if page_size < 1 or max_len % page_size:
         raise ValueError(f"page size {page_size} must be >= 1 and divide the context length {max_len}")
     if num_pages is None or num_pages < 1:
         raise ValueError(f"a paged cache needs a page count >= 1, got {num_pages}")
+    if page_groups < 1 or num_pages % page_groups or num_slots % page_groups:
+        raise ValueError(f"pages split {page_groups} ways (the mesh's data axis) need a page count and a slot "
+                         f"count divisible by {page_groups}, got {num_pages} pages and {num_slots} slots")
+
+
+def page_groups(placement, num_slots: int, page_size: int | None) -> int:
+    """How many groups a paged cache on ``placement`` splits its pages into: the ways its slots are
+    split (the mesh's data axes), when they divide the slots; 1 for a slot cache or one device."""
+    if page_size is None or placement is None:
+        return 1
+    ways = placement.axis_size("slots")
+    return ways if ways > 1 and num_slots % ways == 0 else 1
 
 
 def row_tables(page_table: jax.Array, rows: jax.Array, num_pages: int) -> jax.Array:
@@ -248,19 +282,53 @@ def write_pages(cache: KVCache, layer: int, page: jax.Array, offset: jax.Array, 
                           v_scale=cache.v_scale.at[layer, :, flat].set(sv, mode="drop"))
 
 
-def read_pages(cache: KVCache, layer: int, tables: jax.Array, kv_len: int, dtype) -> tuple[jax.Array, jax.Array]:
+def gather_grouped_pages(pool: jax.Array, tables: jax.Array, kv_len: int, base: jax.Array) -> jax.Array:
+    """``gather_pages`` for split pages when row b is slot b (tables [S, n], S a multiple of the D
+    groups ``base`` [D] starts): each group's rows read its own pages, one gather batched over the
+    groups, so a step split over the data axis reads only pages on its own shard."""
+    groups, slots, page_size = base.shape[0], tables.shape[0], pool.shape[1]
+    n = -(-kv_len // page_size)
+    local = tables[:, :n].reshape(groups, slots // groups, n) - base[:, None, None]  # none: >= P/D, clipped
+    pools = pool.reshape(groups, pool.shape[0] // groups, *pool.shape[1:])  # [D, P/D, page_size, K, Dh]
+    out = jax.vmap(lambda p, t: jnp.take(p, t, axis=0, mode="clip"))(pools, local)  # [D, S/D, n, page_size, K, Dh]
+    return out.reshape(slots, n * page_size, *pool.shape[2:])
+
+
+def read_pages(cache: KVCache, layer: int, tables: jax.Array, kv_len: int, dtype, in_order: bool = False
+               ) -> tuple[jax.Array, jax.Array]:
     """Keys and values [B, kv_len', K, Dh] in ``dtype`` read through rows' tables [B, n] (kv_len rounded
-    up to whole pages, ``gather_pages``); an int8 pool is dequantized after the gather."""
-    keys, values = gather_pages(cache.k[layer], tables, kv_len), gather_pages(cache.v[layer], tables, kv_len)
+    up to whole pages, ``gather_pages``); an int8 pool is dequantized after the gather. ``in_order``:
+    row b is slot b (split pages are then read group by group, each on its own shard)."""
+    grouped = cache.page_groups is not None and in_order and tables.shape[0] == cache.num_slots
+    if grouped:
+        gather = functools.partial(gather_grouped_pages, base=cache.page_groups)
+    else:
+        gather = gather_pages
+    keys, values = gather(cache.k[layer], tables, kv_len), gather(cache.v[layer], tables, kv_len)
     if not cache.quantized:
         return keys, values
     page_size = cache.k.shape[2]
     n = -(-kv_len // page_size)
+    if grouped:
+        ks = _scales_in_groups(cache.k_scale[layer], tables, n, page_size, cache.page_groups)
+        vs = _scales_in_groups(cache.v_scale[layer], tables, n, page_size, cache.page_groups)
+        return dequantize_kv(keys, ks, dtype), dequantize_kv(values, vs, dtype)
     flat = (tables[:, :n, None] * page_size + jnp.arange(page_size)).reshape(tables.shape[0], n * page_size)
     # [K, B, n * page_size] -> [B, n * page_size, K]; pages not handed out clip to the last: masked.
     ks = jnp.moveaxis(jnp.take(cache.k_scale[layer], flat, axis=1, mode="clip"), 0, 2)
     vs = jnp.moveaxis(jnp.take(cache.v_scale[layer], flat, axis=1, mode="clip"), 0, 2)
     return dequantize_kv(keys, ks, dtype), dequantize_kv(values, vs, dtype)
+
+
+def _scales_in_groups(scale: jax.Array, tables: jax.Array, n: int, page_size: int, base: jax.Array) -> jax.Array:
+    """One layer's int8 scales [K, P * page_size] of split pages read through tables [S, n'] of rows in
+    slot order -> [S, n * page_size, K], each group from its own shard (``gather_grouped_pages``)."""
+    groups, slots, heads = base.shape[0], tables.shape[0], scale.shape[0]
+    local = tables[:, :n].reshape(groups, slots // groups, n) - base[:, None, None]
+    flat = (local[..., None] * page_size + jnp.arange(page_size)).reshape(groups, slots // groups, n * page_size)
+    scales = scale.reshape(heads, groups, scale.shape[1] // groups)  # [K, D, P/D * page_size]
+    out = jax.vmap(lambda sc, f: jnp.take(sc, f, axis=1, mode="clip"), in_axes=(1, 0))(scales, flat)  # [D, K, S/D, N]
+    return jnp.moveaxis(out, 1, 3).reshape(slots, n * page_size, heads)
 
 
 def write_through_tables(cache: KVCache, layer: int, rows: jax.Array, positions: jax.Array, k: jax.Array,
@@ -283,7 +351,7 @@ def write_and_read(cache: KVCache, layer: int, rows: jax.Array, slot_ids: jax.Ar
     kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
     if cache.page_table is not None:
         cache, tables = write_through_tables(cache, layer, rows, positions, k, v)
-        return cache, *read_pages(cache, layer, tables, kv_len, k.dtype)
+        return cache, *read_pages(cache, layer, tables, kv_len, k.dtype, in_order=slot_ids is None)
     cache = write_slots(cache, layer, rows, positions, k, v)
     return cache, *read_slots(cache, layer, kv_len, slot_ids, k.dtype)
 

@@ -109,7 +109,7 @@ class DraftModelProposer:
         self._round: tuple[np.ndarray, np.ndarray] | None = None  # (slots that drafted, their L)
         self._fns: dict = {}
         self.placement: Placement | None = None
-        self.paging: tuple[int, int] | None = None
+        self.paging: tuple[int, int, int] | None = None
         self._state_sharding = self._cache_sharding = None
 
     def use_placement(self, target: Placement, num_slots: int = 0, max_len: int = 0) -> None:
@@ -132,7 +132,7 @@ class DraftModelProposer:
     prefix_key_tokens = 0
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
-               paging: tuple[int, int] | None = None) -> None:
+               paging: tuple[int, int, int] | None = None) -> None:
         if self.cfg.vocab_size != target_cfg.vocab_size:
             raise ValueError(
                 f"draft {self.cfg.name} has vocab_size {self.cfg.vocab_size}, the target {target_cfg.name} has "
@@ -143,7 +143,7 @@ class DraftModelProposer:
         self.num_slots, self.max_len = num_slots, max_len
         # Paged like the target, page for page: the target's table is the draft's too.
         self.paging = paging
-        pages = dict(num_pages=paging[0], page_size=paging[1]) if paging is not None else {}
+        pages = dict(num_pages=paging[0], page_size=paging[1], page_groups=paging[2]) if paging is not None else {}
         pages["kv_dtype"] = self.kv_dtype
         self.page_table = None if paging is None else np.full((num_slots, max_len // paging[1]), paging[0], np.int32)
         if self.placement is None:

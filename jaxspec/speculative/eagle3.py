@@ -152,7 +152,7 @@ class Eagle3Proposer:
         self.embed = None if self.cfg.own_embeddings else target_embed
         self.feature_layers = self.cfg.aux_layers  # the runner makes the target return these
         self.cache: KVCache | None = None
-        self.paging: tuple[int, int] | None = None
+        self.paging: tuple[int, int, int] | None = None
         self.page_table: np.ndarray | None = None
         self._fns: dict = {}
         self.placement: Placement | None = None
@@ -192,7 +192,7 @@ class Eagle3Proposer:
                                    self._shardings[2].page_table if self.placement is not None else None)
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
-               paging: tuple[int, int] | None = None) -> None:
+               paging: tuple[int, int, int] | None = None) -> None:
         from jaxspec.checkpoint.eagle3_io import check_head_for_target
 
         check_head_for_target(self.cfg, target_cfg)
@@ -204,7 +204,7 @@ class Eagle3Proposer:
         # Paged like the target, page for page (the engine hands both the same page ids), so the
         # head's memory follows the requests' lengths as the target's does.
         self.paging = paging
-        pages = dict(num_pages=paging[0], page_size=paging[1]) if paging is not None else {}
+        pages = dict(num_pages=paging[0], page_size=paging[1], page_groups=paging[2]) if paging is not None else {}
         self.page_table = None if paging is None else np.full((num_slots, max_len // paging[1]), paging[0], np.int32)
         create = lambda: KVCache.create(self.cfg, num_slots, max_len, kv_dtype=self.kv_dtype, **pages)  # noqa: E731
         last = jnp.zeros((num_slots, self.cfg.hidden_size), jnp.dtype(self.cfg.dtype))  # [S, D]

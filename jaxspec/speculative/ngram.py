@@ -52,7 +52,7 @@ class NgramProposer:
     prefix_key_tokens = 0
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
-               paging: tuple[int, int] | None = None) -> None:
+               paging: tuple[int, int, int] | None = None) -> None:
         self.num_slots, self.max_len = num_slots, max_len
 
     def set_pages(self, slot: int, pages: list[int]) -> None:

@@ -114,9 +114,9 @@ class Proposer(Protocol):
     prefix_key_tokens: int
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
-               paging: tuple[int, int] | None = None) -> None:
+               paging: tuple[int, int, int] | None = None) -> None:
         """Bind to a target: check compatibility, allocate per-slot state. ``paging``: the target's
-        cache is paged as (num_pages, page_size); a proposer with a cache of its own pages it the
+        cache is paged as (num_pages, page_size, page groups); a proposer with a cache of its own pages it the
         same way and follows the target's page assignments (``set_pages``)."""
 
     def set_pages(self, slot: int, pages: list[int]) -> None:
@@ -156,7 +156,7 @@ class NoProposer:
     prefix_key_tokens = 0
 
     def attach(self, target_cfg: ModelConfig, num_slots: int, max_len: int,
-               paging: tuple[int, int] | None = None) -> None:
+               paging: tuple[int, int, int] | None = None) -> None:
         self.num_slots = num_slots
 
     def set_pages(self, slot: int, pages: list[int]) -> None:

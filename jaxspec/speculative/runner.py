@@ -291,7 +291,7 @@ class SpeculativeRunner:
     def device_info(self) -> tuple[str, tuple[str, ...], dict[str, int]]:
         return self.target.device_info()
 
-    def paging(self) -> tuple[int, int] | None:
+    def paging(self) -> tuple[int, int, int] | None:
         return self.target.paging
 
     @property
