@@ -72,9 +72,11 @@ def test_chunks_run_with_decode_steps_and_outputs_equal_whole_prompt_prefill(mod
 
 
 @pytest.mark.slow
-def test_no_compilation_after_warmup_with_mixed_steps(model):
-    runner = make_runner(model, num_slots=2, max_len=64, prefill_chunk=16, page_size=8, mixed_prefill="on")
-    assert runner.runner.mixed_length == 16
+@pytest.mark.parametrize("spec", [False, True], ids=["plain", "draft-k2"])
+def test_no_compilation_after_warmup_with_mixed_steps(model, spec):
+    kw = dict(spec_method="draft", draft=scaled_model("tiny-moe", seed=1), num_speculative_tokens=2) if spec else {}
+    runner = make_runner(model, num_slots=2, max_len=64, prefill_chunk=16, page_size=8, mixed_prefill="on", **kw)
+    assert (runner.target if spec else runner.runner).mixed_length == 16
     runner.warmup()
     counter = CompileCounter()
     eng = Engine(runner, ByteTokenizer(), eos_ids=[])
@@ -98,3 +100,39 @@ def test_mixing_is_on_where_asked_and_by_default_only_on_accelerators(model, mon
     assert make_runner(model, num_slots=2, max_len=64, prefill_chunk=16).runner.mixed_length == 16
     with pytest.raises(ValueError, match="mixed_prefill must be one of"):
         make_runner(model, num_slots=2, max_len=64, mixed_prefill="yes")
+
+
+@pytest.mark.parametrize("k,temperature", [(2, 0.0), (2, 0.8), (0, 0.0)], ids=["k2-greedy", "k2-sampled", "k0"])
+def test_speculative_steps_verify_with_a_chunk_in_one_call_and_equal_the_separate_calls(model, k, temperature):
+    """A fused draft model's drafting step (or, k = 0, its plain step) with a full chunk of a long prompt
+    in the same target forward: every request's tokens equal those of the runner that prefills the
+    chunk on its own, sampled ones too (the same keys drawn at the same positions)."""
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(3, 250, size=n)] for n in (12, 20)]
+    late = [int(t) for t in rng.integers(3, 250, size=100)]  # chunks of 32, 32, 32, 4
+    params = SamplingParams(max_tokens=24, temperature=temperature, seed=5, ignore_eos=True)
+    draft = scaled_model("tiny-moe", seed=1)
+    spec = dict(spec_method="draft", draft=draft, num_speculative_tokens=k, prefill_chunk=32, page_size=8)
+    ref = _serve(make_runner(model, num_slots=4, max_len=256, mixed_prefill="off", **spec), prompts, late, params)
+    runner = make_runner(model, num_slots=4, max_len=256, mixed_prefill="on", **spec)
+    assert runner.fused
+    calls, chunked = [], []
+    mixed, fused = runner.prefill_with_decode, runner._run_fused
+
+    def mix(chunk, slots, plan):
+        out = mixed(chunk, slots, plan)
+        if out is not None:
+            calls.append((plan.kb, len(plan.slots)))
+        return out
+
+    def run_fused(*args):
+        chunked.append(len(args) > 7 and bool(args[7]))
+        return fused(*args)
+
+    runner.prefill_with_decode, runner._run_fused = mix, run_fused
+    assert _serve(runner, prompts, late, params) == ref
+    assert calls == [(k, 2)] * 3  # the three full chunks, each with both running requests' step
+    assert sum(chunked) == (3 if k else 0)  # a drafting step carried each chunk in its target forward
+    if temperature == 0.0:
+        plain = _serve(make_runner(model, num_slots=4, max_len=256, page_size=8), prompts, late, params)
+        assert plain == ref

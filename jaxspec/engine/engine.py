@@ -146,6 +146,7 @@ class Engine:
         self.overlap = overlap and runner.pipelined
         self._in_flight_step: _InFlight | None = None  # overlap: dispatched, not applied yet
         self._mixed_result: StepResult | None = None  # a decode run with this step's prefill chunk
+        self._planned: DecodePlan | None = None  # this step's decode plan, made before a chunk declined it
 
     # ------------------------------------------------------------- admission
     @property
@@ -305,6 +306,7 @@ class Engine:
         requests it ran over get a final ERROR output and ``StepFailed`` carries every output
         of the step (expiries and admissions included) to the caller."""
         outputs: list[RequestOutput] = []
+        self._planned = None
         if self._in_flight_step is not None and not (self._can_chain() and self._grow(extra=self._advance())):
             outputs += self._apply_in_flight()  # the batch changes: apply the queued step first
         outputs += self._expire_deadlines()
@@ -320,7 +322,7 @@ class Engine:
         if self.overlap:
             return outputs + self._overlapped_decode(outputs)
         try:
-            plan = self.scheduler.plan_decode(self.slots)
+            plan = self._plan()
             result = self.runner.decode(self.slots, plan)
         except Exception as e:
             outputs += [self._fail_hard(slot, e) for slot in self.slots.active_slots()]
@@ -400,7 +402,7 @@ class Engine:
         flight = self._in_flight_step
         result = nxt = None
         try:
-            plan = self.scheduler.plan_decode(self.slots)
+            plan = self._plan()
             if flight is not None and not self._chains(plan):
                 done += self._apply_in_flight()
                 flight = None
@@ -560,19 +562,29 @@ class Engine:
                 outputs.append(self._emit_or_fail(slot, [first], time.monotonic()))
         return outputs
 
+    def _plan(self) -> DecodePlan:
+        """This step's decode plan: the one made for a chunk that did not mix, if it still covers the
+        active slots, else a new one."""
+        plan, self._planned = self._planned, None
+        if plan is not None and np.array_equal(plan.slots, np.flatnonzero(self.slots.active)):
+            return plan
+        return self.scheduler.plan_decode(self.slots)
+
     def _prefill_with_decode(self, chunks: list[PrefillChunk]) -> list[int] | None:
         """A long prompt's chunk and the running requests' plain decode step in one call, where the
         runner can (its result waits in ``_mixed_result``); None: nothing ran. A failure of the
         joint call leaves the two to run apart, where a failure is the prompt's or the step's."""
-        if (self.speculative or len(chunks) != 1 or self.runner.prefill_chunk is None
+        if (len(chunks) != 1 or self.runner.prefill_chunk is None
                 or self._in_flight_step is not None or not self.slots.active.any()):
             return None
+        plan = self.scheduler.plan_decode(self.slots)
         try:
-            mixed = self.runner.prefill_with_decode(chunks[0], self.slots, self.scheduler.plan_decode(self.slots))
+            mixed = self.runner.prefill_with_decode(chunks[0], self.slots, plan)
         except Exception:
             log.warning("prefill with decode failed; running them apart", exc_info=True)
             return None
         if mixed is None:
+            self._planned = plan  # the step's decode takes it (the policy chose once)
             return None
         first, self._mixed_result = mixed
         return [first]

@@ -13,6 +13,9 @@ decode batch bucket. The chunk's attention over the context dominates such a ste
 rows' reads past their own lengths are the price of not multiplying the compiled shapes by the
 span buckets. Shorter pieces (a prompt's last chunk, short prompts) run as their own prefill call.
 
+Speculative decoding with a fused draft model mixes a chunk into a drafting step's verification
+the same way (``speculative.step_fns.make_verify_mixed``, on ``forward_mixed``).
+
 ``mixed_prefill="auto"`` mixes on accelerators only: on a CPU a chunk is compute-bound, the saved
 weight reads are small, and one call measured 1.12-1.20x two (``docs/long_context.md``).
 """
@@ -31,24 +34,34 @@ from jaxspec.models.transformer import Segment
 from jaxspec.sampling import BatchSampling, sample_tokens
 
 
+def forward_mixed(graphdef, statics, state, cache, segments: tuple[Segment, ...], kv_lens: tuple[int, ...]):
+    """``Transformer.forward_segments`` under a runner's statics -> (logits [B_g, T_g, V] per segment,
+    cache (placed as the runner's on a mesh), expert load). Speculative verification mixed with a
+    chunk builds on it too."""
+    placed = statics.moe_backend if isinstance(statics.moe_backend, PlacedBackend) else None
+    backend = placed.dispatch if placed is not None else statics.moe_backend
+    model = nnx.merge(graphdef, state)
+    hs, cache, load = model.forward_segments(segments, cache, kv_lens, backend, statics.attention_backend)
+    if placed is not None:
+        cache = jax.lax.with_sharding_constraint(cache, placed.placement.cache_shardings(cache))
+    return [model.logits(h) for h in hs], cache, load
+
+
+def chunk_token(logits, p_valid, p_sampling: BatchSampling):
+    """A prefill chunk's sampled token [P] from its logits [P, T, V]: its last valid position's, as a
+    prefill call samples it."""
+    last = jnp.take_along_axis(logits, jnp.maximum(p_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
+    return sample_tokens(last, p_sampling, jnp.zeros_like(p_valid))
+
+
 def _mixed_impl(graphdef, statics, state, cache, d_slots, d_tokens, d_start, d_valid, d_sampling: BatchSampling,
                 d_out_positions, p_tokens, p_start, p_slots, p_valid, p_sampling: BatchSampling, *, kv_len: int):
     """Decode rows d_* [B] (padding rows: slot id S, valid 0) and prefill rows p_tokens [P, T] from
     p_start [P] -> (cache, decode tokens [B], each prefill row's sampled token [P], expert load)."""
-    placed = statics.moe_backend if isinstance(statics.moe_backend, PlacedBackend) else None
-    backend = placed.dispatch if placed is not None else statics.moe_backend
-    model = nnx.merge(graphdef, state)
     segments = (Segment(d_tokens[:, None], d_start, d_slots, d_valid), Segment(p_tokens, p_start, p_slots, p_valid))
-    (hd, hp), cache, load = model.forward_segments(segments, cache, (kv_len, kv_len), backend,
-                                                   statics.attention_backend)
-    if placed is not None:
-        cache = jax.lax.with_sharding_constraint(cache, placed.placement.cache_shardings(cache))
-    d_out = sample_tokens(model.logits(hd)[:, 0], d_sampling, d_out_positions)
-    # Logits over the whole chunk, then its last valid position's, exactly as a prefill call does.
-    logits = model.logits(hp)
-    last = jnp.take_along_axis(logits, jnp.maximum(p_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
-    p_out = sample_tokens(last, p_sampling, jnp.zeros_like(p_valid))
-    return cache, d_out, p_out, load
+    (d_logits, p_logits), cache, load = forward_mixed(graphdef, statics, state, cache, segments, (kv_len, kv_len))
+    d_out = sample_tokens(d_logits[:, 0], d_sampling, d_out_positions)
+    return cache, d_out, chunk_token(p_logits, p_valid, p_sampling), load
 
 
 _STEPS: dict[tuple, Callable] = {}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxspec.engine.mixed_step import mixed_step
+from jaxspec.engine.mixed_step import forward_mixed, mixed_step
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, QueuedStep, StepResult
 from jaxspec.engine.steps import (PlacedBackend, SpanSteps, StepStatics, _forward, placed_steps, slots_unsplit,
@@ -541,6 +541,22 @@ class ModelRunner:
             return None
         return self.bucket_for(self.prefill_chunk)
 
+    def mixed_chunk(self, slot: int, prompt_ids: Sequence[int], start: int) -> tuple[np.ndarray, ...]:
+        """Inputs of a full chunk ``prompt_ids[start:]`` of ``slot`` in a mixed step: tokens [1, L]
+        (L = ``mixed_length``), start, slot and valid count [1] each."""
+        n_p = len(prompt_ids) - start
+        if self.mixed_length is None or self.bucket_for(n_p) != self.mixed_length:
+            raise ValueError(f"a chunk of {n_p} tokens does not run with a decode step on this runner")
+        tokens = np.full((1, self.mixed_length), self.cfg.pad_id, np.int32)
+        tokens[0, :n_p] = prompt_ids[start:]
+        one = lambda x: np.array([x], np.int32)  # noqa: E731
+        return tokens, one(start), one(slot), one(n_p)
+
+    def mixed_forward_fn(self) -> Callable:
+        """A pure function (state, cache, segments, kv_lens) -> (logits per segment, cache, expert
+        load) (``mixed_step.forward_mixed``), for speculative verification mixed with a chunk."""
+        return functools.partial(forward_mixed, self.graphdef, self.statics)
+
     def _run_mixed(self, row_slots, d_tokens, d_start, d_valid, d_sampling, d_out_positions, p_tokens, p_start: int,
                    p_slot: int, p_valid: int, p_sampling):
         key = () if self.placement is None else self._cache_key
@@ -556,17 +572,13 @@ class ModelRunner:
         """Prefill ``prompt_ids[start:]`` into ``slot`` (a chunk of ``mixed_length`` tokens' bucket)
         and decode one token for each slot in ``rows`` [n] (inputs one per row), in one call ->
         (the token the chunk samples, decode tokens [n])."""
-        n_p = len(prompt_ids) - start
-        if self.mixed_length is None or self.bucket_for(n_p) != self.mixed_length:
-            raise ValueError(f"a chunk of {n_p} tokens does not run with a decode step on this runner")
-        tokens = np.full((1, self.mixed_length), self.cfg.pad_id, np.int32)
-        tokens[0, :n_p] = prompt_ids[start:]
+        tokens, _, _, n_p = self.mixed_chunk(slot, prompt_ids, start)
         row_slots, where = self.row_layout(rows)
         b = len(row_slots)
         d_out, p_out, load = self._run_mixed(
             row_slots, scatter_rows(last_tokens, where, b, 0), self.row_starts(row_slots, where, self.host_lengths[rows]),
             scatter_rows(np.ones(len(rows), np.int32), where, b, 0), scatter_sampling(sampling, where, b),
-            scatter_rows(out_positions, where, b, 0), tokens, start, slot, n_p, pad_sampling(p_sampling, 1))
+            scatter_rows(out_positions, where, b, 0), tokens, start, slot, int(n_p[0]), pad_sampling(p_sampling, 1))
         self.captured = None
         self.host_lengths[rows] += 1
         self.host_lengths[slot] = len(prompt_ids)

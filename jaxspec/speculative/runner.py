@@ -43,7 +43,7 @@ from jaxspec.speculative.draft_model import DraftModelProposer
 from jaxspec.speculative.jit_cache import cached_jit
 from jaxspec.speculative.proposer import NoProposer, Proposer, SpecContext, TokenHistory
 from jaxspec.speculative.scheduling import SpecScheduler
-from jaxspec.speculative.step_fns import make_fused, make_fused_head, make_verify
+from jaxspec.speculative.step_fns import make_verify_mixed, make_fused, make_fused_head, make_verify
 from jaxspec.speculative.verify import get_backend
 
 AUTO = "auto"
@@ -67,6 +67,7 @@ class _DraftHandle:
     load: jax.Array
     num_draft: np.ndarray  # [B]
     released: set = dataclasses.field(default_factory=set)
+    chunk_token: jax.Array | None = None  # [1]: a prompt chunk prefilled in the same call, its token
 
 
 class SpeculativeRunner:
@@ -159,16 +160,22 @@ class SpeculativeRunner:
                 **kwargs)
         return fn
 
-    def _fused_fn(self, kb: int, kv_len: int):
-        fn = self._fused_fns.get((kb, kv_len))
+    def _fused_fn(self, kb: int, kv_len: int, mixed: bool = False):
+        """The fused drafting step; ``mixed``: with a prompt chunk's prefill in its target forward."""
+        fn = self._fused_fns.get((kb, kv_len, mixed))
         if fn is None:
             target, prop = self.target, self.proposer
-            key = ("fused", target.graphdef, target.statics, prop.graphdef, prop.moe_backend, kb, kv_len,
+            key = ("fused", mixed, target.graphdef, target.statics, prop.graphdef, prop.moe_backend, kb, kv_len,
                    self.verify_backend)
-            fn = self._fused_fns[(kb, kv_len)] = cached_jit(
-                key, lambda: make_fused(prop.loop_fn(kb, kv_len),
-                                        make_verify(target.forward_fn(), self.verify_backend, kv_len, False), kb),
-                donate_argnums=(1, 3))
+
+            def make():
+                if mixed:
+                    verify = make_verify_mixed(target.mixed_forward_fn(), self.verify_backend, kv_len)
+                else:
+                    verify = make_verify(target.forward_fn(), self.verify_backend, kv_len, False)
+                return make_fused(prop.loop_fn(kb, kv_len), verify, kb)
+
+            fn = self._fused_fns[(kb, kv_len, mixed)] = cached_jit(key, make, donate_argnums=(1, 3))
         return fn
 
     def _fused_head_fn(self, kb: int, kv_len: int):
@@ -203,11 +210,13 @@ class SpeculativeRunner:
             out_pos, active)
         return packed, load
 
-    def _run_fused(self, kb: int, kv_len: int, slot_ids, carry, num_draft, sampling, active):
+    def _run_fused(self, kb: int, kv_len: int, slot_ids, carry, num_draft, sampling, active, chunk: tuple = ()):
+        """``chunk``: a prompt chunk's inputs (``ModelRunner.mixed_chunk`` and its sampling) prefilled in
+        the same call; its sampled token comes back last (None without)."""
         t, p = self.target, self.proposer
-        t.cache, p.cache, packed, carry, load = self._fused_fn(kb, kv_len)(
-            t.state, t.cache, p.state, p.cache, slot_ids, carry, num_draft, sampling, active)
-        return packed, carry, load
+        t.cache, p.cache, packed, carry, load, *first = self._fused_fn(kb, kv_len, bool(chunk))(
+            t.state, t.cache, p.state, p.cache, slot_ids, carry, num_draft, sampling, active, *chunk)
+        return packed, carry, load, (first[0] if first else None)
 
     def _carry(self, block, pending, d_lengths, last_tokens, start, out_pos):
         """A fused step's carry from host arrays [B], placed as a step's output carry is (jit keys
@@ -225,10 +234,11 @@ class SpeculativeRunner:
         self.target.captured = aux[0] if aux else None
         return out_tokens, accepted, load
 
-    def _dummy_step(self, kb: int, rows: int, kv_len: int, live: bool = False) -> None:
+    def _dummy_step(self, kb: int, rows: int, kv_len: int, live: bool = False, chunk: bool = False) -> None:
         """A draft loop and verification (or, kb = 0, a decode step) that touches no slot: every
         write lands past the cache end or on the padding slot id. Compiles; with ``live``, times
-        the step with valid random tokens that route to experts as real traffic does."""
+        the step with valid random tokens that route to experts as real traffic does. ``chunk``: the
+        fused step with a (padding) prompt chunk in its target forward."""
         s = self.num_slots
         rows = rows if self.target.compact_rows else s
         if kb == 0 and not self.fused_head:
@@ -251,8 +261,13 @@ class SpeculativeRunner:
             far = np.full(rows, self.max_len, np.int32)  # every write past the cache end (and slot id S)
             block = rng.integers(0, self.cfg.vocab_size, (rows, 2)).astype(np.int32)
             carry = self._carry(block, np.full(rows, int(live), np.int32), far, block[:, 0], far, zeros)
-            packed, _, _ = self._run_fused(kb, kv_len, slot_ids, carry, np.full(rows, kb if live else 0, np.int32),
-                                           sampling, np.full(rows, live, bool))
+            inputs = ()
+            if chunk:  # a padding row of the full-chunk length: writes nothing
+                one = lambda x: np.array([x], np.int32)  # noqa: E731
+                inputs = (np.full((1, self.target.mixed_length), self.cfg.pad_id, np.int32), one(0), one(s), one(0),
+                          pad_sampling(SlotTable(0).sampling(), 1))
+            packed, _, _, _ = self._run_fused(kb, kv_len, slot_ids, carry, np.full(rows, kb if live else 0, np.int32),
+                                              sampling, np.full(rows, live, bool), inputs)
             packed.block_until_ready()
             return
         # A model drafter's tokens and q's arrive as its committed device outputs (a deterministic
@@ -316,11 +331,15 @@ class SpeculativeRunner:
     def prefill_chunk(self) -> int | None:
         return self.target.prefill_chunk
 
+    @staticmethod
+    def _check_override(chunk: PrefillChunk) -> None:
+        override = chunk.request.num_speculative_tokens
+        if override is not None and override < 0:
+            raise InvalidRequestError("num_speculative_tokens", f"must be >= 0, got {override}")
+
     def prefill_batch(self, chunks: list[PrefillChunk], slots: SlotTable) -> list[int]:
         for c in chunks:
-            override = c.request.num_speculative_tokens
-            if override is not None and override < 0:
-                raise InvalidRequestError("num_speculative_tokens", f"must be >= 0, got {override}")
+            self._check_override(c)
         idx = np.array([c.slot for c in chunks])
         firsts = self.target.prefill_many(idx, [c.request.prompt_ids[: c.end] for c in chunks], slots.sampling(idx),
                                           [c.start for c in chunks])
@@ -381,6 +400,10 @@ class SpeculativeRunner:
             for kv_len in self.target.kv_buckets:
                 for kb in [0, *self.buckets] if self.fused_head else self.buckets:
                     self._dummy_step(kb, rows, kv_len)
+            if self.fused and self.target.mixed_length is not None:  # drafting steps that carry a chunk
+                for kb in self.buckets:
+                    if kb:
+                        self._dummy_step(kb, rows, self.max_len, chunk=True)
         if self.adaptive and self.spec.cost_model is None:
             for rows in self.target.batch_buckets:
                 self.spec.cost_models[rows] = self.measure_costs(self.measure_reps, rows)
@@ -440,10 +463,40 @@ class SpeculativeRunner:
     def bucket_steps(self) -> Counter:
         return self.spec.bucket_steps
 
-    def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan) -> None:
-        """Never mixed: a verification step drafts from every slot's tokens so far, and the draft's
-        (or head's) own prefill would still be its own call."""
-        return None
+    def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan
+                            ) -> tuple[int, StepResult] | None:
+        """A full chunk of a long prompt prefilled in the same target forward as this step: a plain
+        step's (``ModelRunner.prefill_with_decode``) or a fused draft model's drafting step's
+        verification (``step_fns.make_verify_mixed``), so the target's experts are read once for
+        both. The draft model prefills the chunk into its own cache in a call of its own (it is
+        small). None (nothing ran): an EAGLE-3 head, an unfused drafter, or a chunk or runner that
+        does not mix (``ModelRunner.mixed_length``)."""
+        t = self.target
+        if (self.feature_layers or t.mixed_length is None or t.bucket_for(chunk.end - chunk.start) != t.mixed_length
+                or (plan.kb > 0 and not self.fused)):
+            return None
+        self._check_override(chunk)
+        prompt = chunk.request.prompt_ids[: chunk.end]
+        p_sampling = slots.sampling(np.array([chunk.slot]))
+        act = plan.slots
+        t0 = time.perf_counter()
+        if plan.kb == 0:
+            first, tokens = t.prefill_with_decode(chunk.slot, prompt, chunk.start, p_sampling, act,
+                                                  self.history.last()[act], slots.sampling(act),
+                                                  slots.num_generated[act])
+            for s, token in zip(act.tolist(), tokens.tolist()):
+                self.history.append(s, token)
+            result = StepResult.plain(act, tokens, time.perf_counter() - t0)
+        else:
+            inputs = (*t.mixed_chunk(chunk.slot, prompt, chunk.start), pad_sampling(p_sampling, 1))
+            queued = self._dispatch_drafting(slots, plan, None, inputs)
+            result = self._collect_drafting(queued, queued.handle, overlapped=False)
+            first = int(np.asarray(queued.handle.chunk_token)[0])
+            t.set_lengths_host(np.array([chunk.slot]), np.array([chunk.end], np.int32))
+        self.proposer.prefill(chunk.slot, prompt, chunk.start)
+        if chunk.last:
+            self.history.start(chunk.slot, [*chunk.request.prompt_ids, first])
+        return first, result
 
     def decode(self, slots: SlotTable, plan: DecodePlan) -> StepResult:
         act = plan.slots
@@ -532,6 +585,12 @@ class SpeculativeRunner:
                                                                          and self.queues_drafting)):
             raise ValueError("queued steps are plain steps, or drafting steps of a fused single-device draft "
                              "model, each chained only behind its own kind")
+        return self._dispatch_drafting(slots, plan, prev)
+
+    def _dispatch_drafting(self, slots: SlotTable, plan: DecodePlan, prev: "_DraftHandle | None",
+                           chunk: tuple = ()) -> QueuedStep:
+        """Queue a fused drafting step (behind ``prev``, or from the host's state); ``chunk``: a prompt
+        chunk's inputs prefilled in its target forward (whole context span; never chained)."""
         t0 = time.perf_counter()
         act, kb = plan.slots, plan.kb
         if prev is None:
@@ -554,9 +613,11 @@ class SpeculativeRunner:
             row_slots, where, active, sampling, carry = prev.row_slots, prev.where, prev.active, prev.sampling, prev.carry
             reach = prev.reach + prev.kb + 1  # each slot's start moved by at most the step before's kb + 1
         num_draft = scatter_rows(plan.k, where, len(row_slots), 0).astype(np.int32)
-        kv_len = self.target.kv_bucket_for(reach + kb + 1)
-        packed, carry, load = self._run_fused(kb, kv_len, row_slots, carry, num_draft, sampling, active)
-        handle = _DraftHandle(act, row_slots, where, active, sampling, kb, reach, packed, carry, load, num_draft)
+        # A chunk attends over the whole context: one span for both (as ``mixed_step``).
+        kv_len = self.max_len if chunk else self.target.kv_bucket_for(reach + kb + 1)
+        packed, carry, load, first = self._run_fused(kb, kv_len, row_slots, carry, num_draft, sampling, active, chunk)
+        handle = _DraftHandle(act, row_slots, where, active, sampling, kb, reach, packed, carry, load, num_draft,
+                              chunk_token=first)
         self._queued.append(handle)
         return QueuedStep(plan, handle, t0)
 

@@ -6,8 +6,21 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxspec.engine.mixed_step import chunk_token
+from jaxspec.models.transformer import Segment
 from jaxspec.sampling import BatchSampling, logits_to_probs
 from jaxspec.speculative.verify import verify_with_keys
+
+
+def _accept(logits, draft_tokens, draft_probs, num_draft, sampling: BatchSampling, out_pos, backend: str):
+    """(tokens [B, kb+1], accepted [B]) of a verification from the target's logits [B, kb+1, V]."""
+    col = lambda x: x[:, None]  # noqa: E731  per-row settings broadcast over the kb+1 positions
+    p = logits_to_probs(logits, col(sampling.temperature), col(sampling.top_k), col(sampling.top_p),
+                        col(sampling.min_p))
+    # Greedy rows verify one-hot p against drafts that were argmaxes too (a draft model samples
+    # greedy rows greedily; deterministic drafters are one-hot by construction).
+    return verify_with_keys(p, draft_probs, draft_tokens, num_draft, sampling.seed, out_pos, backend,
+                            all_greedy=jnp.all(sampling.temperature <= 0))
 
 
 def make_verify(fwd, backend: str, kv_len: int, identity_rows: bool):
@@ -19,13 +32,7 @@ def make_verify(fwd, backend: str, kv_len: int, identity_rows: bool):
         num_draft = jnp.where(active, num_draft, 0)
         ids = None if identity_rows else slot_ids
         out = fwd(state, tokens, start, cache, ids, jnp.where(active, num_draft + 1, 0), kv_len=kv_len)
-        col = lambda x: x[:, None]  # noqa: E731  per-row settings broadcast over the kb+1 positions
-        p = logits_to_probs(out.logits, col(sampling.temperature), col(sampling.top_k), col(sampling.top_p),
-                            col(sampling.min_p))
-        # Greedy rows verify one-hot p against drafts that were argmaxes too (a draft model samples
-        # greedy rows greedily; deterministic drafters are one-hot by construction).
-        out_tokens, accepted = verify_with_keys(p, draft_probs, draft_tokens, num_draft, sampling.seed, out_pos, backend,
-                                                all_greedy=jnp.all(sampling.temperature <= 0))
+        out_tokens, accepted = _accept(out.logits, draft_tokens, draft_probs, num_draft, sampling, out_pos, backend)
         # Roll back to the accepted context (padding rows write nothing).
         if identity_rows:
             lengths = jnp.where(active, start + 1 + accepted, cache.lengths)
@@ -34,6 +41,25 @@ def make_verify(fwd, backend: str, kv_len: int, identity_rows: bool):
         # With a target capturing hidden states (EAGLE-3), its features [B, kb+1, F] come last.
         extra = () if out.aux_hidden is None else (out.aux_hidden,)
         return out.cache.with_lengths(lengths), out_tokens, accepted, out.expert_load, *extra
+
+    return verify
+
+
+def make_verify_mixed(mixed_fwd, backend: str, kv_len: int):
+    """``make_verify`` (packed rows) with a prompt chunk's prefill in the same forward
+    (``mixed_step.forward_mixed``: the experts read once for both): it also takes the chunk's
+    (tokens [1, L], start, slot, valid [1], sampling) and returns the chunk's sampled token [1] last."""
+
+    def verify(state, cache, slot_ids, last_tokens, start, draft_tokens, draft_probs, num_draft, sampling: BatchSampling,
+               out_pos, active, p_tokens, p_start, p_slots, p_valid, p_sampling: BatchSampling):
+        tokens = jnp.concatenate([last_tokens[:, None], draft_tokens.astype(jnp.int32)], axis=1)
+        num_draft = jnp.where(active, num_draft, 0)
+        rows = Segment(tokens, start, slot_ids, jnp.where(active, num_draft + 1, 0))
+        (logits, p_logits), cache, load = mixed_fwd(state, cache, (rows, Segment(p_tokens, p_start, p_slots, p_valid)),
+                                                    (kv_len, kv_len))
+        out_tokens, accepted = _accept(logits, draft_tokens, draft_probs, num_draft, sampling, out_pos, backend)
+        lengths = cache.lengths.at[slot_ids].set(start + 1 + accepted, mode="drop")  # the chunk's is written
+        return cache.with_lengths(lengths), out_tokens, accepted, load, chunk_token(p_logits, p_valid, p_sampling)
 
     return verify
 
@@ -48,14 +74,16 @@ def make_fused(loop, verify, kb: int):
     one dispatch and one device->host transfer (tokens and accept counts packed) per step. Its
     inputs per row come as a carry (the draft's pending block and count, the draft's cache length,
     the token fed, the target's start position, the output position), and it returns the next
-    step's carry: a step over the same rows can be queued before this one's tokens reach the host."""
+    step's carry: a step over the same rows can be queued before this one's tokens reach the host.
+    With ``verify`` from ``make_verify_mixed`` it takes a prompt chunk's inputs last and returns the
+    chunk's sampled token last."""
 
-    def step(t_state, t_cache, d_state, d_cache, slot_ids, carry, num_draft, sampling: BatchSampling, active):
+    def step(t_state, t_cache, d_state, d_cache, slot_ids, carry, num_draft, sampling: BatchSampling, active, *chunk):
         block, pending, d_lengths = carry[:, C_BLOCK0:C_BLOCK1 + 1], carry[:, C_PENDING], carry[:, C_DLEN]
         last_tokens, start, out_pos = carry[:, C_LAST], carry[:, C_START], carry[:, C_OUTPOS]
         d_cache, drafts, q = loop(d_state, d_cache, slot_ids, block, pending, d_lengths, sampling, out_pos)
-        t_cache, out_tokens, accepted, load = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
-                                                     num_draft, sampling, out_pos, active)
+        t_cache, out_tokens, accepted, load, *first = verify(t_state, t_cache, slot_ids, last_tokens, start, drafts, q,
+                                                             num_draft, sampling, out_pos, active, *chunk)
         out_tokens, accepted = out_tokens.astype(jnp.int32), accepted.astype(jnp.int32)
         # The draft has seen the accepted context up to d_{kb-2} (see DraftModelProposer.commit):
         # what it has not seen (the bonus token, after d_{kb-1} if every draft was accepted) is
@@ -68,7 +96,7 @@ def make_fused(loop, verify, kb: int):
         carry = jnp.where(active[:, None], nxt, carry)
         d_cache = d_cache.with_lengths(d_cache.lengths.at[slot_ids].set(d_len, mode="drop"))
         packed = jnp.concatenate([out_tokens, accepted[:, None]], axis=1)
-        return t_cache, d_cache, packed, carry, load
+        return t_cache, d_cache, packed, carry, load, *first
 
     return step
 
