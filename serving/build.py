@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
-from jaxspec.engine.engine import KV_ADMISSIONS
+from jaxspec.engine.kv_admission import KV_ADMISSIONS
 from jaxspec.engine.factory import KV_CACHES, make_runner
 from jaxspec.engine.model_runner import MIXED_PREFILL
 from jaxspec import builtin, compilation_cache, kernels

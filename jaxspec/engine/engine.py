@@ -32,7 +32,8 @@ from jaxspec.engine.request import (
     RequestOutput,
     SpecStats,
 )
-from jaxspec.engine.pages import PagePool, Reservation
+from jaxspec.engine.kv_admission import KV_ADMISSIONS, KVAdmission
+from jaxspec.engine.pages import PagePool
 from jaxspec.engine.runner import StepRunner
 from jaxspec.engine.scheduler import Scheduler
 from jaxspec.engine.slots import SlotTable
@@ -44,7 +45,6 @@ from jaxspec.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-KV_ADMISSIONS = ("optimistic", "reserve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +129,14 @@ class Engine:
         paging = runner.paging()
         self.pages = None if paging is None else PagePool(*paging, prefix_caching=prefix_caching and runner.reuses_prefix,
                                                           key_tokens=runner.prefix_key_tokens)
-        self._reservations: dict[int, Reservation] = {}  # slot -> its pages (paged caches)
-        self._pending: dict[str, Reservation] = {}  # request id -> pages reserved at admission
         if kv_admission not in KV_ADMISSIONS:
             raise ValueError(f"kv_admission must be one of {', '.join(KV_ADMISSIONS)}, got {kv_admission!r}")
         if not 0.0 <= kv_watermark < 1.0:
             raise ValueError(f"kv_watermark must be in [0, 1), got {kv_watermark}")
         self.kv_admission = kv_admission
-        self.optimistic = self.pages is not None and kv_admission == "optimistic"
-        # Pages kept spare per group for the running requests' growth.
-        self.watermark = int(kv_watermark * self.pages.group_pages) if self.pages is not None else 0
+        # Paged caches: the pages each request holds, admission and growth by memory.
+        self.kv = None if self.pages is None else KVAdmission(self.pages, runner, kv_admission, kv_watermark)
         self.num_preemptions = 0  # over the engine's life
-        self._short_groups: set[int] = set()  # page groups the last failed ``_grow`` lacked pages in
         self._preempted: dict[str, _Live] = {}  # request id -> state of a preempted request (waiting)
         self._no_admission = False  # this step preempted: admit nothing new (it would be preempted next)
         self.overlap = overlap and runner.pipelined
@@ -170,20 +166,9 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                 f"length {self.max_len}",
             )
-        if self.pages is not None:
-            need = self.pages.pages_for(self._positions(len(prompt_ids), params))
-            first = self.pages.pages_for(min(self.max_len, len(prompt_ids) + 1 + self.runner.lookahead))
-            # A request's pages all come from one group (its slot's data shard).
-            held = self.pages.group_pages
-            holds = f"the pool holds {held}" + (" per data shard" if self.pages.groups > 1 else "")
-            if first > held:
-                raise InvalidRequestError(
-                    "prompt", f"prompt ({len(prompt_ids)} tokens) needs {first} KV pages of {self.pages.page_size} "
-                    f"positions; {holds}")
-            if need > held:
-                raise InvalidRequestError(
-                    "max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} "
-                    f"KV pages of {self.pages.page_size} positions; {holds}")
+        if self.kv is not None:
+            self.kv.check(len(prompt_ids), min(self.max_len, len(prompt_ids) + 1 + self.runner.lookahead),
+                          self._positions(len(prompt_ids), params), params.max_tokens)
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad_stop:
             raise InvalidRequestError("stop_token_ids", f"token id {bad_stop[0]} outside the vocabulary [0, {vocab})")
@@ -201,38 +186,16 @@ class Engine:
         req = self.live[slot].request
         return req.num_prompt_tokens + int(self.slots.num_generated[slot]) - 1
 
-    def _group(self, slot: int) -> int:
-        """The page group (data shard) of ``slot``'s pages."""
-        return slot // (self.runner.num_slots // self.pages.groups)
-
     def _reserve(self, req: Request, free_slots: Sequence[int]) -> int | None:
-        """The free slot ``req`` takes, with its pages taken now (paged caches), or None: it must wait.
-        Split pages: the group with the longest cached prefix of the prompt, then the most pages."""
-        if self.pages is None:
+        """The free slot ``req`` takes, with its pages taken now (paged caches), or None: it must wait."""
+        if self.kv is None:
             return free_slots[0]
-        if self.optimistic:
-            if self._no_admission:
-                return None
-            # Prompt and the first decode step now; the watermark spares the running requests' growth
-            # (an empty engine admits whatever fits the pool: nothing else could ever make room).
-            positions = min(self._limit(req), len(req.prompt_ids) + 1 + self.runner.lookahead)
-            keep = self.watermark if (self._reservations or self._pending) else 0
-        else:
-            positions, keep = self._limit(req), 0
-        by_group: dict[int, int] = {}
-        for slot in free_slots:
-            by_group.setdefault(self._group(slot), slot)
-        use = req.use_prefix_cache
-        order = sorted(by_group, key=lambda g: (-(self.pages.cached_blocks(req.prompt_ids, g) if use else 0),
-                                                -self.pages.available_in(g), g))
-        for group in order:
-            res = self.pages.reserve(req.prompt_ids, positions, use_cache=use, keep_free=keep,
-                                     record=not req.resumed, group=group)
-            if res is not None:
-                req.num_cached_tokens = res.cached_tokens
-                self._pending[req.request_id] = res
-                return by_group[group]
-        return None
+        if not self.kv.optimistic:
+            return self.kv.reserve(req, free_slots, self._limit(req))
+        if self._no_admission:
+            return None
+        # Prompt and the first decode step now; later steps' pages as the request grows.
+        return self.kv.reserve(req, free_slots, min(self._limit(req), len(req.prompt_ids) + 1 + self.runner.lookahead))
 
     def add_request(
         self,
@@ -442,33 +405,17 @@ class Engine:
         """Optimistic admission: give every decoding request the pages its next step writes (its
         cache length, the token fed, the speculative look-ahead; ``extra``: steps queued ahead and
         not applied yet). All or nothing: False, taking nothing, if the pool has too few."""
-        if not self.optimistic:
+        if self.kv is None or not self.kv.optimistic:
             return True
-        grow, wanted = [], collections.Counter()
-        for slot in self.slots.active_slots():
-            res = self._reservations.get(slot)
-            if res is None:
-                continue
-            positions = min(self._limit(self.live[slot].request),
-                            self._cache_length(slot) + 1 + extra + self.runner.lookahead)
-            more = self.pages.pages_for(positions) - len(res.pages)
-            if more > 0:
-                grow.append((slot, res, positions))
-                wanted[res.group] += more
-        self._short_groups = {g for g, n in wanted.items() if n > self.pages.available_in(g)}
-        if self._short_groups:
-            return False
-        for slot, res, positions in grow:
-            self.pages.extend(res, positions)
-            self.runner.assign_pages(slot, res.pages)
-        return True
+        return self.kv.grow({slot: min(self._limit(self.live[slot].request),
+                                       self._cache_length(slot) + 1 + extra + self.runner.lookahead)
+                             for slot in self.slots.active_slots()})
 
     def _make_room(self) -> None:
         """``_grow``, preempting the newest request until the pool holds the rest's next step (one
         request alone always fits: ``validate`` refused any that could not fit an empty pool)."""
         while not self._grow():
-            short = self._short_groups  # preempt within a group that ran dry: only its pages help
-            victims = [s for s in self.live if s in self._reservations and self._reservations[s].group in short]
+            victims = self.kv.victims(self.live)  # within a group that ran dry: only its pages help
             if not victims:
                 raise RuntimeError("the KV pool cannot hold the next step of a single request")
             self._preempt(max(victims, key=lambda s: (self.live[s].request.arrival_time, s)))
@@ -480,7 +427,6 @@ class Engine:
         live = self.live.pop(slot)
         req = live.request
         tokens = live.tracker.token_ids
-        res = self._reservations[slot]
         if self.slots.active[slot] and tokens:
             base = req.prompt_ids[: req.num_prompt_tokens]
             again = dataclasses.replace(req, prompt_ids=[*base, *tokens[:-1]], resumed=len(tokens) - 1,
@@ -488,7 +434,7 @@ class Engine:
             # Its computed blocks stay findable for the recomputation. A speculative runner's draft
             # cache lags its context, so there only the prompt's blocks (registered at prefill) are.
             if req.use_prefix_cache and not self.speculative:
-                self.pages.register(again.prompt_ids, res)
+                self.kv.register(slot, again.prompt_ids)
         else:  # preempted while its prompt was being prefilled: it starts that again
             again = dataclasses.replace(req, num_cached_tokens=0)
         live.preemptions += 1
@@ -522,9 +468,8 @@ class Engine:
             live.request = req
             self.live[slot] = live
             self.slots.assign(slot, req)
-            if self.pages is not None:
-                res = self._reservations[slot] = self._pending.pop(req.request_id)
-                self.runner.assign_pages(slot, res.pages)
+            if self.kv is not None:
+                self.kv.take(slot, req.request_id)
         chunks = list(plan.chunks)
         try:
             firsts = self._prefill_with_decode(chunks)
@@ -548,8 +493,8 @@ class Engine:
                     self.prefilling[slot] = chunk.end
                     continue
                 self.prefilling.pop(slot, None)
-                if self.pages is not None and req.use_prefix_cache:
-                    self.pages.register(req.prompt_ids, self._reservations[slot])
+                if self.kv is not None and req.use_prefix_cache:
+                    self.kv.register(slot, req.prompt_ids)
                 self.slots.active[slot] = True
                 tokens = self.live[slot].tracker.token_ids
                 if tokens:  # recomputed after a preemption: its next step feeds its last token again
@@ -637,11 +582,8 @@ class Engine:
         return out
 
     def _release_pages(self, slot: int, tell_runner: bool = True) -> None:
-        res = self._reservations.pop(slot, None)
-        if res is not None:
-            self.pages.release(res)  # host bookkeeping first: the pages are free whatever follows
-            if tell_runner:
-                self.runner.assign_pages(slot, [])
+        if self.kv is not None:
+            self.kv.release(slot, tell_runner)
 
     def _fail(self, slot: int, exc: Exception) -> RequestOutput:
         live = self.live[slot]
