@@ -301,7 +301,7 @@ def step_hlo(cfg: ModelConfig, rows: int, tokens: int, context: int, max_len: in
     cache = jax.eval_shape(lambda: KVCache.create(cfg, rows, max_len))
     toks = jax.ShapeDtypeStruct((rows, tokens), jnp.int32)
     start = jax.ShapeDtypeStruct((rows,), jnp.int32)
-    return roofline._forward.lower(graphdef, context, state, cache, toks, start).compile().as_text()
+    return roofline._forward_for(graphdef, context).lower(state, cache, toks, start).compile().as_text()
 
 
 def cpu_hlo_counter(cfg: ModelConfig, cache_len: int | None = None):
