@@ -106,6 +106,8 @@ class WrappedRunner:
     """A StepRunner around another: its host-only parts (sizes, policy, descriptions) are the inner
     runner's; subclasses wrap the device calls."""
 
+    mixes_prefill = False  # unless a subclass wraps ``prefill_with_decode`` too
+
     def __init__(self, runner: Any):
         self._inner = runner
         self.cfg = runner.cfg
@@ -173,6 +175,10 @@ class GuardedRunner(WrappedRunner):
         except Exception:
             log.exception("prefill with decode failed for request %s (slot %s)", chunk.request.request_id, chunk.slot)
             raise
+
+    @property
+    def mixes_prefill(self) -> bool:
+        return self._inner.mixes_prefill
 
     @property
     def pipelined(self) -> bool:

@@ -119,6 +119,7 @@ class ControlledRunner:
     """Wraps a StepRunner; tests switch on slow steps, injected faults or a held warm-up."""
 
     pipelined = False  # faults and delays are injected in ``decode``: every step goes through it
+    mixes_prefill = False
 
     def __init__(self, inner: StepRunner, poison_prompt_ids: Sequence[int] | None = None):
         self.inner = inner

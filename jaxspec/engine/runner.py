@@ -44,6 +44,9 @@ class StepRunner(Protocol):
         for this chunk and plan; nothing ran, and the engine runs them apart."""
         ...
 
+    # Whether ``prefill_with_decode`` can ever run a chunk with a step (the engine asks only then).
+    mixes_prefill: bool
+
     # Whether decode steps can be queued before the previous one's tokens reach the host
     # (``dispatch`` / ``collect``; plain single-device decoding), and drafting steps too.
     pipelined: bool
@@ -137,6 +140,10 @@ class PlainRunner:
         idx = np.array([c.slot for c in chunks])
         return self.runner.prefill_many(idx, [c.request.prompt_ids[: c.end] for c in chunks], slots.sampling(idx),
                                         [c.start for c in chunks])
+
+    @property
+    def mixes_prefill(self) -> bool:
+        return self.runner.mixed_length is not None
 
     def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan
                             ) -> tuple[int, StepResult] | None:

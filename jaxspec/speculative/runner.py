@@ -314,6 +314,10 @@ class SpeculativeRunner(CompiledSteps):
     def bucket_steps(self) -> Counter:
         return self.spec.bucket_steps
 
+    @property
+    def mixes_prefill(self) -> bool:
+        return not self.feature_layers and self.target.mixed_length is not None
+
     def prefill_with_decode(self, chunk: PrefillChunk, slots: SlotTable, plan: DecodePlan
                             ) -> tuple[int, StepResult] | None:
         """A full chunk of a long prompt prefilled in the same target forward as this step: a plain
