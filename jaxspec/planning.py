@@ -34,7 +34,7 @@ from jaxspec.config import ModelConfig
 from jaxspec.mesh import (MeshConfig, Placement, build_mesh, check_placement, device_memory_bytes, draft_placement,
                           topology_devices)
 from jaxspec.models import KVCache, abstract_model
-from jaxspec.models.kv_cache import check_kv_dtype, page_groups
+from jaxspec.models.kv_cache import check_kv_dtype, page_groups, whole_groups
 
 DEFAULT_HEADROOM = 0.08  # device memory kept free for the runtime, fragmentation and collectives' buffers
 GiB = float(1 << 30)
@@ -197,7 +197,7 @@ def _abstract_cache(cfg: ModelConfig, placement: Placement, slots: int, max_len:
     pages = {}
     if paging is not None:  # split over the data axis as a runner would (``page_groups``), whole groups
         groups = page_groups(placement, slots, paging[1])
-        pages = dict(num_pages=max(groups, paging[0] - paging[0] % groups), page_size=paging[1], page_groups=groups)
+        pages = dict(num_pages=whole_groups(paging[0], groups), page_size=paging[1], page_groups=groups)
     abstract = KVCache.abstract(cfg, slots, max_len, kv_dtype=kv_dtype, **pages)
     shardings = placement.cache_shardings(abstract)
     structs = KVCache(*(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)

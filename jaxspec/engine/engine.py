@@ -519,8 +519,8 @@ class Engine:
         """A long prompt's chunk and the running requests' plain decode step in one call, where the
         runner can (its result waits in ``_mixed_result``); None: nothing ran. A failure of the
         joint call leaves the two to run apart, where a failure is the prompt's or the step's."""
-        if (not self.runner.mixes_prefill or len(chunks) != 1 or self.runner.prefill_chunk is None
-                or self._in_flight_step is not None or not self.slots.active.any()):
+        if (not self.runner.mixes_prefill or len(chunks) != 1 or self._in_flight_step is not None
+                or not self.slots.active.any()):
             return None
         plan = self.scheduler.plan_decode(self.slots)
         try:

@@ -6,7 +6,7 @@ from jaxspec.engine.runner import PlainRunner, StepRunner
 from jaxspec.engine.model_runner import ModelRunner
 from jaxspec.mesh import Placement
 from jaxspec.models import Transformer
-from jaxspec.models.kv_cache import page_groups
+from jaxspec.models.kv_cache import page_groups, whole_groups
 from jaxspec.speculative import AUTO, SPEC_METHODS, SpeculativeRunner, make_proposer
 
 KV_CACHES = ("slot", "paged")
@@ -33,12 +33,8 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
         raise ValueError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {spec_method!r}")
     if page_size is not None and num_pages is None:
         num_pages = num_slots * (max_len or model.cfg.max_seq_len) // page_size
-    groups = page_groups(placement, num_slots, page_size)
-    if page_size is not None and num_pages % groups:
-        # Pages split over the data axis come in equal groups, one per shard.
-        num_pages -= num_pages % groups
-        if num_pages < groups:
-            raise ValueError(f"a KV pool split over {groups} data shards needs at least {groups} pages")
+    if page_size is not None:  # pages split over the data axis come in equal groups, one per shard
+        num_pages = whole_groups(num_pages, page_groups(placement, num_slots, page_size))
     target = ModelRunner(model, num_slots, max_len, placement=placement, page_size=page_size, num_pages=num_pages,
                          prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, mixed_prefill=mixed_prefill)
     if spec_method == "none":

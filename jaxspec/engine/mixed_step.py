@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxspec.engine.steps import PlacedBackend
+from jaxspec.engine.steps import PlacedBackend, last_logits
 from jaxspec.models.transformer import Segment
 from jaxspec.sampling import BatchSampling, sample_tokens
 
@@ -48,10 +48,8 @@ def forward_mixed(graphdef, statics, state, cache, segments: tuple[Segment, ...]
 
 
 def chunk_token(logits, p_valid, p_sampling: BatchSampling):
-    """A prefill chunk's sampled token [P] from its logits [P, T, V]: its last valid position's, as a
-    prefill call samples it."""
-    last = jnp.take_along_axis(logits, jnp.maximum(p_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
-    return sample_tokens(last, p_sampling, jnp.zeros_like(p_valid))
+    """A prefill chunk's sampled token [P] from its logits [P, T, V], as a prefill call samples it."""
+    return sample_tokens(last_logits(logits, p_valid), p_sampling, jnp.zeros_like(p_valid))
 
 
 def _mixed_impl(graphdef, statics, state, cache, d_slots, d_tokens, d_start, d_valid, d_sampling: BatchSampling,

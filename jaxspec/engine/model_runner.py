@@ -525,8 +525,7 @@ class ModelRunner:
             for b in self.batch_buckets:
                 self._run_mixed(np.full(b, s, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32),
                                 np.zeros(b, np.int32), pad_sampling(SlotTable(0).sampling(), b), np.zeros(b, np.int32),
-                                np.full((1, self.mixed_length), self.cfg.pad_id, np.int32), 0, s, 0,
-                                pad_sampling(SlotTable(0).sampling(), 1))[0].block_until_ready()
+                                self.padding_chunk())[0].block_until_ready()
         self.set_length(0, 0)  # the release path's small update, compiled here rather than mid-serving
         self._set_lengths(jnp.asarray(saved))
         self.host_lengths[:] = saved_host
@@ -541,29 +540,34 @@ class ModelRunner:
             return None
         return self.bucket_for(self.prefill_chunk)
 
-    def mixed_chunk(self, slot: int, prompt_ids: Sequence[int], start: int) -> tuple[np.ndarray, ...]:
+    def mixed_chunk(self, slot: int, prompt_ids: Sequence[int], start: int, sampling: BatchSampling) -> tuple:
         """Inputs of a full chunk ``prompt_ids[start:]`` of ``slot`` in a mixed step: tokens [1, L]
-        (L = ``mixed_length``), start, slot and valid count [1] each."""
+        (L = ``mixed_length``), start, slot and valid count [1] each, sampling [1]."""
         n_p = len(prompt_ids) - start
         if self.mixed_length is None or self.bucket_for(n_p) != self.mixed_length:
             raise ValueError(f"a chunk of {n_p} tokens does not run with a decode step on this runner")
         tokens = np.full((1, self.mixed_length), self.cfg.pad_id, np.int32)
         tokens[0, :n_p] = prompt_ids[start:]
         one = lambda x: np.array([x], np.int32)  # noqa: E731
-        return tokens, one(start), one(slot), one(n_p)
+        return tokens, one(start), one(slot), one(n_p), pad_sampling(sampling, 1)
+
+    def padding_chunk(self) -> tuple:
+        """``mixed_chunk``'s inputs for a chunk that writes nothing (slot id S, no valid token): warm-up."""
+        one = lambda x: np.array([x], np.int32)  # noqa: E731
+        return (np.full((1, self.mixed_length), self.cfg.pad_id, np.int32), one(0), one(self.num_slots), one(0),
+                pad_sampling(SlotTable(0).sampling(), 1))
 
     def mixed_forward_fn(self) -> Callable:
         """A pure function (state, cache, segments, kv_lens) -> (logits per segment, cache, expert
         load) (``mixed_step.forward_mixed``), for speculative verification mixed with a chunk."""
         return functools.partial(forward_mixed, self.graphdef, self.statics)
 
-    def _run_mixed(self, row_slots, d_tokens, d_start, d_valid, d_sampling, d_out_positions, p_tokens, p_start: int,
-                   p_slot: int, p_valid: int, p_sampling):
+    def _run_mixed(self, row_slots, d_tokens, d_start, d_valid, d_sampling, d_out_positions, chunk: tuple):
+        """``chunk``: ``mixed_chunk``'s inputs."""
         key = () if self.placement is None else self._cache_key
         step = mixed_step(self.graphdef, self.statics, self.max_len, self.state_sharding, self.cache_sharding, key)
         self.cache, d_out, p_out, load = step(
-            self.state, self.cache, row_slots, d_tokens, d_start, d_valid, d_sampling, d_out_positions, p_tokens,
-            np.array([p_start], np.int32), np.array([p_slot], np.int32), np.array([p_valid], np.int32), p_sampling)
+            self.state, self.cache, row_slots, d_tokens, d_start, d_valid, d_sampling, d_out_positions, *chunk)
         return d_out, p_out, load
 
     def prefill_with_decode(self, slot: int, prompt_ids: Sequence[int], start: int, p_sampling: BatchSampling,
@@ -572,13 +576,13 @@ class ModelRunner:
         """Prefill ``prompt_ids[start:]`` into ``slot`` (a chunk of ``mixed_length`` tokens' bucket)
         and decode one token for each slot in ``rows`` [n] (inputs one per row), in one call ->
         (the token the chunk samples, decode tokens [n])."""
-        tokens, _, _, n_p = self.mixed_chunk(slot, prompt_ids, start)
+        chunk = self.mixed_chunk(slot, prompt_ids, start, p_sampling)
         row_slots, where = self.row_layout(rows)
         b = len(row_slots)
         d_out, p_out, load = self._run_mixed(
             row_slots, scatter_rows(last_tokens, where, b, 0), self.row_starts(row_slots, where, self.host_lengths[rows]),
             scatter_rows(np.ones(len(rows), np.int32), where, b, 0), scatter_sampling(sampling, where, b),
-            scatter_rows(out_positions, where, b, 0), tokens, start, slot, int(n_p[0]), pad_sampling(p_sampling, 1))
+            scatter_rows(out_positions, where, b, 0), chunk)
         self.captured = None
         self.host_lengths[rows] += 1
         self.host_lengths[slot] = len(prompt_ids)

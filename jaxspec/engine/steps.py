@@ -59,15 +59,20 @@ def _forward(graphdef, statics: StepStatics, state, tokens, start, cache, slot_i
     return out
 
 
+def last_logits(logits: jax.Array, num_valid: jax.Array) -> jax.Array:
+    """Each prefill row's logits [P, T, V] at its last valid position -> [P, V] (the first output
+    token's, for a prompt's last chunk)."""
+    return jnp.take_along_axis(logits, jnp.maximum(num_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+
+
 def _prefill_impl(graphdef, statics, state, cache, tokens, slot_ids, num_valid, sampling: BatchSampling):
     """tokens [P, T] prompts from position 0, slot_ids/num_valid [P] (padding rows: slot id S)
     -> (cache, first token [P], last logits [P, V], expert load[, aux hidden [P, T, F] with
     ``statics.aux_layers``]). Attends over T positions only."""
     p, t = tokens.shape
     out = _forward(graphdef, statics, state, tokens, jnp.zeros((p,), jnp.int32), cache, slot_ids, num_valid, kv_len=t)
-    last = jnp.take_along_axis(out.logits, jnp.maximum(num_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
-    token = sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32))
-    return (out.cache, token, last, out.expert_load, *_aux(out))
+    last = last_logits(out.logits, num_valid)
+    return (out.cache, sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32)), last, out.expert_load, *_aux(out))
 
 
 def _prefill_at_impl(graphdef, statics, state, cache, tokens, start, slot_ids, num_valid, sampling: BatchSampling,
@@ -76,9 +81,8 @@ def _prefill_at_impl(graphdef, statics, state, cache, tokens, start, slot_ids, n
     shared prefix, or earlier chunks): tokens [P, T] go to start..start+T-1; attends over kv_len."""
     p, t = tokens.shape
     out = _forward(graphdef, statics, state, tokens, start, cache, slot_ids, num_valid, kv_len=kv_len)
-    last = jnp.take_along_axis(out.logits, jnp.maximum(num_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [P, V]
-    token = sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32))
-    return (out.cache, token, last, out.expert_load, *_aux(out))
+    last = last_logits(out.logits, num_valid)
+    return (out.cache, sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32)), last, out.expert_load, *_aux(out))
 
 
 def _aux(out) -> tuple:

@@ -15,7 +15,7 @@ Split pages (``page_groups`` set, a mesh whose data axis splits the slots D ways
 pages form D equal groups, group g (pages ``g * P/D ..``) on data shard g beside slots ``g * S/D
 ..``, and a slot's table only ever names pages of its own group. A step whose rows are the slots
 in order reads each group's pages on its own shard (a gather batched over the groups, nothing
-moved between shards); other steps (prefill of a few rows) address pages by (group, page).
+moved between shards); other steps (prefill of a few rows) address pages by their global ids.
 
 Both layouts keep a per-slot length ``[slots]``. A forward writes its tokens at
 ``start .. start+T-1`` of its slot *before* attending, and masks keys by absolute
@@ -205,6 +205,13 @@ def page_groups(placement, num_slots: int, page_size: int | None) -> int:
     return ways if ways > 1 and num_slots % ways == 0 else 1
 
 
+def whole_groups(num_pages: int, groups: int) -> int:
+    """``num_pages`` rounded down to whole page groups (one per data shard)."""
+    if num_pages < groups:
+        raise ValueError(f"a KV pool split over {groups} data shards needs at least {groups} pages, got {num_pages}")
+    return num_pages - num_pages % groups
+
+
 def row_tables(page_table: jax.Array, rows: jax.Array, num_pages: int) -> jax.Array:
     """The page-table rows [B, n] of a step's batch rows; rows past the table (padding) get pages
     ``num_pages`` (none)."""
@@ -286,12 +293,34 @@ def gather_grouped_pages(pool: jax.Array, tables: jax.Array, kv_len: int, base: 
     """``gather_pages`` for split pages when row b is slot b (tables [S, n], S a multiple of the D
     groups ``base`` [D] starts): each group's rows read its own pages, one gather batched over the
     groups, so a step split over the data axis reads only pages on its own shard."""
-    groups, slots, page_size = base.shape[0], tables.shape[0], pool.shape[1]
-    n = -(-kv_len // page_size)
-    local = tables[:, :n].reshape(groups, slots // groups, n) - base[:, None, None]  # none: >= P/D, clipped
+    groups, slots = base.shape[0], tables.shape[0]
     pools = pool.reshape(groups, pool.shape[0] // groups, *pool.shape[1:])  # [D, P/D, page_size, K, Dh]
-    out = jax.vmap(lambda p, t: jnp.take(p, t, axis=0, mode="clip"))(pools, local)  # [D, S/D, n, page_size, K, Dh]
-    return out.reshape(slots, n * page_size, *pool.shape[2:])
+    out = jax.vmap(lambda p, t: gather_pages(p, t, kv_len))(pools, _local_tables(tables, base))
+    return out.reshape(slots, *out.shape[2:])
+
+
+def _local_tables(tables: jax.Array, base: jax.Array) -> jax.Array:
+    """Rows-in-slot-order tables [S, n] of split pages -> each group's [D, S/D, n], as page ids within
+    the group (pages not handed out land at or past P/D: clipped, and masked)."""
+    groups = base.shape[0]
+    return tables.reshape(groups, tables.shape[0] // groups, tables.shape[1]) - base[:, None, None]
+
+
+def _gather_scales(scale: jax.Array, tables: jax.Array, n: int, page_size: int) -> jax.Array:
+    """One layer's int8 scales [K, P * page_size] read through tables [B, n'] -> [B, n * page_size, K]
+    (pages not handed out clip to the last: masked)."""
+    flat = (tables[:, :n, None] * page_size + jnp.arange(page_size)).reshape(tables.shape[0], n * page_size)
+    return jnp.moveaxis(jnp.take(scale, flat, axis=1, mode="clip"), 0, 2)
+
+
+def _gather_grouped_scales(scale: jax.Array, tables: jax.Array, n: int, page_size: int, base: jax.Array
+                           ) -> jax.Array:
+    """``_gather_scales`` for split pages, rows in slot order: each group's scales [K, P/D * page_size]
+    through its own tables, on its own shard (as ``gather_grouped_pages``)."""
+    heads, groups, slots = scale.shape[0], base.shape[0], tables.shape[0]
+    out = jax.vmap(lambda sc, t: _gather_scales(sc, t, n, page_size), in_axes=(1, 0))(
+        scale.reshape(heads, groups, -1), _local_tables(tables, base))  # [D, S/D, n * page_size, K]
+    return out.reshape(slots, n * page_size, heads)
 
 
 def read_pages(cache: KVCache, layer: int, tables: jax.Array, kv_len: int, dtype, in_order: bool = False
@@ -309,26 +338,14 @@ def read_pages(cache: KVCache, layer: int, tables: jax.Array, kv_len: int, dtype
         return keys, values
     page_size = cache.k.shape[2]
     n = -(-kv_len // page_size)
-    if grouped:
-        ks = _scales_in_groups(cache.k_scale[layer], tables, n, page_size, cache.page_groups)
-        vs = _scales_in_groups(cache.v_scale[layer], tables, n, page_size, cache.page_groups)
-        return dequantize_kv(keys, ks, dtype), dequantize_kv(values, vs, dtype)
-    flat = (tables[:, :n, None] * page_size + jnp.arange(page_size)).reshape(tables.shape[0], n * page_size)
-    # [K, B, n * page_size] -> [B, n * page_size, K]; pages not handed out clip to the last: masked.
-    ks = jnp.moveaxis(jnp.take(cache.k_scale[layer], flat, axis=1, mode="clip"), 0, 2)
-    vs = jnp.moveaxis(jnp.take(cache.v_scale[layer], flat, axis=1, mode="clip"), 0, 2)
+
+    def scales(scale):
+        if grouped:
+            return _gather_grouped_scales(scale, tables, n, page_size, cache.page_groups)
+        return _gather_scales(scale, tables, n, page_size)
+
+    ks, vs = scales(cache.k_scale[layer]), scales(cache.v_scale[layer])
     return dequantize_kv(keys, ks, dtype), dequantize_kv(values, vs, dtype)
-
-
-def _scales_in_groups(scale: jax.Array, tables: jax.Array, n: int, page_size: int, base: jax.Array) -> jax.Array:
-    """One layer's int8 scales [K, P * page_size] of split pages read through tables [S, n'] of rows in
-    slot order -> [S, n * page_size, K], each group from its own shard (``gather_grouped_pages``)."""
-    groups, slots, heads = base.shape[0], tables.shape[0], scale.shape[0]
-    local = tables[:, :n].reshape(groups, slots // groups, n) - base[:, None, None]
-    flat = (local[..., None] * page_size + jnp.arange(page_size)).reshape(groups, slots // groups, n * page_size)
-    scales = scale.reshape(heads, groups, scale.shape[1] // groups)  # [K, D, P/D * page_size]
-    out = jax.vmap(lambda sc, f: jnp.take(sc, f, axis=1, mode="clip"), in_axes=(1, 0))(scales, flat)  # [D, K, S/D, N]
-    return jnp.moveaxis(out, 1, 3).reshape(slots, n * page_size, heads)
 
 
 def write_through_tables(cache: KVCache, layer: int, rows: jax.Array, positions: jax.Array, k: jax.Array,

@@ -138,11 +138,7 @@ class CompiledSteps:
             far = np.full(rows, self.max_len, np.int32)  # every write past the cache end (and slot id S)
             block = rng.integers(0, self.cfg.vocab_size, (rows, 2)).astype(np.int32)
             carry = self._carry(block, np.full(rows, int(live), np.int32), far, block[:, 0], far, zeros)
-            inputs = ()
-            if chunk:  # a padding row of the full-chunk length: writes nothing
-                one = lambda x: np.array([x], np.int32)  # noqa: E731
-                inputs = (np.full((1, self.target.mixed_length), self.cfg.pad_id, np.int32), one(0), one(s), one(0),
-                          pad_sampling(SlotTable(0).sampling(), 1))
+            inputs = self.target.padding_chunk() if chunk else ()
             packed, _, _, _ = self._run_fused(kb, kv_len, slot_ids, carry, np.full(rows, kb if live else 0, np.int32),
                                               sampling, np.full(rows, live, bool), inputs)
             packed.block_until_ready()

@@ -37,7 +37,7 @@ from jaxspec.engine.model_runner import ModelRunner, scatter_rows, scatter_sampl
 from jaxspec.engine.request import InvalidRequestError, Request
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, PrefillChunk, QueuedStep, StepResult
-from jaxspec.sampling import BatchSampling, pad_sampling
+from jaxspec.sampling import BatchSampling
 from jaxspec.speculative.adaptive import CostModel, KPolicy, k_buckets
 from jaxspec.speculative.compiled import CompiledSteps
 from jaxspec.speculative.draft_model import DraftModelProposer
@@ -327,7 +327,7 @@ class SpeculativeRunner(CompiledSteps):
         small). None (nothing ran): an EAGLE-3 head, an unfused drafter, or a chunk or runner that
         does not mix (``ModelRunner.mixed_length``)."""
         t = self.target
-        if (self.feature_layers or t.mixed_length is None or t.bucket_for(chunk.end - chunk.start) != t.mixed_length
+        if (not self.mixes_prefill or t.bucket_for(chunk.end - chunk.start) != t.mixed_length
                 or (plan.kb > 0 and not self.fused)):
             return None
         self._check_override(chunk)
@@ -343,8 +343,7 @@ class SpeculativeRunner(CompiledSteps):
                 self.history.append(s, token)
             result = StepResult.plain(act, tokens, time.perf_counter() - t0)
         else:
-            inputs = (*t.mixed_chunk(chunk.slot, prompt, chunk.start), pad_sampling(p_sampling, 1))
-            queued = self._dispatch_drafting(slots, plan, None, inputs)
+            queued = self._dispatch_drafting(slots, plan, None, t.mixed_chunk(chunk.slot, prompt, chunk.start, p_sampling))
             result = self._collect_drafting(queued, queued.handle, overlapped=False)
             first = int(np.asarray(queued.handle.chunk_token)[0])
             t.set_lengths_host(np.array([chunk.slot]), np.array([chunk.end], np.int32))
