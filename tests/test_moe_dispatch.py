@@ -46,6 +46,22 @@ def test_auto_on_cpu_picks_per_expert_for_decode_sizes_and_sorted_for_prefill():
     assert choose_backend("auto", 512, platform="cpu") == "sorted"
 
 
+def test_auto_on_cpu_computes_every_expert_where_a_step_routes_about_as_many_rows_as_experts():
+    from jaxspec.models.moe_dispatch import CPU_DENSE_MAX_ROWS_PER_EXPERT as most
+
+    cpu = dict(platform="cpu", top_k=2, num_experts=8)
+    assert choose_backend("auto", 3, **cpu) == "per_expert"  # 6 rows: fewer than the experts
+    assert choose_backend("auto", 4, **cpu) == "dense"  # 8 rows: every expert is read anyway
+    assert choose_backend("auto", 40, **cpu) == "dense"  # a 5-token verification of 8 rows
+    assert choose_backend("auto", most * 4, **cpu) == "dense"
+    assert choose_backend("auto", most * 4 + 1, **cpu) == "per_expert"
+    assert choose_backend("auto", 512, **cpu) == "sorted"
+    # Quantized experts stay on per_expert (dense would dequantize them one expert at a time),
+    # and accelerators keep their grouped matmuls.
+    assert choose_backend("auto", 8, kernel="gmm_int8", **cpu) == "per_expert"
+    assert choose_backend("auto", 8, platform="gpu", top_k=2, num_experts=8) == "ragged"
+
+
 def test_dispatch_table_picks_the_fastest_measured_backend_per_token_count():
     from jaxspec.models.moe_tuning import table_from_times
 

@@ -211,6 +211,9 @@ class Predictor:
     # jaxspec's CPU MoE dispatch (per_expert, up to this many tokens; then sorted) runs every
     # chosen expert over ALL N rows; grouped matmuls (accelerators) multiply the routed rows only.
     all_rows_up_to: int = 0
+    # ... except where it computes every expert over every row (``dense``: from E routed rows up to
+    # this many per expert; 0 = never), reading all E experts.
+    dense_rows_per_expert: int = 0
 
     def experts_touched(self, moe_layer: int, tokens: int) -> float:
         cfg = self.cfg
@@ -256,10 +259,14 @@ class Predictor:
                 add("router", router, 2.0 * n * router, peak_at(n, d))
                 expert = 3 * d * cfg.moe_mlp_dim / tp  # one expert's width slice on this chip
                 # Experts over ep chips: each holds E/ep of them, so on average touched/ep are read.
+                routed = n * cfg.num_experts_per_tok
+                read = touched
+                if cfg.num_experts <= routed <= self.dense_rows_per_expert * cfg.num_experts:
+                    read = cfg.num_experts
                 all_rows = n <= self.all_rows_up_to
-                rows_x_experts = n * (touched if all_rows else cfg.num_experts_per_tok) / ep
+                rows_x_experts = n * (read if all_rows else cfg.num_experts_per_tok) / ep
                 expert_rows = n if all_rows else max(1.0, n * cfg.num_experts_per_tok / max(touched, 1.0))
-                add("experts", touched / ep * expert, 2.0 * rows_x_experts * expert, peak_at(expert_rows, d))
+                add("experts", read / ep * expert, 2.0 * rows_x_experts * expert, peak_at(expert_rows, d))
                 shared = 3 * d * cfg.shared_expert_mlp_dim / tp
                 if shared:
                     add("shared expert", shared, 2.0 * n * shared, peak_at(n, d))
@@ -333,10 +340,10 @@ def make_predictor(cfg: ModelConfig, chip: Chip, split: Split, dtype_bytes: int,
                    routing: list[list[float]] | None = None, cache_len: int | None = None) -> Predictor:
     if chip.name != "cpu":
         return Predictor(cfg, chip, split, dtype_bytes, routing)
-    from jaxspec.models.moe_dispatch import CPU_PER_EXPERT_MAX_TOKENS
+    from jaxspec.models.moe_dispatch import CPU_DENSE_MAX_ROWS_PER_EXPERT, CPU_PER_EXPERT_MAX_TOKENS
 
     return Predictor(cfg, chip, split, dtype_bytes, routing, hlo=cpu_hlo_counter(cfg, cache_len),
-                     all_rows_up_to=CPU_PER_EXPERT_MAX_TOKENS)
+                     all_rows_up_to=CPU_PER_EXPERT_MAX_TOKENS, dense_rows_per_expert=CPU_DENSE_MAX_ROWS_PER_EXPERT)
 
 
 def resolve_chip(args, mesh_chip: str | None) -> Chip:

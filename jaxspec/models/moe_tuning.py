@@ -23,7 +23,7 @@ import numpy as np
 from jaxspec.config import ModelConfig
 from jaxspec.models.moe_dispatch import BACKENDS, choose_backend, grouped_kernel
 
-CPU_CANDIDATES = ("per_expert", "per_expert_static", "expert_rows", "sorted")
+CPU_CANDIDATES = ("per_expert", "per_expert_static", "expert_rows", "sorted", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +34,17 @@ class DispatchTable:
     choices: tuple[tuple[int, str], ...]  # (token count, backend), ascending
     fallback: str = "auto"
 
-    def backend_for(self, num_tokens: int, top_k: int = 1, kernel: str = "gmm") -> str:
+    def backend_for(self, num_tokens: int, top_k: int = 1, kernel: str = "gmm", num_experts: int | None = None) -> str:
         for count, name in self.choices:
             if num_tokens <= count:
                 return name
         # Beyond the measured counts, ``auto`` decides as it would untuned: for these experts'
         # format (a quantized grouped matmul validated nowhere keeps ``ragged``) and routed rows.
-        return choose_backend(self.fallback, num_tokens, top_k=top_k, kernel=kernel)
+        return choose_backend(self.fallback, num_tokens, top_k=top_k, kernel=kernel, num_experts=num_experts)
 
     def __call__(self, x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
-        name = self.backend_for(x.shape[0], top_k=expert_ids.shape[1], kernel=grouped_kernel(w_gate))
+        name = self.backend_for(x.shape[0], top_k=expert_ids.shape[1], kernel=grouped_kernel(w_gate),
+                                num_experts=w_gate.shape[0])
         return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)
 
 
