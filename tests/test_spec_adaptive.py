@@ -195,6 +195,53 @@ def _running(sched, n: int, max_tokens: int):
     return slots, np.arange(n)
 
 
+def _learn_plain_period(sched, slots, act, run, plain_s: float) -> None:
+    """A batch bucket's first steps are plain until their period is known (``_plain_first``)."""
+    from jaxspec.speculative.adaptive import MIN_PERIODS
+
+    for _ in range(MIN_PERIODS + 1):  # the first step has no step before it: no period
+        assert sched.plan(slots, act).kb == 0
+        run(0, 1, plain_s)
+
+
+def test_a_batch_bucket_runs_plain_until_it_knows_what_a_plain_step_costs():
+    """Warm-up's time of a plain step (a call waited for) overstates what queued plain steps cost,
+    and every drafting choice is weighed against it: a bucket learns the plain period first, and
+    gives up on it after PLAIN_FIRST_STEPS steps that never ran back to back."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import PLAIN_FIRST_STEPS, SpecScheduler
+
+    costs = _costs(1e-4, 0.02)  # drafting nearly free on paper
+    clock = [0.0]
+    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
+                          clock=lambda: clock[0])
+    slots, act = _running(sched, 4, 200)
+
+    def run(kb: int, tokens_per_row: int, step_s: float) -> None:
+        clock[0] += step_s
+        sched.update(StepResult(act, [[0] * tokens_per_row] * 4, np.full(4, kb), np.full(4, tokens_per_row - 1),
+                                kb, 0.0, step_s))
+
+    plain = 0.9 * costs.verify_s[0]  # queued plain steps: below warm-up's time
+    _learn_plain_period(sched, slots, act, run, plain)
+    assert costs.step_cost(0) == pytest.approx(plain)
+    assert sched.plan(slots, act).kb > 0  # then the policy chooses
+    # A batch that changes every step (a start resets the period's clock) runs plain a bounded while.
+    other = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: _costs(1e-4, 0.02))
+    slots, act = _running(other, 4, 200)
+    kbs = []
+    for _ in range(PLAIN_FIRST_STEPS + 1):
+        kbs.append(other.plan(slots, act).kb)
+        other.release(int(act[0]))
+        other.start(int(act[0]), slots.requests[int(act[0])])
+    assert kbs[:PLAIN_FIRST_STEPS] == [0] * PLAIN_FIRST_STEPS and kbs[-1] > 0
+    # Given costs (not this machine's seconds) are used as they are, from the first step.
+    fixed = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
+                          cost_model=CostModel(costs.draft_s, costs.verify_s, smoothing=0.0))
+    slots, act = _running(fixed, 4, 200)
+    assert fixed.plan(slots, act).kb > 0
+
+
 def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
     """A bucket whose steps keep emitting fewer tokens per row-second than a plain step (acceptance
     that falls with the draft position, costs the step model does not see) stops being chosen, and
@@ -207,8 +254,6 @@ def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
     sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
                           clock=lambda: clock[0])
     slots, act = _running(sched, 4, 200)
-    first = sched.plan(slots, act).kb
-    assert first > 0
 
     def run(kb: int, tokens_per_row: int, step_s: float) -> None:
         clock[0] += step_s  # the wall period from the step before
@@ -216,6 +261,9 @@ def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
                                 kb, 0.0, step_s))
 
     plain = costs.verify_s[0]  # a plain step: one token per row in this long
+    _learn_plain_period(sched, slots, act, run, plain)
+    first = sched.plan(slots, act).kb
+    assert first > 0
     for _ in range(MIN_REALISED_STEPS):
         run(first, 2, 3 * plain)  # 2 tokens per row in 3 plain steps' time: worse than plain
     assert first in sched._blocked(4, costs)
@@ -232,7 +280,7 @@ def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
 
 
 def test_costs_are_the_observed_wall_periods_once_seen():
-    """A bucket's cost is the median wall period its steps showed in serving; a bucket not seen yet
+    """A bucket's cost is the mean wall period its steps showed in serving; a bucket not seen yet
     costs its own time plus the host time the seen drafting buckets showed above theirs."""
     from jaxspec.speculative.adaptive import MIN_PERIODS
 
@@ -242,7 +290,7 @@ def test_costs_are_the_observed_wall_periods_once_seen():
         costs.observe_period(0, 0.5 * own0)
     assert costs.step_cost(0) == pytest.approx(own0)  # too few periods yet
     costs.observe_period(0, 0.5 * own0)
-    costs.observe_period(0, 100.0)  # a stray pause does not move the median
+    costs.observe_period(0, 100.0)  # a stray pause is left out
     assert costs.step_cost(0) == pytest.approx(0.5 * own0)  # queued plain steps hide the host's work
     assert costs.step_cost(2) == pytest.approx(own2)  # no drafting bucket seen: its own time
     for _ in range(MIN_PERIODS):
@@ -250,6 +298,16 @@ def test_costs_are_the_observed_wall_periods_once_seen():
     assert costs.step_cost(4) == pytest.approx(own4 + 3e-3)
     assert costs.step_cost(2) == pytest.approx(own2 + 3e-3)  # the host time bucket 4 showed
     assert costs.split(4, 1.0) == pytest.approx((costs.draft_s[4] / own4, costs.verify_s[4] / own4))
+
+
+def test_a_bucket_costs_the_mean_of_alternating_periods_not_their_median():
+    """Queued steps' results arrive in bursts (short and long periods alternate); what a step costs
+    in throughput is their mean, which a median of mostly short periods would understate."""
+    costs = _costs(1e-3, 0.1)
+    for period in [1e-3, 9e-3] * 5 + [1e-3, 1e-3]:
+        costs.observe_period(0, period)
+    assert costs.period(0) == pytest.approx((7 * 1e-3 + 4 * 9e-3) / 11)  # the slowest one left out
+    assert costs.period(0) > 3e-3
 
 
 def test_the_first_drafting_step_after_plain_ones_is_not_a_drafting_period():

@@ -44,8 +44,8 @@ import numpy as np
 
 from jaxspec.config import ModelConfig
 
-MIN_PERIODS = 3  # observed steps of a bucket before their median period is its cost
-PERIOD_WINDOW = 15  # recent periods kept per bucket (a median over them ignores stray pauses)
+MIN_PERIODS = 3  # observed steps of a bucket before their periods are its cost
+PERIOD_WINDOW = 15  # recent periods kept per bucket (CostModel.period)
 
 
 def expected_tokens(alpha: np.ndarray | float, k: np.ndarray | int) -> np.ndarray:
@@ -136,7 +136,7 @@ class CostModel:
     bucket's wall period in serving, which differs: a plain step queued behind the one before hides
     the host's work on it, a queued drafting step less of it, one that waits for every token none.
     ``observe_period`` records the periods a scheduler measures between consecutive steps; a bucket
-    with enough of them costs their median, one without costs its own time plus the host time the
+    with enough of them costs their mean (``period``), one without costs its own time plus the host time the
     observed drafting buckets showed above theirs (or, none seen yet, what other batch buckets
     showed: ``lent``)."""
 
@@ -153,9 +153,17 @@ class CostModel:
         return self.draft_s.get(kb, 0.0) + self.verify_s[kb]
 
     def period(self, kb: int) -> float | None:
-        """Median observed wall period of bucket kb, once enough steps were seen."""
+        """Mean observed wall period of bucket kb once enough steps were seen, the slowest eighth
+        (at least one) left out as stray pauses. A mean, not a median: with steps queued, the
+        host's work lands between every other pair of results, so periods alternate short and long
+        and only their mean is what a step costs in throughput."""
         seen = self.periods.get(kb)
-        return statistics.median(seen) if seen is not None and len(seen) >= MIN_PERIODS else None
+        if seen is None or len(seen) < MIN_PERIODS:
+            return None
+        if len(seen) == MIN_PERIODS:
+            return statistics.median(seen)
+        kept = sorted(seen)[: len(seen) - max(1, len(seen) // 8)]
+        return sum(kept) / len(kept)
 
     def step_cost(self, kb: int) -> float:
         observed = self.period(kb)

@@ -26,6 +26,7 @@ from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy
 REALISED_WEIGHT = 0.2  # of each step in a bucket's running realised rate
 MIN_REALISED_STEPS = 3  # steps of a bucket before its realised rate can leave it out
 OFF_REFRESH_STEPS = 8  # steps with speculation off between two full choices (costs drift meanwhile)
+PLAIN_FIRST_STEPS = 24  # most plain steps a batch bucket runs to learn its plain period (_plain_first)
 
 
 class SpecScheduler:
@@ -70,6 +71,7 @@ class SpecScheduler:
         # Steps since the policy chose kb = 0 over the current batch (None: choose afresh next step).
         self._off_run: int | None = None
         self._off_rows = 0
+        self._plain_first_steps: Counter[int] = Counter()  # per batch bucket (``_plain_first``)
 
     # ------------------------------------------------------------ slots
     def start(self, slot: int, request: Request) -> None:
@@ -119,6 +121,19 @@ class SpecScheduler:
         return frozenset(kb for (r, kb), (rate, count) in self.realised.items()
                          if r == rows and count >= MIN_REALISED_STEPS and rate < plain)
 
+    def _plain_first(self, rows: int, costs: CostModel) -> bool:
+        """Whether a step at this batch bucket runs plain to learn what a plain step costs in
+        serving. Every drafting choice is weighed against that period, and warm-up's own time of a
+        plain step (a call waited for) overstates it where steps queue, so a bucket starts with
+        plain steps (the baseline: nothing is lost) until their period is known, or up to
+        ``PLAIN_FIRST_STEPS`` of them where batch changes keep interrupting the runs."""
+        if self.cost_model is not None or costs.smoothing <= 0 or costs.period(0) is not None:
+            return False
+        if self._plain_first_steps[rows] >= PLAIN_FIRST_STEPS:
+            return False
+        self._plain_first_steps[rows] += 1
+        return True
+
     # ------------------------------------------------------------ the step
     def plan(self, slots: SlotTable, act: np.ndarray) -> DecodePlan:
         """k per active slot and the step's proposal bucket kb >= their max.
@@ -154,8 +169,11 @@ class SpecScheduler:
         else:
             costs = self.costs_for(rows)
             self._lend(rows, costs)
-            kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs))
-            self._off_run, self._off_rows = (0 if kb == 0 else None), rows
+            if self._plain_first(rows, costs):
+                kb, self._off_run = 0, None
+            else:
+                kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs))
+                self._off_run, self._off_rows = (0 if kb == 0 else None), rows
         k[:] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
         return DecodePlan(act, k, kb if k.any() else 0)
 
