@@ -418,6 +418,9 @@ def test_probe_schedule_defaults_match_the_readme():
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert "promise 15% more tokens per second than plain steps to turn it on" in readme
     assert "and 2% keeps it on" in readme
+    from jaxspec.speculative.scheduling import PLAIN_FIRST_STEPS
+
+    assert PLAIN_FIRST_STEPS == 24 and "until their served period is known (at most 24)" in readme
 
 
 def test_a_new_batch_bucket_borrows_what_other_buckets_saw_in_serving():
