@@ -195,6 +195,25 @@ def _running(sched, n: int, max_tokens: int):
     return slots, np.arange(n)
 
 
+def _clocked(costs: CostModel):
+    """A scheduler over 4 running requests whose clock moves by each step's time; (scheduler,
+    slots, active ids, run(kb, tokens_per_row, step_s)) where run feeds one step's result."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    clock = [0.0]
+    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
+                          clock=lambda: clock[0])
+    slots, act = _running(sched, 4, 200)
+
+    def run(kb: int, tokens_per_row: int, step_s: float) -> None:
+        clock[0] += step_s  # the wall period from the step before
+        sched.update(StepResult(act, [[0] * tokens_per_row] * 4, np.full(4, kb), np.full(4, tokens_per_row - 1),
+                                kb, 0.0, step_s))
+
+    return sched, slots, act, run
+
+
 def _learn_plain_period(sched, slots, act, run, plain_s: float) -> None:
     """A batch bucket's first steps are plain until their period is known (``_plain_first``)."""
     from jaxspec.speculative.adaptive import MIN_PERIODS
@@ -208,20 +227,10 @@ def test_a_batch_bucket_runs_plain_until_it_knows_what_a_plain_step_costs():
     """Warm-up's time of a plain step (a call waited for) overstates what queued plain steps cost,
     and every drafting choice is weighed against it: a bucket learns the plain period first, and
     gives up on it after PLAIN_FIRST_STEPS steps that never ran back to back."""
-    from jaxspec.engine.step import StepResult
     from jaxspec.speculative.scheduling import PLAIN_FIRST_STEPS, SpecScheduler
 
     costs = _costs(1e-4, 0.02)  # drafting nearly free on paper
-    clock = [0.0]
-    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
-                          clock=lambda: clock[0])
-    slots, act = _running(sched, 4, 200)
-
-    def run(kb: int, tokens_per_row: int, step_s: float) -> None:
-        clock[0] += step_s
-        sched.update(StepResult(act, [[0] * tokens_per_row] * 4, np.full(4, kb), np.full(4, tokens_per_row - 1),
-                                kb, 0.0, step_s))
-
+    sched, slots, act, run = _clocked(costs)
     plain = 0.9 * costs.verify_s[0]  # queued plain steps: below warm-up's time
     _learn_plain_period(sched, slots, act, run, plain)
     assert costs.step_cost(0) == pytest.approx(plain)
@@ -250,16 +259,7 @@ def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
     from jaxspec.speculative.scheduling import MIN_REALISED_STEPS, SpecScheduler
 
     costs = _costs(1e-4, 0.02)  # drafting nearly free on paper
-    clock = [0.0]
-    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
-                          clock=lambda: clock[0])
-    slots, act = _running(sched, 4, 200)
-
-    def run(kb: int, tokens_per_row: int, step_s: float) -> None:
-        clock[0] += step_s  # the wall period from the step before
-        sched.update(StepResult(act, [[0] * tokens_per_row] * 4, np.full(4, kb), np.full(4, tokens_per_row - 1),
-                                kb, 0.0, step_s))
-
+    sched, slots, act, run = _clocked(costs)
     plain = costs.verify_s[0]  # a plain step: one token per row in this long
     _learn_plain_period(sched, slots, act, run, plain)
     first = sched.plan(slots, act).kb
