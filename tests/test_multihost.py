@@ -371,7 +371,8 @@ def test_adaptive_cost_measurement_outside_warmup_is_replayed_by_followers():
     leader_inner.spec.would_propose = None
     leader = BroadcastingRunner(leader_inner, lead_ch)
     engine = Engine(leader, ByteTokenizer(), eos_ids=[])
-    engine.generate([[3, 4, 5, 3, 4, 5, 3, 4]], SamplingParams(max_tokens=6, temperature=0.0))
+    # 12 tokens: a batch bucket's first steps are plain until their period is known (_plain_first).
+    engine.generate([[3, 4, 5, 3, 4, 5, 3, 4]], SamplingParams(max_tokens=12, temperature=0.0))
     leader.stop()
     records = [decode_record(store.data[f"jaxspec/step/{i}"]) for i in range(1, lead_ch.seq + 1)]
     calls = [r["call"] for r in records]
