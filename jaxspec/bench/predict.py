@@ -26,7 +26,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from jaxspec.bench.chips import (CHIP_NAMES, CHIPS, DTYPE_BYTES, Chip, HloCounts, roofline_tool,  # noqa: F401
                                  count_hlo_ops, cpu_hlo_counter, describe_chip, probe_cpu, step_hlo)
@@ -211,9 +211,9 @@ class Predictor:
     # jaxspec's CPU MoE dispatch (per_expert, up to this many tokens; then sorted) runs every
     # chosen expert over ALL N rows; grouped matmuls (accelerators) multiply the routed rows only.
     all_rows_up_to: int = 0
-    # ... except where it computes every expert over every row (``dense``: from E routed rows up to
-    # this many per expert; 0 = never), reading all E experts.
-    dense_rows_per_expert: int = 0
+    # ... except where it computes every expert over every row (``dense``), reading all E experts:
+    # f(tokens, top_k, E) -> whether it does (``moe_dispatch.cpu_computes_every_expert``; None: never).
+    every_expert: Callable[[int, int, int], bool] | None = None
 
     def experts_touched(self, moe_layer: int, tokens: int) -> float:
         cfg = self.cfg
@@ -259,9 +259,8 @@ class Predictor:
                 add("router", router, 2.0 * n * router, peak_at(n, d))
                 expert = 3 * d * cfg.moe_mlp_dim / tp  # one expert's width slice on this chip
                 # Experts over ep chips: each holds E/ep of them, so on average touched/ep are read.
-                routed = n * cfg.num_experts_per_tok
                 read = touched
-                if cfg.num_experts <= routed <= self.dense_rows_per_expert * cfg.num_experts:
+                if self.every_expert is not None and self.every_expert(n, cfg.num_experts_per_tok, cfg.num_experts):
                     read = cfg.num_experts
                 all_rows = n <= self.all_rows_up_to
                 rows_x_experts = n * (read if all_rows else cfg.num_experts_per_tok) / ep
@@ -340,10 +339,10 @@ def make_predictor(cfg: ModelConfig, chip: Chip, split: Split, dtype_bytes: int,
                    routing: list[list[float]] | None = None, cache_len: int | None = None) -> Predictor:
     if chip.name != "cpu":
         return Predictor(cfg, chip, split, dtype_bytes, routing)
-    from jaxspec.models.moe_dispatch import CPU_DENSE_MAX_ROWS_PER_EXPERT, CPU_PER_EXPERT_MAX_TOKENS
+    from jaxspec.models.moe_dispatch import CPU_PER_EXPERT_MAX_TOKENS, cpu_computes_every_expert
 
     return Predictor(cfg, chip, split, dtype_bytes, routing, hlo=cpu_hlo_counter(cfg, cache_len),
-                     all_rows_up_to=CPU_PER_EXPERT_MAX_TOKENS, dense_rows_per_expert=CPU_DENSE_MAX_ROWS_PER_EXPERT)
+                     all_rows_up_to=CPU_PER_EXPERT_MAX_TOKENS, every_expert=cpu_computes_every_expert)
 
 
 def resolve_chip(args, mesh_chip: str | None) -> Chip:

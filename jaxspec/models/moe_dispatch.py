@@ -231,6 +231,11 @@ CPU_PER_EXPERT_MAX_TOKENS = 128
 CPU_DENSE_MAX_ROWS_PER_EXPERT = 12
 
 
+def cpu_computes_every_expert(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether ``auto`` on a CPU runs float experts through ``dense``: a step routing E to 12·E rows."""
+    return num_experts <= num_tokens * top_k <= CPU_DENSE_MAX_ROWS_PER_EXPERT * num_experts
+
+
 # Backends registered by their own module, imported on first use: name -> (module, optional).
 # An optional one whose import fails (Pallas missing from this jax build) is just unavailable.
 LAZY_BACKENDS: dict[str, tuple[str, bool]] = {
@@ -292,8 +297,7 @@ def choose_backend(requested: str, num_tokens: int, platform: str | None = None,
         if platform != "tpu" and num_tokens * top_k < GPU_PALLAS_MIN_ROWS:
             return "ragged"
         return "pallas"
-    rows = num_tokens * top_k
-    if kernel == "gmm" and num_experts and num_experts <= rows <= CPU_DENSE_MAX_ROWS_PER_EXPERT * num_experts:
+    if kernel == "gmm" and num_experts and cpu_computes_every_expert(num_tokens, top_k, num_experts):
         return "dense"  # float experts only: quantized ones would be dequantized one expert at a time
     return "per_expert" if num_tokens <= CPU_PER_EXPERT_MAX_TOKENS else "sorted"
 
