@@ -60,6 +60,10 @@ def test_auto_on_cpu_computes_every_expert_where_a_step_routes_about_as_many_row
     # and accelerators keep their grouped matmuls.
     assert choose_backend("auto", 8, kernel="gmm_int8", **cpu) == "per_expert"
     assert choose_backend("auto", 8, platform="gpu", top_k=2, num_experts=8) == "ragged"
+    from pathlib import Path
+
+    kernels_md = " ".join((Path(__file__).resolve().parents[1] / "docs" / "kernels.md").read_text().split())
+    assert most == 12 and "from as many rows as experts up to 12 per expert" in kernels_md
 
 
 def test_dispatch_table_picks_the_fastest_measured_backend_per_token_count():
