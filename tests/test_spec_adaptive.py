@@ -306,8 +306,31 @@ def test_a_bucket_costs_the_mean_of_alternating_periods_not_their_median():
     costs = _costs(1e-3, 0.1)
     for period in [1e-3, 9e-3] * 5 + [1e-3, 1e-3]:
         costs.observe_period(0, period)
-    assert costs.period(0) == pytest.approx((7 * 1e-3 + 4 * 9e-3) / 11)  # the slowest one left out
-    assert costs.period(0) > 3e-3
+    assert costs.period(0) == pytest.approx(5e-3)
+    for period in [1e-3, 9e-3] * 5 + [0.2, 1e-3]:  # stray pauses do not price the bucket
+        costs.observe_period(0, period)
+    assert costs.period(0) == pytest.approx(5e-3)
+
+
+def test_observed_costs_are_bounded_by_the_steps_own_times_on_the_side_of_plain_decoding():
+    """Noise in the periods cannot make drafting look cheap: a plain step's cost is at most its own
+    (waited for) time and a drafting step's at least its own."""
+    from jaxspec.speculative.adaptive import MIN_PERIODS
+
+    costs = _costs(1e-3, 0.1)
+    own0, own2 = costs.own_cost(0), costs.own_cost(2)
+    for _ in range(MIN_PERIODS):
+        costs.observe_period(0, 1.6 * own0)
+        costs.observe_period(2, 0.7 * own2)
+    assert costs.period(0) == pytest.approx(1.6 * own0) and costs.period(2) == pytest.approx(0.7 * own2)
+    assert costs.step_cost(0) == pytest.approx(own0)
+    assert costs.step_cost(2) == pytest.approx(own2)
+    costs = _costs(1e-3, 0.1)
+    for _ in range(MIN_PERIODS):
+        costs.observe_period(0, 0.5 * own0)
+        costs.observe_period(2, 1.3 * own2)
+    assert costs.step_cost(0) == pytest.approx(0.5 * own0)  # queued plain steps hide the host's work
+    assert costs.step_cost(2) == pytest.approx(1.3 * own2)  # the host time drafting steps add
 
 
 def test_the_first_drafting_step_after_plain_ones_is_not_a_drafting_period():
@@ -421,6 +444,9 @@ def test_probe_schedule_defaults_match_the_readme():
     from jaxspec.speculative.scheduling import PLAIN_FIRST_STEPS
 
     assert PLAIN_FIRST_STEPS == 24 and "until their served period is known (at most 24)" in readme
+    from jaxspec.speculative.adaptive import PERIOD_WINDOW
+
+    assert PERIOD_WINDOW == 32 and "the median, over the last 32 steps, of two consecutive periods' mean" in readme
 
 
 def test_a_new_batch_bucket_borrows_what_other_buckets_saw_in_serving():

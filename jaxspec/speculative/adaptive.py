@@ -45,7 +45,7 @@ import numpy as np
 from jaxspec.config import ModelConfig
 
 MIN_PERIODS = 3  # observed steps of a bucket before their periods are its cost
-PERIOD_WINDOW = 15  # recent periods kept per bucket (CostModel.period)
+PERIOD_WINDOW = 32  # recent periods kept per bucket (CostModel.period)
 
 
 def expected_tokens(alpha: np.ndarray | float, k: np.ndarray | int) -> np.ndarray:
@@ -136,7 +136,8 @@ class CostModel:
     bucket's wall period in serving, which differs: a plain step queued behind the one before hides
     the host's work on it, a queued drafting step less of it, one that waits for every token none.
     ``observe_period`` records the periods a scheduler measures between consecutive steps; a bucket
-    with enough of them costs their mean (``period``), one without costs its own time plus the host time the
+    with enough of them costs their typical value (``period``; at most a plain step's own time, at
+    least a drafting step's), one without costs its own time plus the host time the
     observed drafting buckets showed above theirs (or, none seen yet, what other batch buckets
     showed: ``lent``)."""
 
@@ -153,23 +154,26 @@ class CostModel:
         return self.draft_s.get(kb, 0.0) + self.verify_s[kb]
 
     def period(self, kb: int) -> float | None:
-        """Mean observed wall period of bucket kb once enough steps were seen, the slowest eighth
-        (at least one) left out as stray pauses. A mean, not a median: with steps queued, the
-        host's work lands between every other pair of results, so periods alternate short and long
-        and only their mean is what a step costs in throughput."""
+        """What a step of bucket kb costs in serving once enough were seen: the median over the
+        window of the mean of each two consecutive periods. With steps queued, the host's work lands
+        between every other pair of results, so periods alternate short and long and a step costs
+        their mean; a median of single periods would take the short ones. The median over pairs
+        keeps a stray pause (another process, a collection) from pricing the bucket."""
         seen = self.periods.get(kb)
         if seen is None or len(seen) < MIN_PERIODS:
             return None
-        if len(seen) == MIN_PERIODS:
-            return statistics.median(seen)
-        kept = sorted(seen)[: len(seen) - max(1, len(seen) // 8)]
-        return sum(kept) / len(kept)
+        seen = list(seen)
+        return statistics.median((a + b) / 2 for a, b in zip(seen, seen[1:]))
 
     def step_cost(self, kb: int) -> float:
         observed = self.period(kb)
-        if observed is not None:
-            return observed
         own = self.own_cost(kb)
+        if observed is not None:
+            # Periods are noisy (another process, a collection, a burst of outputs); their errors
+            # are bounded by the steps' own times, each on the side that keeps plain decoding: a
+            # queued plain step costs no more than one waited for, and a drafting step no less
+            # than its own time.
+            return min(observed, own) if kb == 0 else max(observed, own)
         lent_ratio, lent_extra = self.lent
         if kb == 0:
             return own * (lent_ratio if lent_ratio is not None else 1.0)
