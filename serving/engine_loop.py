@@ -81,9 +81,22 @@ class RequestHandle:
         self.finished = False
         self.cancel_reason: FinishReason | None = None  # set when the gRPC side gave up on it
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._done = asyncio.Event()  # the final output was pushed
 
     def push(self, output: RequestOutput) -> None:
         self._queue.put_nowait(output)
+        if output.finished:
+            self._done.set()
+
+    async def all_outputs(self) -> list[RequestOutput]:
+        """Wait for the final output, then take every output: a unary call's task wakes once, not
+        once per engine step (every wake-up is event-loop work holding the GIL the engine thread
+        needs between steps)."""
+        await self._done.wait()
+        outputs = []
+        while not self._queue.empty():
+            outputs.append(self._queue.get_nowait())
+        return outputs
 
     async def next_outputs(self) -> list[RequestOutput]:
         """Wait for at least one output, then take everything already queued."""

@@ -372,16 +372,14 @@ class OpenAIApp:
 
     async def _unary(self, request: Request, call: _Call) -> Response:
         handle = call.handle
-        outputs: list[RequestOutput] = []
         disconnect = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            while not outputs or not outputs[-1].finished:
-                step = asyncio.ensure_future(handle.next_outputs())
-                await asyncio.wait((step, disconnect), return_when=asyncio.FIRST_COMPLETED)
-                if not step.done():  # the client went away: nobody to answer
-                    step.cancel()
-                    return Response(status_code=499)
-                outputs += step.result()
+            final = asyncio.ensure_future(handle.all_outputs())
+            await asyncio.wait((final, disconnect), return_when=asyncio.FIRST_COMPLETED)
+            if not final.done():  # the client went away: nobody to answer
+                final.cancel()
+                return Response(status_code=499)
+            outputs = final.result()
         finally:
             disconnect.cancel()
             self._release(call)

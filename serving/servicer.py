@@ -73,10 +73,8 @@ class JaxSpecServicer(pb_grpc.JaxSpecServicer):
     # ------------------------------------------------------------------ RPCs
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         handle = await self._start(request, context)
-        outputs: list[RequestOutput] = []
         try:
-            while not outputs or not outputs[-1].finished:
-                outputs += await handle.next_outputs()
+            outputs = await handle.all_outputs()
         finally:
             self._release(handle, context)
         await self._check_final(outputs[-1], context)

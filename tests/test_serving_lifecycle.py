@@ -218,3 +218,26 @@ def test_cli_exits_nonzero_when_the_model_cannot_load():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_unary_call_wakes_once_for_every_output_of_its_request():
+    """A unary RPC's task waits for the final output, not for each step's, and still gets every
+    output in order (the merged response is built from all of them)."""
+    import asyncio
+
+    from jaxspec.engine import FinishReason, RequestOutput
+    from serving.engine_loop import RequestHandle
+
+    async def main():
+        handle = RequestHandle("r", 3, False)
+        final = asyncio.ensure_future(handle.all_outputs())
+        for i in range(4):
+            handle.push(RequestOutput("r", [i], str(i)))
+            await asyncio.sleep(0)
+            assert not final.done()
+        handle.push(RequestOutput("r", [4], "4", finished=True, finish_reason=FinishReason.LENGTH))
+        outputs = await asyncio.wait_for(final, 5)
+        assert [o.new_token_ids for o in outputs] == [[0], [1], [2], [3], [4]]
+        assert outputs[-1].finished
+
+    asyncio.run(main())
