@@ -251,6 +251,68 @@ def test_a_batch_bucket_runs_plain_until_it_knows_what_a_plain_step_costs():
     assert fixed.plan(slots, act).kb > 0
 
 
+def test_a_drafting_bucket_not_seen_yet_costs_its_own_time_plus_the_hosts_time_between_steps():
+    """Where host work between steps is large (a busy server on few cores), a drafting step that is
+    waited for pays it in full: before any drafting run is seen, the policy prices it in and stays
+    plain where on device times alone drafting would look better (acceptance 0.6, the prior)."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    costs = _costs(1e-3, 0.1)
+    clock = [0.0]
+    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
+                          clock=lambda: clock[0])
+    slots, act = _running(sched, 4, 200)
+    own0, gap = costs.own_cost(0), 0.03
+    kbs = []
+    for _ in range(8):
+        kbs.append(sched.plan(slots, act).kb)
+        clock[0] += own0  # a plain step's own time, then the host's work before the next plan
+        sched.update(StepResult(act, [[0]] * 4, np.zeros(4, int), np.zeros(4, int), 0, 0.0, own0, queued=True))
+        clock[0] += gap
+    assert costs.host_gap() == pytest.approx(gap)
+    assert costs.step_cost(2) == pytest.approx(costs.own_cost(2) + gap)
+    assert kbs[-1] == 0
+    # The same scheduler without the host's gap drafts.
+    quick = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: _costs(1e-3, 0.1),
+                          clock=lambda: clock[0])
+    slots, act = _running(quick, 4, 200)
+    for _ in range(8):
+        kb = quick.plan(slots, act).kb
+        clock[0] += own0 + gap
+        quick.update(StepResult(act, [[0] * (kb + 1)] * 4, np.full(4, kb), np.full(4, kb), kb, 0.0, own0, queued=kb == 0))
+    assert kb > 0
+
+
+def test_drafting_stops_where_its_runs_realise_less_end_to_end_than_plain_ones():
+    """Step periods leave out what happens between steps after a batch change (an admission's
+    prefill): drafting runs whose requests keep being replaced one by one can realise less than
+    plain runs while each drafting step beats a plain one. Compared end to end, drafting stops at
+    that batch size, and is tried again once that comparison is WALL_TTL_S old."""
+    from jaxspec.speculative.scheduling import WALL_MIN, WALL_TTL_S
+
+    costs = _costs(1e-4, 0.02)  # drafting nearly free on paper
+    sched, slots, act, run = _clocked(costs)
+    plain = costs.verify_s[0]
+    for _ in range(WALL_MIN + 1):
+        sched.plan(slots, act)
+        run(0, 1, plain)
+    first = sched.plan(slots, act).kb
+    assert first > 0
+    for i in range(WALL_MIN + 1):
+        if i % 4 == 3:  # a request ends and another takes its slot: the step pays its prefill
+            sched.release(int(act[0]))
+            sched.start(int(act[0]), slots.requests[int(act[0])])
+            run(first, 2, 1.2 * plain + 10 * plain)
+        else:
+            run(first, 2, 1.2 * plain)
+        assert not sched._blocked(4, costs) or i >= WALL_MIN - 1
+    assert sched._blocked(4, costs) == frozenset(BUCKETS)
+    assert sched.plan(slots, act).kb == 0
+    run(0, 1, WALL_TTL_S + 1)  # (a long step: the drafting runs are now old)
+    assert sched._blocked(4, costs) == frozenset()
+
+
 def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
     """A bucket whose steps keep emitting fewer tokens per row-second than a plain step (acceptance
     that falls with the draft position, costs the step model does not see) stops being chosen, and

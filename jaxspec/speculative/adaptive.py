@@ -138,8 +138,8 @@ class CostModel:
     ``observe_period`` records the periods a scheduler measures between consecutive steps; a bucket
     with enough of them costs their typical value (``period``; at most a plain step's own time, at
     least a drafting step's), one without costs its own time plus the host time the
-    observed drafting buckets showed above theirs (or, none seen yet, what other batch buckets
-    showed: ``lent``)."""
+    observed drafting buckets showed above theirs (none seen yet: the larger of what other batch
+    buckets showed, ``lent``, and the host's time between this bucket's steps, ``host_gap``)."""
 
     draft_s: dict[int, float]
     verify_s: dict[int, float]
@@ -148,6 +148,7 @@ class CostModel:
     periods: dict[int, collections.deque] = dataclasses.field(default_factory=dict)
     # (plain_ratio, drafting_extra) seen at other batch buckets: used where this one has seen none yet.
     lent: tuple[float | None, float | None] = (None, None)
+    gaps: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=PERIOD_WINDOW))
 
     def own_cost(self, kb: int) -> float:
         """The step's own time (draft + verification), without the host's work around it."""
@@ -178,8 +179,19 @@ class CostModel:
         if kb == 0:
             return own * (lent_ratio if lent_ratio is not None else 1.0)
         extra = self.drafting_extra()
-        extra = extra if extra is not None else lent_extra
-        return own + (extra if extra is not None else 0.0)
+        if extra is None:
+            # Nothing seen of drafting at this batch size: a drafting step, waited for, pays on top
+            # of its own time the host's work between steps, which this bucket's steps showed
+            # (``host_gap``); other batch sizes' drafting host time is lent where larger.
+            extra = max((x for x in (lent_extra, self.host_gap()) if x is not None), default=0.0)
+        return own + extra
+
+    def observe_gap(self, seconds: float) -> None:
+        """The host's time from a step's result to planning the next (outputs, admission, serving)."""
+        self.gaps.append(seconds)
+
+    def host_gap(self) -> float | None:
+        return statistics.median(self.gaps) if len(self.gaps) >= MIN_PERIODS else None
 
     def plain_ratio(self) -> float | None:
         """Observed plain period over the plain step's own time (below 1 where steps queue)."""

@@ -9,6 +9,7 @@ wall time). The engine asks it for a ``DecodePlan`` before each decode step and 
 
 from __future__ import annotations
 
+import collections
 import functools
 import statistics
 import time
@@ -27,6 +28,10 @@ REALISED_WEIGHT = 0.2  # of each step in a bucket's running realised rate
 MIN_REALISED_STEPS = 3  # steps of a bucket before its realised rate can leave it out
 OFF_REFRESH_STEPS = 8  # steps with speculation off between two full choices (costs drift meanwhile)
 PLAIN_FIRST_STEPS = 24  # most plain steps a batch bucket runs to learn its plain period (_plain_first)
+# End-to-end rates (``_wall_rates``): every interval between two steps of one kind, admissions included.
+WALL_WINDOW = 64  # recent intervals kept per (batch bucket, plain or drafting)
+WALL_MIN = 24  # intervals of each kind before the two are compared
+WALL_TTL_S = 30.0  # drafting's intervals are forgotten after this long (it is tried again)
 
 
 class SpecScheduler:
@@ -68,10 +73,15 @@ class SpecScheduler:
         self._clock = clock
         self._last_update: tuple[float, int] | None = None  # (clock, batch bucket) of the last step
         self._last_kb = 0  # proposal bucket of the last step
+        self._gap_open = False  # no plan since the last update
         # Steps since the policy chose kb = 0 over the current batch (None: choose afresh next step).
         self._off_run: int | None = None
         self._off_rows = 0
         self._plain_first_steps: Counter[int] = Counter()  # per batch bucket (``_plain_first``)
+        # (clock, kb) of the last step, kept across starts and releases (not across an idle engine).
+        self._wall_last: tuple[float, int] | None = None
+        self._wall: dict[tuple[int, bool], collections.deque] = {}  # (rows, drafting) -> (clock, tokens, row-seconds)
+        self._running = 0  # requests started and not released
 
     # ------------------------------------------------------------ slots
     def start(self, slot: int, request: Request) -> None:
@@ -83,11 +93,15 @@ class SpecScheduler:
         self.estimator.reset(slot)
         self._last_update = None  # the admission's prefill is not part of the next step's period
         self._off_run = None
+        self._running += 1
 
     def release(self, slot: int) -> None:
         self.override[slot] = -1
         self.estimator.reset(slot)
         self._last_update = self._off_run = None
+        self._running = max(0, self._running - 1)
+        if not self._running:  # what follows is idle time, not a step's
+            self._wall_last = None
 
     # ------------------------------------------------------------ costs
     def costs_for(self, rows: int) -> CostModel:
@@ -113,9 +127,29 @@ class SpecScheduler:
         extras = [x for m in others if (x := m.drafting_extra()) is not None]
         costs.lent = (statistics.median(ratios) if ratios else None, statistics.median(extras) if extras else None)
 
+    def _wall_rate(self, rows: int, drafting: bool) -> float | None:
+        """Tokens per row-second over the recent intervals between two steps of one kind at a batch
+        bucket, everything the engine did between them included (admissions' prefills too)."""
+        seen = self._wall.get((rows, drafting))
+        if seen and drafting:
+            while seen and seen[0][0] < self._clock() - WALL_TTL_S:
+                seen.popleft()
+        if not seen or len(seen) < WALL_MIN:
+            return None
+        row_s = sum(x[2] for x in seen)
+        return sum(x[1] for x in seen) / row_s if row_s > 0 else None
+
     def _blocked(self, rows: int, costs: CostModel) -> frozenset[int]:
-        """Buckets whose realised tokens per row-second fell below a plain step's (1 / its period)."""
-        if not self.realised or costs.smoothing <= 0:
+        """Buckets whose realised tokens per row-second fell below a plain step's (1 / its period);
+        every drafting bucket where drafting runs realised less end to end than plain ones
+        (``_wall_rate``: what step periods leave out, such as the prefills of requests that, drafting,
+        finish and are replaced one by one instead of together)."""
+        if costs.smoothing <= 0:
+            return frozenset()
+        plain_wall, drafting_wall = self._wall_rate(rows, False), self._wall_rate(rows, True)
+        if plain_wall is not None and drafting_wall is not None and drafting_wall < plain_wall:
+            return frozenset(self.buckets)
+        if not self.realised:
             return frozenset()
         plain = 1.0 / costs.step_cost(0)
         return frozenset(kb for (r, kb), (rate, count) in self.realised.items()
@@ -161,6 +195,10 @@ class SpecScheduler:
             k[:] = np.minimum(wanted, caps)
             return DecodePlan(act, k, bucket_for(int(wanted.max()), self.buckets) if k.any() else 0)
         rows = self._rows_for(len(act))
+        if self._gap_open and self._last_update is not None and self._last_update[1] == rows:
+            if (costs := self._known_costs(rows)) is not None and costs.smoothing > 0:
+                costs.observe_gap(self._clock() - self._last_update[0])
+        self._gap_open = False
         if self._off_run is not None and self._off_run < OFF_REFRESH_STEPS and self._off_rows == rows:
             # Speculation is off and nothing the choice depends on moved but the costs' slow drift:
             # no new choice, only the policy's count towards its next probe.
@@ -196,6 +234,8 @@ class SpecScheduler:
         self.bucket_steps[result.kb] += 1
         rows = self._rows_for(len(result.slots))
         last, self._last_update = self._last_update, (now, rows)
+        self._gap_open = True  # the next plan measures the host's time since (CostModel.host_gap)
+        self._observe_wall(now, rows, result)
         costs = self._known_costs(rows)
         times = (result.draft_s, result.verify_s)
         if costs is None:
@@ -223,3 +263,12 @@ class SpecScheduler:
             mean, count = self.realised.get(key, (rate, 0))
             self.realised[key] = (mean + REALISED_WEIGHT * (rate - mean) if count else rate, count + 1)
         return times
+
+    def _observe_wall(self, now: float, rows: int, result: StepResult) -> None:
+        """The interval since the last step into its kind's end-to-end rate, where both steps were of
+        that kind (the cost of switching between the two is not a run's)."""
+        last, self._wall_last = self._wall_last, (now, result.kb)
+        if last is None or not self.adaptive or not len(result.slots) or (last[1] > 0) != (result.kb > 0):
+            return
+        seen = self._wall.setdefault((rows, result.kb > 0), collections.deque(maxlen=WALL_WINDOW))
+        seen.append((now, sum(map(len, result.tokens)), len(result.slots) * (now - last[0])))
