@@ -37,6 +37,11 @@ log = logging.getLogger("jaxspec.serving")
 # (e.g. a donated cache buffer was lost): the server reports FAILED / NOT_SERVING.
 MAX_CONSECUTIVE_STEP_FAILURES = 3
 IDLE_POLL_S = 0.25  # how often an idle engine thread wakes for periodic work
+# An idle engine woken by a command waits this long at most, and only while more keep coming within
+# BURST_GAP_S of each other, so that a burst of requests shares one batched prefill instead of the
+# first prefilling alone while the rest wait behind it.
+BURST_WINDOW_S = 0.004
+BURST_GAP_S = 0.001
 
 
 class ServerState(str, enum.Enum):
@@ -448,7 +453,10 @@ class EngineLoop:
 
     def _run(self, engine: Engine) -> None:
         while not self._stop.is_set():
-            self._drain_inbox(block=not engine.has_unfinished())
+            idle = not engine.has_unfinished()
+            self._drain_inbox(block=idle)
+            if idle and engine.has_unfinished():
+                self._gather_burst()
             if self._stop.is_set():
                 break
             outputs = self._step(engine) if engine.has_unfinished() else []
@@ -473,6 +481,16 @@ class EngineLoop:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _gather_burst(self) -> None:
+        """Take the commands that follow the one that woke an idle engine (``BURST_WINDOW_S``)."""
+        deadline = time.monotonic() + BURST_WINDOW_S
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._inbox.get(timeout=min(left, BURST_GAP_S))
+            except queue.Empty:
+                return
+            self._run_command(*item)
 
     def _run_command(self, fn: Callable[[], Any], fut: asyncio.Future | None) -> None:
         try:
