@@ -98,14 +98,13 @@ class RequestHandle:
         once per engine step (every wake-up is event-loop work holding the GIL the engine thread
         needs between steps)."""
         await self._done.wait()
-        outputs = []
-        while not self._queue.empty():
-            outputs.append(self._queue.get_nowait())
-        return outputs
+        return self._take_queued([])
 
     async def next_outputs(self) -> list[RequestOutput]:
         """Wait for at least one output, then take everything already queued."""
-        outputs = [await self._queue.get()]
+        return self._take_queued([await self._queue.get()])
+
+    def _take_queued(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         while not self._queue.empty():
             outputs.append(self._queue.get_nowait())
         return outputs

@@ -509,6 +509,10 @@ def test_probe_schedule_defaults_match_the_readme():
     from jaxspec.speculative.adaptive import PERIOD_WINDOW
 
     assert PERIOD_WINDOW == 32 and "the median, over the last 32 steps, of two consecutive periods' mean" in readme
+    from jaxspec.speculative.scheduling import WALL_TTL_S, WALL_WINDOW
+
+    assert (WALL_WINDOW, WALL_TTL_S) == (64, 30.0)
+    assert "(the last 64 intervals between two steps of each kind, admissions included) every drafting bucket is left out for 30 s" in readme
 
 
 def test_a_new_batch_bucket_borrows_what_other_buckets_saw_in_serving():

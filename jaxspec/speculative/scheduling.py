@@ -28,7 +28,7 @@ REALISED_WEIGHT = 0.2  # of each step in a bucket's running realised rate
 MIN_REALISED_STEPS = 3  # steps of a bucket before its realised rate can leave it out
 OFF_REFRESH_STEPS = 8  # steps with speculation off between two full choices (costs drift meanwhile)
 PLAIN_FIRST_STEPS = 24  # most plain steps a batch bucket runs to learn its plain period (_plain_first)
-# End-to-end rates (``_wall_rates``): every interval between two steps of one kind, admissions included.
+# End-to-end rates (``_wall_rate``): every interval between two steps of one kind, admissions included.
 WALL_WINDOW = 64  # recent intervals kept per (batch bucket, plain or drafting)
 WALL_MIN = 24  # intervals of each kind before the two are compared
 WALL_TTL_S = 30.0  # drafting's intervals are forgotten after this long (it is tried again)
@@ -132,7 +132,8 @@ class SpecScheduler:
         bucket, everything the engine did between them included (admissions' prefills too)."""
         seen = self._wall.get((rows, drafting))
         if seen and drafting:
-            while seen and seen[0][0] < self._clock() - WALL_TTL_S:
+            oldest = self._clock() - WALL_TTL_S
+            while seen and seen[0][0] < oldest:
                 seen.popleft()
         if not seen or len(seen) < WALL_MIN:
             return None
@@ -235,7 +236,8 @@ class SpecScheduler:
         rows = self._rows_for(len(result.slots))
         last, self._last_update = self._last_update, (now, rows)
         self._gap_open = True  # the next plan measures the host's time since (CostModel.host_gap)
-        self._observe_wall(now, rows, result)
+        emitted = sum(map(len, result.tokens))
+        self._observe_wall(now, rows, result, emitted)
         costs = self._known_costs(rows)
         times = (result.draft_s, result.verify_s)
         if costs is None:
@@ -258,17 +260,17 @@ class SpecScheduler:
         # What serving paid for the step: its period, or, not queued, its own time.
         step_s = period if period is not None else (None if result.queued else times[0] + times[1])
         if self.adaptive and result.kb > 0 and step_s and len(result.slots):
-            rate = sum(map(len, result.tokens)) / (len(result.slots) * step_s)
+            rate = emitted / (len(result.slots) * step_s)
             key = (rows, result.kb)
             mean, count = self.realised.get(key, (rate, 0))
             self.realised[key] = (mean + REALISED_WEIGHT * (rate - mean) if count else rate, count + 1)
         return times
 
-    def _observe_wall(self, now: float, rows: int, result: StepResult) -> None:
+    def _observe_wall(self, now: float, rows: int, result: StepResult, emitted: int) -> None:
         """The interval since the last step into its kind's end-to-end rate, where both steps were of
         that kind (the cost of switching between the two is not a run's)."""
         last, self._wall_last = self._wall_last, (now, result.kb)
         if last is None or not self.adaptive or not len(result.slots) or (last[1] > 0) != (result.kb > 0):
             return
         seen = self._wall.setdefault((rows, result.kb > 0), collections.deque(maxlen=WALL_WINDOW))
-        seen.append((now, sum(map(len, result.tokens)), len(result.slots) * (now - last[0])))
+        seen.append((now, emitted, len(result.slots) * (now - last[0])))
