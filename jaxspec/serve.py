@@ -98,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--kv-cache paged: 'optimistic' admits a request when its prompt fits and gives it pages "
                    "as it grows, preempting (and later recomputing) the newest request if the pool runs dry; "
                    "'reserve' takes pages for prompt + max_tokens up front, so nothing is ever preempted")
+    m.add_argument("--moe-dispatch", default="measured", metavar="{measured,auto,BACKEND}",
+                   help="how MoE layers compute their experts: 'measured' times the exact backends at start-up "
+                   "on this machine for each step size and keeps the fastest (a CPU, one device, float experts "
+                   "over 1 MiB a layer; elsewhere as 'auto'), 'auto' a fixed rule per platform, or one backend "
+                   "(dense, per_expert, per_expert_static, expert_rows, sorted, ragged, pallas)")
     m.add_argument("--mixed-prefill", choices=MIXED_PREFILL, default="auto",
                    help="run a full --max-step-tokens chunk of a long prompt and the running requests' decode "
                    "step as one call, so each layer's weights (the experts) are read once for both: 'auto' on "
@@ -159,7 +164,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
         kv_cache_dtype=args.kv_cache_dtype, draft_kv_cache_dtype=args.draft_kv_cache_dtype,
         kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, overlap=not args.no_overlap, max_step_tokens=args.max_step_tokens, kv_admission=args.kv_admission,
-        mixed_prefill=args.mixed_prefill,
+        mixed_prefill=args.mixed_prefill, moe_dispatch=args.moe_dispatch,
     )
     engine.validate()
     server = ServerOptions(

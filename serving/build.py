@@ -18,7 +18,7 @@ from flax import nnx
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
 from jaxspec.engine.kv_admission import KV_ADMISSIONS
-from jaxspec.engine.factory import KV_CACHES, make_runner
+from jaxspec.engine.factory import KV_CACHES, check_moe_dispatch, make_runner
 from jaxspec.engine.model_runner import MIXED_PREFILL
 from jaxspec import builtin, compilation_cache, kernels
 from jaxspec.loading import DEFAULT_MODEL, draft_load_placement, load_any
@@ -63,6 +63,7 @@ class EngineOptions:
     kv_admission: str = "optimistic"  # paged: take pages as requests grow (preempt when dry) or reserve them up front
     kv_cache_dtype: str = "auto"  # target's KV cache: "auto" (the model's dtype) or "int8" (models.kv_cache)
     draft_kv_cache_dtype: str = "auto"  # a draft model's or EAGLE-3 head's own KV cache, likewise
+    moe_dispatch: str = "auto"  # "measured" at start-up, "auto" (fixed rule) or a backend (engine.factory)
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
@@ -106,6 +107,10 @@ class EngineOptions:
                 raise ConfigError(f"kv_memory_fraction must be in (0, 1), got {self.kv_memory_fraction}")
             if self.kv_pages is not None or self.kv_cache != "paged":
                 raise ConfigError("kv_memory_fraction sizes a paged cache (--kv-cache paged) instead of --kv-pages")
+        try:
+            check_moe_dispatch(self.moe_dispatch)
+        except ValueError as e:
+            raise ConfigError(f"moe_dispatch: {e}") from e
         try:
             mesh_for_option(self.mesh)
         except MeshConfigError as e:
@@ -197,7 +202,8 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
                            k_max=opts.num_speculative_tokens,
                            page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=kv_pages,
                            prefill_chunk=opts.max_step_tokens, kv_dtype=opts.kv_cache_dtype,
-                           draft_kv_dtype=opts.draft_kv_cache_dtype, mixed_prefill=opts.mixed_prefill)
+                           draft_kv_dtype=opts.draft_kv_cache_dtype, mixed_prefill=opts.mixed_prefill,
+                           moe_dispatch=opts.moe_dispatch)
     except ValueError as e:  # incompatible draft (vocabulary, context length)
         raise ConfigError(str(e)) from e
 

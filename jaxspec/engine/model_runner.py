@@ -243,17 +243,29 @@ class ModelRunner:
         for other runners (speculative verification) to jit with their own steps."""
         return functools.partial(_forward, self.graphdef, self.statics)
 
-    def tune_moe_dispatch(self, tokens_per_row: Sequence[int] = (1,), reps: int = 7):
-        """Measure the exact MoE dispatch backends at every token count this runner's decode (and,
-        with ``tokens_per_row`` = (1, k+1, ...), verification) steps compile, and adopt the fastest
-        per count (``moe_tuning.DispatchTable``). Single-device MoE runners only; call before the
-        first step. Returns the table (None where there is nothing to tune)."""
-        if not self.cfg.is_moe or self.placement is not None or self.moe_backend not in (None, "auto"):
-            return None
-        from jaxspec.models.moe_tuning import tune_dispatch
+    def tune_moe_dispatch(self, tokens_per_row: Sequence[int] = (1,), reps: int = 5):
+        """Measure the exact MoE dispatch backends (one layer's, weights read cold as inside a
+        forward) at powers of two up to the most tokens a step of this runner routes: decode rows,
+        with ``tokens_per_row`` = (1, k+1, ...) verification rows, and prefill calls. Adopt the
+        fastest per count (``moe_tuning.DispatchTable``). Single-device CPU runners of float MoE
+        models whose experts do not fit the caches; call before the first step. Returns the table,
+        or None where there is nothing to measure. The table is kept in the persistent compilation
+        cache's directory (when one is set), per machine, jax version and expert shape."""
+        from jaxspec.models.moe_tuning import MAX_EVICT_BYTES, MIN_TUNED_EXPERT_BYTES, tune_dispatch, tuning_counts
 
-        counts = sorted({b * t for b in self.batch_buckets for t in tokens_per_row})
-        table = tune_dispatch(self.cfg, counts, reps=reps)
+        cfg = self.cfg
+        expert_bytes = 3 * cfg.num_experts * cfg.d_model * cfg.moe_mlp_dim * jnp.dtype(cfg.dtype).itemsize
+        if (not cfg.is_moe or self.placement is not None or self.moe_backend not in (None, "auto")
+                or jax.default_backend() != "cpu" or cfg.quantization is not None
+                or expert_bytes < MIN_TUNED_EXPERT_BYTES):
+            return None
+        decode = max(self.batch_buckets) * max(tokens_per_row)
+        prefill = max(self.prefill_row_buckets) * self.bucket_for(self.prefill_chunk or self.max_len)
+        model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.state))
+        # Kept beside the persistent compilation cache, when there is one: a restart measures nothing.
+        table = tune_dispatch(cfg, tuning_counts(max(decode, prefill)), reps=reps,
+                              evict_bytes=min(model_bytes, MAX_EVICT_BYTES), extend_last=True,
+                              store=jax.config.jax_compilation_cache_dir or None)
         self.moe_backend = table
         self.statics = StepStatics(table, self.statics.attention_backend, self.statics.aux_layers)
         self._steps = unplaced_steps(self.graphdef, self.statics)

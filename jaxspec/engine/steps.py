@@ -48,12 +48,14 @@ class PlacedBackend(NamedTuple):
     placement: Placement
 
 
-def _forward(graphdef, statics: StepStatics, state, tokens, start, cache, slot_ids=None, num_valid=None, kv_len=None):
+def _forward(graphdef, statics: StepStatics, state, tokens, start, cache, slot_ids=None, num_valid=None, kv_len=None,
+             logits_at=None):
     moe_backend = statics.moe_backend
     placed = moe_backend if isinstance(moe_backend, PlacedBackend) else None
     backend = placed.dispatch if placed else moe_backend
     out = nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend, kv_len=kv_len,
-                                     attention_backend=statics.attention_backend, aux_layers=statics.aux_layers)
+                                     attention_backend=statics.attention_backend, aux_layers=statics.aux_layers,
+                                     logits_at=logits_at)
     if placed is not None:
         out = out._replace(cache=jax.lax.with_sharding_constraint(out.cache, placed.placement.cache_shardings(out.cache)))
     return out
@@ -62,7 +64,12 @@ def _forward(graphdef, statics: StepStatics, state, tokens, start, cache, slot_i
 def last_logits(logits: jax.Array, num_valid: jax.Array) -> jax.Array:
     """Each prefill row's logits [P, T, V] at its last valid position -> [P, V] (the first output
     token's, for a prompt's last chunk)."""
-    return jnp.take_along_axis(logits, jnp.maximum(num_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+    return jnp.take_along_axis(logits, last_position(num_valid)[:, None, None], axis=1)[:, 0]
+
+
+def last_position(num_valid: jax.Array) -> jax.Array:
+    """Each prefill row's last valid position [P] (``logits_at`` of a prefill forward)."""
+    return jnp.maximum(num_valid - 1, 0)
 
 
 def _prefill_impl(graphdef, statics, state, cache, tokens, slot_ids, num_valid, sampling: BatchSampling):
@@ -70,8 +77,9 @@ def _prefill_impl(graphdef, statics, state, cache, tokens, slot_ids, num_valid, 
     -> (cache, first token [P], last logits [P, V], expert load[, aux hidden [P, T, F] with
     ``statics.aux_layers``]). Attends over T positions only."""
     p, t = tokens.shape
-    out = _forward(graphdef, statics, state, tokens, jnp.zeros((p,), jnp.int32), cache, slot_ids, num_valid, kv_len=t)
-    last = last_logits(out.logits, num_valid)
+    out = _forward(graphdef, statics, state, tokens, jnp.zeros((p,), jnp.int32), cache, slot_ids, num_valid, kv_len=t,
+                   logits_at=last_position(num_valid))
+    last = out.logits[:, 0]
     return (out.cache, sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32)), last, out.expert_load, *_aux(out))
 
 
@@ -80,8 +88,9 @@ def _prefill_at_impl(graphdef, statics, state, cache, tokens, start, slot_ids, n
     """``_prefill_impl`` for prompts whose first ``start`` [P] tokens are already in the cache (a
     shared prefix, or earlier chunks): tokens [P, T] go to start..start+T-1; attends over kv_len."""
     p, t = tokens.shape
-    out = _forward(graphdef, statics, state, tokens, start, cache, slot_ids, num_valid, kv_len=kv_len)
-    last = last_logits(out.logits, num_valid)
+    out = _forward(graphdef, statics, state, tokens, start, cache, slot_ids, num_valid, kv_len=kv_len,
+                   logits_at=last_position(num_valid))
+    last = out.logits[:, 0]
     return (out.cache, sample_tokens(last, sampling, jnp.zeros((p,), jnp.int32)), last, out.expert_load, *_aux(out))
 
 

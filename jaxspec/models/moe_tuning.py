@@ -12,8 +12,13 @@ All candidates are exact and dropless, so the choice changes speed only.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -24,6 +29,14 @@ from jaxspec.config import ModelConfig
 from jaxspec.models.moe_dispatch import BACKENDS, choose_backend, grouped_kernel
 
 CPU_CANDIDATES = ("per_expert", "per_expert_static", "expert_rows", "sorted", "dense")
+# The largest token count measured: beyond it a step keeps the choice at this count (the backends'
+# costs grow about linearly there), and measuring larger steps would lengthen start-up for little.
+MAX_TUNED_TOKENS = 2048
+# Experts smaller than this per layer stay in the CPU's caches whatever the backend, so their steps
+# cost overhead only: no measurement tells the backends apart.
+MIN_TUNED_EXPERT_BYTES = 1 << 20
+# A read this large flushes a CPU's last-level cache (``measure_dispatch``'s ``evict_bytes``).
+MAX_EVICT_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +61,34 @@ class DispatchTable:
         return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)
 
 
+def tuning_counts(max_tokens: int, cap: int = MAX_TUNED_TOKENS) -> list[int]:
+    """Powers of two from 1 to the first >= ``max_tokens`` (at most ``cap``): a step of N tokens
+    takes the choice of the next measured count up (``DispatchTable.backend_for``)."""
+    counts, n = [1], 1
+    while n < min(max_tokens, cap):
+        n *= 2
+        counts.append(n)
+    return counts
+
+
 def measure_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Sequence[str] = CPU_CANDIDATES,
-                     reps: int = 7, seed: int = 0) -> dict[int, dict[str, float]]:
-    """Median seconds of one MoE layer's dispatch for each token count and candidate."""
+                     reps: int = 7, seed: int = 0, evict_bytes: int = 0) -> dict[int, dict[str, float]]:
+    """Median seconds of one MoE layer's dispatch for each token count and candidate.
+
+    ``evict_bytes``: read a buffer this large before every timed call. Inside a forward, the rest
+    of the model streams through the caches between two calls of one layer's dispatch, so its
+    weights are read cold; timed back to back they would stay cached, which favours backends that
+    read every expert (``dense`` wins a 1-token step alone and loses it inside the model)."""
     rng = np.random.default_rng(seed)
     e, d, f = cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim
     dt = jnp.dtype(cfg.dtype)
     w_gate, w_up = (jnp.asarray(rng.normal(size=(e, d, f)) * 0.02, dt) for _ in range(2))
     w_down = jnp.asarray(rng.normal(size=(e, f, d)) * 0.02, dt)
+    evict = None
+    if evict_bytes > 0:
+        flush = jnp.ones((evict_bytes // 4,), jnp.float32)
+        total = jax.jit(jnp.sum)
+        evict = lambda: total(flush).block_until_ready()  # noqa: E731
     times: dict[int, dict[str, float]] = {}
     for n in sorted(set(int(t) for t in token_counts)):
         x = jnp.asarray(rng.normal(size=(n, d)), dt)
@@ -68,6 +101,8 @@ def measure_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: 
             fn(x, ids, w, w_gate, w_up, w_down).block_until_ready()
             samples = []
             for _ in range(reps):
+                if evict is not None:
+                    evict()
                 t = time.perf_counter()
                 fn(x, ids, w, w_gate, w_up, w_down).block_until_ready()
                 samples.append(time.perf_counter() - t)
@@ -80,6 +115,42 @@ def table_from_times(times: dict[int, dict[str, float]], fallback: str = "auto")
 
 
 def tune_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Sequence[str] = CPU_CANDIDATES,
-                  reps: int = 7) -> DispatchTable:
-    """The measured-fastest backend per token count (``auto`` beyond the largest)."""
-    return table_from_times(measure_dispatch(cfg, token_counts, candidates, reps))
+                  reps: int = 7, evict_bytes: int = 0, extend_last: bool = False,
+                  store: str | os.PathLike | None = None) -> DispatchTable:
+    """The measured-fastest backend per token count; beyond the largest, ``auto`` (or with
+    ``extend_last`` the largest count's winner). ``store``: a directory where the table is kept per
+    machine, jax version and expert shape, so a restart reads it instead of measuring again."""
+    path = None
+    if store is not None:
+        key = {"machine": _machine(), "jax": jax.__version__, "experts": [cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim],
+               "top_k": cfg.num_experts_per_tok, "dtype": str(jnp.dtype(cfg.dtype)), "counts": sorted(token_counts),
+               "candidates": list(candidates), "evict_bytes": evict_bytes, "extend_last": extend_last}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(store) / f"moe-dispatch-{digest}.json"
+        try:
+            saved = json.loads(path.read_text())
+            return DispatchTable(tuple((int(n), str(b)) for n, b in saved["choices"]), str(saved["fallback"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not measured yet here (or unreadable): measure
+    table = table_from_times(measure_dispatch(cfg, token_counts, candidates, reps, evict_bytes=evict_bytes))
+    if extend_last and table.choices:
+        table = dataclasses.replace(table, fallback=table.choices[-1][1])
+    if path is not None:
+        try:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"choices": table.choices, "fallback": table.fallback}))
+            tmp.replace(path)  # whole or not at all, for a concurrent reader
+        except OSError:
+            pass  # a read-only cache directory: measure again next time
+    return table
+
+
+def _machine() -> str:
+    """What a measurement depends on besides the shapes: the processor and how many cores jax may use."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()} {jax.devices()[0].device_kind}"

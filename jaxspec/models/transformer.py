@@ -114,6 +114,7 @@ class Transformer(nnx.Module):
         kv_len: int | None = None,  # static: attend over cache positions [0, kv_len) (> every query position)
         attention_backend: str = "xla",  # static: layers.ATTENTION_BACKENDS
         aux_layers: tuple[int, ...] = (),  # static: also return these layers' input hidden states
+        logits_at: jax.Array | None = None,  # [B] int32: logits at this position of each row only -> [B, 1, V]
     ) -> ForwardOutput:
         cfg = self.cfg
         b, t = tokens.shape
@@ -139,7 +140,10 @@ class Transformer(nnx.Module):
             captured[cfg.num_layers] = x
         aux = jnp.concatenate([captured[i] for i in aux_layers], axis=-1) if aux_layers else None
         hidden = self.final_norm(x)
-        logits = self.logits(hidden)
+        # A prefill needs each row's last position only: the output projection of every other
+        # position would cost as much as several layers.
+        logits = self.logits(hidden if logits_at is None else
+                             jnp.take_along_axis(hidden, logits_at[:, None, None].astype(jnp.int32), axis=1))
 
         rows = jnp.arange(b) if slot_ids is None else slot_ids
         lengths = cache.lengths.at[rows].set(start + num_valid, mode="drop")

@@ -1,0 +1,129 @@
+"""Measured MoE dispatch: the grid of step sizes, the cold-weight measurement, the table kept per
+machine and expert shape, and a runner that adopts it before its first step (``--moe-dispatch``)."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxspec.config import ConfigError, load_config
+from jaxspec.engine.factory import make_runner
+from jaxspec.models import create_model, moe_tuning
+from jaxspec.models.moe_tuning import MAX_TUNED_TOKENS, measure_dispatch, tune_dispatch, tuning_counts
+
+
+def _cfg(**kw):
+    # Experts of 1.5 MiB a layer in float32: large enough to be measured (MIN_TUNED_EXPERT_BYTES).
+    base = dict(d_model=128, head_dim=32, moe_mlp_dim=256, num_experts=4, max_seq_len=64)
+    return load_config("tiny-moe").replace(**{**base, **kw})
+
+
+def _fake_times(calls):
+    """Per count: ``per_expert`` fastest below 8 tokens, ``expert_rows`` from 8 (what a real
+    measurement found for a Mixtral-shaped layer on a 2-core CPU)."""
+    def measure(cfg, counts, candidates=moe_tuning.CPU_CANDIDATES, reps=7, seed=0, evict_bytes=0):
+        calls.append((sorted(counts), evict_bytes))
+        return {n: {"per_expert": 1.0, "expert_rows": 0.5 if n >= 8 else 2.0, "dense": 3.0} for n in counts}
+    return measure
+
+
+def test_tuning_counts_are_powers_of_two_up_to_the_largest_step():
+    assert tuning_counts(1) == [1]
+    assert tuning_counts(40) == [1, 2, 4, 8, 16, 32, 64]
+    assert tuning_counts(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert tuning_counts(10 ** 6)[-1] == MAX_TUNED_TOKENS
+
+
+def test_measure_dispatch_times_every_candidate_with_cold_weights():
+    times = measure_dispatch(_cfg(), [1, 4], candidates=("per_expert", "dense"), reps=2, evict_bytes=1 << 20)
+    assert sorted(times) == [1, 4]
+    assert all(sorted(row) == ["dense", "per_expert"] and min(row.values()) > 0 for row in times.values())
+
+
+def test_a_measured_table_is_kept_per_expert_shape_and_read_back(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(moe_tuning, "measure_dispatch", _fake_times(calls))
+    table = tune_dispatch(_cfg(), [1, 2, 4, 8, 16], store=tmp_path, extend_last=True)
+    assert table.choices == ((1, "per_expert"), (2, "per_expert"), (4, "per_expert"), (8, "expert_rows"),
+                             (16, "expert_rows"))
+    assert table.backend_for(3) == "per_expert" and table.backend_for(5000) == "expert_rows"  # extended
+    assert tune_dispatch(_cfg(), [1, 2, 4, 8, 16], store=tmp_path, extend_last=True) == table
+    assert len(calls) == 1  # read back, not measured again
+    tune_dispatch(_cfg(moe_mlp_dim=512), [1, 2, 4, 8, 16], store=tmp_path, extend_last=True)
+    assert len(calls) == 2  # another expert shape is measured on its own
+    for path in tmp_path.glob("moe-dispatch-*.json"):
+        path.write_text("{not json")
+    assert tune_dispatch(_cfg(), [1, 2, 4, 8, 16], store=tmp_path, extend_last=True) == table
+    assert len(calls) == 3  # an unreadable table is measured again
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_measured_runner_uses_the_table_in_every_step_and_decodes_as_auto(monkeypatch):
+    import uuid
+
+    calls = []
+    monkeypatch.setattr(moe_tuning, "measure_dispatch", _fake_times(calls))
+    # A machine no table was kept for (the tests' compilation cache directory outlives a run).
+    monkeypatch.setattr(moe_tuning, "_machine", lambda: f"test-{uuid.uuid4()}")
+    model = create_model(_cfg())
+    measured = make_runner(model, num_slots=4, max_len=64, spec_method="ngram", num_speculative_tokens=3,
+                           moe_dispatch="measured")
+    # The largest step: 4 prefill rows of a whole 64-token context; decode rows verify 4 tokens each.
+    assert calls and calls[0][0] == tuning_counts(4 * 64) and 0 < calls[0][1]
+    target = measured.target
+    assert isinstance(target.moe_backend, moe_tuning.DispatchTable)
+    assert target.statics.moe_backend is target.moe_backend
+
+    from jaxspec.engine import Engine
+    from jaxspec.sampling import SamplingParams
+    from jaxspec.tokenizer import ByteTokenizer
+
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 12], [3] * 20]
+    auto = make_runner(model, num_slots=4, max_len=64, spec_method="ngram", num_speculative_tokens=3)
+    got = [c.token_ids for c in Engine(measured, ByteTokenizer()).generate(prompts, params)]
+    want = [c.token_ids for c in Engine(auto, ByteTokenizer()).generate(prompts, params)]
+    assert got == want
+
+
+def test_measured_dispatch_leaves_small_experts_and_named_backends_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(moe_tuning, "measure_dispatch", _fake_times(calls))
+    small = make_runner(create_model(load_config("tiny-moe")), num_slots=2, max_len=32, moe_dispatch="measured")
+    assert small.runner.moe_backend is None and not calls  # 24 KiB of experts a layer: nothing to tell apart
+    named = make_runner(create_model(_cfg()), num_slots=2, max_len=32, moe_dispatch="expert_rows")
+    assert named.runner.moe_backend == "expert_rows" and not calls
+    with pytest.raises(ValueError, match="unknown MoE dispatch 'fastest'"):
+        make_runner(create_model(_cfg()), num_slots=2, max_len=32, moe_dispatch="fastest")
+
+
+def test_serve_measures_the_dispatch_by_default_and_the_engine_api_does_not():
+    from jaxspec.serve import options_from_args, parse_args
+    from serving.build import EngineOptions
+
+    assert options_from_args(parse_args(["--model", "tiny-moe"]))[0].moe_dispatch == "measured"
+    assert options_from_args(parse_args(["--model", "tiny-moe", "--moe-dispatch", "dense"]))[0].moe_dispatch == "dense"
+    assert EngineOptions().moe_dispatch == "auto"
+    with pytest.raises(ConfigError, match="moe_dispatch: unknown MoE dispatch 'fastest'"):
+        EngineOptions(model="tiny-moe", moe_dispatch="fastest").validate()
+
+
+def test_prefill_logits_at_the_last_position_equal_the_full_projection():
+    """A prefill computes the output projection at each row's last valid position only."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxspec.models import KVCache
+
+    cfg = load_config("tiny-moe")
+    model = create_model(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (3, 9)), jnp.int32)
+    num_valid = jnp.asarray([9, 4, 1], jnp.int32)
+    start = jnp.zeros((3,), jnp.int32)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, at: nnx.merge(graphdef, state)(tokens, start, KVCache.create(cfg, 3, 16),
+                                                                    num_valid=num_valid, logits_at=at))
+    full, last = forward(state, None), forward(state, num_valid - 1)
+    assert last.logits.shape == (3, 1, cfg.vocab_size)
+    np.testing.assert_array_equal(last.logits[:, 0], full.logits[jnp.arange(3), num_valid - 1])
+    np.testing.assert_array_equal(last.cache.k, full.cache.k)
