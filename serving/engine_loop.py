@@ -145,6 +145,9 @@ class WrappedRunner:
     def speculation(self) -> SpecPolicy | None:
         return self._inner.speculation()
 
+    def moe_dispatch(self) -> Any:
+        return self._inner.moe_dispatch()
+
     def padded_length(self, prompt_len: int) -> int:
         return self._inner.padded_length(prompt_len)
 

@@ -18,11 +18,10 @@ def _cfg(**kw):
 
 
 def _fake_times(calls):
-    """Per count: ``per_expert`` fastest below 8 tokens, ``expert_rows`` from 8 (what a real
-    measurement found for a Mixtral-shaped layer on a 2-core CPU)."""
+    """Per count: ``per_expert`` fastest below 8 tokens, ``sorted`` from 8."""
     def measure(cfg, counts, candidates=moe_tuning.CPU_CANDIDATES, reps=7, seed=0, evict_bytes=0):
         calls.append((sorted(counts), evict_bytes))
-        return {n: {"per_expert": 1.0, "expert_rows": 0.5 if n >= 8 else 2.0, "dense": 3.0} for n in counts}
+        return {n: {"per_expert": 1.0, "sorted": 0.5 if n >= 8 else 2.0, "dense": 3.0} for n in counts}
     return measure
 
 
@@ -43,9 +42,8 @@ def test_a_measured_table_is_kept_per_expert_shape_and_read_back(tmp_path, monke
     calls = []
     monkeypatch.setattr(moe_tuning, "measure_dispatch", _fake_times(calls))
     table = tune_dispatch(_cfg(), [1, 2, 4, 8, 16], store=tmp_path, extend_last=True)
-    assert table.choices == ((1, "per_expert"), (2, "per_expert"), (4, "per_expert"), (8, "expert_rows"),
-                             (16, "expert_rows"))
-    assert table.backend_for(3) == "per_expert" and table.backend_for(5000) == "expert_rows"  # extended
+    assert table.choices == ((1, "per_expert"), (2, "per_expert"), (4, "per_expert"), (8, "sorted"), (16, "sorted"))
+    assert table.backend_for(3) == "per_expert" and table.backend_for(5000) == "sorted"  # extended
     assert tune_dispatch(_cfg(), [1, 2, 4, 8, 16], store=tmp_path, extend_last=True) == table
     assert len(calls) == 1  # read back, not measured again
     tune_dispatch(_cfg(moe_mlp_dim=512), [1, 2, 4, 8, 16], store=tmp_path, extend_last=True)
@@ -72,7 +70,7 @@ def test_a_measured_runner_uses_the_table_in_every_step_and_decodes_as_auto(monk
     assert calls and calls[0][0] == tuning_counts(4 * 64) and 0 < calls[0][1]
     target = measured.target
     assert isinstance(target.moe_backend, moe_tuning.DispatchTable)
-    assert target.statics.moe_backend is target.moe_backend
+    assert target.statics.moe_backend is target.moe_backend is measured.moe_dispatch()
 
     from jaxspec.engine import Engine
     from jaxspec.sampling import SamplingParams

@@ -14,7 +14,8 @@ same max(--requests, B x --requests-per-client) prompts: 8 at B=1, 16 at B=8.
 
 * transformers   ``model.generate(do_sample=False)``, B prompts per call (left padded)
 * jaxspec loop   the bare model: a jitted prefill of B prompts (padded to a power of two)
-                 and one jitted ``fori_loop`` of decode steps over the donated cache
+                 and one jitted ``fori_loop`` of decode steps over the donated cache, with the
+                 engine's MoE dispatch (its measured table unless --no-engine)
 * jaxspec engine the engine the server builds from the same flags (``serving.build.load_engine``),
                  in process, B prompts per ``Engine.generate`` call (the server minus gRPC)
 * jaxspec server ``python -m jaxspec.serve`` in a subprocess (default --slots, its context
@@ -177,15 +178,17 @@ def pow2_bucket(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def jaxspec_loop(model: Transformer, new_tokens: int) -> Callable[[Prompts], np.ndarray]:
-    """Greedy generation: jitted prefill, then a jitted fori_loop of decode steps (cache donated)."""
+def jaxspec_loop(model: Transformer, new_tokens: int, moe_backend=None) -> Callable[[Prompts], np.ndarray]:
+    """Greedy generation: jitted prefill, then a jitted fori_loop of decode steps (cache donated).
+    ``moe_backend``: the MoE dispatch (the engine's measured table, so both run the same experts' code)."""
     graphdef, state = nnx.split(model)
 
     @partial(jax.jit, donate_argnums=(3,))
     def prefill(state, tokens, lengths, cache):
         # Right-padded rows: num_valid masks the padding and sets each row's cache length.
-        out = nnx.merge(graphdef, state)(tokens, jnp.zeros_like(lengths), cache, num_valid=lengths)
-        last = jnp.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        out = nnx.merge(graphdef, state)(tokens, jnp.zeros_like(lengths), cache, num_valid=lengths,
+                                         moe_backend=moe_backend, logits_at=lengths - 1)
+        last = out.logits[:, 0]
         return jnp.argmax(last, axis=-1).astype(jnp.int32), out.cache
 
     @partial(jax.jit, donate_argnums=(2,))
@@ -195,7 +198,7 @@ def jaxspec_loop(model: Transformer, new_tokens: int) -> Callable[[Prompts], np.
 
         def step(i, carry):
             tokens, cache, out = carry
-            o = model(tokens[:, None], cache.lengths, cache)  # each row continues at its own length
+            o = model(tokens[:, None], cache.lengths, cache, moe_backend=moe_backend)  # each row at its own length
             nxt = jnp.argmax(o.logits[:, 0], axis=-1).astype(jnp.int32)
             return nxt, o.cache, out.at[:, i + 1].set(nxt)
 
@@ -231,6 +234,7 @@ def jaxspec_engine(served: argparse.Namespace, new_tokens: int):
         done = engine.generate([list(map(int, p)) for p in batch], params)
         return np.array([c.token_ids for c in done])
 
+    run.moe_backend = engine.runner.moe_dispatch()  # with --moe-dispatch measured (the default): the measured table
     return run
 
 
@@ -412,8 +416,8 @@ def report(rows: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------------ main
 def in_process_rows(args, prompts: Prompts, hf_model, model, served, rows: list, tokens: dict) -> None:
     """transformers, bare loop and engine rows; ``tokens[(impl, batch)]`` keeps what each decoded."""
-    loop = jaxspec_loop(model, args.new_tokens)
     engine = None if args.no_engine else jaxspec_engine(served, args.new_tokens)
+    loop = jaxspec_loop(model, args.new_tokens, getattr(engine, "moe_backend", None))
     for batch in args.batch_sizes:
         pool = prompts[: workload(args, batch)]
         sides = [] if args.no_transformers else [

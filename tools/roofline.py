@@ -16,7 +16,9 @@ is jitted over a donated cache like the engine's and timed as the median of
 ``--reps`` calls after warm-up; tokens are fixed random ids, so routing (and the
 experts counted) is reproducible. The forward attends over the C positions in
 use (``kv_len``, as the engine's steps do), or with ``--full-cache`` over the
-whole cache (max length M); the bound counts what was attended.
+whole cache (max length M); the bound counts what was attended. MoE layers dispatch as
+``serve`` does by default (``--moe-dispatch measured``: the fastest exact backend per step size,
+timed first on one layer).
 
     python tools/roofline.py                                   # builtin, mixtral, dense
     python tools/roofline.py --models mixtral --batch 1 8 32 --tokens 1 5 9
@@ -151,24 +153,37 @@ def build_model(name: str, max_len: int) -> Transformer:
     return load_any(name)[0]  # a config name or path: random weights
 
 
-def _forward_impl(graphdef, kv_len, state, cache, tokens, start):
+def _forward_impl(graphdef, kv_len, moe_backend, state, cache, tokens, start):
     kwargs = {} if kv_len is None else {"kv_len": kv_len}
-    out = nnx.merge(graphdef, state)(tokens, start, cache, None, None, **kwargs)
+    out = nnx.merge(graphdef, state)(tokens, start, cache, None, None, moe_backend=moe_backend, **kwargs)
     return out.logits, out.cache, out.expert_load
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_for(graphdef, kv_len):
+def _forward_for(graphdef, kv_len, moe_backend=None):
     """The jitted forward with the graph bound, as the engine binds it: a static graphdef argument
     would be hashed on every call (about 1 ms of host time, timed as if it were the forward's)."""
-    return jax.jit(functools.partial(_forward_impl, graphdef, kv_len), donate_argnums=(1,))
+    return jax.jit(functools.partial(_forward_impl, graphdef, kv_len, moe_backend), donate_argnums=(1,))
 
+
+def dispatch_for(model: Transformer, how: str, max_tokens: int):
+    """The MoE dispatch the forwards run: ``auto`` (None: the config's rule), a backend name, or
+    ``measured`` (the table ``serve --moe-dispatch measured`` would measure for these step sizes)."""
+    from jaxspec.models.moe_tuning import measured_table, worth_measuring
+
+    if how == "auto" or not model.cfg.is_moe:
+        return None
+    if how != "measured":
+        return how
+    if not worth_measuring(model.cfg):
+        return None
+    return measured_table(model.cfg, max_tokens, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model))))
 
 
 def time_forward(graphdef, state, cfg: ModelConfig, rows: int, tokens: int, context: int, max_len: int,
-                 kv_len: int | None, reps: int, seed: int = 0) -> tuple[float, np.ndarray]:
+                 kv_len: int | None, reps: int, seed: int = 0, moe_backend=None) -> tuple[float, np.ndarray]:
     """Median seconds of the jitted forward at start = context - tokens, and its expert load [L, E]."""
-    step = _forward_for(graphdef, kv_len)
+    step = _forward_for(graphdef, kv_len, moe_backend)
     cache = KVCache.create(cfg, rows, max_len)
     toks = jnp.asarray(np.random.default_rng(seed).integers(3, cfg.vocab_size, (rows, tokens)), jnp.int32)
     start = jnp.full((rows,), context - tokens, jnp.int32)
@@ -187,6 +202,9 @@ def time_forward(graphdef, state, cfg: ModelConfig, rows: int, tokens: int, cont
 def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool) -> list[dict]:
     model = build_model(name, args.max_len)
     cfg = model.cfg
+    backend = dispatch_for(model, args.moe_dispatch, max(args.batch) * max(args.tokens))
+    if backend is not None:
+        print(f"# {name}: MoE dispatch {getattr(backend, 'choices', backend)}", file=sys.stderr, flush=True)
     graphdef, state = nnx.split(model)
     itemsize = jnp.dtype(cfg.dtype).itemsize
     kv_len = args.context if kv_supported else None
@@ -195,7 +213,7 @@ def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool
     for b in args.batch:
         for t in args.tokens:
             sec, load = time_forward(graphdef, state, cfg, b, t, args.context, args.max_len, kv_len, args.reps,
-                                     args.seed)
+                                     args.seed, backend)
             touched = [int((load[i] > 0).sum()) if cfg.layer_is_moe(i) else 0 for i in range(cfg.num_layers)]
             bound = forward_bound(cfg, b, t, attended, touched, itemsize, peak, bandwidth)
             out.append({"model": name, "B": b, "T": t, "context": attended, "measured_ms": sec * 1e3,
@@ -249,6 +267,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0, help="seed of the token ids (fixes the routing)")
     p.add_argument("--peak-gflops", type=float, default=None, help="skip measuring the matmul peak")
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="skip measuring the memory bandwidth")
+    p.add_argument("--moe-dispatch", default="measured", metavar="{measured,auto,BACKEND}",
+                   help="MoE dispatch of the forwards: 'measured' (as serve's default: the fastest exact backend "
+                   "per step size, timed here first), 'auto' (the fixed rule) or a backend name")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     if not max(args.tokens) <= args.context <= args.max_len:

@@ -251,21 +251,16 @@ class ModelRunner:
         models whose experts do not fit the caches; call before the first step. Returns the table,
         or None where there is nothing to measure. The table is kept in the persistent compilation
         cache's directory (when one is set), per machine, jax version and expert shape."""
-        from jaxspec.models.moe_tuning import MAX_EVICT_BYTES, MIN_TUNED_EXPERT_BYTES, tune_dispatch, tuning_counts
+        from jaxspec.models.moe_tuning import measured_table, worth_measuring
 
-        cfg = self.cfg
-        expert_bytes = 3 * cfg.num_experts * cfg.d_model * cfg.moe_mlp_dim * jnp.dtype(cfg.dtype).itemsize
-        if (not cfg.is_moe or self.placement is not None or self.moe_backend not in (None, "auto")
-                or jax.default_backend() != "cpu" or cfg.quantization is not None
-                or expert_bytes < MIN_TUNED_EXPERT_BYTES):
+        if self.placement is not None or self.moe_backend not in (None, "auto") or not worth_measuring(self.cfg):
             return None
         decode = max(self.batch_buckets) * max(tokens_per_row)
         prefill = max(self.prefill_row_buckets) * self.bucket_for(self.prefill_chunk or self.max_len)
         model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.state))
         # Kept beside the persistent compilation cache, when there is one: a restart measures nothing.
-        table = tune_dispatch(cfg, tuning_counts(max(decode, prefill)), reps=reps,
-                              evict_bytes=min(model_bytes, MAX_EVICT_BYTES), extend_last=True,
-                              store=jax.config.jax_compilation_cache_dir or None)
+        table = measured_table(self.cfg, max(decode, prefill), model_bytes, reps,
+                               store=jax.config.jax_compilation_cache_dir or None)
         self.moe_backend = table
         self.statics = StepStatics(table, self.statics.attention_backend, self.statics.aux_layers)
         self._steps = unplaced_steps(self.graphdef, self.statics)

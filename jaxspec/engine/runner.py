@@ -182,6 +182,10 @@ class PlainRunner:
     def speculation(self) -> None:
         return None
 
+    def moe_dispatch(self):
+        """The MoE dispatch the steps run (a backend name, a measured table, or None: the config's)."""
+        return self.runner.moe_backend
+
     def release(self, slot: int) -> None:
         self.runner.set_length(slot, 0)
 

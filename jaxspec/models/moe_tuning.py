@@ -28,7 +28,10 @@ import numpy as np
 from jaxspec.config import ModelConfig
 from jaxspec.models.moe_dispatch import BACKENDS, choose_backend, grouped_kernel
 
-CPU_CANDIDATES = ("per_expert", "per_expert_static", "expert_rows", "sorted", "dense")
+# ``expert_rows`` is left out: it is often the fastest to run from 16 routed tokens up, but its
+# ``lax.switch`` over row counts compiles in about 5 s per layer and step shape, so a Mixtral-shaped
+# server's warm-up (some 40 step shapes of 6 layers) took over ten minutes with it. Named, it still runs.
+CPU_CANDIDATES = ("per_expert", "per_expert_static", "sorted", "dense")
 # The largest token count measured: beyond it a step keeps the choice at this count (the backends'
 # costs grow about linearly there), and measuring larger steps would lengthen start-up for little.
 MAX_TUNED_TOKENS = 2048
@@ -143,6 +146,23 @@ def tune_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Seq
         except OSError:
             pass  # a read-only cache directory: measure again next time
     return table
+
+
+def worth_measuring(cfg: ModelConfig) -> bool:
+    """Whether ``measured`` dispatch measures for this model here: float MoE experts of at least
+    ``MIN_TUNED_EXPERT_BYTES`` a layer, on a CPU (accelerators choose by validated kernels)."""
+    expert_bytes = 3 * cfg.num_experts * cfg.d_model * cfg.moe_mlp_dim * jnp.dtype(cfg.dtype).itemsize
+    return (cfg.is_moe and cfg.quantization is None and expert_bytes >= MIN_TUNED_EXPERT_BYTES
+            and jax.default_backend() == "cpu")
+
+
+def measured_table(cfg: ModelConfig, max_tokens: int, model_bytes: int, reps: int = 5,
+                   store: str | os.PathLike | None = None) -> DispatchTable:
+    """The table for steps of up to ``max_tokens`` routed tokens of a model of ``model_bytes``
+    (what streams through the caches between two calls of one layer), the winner at the largest
+    measured count beyond it."""
+    return tune_dispatch(cfg, tuning_counts(max_tokens), reps=reps, evict_bytes=min(model_bytes, MAX_EVICT_BYTES),
+                         extend_last=True, store=store)
 
 
 def _machine() -> str:

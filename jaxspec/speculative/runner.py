@@ -290,6 +290,10 @@ class SpeculativeRunner(CompiledSteps):
     def speculation(self) -> SpecScheduler:
         return self.spec
 
+    def moe_dispatch(self):
+        """The target's MoE dispatch (a backend name, a measured table, or None: the config's)."""
+        return self.target.moe_backend
+
     @property
     def cost_model(self) -> CostModel | None:
         return self.spec.cost_model
