@@ -5,7 +5,13 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+# The suite compiles thousands of step programs of tiny models and runs each a few times: LLVM's
+# optimisation passes were about half of every compile and buy nothing measurable at these sizes.
+# Subprocesses inherit the flags (helpers.xla_flags keeps them when it sets a device count).
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 

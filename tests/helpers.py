@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -98,3 +99,9 @@ def interpret_for(backend: str) -> bool:
         return True
     platform = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
     return platform != backend
+
+
+def xla_flags(device_count: int) -> str:
+    """This run's ``XLA_FLAGS`` (tests/conftest.py) for a subprocess of ``device_count`` CPU devices."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={device_count}"])

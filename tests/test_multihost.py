@@ -29,6 +29,7 @@ SPEC_TOKENS = 24  # adaptive k probes after 16 steps off: requests long enough t
 SLOTS, MAX_LEN = 4, 64
 MODEL, MESH, SCALE = "tiny-moe", "cpu-8", 3.0
 TIMEOUT_S = 480  # both processes compile every step on one shared core
+_CACHE_ENV = "JAXSPEC_MULTIHOST_TEST_CACHE"
 
 
 def _build_runner(spec: str = "none"):
@@ -484,8 +485,14 @@ class _Job:
 
     def __init__(self, tmp_path: Path, mode: str, *args: str):
         root = Path(__file__).resolve().parents[1]
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        import jax
+        from helpers import xla_flags
+
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(4),
                "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+        # The run's compilation cache: these jobs compile the same steps (each one, in two processes).
+        if jax.config.jax_compilation_cache_dir:
+            env[_CACHE_ENV] = str(jax.config.jax_compilation_cache_dir)
         self.logs = [tmp_path / f"{mode}-p{i}.log" for i in range(2)]
         self.procs = [subprocess.Popen([sys.executable, __file__, mode, str(i), *args], env=env,
                                        stdout=open(self.logs[i], "w"), stderr=subprocess.STDOUT) for i in range(2)]
@@ -674,6 +681,10 @@ if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] in ("worker", "
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.environ.get(_CACHE_ENV):
+        from serving.build import enable_compilation_cache
+
+        enable_compilation_cache(os.environ[_CACHE_ENV])
     if sys.argv[1] == "worker":
         sys.exit(_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]))
     if sys.argv[1] == "serve-spec":

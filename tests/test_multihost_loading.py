@@ -372,8 +372,10 @@ def _worker(process_id: int, port: int, out: str, root: str, kind: str) -> int:
 
 def _run_job(tmp_path: Path, kind: str) -> list[dict]:
     """Both processes' results: what each read, and the leader's tokens."""
+    from helpers import xla_flags
+
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(4),
            "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
     port = _free_port()
     logs = [tmp_path / f"worker-p{i}.log" for i in range(2)]
