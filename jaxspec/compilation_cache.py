@@ -4,10 +4,14 @@ On by default: a second run loads its executables instead of compiling them. The
 executables the process will run, so its directory must be private: created 0700, and refused when
 it is owned by another user or writable by group or others.
 
-Concurrent processes: jax 0.10's ``LRUCache`` writes an entry with a plain ``write_bytes`` (no
-rename), so without a size limit a process could read another's half-written entry (jax then warns
-and compiles instead). With a size limit (``MAX_BYTES``) every read and write holds a ``filelock``
-lock on the directory, which also evicts least recently used entries past the limit.
+Size: ``enable`` trims the directory to ``max_bytes`` (default ``MAX_BYTES``) once, least recently
+used entries first, and jax then runs without a limit. jax 0.10's own limit re-lists and stats every
+entry under a directory lock on each write, so a cache of thousands of entries made every compile
+slower (a test compiling 640 small programs: 15 s with an empty cache, 159 s beside 5,500 entries).
+A long run can exceed the limit by what it compiles itself; the next start trims it.
+
+Concurrent processes: jax writes an entry with a plain ``write_bytes`` (no rename), so a process
+may read another's half-written entry; jax then warns and compiles instead.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ MAX_BYTES = 4 * 2**30
 # jax options this module sets (restored by ``enabled``).
 _OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
             "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
+# File names of jax 0.10's cache: an executable, and the last-use stamp jax keeps beside it when it
+# enforces a size limit itself.
+_ENTRY, _STAMP = "-cache", "-atime"
 
 
 def default_cache_dir() -> Path:
@@ -46,22 +53,55 @@ def private_dir(directory: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def _entries(path: Path) -> list[tuple[int, int, Path]]:
+    """(last use in ns, size, file) of every cached executable under ``path``."""
+    out = []
+    for f in path.glob(f"*{_ENTRY}"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # another process trimmed it
+            continue
+        used = max(st.st_atime_ns, st.st_mtime_ns)
+        stamp = f.with_name(f.name[: -len(_ENTRY)] + _STAMP)  # jax's own last-use stamp, where it kept one
+        with contextlib.suppress(OSError, ValueError):
+            used = max(used, int.from_bytes(stamp.read_bytes(), "little"))
+        out.append((used, st.st_size, f))
+    return out
+
+
+def trim(directory: str | os.PathLike, max_bytes: int) -> int:
+    """Delete least recently used executables under ``directory`` until the rest take at most
+    ``max_bytes``; returns the bytes freed."""
+    path = Path(directory)
+    entries = sorted(_entries(path))
+    total = sum(size for _, size, _ in entries)
+    freed = 0
+    for _, size, f in entries:
+        if total - freed <= max_bytes:
+            break
+        for victim in (f, f.with_name(f.name[: -len(_ENTRY)] + _STAMP)):
+            with contextlib.suppress(FileNotFoundError):
+                victim.unlink()
+        freed += size
+    if freed:
+        log.info("compilation cache: trimmed %d MiB of least recently used executables", freed >> 20)
+    return freed
+
+
 def enable(directory: str | os.PathLike | None = None, max_bytes: int | None = MAX_BYTES) -> Path:
-    """Persist every compiled executable under ``directory`` (see ``private_dir``). Call before
-    the first compilation of the process. ``max_bytes=None``: no size limit and no lock."""
+    """Persist every compiled executable under ``directory`` (see ``private_dir``), trimmed to
+    ``max_bytes`` first (``None``: no limit). Call before the first compilation of the process."""
     import jax
 
     path = private_dir(directory)
     if max_bytes is not None:
-        try:
-            import filelock  # noqa: F401  jax needs it for the size limit (and its lock)
-        except ImportError:
-            max_bytes = None
+        trim(path, int(max_bytes))
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Cache every executable, however quick to compile: a step is many small ones.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", -1 if max_bytes is None else int(max_bytes))
+    # No limit inside jax: its eviction scans the whole directory on every write (see above).
+    jax.config.update("jax_compilation_cache_max_size", -1)
     log.info("persistent compilation cache at %s", path)
     return path
 

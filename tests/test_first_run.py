@@ -55,8 +55,26 @@ def test_enabled_sets_then_restores_jax_options(tmp_path):
     with compilation_cache.enabled(tmp_path / "c") as path:
         assert jax.config.jax_compilation_cache_dir == str(path)
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
-        assert jax.config.jax_compilation_cache_max_size == compilation_cache.MAX_BYTES  # locked reads/writes
+        # No limit inside jax: its eviction scans the directory on every write (enable trims instead).
+        assert jax.config.jax_compilation_cache_max_size == -1
     assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_enable_trims_least_recently_used_executables_to_the_limit(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir(mode=0o700)
+    for i, name in enumerate(["old", "mid", "new"]):
+        f = d / f"jit_step-{name}-cache"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    (d / "jit_step-old-atime").write_bytes((10**18 + 5 * 10**9).to_bytes(8, "little"))  # jax's stamp: used last
+    (d / "moe-dispatch-x.json").write_text("{}")  # not an executable: never trimmed
+    with compilation_cache.enabled(d, max_bytes=2000):
+        pass
+    assert sorted(p.name for p in d.iterdir()) == ["jit_step-new-cache", "jit_step-old-atime", "jit_step-old-cache",
+                                                   "moe-dispatch-x.json"]
+    assert compilation_cache.trim(d, 0) == 2000
+    assert sorted(p.name for p in d.iterdir()) == ["moe-dispatch-x.json"]
 
 
 def test_filtered_fd2_drops_plugin_noise_only(capfd):
