@@ -101,7 +101,9 @@ def interpret_for(backend: str) -> bool:
     return platform != backend
 
 
-def xla_flags(device_count: int) -> str:
-    """This run's ``XLA_FLAGS`` (tests/conftest.py) for a subprocess of ``device_count`` CPU devices."""
+def xla_flags(device_count: int | None) -> str:
+    """This run's ``XLA_FLAGS`` (tests/conftest.py) for a subprocess of ``device_count`` CPU devices
+    (``None``: jax's default, one)."""
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    return " ".join(kept + [f"--xla_force_host_platform_device_count={device_count}"])
+    count = [] if device_count is None else [f"--xla_force_host_platform_device_count={device_count}"]
+    return " ".join(kept + count)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import xla_flags
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -80,8 +81,7 @@ def test_notebook_runs_with_tiny_models(tmp_path):
     nb.cells.insert(params[0] + 1, nbformat.v4.new_code_cell(
         "\n".join(f"{k} = {v!r}" for k, v in overrides.items()), metadata={"tags": ["injected-parameters"]}))
     # One CPU device, as on a user's machine (conftest gives this process 8 virtual ones).
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(None)}
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env=env)  # raises CellExecutionError naming the cell that failed
