@@ -53,38 +53,38 @@ def private_dir(directory: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _entries(path: Path) -> list[tuple[int, int, Path]]:
-    """(last use in ns, size, file) of every cached executable under ``path``."""
-    out = []
-    for f in path.glob(f"*{_ENTRY}"):
-        try:
-            st = f.stat()
-        except FileNotFoundError:  # another process trimmed it
-            continue
-        used = max(st.st_atime_ns, st.st_mtime_ns)
-        stamp = f.with_name(f.name[: -len(_ENTRY)] + _STAMP)  # jax's own last-use stamp, where it kept one
-        with contextlib.suppress(OSError, ValueError):
-            used = max(used, int.from_bytes(stamp.read_bytes(), "little"))
-        out.append((used, st.st_size, f))
-    return out
+def _stamp(entry: Path) -> Path:
+    """The last-use stamp jax keeps beside ``entry`` when it enforces a size limit itself."""
+    return entry.with_name(entry.name[: -len(_ENTRY)] + _STAMP)
+
+
+def _last_use(entry: Path, st: os.stat_result) -> int:
+    """When ``entry`` was last used, in ns: its file times, or jax's stamp where newer."""
+    used = max(st.st_atime_ns, st.st_mtime_ns)
+    with contextlib.suppress(OSError, ValueError):
+        used = max(used, int.from_bytes(_stamp(entry).read_bytes(), "little"))
+    return used
 
 
 def trim(directory: str | os.PathLike, max_bytes: int) -> int:
     """Delete least recently used executables under ``directory`` until the rest take at most
-    ``max_bytes``; returns the bytes freed."""
-    path = Path(directory)
-    entries = sorted(_entries(path))
-    total = sum(size for _, size, _ in entries)
+    ``max_bytes``; returns the bytes freed. Under the limit it only lists the directory."""
+    entries = []
+    for f in Path(directory).glob(f"*{_ENTRY}"):
+        with contextlib.suppress(FileNotFoundError):  # another process trimmed it
+            entries.append((f, f.stat()))
+    total = sum(st.st_size for _, st in entries)
+    if total <= max_bytes:
+        return 0
     freed = 0
-    for _, size, f in entries:
+    for _, f, st in sorted((_last_use(f, st), f, st) for f, st in entries):
         if total - freed <= max_bytes:
             break
-        for victim in (f, f.with_name(f.name[: -len(_ENTRY)] + _STAMP)):
+        for victim in (f, _stamp(f)):
             with contextlib.suppress(FileNotFoundError):
                 victim.unlink()
-        freed += size
-    if freed:
-        log.info("compilation cache: trimmed %d MiB of least recently used executables", freed >> 20)
+        freed += st.st_size
+    log.info("compilation cache: trimmed %d MiB of least recently used executables", freed >> 20)
     return freed
 
 
