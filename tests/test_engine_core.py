@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from helpers import scaled_model
+from helpers import full_forward, scaled_model
 from jaxspec.engine import Engine, FinishReason, ModelRunner, PlainRunner, Request
 from jaxspec.engine.engine import StepFailed
 from jaxspec.engine.model_runner import batch_buckets, bucket_up, kv_buckets, prefill_buckets
@@ -98,6 +99,36 @@ def test_padding_tokens_reach_no_expert(backend):
     alone = BACKENDS[backend](x[~pad[:, 0]], ids[~pad[:, 0]], w[~pad[:, 0]], w_gate, w_up, w_down)
     np.testing.assert_allclose(np.asarray(out)[np.asarray(pad[:, 0])], 0.0)
     np.testing.assert_allclose(np.asarray(out)[~np.asarray(pad[:, 0])], np.asarray(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_steps_take_the_parameters_as_a_plain_dict(model):
+    """jit flattens a nested dict in C++ where an nnx.State calls into Python per variable: the
+    runner hands its steps a dict holding the model's own arrays, and its model is the same."""
+    runner = ModelRunner(model, num_slots=2, max_len=64)
+    leaves = jax.tree.leaves(runner.state)
+    assert all(type(node) is dict for node in _nodes(runner.state))
+    assert all(isinstance(x, jax.Array) for x in leaves) and len(leaves) == len(jax.tree.leaves(nnx.state(model)))
+    tokens = np.array([3, 4, 5], np.int32)
+    np.testing.assert_array_equal(full_forward(runner.model(), tokens), full_forward(model, tokens))
+
+
+def _nodes(tree):
+    """Every container of a nested dict/list tree (leaves excluded)."""
+    out = [tree]
+    for child in (tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()):
+        if isinstance(child, (dict, list, tuple)):
+            out += _nodes(child)
+    return out
+
+
+def test_a_released_slot_goes_back_to_length_zero_without_touching_others(model):
+    runner = ModelRunner(model, num_slots=4, max_len=64)
+    engine = Engine(PlainRunner(runner), ByteTokenizer())
+    engine.generate(["abc", "defgh"], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert runner.lengths().tolist() == [0, 0, 0, 0]  # both released
+    runner.set_length(2, 7)
+    runner.set_length(1, 5)
+    assert runner.lengths().tolist() == [0, 5, 7, 0] and runner.host_lengths.tolist() == [0, 5, 7, 0]
 
 
 def test_padding_rows_do_not_count_as_expert_load(model):

@@ -268,7 +268,6 @@ def test_load_engine_reads_target_and_draft_into_their_placements(tmp_path, monk
     read per shard, straight into the shardings the runner and the draft proposer use (the draft,
     small, replicated: each of its arrays read once, whole)."""
     import jax
-    from flax import nnx
 
     from jaxspec.checkpoint.orbax_io import _box
 
@@ -278,10 +277,10 @@ def test_load_engine_reads_target_and_draft_into_their_placements(tmp_path, monk
     runner, _ = _load_runner(_engine_options(target, draft, mesh))
     assert set(log.boxes) == {"target", "draft"}
     t_state = runner.target.state
-    for path, array in _flat(nnx.to_pure_dict(t_state)).items():
+    for path, array in _flat(t_state).items():  # runners hold their parameters as a nested dict
         assert sorted(log.boxes["target"][path]) == sorted(_expected_boxes(array.sharding, array.shape)), path
     proposer = runner.proposer
-    d_state = nnx.to_pure_dict(proposer.state)
+    d_state = proposer.state
     for path, array in _flat(d_state).items():
         assert array.sharding.is_fully_replicated
         assert log.boxes["draft"][path] == [_box((slice(None),) * array.ndim, array.shape)], path
@@ -405,7 +404,6 @@ def test_two_processes_load_their_own_shards_and_generate_what_one_process_does(
     """Target and draft model directories: each process reads its own devices' boxes of the
     target, each once (half the expert weights), and the small replicated draft whole."""
     import jax
-    from flax import nnx
 
     _save_pair(tmp_path)
     got = _run_job(tmp_path, "orbax")
@@ -417,7 +415,7 @@ def test_two_processes_load_their_own_shards_and_generate_what_one_process_does(
     assert all(len(t) == MAX_TOKENS for t in want)
     assert 0 < drafts[1] < drafts[0], drafts
 
-    state = _flat(nnx.to_pure_dict(runner.target.state))
+    state = _flat(runner.target.state)
     devices = jax.devices()
     whole = sum(x.nbytes for x in state.values())
     for i, g in enumerate(got):

@@ -27,8 +27,8 @@ from flax import nnx
 from jaxspec.engine.mixed_step import forward_mixed, mixed_step
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, QueuedStep, StepResult
-from jaxspec.engine.steps import (PlacedBackend, SpanSteps, StepStatics, _forward, placed_steps, slots_unsplit,
-                                  unplaced_steps)
+from jaxspec.engine.steps import (PlacedBackend, SpanSteps, StepStatics, _forward, params_tree, placed_steps,
+                                  slots_unsplit, unplaced_steps)
 from jaxspec.mesh import Placement, check_placement
 from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
@@ -166,7 +166,9 @@ class ModelRunner:
         self.kv_dtype = check_kv_dtype(kv_dtype)
         self.moe_backend = moe_backend
         self.placement = placement
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # Placed below (on a mesh); what every step takes, as a nested dict (``params_tree``).
+        self.state = params_tree(state)
         self.state_sharding = None
         if placement is not None:
             check_placement(self.cfg, placement)
@@ -178,7 +180,7 @@ class ModelRunner:
             raise ValueError(f"the pallas attention backend reads whole pages; pages split {groups} ways over the "
                              "mesh's data axis need the xla backend")
         if placement is not None:
-            self.state_sharding = state_sharding = placement.state_shardings(self.state)
+            self.state_sharding = state_sharding = params_tree(placement.state_shardings(state))
             self.state = jax.device_put(self.state, state_sharding)
             abstract = KVCache.abstract(self.cfg, num_slots, self.max_len, num_pages=num_pages, page_size=page_size,
                                         kv_dtype=self.kv_dtype, page_groups=groups)

@@ -20,6 +20,21 @@ from jaxspec.models import KVCache
 from jaxspec.sampling import BatchSampling, sample_tokens
 
 
+def params_tree(state: nnx.State) -> dict:
+    """A model's parameters (or their shardings) as the nested dict of arrays every step takes.
+
+    jit flattens a dict in C++, where an ``nnx.State`` calls into Python for every Variable: with
+    the built-in target's 43 parameters a step call cost about 77 us instead of 26. ``nnx.merge``
+    takes the dict as it is."""
+    return nnx.to_pure_dict(state)
+
+
+def params_variables(graphdef, params: dict) -> nnx.State:
+    """The ``nnx.State`` of a ``params_tree`` (its variables with their metadata, such as the
+    logical axes that place them), sharing the arrays."""
+    return nnx.state(nnx.merge(graphdef, params))
+
+
 def slots_unsplit(cache_sharding: KVCache) -> bool:
     """Whether the cache's slot axis lives whole on every device (rows can be packed freely)."""
     spec = getattr(cache_sharding.k, "spec", None)

@@ -176,12 +176,19 @@ class KVCache(NamedTuple):
 
     def set_length(self, slot: int | jax.Array, length: int | jax.Array) -> "KVCache":
         """Roll a slot back (or forward to a length already written)."""
-        return self._replace(lengths=self.lengths.at[slot].set(length))
+        return self._replace(lengths=_set_at(self.lengths, slot, length))
 
     def nbytes(self) -> int:
         table = 0 if self.page_table is None else self.page_table.size * 4
         scales = 0 if self.k_scale is None else self.k_scale.size * 4 * 2
         return int(self.k.size * self.k.dtype.itemsize * 2 + self.lengths.size * 4 + table + scales)
+
+
+@jax.jit
+def _set_at(lengths: jax.Array, slot, length) -> jax.Array:
+    # Jitted: an eager ``.at[].set`` costs about 0.8 ms of host time per call here, 25 us
+    # jitted (once per finished request, on the engine thread).
+    return lengths.at[slot].set(length)
 
 
 def check_paging(max_len: int, num_pages: int | None, page_size: int, num_slots: int = 1, page_groups: int = 1

@@ -34,6 +34,7 @@ from flax import nnx
 
 from jaxspec.config import ModelConfig
 from jaxspec.engine.model_runner import kv_buckets, prefill_buckets, slots_unsplit
+from jaxspec.engine.steps import params_tree, params_variables
 from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.kv_cache import check_kv_dtype, set_table_row
@@ -101,7 +102,8 @@ class DraftModelProposer:
         independent of the target's."""
         self.cfg: ModelConfig = model.cfg
         self.kv_dtype = check_kv_dtype(kv_dtype)
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        self.state = params_tree(state)
         self.moe_backend = moe_backend
         self.catchup_chunk = catchup_chunk
         self.cache: KVCache | None = None
@@ -122,7 +124,7 @@ class DraftModelProposer:
         placement = draft_placement(self.cfg, target, num_slots, max_len, hbm, kv_dtype=self.kv_dtype)
         check_placement(self.cfg, placement)
         self.placement = placement
-        self._state_sharding = placement.state_shardings(self.state)
+        self._state_sharding = params_tree(placement.state_shardings(params_variables(self.graphdef, self.state)))
         self.state = jax.device_put(self.state, self._state_sharding)
         self.moe_backend = moe_backend_for(placement) or self.moe_backend
         self._fns = {}

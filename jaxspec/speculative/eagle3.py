@@ -54,6 +54,7 @@ from flax import nnx
 
 from jaxspec.config import ModelConfig
 from jaxspec.engine.model_runner import batch_buckets, bucket_up, kv_buckets, prefill_buckets
+from jaxspec.engine.steps import params_tree, params_variables
 from jaxspec.mesh import Placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache
 from jaxspec.models.kv_cache import check_kv_dtype, set_table_row
@@ -148,7 +149,8 @@ class Eagle3Proposer:
         self.kv_dtype = check_kv_dtype(kv_dtype)
         if not self.cfg.own_embeddings and target_embed is None:
             raise ValueError("this EAGLE-3 head shares the target's embeddings: pass target_embed")
-        self.graphdef, self.state = nnx.split(head)
+        self.graphdef, state = nnx.split(head)
+        self.state = params_tree(state)
         self.embed = None if self.cfg.own_embeddings else target_embed
         self.feature_layers = self.cfg.aux_layers  # the runner makes the target return these
         self.cache: KVCache | None = None
@@ -168,7 +170,7 @@ class Eagle3Proposer:
         hbm = device_memory_bytes(target.mesh.devices.flat[0])
         self.placement = placement = draft_placement(self.cfg, target, num_slots, max_len, hbm,
                                                      kv_dtype=self.kv_dtype)
-        state_sharding = placement.state_shardings(self.state)
+        state_sharding = params_tree(placement.state_shardings(params_variables(self.graphdef, self.state)))
         self.state = jax.device_put(self.state, state_sharding)
         embed_sharding = None
         if self.embed is not None:  # the target's embed parameter's logical axes, by the target's rules
