@@ -84,7 +84,8 @@ def test_bucketed_steps_equal_full_steps(model):
     assert [c.token_ids for c in bucketed] == [c.token_ids for c in reference]
 
 
-@pytest.mark.parametrize("backend", ["dense", "per_expert", "per_expert_static", "expert_rows", "sorted", "ragged"])
+@pytest.mark.parametrize("backend", ["dense", "per_expert", "per_expert_static", "expert_rows", "expert_chunks", "sorted",
+                                     "ragged"])
 def test_padding_tokens_reach_no_expert(backend):
     """Ids == E (padding) with weight 0 contribute nothing and leave the valid rows unchanged."""
     rng = np.random.default_rng(0)

@@ -66,7 +66,7 @@ def test_the_check_catches_a_whole_tensor_dequantization():
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("backend", ["dense", "sorted", "ragged", "per_expert", "per_expert_static", "expert_rows",
-                                     "pallas"])
+                                     "expert_chunks", "pallas"])
 def test_dispatch_never_dequantizes_a_whole_expert_tensor(backend, bits):
     assert load_backend(backend)
     x, ids, gates = _routing()

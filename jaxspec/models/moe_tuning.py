@@ -31,7 +31,7 @@ from jaxspec.models.moe_dispatch import BACKENDS, choose_backend, grouped_kernel
 # ``expert_rows`` is left out: it is often the fastest to run from 16 routed tokens up, but its
 # ``lax.switch`` over row counts compiles in about 5 s per layer and step shape, so a Mixtral-shaped
 # server's warm-up (some 40 step shapes of 6 layers) took over ten minutes with it. Named, it still runs.
-CPU_CANDIDATES = ("per_expert", "per_expert_static", "sorted", "dense")
+CPU_CANDIDATES = ("per_expert", "per_expert_static", "expert_chunks", "sorted", "dense")
 # The largest token count measured: beyond it a step keeps the choice at this count (the backends'
 # costs grow about linearly there), and measuring larger steps would lengthen start-up for little.
 MAX_TUNED_TOKENS = 2048
