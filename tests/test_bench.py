@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxspec.bench import report, stats, stub
-from jaxspec.bench.cli import main as bench_main
+from jaxspec.bench.cli import interleaved_order, main as bench_main
 from jaxspec.bench.configs import BenchConfig, baseline_of, parse_config
 from jaxspec.bench.load import SendOptions, Target, closed_loop, open_loop
 from jaxspec.bench.workloads import BenchRequest, make_workload, tokenizer_for
@@ -296,6 +296,31 @@ def test_cli_against_a_running_server_writes_every_report(stub_server, tmp_path)
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["latency_synthetic_in_8_out_3_concurrency.png", "latency_synthetic_in_8_out_3_rate.png"]
     assert all((out / p).stat().st_size > 10_000 for p in pngs)
+
+
+def test_interleaved_rounds_rotate_the_configurations_and_pool_each_level(stub_server, tmp_path):
+    target = stub_server()
+    summary = bench_main(["--server", target.address, "--model", "tiny-moe", "--configs", "none", "draft:k=2",
+                          "--workload", "synthetic:in=8,out=3", "--concurrency", "1", "2", "--requests", "3",
+                          "--interleave", "--rounds", "2", "--out", str(tmp_path / "run"), "--no-progress",
+                          "--no-plots"])
+    assert summary["config_errors"] == {}
+    # Each level twice per configuration, pooled: 2 x 3 requests a row, walls added.
+    rows = {(r["config"], r["level"]): r for r in summary["levels"]}
+    assert sorted(rows) == [("draft:k=2", 1), ("draft:k=2", 2), ("none", 1), ("none", 2)]
+    assert all(r["requests"] == 6 and r["ok"] == 6 for r in rows.values())
+    # Warm-up, then passes of 3 requests whose first configuration changes from pass to pass.
+    order = target.servicer.order
+    assert order[:4] == ["off", "off", "k=2", "k=2"]
+    passes = [order[i] for i in range(4, len(order), 3)]
+    assert passes == ["off", "k=2", "k=2", "off", "off", "k=2", "k=2", "off"]
+    assert all(len(set(order[i:i + 3])) == 1 for i in range(4, len(order), 3))
+
+
+def test_interleaved_order_rotates():
+    assert [interleaved_order(["a", "b", "c"], t) for t in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert interleaved_order([], 3) == []
 
 
 def test_bad_arguments_are_named(capsys):

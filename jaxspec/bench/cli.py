@@ -17,6 +17,12 @@ its last one returns) or open-loop (``--rate``: Poisson arrivals at that many re
 whatever the server's state), bounded by ``--requests`` and ``--time-limit``; warm-up requests are
 not counted. Every request gets a record, failures included (by gRPC status or finish reason).
 
+Configurations run one after another by default (one server at a time). On a shared or thermally
+limited machine the speed drifts over a run, and a ratio between two configurations measured minutes
+apart carries that drift: ``--interleave`` starts every configuration's server first and runs each
+level against all of them in turn, the order rotated each pass, and ``--rounds R`` repeats each level
+R times (pooled), so the drift falls on every configuration alike.
+
 Writes to ``--out``: ``results.json`` (every request's record, every level's summary, the run's
 settings and machine), ``report.md`` (the tables) and PNG plots (with matplotlib installed:
 ``pip install jaxspec[bench]``).
@@ -62,6 +68,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     t.add_argument("--rate", type=float, nargs="*", default=None, metavar="R", help="open-loop levels, requests/s")
     t.add_argument("--requests", type=int, default=32, help="requests per level (closed loop: at least the level)")
     t.add_argument("--time-limit", type=float, default=300.0, help="seconds a level may send for")
+    t.add_argument("--rounds", type=int, default=1,
+                   help="passes of each level per configuration, pooled in its row (walls added)")
+    t.add_argument("--interleave", action="store_true",
+                   help="start every configuration's server first, then run each level against all of them in "
+                        "turn, the order rotated each pass: a drift in the machine's speed (another process, "
+                        "the clock) then falls on every configuration alike. Needs memory (and an accelerator "
+                        "that processes can share) for all the servers at once")
     t.add_argument("--warmup", type=int, default=2, help="uncounted requests per configuration and workload")
     t.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (code, edit, jsonl default)")
     t.add_argument("--temperature", type=float, default=0.0)
@@ -98,8 +111,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.rate = sorted(set(args.rate or []))
     if any(c < 1 for c in args.concurrency) or any(x <= 0 for x in args.rate):
         p.error("--concurrency levels must be >= 1 and --rate levels > 0")
-    if args.requests < 1 or args.max_tokens < 1 or args.warmup < 0 or args.max_inflight < 1:
-        p.error("--requests, --max-tokens and --max-inflight must be >= 1, --warmup >= 0")
+    if args.requests < 1 or args.max_tokens < 1 or args.warmup < 0 or args.max_inflight < 1 or args.rounds < 1:
+        p.error("--requests, --max-tokens, --max-inflight and --rounds must be >= 1, --warmup >= 0")
     if (args.tls or args.root_certificates or args.auth_token_file) and not args.server:
         p.error("--tls, --root-certificates and --auth-token-file are for --server")
     return args
@@ -132,38 +145,69 @@ class Progress:
         return bar, (lambda rec: bar.update(1))
 
 
+def send_options(cfg: BenchConfig, args) -> SendOptions:
+    return SendOptions(stream=args.stream, temperature=args.temperature,
+                       request=tuple(cfg.request_options().items()) if args.server else (),
+                       timeout_s=args.time_limit + 300)
+
+
+def warm_config(cfg: BenchConfig, target: Target, wl, args) -> None:
+    warm_recs = warm(target, wl.warmup, send_options(cfg, args))
+    if warm_recs and not any(r["ok"] for r in warm_recs):
+        print(f"  warning: {cfg.name}: every warm-up request failed: {warm_recs[0].get('status')} "
+              f"{warm_recs[0].get('error', '')}", flush=True)
+
+
+def run_level(cfg: BenchConfig, target: Target, wl, load: str, lv: float, args, progress: Progress
+              ) -> tuple[list, float]:
+    """One pass of one level against one configuration: (records, wall seconds)."""
+    opts = send_options(cfg, args)
+    n = max(args.requests, int(lv)) if load == "concurrency" else args.requests
+    bar, cb = progress.level(f"{cfg.name} {wl.name} {report.level_name(load, lv)}", n)
+    if load == "concurrency":
+        recs, wall = closed_loop(target, wl.requests, int(lv), n, args.time_limit, opts, cb)
+    else:
+        recs, wall = open_loop(target, wl.requests, lv, n, args.time_limit, opts, args.seed, args.max_inflight, cb)
+    if bar is not None:
+        bar.close()
+    for rec in recs:
+        rec.update(workload=wl.name, config=cfg.name, load=load, level=lv)
+    return recs, wall
+
+
+def level_row(cfg: BenchConfig, wl, load: str, lv: float, recs: list, wall: float, args) -> dict:
+    """A level's summary over every pass of it (``--rounds``: records pooled, walls added)."""
+    row = dict(workload=wl.name, config=cfg.name, load=load, level=lv,
+               **stats.summarize(recs, wall, slo_e2e=args.slo_e2e, slo_ttft=args.slo_ttft,
+                                 price_per_hour=args.price_per_hour))
+    fails = f" ({', '.join(f'{k} {v}' for k, v in row['failures'].items())})" if row["failed"] else ""
+    print(f"  {cfg.name} {wl.name} {report.level_name(load, lv)}: {row['tok_s']:.1f} tok/s, "
+          f"P50 {report.fmt(row['e2e_p50'], '.3f')} s, P99 {report.fmt(row['e2e_p99'], '.3f')} s, "
+          f"{row['failed']}/{row['requests']} failed{fails}", flush=True)
+    return row
+
+
 def run_config(cfg: BenchConfig, target: Target, workloads, args, progress: Progress) -> tuple[list, list]:
+    """Every workload and level against one configuration, each level ``args.rounds`` times in a row."""
     records, rows = [], []
-    base_opts = SendOptions(stream=args.stream, temperature=args.temperature,
-                            request=tuple(cfg.request_options().items()) if args.server else (),
-                            timeout_s=args.time_limit + 300)
     for wl in workloads:
-        warm_recs = warm(target, wl.warmup, base_opts)
-        if warm_recs and not any(r["ok"] for r in warm_recs):
-            print(f"  warning: every warm-up request failed: {warm_recs[0].get('status')} "
-                  f"{warm_recs[0].get('error', '')}", flush=True)
+        warm_config(cfg, target, wl, args)
         for load, lv in levels(args):
-            n = max(args.requests, int(lv)) if load == "concurrency" else args.requests
-            bar, cb = progress.level(f"{cfg.name} {wl.name} {report.level_name(load, lv)}", n)
-            if load == "concurrency":
-                recs, wall = closed_loop(target, wl.requests, int(lv), n, args.time_limit, base_opts, cb)
-            else:
-                recs, wall = open_loop(target, wl.requests, lv, n, args.time_limit, base_opts, args.seed,
-                                       args.max_inflight, cb)
-            if bar is not None:
-                bar.close()
-            for rec in recs:
-                rec.update(workload=wl.name, config=cfg.name, load=load, level=lv)
+            recs, wall = [], 0.0
+            for _ in range(args.rounds):
+                r, w = run_level(cfg, target, wl, load, lv, args, progress)
+                recs += r
+                wall += w
             records += recs
-            row = dict(workload=wl.name, config=cfg.name, load=load, level=lv,
-                       **stats.summarize(recs, wall, slo_e2e=args.slo_e2e, slo_ttft=args.slo_ttft,
-                                         price_per_hour=args.price_per_hour))
-            rows.append(row)
-            fails = f" ({', '.join(f'{k} {v}' for k, v in row['failures'].items())})" if row["failed"] else ""
-            print(f"  {wl.name} {report.level_name(load, lv)}: {row['tok_s']:.1f} tok/s, "
-                  f"P50 {report.fmt(row['e2e_p50'], '.3f')} s, P99 {report.fmt(row['e2e_p99'], '.3f')} s, "
-                  f"{row['failed']}/{row['requests']} failed{fails}", flush=True)
+            rows.append(level_row(cfg, wl, load, lv, recs, wall, args))
     return records, rows
+
+
+def interleaved_order(names: Sequence[str], turn: int) -> list[str]:
+    """The configurations' order at a level's ``turn``-th pass: rotated by one each pass, so none is
+    always measured first (a server's first level after another's ran on a machine in another state)."""
+    k = turn % len(names) if names else 0
+    return list(names[k:]) + list(names[:k])
 
 
 def error_line(e: str) -> str:
@@ -235,6 +279,147 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+class Run:
+    """The configurations' servers (or the running one), what was measured, and what failed."""
+
+    def __init__(self, args, argv, out: Path, configs, workloads, remote: Target | None):
+        self.args, self.argv, self.out, self.configs, self.workloads, self.remote = (
+            args, argv, out, configs, workloads, remote)
+        self.records: list = []
+        self.rows: list = []
+        self.errors: dict[str, str] = {}
+        self.servers: dict[str, dict] = {}
+        self.targets: dict[str, tuple[Target, object]] = {}  # name -> (target, ServerProcess or None)
+
+    def start(self, cfg: BenchConfig) -> Target:
+        load_before = os.getloadavg()[0]
+        server = None
+        if self.remote is not None:
+            target = self.remote
+        else:
+            from jaxspec.bench.server import ServerProcess
+
+            # A configuration's own --model (MoE vs dense in one run) replaces the run's.
+            flags = ([] if cfg.model else ["--model", self.args.model]) + [*shlex.split(self.args.serve_args),
+                                                                           *cfg.serve_flags()]
+            server = ServerProcess(flags, self.args.compilation_cache_dir)
+            self.targets[cfg.name] = (None, server)  # stopped whatever happens next
+            t = time.perf_counter()
+            target = server.start(self.args.start_timeout)
+            print(f"{cfg.name}: SERVING after {time.perf_counter() - t:.1f}s ({' '.join(flags)})", flush=True)
+        self.targets[cfg.name] = (target, server)
+        with target.client() as client:
+            info = client.model_info(timeout=30)
+        self.servers[cfg.name] = dict(model_id=info.model_id, spec_method=info.spec_method,
+                                      draft_model_id=info.draft_model_id, num_slots=info.num_slots,
+                                      platform=info.platform, dtype=info.dtype, context_length=info.context_length,
+                                      max_speculative_tokens=info.max_speculative_tokens, load_before=load_before)
+        return target
+
+    def check_alive(self, cfg: BenchConfig) -> None:
+        server = self.targets.get(cfg.name, (None, None))[1]
+        if server is not None and not server.alive():
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.tail()}")
+
+    def stop(self, name: str) -> None:
+        server = self.targets.pop(name, (None, None))[1]
+        if server is not None:
+            server.stop()
+
+    def stop_servers(self) -> None:
+        for name in list(self.targets):
+            self.stop(name)
+
+    def failed(self, cfg: BenchConfig, e: Exception) -> bool:
+        """Record a configuration's failure (True), or False for an exception that is not one."""
+        if isinstance(e, (RuntimeError, TimeoutError, OSError)):
+            self.errors[cfg.name] = str(e)
+        else:
+            import grpc
+
+            if not isinstance(e, grpc.RpcError):
+                return False
+            self.errors[cfg.name] = f"{e.code().name}: {e.details()}"
+        print(f"{cfg.name}: failed: {error_line(self.errors[cfg.name])}", file=sys.stderr, flush=True)
+        return True
+
+    def save(self) -> None:
+        """The reports so far: a run cut short (a timeout, ^C) keeps what it measured."""
+        write_reports(self.out, self.args, self.argv, self.configs, self.completed_records(), self.ordered_rows(),
+                      self.errors, self.servers, self.workloads, final=False)
+
+    def completed_records(self) -> list:
+        return [r for r in self.records if r["config"] not in self.errors]
+
+    def ordered_rows(self) -> list:
+        """Rows of the configurations that completed, configuration by configuration as given."""
+        order = {c.name: i for i, c in enumerate(self.configs)}
+        return sorted((r for r in self.rows if r["config"] not in self.errors), key=lambda r: order[r["config"]])
+
+    def sequential(self, progress: Progress) -> None:
+        """One server at a time: every level of a configuration, then the next configuration."""
+        for cfg in self.configs:
+            try:
+                target = self.start(cfg)
+                recs, cfg_rows = run_config(cfg, target, self.workloads, self.args, progress)
+                self.check_alive(cfg)
+                self.records += recs
+                self.rows += cfg_rows
+            except Exception as e:  # this configuration is lost; the others still run
+                if not self.failed(cfg, e):
+                    raise
+            finally:
+                self.stop(cfg.name)
+            self.save()
+
+    def interleaved(self, progress: Progress) -> None:
+        """Every configuration's server up at once; each level runs against all of them in turn (the
+        order rotated from pass to pass), so a change in the machine's speed during the run falls on
+        every configuration alike instead of on whichever ran then."""
+        live = []
+        for cfg in self.configs:
+            try:
+                self.start(cfg)
+                live.append(cfg)
+            except Exception as e:
+                if not self.failed(cfg, e):
+                    raise
+                self.stop(cfg.name)
+        by_name = {c.name: c for c in live}
+        turn = 0
+        for wl in self.workloads:
+            for cfg in list(live):
+                try:
+                    warm_config(cfg, self.targets[cfg.name][0], wl, self.args)
+                except Exception as e:
+                    if not self.failed(cfg, e):
+                        raise
+                    live.remove(cfg)
+                    self.stop(cfg.name)
+            for load, lv in levels(self.args):
+                got: dict[str, tuple[list, float]] = {}
+                for _ in range(self.args.rounds):
+                    for name in interleaved_order([c.name for c in live], turn):
+                        cfg = by_name[name]
+                        try:
+                            recs, wall = run_level(cfg, self.targets[name][0], wl, load, lv, self.args, progress)
+                            self.check_alive(cfg)
+                        except Exception as e:
+                            if not self.failed(cfg, e):
+                                raise
+                            live.remove(cfg)
+                            self.stop(name)
+                            continue
+                        prev = got.get(name, ([], 0.0))
+                        got[name] = (prev[0] + recs, prev[1] + wall)
+                    turn += 1
+                for cfg in live:
+                    recs, wall = got[cfg.name]
+                    self.records += recs
+                    self.rows.append(level_row(cfg, wl, load, lv, recs, wall, self.args))
+                self.save()
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
@@ -265,48 +450,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for wl in workloads:
         print(wl.describe(), flush=True)
     progress = Progress(not args.no_progress)
-    records, rows, errors, servers = [], [], {}, {}
-    for cfg in configs:
-        load_before = os.getloadavg()[0]
-        server = None
-        try:
-            if remote is not None:
-                target = remote
-            else:
-                from jaxspec.bench.server import ServerProcess
-
-                # A configuration's own --model (MoE vs dense in one run) replaces the run's.
-                flags = ([] if cfg.model else ["--model", args.model]) + [*shlex.split(args.serve_args),
-                                                                           *cfg.serve_flags()]
-                server = ServerProcess(flags, args.compilation_cache_dir)
-                t = time.perf_counter()
-                target = server.start(args.start_timeout)
-                print(f"{cfg.name}: SERVING after {time.perf_counter() - t:.1f}s ({' '.join(flags)})", flush=True)
-            with target.client() as client:
-                info = client.model_info(timeout=30)
-            servers[cfg.name] = dict(model_id=info.model_id, spec_method=info.spec_method,
-                                     draft_model_id=info.draft_model_id, num_slots=info.num_slots,
-                                     platform=info.platform, dtype=info.dtype, context_length=info.context_length,
-                                     max_speculative_tokens=info.max_speculative_tokens, load_before=load_before)
-            recs, cfg_rows = run_config(cfg, target, workloads, args, progress)
-            records += recs
-            rows += cfg_rows
-            if server is not None and not server.alive():
-                raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.tail()}")
-        except (RuntimeError, TimeoutError, OSError) as e:  # this configuration is lost; the others still run
-            errors[cfg.name] = str(e)
-            print(f"{cfg.name}: failed: {e}", file=sys.stderr, flush=True)
-        except Exception as e:
-            import grpc
-
-            if not isinstance(e, grpc.RpcError):
-                raise
-            errors[cfg.name] = f"{e.code().name}: {e.details()}"
-            print(f"{cfg.name}: failed: {errors[cfg.name]}", file=sys.stderr, flush=True)
-        finally:
-            if server is not None:
-                server.stop()
-        # After every configuration: a run cut short (a timeout, ^C) keeps what it measured.
-        write_reports(out, args, argv, configs, records, rows, errors, servers, workloads, final=False)
+    run = Run(args, argv, out, configs, workloads, remote)
+    try:
+        if args.interleave:
+            run.interleaved(progress)
+        else:
+            run.sequential(progress)
+    finally:
+        run.stop_servers()
+    records, rows, errors, servers = run.completed_records(), run.ordered_rows(), run.errors, run.servers
     summary, pngs = write_reports(out, args, argv, configs, records, rows, errors, servers, workloads, final=True)
     return dict(summary, out=str(out), plots=[str(p) for p in pngs])

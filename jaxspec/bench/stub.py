@@ -40,6 +40,7 @@ class StubServicer(pb_grpc.JaxSpecServicer):
         self._count = itertools.count(1)
         self._lock = threading.Lock()
         self.seen = collections.Counter()  # requests by their speculation options
+        self.order: list[str] = []  # the same, in arrival order
 
     def _admit(self, request, context) -> None:
         spec = request.speculation
@@ -48,6 +49,7 @@ class StubServicer(pb_grpc.JaxSpecServicer):
         with self._lock:
             n = next(self._count)
             self.seen[key] += 1
+            self.order.append(key)
         if self.fail_every and n % self.fail_every == 0:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "stub: waiting queue is full")
 
