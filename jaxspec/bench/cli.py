@@ -187,22 +187,6 @@ def level_row(cfg: BenchConfig, wl, load: str, lv: float, recs: list, wall: floa
     return row
 
 
-def run_config(cfg: BenchConfig, target: Target, workloads, args, progress: Progress) -> tuple[list, list]:
-    """Every workload and level against one configuration, each level ``args.rounds`` times in a row."""
-    records, rows = [], []
-    for wl in workloads:
-        warm_config(cfg, target, wl, args)
-        for load, lv in levels(args):
-            recs, wall = [], 0.0
-            for _ in range(args.rounds):
-                r, w = run_level(cfg, target, wl, load, lv, args, progress)
-                recs += r
-                wall += w
-            records += recs
-            rows.append(level_row(cfg, wl, load, lv, recs, wall, args))
-    return records, rows
-
-
 def interleaved_order(names: Sequence[str], turn: int) -> list[str]:
     """The configurations' order at a level's ``turn``-th pass: rotated by one each pass, so none is
     always measured first (a server's first level after another's ran on a machine in another state)."""
@@ -359,59 +343,63 @@ class Run:
     def sequential(self, progress: Progress) -> None:
         """One server at a time: every level of a configuration, then the next configuration."""
         for cfg in self.configs:
-            try:
-                target = self.start(cfg)
-                recs, cfg_rows = run_config(cfg, target, self.workloads, self.args, progress)
-                self.check_alive(cfg)
-                self.records += recs
-                self.rows += cfg_rows
-            except Exception as e:  # this configuration is lost; the others still run
-                if not self.failed(cfg, e):
-                    raise
-            finally:
-                self.stop(cfg.name)
+            if self._start_or_fail(cfg):
+                self.measure([cfg], progress)
+            self.stop(cfg.name)
             self.save()
 
     def interleaved(self, progress: Progress) -> None:
         """Every configuration's server up at once; each level runs against all of them in turn (the
         order rotated from pass to pass), so a change in the machine's speed during the run falls on
         every configuration alike instead of on whichever ran then."""
-        live = []
-        for cfg in self.configs:
+        self.measure([cfg for cfg in self.configs if self._start_or_fail(cfg)], progress)
+
+    def _start_or_fail(self, cfg: BenchConfig) -> bool:
+        try:
+            self.start(cfg)
+            return True
+        except Exception as e:
+            if not self.failed(cfg, e):
+                raise
+            self.stop(cfg.name)
+            return False
+
+    def measure(self, live: list, progress: Progress) -> None:
+        """Every workload and level against the started configurations ``live``, each level
+        ``args.rounds`` passes per configuration, taken in turns (``interleaved_order``). A
+        configuration that fails is stopped and left out from then on; the reports are saved after
+        every level."""
+        live = list(live)
+
+        def attempt(cfg: BenchConfig, fn):
             try:
-                self.start(cfg)
-                live.append(cfg)
-            except Exception as e:
+                return fn()
+            except Exception as e:  # this configuration is lost; the others still run
                 if not self.failed(cfg, e):
                     raise
+                live.remove(cfg)
                 self.stop(cfg.name)
-        by_name = {c.name: c for c in live}
+                return None
+
         turn = 0
         for wl in self.workloads:
             for cfg in list(live):
-                try:
-                    warm_config(cfg, self.targets[cfg.name][0], wl, self.args)
-                except Exception as e:
-                    if not self.failed(cfg, e):
-                        raise
-                    live.remove(cfg)
-                    self.stop(cfg.name)
+                attempt(cfg, lambda: warm_config(cfg, self.targets[cfg.name][0], wl, self.args))
             for load, lv in levels(self.args):
                 got: dict[str, tuple[list, float]] = {}
                 for _ in range(self.args.rounds):
-                    for name in interleaved_order([c.name for c in live], turn):
+                    by_name = {c.name: c for c in live}
+                    for name in interleaved_order(list(by_name), turn):
                         cfg = by_name[name]
-                        try:
-                            recs, wall = run_level(cfg, self.targets[name][0], wl, load, lv, self.args, progress)
+
+                        def one_pass():
+                            out = run_level(cfg, self.targets[name][0], wl, load, lv, self.args, progress)
                             self.check_alive(cfg)
-                        except Exception as e:
-                            if not self.failed(cfg, e):
-                                raise
-                            live.remove(cfg)
-                            self.stop(name)
-                            continue
-                        prev = got.get(name, ([], 0.0))
-                        got[name] = (prev[0] + recs, prev[1] + wall)
+                            return out
+
+                        if (res := attempt(cfg, one_pass)) is not None:
+                            prev = got.get(name, ([], 0.0))
+                            got[name] = (prev[0] + res[0], prev[1] + res[1])
                     turn += 1
                 for cfg in live:
                     recs, wall = got[cfg.name]
