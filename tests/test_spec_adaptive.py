@@ -489,6 +489,32 @@ def test_scheduler_with_speculation_off_skips_the_choice_but_keeps_probing():
     assert len(choices) == n + 1  # a changed batch chooses afresh
 
 
+def test_repeated_off_plans_never_probe_past_a_request_s_room():
+    """With speculation off the scheduler repeats one plan over the same slots (no full plan per
+    step), yet a probe never drafts more than a slot can still use, and none comes once no slot has
+    room for one."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    costs = CostModel({0: 0.0, **{b: 1.0 * b for b in BUCKETS}}, {0: 1e-2, **{b: 1e-2 for b in BUCKETS}},
+                      smoothing=0.0)  # drafting never pays
+    sched = SpecScheduler(2, BUCKETS, 8, None, rows_for=lambda n: 2, measure=lambda rows: costs, cost_model=costs,
+                          probe_every=2)
+    slots, act = _running(sched, 2, 40)
+    plans, probes = [], []
+    while (left := 40 - slots.num_generated[act]).min() > 0:
+        plan = sched.plan(slots, act)
+        plans.append(plan)
+        assert (plan.k <= np.maximum(left - 1, 0)).all()
+        if plan.kb:
+            probes.append(int(left.min()))
+        tokens = [[0] * (1 + int(plan.k[i] > 0)) for i in range(2)]
+        sched.update(StepResult(act, tokens, plan.k, (plan.k > 0).astype(np.int32), plan.kb, 0.0, 1e-2))
+        slots.num_generated[act] += [len(t) for t in tokens]
+    assert probes
+    assert any(a is b for a, b in zip(plans, plans[1:]))  # the off plan was repeated, not planned afresh
+
+
 def test_probe_schedule_defaults_match_the_readme():
     """README: with speculation off a probe runs after 16 plain steps, the wait doubling up to 512."""
     import inspect

@@ -332,6 +332,10 @@ class KPolicy:
         lookup, steps whose lookups find nothing come and go."""
         if not self.can_probe(caps, forced):
             return 0
+        return self.tick()
+
+    def tick(self) -> int:
+        """``off_step`` for a step known to be able to probe (``can_probe``)."""
         if self._probed:
             self._wait = min(2 * self._wait, self.max_probe_every)
             self._probed = False

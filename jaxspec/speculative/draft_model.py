@@ -95,6 +95,7 @@ class DraftModelProposer:
 
     name = "draft"
     deterministic = False
+    always_proposes = True
 
     def __init__(self, model: Transformer, moe_backend: str | None = None, catchup_chunk: int = 16,
                  kv_dtype: str | None = None):

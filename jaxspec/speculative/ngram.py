@@ -39,6 +39,7 @@ def lookup(context: np.ndarray, k: int, max_n: int = 3, min_n: int = 1) -> np.nd
 class NgramProposer:
     name = "ngram"
     deterministic = True
+    always_proposes = False  # a lookup finds something or not
 
     def __init__(self, max_n: int = 3, min_n: int = 1):
         if not 1 <= min_n <= max_n:

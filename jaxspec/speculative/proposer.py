@@ -108,6 +108,8 @@ class Proposal(NamedTuple):
 class Proposer(Protocol):
     name: str
     deterministic: bool  # proposals are a function of the context (one-hot q; Proposal.probs is None)
+    # ``would_propose`` is True for every slot whatever the history (a model): the scheduler skips asking.
+    always_proposes: bool
     # Whether ``prefill`` can start after a prompt prefix already cached in shared pages, and how
     # many tokens after a cached block the proposer's cache entries of that block depend on.
     reuses_prefix: bool
@@ -151,6 +153,7 @@ class NoProposer:
 
     name = "none"
     deterministic = True
+    always_proposes = False
 
     reuses_prefix = True
     prefix_key_tokens = 0

@@ -77,6 +77,11 @@ class SpecScheduler:
         # Steps since the policy chose kb = 0 over the current batch (None: choose afresh next step).
         self._off_run: int | None = None
         self._off_rows = 0
+        # The plan repeated while speculation stays off over the same slots (``_repeat_off``: the plain
+        # path's every step, where a full plan's host work is a tenth of a 2-core step), and how many
+        # more steps it may repeat before a slot's room for a probe has to be checked again.
+        self._off_plan: DecodePlan | None = None
+        self._off_left = 0
         self._plain_first_steps: Counter[int] = Counter()  # per batch bucket (``_plain_first``)
         # (clock, kb) of the last step, kept across starts and releases (not across an idle engine).
         self._wall_last: tuple[float, int] | None = None
@@ -92,13 +97,13 @@ class SpecScheduler:
         self.max_tokens[slot] = request.params.max_tokens
         self.estimator.reset(slot)
         self._last_update = None  # the admission's prefill is not part of the next step's period
-        self._off_run = None
+        self._off_run = self._off_plan = None
         self._running += 1
 
     def release(self, slot: int) -> None:
         self.override[slot] = -1
         self.estimator.reset(slot)
-        self._last_update = self._off_run = None
+        self._last_update = self._off_run = self._off_plan = None
         self._running = max(0, self._running - 1)
         if not self._running:  # what follows is idle time, not a step's
             self._wall_last = None
@@ -177,6 +182,8 @@ class SpecScheduler:
         bucket is not: the step keeps one compiled shape from the first token to the last (kb = 0
         only once every slot is on its final token), which also keeps a request's numerics
         independent of where the others are in their generation."""
+        if self._off_plan is not None and (repeated := self._repeat_off(slots, act)) is not None:
+            return repeated
         k = np.zeros(len(act), np.int32)
         if self.k_max == 0 or act.size == 0:
             return DecodePlan(act, k, 0)
@@ -196,10 +203,7 @@ class SpecScheduler:
             k[:] = np.minimum(wanted, caps)
             return DecodePlan(act, k, bucket_for(int(wanted.max()), self.buckets) if k.any() else 0)
         rows = self._rows_for(len(act))
-        if self._gap_open and self._last_update is not None and self._last_update[1] == rows:
-            if (costs := self._known_costs(rows)) is not None and costs.smoothing > 0:
-                costs.observe_gap(self._clock() - self._last_update[0])
-        self._gap_open = False
+        self._observe_gap(rows)
         if self._off_run is not None and self._off_run < OFF_REFRESH_STEPS and self._off_rows == rows:
             # Speculation is off and nothing the choice depends on moved but the costs' slow drift:
             # no new choice, only the policy's count towards its next probe.
@@ -214,7 +218,41 @@ class SpecScheduler:
                 kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs))
                 self._off_run, self._off_rows = (0 if kb == 0 else None), rows
         k[:] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
+        plan = DecodePlan(act, k, kb if k.any() else 0)
+        if self._off_run is not None and plan.kb == 0 and self.would_propose is None:
+            # Off, and stays off until a probe, a batch change or the next full choice: repeat this
+            # plan while some free slot is sure to have room for a probe (each plain step takes one
+            # token; one more is kept back for a step queued ahead and not applied yet).
+            room = self.max_tokens[act] - slots.num_generated[act] - 2
+            self._off_left = int(room[forced < 0].max(initial=0))
+            self._off_plan = plan if self._off_left > 0 else None
+        return plan
+
+    def _repeat_off(self, slots: SlotTable, act: np.ndarray) -> DecodePlan | None:
+        """The repeated off plan for this step, or None (a full plan is due)."""
+        plan = self._off_plan
+        if (self._off_run is None or self._off_run >= OFF_REFRESH_STEPS or self._off_left <= 0
+                or not np.array_equal(plan.slots, act)):
+            self._off_plan = None
+            return None
+        self._observe_gap(self._off_rows)
+        self._off_run += 1
+        self._off_left -= 1
+        kb = self.policy.tick()
+        if kb == 0:
+            return plan
+        self._off_plan = None  # a probe: its outcome brings a full choice
+        forced = self.override[act]
+        caps = np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
+        k = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps)).astype(np.int32)
         return DecodePlan(act, k, kb if k.any() else 0)
+
+    def _observe_gap(self, rows: int) -> None:
+        """The host's time since the last step's update, when this plan follows it at the same bucket."""
+        if self._gap_open and self._last_update is not None and self._last_update[1] == rows:
+            if (costs := self._known_costs(rows)) is not None and costs.smoothing > 0:
+                costs.observe_gap(self._clock() - self._last_update[0])
+        self._gap_open = False
 
     def refit(self, plan: DecodePlan, slots: SlotTable, act: np.ndarray) -> DecodePlan:
         """``plan`` over ``act`` (a subset of its slots: the others ended), k capped again."""
@@ -228,10 +266,10 @@ class SpecScheduler:
         Returns the step's (draft_s, verify_s): a fused step's one wall time split as its bucket's
         costs split."""
         now = self._clock()
-        for slot, _, drafted, accepted in result.items():
-            self.estimator.update(slot, drafted, accepted)
-        if result.kb > 0:  # acceptance estimates moved
-            self._off_run = None
+        if result.kb > 0:  # acceptance estimates move (a plain step drafted nothing)
+            for slot, _, drafted, accepted in result.items():
+                self.estimator.update(slot, drafted, accepted)
+            self._off_run = self._off_plan = None
         self.bucket_steps[result.kb] += 1
         rows = self._rows_for(len(result.slots))
         last, self._last_update = self._last_update, (now, rows)
