@@ -190,7 +190,7 @@ class SpecScheduler:
         forced = self.override[act]
         if not forced.any():  # every request opted out (k = 0): a plain step
             return DecodePlan(act, k, 0)
-        caps = np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
+        caps = self._caps(slots, act)
         if self.would_propose is not None:
             # A lookup that finds nothing now (with a step in flight: one token ago) proposes
             # nothing: planned as such, a step of such slots only is plain and is queued ahead
@@ -217,8 +217,7 @@ class SpecScheduler:
             else:
                 kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs))
                 self._off_run, self._off_rows = (0 if kb == 0 else None), rows
-        k[:] = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps))
-        plan = DecodePlan(act, k, kb if k.any() else 0)
+        plan = self._plan_for(act, kb, forced, caps)
         if self._off_run is not None and plan.kb == 0 and self.would_propose is None:
             # Off, and stays off until a probe, a batch change or the next full choice: repeat this
             # plan while some free slot is sure to have room for a probe (each plain step takes one
@@ -242,8 +241,15 @@ class SpecScheduler:
         if kb == 0:
             return plan
         self._off_plan = None  # a probe: its outcome brings a full choice
-        forced = self.override[act]
-        caps = np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
+        return self._plan_for(act, kb, self.override[act], self._caps(slots, act))
+
+    def _caps(self, slots: SlotTable, act: np.ndarray) -> np.ndarray:
+        """Per active slot: the drafts its request can still use (its last token is never drafted)."""
+        return np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
+
+    @staticmethod
+    def _plan_for(act: np.ndarray, kb: int, forced: np.ndarray, caps: np.ndarray) -> DecodePlan:
+        """Bucket kb's plan: free slots propose kb, overridden ones their own k, each within its cap."""
         k = np.where(forced < 0, np.minimum(kb, caps), np.minimum(forced, caps)).astype(np.int32)
         return DecodePlan(act, k, kb if k.any() else 0)
 
@@ -257,7 +263,7 @@ class SpecScheduler:
     def refit(self, plan: DecodePlan, slots: SlotTable, act: np.ndarray) -> DecodePlan:
         """``plan`` over ``act`` (a subset of its slots: the others ended), k capped again."""
         k = plan.k[np.isin(plan.slots, act)]
-        caps = np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
+        caps = self._caps(slots, act)
         k = np.minimum(k, caps).astype(np.int32)
         return DecodePlan(act, k, plan.kb if k.any() else 0)
 
