@@ -26,7 +26,8 @@ from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy
 
 REALISED_WEIGHT = 0.2  # of each step in a bucket's running realised rate
 MIN_REALISED_STEPS = 3  # steps of a bucket before its realised rate can leave it out
-OFF_REFRESH_STEPS = 8  # steps with speculation off between two full choices (costs drift meanwhile)
+OFF_REFRESH_STEPS = 32  # steps with speculation off between two full choices (costs drift meanwhile; a full
+# choice costs about a third of a 1-request step here, and probes already turn speculation back on)
 PLAIN_FIRST_STEPS = 24  # most plain steps a batch bucket runs to learn its plain period (_plain_first)
 # End-to-end rates (``_wall_rate``): every interval between two steps of one kind, admissions included.
 WALL_WINDOW = 64  # recent intervals kept per (batch bucket, plain or drafting)
