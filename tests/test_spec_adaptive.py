@@ -374,6 +374,24 @@ def test_a_bucket_costs_the_mean_of_alternating_periods_not_their_median():
     assert costs.period(0) == pytest.approx(5e-3)
 
 
+def test_period_and_host_gap_follow_every_new_observation_after_being_read():
+    """Their medians are kept between reads; a new period or gap is in the next read."""
+    from jaxspec.speculative.adaptive import PERIOD_WINDOW
+
+    costs = _costs(1e-3, 0.1)
+    assert costs.period(2) is None and costs.host_gap() is None
+    for _ in range(PERIOD_WINDOW):
+        costs.observe_period(2, 4e-3)
+        costs.observe_gap(1e-3)
+    assert costs.period(2) == pytest.approx(4e-3) and costs.host_gap() == pytest.approx(1e-3)
+    for _ in range(PERIOD_WINDOW):  # the window turns over: the old values are gone
+        costs.observe_period(2, 6e-3)
+        costs.observe_gap(2e-3)
+    assert costs.period(2) == pytest.approx(6e-3) and costs.host_gap() == pytest.approx(2e-3)
+    costs.observe_period(4, 1e-2)
+    assert costs.period(2) == pytest.approx(6e-3) and costs.period(4) is None  # per bucket
+
+
 def test_observed_costs_are_bounded_by_the_steps_own_times_on_the_side_of_plain_decoding():
     """Noise in the periods cannot make drafting look cheap: a plain step's cost is at most its own
     (waited for) time and a drafting step's at least its own."""

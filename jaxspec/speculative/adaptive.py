@@ -149,6 +149,8 @@ class CostModel:
     # (plain_ratio, drafting_extra) seen at other batch buckets: used where this one has seen none yet.
     lent: tuple[float | None, float | None] = (None, None)
     gaps: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=PERIOD_WINDOW))
+    # Medians kept until their window next changes: the policy weighs every bucket on every full choice.
+    _medians: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def own_cost(self, kb: int) -> float:
         """The step's own time (draft + verification), without the host's work around it."""
@@ -160,11 +162,16 @@ class CostModel:
         between every other pair of results, so periods alternate short and long and a step costs
         their mean; a median of single periods would take the short ones. The median over pairs
         keeps a stray pause (another process, a collection) from pricing the bucket."""
+        if kb in self._medians:
+            return self._medians[kb]
         seen = self.periods.get(kb)
         if seen is None or len(seen) < MIN_PERIODS:
-            return None
-        seen = list(seen)
-        return statistics.median((a + b) / 2 for a, b in zip(seen, seen[1:]))
+            value = None
+        else:
+            seen = list(seen)
+            value = statistics.median((a + b) / 2 for a, b in zip(seen, seen[1:]))
+        self._medians[kb] = value
+        return value
 
     def step_cost(self, kb: int) -> float:
         observed = self.period(kb)
@@ -189,9 +196,12 @@ class CostModel:
     def observe_gap(self, seconds: float) -> None:
         """The host's time from a step's result to planning the next (outputs, admission, serving)."""
         self.gaps.append(seconds)
+        self._medians.pop("gap", None)
 
     def host_gap(self) -> float | None:
-        return statistics.median(self.gaps) if len(self.gaps) >= MIN_PERIODS else None
+        if "gap" not in self._medians:
+            self._medians["gap"] = statistics.median(self.gaps) if len(self.gaps) >= MIN_PERIODS else None
+        return self._medians["gap"]
 
     def plain_ratio(self) -> float | None:
         """Observed plain period over the plain step's own time (below 1 where steps queue)."""
@@ -206,6 +216,7 @@ class CostModel:
     def observe_period(self, kb: int, seconds: float) -> None:
         if kb in self.verify_s:
             self.periods.setdefault(kb, collections.deque(maxlen=PERIOD_WINDOW)).append(seconds)
+            self._medians.pop(kb, None)
 
     def observe(self, kb: int, draft_s: float, verify_s: float) -> None:
         """Fold a step's measured times in (the machine may be busier than at warm-up)."""
