@@ -55,6 +55,43 @@ def test_a_measured_table_is_kept_per_expert_shape_and_read_back(tmp_path, monke
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_near_ties_keep_the_previous_count_s_choice_else_the_candidate_order():
+    from jaxspec.models.moe_tuning import TIE_MARGIN, table_from_times
+
+    near = 1.0 + TIE_MARGIN / 2
+    times = {
+        1: {"per_expert": 1.0 * near, "sorted": 2.0, "dense": 1.0},  # a tie: the first in order
+        2: {"per_expert": 1.0, "sorted": 1.0 * near, "dense": 1.0 * near},  # a three-way tie: per_expert, as at 1
+        4: {"per_expert": 1.0 * near, "sorted": 1.0, "dense": 3.0},  # a tie: per_expert again
+        8: {"per_expert": 2.0, "sorted": 1.0, "dense": 1.0 * near},  # sorted wins clearly
+        16: {"per_expert": 1.0, "sorted": 1.0 * near, "dense": 2.0},  # a tie: sorted, as at 8
+    }
+    assert table_from_times(times).choices == (
+        (1, "per_expert"), (2, "per_expert"), (4, "per_expert"), (8, "sorted"), (16, "sorted"))
+    # Without the margin every count takes its fastest, however close.
+    assert table_from_times(times, tie=0.0).choices == (
+        (1, "dense"), (2, "per_expert"), (4, "sorted"), (8, "sorted"), (16, "per_expert"))
+
+
+def test_a_kept_table_is_rederived_from_its_times(tmp_path, monkeypatch):
+    """The store holds the measured times, so a table kept by an earlier rule, or one without
+    times, is not served as it was."""
+    import json
+
+    calls = []
+    monkeypatch.setattr(moe_tuning, "measure_dispatch", _fake_times(calls))
+    table = tune_dispatch(_cfg(), [1, 8], store=tmp_path, extend_last=True)
+    (path,) = tmp_path.glob("moe-dispatch-*.json")
+    saved = json.loads(path.read_text())
+    saved["choices"] = [[1, "dense"], [8, "dense"]]  # what another rule might have chosen
+    path.write_text(json.dumps(saved))
+    assert tune_dispatch(_cfg(), [1, 8], store=tmp_path, extend_last=True) == table
+    assert len(calls) == 1
+    path.write_text(json.dumps({"choices": [[1, "dense"], [8, "dense"]], "fallback": "dense"}))
+    assert tune_dispatch(_cfg(), [1, 8], store=tmp_path, extend_last=True) == table
+    assert len(calls) == 2  # no times kept: measured again
+
+
 @pytest.mark.slow
 def test_a_measured_runner_uses_the_table_in_every_step_and_decodes_as_auto(monkeypatch):
     import uuid

@@ -40,6 +40,9 @@ MAX_TUNED_TOKENS = 2048
 MIN_TUNED_EXPERT_BYTES = 1 << 20
 # A read this large flushes a CPU's last-level cache (``measure_dispatch``'s ``evict_bytes``).
 MAX_EVICT_BYTES = 64 << 20
+# Backends within this fraction of the fastest at a count are a tie (``table_from_times``): medians of
+# a few reps on a shared machine differ by more than that from one start to the next.
+TIE_MARGIN = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +116,20 @@ def measure_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: 
     return times
 
 
-def table_from_times(times: dict[int, dict[str, float]], fallback: str = "auto") -> DispatchTable:
-    return DispatchTable(tuple((n, min(row, key=row.get)) for n, row in sorted(times.items())), fallback)
+def table_from_times(times: dict[int, dict[str, float]], fallback: str = "auto",
+                     tie: float = TIE_MARGIN) -> DispatchTable:
+    """The fastest backend per count, where a tie (within ``tie`` of the fastest) goes to the
+    previous count's choice, else to the first tied backend in the row's order (candidate order).
+    Timing noise then neither flips a count's choice between starts nor alternates backends
+    between neighbouring counts, each of which is a step shape of its own to compile and cache."""
+    choices, previous = [], None
+    for n, row in sorted(times.items()):
+        best = min(row.values())
+        tied = [name for name, t in row.items() if t <= best * (1.0 + tie)]
+        choice = previous if previous in tied else tied[0]
+        choices.append((n, choice))
+        previous = choice
+    return DispatchTable(tuple(choices), fallback)
 
 
 def tune_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Sequence[str] = CPU_CANDIDATES,
@@ -131,20 +146,30 @@ def tune_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Seq
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(store) / f"moe-dispatch-{digest}.json"
         try:
-            saved = json.loads(path.read_text())
-            return DispatchTable(tuple((int(n), str(b)) for n, b in saved["choices"]), str(saved["fallback"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            # The times are kept, not the choices: the rule that picks from them may change.
+            saved = json.loads(path.read_text())["times"]
+            times = {int(n): {str(b): float(t) for b, t in row.items()} for n, row in saved.items()}
+            if not times or not all(times.values()):
+                raise ValueError("empty table")
+            return _table(times, extend_last)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # not measured yet here (or unreadable): measure
-    table = table_from_times(measure_dispatch(cfg, token_counts, candidates, reps, evict_bytes=evict_bytes))
-    if extend_last and table.choices:
-        table = dataclasses.replace(table, fallback=table.choices[-1][1])
+    times = measure_dispatch(cfg, token_counts, candidates, reps, evict_bytes=evict_bytes)
+    table = _table(times, extend_last)
     if path is not None:
         try:
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"choices": table.choices, "fallback": table.fallback}))
+            tmp.write_text(json.dumps({"times": times, "choices": table.choices, "fallback": table.fallback}))
             tmp.replace(path)  # whole or not at all, for a concurrent reader
         except OSError:
             pass  # a read-only cache directory: measure again next time
+    return table
+
+
+def _table(times: dict[int, dict[str, float]], extend_last: bool) -> DispatchTable:
+    table = table_from_times(times)
+    if extend_last and table.choices:
+        table = dataclasses.replace(table, fallback=table.choices[-1][1])
     return table
 
 
