@@ -127,6 +127,55 @@ def test_policy_respects_overrides_caps_and_probes_when_off():
     assert picks == [0] * 7 + [1]
 
 
+def test_costly_probes_wait_long_enough_to_stay_within_the_probe_budget():
+    """A probe that costs five plain steps more than one, at a budget of 10%, is followed by 50 steps
+    off at least (then the doubling resumes from there); the wait never exceeds max_budget_wait."""
+    cheap, low, caps, free = _costs(1e-4, 0.02), np.array([0.01]), np.array([8]), np.array([-1])
+
+    def probes(pol, steps=160, probe_s=None):
+        picks = []
+        for _ in range(steps):
+            picks.append(pol.choose(low, caps, free, cheap))
+            if picks[-1] and probe_s is not None:
+                pol.probe_cost(probe_s, 1e-3)
+        return [i for i, kb in enumerate(picks) if kb]
+
+    assert probes(KPolicy(BUCKETS, probe_every=3, probe_budget=0.1)) == [2, 8, 20, 44, 92]
+    assert probes(KPolicy(BUCKETS, probe_every=3, probe_budget=0.1), probe_s=6e-3) == [2, 52, 152]
+    capped = KPolicy(BUCKETS, probe_every=3, max_probe_every=8, probe_budget=0.1, max_budget_wait=20)
+    assert probes(capped, probe_s=1.0) == [2, 22, 42, 62, 82, 102, 122, 142]  # 9990 steps' worth, capped
+    default = KPolicy(BUCKETS)  # the README's figures
+    assert (default.probe_every, default.max_probe_every, default.probe_budget, default.max_budget_wait) == (
+        16, 512, 0.01, 4096)
+    # A probe that cost no more than a plain step leaves the doubling schedule as it was.
+    assert probes(KPolicy(BUCKETS, probe_every=3, probe_budget=0.1), probe_s=1e-3) == [2, 8, 20, 44, 92]
+
+
+def test_the_scheduler_prices_a_probe_by_its_wall_time():
+    """The first drafting step after plain ones is a probe's (or a switch's) cost: the scheduler hands
+    its period to the policy, whose next probes then wait longer when it was expensive."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    def run(probe_s: float) -> list[int]:
+        costs = CostModel({0: 0.0, **{b: 0.1 * b for b in BUCKETS}}, {0: 1e-2, **{b: 1e-2 for b in BUCKETS}})
+        clock = [0.0]
+        sched = SpecScheduler(1, BUCKETS, 8, None, rows_for=lambda n: 1, measure=lambda rows: costs,
+                              probe_every=4, clock=lambda: clock[0])
+        slots, act = _running(sched, 1, 100_000)
+        kbs = []
+        for _ in range(400):
+            kb = sched.plan(slots, act).kb
+            kbs.append(kb)
+            clock[0] += probe_s if kb else 1e-2
+            sched.update(StepResult(act, [[0] * (1 + (kb > 0))], np.array([kb]), np.array([0]), kb, 0.0, 1e-2))
+            slots.num_generated[act] += 1 + (kb > 0)
+        return [i for i, kb in enumerate(kbs) if kb]
+
+    cheap, costly = run(1e-2), run(1.0)  # a probe of one plain step, and of a hundred
+    assert len(cheap) >= 5 and 1 <= len(costly) <= 2 and costly[0] == cheap[0]
+
+
 def test_observed_step_times_refine_costs():
     cm = _costs(1e-4, 0.02)
     before = cm.step_cost(4)

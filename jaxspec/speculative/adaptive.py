@@ -31,7 +31,11 @@ for planning and deterministic tests; the engine does not use it unless asked.
 While kb = 0 nothing is learned about acceptance, so after ``probe_every``
 steps off the smallest bucket is run once anyway to refresh the estimates; each
 probe that does not turn speculation back on doubles the wait (up to
-``max_probe_every``), so a draft that never pays costs almost nothing.
+``max_probe_every``), so a draft that never pays costs almost nothing. A probe
+costs more than its step: a draft model first catches up on every token it
+skipped, for every slot in the batch (at 8 requests here about ten plain steps).
+So the wait after a probe is also long enough that probing takes at most
+``probe_budget`` of the time (``KPolicy.probe_cost``).
 """
 
 from __future__ import annotations
@@ -290,10 +294,16 @@ class KPolicy:
     """Chooses each step's proposal bucket (module docstring)."""
 
     def __init__(self, buckets: list[int], probe_every: int = 16, min_gain: float = 0.02,
-                 max_probe_every: int = 512, switch_gain: float = 0.15):
+                 max_probe_every: int = 512, switch_gain: float = 0.15, probe_budget: float = 0.01,
+                 max_budget_wait: int = 4096):
         self.buckets = list(buckets)
         self.probe_every = probe_every
         self.max_probe_every = max(max_probe_every, probe_every)
+        # Share of the time probes may take while speculation stays off, and the longest wait that
+        # budget may impose (a change in the traffic is still noticed within that many steps).
+        self.probe_budget = probe_budget
+        self.max_budget_wait = max(max_budget_wait, self.max_probe_every)
+        self._budget_wait = 0  # steps off after a probe that keep probing within the budget
         self.min_gain = min_gain  # a longer bucket must beat a shorter one by this much (timing noise)
         # With speculation off, drafting must beat plain steps by this much to turn it on: a switch
         # costs what the step rates do not show (the draft catches up on the tokens it missed, a
@@ -345,10 +355,17 @@ class KPolicy:
             return 0
         return self.tick()
 
+    def probe_cost(self, probe_s: float, plain_s: float) -> None:
+        """A probe (or a switch to drafting) took ``probe_s`` of wall time where a plain step takes
+        ``plain_s``: later probes wait long enough that the extra stays within ``probe_budget``."""
+        if plain_s > 0 and self.probe_budget > 0:
+            extra = max(probe_s - plain_s, 0.0)
+            self._budget_wait = min(int(np.ceil(extra / (self.probe_budget * plain_s))), self.max_budget_wait)
+
     def tick(self) -> int:
         """``off_step`` for a step known to be able to probe (``can_probe``)."""
         if self._probed:
-            self._wait = min(2 * self._wait, self.max_probe_every)
+            self._wait = max(min(2 * self._wait, self.max_probe_every), self._budget_wait)
             self._probed = False
         self._off_steps += 1
         if self._off_steps >= self._wait:

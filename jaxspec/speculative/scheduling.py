@@ -294,8 +294,11 @@ class SpecScheduler:
             return times
         period = now - last[0] if last is not None and last[1] == rows else None
         # The first drafting step after plain ones pays for switching (the draft model catches up on
-        # the tokens it missed; a queued step before it is waited for): not a drafting run's period.
+        # the tokens it missed; a queued step before it is waited for): not a drafting run's period,
+        # but what a probe costs, which sets how often the policy may probe.
         if result.kb > 0 and self._last_kb == 0:
+            if period is not None and self.adaptive:
+                self.policy.probe_cost(period, costs.step_cost(0))
             period = None
         self._last_kb = result.kb
         if period is not None:
