@@ -521,6 +521,44 @@ def test_scheduler_stops_drafting_when_served_periods_say_plain_is_faster():
     assert sched.costs_for(1).step_cost(0) == pytest.approx(0.5 * plain)
 
 
+def test_while_drafting_plain_steps_are_measured_afresh_and_end_drafting_that_no_longer_pays():
+    """Plain's period was measured slow (a busy start); drafting then looks worth it and runs. Every
+    PLAIN_REFRESH_EVERY drafting steps a run of PLAIN_REFRESH_STEPS plain steps measures plain's
+    period afresh (the old periods dropped, the first one after drafting left out), and the policy,
+    weighing the fresh period, turns drafting off."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import PLAIN_REFRESH_EVERY, PLAIN_REFRESH_STEPS, SpecScheduler
+
+    costs = _costs(1e-4, 0.02)
+    clock = [0.0]
+    sched = SpecScheduler(1, BUCKETS, 8, None, rows_for=lambda n: 1, measure=lambda rows: costs,
+                          clock=lambda: clock[0], probe_every=10_000)
+    slots, act = _running(sched, 1, 100_000)
+    plain = costs.own_cost(0)
+    slow = [True]
+    kbs = []
+    for _ in range(PLAIN_REFRESH_EVERY + 60):
+        plan = sched.plan(slots, act)
+        kbs.append(plan.kb)
+        if plan.kb == 0:  # queued plain steps: their own time while the machine was busy, then half
+            clock[0] += (1.0 if slow[0] else 0.5) * plain
+            result = StepResult.plain(act, np.zeros(1, np.int32), queued=True)
+        else:  # a drafting step takes its own time and emits 1.5 tokens on average
+            slow[0] = False
+            clock[0] += costs.own_cost(plan.kb)
+            acc = 1 if len(kbs) % 2 else 0
+            result = StepResult(act, [[0] * (acc + 1)], np.array([plan.kb]), np.array([acc]), plan.kb, 0.0,
+                                costs.own_cost(plan.kb))
+        sched.update(result)
+        slots.num_generated[0] += len(result.tokens[0])
+    first = kbs.index(next(kb for kb in kbs if kb > 0))
+    assert all(kb > 0 for kb in kbs[first:first + PLAIN_REFRESH_EVERY])  # drafting on a stale plain period
+    refresh = kbs[first + PLAIN_REFRESH_EVERY:first + PLAIN_REFRESH_EVERY + PLAIN_REFRESH_STEPS]
+    assert refresh == [0] * PLAIN_REFRESH_STEPS
+    assert sched.costs_for(1).period(0) == pytest.approx(0.5 * plain)  # only the fresh periods
+    assert not any(kbs[first + PLAIN_REFRESH_EVERY:])  # and drafting stays off
+
+
 def test_scheduler_with_speculation_off_skips_the_choice_but_keeps_probing():
     """While the policy keeps kb = 0 the scheduler does not redo the full choice every step (it runs on
     the plain path's every step), yet probes come on the policy's schedule and a changed batch or a
@@ -599,6 +637,10 @@ def test_probe_schedule_defaults_match_the_readme():
     from jaxspec.speculative.scheduling import PLAIN_FIRST_STEPS
 
     assert PLAIN_FIRST_STEPS == 24 and "until their served period is known (at most 24)" in readme
+    from jaxspec.speculative.scheduling import PLAIN_REFRESH_EVERY, PLAIN_REFRESH_STEPS
+
+    assert (PLAIN_REFRESH_EVERY, PLAIN_REFRESH_STEPS) == (96, 6)
+    assert "every 96 drafting steps a run of 6 plain steps measures that period afresh" in readme
     from jaxspec.speculative.adaptive import PERIOD_WINDOW
 
     assert PERIOD_WINDOW == 32 and "the median, over the last 32 steps, of two consecutive periods' mean" in readme

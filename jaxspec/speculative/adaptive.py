@@ -222,6 +222,11 @@ class CostModel:
             self.periods.setdefault(kb, collections.deque(maxlen=PERIOD_WINDOW)).append(seconds)
             self._medians.pop(kb, None)
 
+    def forget_periods(self, kb: int) -> None:
+        """Drop bucket kb's observed periods (they are about to be measured afresh)."""
+        self.periods.pop(kb, None)
+        self._medians.pop(kb, None)
+
     def observe(self, kb: int, draft_s: float, verify_s: float) -> None:
         """Fold a step's measured times in (the machine may be busier than at warm-up)."""
         w = self.smoothing

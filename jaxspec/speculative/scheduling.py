@@ -29,6 +29,11 @@ MIN_REALISED_STEPS = 3  # steps of a bucket before its realised rate can leave i
 OFF_REFRESH_STEPS = 32  # steps with speculation off between two full choices (costs drift meanwhile; a full
 # choice costs about a third of a 1-request step here, and probes already turn speculation back on)
 PLAIN_FIRST_STEPS = 24  # most plain steps a batch bucket runs to learn its plain period (_plain_first)
+# While drafting, plain's period is not observed, and what it was (often at the bucket's first, slow steps
+# after admissions, or on a busier machine) is what drafting is weighed against: every
+# PLAIN_REFRESH_EVERY drafting steps a run of PLAIN_REFRESH_STEPS plain ones measures it afresh.
+PLAIN_REFRESH_EVERY = 96
+PLAIN_REFRESH_STEPS = 6
 # End-to-end rates (``_wall_rate``): every interval between two steps of one kind, admissions included.
 WALL_WINDOW = 64  # recent intervals kept per (batch bucket, plain or drafting)
 WALL_MIN = 24  # intervals of each kind before the two are compared
@@ -84,6 +89,8 @@ class SpecScheduler:
         self._off_plan: DecodePlan | None = None
         self._off_left = 0
         self._plain_first_steps: Counter[int] = Counter()  # per batch bucket (``_plain_first``)
+        self._drafting_run = 0  # drafting steps since the last plain one (PLAIN_REFRESH_EVERY)
+        self._refresh_left = 0  # plain steps left in a refresh run
         # (clock, kb) of the last step, kept across starts and releases (not across an idle engine).
         self._wall_last: tuple[float, int] | None = None
         self._wall: dict[tuple[int, bool], collections.deque] = {}  # (rows, drafting) -> (clock, tokens, row-seconds)
@@ -205,6 +212,10 @@ class SpecScheduler:
             return DecodePlan(act, k, bucket_for(int(wanted.max()), self.buckets) if k.any() else 0)
         rows = self._rows_for(len(act))
         self._observe_gap(rows)
+        if self._refresh_left > 0 and not (forced > 0).any():
+            # A refresh run: plain steps while drafting, so the next choices weigh plain's current period.
+            self._refresh_left -= 1
+            return DecodePlan(act, k, 0)
         if self._off_run is not None and self._off_run < OFF_REFRESH_STEPS and self._off_rows == rows:
             # Speculation is off and nothing the choice depends on moved but the costs' slow drift:
             # no new choice, only the policy's count towards its next probe.
@@ -295,12 +306,20 @@ class SpecScheduler:
         period = now - last[0] if last is not None and last[1] == rows else None
         # The first drafting step after plain ones pays for switching (the draft model catches up on
         # the tokens it missed; a queued step before it is waited for): not a drafting run's period,
-        # but what a probe costs, which sets how often the policy may probe.
+        # but what a probe costs, which sets how often the policy may probe. The first plain step
+        # after drafting ones waits out the switch too.
         if result.kb > 0 and self._last_kb == 0:
             if period is not None and self.adaptive:
                 self.policy.probe_cost(period, costs.step_cost(0))
             period = None
+        elif result.kb == 0 and self._last_kb > 0:
+            period = None
         self._last_kb = result.kb
+        if self.adaptive:
+            self._drafting_run = self._drafting_run + 1 if result.kb > 0 else 0
+            if self._drafting_run >= PLAIN_REFRESH_EVERY:
+                self._drafting_run, self._refresh_left = 0, PLAIN_REFRESH_STEPS
+                costs.forget_periods(0)
         if period is not None:
             costs.observe_period(result.kb, period)
         if not result.queued:  # a queued step's own time is not its cost (StepResult.queued)
