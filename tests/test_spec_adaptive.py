@@ -491,18 +491,26 @@ def test_the_first_drafting_step_after_plain_ones_is_not_a_drafting_period():
     assert list(costs.periods[2]) == pytest.approx([0.02, 0.03])
 
 
-def test_scheduler_stops_drafting_when_served_periods_say_plain_is_faster():
-    """On paper (the steps' own times) drafting pays; in serving, plain steps queued behind each other
-    take half their own time and drafting steps pay the host's work on top: the policy follows the
-    periods it measures and turns speculation off."""
-    from jaxspec.engine.step import StepResult
+def _one_request_clocked(probe_every: int, max_tokens: int):
+    """One running request under a scheduler with measured-style costs and a clock the test moves;
+    (costs, clock [seconds], scheduler, slots, active ids)."""
     from jaxspec.speculative.scheduling import SpecScheduler
 
     costs = _costs(1e-4, 0.02)
     clock = [0.0]
     sched = SpecScheduler(1, BUCKETS, 8, None, rows_for=lambda n: 1, measure=lambda rows: costs,
-                          clock=lambda: clock[0], probe_every=1000)
-    slots, act = _running(sched, 1, 10_000)
+                          clock=lambda: clock[0], probe_every=probe_every)
+    slots, act = _running(sched, 1, max_tokens)
+    return costs, clock, sched, slots, act
+
+
+def test_scheduler_stops_drafting_when_served_periods_say_plain_is_faster():
+    """On paper (the steps' own times) drafting pays; in serving, plain steps queued behind each other
+    take half their own time and drafting steps pay the host's work on top: the policy follows the
+    periods it measures and turns speculation off."""
+    from jaxspec.engine.step import StepResult
+
+    costs, clock, sched, slots, act = _one_request_clocked(probe_every=1000, max_tokens=10_000)
     plain = costs.own_cost(0)
     for _ in range(200):
         plan = sched.plan(slots, act)
@@ -527,13 +535,9 @@ def test_while_drafting_plain_steps_are_measured_afresh_and_end_drafting_that_no
     period afresh (the old periods dropped, the first one after drafting left out), and the policy,
     weighing the fresh period, turns drafting off."""
     from jaxspec.engine.step import StepResult
-    from jaxspec.speculative.scheduling import PLAIN_REFRESH_EVERY, PLAIN_REFRESH_STEPS, SpecScheduler
+    from jaxspec.speculative.scheduling import PLAIN_REFRESH_EVERY, PLAIN_REFRESH_STEPS
 
-    costs = _costs(1e-4, 0.02)
-    clock = [0.0]
-    sched = SpecScheduler(1, BUCKETS, 8, None, rows_for=lambda n: 1, measure=lambda rows: costs,
-                          clock=lambda: clock[0], probe_every=10_000)
-    slots, act = _running(sched, 1, 100_000)
+    costs, clock, sched, slots, act = _one_request_clocked(probe_every=10_000, max_tokens=100_000)
     plain = costs.own_cost(0)
     slow = [True]
     kbs = []
