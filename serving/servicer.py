@@ -31,6 +31,10 @@ log = logging.getLogger("jaxspec.serving")
 INVALID_FIELD_KEY = "jaxspec-invalid-field"
 # Text longer than this is tokenised off the event loop so that it stays responsive.
 _INLINE_TOKENIZE_CHARS = 4096
+# A call that ends this close to its deadline ended by it: the client's timer starts before the
+# server's copy of the deadline (sent as a timeout), so a client giving up at its deadline reaches the
+# server with a little time left on the server's.
+DEADLINE_SLACK_S = 0.05
 
 _STATE_TO_PROTO = {
     ServerState.WARMING_UP: pb.ServerInfo.STATE_WARMING_UP,
@@ -158,7 +162,8 @@ class JaxSpecServicer(pb_grpc.JaxSpecServicer):
         if handle.finished:
             return
         remaining = context.time_remaining()
-        reason = FinishReason.DEADLINE if remaining is not None and remaining <= 0 else FinishReason.ABORTED
+        late = remaining is not None and remaining <= DEADLINE_SLACK_S
+        reason = FinishReason.DEADLINE if late else FinishReason.ABORTED
         self.loop.cancel(handle.request_id, reason)
 
     async def _check_final(self, out: RequestOutput, context: grpc.aio.ServicerContext) -> None:
