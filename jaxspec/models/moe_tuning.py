@@ -159,7 +159,7 @@ def tune_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Seq
     if path is not None:
         try:
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"times": times, "choices": table.choices, "fallback": table.fallback}))
+            tmp.write_text(json.dumps({"times": times}))  # the table follows from them (``_table``)
             tmp.replace(path)  # whole or not at all, for a concurrent reader
         except OSError:
             pass  # a read-only cache directory: measure again next time
