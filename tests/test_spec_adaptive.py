@@ -598,6 +598,49 @@ def test_scheduler_with_speculation_off_skips_the_choice_but_keeps_probing():
     assert len(choices) == n + 1  # a changed batch chooses afresh
 
 
+def test_a_probe_of_a_catching_up_proposer_runs_over_the_slot_with_the_shortest_context():
+    """``probe_one_slot``: with speculation off, each probe is a step over one free slot with room for a
+    draft, the one with the least context to catch up on; every other step covers the batch. A probe
+    whose slot ended before it ran (refit) becomes a plain step over the rest."""
+    from jaxspec.engine.request import Request
+    from jaxspec.engine.slots import SlotTable
+    from jaxspec.engine.step import StepResult
+    from jaxspec.sampling import SamplingParams
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    costs = CostModel({0: 0.0, **{b: 1.0 * b for b in BUCKETS}}, {0: 1e-2, **{b: 1e-2 for b in BUCKETS}},
+                      smoothing=0.0)  # drafting never pays
+    sched = SpecScheduler(3, BUCKETS, 8, None, rows_for=lambda n: n, measure=lambda rows: costs, cost_model=costs,
+                          probe_every=3, probe_one_slot=True)
+    slots = SlotTable(3)
+    prompts = {0: 40, 1: 9, 2: 20}  # slot 1 has the shortest context; slot 2 asks for no speculation
+    for s, n in prompts.items():
+        req = Request(f"r{s}", [1] * n, SamplingParams(max_tokens=1000), seed=s,
+                      num_speculative_tokens=0 if s == 2 else None)
+        slots.assign(s, req)
+        slots.active[s] = True
+        sched.start(s, req)
+    act = np.arange(3)
+    probes = []
+    for _ in range(40):
+        plan = sched.plan(slots, act)
+        if plan.kb:
+            probes.append(plan)
+        else:
+            assert plan.slots.tolist() == [0, 1, 2]
+        sched.update(StepResult(plan.slots, [[0] * (1 + int(k)) for k in plan.k], plan.k, plan.k, plan.kb, 0.0, 1e-2))
+        slots.num_generated[plan.slots] += 1 + plan.k
+    assert len(probes) >= 2
+    assert all(p.slots.tolist() == [1] and p.k.tolist() == [BUCKETS[0]] for p in probes)
+    # Slot 1 ran ahead in the probes; once its context is the longer, slot 0 is probed instead.
+    slots.num_generated[1] += 100
+    while not (plan := sched.plan(slots, act)).kb:
+        sched.update(StepResult(plan.slots, [[0]] * 3, plan.k, plan.k, 0, 0.0, 1e-2))
+    assert plan.slots.tolist() == [0]
+    assert sched.refit(plan, slots, np.array([1, 2])).slots.tolist() == [1, 2]  # slot 0 ended first
+    assert sched.refit(plan, slots, np.array([0, 2])).slots.tolist() == [0]
+
+
 def test_repeated_off_plans_never_probe_past_a_request_s_room():
     """With speculation off the scheduler repeats one plan over the same slots (no full plan per
     step), yet a probe never drafts more than a slot can still use, and none comes once no slot has

@@ -266,6 +266,39 @@ def test_draft_catches_up_after_steps_without_drafting():
     assert engine.spec_stats.acceptance_rate == 1.0
 
 
+def test_a_probe_catches_up_and_drafts_for_one_request_while_several_run():
+    """With speculation off, a draft model's probe is a step over the running request with the
+    shortest context alone: only that request's draft is fed (the others wait out one step instead
+    of each catching up), and the output stays plain decoding's."""
+    buckets = [1, 2, 4, 8]
+    expensive = CostModel({0: 0.0, **{b: 1.0 * b for b in buckets}}, {0: 1e-2, **{b: 1e-2 for b in buckets}},
+                          smoothing=0.0)
+    runner = spec_runner("identical", "auto", cost_model=expensive, probe_every=3)
+    events, plan_fn = [], runner.spec.plan
+
+    def plan(slots, act):
+        p = plan_fn(slots, act)
+        events.append(("plan", len(act), p.slots.tolist(), p.kb))
+        return p
+
+    runner.spec.plan = plan
+    prop = runner.proposer
+    feed = prop._feed
+    prop._feed = lambda slot, ids, start=0: events.append(("feed", slot)) or feed(slot, ids, start)
+    outs, engine = generate(runner, PROMPTS, GREEDY)
+    assert_same_as_plain(outs)
+    probes = [e for e in events if e[0] == "plan" and e[3] > 0]
+    assert probes and all(len(e[2]) == 1 for e in probes)
+    assert any(e[1] > 1 for e in probes)  # while several requests ran
+    last_probe = None
+    for e in events:
+        if e[0] == "plan" and e[3] > 0:
+            last_probe = e[2][0]
+        elif e[0] == "feed":
+            assert e[1] == last_probe  # only the probed request's draft catches up
+    assert engine.spec_stats.acceptance_rate == 1.0
+
+
 def test_slot_cache_draft_gets_the_prompt_at_its_first_drafting_step_in_one_call():
     """With a slot cache the draft is not fed at prefill (a request that never drafts never pays
     for it); one request running, the first probe feeds its prompt and every token since in one

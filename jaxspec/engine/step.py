@@ -35,7 +35,7 @@ class PrefillChunk:
 class DecodePlan:
     """One decode step over the active slots."""
 
-    slots: np.ndarray  # [n] int, the active slots in ascending order
+    slots: np.ndarray  # [n] int, the slots the step runs in ascending order: the active ones (a probe: one)
     k: np.ndarray  # [n] int, draft tokens each slot proposes (0: plain decoding for that slot)
     kb: int  # the step's compiled proposal length, >= k.max() (0: a plain decode step)
 

@@ -346,6 +346,11 @@ class KPolicy:
         self._wait, self._probed = self.probe_every, False
         return best_kb
 
+    @property
+    def probing(self) -> bool:
+        """Whether the bucket this policy last returned is a probe's."""
+        return self._probed
+
     def can_probe(self, caps: np.ndarray, forced: np.ndarray) -> bool:
         """Whether a step with speculation off could run a probe: a free slot that can use a draft."""
         free = forced < 0

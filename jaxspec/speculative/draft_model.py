@@ -96,6 +96,7 @@ class DraftModelProposer:
     name = "draft"
     deterministic = False
     always_proposes = True
+    catches_up = True  # the draft's cache skips the steps it does not draft in (``_catch_up``)
 
     def __init__(self, model: Transformer, moe_backend: str | None = None, catchup_chunk: int = 16,
                  kv_dtype: str | None = None):

@@ -142,6 +142,7 @@ class Eagle3Proposer:
     name = "eagle3"
     deterministic = False
     always_proposes = True
+    catches_up = False  # the head absorbs every step's features, drafting or not
 
     def __init__(self, head: Eagle3Head, target_embed: jax.Array | None = None, kv_dtype: str | None = None):
         """``target_embed``: the target's embedding table [V, D], shared (needed unless the head has its own).

@@ -40,6 +40,7 @@ class NgramProposer:
     name = "ngram"
     deterministic = True
     always_proposes = False  # a lookup finds something or not
+    catches_up = False
 
     def __init__(self, max_n: int = 3, min_n: int = 1):
         if not 1 <= min_n <= max_n:

@@ -110,6 +110,9 @@ class Proposer(Protocol):
     deterministic: bool  # proposals are a function of the context (one-hot q; Proposal.probs is None)
     # ``would_propose`` is True for every slot whatever the history (a model): the scheduler skips asking.
     always_proposes: bool
+    # Steps a slot did not draft in must be fed to the proposer before it drafts again (a draft model's
+    # own cache): a probe then pays that per slot it covers, so the scheduler probes one slot.
+    catches_up: bool
     # Whether ``prefill`` can start after a prompt prefix already cached in shared pages, and how
     # many tokens after a cached block the proposer's cache entries of that block depend on.
     reuses_prefix: bool
@@ -154,6 +157,7 @@ class NoProposer:
     name = "none"
     deterministic = True
     always_proposes = False
+    catches_up = False
 
     reuses_prefix = True
     prefix_key_tokens = 0

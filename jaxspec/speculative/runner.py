@@ -130,7 +130,8 @@ class SpeculativeRunner(CompiledSteps):
                                   measure=lambda rows: self.measure_costs(self.measure_reps, rows),
                                   cost_model=cost_model, probe_every=probe_every,
                                   would_propose=None if self.proposer.always_proposes else
-                                  lambda slots: self.proposer.would_propose(self.history, slots))
+                                  lambda slots: self.proposer.would_propose(self.history, slots),
+                                  probe_one_slot=self.proposer.catches_up)
         self._verify_fns: dict[tuple[int, bool, int], object] = {}
         # A single-device model drafter runs inside the verification step (one call per step).
         self.fused = (fuse and isinstance(self.proposer, DraftModelProposer) and target.placement is None

@@ -45,7 +45,7 @@ class SpecScheduler:
                  rows_for: Callable[[int], int], measure: Callable[[int], CostModel],
                  cost_model: CostModel | None = None, probe_every: int = 16,
                  clock: Callable[[], float] = time.perf_counter,
-                 would_propose: Callable[[np.ndarray], np.ndarray] | None = None):
+                 would_propose: Callable[[np.ndarray], np.ndarray] | None = None, probe_one_slot: bool = False):
         """``default_k``: the fixed proposal length, or None for adaptive k. ``rows_for(n)``: the
         compiled batch bucket a step over n slots runs at (costs are kept per bucket).
         ``measure(rows)`` times the compiled steps at a bucket (the runner's ``measure_costs``),
@@ -53,8 +53,12 @@ class SpecScheduler:
         every bucket. ``clock``: seconds, for the wall period between consecutive steps.
         ``would_propose(slots)``: bool per slot, whether the proposer could propose anything now
         (``Proposer.would_propose``); slots that could not are planned k = 0, and a step none of
-        whose slots could is a plain step (which the engine can queue ahead)."""
+        whose slots could is a plain step (which the engine can queue ahead). ``probe_one_slot``: a
+        probe (speculation off) drafts for one slot, the one with the shortest context, in a step
+        over that slot alone (``_probe_plan``): for a proposer that catches up on the steps it skipped
+        (``Proposer.catches_up``), which a probe over the batch would pay for every slot."""
         self.would_propose = would_propose
+        self.probe_one_slot = probe_one_slot
         self._rows_for = functools.lru_cache(maxsize=None)(rows_for)
         self.buckets = list(buckets)
         self.k_max = k_max
@@ -65,6 +69,7 @@ class SpecScheduler:
         self._measure = measure
         self.override = np.full(num_slots, -1, np.int32)  # per slot: the request's k, -1 = free
         self.max_tokens = np.zeros(num_slots, np.int64)  # per slot: the request's output budget
+        self.prompt_len = np.zeros(num_slots, np.int64)  # per slot: its prompt's tokens (``_probe_plan``)
         self.estimator = AcceptanceEstimator(num_slots)
         self.policy = KPolicy(self.buckets, probe_every=probe_every)
         self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length run (reporting)
@@ -103,6 +108,7 @@ class SpecScheduler:
         k = request.num_speculative_tokens
         self.override[slot] = -1 if k is None else min(int(k), self.k_max)
         self.max_tokens[slot] = request.params.max_tokens
+        self.prompt_len[slot] = len(request.prompt_ids)
         self.estimator.reset(slot)
         self._last_update = None  # the admission's prefill is not part of the next step's period
         self._off_run = self._off_plan = None
@@ -229,6 +235,8 @@ class SpecScheduler:
             else:
                 kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs))
                 self._off_run, self._off_rows = (0 if kb == 0 else None), rows
+        if kb > 0 and self.policy.probing:
+            return self._probe_plan(slots, act, kb, forced, caps)
         plan = self._plan_for(act, kb, forced, caps)
         if self._off_run is not None and plan.kb == 0 and self.would_propose is None:
             # Off, and stays off until a probe, a batch change or the next full choice: repeat this
@@ -253,11 +261,25 @@ class SpecScheduler:
         if kb == 0:
             return plan
         self._off_plan = None  # a probe: its outcome brings a full choice
-        return self._plan_for(act, kb, self.override[act], self._caps(slots, act))
+        return self._probe_plan(slots, act, kb, self.override[act], self._caps(slots, act))
 
     def _caps(self, slots: SlotTable, act: np.ndarray) -> np.ndarray:
         """Per active slot: the drafts its request can still use (its last token is never drafted)."""
         return np.clip(self.max_tokens[act] - slots.num_generated[act] - 1, 0, self.k_max)
+
+    def _probe_plan(self, slots: SlotTable, act: np.ndarray, kb: int, forced: np.ndarray, caps: np.ndarray
+                    ) -> DecodePlan:
+        """A probe's plan: bucket kb's over the batch, or with ``probe_one_slot`` over one free slot
+        with room for a draft, the one with the shortest context (the least to catch up on). The other
+        requests wait out that one short step instead of each paying its own catch-up."""
+        if not self.probe_one_slot or len(act) < 2:
+            return self._plan_for(act, kb, forced, caps)
+        can = np.flatnonzero((forced < 0) & (caps > 0))
+        if not can.size:
+            return self._plan_for(act, kb, forced, caps)
+        context = self.prompt_len[act[can]] + slots.num_generated[act[can]]
+        i = can[int(np.argmin(context))]
+        return self._plan_for(act[i:i + 1], kb, forced[i:i + 1], caps[i:i + 1])
 
     @staticmethod
     def _plan_for(act: np.ndarray, kb: int, forced: np.ndarray, caps: np.ndarray) -> DecodePlan:
@@ -273,8 +295,12 @@ class SpecScheduler:
         self._gap_open = False
 
     def refit(self, plan: DecodePlan, slots: SlotTable, act: np.ndarray) -> DecodePlan:
-        """``plan`` over ``act`` (a subset of its slots: the others ended), k capped again."""
-        k = plan.k[np.isin(plan.slots, act)]
+        """``plan`` over those of its slots still in ``act`` (the others ended), k capped again. A
+        probe over one slot whose request ended meanwhile becomes a plain step over ``act``."""
+        keep = np.isin(plan.slots, act)
+        if not keep.any():
+            return DecodePlan.plain(act)
+        k, act = plan.k[keep], plan.slots[keep]
         caps = self._caps(slots, act)
         k = np.minimum(k, caps).astype(np.int32)
         return DecodePlan(act, k, plan.kb if k.any() else 0)
@@ -294,6 +320,16 @@ class SpecScheduler:
         self._gap_open = True  # the next plan measures the host's time since (CostModel.host_gap)
         emitted = sum(map(len, result.tokens))
         self._observe_wall(now, rows, result, emitted)
+        # The first drafting step after plain ones pays for switching (the draft model catches up on
+        # the tokens it missed; a queued step before it is waited for): not a drafting run's period,
+        # but what a probe costs against a plain step of the batch before it (the probe over one of
+        # its slots or all), which sets how often the policy may probe.
+        previous_kb, self._last_kb = self._last_kb, result.kb
+        switching = result.kb > 0 and previous_kb == 0
+        if switching and last is not None and self.adaptive:
+            batch = self._known_costs(last[1])
+            if batch is not None and batch.smoothing > 0:
+                self.policy.probe_cost(now - last[0], batch.step_cost(0))
         costs = self._known_costs(rows)
         times = (result.draft_s, result.verify_s)
         if costs is None:
@@ -303,18 +339,10 @@ class SpecScheduler:
         # Costs held fixed (smoothing 0: synthetic or given) are not seconds of this machine's steps.
         if costs.smoothing <= 0:
             return times
-        period = now - last[0] if last is not None and last[1] == rows else None
-        # The first drafting step after plain ones pays for switching (the draft model catches up on
-        # the tokens it missed; a queued step before it is waited for): not a drafting run's period,
-        # but what a probe costs, which sets how often the policy may probe. The first plain step
-        # after drafting ones waits out the switch too.
-        if result.kb > 0 and self._last_kb == 0:
-            if period is not None and self.adaptive:
-                self.policy.probe_cost(period, costs.step_cost(0))
-            period = None
-        elif result.kb == 0 and self._last_kb > 0:
-            period = None
-        self._last_kb = result.kb
+        # The first plain step after drafting ones waits out the switch: not a plain run's period either.
+        unswitching = result.kb == 0 and previous_kb > 0
+        period = (now - last[0] if last is not None and last[1] == rows and not (switching or unswitching)
+                  else None)
         if self.adaptive:
             self._drafting_run = self._drafting_run + 1 if result.kb > 0 else 0
             if self._drafting_run >= PLAIN_REFRESH_EVERY:
