@@ -299,7 +299,7 @@ class KPolicy:
     """Chooses each step's proposal bucket (module docstring)."""
 
     def __init__(self, buckets: list[int], probe_every: int = 16, min_gain: float = 0.02,
-                 max_probe_every: int = 512, switch_gain: float = 0.15, probe_budget: float = 0.01,
+                 max_probe_every: int = 512, switch_gain: float = 0.3, probe_budget: float = 0.01,
                  max_budget_wait: int = 4096):
         self.buckets = list(buckets)
         self.probe_every = probe_every
@@ -311,10 +311,14 @@ class KPolicy:
         self._budget_wait = 0  # steps off after a probe that keep probing within the budget
         self.min_gain = min_gain  # a longer bucket must beat a shorter one by this much (timing noise)
         # With speculation off, drafting must beat plain steps by this much to turn it on: a switch
-        # costs what the step rates do not show (the draft catches up on the tokens it missed, a
-        # queued step is waited for), so a bucket that only breaks even would lose end to end.
+        # costs what the step rates do not show (the draft catches up on the tokens it missed for
+        # every slot, a queued step is waited for; requests that finished together start finishing,
+        # and are replaced, one by one), and the acceptance it is weighed at comes from a few probe
+        # tokens. Measured on the built-in pair at 8 requests: predicted 25% over plain, realised 5%
+        # on its steps and a loss end to end.
         self.switch_gain = switch_gain
         self._drafting = False  # the last choice drafted
+        self._last_kb = 0  # the last choice's bucket (0: off)
         self._off_steps = 0
         self._wait = probe_every  # steps off before the next probe (doubles while probes fail)
         self._probed = False
@@ -327,7 +331,13 @@ class KPolicy:
         floor = bucket_for(int(forced_k.max(initial=0)), self.buckets)
         free = forced < 0
         best_kb, best_rate = None, -1.0
-        candidates = [kb for kb in [0, *self.buckets] if kb >= floor and (kb not in blocked or kb == floor)]
+        # Acceptance is known at the positions drafted so far (a probe drafts one bucket[0]), and real
+        # drafts agree less the further they guess: the i.i.d. estimate from short steps overstates
+        # long ones. So drafting turns on at the smallest bucket and climbs one bucket per choice,
+        # each bucket then proving itself in the steps it runs (``SpecScheduler._blocked``).
+        reach = self.buckets[0] if self._last_kb == 0 else self._above(self._last_kb)
+        candidates = [kb for kb in [0, *self.buckets]
+                      if floor <= kb <= max(reach, floor) and (kb not in blocked or kb == floor)]
         # Every candidate bucket at once ([buckets, slots]): this runs on every decode step.
         kbs = np.asarray(candidates)[:, None]
         k = np.where(free[None, :], np.minimum(kbs, caps[None, :]), forced_k[None, :])
@@ -339,12 +349,16 @@ class KPolicy:
             gain = self.switch_gain if best_kb == 0 and not self._drafting else self.min_gain
             if best_kb is None or rate > best_rate * (1.0 + gain):
                 best_kb, best_rate = kb, rate
-        self._drafting = best_kb != 0
+        self._drafting, self._last_kb = best_kb != 0, best_kb
         if best_kb == 0:
             return self.off_step(caps, forced)
         self._off_steps = 0
         self._wait, self._probed = self.probe_every, False
         return best_kb
+
+    def _above(self, kb: int) -> int:
+        """The bucket after kb (the largest for the largest)."""
+        return next((b for b in self.buckets if b > kb), self.buckets[-1])
 
     @property
     def probing(self) -> bool:

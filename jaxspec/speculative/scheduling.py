@@ -37,7 +37,7 @@ PLAIN_REFRESH_STEPS = 6
 # End-to-end rates (``_wall_rate``): every interval between two steps of one kind, admissions included.
 WALL_WINDOW = 64  # recent intervals kept per (batch bucket, plain or drafting)
 WALL_MIN = 24  # intervals of each kind before the two are compared
-WALL_TTL_S = 30.0  # drafting's intervals are forgotten after this long (it is tried again)
+WALL_TTL_S = 30.0  # intervals are forgotten after this long (drafting left out is tried again)
 
 
 class SpecScheduler:
@@ -150,7 +150,7 @@ class SpecScheduler:
         """Tokens per row-second over the recent intervals between two steps of one kind at a batch
         bucket, everything the engine did between them included (admissions' prefills too)."""
         seen = self._wall.get((rows, drafting))
-        if seen and drafting:
+        if seen:  # both kinds expire: a plain rate from a bucket's slow start must not outlive it
             oldest = self._clock() - WALL_TTL_S
             while seen and seen[0][0] < oldest:
                 seen.popleft()
@@ -350,7 +350,9 @@ class SpecScheduler:
                 costs.forget_periods(0)
         if period is not None:
             costs.observe_period(result.kb, period)
-        if not result.queued:  # a queued step's own time is not its cost (StepResult.queued)
+        # A queued step's own time is not its cost (StepResult.queued), nor is a switching step's (it
+        # holds the draft's catch-up).
+        if not (result.queued or switching):
             costs.observe(result.kb, *times)
         # What serving paid for the step: its period, or, not queued, its own time.
         step_s = period if period is not None else (None if result.queued else times[0] + times[1])
