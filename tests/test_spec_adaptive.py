@@ -448,6 +448,33 @@ def test_a_bucket_costs_the_mean_of_alternating_periods_not_their_median():
     assert costs.period(0) == pytest.approx(5e-3)
 
 
+def test_the_latest_periods_bound_a_bucket_s_cost_on_plain_decoding_s_side():
+    """Plain periods read while the machine was busy, then fast ones: the window's median still says
+    slow, but plain is priced at the latest periods; drafting periods that turned slow price drafting
+    slow at once. Either way drafting is not made to look cheap by a change within the window."""
+    from jaxspec.speculative.adaptive import PERIOD_WINDOW, RECENT_PERIODS
+
+    costs = _costs(1e-3, 0.1)
+    own0, own2 = costs.own_cost(0), costs.own_cost(2)
+    for _ in range(PERIOD_WINDOW - RECENT_PERIODS):
+        costs.observe_period(0, 0.9 * own0)  # busy
+        costs.observe_period(2, 1.1 * own2)
+    assert costs.step_cost(0) == pytest.approx(0.9 * own0)
+    for _ in range(RECENT_PERIODS):
+        costs.observe_period(0, 0.5 * own0)  # quiet again
+        costs.observe_period(2, 1.6 * own2)  # drafting turned slow
+    assert costs.period(0) == pytest.approx(0.9 * own0) and costs.period(2) == pytest.approx(1.1 * own2)
+    assert costs.step_cost(0) == pytest.approx(0.5 * own0)
+    assert costs.step_cost(2) == pytest.approx(1.6 * own2)
+    # The other way round, the window's median stays the bound.
+    other = _costs(1e-3, 0.1)
+    for _ in range(PERIOD_WINDOW - RECENT_PERIODS):
+        other.observe_period(0, 0.5 * own0)
+    for _ in range(RECENT_PERIODS):
+        other.observe_period(0, 0.9 * own0)
+    assert other.step_cost(0) == pytest.approx(0.5 * own0)
+
+
 def test_period_and_host_gap_follow_every_new_observation_after_being_read():
     """Their medians are kept between reads; a new period or gap is in the next read."""
     from jaxspec.speculative.adaptive import PERIOD_WINDOW
@@ -716,6 +743,9 @@ def test_probe_schedule_defaults_match_the_readme():
     from jaxspec.speculative.adaptive import PERIOD_WINDOW
 
     assert PERIOD_WINDOW == 32 and "the median, over the last 32 steps, of two consecutive periods' mean" in readme
+    from jaxspec.speculative.adaptive import RECENT_PERIODS
+
+    assert RECENT_PERIODS == 8 and "or over the last 8 where that is on plain decoding's side" in readme
     from jaxspec.speculative.scheduling import WALL_TTL_S, WALL_WINDOW
 
     assert (WALL_WINDOW, WALL_TTL_S) == (64, 30.0)

@@ -50,6 +50,7 @@ from jaxspec.config import ModelConfig
 
 MIN_PERIODS = 3  # observed steps of a bucket before their periods are its cost
 PERIOD_WINDOW = 32  # recent periods kept per bucket (CostModel.period)
+RECENT_PERIODS = 8  # the latest periods, whose typical value also bounds a bucket's cost (step_cost)
 
 
 def expected_tokens(alpha: np.ndarray | float, k: np.ndarray | int) -> np.ndarray:
@@ -166,15 +167,23 @@ class CostModel:
         between every other pair of results, so periods alternate short and long and a step costs
         their mean; a median of single periods would take the short ones. The median over pairs
         keeps a stray pause (another process, a collection) from pricing the bucket."""
-        if kb in self._medians:
-            return self._medians[kb]
+        return self._pair_median(kb, PERIOD_WINDOW)
+
+    def recent_period(self, kb: int) -> float | None:
+        """``period`` over the latest RECENT_PERIODS periods only."""
+        return self._pair_median(kb, RECENT_PERIODS)
+
+    def _pair_median(self, kb: int, last: int) -> float | None:
+        key = kb if last == PERIOD_WINDOW else (kb, last)
+        if key in self._medians:
+            return self._medians[key]
         seen = self.periods.get(kb)
         if seen is None or len(seen) < MIN_PERIODS:
             value = None
         else:
-            seen = list(seen)
+            seen = list(seen)[-last:]
             value = statistics.median((a + b) / 2 for a, b in zip(seen, seen[1:]))
-        self._medians[kb] = value
+        self._medians[key] = value
         return value
 
     def step_cost(self, kb: int) -> float:
@@ -184,8 +193,11 @@ class CostModel:
             # Periods are noisy (another process, a collection, a burst of outputs); their errors
             # are bounded by the steps' own times, each on the side that keeps plain decoding: a
             # queued plain step costs no more than one waited for, and a drafting step no less
-            # than its own time.
-            return min(observed, own) if kb == 0 else max(observed, own)
+            # than its own time. And where the machine's speed changed within the window, the
+            # latest periods win on that side too: a plain period read while the machine was busy
+            # must not make drafting look cheap once it is quiet again.
+            recent = self.recent_period(kb)
+            return min(observed, recent, own) if kb == 0 else max(observed, recent, own)
         lent_ratio, lent_extra = self.lent
         if kb == 0:
             return own * (lent_ratio if lent_ratio is not None else 1.0)
@@ -221,11 +233,13 @@ class CostModel:
         if kb in self.verify_s:
             self.periods.setdefault(kb, collections.deque(maxlen=PERIOD_WINDOW)).append(seconds)
             self._medians.pop(kb, None)
+            self._medians.pop((kb, RECENT_PERIODS), None)
 
     def forget_periods(self, kb: int) -> None:
         """Drop bucket kb's observed periods (they are about to be measured afresh)."""
         self.periods.pop(kb, None)
         self._medians.pop(kb, None)
+        self._medians.pop((kb, RECENT_PERIODS), None)
 
     def observe(self, kb: int, draft_s: float, verify_s: float) -> None:
         """Fold a step's measured times in (the machine may be busier than at warm-up)."""
