@@ -112,6 +112,28 @@ def test_drafting_turns_on_at_the_smallest_bucket_and_climbs_one_bucket_per_choi
     assert "it turns on at the smallest proposal length and moves up at most one length per step" in readme
 
 
+def test_turning_drafting_on_weighs_acceptance_at_the_low_end_of_its_estimate():
+    """Off, the policy weighs ``cautious`` acceptance (one posterior standard deviation below the
+    mean): an estimate resting on few rounds must pay there to turn drafting on; on, the mean keeps it."""
+    est = AcceptanceEstimator(2)
+    fresh = est.lower(np.arange(2))
+    assert (fresh < est.mean(np.arange(2))).all()
+    for _ in range(200):  # many rounds at 0.6 narrow the posterior towards its mean
+        est.update(0, 4, 2)
+    gap_seen = est.mean(np.array([0]))[0] - est.lower(np.array([0]))[0]
+    assert gap_seen < est.mean(np.array([1]))[0] - est.lower(np.array([1]))[0]
+    costs = CostModel({0: 0.0, 2: 0.0}, {0: 1e-2, 2: 1.6 / 120})  # at acceptance 0.6: 47% over plain, 0.45: 24%
+    caps, free = np.full(1, 8), np.full(1, -1)
+    policy = KPolicy([2], switch_gain=0.3)
+    assert policy.choose(np.full(1, 0.6), caps, free, costs) == 2
+    policy = KPolicy([2], switch_gain=0.3)
+    assert policy.choose(np.full(1, 0.6), caps, free, costs, cautious=np.full(1, 0.45)) == 0
+    assert policy.choose(np.full(1, 0.6), caps, free, costs, cautious=np.full(1, 0.6)) == 2
+    assert policy.choose(np.full(1, 0.6), caps, free, costs, cautious=np.full(1, 0.1)) == 2  # on: the mean
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "weighing each request's acceptance one standard deviation below its estimate" in readme
+
+
 def test_policy_turns_drafting_on_only_for_a_clear_gain_and_keeps_it_at_a_small_one():
     """Speculation off: a bucket must beat plain steps by ``switch_gain`` to turn it on (a switch
     costs what step rates do not show); on: ``min_gain`` keeps it."""
@@ -288,6 +310,12 @@ def _clocked(costs: CostModel):
     return sched, slots, act, run
 
 
+def _accepted_so_far(sched, accepted: float = 80.0, rejected: float = 20.0) -> None:
+    """Engine-wide acceptance as if many earlier rounds had been seen (new requests start from it),
+    so the cautious end of a new request's estimate is not the bare prior's."""
+    sched.estimator.global_acc, sched.estimator.global_rej = accepted, rejected
+
+
 def _learn_plain_period(sched, slots, act, run, plain_s: float) -> None:
     """A batch bucket's first steps are plain until their period is known (``_plain_first``)."""
     from jaxspec.speculative.adaptive import MIN_PERIODS
@@ -305,6 +333,7 @@ def test_a_batch_bucket_runs_plain_until_it_knows_what_a_plain_step_costs():
 
     costs = _costs(1e-4, 0.02)  # drafting nearly free on paper
     sched, slots, act, run = _clocked(costs)
+    _accepted_so_far(sched)
     plain = 0.9 * costs.verify_s[0]  # queued plain steps: below warm-up's time
     _learn_plain_period(sched, slots, act, run, plain)
     assert costs.step_cost(0) == pytest.approx(plain)
@@ -312,6 +341,7 @@ def test_a_batch_bucket_runs_plain_until_it_knows_what_a_plain_step_costs():
     # A batch that changes every step (a start resets the period's clock) runs plain a bounded while.
     other = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: _costs(1e-4, 0.02))
     slots, act = _running(other, 4, 200)
+    _accepted_so_far(other)
     kbs = []
     for _ in range(PLAIN_FIRST_STEPS + 1):
         kbs.append(other.plan(slots, act).kb)
@@ -351,6 +381,7 @@ def test_a_drafting_bucket_not_seen_yet_costs_its_own_time_plus_the_hosts_time_b
     quick = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: _costs(1e-3, 0.1),
                           clock=lambda: clock[0])
     slots, act = _running(quick, 4, 200)
+    _accepted_so_far(quick)
     for _ in range(8):
         kb = quick.plan(slots, act).kb
         clock[0] += own0 + gap

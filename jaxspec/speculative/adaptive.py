@@ -132,6 +132,12 @@ class AcceptanceEstimator:
         a, r = self.acc[slots], self.rej[slots]
         return (a + m0 * n0) / (a + r + n0)
 
+    def lower(self, slots: np.ndarray) -> np.ndarray:
+        """One posterior standard deviation below ``mean``: what the estimate promises at its low end."""
+        n = self.acc[slots] + self.rej[slots] + self.prior_strength
+        m = self.mean(slots)
+        return np.clip(m - np.sqrt(m * (1.0 - m) / (n + 1.0)), 0.0, 1.0)
+
 
 @dataclasses.dataclass
 class CostModel:
@@ -338,9 +344,15 @@ class KPolicy:
         self._probed = False
         self.last_rates: dict[int, float] = {}
     def choose(self, alphas: np.ndarray, caps: np.ndarray, forced: np.ndarray, cost: CostModel,
-               blocked: frozenset[int] = frozenset()) -> int:
+               blocked: frozenset[int] = frozenset(), cautious: np.ndarray | None = None) -> int:
         """alphas/caps/forced per active slot (forced < 0: free). ``blocked``: buckets whose steps
-        have realised fewer tokens/s than plain steps (left out, except as a probe). Returns kb."""
+        have realised fewer tokens/s than plain steps (left out, except as a probe). ``cautious``:
+        acceptance at the low end of its estimate (``AcceptanceEstimator.lower``), weighed instead
+        of ``alphas`` while speculation is off: turning it on must pay even there, since the
+        estimate then rests on a few probe tokens and is highest exactly when it says to switch.
+        Returns kb."""
+        if cautious is not None and not self._drafting:
+            alphas = cautious
         forced_k = np.minimum(forced, caps)
         floor = bucket_for(int(forced_k.max(initial=0)), self.buckets)
         free = forced < 0

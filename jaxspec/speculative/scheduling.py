@@ -233,7 +233,8 @@ class SpecScheduler:
             if self._plain_first(rows, costs):
                 kb, self._off_run = 0, None
             else:
-                kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs))
+                kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs),
+                                        cautious=self.estimator.lower(act))
                 self._off_run, self._off_rows = (0 if kb == 0 else None), rows
         if kb > 0 and self.policy.probing:
             return self._probe_plan(slots, act, kb, forced, caps)
