@@ -132,10 +132,11 @@ class AcceptanceEstimator:
         a, r = self.acc[slots], self.rej[slots]
         return (a + m0 * n0) / (a + r + n0)
 
-    def lower(self, slots: np.ndarray) -> np.ndarray:
-        """One posterior standard deviation below ``mean``: what the estimate promises at its low end."""
+    def lower(self, slots: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+        """One posterior standard deviation below ``mean`` (given, or computed): what the estimate
+        promises at its low end."""
         n = self.acc[slots] + self.rej[slots] + self.prior_strength
-        m = self.mean(slots)
+        m = self.mean(slots) if mean is None else mean
         return np.clip(m - np.sqrt(m * (1.0 - m) / (n + 1.0)), 0.0, 1.0)
 
 
@@ -238,12 +239,14 @@ class CostModel:
     def observe_period(self, kb: int, seconds: float) -> None:
         if kb in self.verify_s:
             self.periods.setdefault(kb, collections.deque(maxlen=PERIOD_WINDOW)).append(seconds)
-            self._medians.pop(kb, None)
-            self._medians.pop((kb, RECENT_PERIODS), None)
+            self._drop_medians(kb)
 
     def forget_periods(self, kb: int) -> None:
         """Drop bucket kb's observed periods (they are about to be measured afresh)."""
         self.periods.pop(kb, None)
+        self._drop_medians(kb)
+
+    def _drop_medians(self, kb: int) -> None:
         self._medians.pop(kb, None)
         self._medians.pop((kb, RECENT_PERIODS), None)
 
@@ -337,7 +340,6 @@ class KPolicy:
         # tokens. Measured on the built-in pair at 8 requests: predicted 25% over plain, realised 5%
         # on its steps and a loss end to end.
         self.switch_gain = switch_gain
-        self._drafting = False  # the last choice drafted
         self._last_kb = 0  # the last choice's bucket (0: off)
         self._off_steps = 0
         self._wait = probe_every  # steps off before the next probe (doubles while probes fail)
@@ -351,7 +353,7 @@ class KPolicy:
         of ``alphas`` while speculation is off: turning it on must pay even there, since the
         estimate then rests on a few probe tokens and is highest exactly when it says to switch.
         Returns kb."""
-        if cautious is not None and not self._drafting:
+        if cautious is not None and not self.drafting:
             alphas = cautious
         forced_k = np.minimum(forced, caps)
         floor = bucket_for(int(forced_k.max(initial=0)), self.buckets)
@@ -372,15 +374,20 @@ class KPolicy:
         for kb, expected in zip(candidates, tokens.tolist()):
             rate = expected / cost.step_cost(kb)
             self.last_rates[kb] = rate
-            gain = self.switch_gain if best_kb == 0 and not self._drafting else self.min_gain
+            gain = self.switch_gain if best_kb == 0 and not self.drafting else self.min_gain
             if best_kb is None or rate > best_rate * (1.0 + gain):
                 best_kb, best_rate = kb, rate
-        self._drafting, self._last_kb = best_kb != 0, best_kb
+        self._last_kb = best_kb
         if best_kb == 0:
             return self.off_step(caps, forced)
         self._off_steps = 0
         self._wait, self._probed = self.probe_every, False
         return best_kb
+
+    @property
+    def drafting(self) -> bool:
+        """Whether the last choice drafted (a probe is not a choice)."""
+        return self._last_kb != 0
 
     def _above(self, kb: int) -> int:
         """The bucket after kb (the largest for the largest)."""

@@ -233,8 +233,10 @@ class SpecScheduler:
             if self._plain_first(rows, costs):
                 kb, self._off_run = 0, None
             else:
-                kb = self.policy.choose(self.estimator.mean(act), caps, forced, costs, self._blocked(rows, costs),
-                                        cautious=self.estimator.lower(act))
+                alphas = self.estimator.mean(act)
+                # Only a switch on weighs the estimate's low end (KPolicy.choose): not computed while drafting.
+                cautious = None if self.policy.drafting else self.estimator.lower(act, alphas)
+                kb = self.policy.choose(alphas, caps, forced, costs, self._blocked(rows, costs), cautious=cautious)
                 self._off_run, self._off_rows = (0 if kb == 0 else None), rows
         if kb > 0 and self.policy.probing:
             return self._probe_plan(slots, act, kb, forced, caps)
