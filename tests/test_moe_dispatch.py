@@ -106,3 +106,33 @@ def test_tuned_table_fallback_keeps_quantized_experts_off_unvalidated_kernels(mo
     assert table.backend_for(4096, top_k=2, kernel="gmm_int8") == "ragged"  # not validated on hardware
     assert table.backend_for(4096, top_k=2, kernel="gmm_int4") == "ragged"
     assert table.backend_for(16, top_k=2, kernel="gmm") == "ragged"  # below the measured crossover
+
+
+@pytest.mark.parametrize("backend", ["dense", "per_expert", "per_expert_static", "expert_rows", "expert_chunks", "sorted"])
+def test_every_backend_takes_experts_held_per_expert(backend):
+    """Weights held per expert (``ExpertSlices``, as a measured CPU runner holds them) give exactly
+    what the stacked weights give: slice backends read the parts, the others the stacked array."""
+    from jaxspec.models.expert_slices import ExpertSlices
+    from jaxspec.models.moe_dispatch import SLICE_BACKENDS, dispatch, run_backend
+
+    x, ids, w, *weights = _problem(12, seed=5)
+    held = [ExpertSlices([a[e] for e in range(E)], a) for a in weights]
+    want = jax.jit(BACKENDS[backend])(x, ids, w, *weights)
+    got = jax.jit(functools.partial(run_backend, backend))(x, ids, w, *held)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(jax.jit(functools.partial(dispatch, backend=backend))(x, ids, w, *held), want)
+    assert ("per_expert_static" in SLICE_BACKENDS and "expert_chunks" in SLICE_BACKENDS
+            and "dense" not in SLICE_BACKENDS and "sorted" not in SLICE_BACKENDS)
+
+
+def test_a_slice_backend_reads_the_parts_not_the_stacked_array():
+    """Inside a step, ``per_expert_static`` on held weights multiplies by the per-expert arrays: the
+    stacked one is never read (given NaNs, the output stays finite), while ``dense`` reads it."""
+    from jaxspec.models.expert_slices import ExpertSlices
+    from jaxspec.models.moe_dispatch import run_backend
+
+    x, ids, w, *weights = _problem(4, seed=6)
+    poisoned = [ExpertSlices([a[e] for e in range(E)], jnp.full_like(a, jnp.nan)) for a in weights]
+    ok = jax.jit(functools.partial(run_backend, "per_expert_static"))(x, ids, w, *poisoned)
+    np.testing.assert_allclose(ok, dispatch_dense(x, ids, w, *weights), atol=1e-5, rtol=1e-5)
+    assert np.isnan(np.asarray(jax.jit(functools.partial(run_backend, "dense"))(x, ids, w, *poisoned))).all()

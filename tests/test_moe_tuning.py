@@ -8,7 +8,9 @@ import pytest
 from jaxspec.config import ConfigError, load_config
 from jaxspec.engine.factory import make_runner
 from jaxspec.models import create_model, moe_tuning
-from jaxspec.models.moe_tuning import MAX_TUNED_TOKENS, measure_dispatch, tune_dispatch, tuning_counts
+from jaxspec.models.expert_slices import has_expert_slices
+from jaxspec.models.moe_tuning import (MAX_TUNED_TOKENS, measure_dispatch, measure_in_model, tune_dispatch, tuning_counts,
+                                       with_choices_from)
 
 
 def _cfg(**kw):
@@ -19,7 +21,7 @@ def _cfg(**kw):
 
 def _fake_times(calls):
     """Per count: ``per_expert`` fastest below 8 tokens, ``sorted`` from 8."""
-    def measure(cfg, counts, candidates=moe_tuning.CPU_CANDIDATES, reps=7, seed=0, evict_bytes=0):
+    def measure(cfg, counts, candidates=moe_tuning.CPU_CANDIDATES, reps=7, seed=0, evict_bytes=0, expert_slices=False):
         calls.append((sorted(counts), evict_bytes))
         return {n: {"per_expert": 1.0, "sorted": 0.5 if n >= 8 else 2.0, "dense": 3.0} for n in counts}
     return measure
@@ -52,6 +54,8 @@ def test_a_measured_table_is_kept_per_expert_shape_and_read_back(tmp_path, monke
         path.write_text("{not json")
     assert tune_dispatch(_cfg(), [1, 2, 4, 8, 16], store=tmp_path, extend_last=True) == table
     assert len(calls) == 3  # an unreadable table is measured again
+    tune_dispatch(_cfg(), [1, 2, 4, 8, 16], store=tmp_path, extend_last=True, expert_slices=True)
+    assert len(calls) == 4  # measured in the other weight layout: a table of its own
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -96,8 +100,16 @@ def test_a_kept_table_is_rederived_from_its_times(tmp_path, monkeypatch):
 def test_a_measured_runner_uses_the_table_in_every_step_and_decodes_as_auto(monkeypatch):
     import uuid
 
-    calls = []
+    calls, timed = [], []
     monkeypatch.setattr(moe_tuning, "measure_dispatch", _fake_times(calls))
+
+    def in_model(seconds, counts, candidates=moe_tuning.IN_MODEL_CANDIDATES, rounds=3):
+        # The runner's own timer, once per candidate at the smallest count (it compiles a forward
+        # each); the choices: per-expert slices below 8 tokens, every expert stacked from 8.
+        timed.append((list(counts), [seconds(name, counts[0]) for name in candidates]))
+        return {n: {"per_expert_static": 1.0, "expert_chunks": 2.0, "dense": 0.5 if n >= 8 else 3.0} for n in counts}
+
+    monkeypatch.setattr(moe_tuning, "measure_in_model", in_model)
     # A machine no table was kept for (the tests' compilation cache directory outlives a run).
     monkeypatch.setattr(moe_tuning, "_machine", lambda: f"test-{uuid.uuid4()}")
     model = create_model(_cfg())
@@ -105,9 +117,15 @@ def test_a_measured_runner_uses_the_table_in_every_step_and_decodes_as_auto(monk
                            moe_dispatch="measured")
     # The largest step: 4 prefill rows of a whole 64-token context; decode rows verify 4 tokens each.
     assert calls and calls[0][0] == tuning_counts(4 * 64) and 0 < calls[0][1]
+    # Decode and verification steps (up to 4 rows x 5 tokens: k up to 4) are timed as forwards of the runner.
+    assert timed and timed[0][0] == tuning_counts(4 * 5) and all(t > 0 for t in timed[0][1])
     target = measured.target
     assert isinstance(target.moe_backend, moe_tuning.DispatchTable)
     assert target.statics.moe_backend is target.moe_backend is measured.moe_dispatch()
+    choices = dict(target.moe_backend.choices)
+    assert [choices[n] for n in (1, 4, 8, 16)] == ["per_expert_static", "per_expert_static", "dense", "dense"]
+    assert choices[64] == "sorted"  # prefill sizes keep the per-layer times
+    assert has_expert_slices(target.state)  # experts held per expert: the steps read them in place
 
     from jaxspec.engine import Engine
     from jaxspec.sampling import SamplingParams
@@ -162,3 +180,22 @@ def test_prefill_logits_at_the_last_position_equal_the_full_projection():
     assert last.logits.shape == (3, 1, cfg.vocab_size)
     np.testing.assert_array_equal(last.logits[:, 0], full.logits[jnp.arange(3), num_valid - 1])
     np.testing.assert_array_equal(last.cache.k, full.cache.k)
+
+
+def test_in_model_times_take_candidates_in_turns_and_keep_the_median():
+    order, clock = [], iter(range(1, 100))
+
+    def seconds(name, n):
+        order.append((name, n))
+        return float(next(clock)) if name == "a" else 10.0
+
+    times = measure_in_model(seconds, [1, 2], candidates=("a", "b"), rounds=3)
+    assert order[:4] == [("a", 1), ("b", 1), ("a", 2), ("b", 2)] and len(order) == 12
+    assert times == {1: {"a": 3.0, "b": 10.0}, 2: {"a": 4.0, "b": 10.0}}  # a: 1, 3, 5 and 2, 4, 6
+
+
+def test_in_model_choices_replace_only_the_counts_they_measured():
+    table = moe_tuning.DispatchTable(((1, "per_expert"), (8, "sorted"), (64, "expert_chunks")), "expert_chunks")
+    got = with_choices_from(table, {1: {"per_expert_static": 1.0, "dense": 2.0}, 8: {"per_expert_static": 3.0, "dense": 1.0}})
+    assert got.choices == ((1, "per_expert_static"), (8, "dense"), (64, "expert_chunks"))
+    assert got.fallback == "expert_chunks"

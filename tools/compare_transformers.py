@@ -64,6 +64,8 @@ from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 from jaxspec.checkpoint import load_hf  # noqa: E402
 from jaxspec.models import KVCache, Transformer  # noqa: E402
+from jaxspec.models.expert_slices import split_experts  # noqa: E402
+from jaxspec.models.moe_tuning import DispatchTable  # noqa: E402
 
 Prompts = list  # of 1-D int arrays (lengths differ)
 
@@ -178,10 +180,14 @@ def pow2_bucket(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def jaxspec_loop(model: Transformer, new_tokens: int, moe_backend=None) -> Callable[[Prompts], np.ndarray]:
+def jaxspec_loop(model: Transformer, new_tokens: int, moe_backend=None,
+                 expert_slices: bool = False) -> Callable[[Prompts], np.ndarray]:
     """Greedy generation: jitted prefill, then a jitted fori_loop of decode steps (cache donated).
-    ``moe_backend``: the MoE dispatch (the engine's measured table, so both run the same experts' code)."""
+    ``moe_backend``: the MoE dispatch (the engine's measured table, so both run the same experts' code);
+    ``expert_slices``: the expert weights one array per expert, as the engine holds them then."""
     graphdef, state = nnx.split(model)
+    if expert_slices:
+        state = split_experts(nnx.to_pure_dict(state))
 
     @partial(jax.jit, donate_argnums=(3,))
     def prefill(state, tokens, lengths, cache):
@@ -235,6 +241,8 @@ def jaxspec_engine(served: argparse.Namespace, new_tokens: int):
         return np.array([c.token_ids for c in done])
 
     run.moe_backend = engine.runner.moe_dispatch()  # with --moe-dispatch measured (the default): the measured table
+    # A runner that adopts a measured table holds its experts per expert (``ModelRunner.tune_moe_dispatch``).
+    run.expert_slices = isinstance(run.moe_backend, DispatchTable)
     return run
 
 
@@ -417,7 +425,8 @@ def report(rows: list[dict]) -> list[dict]:
 def in_process_rows(args, prompts: Prompts, hf_model, model, served, rows: list, tokens: dict) -> None:
     """transformers, bare loop and engine rows; ``tokens[(impl, batch)]`` keeps what each decoded."""
     engine = None if args.no_engine else jaxspec_engine(served, args.new_tokens)
-    loop = jaxspec_loop(model, args.new_tokens, getattr(engine, "moe_backend", None))
+    loop = jaxspec_loop(model, args.new_tokens, getattr(engine, "moe_backend", None),
+                        getattr(engine, "expert_slices", False))
     for batch in args.batch_sizes:
         pool = prompts[: workload(args, batch)]
         sides = [] if args.no_transformers else [

@@ -33,6 +33,7 @@ from jaxspec.mesh import Placement, check_placement
 from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.kv_cache import check_kv_dtype, page_groups, set_table_row
+from jaxspec.models.expert_slices import split_experts
 from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.models.transformer import check_aux_layers
 from jaxspec.sampling import BatchSampling, pad_sampling, take_sampling
@@ -252,8 +253,14 @@ class ModelRunner:
         fastest per count (``moe_tuning.DispatchTable``). Single-device CPU runners of float MoE
         models whose experts do not fit the caches; call before the first step. Returns the table,
         or None where there is nothing to measure. The table is kept in the persistent compilation
-        cache's directory (when one is set), per machine, jax version and expert shape."""
-        from jaxspec.models.moe_tuning import measured_table, worth_measuring
+        cache's directory (when one is set), per machine, jax version and expert shape.
+
+        Such a runner also holds its expert weights one array per expert beside the stacked ones
+        (``models.expert_slices``): XLA:CPU copies a slice of a stacked [E, D, F] array before
+        multiplying by it. Steps routing up to ``IN_MODEL_MAX_TOKENS`` tokens are measured as whole
+        forwards of this runner (random tokens), the rest one layer at a time."""
+        from jaxspec.models.moe_tuning import (IN_MODEL_MAX_TOKENS, machine_key, measure_in_model, measured_table,
+                                               stored_times, tuning_counts, with_choices_from, worth_measuring)
 
         if self.placement is not None or self.moe_backend not in (None, "auto") or not worth_measuring(self.cfg):
             return None
@@ -261,12 +268,47 @@ class ModelRunner:
         prefill = max(self.prefill_row_buckets) * self.bucket_for(self.prefill_chunk or self.max_len)
         model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.state))
         # Kept beside the persistent compilation cache, when there is one: a restart measures nothing.
-        table = measured_table(self.cfg, max(decode, prefill), model_bytes, reps,
-                               store=jax.config.jax_compilation_cache_dir or None)
+        store = jax.config.jax_compilation_cache_dir or None
+        table = measured_table(self.cfg, max(decode, prefill), model_bytes, reps, store=store, expert_slices=True)
+        self.state = split_experts(self.state)
+        if self.paging is None:  # (a paged cache would need pages assigned to time a forward)
+            counts = tuning_counts(min(decode, IN_MODEL_MAX_TOKENS))
+            key = machine_key({"config": self.cfg.to_dict(), "rows": max(self.batch_buckets), "max_len": self.max_len,
+                               "kv_dtype": str(self.kv_dtype), "counts": counts,
+                               "attention": self.statics.attention_backend})
+            times = stored_times(store, "moe-forward", key, lambda: measure_in_model(self._forward_seconds(), counts))
+            table = with_choices_from(table, times)
         self.moe_backend = table
         self.statics = StepStatics(table, self.statics.attention_backend, self.statics.aux_layers)
         self._steps = unplaced_steps(self.graphdef, self.statics)
         return table
+
+    def _forward_seconds(self, reps: int = 3) -> Callable[[str, int], float]:
+        """A timer for ``tune_moe_dispatch``: (backend, tokens) -> median seconds of this runner's
+        forward routing that many tokens (over as many rows as a step has, at most), attending over
+        up to 256 positions; the cache it returns is dropped."""
+        fns: dict[str, Callable] = {}
+        kv = self.kv_bucket_for(min(self.max_len, 256))
+
+        def seconds(backend: str, tokens: int) -> float:
+            if backend not in fns:
+                statics = StepStatics(backend, self.statics.attention_backend)
+                fns[backend] = jax.jit(functools.partial(_forward, self.graphdef, statics), static_argnames=("kv_len",))
+            rows = min(tokens, max(self.batch_buckets))
+            t = -(-tokens // rows)
+            # Random tokens: rows of one token would all route to the same two experts.
+            ids = np.random.default_rng(tokens).integers(0, self.cfg.vocab_size, (rows, t), dtype=np.int32)
+            args = (self.state, ids, np.full(rows, max(kv - t, 0), np.int32), self.cache,
+                    np.arange(rows, dtype=np.int32), np.full(rows, t, np.int32))
+            jax.block_until_ready(fns[backend](*args, kv_len=kv))  # compiles on the first call
+            samples = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                jax.block_until_ready(fns[backend](*args, kv_len=kv))
+                samples.append(time.perf_counter() - start)
+            return float(np.median(samples))
+
+        return seconds
 
     def set_backends(self, *, moe: str | None = None, attention: str | None = None) -> None:
         """Use these MoE dispatch / attention backends in every step (single-device runners; call

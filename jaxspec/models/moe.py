@@ -81,8 +81,9 @@ class MoEBlock(nnx.Module):
             keep = valid.reshape(-1, 1)
             expert_ids = jnp.where(keep, expert_ids, cfg.num_experts)
             weights = jnp.where(keep, weights, 0.0)
+        # get_value: expert weights held per expert (``ExpertSlices``) reach the dispatch as they are.
         out = dispatch(
-            flat, expert_ids, weights, self.w_gate[...], self.w_up[...], self.w_down[...],
+            flat, expert_ids, weights, self.w_gate.get_value(), self.w_up.get_value(), self.w_down.get_value(),
             backend=backend or cfg.moe_backend,
         )
         if cfg.shared_expert_mlp_dim:

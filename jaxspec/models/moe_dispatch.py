@@ -16,12 +16,14 @@ Backends (``BACKENDS``):
           matrix. Reads only the chosen experts' weights and copies none, so on
           CPU it is the fastest for decode and verification-sized batches, where
           the step is bound by reading expert weights.
-  per_expert_static  per_expert unrolled over experts (static weight slices: no copies on CPU).
+  per_expert_static  per_expert unrolled over experts, each expert's weights a static slice
+          (XLA:CPU still copies a slice of a stacked [E, D, F] array before its matmul; held
+          per expert, ``ExpertSlices``, they are read in place).
   expert_rows  each chosen expert computes only its routed rows, their count rounded up to a
           power of two (``lax.switch`` over sizes): work ~ assignments; for verification-sized
           batches on CPU.
   expert_chunks  assignments sorted by expert; each expert loops over its own rows in fixed-size
-          chunks (``while_loop``; experts unrolled, no weight copies): work ~ assignments, and it
+          chunks (``while_loop``; experts unrolled, static weight slices): work ~ assignments, and it
           compiles in about a second where ``expert_rows`` takes several. On CPU the fastest from
           about 40 routed tokens up (prefill, verification at several rows). Forward only.
   ragged  sorted rows through ``jax.lax.ragged_dot`` (XLA's grouped matmul; on CPU
@@ -45,15 +47,28 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxspec.models.expert_slices import whole
 from jaxspec.models.quant import QArray, qeinsum, qragged_dot
 
 # fn(x[N,D], expert_ids[N,k], weights[N,k], w_gate[E,D,F], w_up[E,D,F], w_down[E,F,D]) -> [N,D]
 DispatchFn = Callable[..., jax.Array]
 BACKENDS: dict[str, DispatchFn] = {}
+# Backends that only index expert weights one expert at a time (``w[e]``, e static): they take
+# weights held per expert (``ExpertSlices``) as they are; every other backend gets them stacked.
+SLICE_BACKENDS: set[str] = set()
 
 
-def register_backend(name: str, fn: DispatchFn) -> None:
+def register_backend(name: str, fn: DispatchFn, per_expert_slices: bool = False) -> None:
     BACKENDS[name] = fn
+    if per_expert_slices:
+        SLICE_BACKENDS.add(name)
+
+
+def run_backend(name: str, x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
+    """Backend ``name`` on these weights, stacked first unless it reads them per expert."""
+    if name not in SLICE_BACKENDS:
+        w_gate, w_up, w_down = whole(w_gate), whole(w_up), whole(w_down)
+    return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)
 
 
 def _swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, spec: str, out_spec: str) -> jax.Array:
@@ -250,9 +265,9 @@ def dispatch_expert_chunks(x, expert_ids, weights, w_gate, w_up, w_down, chunk: 
 
 
 register_backend("dense", dispatch_dense)
-register_backend("per_expert_static", dispatch_per_expert_static)
-register_backend("expert_rows", dispatch_expert_rows)
-register_backend("expert_chunks", dispatch_expert_chunks)
+register_backend("per_expert_static", dispatch_per_expert_static, per_expert_slices=True)
+register_backend("expert_rows", dispatch_expert_rows, per_expert_slices=True)
+register_backend("expert_chunks", dispatch_expert_chunks, per_expert_slices=True)
 register_backend("per_expert", dispatch_per_expert)
 register_backend("sorted", dispatch_sorted)
 register_backend("ragged", dispatch_ragged)
@@ -348,8 +363,10 @@ def dispatch(x, expert_ids, weights, w_gate, w_up, w_down, backend: str | Dispat
 
     ``backend`` is a name, or a hashable callable with the dispatch signature that carries its
     own configuration (``moe_parallel.ExpertParallel`` holds its mesh this way)."""
-    if callable(backend):
+    if callable(backend):  # a DispatchTable stacks what its choice needs; others get whole arrays
+        if not getattr(backend, "takes_expert_slices", False):
+            w_gate, w_up, w_down = whole(w_gate), whole(w_up), whole(w_down)
         return backend(x, expert_ids, weights, w_gate, w_up, w_down)
     name = choose_backend(backend, x.shape[0], top_k=expert_ids.shape[1], kernel=grouped_kernel(w_gate),
                           num_experts=w_gate.shape[0])
-    return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)
+    return run_backend(name, x, expert_ids, weights, w_gate, w_up, w_down)

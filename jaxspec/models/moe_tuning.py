@@ -12,6 +12,7 @@ All candidates are exact and dropless, so the choice changes speed only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -19,14 +20,15 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.config import ModelConfig
-from jaxspec.models.moe_dispatch import BACKENDS, choose_backend, grouped_kernel
+from jaxspec.models.expert_slices import ExpertSlices
+from jaxspec.models.moe_dispatch import choose_backend, grouped_kernel, run_backend
 
 # ``expert_rows`` is left out: it is often the fastest to run from 16 routed tokens up, but its
 # ``lax.switch`` over row counts compiles in about 5 s per layer and step shape, so a Mixtral-shaped
@@ -52,6 +54,8 @@ class DispatchTable:
 
     choices: tuple[tuple[int, str], ...]  # (token count, backend), ascending
     fallback: str = "auto"
+    # ``moe_dispatch.dispatch`` passes weights held per expert through: each choice stacks what it needs.
+    takes_expert_slices = True
 
     def backend_for(self, num_tokens: int, top_k: int = 1, kernel: str = "gmm", num_experts: int | None = None) -> str:
         for count, name in self.choices:
@@ -64,7 +68,7 @@ class DispatchTable:
     def __call__(self, x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
         name = self.backend_for(x.shape[0], top_k=expert_ids.shape[1], kernel=grouped_kernel(w_gate),
                                 num_experts=w_gate.shape[0])
-        return BACKENDS[name](x, expert_ids, weights, w_gate, w_up, w_down)
+        return run_backend(name, x, expert_ids, weights, w_gate, w_up, w_down)
 
 
 def tuning_counts(max_tokens: int, cap: int = MAX_TUNED_TOKENS) -> list[int]:
@@ -78,18 +82,23 @@ def tuning_counts(max_tokens: int, cap: int = MAX_TUNED_TOKENS) -> list[int]:
 
 
 def measure_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Sequence[str] = CPU_CANDIDATES,
-                     reps: int = 7, seed: int = 0, evict_bytes: int = 0) -> dict[int, dict[str, float]]:
+                     reps: int = 7, seed: int = 0, evict_bytes: int = 0,
+                     expert_slices: bool = False) -> dict[int, dict[str, float]]:
     """Median seconds of one MoE layer's dispatch for each token count and candidate.
 
     ``evict_bytes``: read a buffer this large before every timed call. Inside a forward, the rest
     of the model streams through the caches between two calls of one layer's dispatch, so its
     weights are read cold; timed back to back they would stay cached, which favours backends that
-    read every expert (``dense`` wins a 1-token step alone and loses it inside the model)."""
+    read every expert (``dense`` wins a 1-token step alone and loses it inside the model).
+    ``expert_slices``: weights held per expert as well (``ExpertSlices``), as a runner that splits
+    them passes them."""
     rng = np.random.default_rng(seed)
     e, d, f = cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim
     dt = jnp.dtype(cfg.dtype)
     w_gate, w_up = (jnp.asarray(rng.normal(size=(e, d, f)) * 0.02, dt) for _ in range(2))
     w_down = jnp.asarray(rng.normal(size=(e, f, d)) * 0.02, dt)
+    if expert_slices:
+        w_gate, w_up, w_down = (ExpertSlices([w[i] for i in range(e)], w) for w in (w_gate, w_up, w_down))
     evict = None
     if evict_bytes > 0:
         flush = jnp.ones((evict_bytes // 4,), jnp.float32)
@@ -103,7 +112,7 @@ def measure_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: 
         w = jnp.full((n, cfg.num_experts_per_tok), 1.0 / cfg.num_experts_per_tok, jnp.float32)
         times[n] = {}
         for name in candidates:
-            fn = jax.jit(BACKENDS[name])
+            fn = jax.jit(functools.partial(run_backend, name))
             fn(x, ids, w, w_gate, w_up, w_down).block_until_ready()
             samples = []
             for _ in range(reps):
@@ -134,36 +143,74 @@ def table_from_times(times: dict[int, dict[str, float]], fallback: str = "auto",
 
 def tune_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Sequence[str] = CPU_CANDIDATES,
                   reps: int = 7, evict_bytes: int = 0, extend_last: bool = False,
-                  store: str | os.PathLike | None = None) -> DispatchTable:
+                  store: str | os.PathLike | None = None, expert_slices: bool = False) -> DispatchTable:
     """The measured-fastest backend per token count; beyond the largest, ``auto`` (or with
     ``extend_last`` the largest count's winner). ``store``: a directory where the table is kept per
     machine, jax version and expert shape, so a restart reads it instead of measuring again."""
+    key = {"machine": _machine(), "jax": jax.__version__, "experts": [cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim],
+           "top_k": cfg.num_experts_per_tok, "dtype": str(jnp.dtype(cfg.dtype)), "counts": sorted(token_counts),
+           "candidates": list(candidates), "evict_bytes": evict_bytes, "extend_last": extend_last,
+           "expert_slices": expert_slices}
+    times = stored_times(store, "moe-dispatch", key, lambda: measure_dispatch(
+        cfg, token_counts, candidates, reps, evict_bytes=evict_bytes, expert_slices=expert_slices))
+    return _table(times, extend_last)
+
+
+Times = dict[int, dict[str, float]]
+
+# Steps that route up to this many tokens (decode, verification) take their backend from timing the
+# model's whole forward: timed alone, one layer's dispatch ranked them otherwise than the model's
+# steps did. Prefill-sized steps keep the per-layer times: a forward per count and backend would
+# take minutes to compile there.
+IN_MODEL_MAX_TOKENS = 64
+# The candidates timed in the forward (experts held per expert and stacked, ``ExpertSlices``).
+IN_MODEL_CANDIDATES = ("per_expert_static", "expert_chunks", "dense")
+
+
+def measure_in_model(seconds: Callable[[str, int], float], token_counts: Sequence[int],
+                     candidates: Sequence[str] = IN_MODEL_CANDIDATES, rounds: int = 3) -> Times:
+    """Per count and candidate, the median over ``rounds`` of ``seconds(backend, count)`` (a forward
+    routing ``count`` tokens, timed by the caller), candidates taken in turns within each round so a
+    machine that speeds up or slows down meanwhile favours none."""
+    samples: dict[int, dict[str, list[float]]] = {n: {name: [] for name in candidates} for n in token_counts}
+    for _ in range(rounds):
+        for n in token_counts:
+            for name in candidates:
+                samples[n][name].append(seconds(name, n))
+    return {n: {name: statistics.median(v) for name, v in row.items()} for n, row in samples.items()}
+
+
+def with_choices_from(table: DispatchTable, times: Times) -> DispatchTable:
+    """``table`` with the counts in ``times`` chosen from those times (``table_from_times``'s rules)."""
+    inside = dict(table_from_times(times).choices)
+    return dataclasses.replace(table, choices=tuple((n, inside.get(n, name)) for n, name in table.choices))
+
+
+def stored_times(store: str | os.PathLike | None, prefix: str, key: dict, measure: Callable[[], Times]) -> Times:
+    """``measure()``, kept in ``store`` (a directory, or None: not kept) under a digest of ``key``, so
+    a restart with the same key reads the times instead of measuring again. The times are kept, not
+    the choices: the rule that picks from them may change."""
     path = None
     if store is not None:
-        key = {"machine": _machine(), "jax": jax.__version__, "experts": [cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim],
-               "top_k": cfg.num_experts_per_tok, "dtype": str(jnp.dtype(cfg.dtype)), "counts": sorted(token_counts),
-               "candidates": list(candidates), "evict_bytes": evict_bytes, "extend_last": extend_last}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(store) / f"moe-dispatch-{digest}.json"
+        path = Path(store) / f"{prefix}-{digest}.json"
         try:
-            # The times are kept, not the choices: the rule that picks from them may change.
             saved = json.loads(path.read_text())["times"]
             times = {int(n): {str(b): float(t) for b, t in row.items()} for n, row in saved.items()}
             if not times or not all(times.values()):
                 raise ValueError("empty table")
-            return _table(times, extend_last)
+            return times
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # not measured yet here (or unreadable): measure
-    times = measure_dispatch(cfg, token_counts, candidates, reps, evict_bytes=evict_bytes)
-    table = _table(times, extend_last)
+    times = measure()
     if path is not None:
         try:
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"times": times}))  # the table follows from them (``_table``)
+            tmp.write_text(json.dumps({"times": times}))
             tmp.replace(path)  # whole or not at all, for a concurrent reader
         except OSError:
             pass  # a read-only cache directory: measure again next time
-    return table
+    return times
 
 
 def _table(times: dict[int, dict[str, float]], extend_last: bool) -> DispatchTable:
@@ -182,12 +229,17 @@ def worth_measuring(cfg: ModelConfig) -> bool:
 
 
 def measured_table(cfg: ModelConfig, max_tokens: int, model_bytes: int, reps: int = 5,
-                   store: str | os.PathLike | None = None) -> DispatchTable:
+                   store: str | os.PathLike | None = None, expert_slices: bool = False) -> DispatchTable:
     """The table for steps of up to ``max_tokens`` routed tokens of a model of ``model_bytes``
     (what streams through the caches between two calls of one layer), the winner at the largest
-    measured count beyond it."""
+    measured count beyond it. ``expert_slices``: measured with the weights held per expert."""
     return tune_dispatch(cfg, tuning_counts(max_tokens), reps=reps, evict_bytes=min(model_bytes, MAX_EVICT_BYTES),
-                         extend_last=True, store=store)
+                         extend_last=True, store=store, expert_slices=expert_slices)
+
+
+def machine_key(key: dict) -> dict:
+    """``key`` with what any measurement here also depends on: the machine and the jax version."""
+    return {"machine": _machine(), "jax": jax.__version__, **key}
 
 
 def _machine() -> str:
