@@ -18,7 +18,7 @@ experts counted) is reproducible. The forward attends over the C positions in
 use (``kv_len``, as the engine's steps do), or with ``--full-cache`` over the
 whole cache (max length M); the bound counts what was attended. MoE layers dispatch as
 ``serve`` does by default (``--moe-dispatch measured``: the fastest exact backend per step size,
-timed first on one layer).
+timed first, with the expert weights held as the runner holds them).
 
     python tools/roofline.py                                   # builtin, mixtral, dense
     python tools/roofline.py --models mixtral --batch 1 8 32 --tokens 1 5 9
@@ -166,18 +166,21 @@ def _forward_for(graphdef, kv_len, moe_backend=None):
     return jax.jit(functools.partial(_forward_impl, graphdef, kv_len, moe_backend), donate_argnums=(1,))
 
 
-def dispatch_for(model: Transformer, how: str, max_tokens: int):
-    """The MoE dispatch the forwards run: ``auto`` (None: the config's rule), a backend name, or
-    ``measured`` (the table ``serve --moe-dispatch measured`` would measure for these step sizes)."""
-    from jaxspec.models.moe_tuning import measured_table, worth_measuring
+def dispatch_for(model: Transformer, how: str, rows: int, tokens: int, max_len: int):
+    """(MoE dispatch, parameters) the forwards run: ``auto`` (None: the config's rule), a backend
+    name, or ``measured``: the table and parameter layout (experts held per expert on a CPU) of a
+    runner that ``serve --moe-dispatch measured`` builds for steps of up to ``rows`` x ``tokens``."""
+    from jaxspec.engine.model_runner import ModelRunner
+    from jaxspec.engine.steps import params_tree
 
+    params = params_tree(nnx.split(model)[1])
     if how == "auto" or not model.cfg.is_moe:
-        return None
+        return None, params
     if how != "measured":
-        return how
-    if not worth_measuring(model.cfg):
-        return None
-    return measured_table(model.cfg, max_tokens, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model))))
+        return how, params
+    runner = ModelRunner(model, rows, max_len=max_len)
+    table = runner.tune_moe_dispatch(tokens_per_row=range(1, tokens + 1))
+    return table, (runner.state if table is not None else params)
 
 
 def time_forward(graphdef, state, cfg: ModelConfig, rows: int, tokens: int, context: int, max_len: int,
@@ -202,10 +205,10 @@ def time_forward(graphdef, state, cfg: ModelConfig, rows: int, tokens: int, cont
 def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool) -> list[dict]:
     model = build_model(name, args.max_len)
     cfg = model.cfg
-    backend = dispatch_for(model, args.moe_dispatch, max(args.batch) * max(args.tokens))
+    backend, state = dispatch_for(model, args.moe_dispatch, max(args.batch), max(args.tokens), args.max_len)
     if backend is not None:
         print(f"# {name}: MoE dispatch {getattr(backend, 'choices', backend)}", file=sys.stderr, flush=True)
-    graphdef, state = nnx.split(model)
+    graphdef = nnx.graphdef(model)
     itemsize = jnp.dtype(cfg.dtype).itemsize
     kv_len = args.context if kv_supported else None
     attended = args.context if kv_supported else args.max_len
