@@ -43,6 +43,12 @@ def drop_over_capacity(expert_ids: jax.Array, weights: jax.Array, num_experts: i
     return jnp.where(keep, weights, 0.0)
 
 
+def _expert_weight(w):
+    """An expert parameter's array as stored: weights held per expert (``ExpertSlices``) reach the
+    dispatch as they are (``w[...]`` would stack them); quantized ones read as ``QArray``."""
+    return w.get_value() if isinstance(w, nnx.Param) else w[...]
+
+
 class MoEBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.dtype)
@@ -81,10 +87,9 @@ class MoEBlock(nnx.Module):
             keep = valid.reshape(-1, 1)
             expert_ids = jnp.where(keep, expert_ids, cfg.num_experts)
             weights = jnp.where(keep, weights, 0.0)
-        # get_value: expert weights held per expert (``ExpertSlices``) reach the dispatch as they are.
         out = dispatch(
-            flat, expert_ids, weights, self.w_gate.get_value(), self.w_up.get_value(), self.w_down.get_value(),
-            backend=backend or cfg.moe_backend,
+            flat, expert_ids, weights, _expert_weight(self.w_gate), _expert_weight(self.w_up),
+            _expert_weight(self.w_down), backend=backend or cfg.moe_backend,
         )
         if cfg.shared_expert_mlp_dim:
             gate = jax.nn.sigmoid(flat @ self.shared_gate[...])
