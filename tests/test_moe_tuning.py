@@ -199,3 +199,23 @@ def test_in_model_choices_replace_only_the_counts_they_measured():
     got = with_choices_from(table, {1: {"per_expert_static": 1.0, "dense": 2.0}, 8: {"per_expert_static": 3.0, "dense": 1.0}})
     assert got.choices == ((1, "per_expert_static"), (8, "dense"), (64, "expert_chunks"))
     assert got.fallback == "expert_chunks"
+
+
+def test_experts_stay_stacked_where_per_expert_copies_would_not_fit(monkeypatch):
+    import uuid
+
+    import jaxspec.engine.model_runner as model_runner
+
+    calls = []
+    monkeypatch.setattr(moe_tuning, "measure_dispatch", _fake_times(calls))
+    monkeypatch.setattr(moe_tuning, "measure_in_model", lambda seconds, counts, *a, **k: {
+        n: {"per_expert_static": 1.0, "expert_chunks": 2.0, "dense": 3.0} for n in counts})
+    monkeypatch.setattr(moe_tuning, "_machine", lambda: f"test-{uuid.uuid4()}")
+    model = create_model(_cfg())
+    # 1 MiB free: experts of 1.5 MiB a layer do not fit twice.
+    monkeypatch.setattr(model_runner, "available_memory", lambda: 1 << 20)
+    tight = make_runner(model, num_slots=2, max_len=64, moe_dispatch="measured")
+    assert isinstance(tight.runner.moe_backend, moe_tuning.DispatchTable) and not has_expert_slices(tight.runner.state)
+    monkeypatch.setattr(model_runner, "available_memory", lambda: 1 << 40)
+    roomy = make_runner(model, num_slots=2, max_len=64, moe_dispatch="measured")
+    assert has_expert_slices(roomy.runner.state)

@@ -33,7 +33,7 @@ from jaxspec.mesh import Placement, check_placement
 from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.kv_cache import check_kv_dtype, page_groups, set_table_row
-from jaxspec.models.expert_slices import split_experts
+from jaxspec.models.expert_slices import available_memory, expert_bytes, split_experts
 from jaxspec.models.moe_parallel import moe_backend_for
 from jaxspec.models.transformer import check_aux_layers
 from jaxspec.sampling import BatchSampling, pad_sampling, take_sampling
@@ -256,9 +256,10 @@ class ModelRunner:
         cache's directory (when one is set), per machine, jax version and expert shape.
 
         Such a runner also holds its expert weights one array per expert beside the stacked ones
-        (``models.expert_slices``): XLA:CPU copies a slice of a stacked [E, D, F] array before
-        multiplying by it. Steps routing up to ``IN_MODEL_MAX_TOKENS`` tokens are measured as whole
-        forwards of this runner (random tokens), the rest one layer at a time."""
+        (``models.expert_slices``; not where the copies would take over half the host's free
+        memory): XLA:CPU copies a slice of a stacked [E, D, F] array before multiplying by it.
+        Steps routing up to ``IN_MODEL_MAX_TOKENS`` tokens are measured as whole forwards of this
+        runner (random tokens), the rest one layer at a time."""
         from jaxspec.models.moe_tuning import (IN_MODEL_MAX_TOKENS, machine_key, measure_in_model, measured_table,
                                                stored_times, tuning_counts, with_choices_from, worth_measuring)
 
@@ -269,13 +270,16 @@ class ModelRunner:
         model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.state))
         # Kept beside the persistent compilation cache, when there is one: a restart measures nothing.
         store = jax.config.jax_compilation_cache_dir or None
-        table = measured_table(self.cfg, max(decode, prefill), model_bytes, reps, store=store, expert_slices=True)
-        self.state = split_experts(self.state)
+        # The per-expert copies double the experts' memory: only where that leaves the host room.
+        hold = expert_bytes(self.state) <= available_memory() // 2
+        table = measured_table(self.cfg, max(decode, prefill), model_bytes, reps, store=store, expert_slices=hold)
+        if hold:
+            self.state = split_experts(self.state)
         if self.paging is None:  # (a paged cache would need pages assigned to time a forward)
             counts = tuning_counts(min(decode, IN_MODEL_MAX_TOKENS))
             key = machine_key({"config": self.cfg.to_dict(), "rows": max(self.batch_buckets), "max_len": self.max_len,
                                "kv_dtype": str(self.kv_dtype), "counts": counts,
-                               "attention": self.statics.attention_backend})
+                               "attention": self.statics.attention_backend, "expert_slices": hold})
             times = stored_times(store, "moe-forward", key, lambda: measure_in_model(self._forward_seconds(), counts))
             table = with_choices_from(table, times)
         self.moe_backend = table

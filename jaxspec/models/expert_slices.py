@@ -17,6 +17,8 @@ a runner's parameter tree into this form.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -88,6 +90,25 @@ def split_experts(params: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def expert_bytes(params: dict) -> int:
+    """Bytes of the expert arrays ``split_experts`` would copy."""
+    total = 0
+    for key, value in params.items():
+        if isinstance(value, dict):
+            total += expert_bytes(value)
+        elif key in EXPERT_PARAMS and splittable(value):
+            total += value.size * value.dtype.itemsize
+    return total
+
+
+def available_memory() -> int:
+    """Bytes of host memory free now (``sysconf``); where it cannot be read, as good as unlimited."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 def has_expert_slices(params) -> bool:
