@@ -25,7 +25,7 @@ def test_only_moe_expert_arrays_are_split_and_the_rest_is_shared():
     cfg = model.cfg
     assert len(held) == 3 * sum(cfg.layer_is_moe(i) for i in range(cfg.num_layers)) > 0
     for h in held:
-        assert len(h.parts) == cfg.num_experts and h.shape == h.whole.shape and h.ndim == 3
+        assert len(h.parts) == cfg.num_experts and h.shape == h.whole.shape and len(h.shape) == 3
         np.testing.assert_array_equal(np.stack([np.asarray(p) for p in h.parts]), np.asarray(h.whole))
         assert h[1] is h.parts[1]  # an expert is its own array, not a slice taken at run time
     # Every other leaf is the very same array (router, attention, a dense MLP's 2-D weights).

@@ -126,6 +126,7 @@ def test_a_measured_runner_uses_the_table_in_every_step_and_decodes_as_auto(monk
     assert [choices[n] for n in (1, 4, 8, 16)] == ["per_expert_static", "per_expert_static", "dense", "dense"]
     assert choices[64] == "sorted"  # prefill sizes keep the per-layer times
     assert has_expert_slices(target.state)  # experts held per expert: the steps read them in place
+    assert target.moe_backend.expert_slices  # and the table says it was measured for that layout
 
     from jaxspec.engine import Engine
     from jaxspec.sampling import SamplingParams
@@ -216,6 +217,7 @@ def test_experts_stay_stacked_where_per_expert_copies_would_not_fit(monkeypatch)
     monkeypatch.setattr(model_runner, "available_memory", lambda: 1 << 20)
     tight = make_runner(model, num_slots=2, max_len=64, moe_dispatch="measured")
     assert isinstance(tight.runner.moe_backend, moe_tuning.DispatchTable) and not has_expert_slices(tight.runner.state)
+    assert not tight.runner.moe_backend.expert_slices
     monkeypatch.setattr(model_runner, "available_memory", lambda: 1 << 40)
     roomy = make_runner(model, num_slots=2, max_len=64, moe_dispatch="measured")
     assert has_expert_slices(roomy.runner.state)

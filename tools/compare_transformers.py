@@ -65,7 +65,6 @@ from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 from jaxspec.checkpoint import load_hf  # noqa: E402
 from jaxspec.models import KVCache, Transformer  # noqa: E402
 from jaxspec.models.expert_slices import split_experts  # noqa: E402
-from jaxspec.models.moe_tuning import DispatchTable  # noqa: E402
 
 Prompts = list  # of 1-D int arrays (lengths differ)
 
@@ -241,8 +240,8 @@ def jaxspec_engine(served: argparse.Namespace, new_tokens: int):
         return np.array([c.token_ids for c in done])
 
     run.moe_backend = engine.runner.moe_dispatch()  # with --moe-dispatch measured (the default): the measured table
-    # A runner that adopts a measured table holds its experts per expert (``ModelRunner.tune_moe_dispatch``).
-    run.expert_slices = isinstance(run.moe_backend, DispatchTable)
+    # The layout the table was measured for is the one the engine's runner holds (``tune_moe_dispatch``).
+    run.expert_slices = getattr(run.moe_backend, "expert_slices", False)
     return run
 
 

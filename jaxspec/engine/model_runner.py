@@ -271,15 +271,15 @@ class ModelRunner:
         # Kept beside the persistent compilation cache, when there is one: a restart measures nothing.
         store = jax.config.jax_compilation_cache_dir or None
         # The per-expert copies double the experts' memory: only where that leaves the host room.
-        hold = expert_bytes(self.state) <= available_memory() // 2
-        table = measured_table(self.cfg, max(decode, prefill), model_bytes, reps, store=store, expert_slices=hold)
-        if hold:
+        table = measured_table(self.cfg, max(decode, prefill), model_bytes, reps, store=store,
+                               expert_slices=expert_bytes(self.state) <= available_memory() // 2)
+        if table.expert_slices:
             self.state = split_experts(self.state)
         if self.paging is None:  # (a paged cache would need pages assigned to time a forward)
             counts = tuning_counts(min(decode, IN_MODEL_MAX_TOKENS))
             key = machine_key({"config": self.cfg.to_dict(), "rows": max(self.batch_buckets), "max_len": self.max_len,
                                "kv_dtype": str(self.kv_dtype), "counts": counts,
-                               "attention": self.statics.attention_backend, "expert_slices": hold})
+                               "attention": self.statics.attention_backend, "expert_slices": table.expert_slices})
             times = stored_times(store, "moe-forward", key, lambda: measure_in_model(self._forward_seconds(), counts))
             table = with_choices_from(table, times)
         self.moe_backend = table

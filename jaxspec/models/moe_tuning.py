@@ -54,6 +54,8 @@ class DispatchTable:
 
     choices: tuple[tuple[int, str], ...]  # (token count, backend), ascending
     fallback: str = "auto"
+    # Measured for expert weights held per expert as well (``ExpertSlices``): the steps then take them so.
+    expert_slices: bool = False
     # ``moe_dispatch.dispatch`` passes weights held per expert through: each choice stacks what it needs.
     takes_expert_slices = True
 
@@ -147,13 +149,13 @@ def tune_dispatch(cfg: ModelConfig, token_counts: Sequence[int], candidates: Seq
     """The measured-fastest backend per token count; beyond the largest, ``auto`` (or with
     ``extend_last`` the largest count's winner). ``store``: a directory where the table is kept per
     machine, jax version and expert shape, so a restart reads it instead of measuring again."""
-    key = {"machine": _machine(), "jax": jax.__version__, "experts": [cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim],
-           "top_k": cfg.num_experts_per_tok, "dtype": str(jnp.dtype(cfg.dtype)), "counts": sorted(token_counts),
-           "candidates": list(candidates), "evict_bytes": evict_bytes, "extend_last": extend_last,
-           "expert_slices": expert_slices}
+    key = machine_key({"experts": [cfg.num_experts, cfg.d_model, cfg.moe_mlp_dim], "top_k": cfg.num_experts_per_tok,
+                       "dtype": str(jnp.dtype(cfg.dtype)), "counts": sorted(token_counts),
+                       "candidates": list(candidates), "evict_bytes": evict_bytes, "extend_last": extend_last,
+                       "expert_slices": expert_slices})
     times = stored_times(store, "moe-dispatch", key, lambda: measure_dispatch(
         cfg, token_counts, candidates, reps, evict_bytes=evict_bytes, expert_slices=expert_slices))
-    return _table(times, extend_last)
+    return dataclasses.replace(_table(times, extend_last), expert_slices=expert_slices)
 
 
 Times = dict[int, dict[str, float]]
