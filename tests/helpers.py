@@ -107,3 +107,20 @@ def xla_flags(device_count: int | None) -> str:
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     count = [] if device_count is None else [f"--xla_force_host_platform_device_count={device_count}"]
     return " ".join(kept + count)
+
+
+def moe_backend(name: str):
+    """The MoE dispatch backend ``name``, its module loaded; the C++ kernel's (``cpu_fused``) skips the
+    test only where this machine has no C++ compiler to build it with (a failed build fails)."""
+    import pytest
+
+    from jaxspec.models.moe_dispatch import BACKENDS, load_backend
+
+    if name == "cpu_fused":
+        from cpu_kernels import moe_ffn, native
+
+        if native.compiler() is None:
+            pytest.skip("no C++ compiler here to build the CPU kernel with")
+        assert moe_ffn.available(), moe_ffn.unavailable_reason()
+    assert load_backend(name), name
+    return BACKENDS[name]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import full_forward, scaled_model
+from helpers import full_forward, moe_backend, scaled_model
 from jaxspec.engine import Engine, FinishReason, ModelRunner, PlainRunner, Request
 from jaxspec.engine.engine import StepFailed
 from jaxspec.engine.model_runner import batch_buckets, bucket_up, kv_buckets, prefill_buckets
@@ -85,7 +85,7 @@ def test_bucketed_steps_equal_full_steps(model):
 
 
 @pytest.mark.parametrize("backend", ["dense", "per_expert", "per_expert_static", "expert_rows", "expert_chunks", "sorted",
-                                     "ragged"])
+                                     "ragged", "cpu_fused"])
 def test_padding_tokens_reach_no_expert(backend):
     """Ids == E (padding) with weight 0 contribute nothing and leave the valid rows unchanged."""
     rng = np.random.default_rng(0)
@@ -96,7 +96,7 @@ def test_padding_tokens_reach_no_expert(backend):
     ids = jnp.asarray(rng.integers(0, e, (n, 2)), jnp.int32)
     w = jnp.asarray(rng.random((n, 2)), jnp.float32)
     pad = jnp.array([False, True, False, False, True, False])[:, None]
-    out = BACKENDS[backend](x, jnp.where(pad, e, ids), jnp.where(pad, 0.0, w), w_gate, w_up, w_down)
+    out = moe_backend(backend)(x, jnp.where(pad, e, ids), jnp.where(pad, 0.0, w), w_gate, w_up, w_down)
     alone = BACKENDS[backend](x[~pad[:, 0]], ids[~pad[:, 0]], w[~pad[:, 0]], w_gate, w_up, w_down)
     np.testing.assert_allclose(np.asarray(out)[np.asarray(pad[:, 0])], 0.0)
     np.testing.assert_allclose(np.asarray(out)[~np.asarray(pad[:, 0])], np.asarray(alone), rtol=1e-5, atol=1e-5)

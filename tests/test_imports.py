@@ -1,4 +1,4 @@
-"""Import layering: the kernels (``pallas_kernels``) never import the model package (``jaxspec``);
+"""Import layering: the kernels (``pallas_kernels``, ``cpu_kernels``) never import the model package (``jaxspec``);
 the model side registers the kernel adapters. Each check runs in a fresh interpreter, since
 this test process has imported everything already."""
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cpu_kernels
 import pallas_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +24,9 @@ def _run(code: str) -> None:
 
 
 def test_kernel_modules_import_no_jaxspec():
-    modules = sorted(f"pallas_kernels.{m.name}" for m in pkgutil.iter_modules(pallas_kernels.__path__))
-    assert "pallas_kernels.gmm" in modules
+    modules = sorted(f"{pkg.__name__}.{m.name}" for pkg in (pallas_kernels, cpu_kernels)
+                     for m in pkgutil.iter_modules(pkg.__path__))
+    assert "pallas_kernels.gmm" in modules and "cpu_kernels.moe_ffn" in modules
     _run(
         "import importlib, sys\n"
         f"for name in {modules!r}:\n"

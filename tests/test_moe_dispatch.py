@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import moe_backend
 from jaxspec.models.moe_dispatch import BACKENDS, choose_backend, dispatch_dense
 
 E, D, F, K = 8, 16, 24, 2
@@ -23,11 +24,12 @@ def _problem(n: int, seed: int, experts: int = E):
     return x, ids, w, w_gate, w_up, w_down
 
 
-@pytest.mark.parametrize("backend", ["per_expert", "per_expert_static", "expert_rows", "expert_chunks", "sorted", "ragged"])
+@pytest.mark.parametrize("backend", ["per_expert", "per_expert_static", "expert_rows", "expert_chunks", "sorted", "ragged",
+                                     "cpu_fused"])
 @pytest.mark.parametrize("n,experts", [(1, E), (5, E), (3, 3), (40, E)])
 def test_backend_matches_dense(backend, n, experts):
     args = _problem(n, seed=n + experts, experts=experts)
-    got = jax.jit(BACKENDS[backend])(*args)
+    got = jax.jit(moe_backend(backend))(*args)
     np.testing.assert_allclose(got, dispatch_dense(*args), atol=1e-5, rtol=1e-5)
 
 
@@ -108,7 +110,8 @@ def test_tuned_table_fallback_keeps_quantized_experts_off_unvalidated_kernels(mo
     assert table.backend_for(16, top_k=2, kernel="gmm") == "ragged"  # below the measured crossover
 
 
-@pytest.mark.parametrize("backend", ["dense", "per_expert", "per_expert_static", "expert_rows", "expert_chunks", "sorted"])
+@pytest.mark.parametrize("backend", ["dense", "per_expert", "per_expert_static", "expert_rows", "expert_chunks", "sorted",
+                                     "cpu_fused"])
 def test_every_backend_takes_experts_held_per_expert(backend):
     """Weights held per expert (``ExpertSlices``, as a measured CPU runner holds them) give exactly
     what the stacked weights give: slice backends read the parts, the others the stacked array."""
@@ -117,7 +120,7 @@ def test_every_backend_takes_experts_held_per_expert(backend):
 
     x, ids, w, *weights = _problem(12, seed=5)
     held = [ExpertSlices([a[e] for e in range(E)], a) for a in weights]
-    want = jax.jit(BACKENDS[backend])(x, ids, w, *weights)
+    want = jax.jit(moe_backend(backend))(x, ids, w, *weights)
     got = jax.jit(functools.partial(run_backend, backend))(x, ids, w, *held)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(jax.jit(functools.partial(dispatch, backend=backend))(x, ids, w, *held), want)

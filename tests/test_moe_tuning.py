@@ -221,3 +221,52 @@ def test_experts_stay_stacked_where_per_expert_copies_would_not_fit(monkeypatch)
     monkeypatch.setattr(model_runner, "available_memory", lambda: 1 << 40)
     roomy = make_runner(model, num_slots=2, max_len=64, moe_dispatch="measured")
     assert has_expert_slices(roomy.runner.state)
+
+
+def test_a_runner_on_the_cpu_kernel_keeps_its_experts_stacked_and_speculates_exactly(monkeypatch):
+    """Where the C++ kernel (``cpu_fused``) wins every count, no step reads experts per expert, so
+    the runner holds them stacked only; speculative greedy output equals plain greedy output."""
+    import uuid
+
+    from helpers import moe_backend
+
+    moe_backend("cpu_fused")  # built here (skips only where there is no C++ compiler)
+    seen = []
+
+    def fastest_kernel(counts, candidates):
+        seen.append(tuple(candidates))
+        return {n: {name: 0.5 if name == "cpu_fused" else 1.0 for name in candidates} for n in counts}
+
+    monkeypatch.setattr(moe_tuning, "measure_dispatch", lambda cfg, counts, candidates, *a, **k: fastest_kernel(counts, candidates))
+    monkeypatch.setattr(moe_tuning, "measure_in_model", lambda seconds, counts, candidates, *a, **k: fastest_kernel(counts, candidates))
+    monkeypatch.setattr(moe_tuning, "_machine", lambda: f"test-{uuid.uuid4()}")
+    model = create_model(_cfg())
+    spec = make_runner(model, num_slots=4, max_len=64, spec_method="ngram", num_speculative_tokens=3,
+                       moe_dispatch="measured")
+    plain = make_runner(model, num_slots=4, max_len=64, moe_dispatch="measured")
+    assert len(seen) == 4 and all("cpu_fused" in c for c in seen)  # per layer and in the forward, twice
+    for runner in (spec.target, plain.runner):
+        assert runner.moe_backend.backends() == {"cpu_fused"}
+        assert not has_expert_slices(runner.state) and not runner.moe_backend.expert_slices
+
+    from jaxspec.engine import Engine
+    from jaxspec.sampling import SamplingParams
+    from jaxspec.tokenizer import ByteTokenizer
+
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 12], [3] * 20]
+    got = [c.token_ids for c in Engine(spec, ByteTokenizer()).generate(prompts, params)]
+    want = [c.token_ids for c in Engine(plain, ByteTokenizer()).generate(prompts, params)]
+    assert got == want and all(len(t) == 16 for t in got)
+
+
+def test_the_cpu_kernel_is_a_candidate_for_float32_experts_only():
+    from helpers import moe_backend
+
+    moe_backend("cpu_fused")
+    assert moe_tuning.with_kernel(_cfg(), ("dense",)) == ("dense", "cpu_fused")
+    assert moe_tuning.with_kernel(_cfg(dtype="bfloat16"), ("dense",)) == ("dense",)
+    table = moe_tuning.DispatchTable(((1, "cpu_fused"), (8, "expert_chunks")), "dense")
+    assert table.backends() == {"cpu_fused", "expert_chunks", "dense"} and moe_tuning.uses_expert_slices(table)
+    assert not moe_tuning.uses_expert_slices(moe_tuning.DispatchTable(((1, "cpu_fused"),), "cpu_fused"))
+    assert moe_tuning.uses_expert_slices(moe_tuning.DispatchTable(((1, "cpu_fused"),), "auto"))  # auto: per_expert... on CPU

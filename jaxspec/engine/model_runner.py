@@ -255,13 +255,15 @@ class ModelRunner:
         or None where there is nothing to measure. The table is kept in the persistent compilation
         cache's directory (when one is set), per machine, jax version and expert shape.
 
-        Such a runner also holds its expert weights one array per expert beside the stacked ones
-        (``models.expert_slices``; not where the copies would take over half the host's free
-        memory): XLA:CPU copies a slice of a stacked [E, D, F] array before multiplying by it.
-        Steps routing up to ``IN_MODEL_MAX_TOKENS`` tokens are measured as whole forwards of this
+        The candidates include the C++ kernel (``cpu_fused``) where it builds. Where a chosen
+        backend reads experts one at a time, the runner holds its expert weights one array per
+        expert beside the stacked ones (``models.expert_slices``; not where the copies would take
+        over half the host's free memory): XLA:CPU copies a slice of a stacked [E, D, F] array
+        before multiplying by it. Steps routing up to ``IN_MODEL_MAX_TOKENS`` tokens are measured as whole forwards of this
         runner (random tokens), the rest one layer at a time."""
-        from jaxspec.models.moe_tuning import (IN_MODEL_MAX_TOKENS, machine_key, measure_in_model, measured_table,
-                                               stored_times, tuning_counts, with_choices_from, worth_measuring)
+        from jaxspec.models.moe_tuning import (IN_MODEL_CANDIDATES, IN_MODEL_MAX_TOKENS, machine_key,
+                                               measure_in_model, measured_table, stored_times, tuning_counts,
+                                               uses_expert_slices, with_choices_from, with_kernel, worth_measuring)
 
         if self.placement is not None or self.moe_backend not in (None, "auto") or not worth_measuring(self.cfg):
             return None
@@ -273,24 +275,33 @@ class ModelRunner:
         # The per-expert copies double the experts' memory: only where that leaves the host room.
         table = measured_table(self.cfg, max(decode, prefill), model_bytes, reps, store=store,
                                expert_slices=expert_bytes(self.state) <= available_memory() // 2)
-        if table.expert_slices:
-            self.state = split_experts(self.state)
+        stacked = self.state
+        split = split_experts(stacked) if table.expert_slices else None
         if self.paging is None:  # (a paged cache would need pages assigned to time a forward)
             counts = tuning_counts(min(decode, IN_MODEL_MAX_TOKENS))
+            candidates = with_kernel(self.cfg, IN_MODEL_CANDIDATES)
             key = machine_key({"config": self.cfg.to_dict(), "rows": max(self.batch_buckets), "max_len": self.max_len,
-                               "kv_dtype": str(self.kv_dtype), "counts": counts,
+                               "kv_dtype": str(self.kv_dtype), "counts": counts, "candidates": list(candidates),
                                "attention": self.statics.attention_backend, "expert_slices": table.expert_slices})
-            times = stored_times(store, "moe-forward", key, lambda: measure_in_model(self._forward_seconds(), counts))
+            seconds = self._forward_seconds(stacked, split)
+            times = stored_times(store, "moe-forward", key, lambda: measure_in_model(seconds, counts, candidates))
             table = with_choices_from(table, times)
+        # Held per expert only if some chosen backend reads them so: each extra leaf costs every call.
+        held = split is not None and uses_expert_slices(table)
+        self.state = split if held else stacked
+        table = dataclasses.replace(table, expert_slices=held)
         self.moe_backend = table
         self.statics = StepStatics(table, self.statics.attention_backend, self.statics.aux_layers)
         self._steps = unplaced_steps(self.graphdef, self.statics)
         return table
 
-    def _forward_seconds(self, reps: int = 3) -> Callable[[str, int], float]:
+    def _forward_seconds(self, stacked, split=None, reps: int = 3) -> Callable[[str, int], float]:
         """A timer for ``tune_moe_dispatch``: (backend, tokens) -> median seconds of this runner's
         forward routing that many tokens (over as many rows as a step has, at most), attending over
-        up to 256 positions; the cache it returns is dropped."""
+        up to 256 positions; the cache it returns is dropped. A backend that reads experts held per
+        expert is timed on ``split`` (when given), every other on ``stacked``."""
+        from jaxspec.models.moe_dispatch import SLICE_BACKENDS
+
         fns: dict[str, Callable] = {}
         kv = self.kv_bucket_for(min(self.max_len, 256))
 
@@ -298,11 +309,12 @@ class ModelRunner:
             if backend not in fns:
                 statics = StepStatics(backend, self.statics.attention_backend)
                 fns[backend] = jax.jit(functools.partial(_forward, self.graphdef, statics), static_argnames=("kv_len",))
+            state = split if split is not None and backend in SLICE_BACKENDS else stacked
             rows = min(tokens, max(self.batch_buckets))
             t = -(-tokens // rows)
             # Random tokens: rows of one token would all route to the same two experts.
             ids = np.random.default_rng(tokens).integers(0, self.cfg.vocab_size, (rows, t), dtype=np.int32)
-            args = (self.state, ids, np.full(rows, max(kv - t, 0), np.int32), self.cache,
+            args = (state, ids, np.full(rows, max(kv - t, 0), np.int32), self.cache,
                     np.arange(rows, dtype=np.int32), np.full(rows, t, np.int32))
             jax.block_until_ready(fns[backend](*args, kv_len=kv))  # compiles on the first call
             samples = []

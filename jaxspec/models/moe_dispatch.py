@@ -30,7 +30,10 @@ Backends (``BACKENDS``):
           it computes every group densely, so it is only chosen on accelerators).
   pallas  sorted rows through the Pallas grouped matmul ``pallas_kernels.gmm`` (``moe_pallas``).
   expert_parallel  experts split over the mesh of ``jax.set_mesh`` (``moe_parallel``).
-``pallas`` and ``expert_parallel`` live in their own modules, which import this one and
+  cpu_fused  every routed (row, expert) pair in one C++ call per layer (``cpu_kernels.moe_ffn``,
+          ``moe_cpu``): chosen experts read once, in place, over XLA's threads; float32, CPU, forward
+          only. On CPU the fastest at every measured count (docs/kernels.md); chosen by measurement.
+``pallas``, ``expert_parallel`` and ``cpu_fused`` live in their own modules, which import this one and
 register themselves; ``choose_backend`` imports them by module path on first use
 (``load_backend``), so importing jaxspec loads no Pallas code, and no module imports
 back into one that is importing it.
@@ -297,6 +300,7 @@ def cpu_computes_every_expert(num_tokens: int, top_k: int, num_experts: int) -> 
 LAZY_BACKENDS: dict[str, tuple[str, bool]] = {
     "expert_parallel": ("jaxspec.models.moe_parallel", False),
     "pallas": ("jaxspec.models.moe_pallas", True),
+    "cpu_fused": ("jaxspec.models.moe_cpu", True),
 }
 
 

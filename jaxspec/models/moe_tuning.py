@@ -28,12 +28,14 @@ import numpy as np
 
 from jaxspec.config import ModelConfig
 from jaxspec.models.expert_slices import ExpertSlices
-from jaxspec.models.moe_dispatch import choose_backend, grouped_kernel, run_backend
+from jaxspec.models.moe_dispatch import SLICE_BACKENDS, choose_backend, grouped_kernel, load_backend, run_backend
 
 # ``expert_rows`` is left out: it is often the fastest to run from 16 routed tokens up, but its
 # ``lax.switch`` over row counts compiles in about 5 s per layer and step shape, so a Mixtral-shaped
 # server's warm-up (some 40 step shapes of 6 layers) took over ten minutes with it. Named, it still runs.
 CPU_CANDIDATES = ("per_expert", "per_expert_static", "expert_chunks", "sorted", "dense")
+# The C++ kernel's backend, a candidate where it builds (``moe_cpu``) and the experts are float32.
+CPU_KERNEL = "cpu_fused"
 # The largest token count measured: beyond it a step keeps the choice at this count (the backends'
 # costs grow about linearly there), and measuring larger steps would lengthen start-up for little.
 MAX_TUNED_TOKENS = 2048
@@ -66,6 +68,11 @@ class DispatchTable:
         # Beyond the measured counts, ``auto`` decides as it would untuned: for these experts'
         # format (a quantized grouped matmul validated nowhere keeps ``ragged``) and routed rows.
         return choose_backend(self.fallback, num_tokens, top_k=top_k, kernel=kernel, num_experts=num_experts)
+
+    def backends(self) -> set[str]:
+        """Every backend a step may take from this table (``auto`` as it resolves on a CPU)."""
+        names = {name for _, name in self.choices} | {self.fallback}
+        return names - {"auto"} | ({"per_expert", "expert_chunks", "dense"} if "auto" in names else set())
 
     def __call__(self, x, expert_ids, weights, w_gate, w_up, w_down) -> jax.Array:
         name = self.backend_for(x.shape[0], top_k=expert_ids.shape[1], kernel=grouped_kernel(w_gate),
@@ -169,6 +176,17 @@ IN_MODEL_MAX_TOKENS = 64
 IN_MODEL_CANDIDATES = ("per_expert_static", "expert_chunks", "dense")
 
 
+def with_kernel(cfg: ModelConfig, candidates: Sequence[str]) -> tuple[str, ...]:
+    """``candidates`` and, where it can run for these experts, the C++ kernel's backend."""
+    ok = jnp.dtype(cfg.dtype) == jnp.float32 and cfg.quantization is None and load_backend(CPU_KERNEL)
+    return (*candidates, CPU_KERNEL) if ok else tuple(candidates)
+
+
+def uses_expert_slices(table: DispatchTable) -> bool:
+    """Whether a step may take a backend that reads experts held per expert (``SLICE_BACKENDS``)."""
+    return bool(table.backends() & SLICE_BACKENDS)
+
+
 def measure_in_model(seconds: Callable[[str, int], float], token_counts: Sequence[int],
                      candidates: Sequence[str] = IN_MODEL_CANDIDATES, rounds: int = 3) -> Times:
     """Per count and candidate, the median over ``rounds`` of ``seconds(backend, count)`` (a forward
@@ -235,8 +253,9 @@ def measured_table(cfg: ModelConfig, max_tokens: int, model_bytes: int, reps: in
     """The table for steps of up to ``max_tokens`` routed tokens of a model of ``model_bytes``
     (what streams through the caches between two calls of one layer), the winner at the largest
     measured count beyond it. ``expert_slices``: measured with the weights held per expert."""
-    return tune_dispatch(cfg, tuning_counts(max_tokens), reps=reps, evict_bytes=min(model_bytes, MAX_EVICT_BYTES),
-                         extend_last=True, store=store, expert_slices=expert_slices)
+    return tune_dispatch(cfg, tuning_counts(max_tokens), with_kernel(cfg, CPU_CANDIDATES), reps=reps,
+                         evict_bytes=min(model_bytes, MAX_EVICT_BYTES), extend_last=True, store=store,
+                         expert_slices=expert_slices)
 
 
 def machine_key(key: dict) -> dict:
