@@ -10,8 +10,7 @@
 // multiply-add per term, and a row's expert outputs are added in ascending expert order: a row's
 // result does not depend on which rows share the call, nor on how work is split between threads.
 //
-// Portable C++ (GCC/Clang vector extensions, 16 floats a vector); built for the host it runs on
-// (cpu_kernels/native.py).
+// Portable C++ (vec.h); built for the host it runs on (cpu_kernels/native.py).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -21,26 +20,17 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "vec.h"
 
 namespace ffi = xla::ffi;
+using namespace cpu_kernels;
 
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
 constexpr int kVecs = 4;                  // vectors per row of a block
 constexpr int kCols = kLanes * kVecs;     // output columns per block
 constexpr int kRows = 6;                  // rows per block: kRows * kVecs accumulators in registers
 constexpr int kPrefetchRows = 8;          // weight rows ahead of the one being read
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float a) { return vf{} + a; }
 
 // c[m, 0:kCols] = sum_k a[m][k] * b[k, 0:kCols] for m < R.
 template <int R>
@@ -87,28 +77,6 @@ void matmul(const float* const* a, int64_t rows, const float* b, int64_t ldb, in
   }
 }
 
-// exp(x) for x <= 0 (silu's exp(-|g|)): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p a degree-6
-// polynomial (relative error about 2e-7).
-inline vf exp_nonpositive(vf x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf n = x * 1.44269504088896341f + shifter;
-  n = n - shifter;
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 // h = silu(g) * u in place, g = h; silu(g) = g / (1 + exp(-g)), written with exp(-|g|) so it never
 // overflows: g >= 0: g / (1 + e); g < 0: g * e / (1 + e), e = exp(-|g|).
 inline void swiglu(float* h, const float* u, int64_t count) {
@@ -127,31 +95,6 @@ inline void swiglu(float* h, const float* u, int64_t count) {
     swiglu(gb, ub, kLanes);
     std::memcpy(h + i, gb, sizeof(float) * (count - i));
   }
-}
-
-// fn(i) for i < n on this thread and up to `helpers` tasks on XLA's pool. This thread claims items
-// too and waits only for items already claimed, never for a task to start.
-struct Counters {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-template <typename Fn>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t helpers, const Fn& fn) {
-  auto counters = std::make_shared<Counters>();
-  // A task that starts after the loop is over finds no item and never touches fn.
-  auto run = [counters, n, &fn]() {
-    for (int64_t i; (i = counters->next.fetch_add(1)) < n;) {
-      fn(i);
-      counters->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < std::min(helpers, n - 1); ++t) {
-    auto task = run;  // Schedule takes its task by value
-    pool.Schedule(std::move(task));
-  }
-  run();
-  while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 struct Scratch {

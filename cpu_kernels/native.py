@@ -1,7 +1,7 @@
 """Build a kernel's C++ source into a shared library for this host, once, and register its XLA FFI handlers.
 
 The library is compiled with ``-march=native`` (the kernels are written for the vector unit of the
-machine that runs them), so it is cached per source, compiler, jaxlib (whose FFI headers it
+machine that runs them), so it is cached per source (and the headers beside it), compiler, jaxlib (whose FFI headers it
 includes) and processor: ``$JAXSPEC_NATIVE_CACHE``, else ``~/.cache/jaxspec/native``. A build
 writes a temporary file and renames it into place, so concurrent processes never load half a file.
 """
@@ -58,7 +58,8 @@ def _build_key(source: Path, cxx: str) -> str:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (source.read_bytes(), cxx.encode(), version.encode(), " ".join(FLAGS).encode(),
+    headers = [p.read_bytes() for p in sorted(source.parent.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, cxx.encode(), version.encode(), " ".join(FLAGS).encode(),
                  jaxlib.__version__.encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
@@ -86,7 +87,7 @@ def build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{source.parent}", str(source), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if r.returncode != 0:
             raise BuildError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from jaxspec.engine.runner import PlainRunner, StepRunner
-from jaxspec.engine.model_runner import ModelRunner
+from jaxspec.engine.model_runner import ModelRunner, cpu_attention_unfit
 from jaxspec.mesh import Placement
 from jaxspec.models import Transformer
 from jaxspec.models.kv_cache import page_groups, whole_groups
@@ -16,6 +16,9 @@ KV_CACHES = ("slot", "paged")
 # "measured" (timed at start-up on this machine where that can matter, ``ModelRunner.tune_moe_dispatch``;
 # elsewhere as "auto") or one backend's name (``jaxspec.models.moe_dispatch.BACKENDS``).
 MOE_DISPATCH_MODES = ("auto", "measured")
+# Attention: "auto" is the C++ kernel (``cpu_kernels.slot_attention``) where it can serve the runner
+# (a single CPU device, float32 model and slot cache; ``model_runner.cpu_attention_unfit``), else XLA.
+ATTENTION_MODES = ("auto", "xla", "cpu", "pallas")
 
 log = logging.getLogger("jaxspec")
 
@@ -26,7 +29,7 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
                 page_size: int | None = None, num_pages: int | None = None,
                 prefill_chunk: int | None = None, kv_dtype: str | None = None,
                 draft_kv_dtype: str | None = None, mixed_prefill: str = "auto",
-                moe_dispatch: str = "auto") -> StepRunner:
+                moe_dispatch: str = "auto", attention: str = "auto") -> StepRunner:
     """A ``PlainRunner`` for ``spec_method="none"``, else a ``SpeculativeRunner`` whose proposer is
     ``draft`` ("draft": a ``Transformer``; "eagle3": an ``Eagle3Head``, which reads this target's hidden
     states) or prompt lookup ("ngram"), with k fixed or "auto" (adaptive, up to k_max).
@@ -37,7 +40,7 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
     a draft model, each on its own; None or "auto": the model's dtype.
     ``mixed_prefill``: a full prompt chunk and a plain decode step in one call ("on"), two ("off"),
     or one on accelerators only ("auto"; ``jaxspec.engine.mixed_step``).
-    ``moe_dispatch``: ``MOE_DISPATCH_MODES`` or a backend name.
+    ``moe_dispatch``: ``MOE_DISPATCH_MODES`` or a backend name. ``attention``: ``ATTENTION_MODES``.
     Raises ValueError for an unknown method or an incompatible draft."""
     if spec_method not in SPEC_METHODS:
         raise ValueError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {spec_method!r}")
@@ -46,9 +49,13 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
     if page_size is not None:  # pages split over the data axis come in equal groups, one per shard
         num_pages = whole_groups(num_pages, page_groups(placement, num_slots, page_size))
     backend = None if moe_dispatch in MOE_DISPATCH_MODES else check_moe_dispatch(moe_dispatch)
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    if attention == "auto":
+        attention = "cpu" if cpu_attention_unfit(model.cfg, placement, page_size, kv_dtype) is None else "xla"
     target = ModelRunner(model, num_slots, max_len, moe_backend=backend, placement=placement, page_size=page_size,
                          num_pages=num_pages, prefill_chunk=prefill_chunk, kv_dtype=kv_dtype,
-                         mixed_prefill=mixed_prefill)
+                         mixed_prefill=mixed_prefill, attention_backend=attention)
     k_max = max(k_max, num_speculative_tokens if isinstance(num_speculative_tokens, int) else 0)
     if moe_dispatch == "measured":
         # Before any step is built: verification steps take the target's backend when they are made.

@@ -120,6 +120,24 @@ def pad_rows(x: np.ndarray, rows: int, value) -> np.ndarray:
     return np.concatenate([x, np.full((rows - len(x), *x.shape[1:]), value, x.dtype)])
 
 
+def cpu_attention_unfit(cfg, placement: Placement | None = None, page_size: int | None = None,
+                        kv_dtype: str | None = None) -> str | None:
+    """Why the C++ attention kernel (``cpu_kernels.slot_attention``, attention backend "cpu") cannot
+    serve a runner's steps, or None when it can: a single-device CPU runner of a float32 model over a
+    float32 slot cache, where the kernel builds."""
+    if placement is not None or jax.default_backend() != "cpu":
+        return "it runs on a single CPU device only"
+    if page_size is not None or check_kv_dtype(kv_dtype) is not None:
+        return "it reads a float32 slot cache (not a paged or int8 one)"
+    if jnp.dtype(cfg.dtype) != jnp.float32:
+        return f"it takes float32 models, not {cfg.dtype}"
+    from cpu_kernels.slot_attention import MAX_HEAD_DIM, unavailable_reason
+
+    if cfg.head_dim > MAX_HEAD_DIM:
+        return f"head_dim {cfg.head_dim} exceeds its {MAX_HEAD_DIM}"
+    return unavailable_reason()
+
+
 class ModelRunner:
     """Jitted prefill / decode over a slot cache for one model.
 
@@ -177,6 +195,8 @@ class ModelRunner:
         self.statics = StepStatics(self.moe_backend, attention_backend)
         self._steps = unplaced_steps(self.graphdef, self.statics)
         groups = page_groups(placement, num_slots, page_size)
+        if attention_backend == "cpu":
+            self._check_cpu_attention(page_size)
         if groups > 1 and attention_backend == "pallas":
             raise ValueError(f"the pallas attention backend reads whole pages; pages split {groups} ways over the "
                              "mesh's data axis need the xla backend")
@@ -326,6 +346,15 @@ class ModelRunner:
 
         return seconds
 
+    def cpu_attention_unfit(self, page_size: int | None = None) -> str | None:
+        """Why attention backend "cpu" cannot serve this runner's steps, or None (``cpu_attention_unfit``)."""
+        return cpu_attention_unfit(self.cfg, self.placement, page_size, self.kv_dtype)
+
+    def _check_cpu_attention(self, page_size: int | None) -> None:
+        reason = self.cpu_attention_unfit(page_size)
+        if reason is not None:
+            raise ValueError(f"the cpu attention backend cannot serve this runner: {reason}")
+
     def set_backends(self, *, moe: str | None = None, attention: str | None = None) -> None:
         """Use these MoE dispatch / attention backends in every step (single-device runners; call
         before the first step: the kernel self-test's fallback)."""
@@ -333,6 +362,8 @@ class ModelRunner:
             raise NotImplementedError("changing the backends of a runner on a mesh")
         if attention is not None:
             check_attention_backend(attention)
+            if attention == "cpu":
+                self._check_cpu_attention(self.paging[1] if self.paging else None)
         self.moe_backend = moe if moe is not None else self.moe_backend
         self.statics = StepStatics(self.moe_backend, attention or self.statics.attention_backend,
                                    self.statics.aux_layers)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.models.kv_cache import KVCache, write_and_read, write_through_tables
+from jaxspec.models.kv_cache import KVCache, write_and_read, write_slots, write_through_tables
 from jaxspec.models.quant import qeinsum  # a weight read with self.w[...] may be quantized (models.quant)
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
@@ -110,8 +110,10 @@ def cached_attention(
 
 # Attention implementations, chosen per forward (a static argument of the jitted steps, so
 # runners with different backends never share a compiled step). "pallas" is
-# pallas_kernels.verify_attention (same semantics; the Pallas interpreter on CPU).
-ATTENTION_BACKENDS = ("xla", "pallas")
+# pallas_kernels.verify_attention (same semantics; the Pallas interpreter on CPU). "cpu" is
+# cpu_kernels.slot_attention, which reads a float32 slot cache in place (C++, CPU only; a paged or
+# int8 cache goes through "xla": ``ModelRunner`` only takes "cpu" where it applies).
+ATTENTION_BACKENDS = ("xla", "pallas", "cpu")
 
 
 def check_attention_backend(name: str) -> str:
@@ -171,6 +173,14 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
 
         rows = jnp.arange(x.shape[0]) if slot_ids is None else slot_ids
+        if attention_backend == "cpu" and cache.page_table is None and not cache.quantized:
+            # Each query reads the keys it sees where they lie: no gathered [B, kv_len] copy.
+            from cpu_kernels.slot_attention import slot_attention
+
+            cache = write_slots(cache, layer, rows, positions, k, v)
+            kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
+            attn = slot_attention(q, cache.k, cache.v, rows, positions, layer, kv_len, cfg.sliding_window)
+            return qeinsum("bthk,hkd->btd", attn.astype(q.dtype), self.wo[...]), cache
         if cache.page_table is not None and attention_backend == "pallas" and not cache.quantized:
             # The kernel reads the pool through the tables in place: no gathered copy of the pages.
             from pallas_kernels.paged_attention import paged_attention
