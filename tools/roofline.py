@@ -153,20 +153,21 @@ def build_model(name: str, max_len: int) -> Transformer:
     return load_any(name)[0]  # a config name or path: random weights
 
 
-def _forward_impl(graphdef, kv_len, moe_backend, state, cache, tokens, start):
+def _forward_impl(graphdef, kv_len, moe_backend, attention, state, cache, tokens, start):
     kwargs = {} if kv_len is None else {"kv_len": kv_len}
-    out = nnx.merge(graphdef, state)(tokens, start, cache, None, None, moe_backend=moe_backend, **kwargs)
+    out = nnx.merge(graphdef, state)(tokens, start, cache, None, None, moe_backend=moe_backend,
+                                     attention_backend=attention, **kwargs)
     return out.logits, out.cache, out.expert_load
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_for(graphdef, kv_len, moe_backend=None):
+def _forward_for(graphdef, kv_len, moe_backend=None, attention="xla"):
     """The jitted forward with the graph bound, as the engine binds it: a static graphdef argument
     would be hashed on every call (about 1 ms of host time, timed as if it were the forward's)."""
-    return jax.jit(functools.partial(_forward_impl, graphdef, kv_len, moe_backend), donate_argnums=(1,))
+    return jax.jit(functools.partial(_forward_impl, graphdef, kv_len, moe_backend, attention), donate_argnums=(1,))
 
 
-def dispatch_for(model: Transformer, how: str, rows: int, tokens: int, max_len: int):
+def dispatch_for(model: Transformer, how: str, rows: int, tokens: int, max_len: int, attention: str = "xla"):
     """(MoE dispatch, parameters) the forwards run: ``auto`` (None: the config's rule), a backend
     name, or ``measured``: the table and parameter layout (experts held per expert on a CPU) of a
     runner that ``serve --moe-dispatch measured`` builds for steps of up to ``rows`` x ``tokens``."""
@@ -178,15 +179,16 @@ def dispatch_for(model: Transformer, how: str, rows: int, tokens: int, max_len: 
         return None, params
     if how != "measured":
         return how, params
-    runner = ModelRunner(model, rows, max_len=max_len)
+    runner = ModelRunner(model, rows, max_len=max_len, attention_backend=attention)
     table = runner.tune_moe_dispatch(tokens_per_row=range(1, tokens + 1))
     return table, (runner.state if table is not None else params)
 
 
 def time_forward(graphdef, state, cfg: ModelConfig, rows: int, tokens: int, context: int, max_len: int,
-                 kv_len: int | None, reps: int, seed: int = 0, moe_backend=None) -> tuple[float, np.ndarray]:
+                 kv_len: int | None, reps: int, seed: int = 0, moe_backend=None,
+                 attention: str = "xla") -> tuple[float, np.ndarray]:
     """Median seconds of the jitted forward at start = context - tokens, and its expert load [L, E]."""
-    step = _forward_for(graphdef, kv_len, moe_backend)
+    step = _forward_for(graphdef, kv_len, moe_backend, attention)
     cache = KVCache.create(cfg, rows, max_len)
     toks = jnp.asarray(np.random.default_rng(seed).integers(3, cfg.vocab_size, (rows, tokens)), jnp.int32)
     start = jnp.full((rows,), context - tokens, jnp.int32)
@@ -205,7 +207,13 @@ def time_forward(graphdef, state, cfg: ModelConfig, rows: int, tokens: int, cont
 def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool) -> list[dict]:
     model = build_model(name, args.max_len)
     cfg = model.cfg
-    backend, state = dispatch_for(model, args.moe_dispatch, max(args.batch), max(args.tokens), args.max_len)
+    attention = args.attention
+    if attention == "auto":
+        from jaxspec.engine.model_runner import cpu_attention_unfit
+
+        attention = "cpu" if cpu_attention_unfit(cfg) is None else "xla"
+    backend, state = dispatch_for(model, args.moe_dispatch, max(args.batch), max(args.tokens), args.max_len, attention)
+    print(f"# {name}: attention {attention}", file=sys.stderr, flush=True)
     if backend is not None:
         print(f"# {name}: MoE dispatch {getattr(backend, 'choices', backend)}", file=sys.stderr, flush=True)
     graphdef = nnx.graphdef(model)
@@ -216,7 +224,7 @@ def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool
     for b in args.batch:
         for t in args.tokens:
             sec, load = time_forward(graphdef, state, cfg, b, t, args.context, args.max_len, kv_len, args.reps,
-                                     args.seed, backend)
+                                     args.seed, backend, attention)
             touched = [int((load[i] > 0).sum()) if cfg.layer_is_moe(i) else 0 for i in range(cfg.num_layers)]
             bound = forward_bound(cfg, b, t, attended, touched, itemsize, peak, bandwidth)
             out.append({"model": name, "B": b, "T": t, "context": attended, "measured_ms": sec * 1e3,
@@ -273,6 +281,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--moe-dispatch", default="measured", metavar="{measured,auto,BACKEND}",
                    help="MoE dispatch of the forwards: 'measured' (as serve's default: the fastest exact backend "
                    "per step size, timed here first), 'auto' (the fixed rule) or a backend name")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cpu"),
+                   help="attention of the forwards: 'auto' (as serve: the C++ kernel where it applies), 'xla', 'cpu'")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     if not max(args.tokens) <= args.context <= args.max_len:

@@ -186,6 +186,10 @@ class PlainRunner:
         """The MoE dispatch the steps run (a backend name, a measured table, or None: the config's)."""
         return self.runner.moe_backend
 
+    def attention_backend(self) -> str:
+        """The attention backend the steps run (``layers.ATTENTION_BACKENDS``)."""
+        return self.runner.statics.attention_backend
+
     def release(self, slot: int) -> None:
         self.runner.set_length(slot, 0)
 

@@ -296,6 +296,10 @@ class SpeculativeRunner(CompiledSteps):
         """The target's MoE dispatch (a backend name, a measured table, or None: the config's)."""
         return self.target.moe_backend
 
+    def attention_backend(self) -> str:
+        """The target's attention backend (``layers.ATTENTION_BACKENDS``)."""
+        return self.target.statics.attention_backend
+
     @property
     def cost_model(self) -> CostModel | None:
         return self.spec.cost_model
