@@ -148,6 +148,9 @@ class WrappedRunner:
     def moe_dispatch(self) -> Any:
         return self._inner.moe_dispatch()
 
+    def attention_backend(self) -> str:
+        return self._inner.attention_backend()
+
     def padded_length(self, prompt_len: int) -> int:
         return self._inner.padded_length(prompt_len)
 
