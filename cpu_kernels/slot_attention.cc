@@ -25,81 +25,200 @@ using namespace cpu_kernels;
 
 namespace {
 
-constexpr int kBlock = kLanes;  // keys per block of scores
-constexpr int kMaxHeadDim = 256;
+
+constexpr int64_t kPrefetchKeys = 16;
 
 struct Scratch {
-  std::vector<float> scores, kt;
+  std::vector<float> scores, inv, kt;
 };
 
-// One (row, kv head): every query token and query head of the group.
-void attend_group(const float* q, const float* kc, const float* vc, const int32_t* pos, float* out,
-                  int64_t T, int64_t H, int64_t G, int64_t Dh, int64_t KVH, int64_t kv_len, int64_t window,
-                  int64_t kh, Scratch& s) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
-  const int64_t kstride = KVH * Dh;  // between positions of one head
-  int64_t max_hi = 0;
-  for (int64_t t = 0; t < T; ++t) max_hi = std::max<int64_t>(max_hi, std::min<int64_t>(pos[t] + 1, kv_len));
-  const int64_t blocks = (max_hi + kBlock - 1) / kBlock;
-  // Keys of this head transposed block by block: kt[block][d][lane], zero past max_hi.
-  s.kt.assign(static_cast<size_t>(std::max<int64_t>(blocks, 1)) * Dh * kBlock, 0.0f);
-  for (int64_t j = 0; j < max_hi; ++j) {
-    const float* kj = kc + j * kstride + kh * Dh;
-    float* dst = s.kt.data() + (j / kBlock) * Dh * kBlock + (j % kBlock);
-    for (int64_t d = 0; d < Dh; ++d) dst[d * kBlock] = kj[d];
-  }
-  s.scores.resize(static_cast<size_t>(std::max<int64_t>(blocks, 1)) * kBlock);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t p = pos[t];
-    const int64_t hi = std::min<int64_t>(p + 1, kv_len);
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t h = kh * G + g;
-      const float* qv = q + (t * H + h) * Dh;
-      float* o = out + (t * H + h) * Dh;
-      if (hi <= lo) {  // sees no key (only a padding query can): zeros
-        std::memset(o, 0, sizeof(float) * Dh);
-        continue;
-      }
-      // Scores of blocks [lo / kBlock, ceil(hi / kBlock)), 16 keys at a time, d ascending.
-      const int64_t b0 = lo / kBlock, b1 = (hi + kBlock - 1) / kBlock;
-      vf vmax = splat(-INFINITY);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const float* kt = s.kt.data() + blk * Dh * kBlock;
-        vf acc = {};
-        for (int64_t d = 0; d < Dh; ++d) acc += splat(qv[d]) * load(kt + d * kBlock);
-        acc *= scale;
-        // Keys outside [lo, hi) of this block out of the softmax.
-        const int64_t j0 = blk * kBlock;
-        vf masked;
-        for (int l = 0; l < kBlock; ++l) masked[l] = (j0 + l >= lo && j0 + l < hi) ? acc[l] : -INFINITY;
-        store(s.scores.data() + blk * kBlock, masked);
-        vmax = vmax > masked ? vmax : masked;
-      }
-      float m = vmax[0];
-      for (int l = 1; l < kLanes; ++l) m = std::max(m, vmax[l]);
-      vf vsum = {};
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        float* sc = s.scores.data() + blk * kBlock;
-        const vf e = exp_nonpositive(load(sc) - m);  // exp(-inf) -> 0 (clamped, then scaled to 0)
-        store(sc, e);
-        vsum += e;
-      }
-      float sum = 0.0f;
-      for (int l = 0; l < kLanes; ++l) sum += vsum[l];
-      const float inv = 1.0f / sum;
-      // out = sum_j p_j v_j, j ascending, Dh in vectors (a scalar tail for Dh not a multiple of 16).
-      float acc[kMaxHeadDim] = {};
-      for (int64_t j = lo; j < hi; ++j) {
-        const float pj = s.scores[j] * inv;
-        const float* vj = vc + j * kstride + kh * Dh;
-        int64_t d = 0;
-        for (; d + kLanes <= Dh; d += kLanes) store(acc + d, load(acc + d) + splat(pj) * load(vj + d));
-        for (; d < Dh; ++d) acc[d] += pj * vj[d];
-      }
-      std::memcpy(o, acc, sizeof(float) * Dh);
+// Sum of a vector's lanes, halving the width each step (one fixed order).
+inline float sum_lanes(vf v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof lanes);
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
+}
+
+// o[g] = sum_{j in [lo, hi)} (p[g][j] * inv[g]) v[j * stride] for NG queries that see the same keys
+// (the query heads of one token), each value row read once for all of them; DV vectors of 16 per head.
+template <int DV, int NG>
+void weighted_sums(const float* const* p, const float* v, int64_t stride, int64_t lo, int64_t hi, const float* inv,
+                   float* const* o) {
+  vf acc[NG][DV] = {};
+  for (int64_t j = lo; j < hi; ++j) {
+    vf vj[DV];
+    for (int c = 0; c < DV; ++c) vj[c] = load(v + j * stride + c * kLanes);
+    for (int g = 0; g < NG; ++g) {
+      const vf pg = splat(p[g][j] * inv[g]);
+      for (int c = 0; c < DV; ++c) acc[g][c] += pg * vj[c];
     }
   }
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < DV; ++c) store(o[g] + c * kLanes, acc[g][c]);
+}
+
+template <int DV>
+void weighted_sums_any_group(const float* const* p, const float* v, int64_t stride, int64_t lo, int64_t hi,
+                             const float* inv, float* const* o, int64_t n) {
+  int64_t g = 0;
+  for (; g + 4 <= n; g += 4) weighted_sums<DV, 4>(p + g, v, stride, lo, hi, inv + g, o + g);
+  for (; g < n; ++g) weighted_sums<DV, 1>(p + g, v, stride, lo, hi, inv + g, o + g);
+}
+
+// The same for any head dim, one key at a time.
+void weighted_sum_any(const float* p, const float* v, int64_t stride, int64_t lo, int64_t hi, float inv, float* o,
+                      int64_t Dh) {
+  std::memset(o, 0, sizeof(float) * Dh);
+  for (int64_t j = lo; j < hi; ++j) {
+    const float pj = p[j] * inv;
+    for (int64_t d = 0; d < Dh; ++d) o[d] += pj * v[j * stride + d];
+  }
+}
+
+// Query tokens attended together: each key and value is read once for all of them.
+constexpr int64_t kTokensTogether = 8;
+constexpr int64_t kQueriesTogether = 8;
+constexpr int64_t kMaxGroup = 64;  // query heads per kv head
+
+// Tokens [t0, t1) of one (row, kv head), every query head of the group: scores key by key, a softmax
+// per query, then values key by key. Scores sit at index j - base with base a multiple of kLanes, so
+// a query's lanes hold the same keys whichever tokens share the call.
+void attend_tokens(const float* q, const float* kc, const float* vc, const int32_t* pos, float* out, int64_t t0,
+                   int64_t t1, int64_t H, int64_t G, int64_t Dh, int64_t KVH, int64_t kv_len, int64_t window,
+                   int64_t kh, Scratch& s) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
+  const int64_t kstride = KVH * Dh;  // between positions of one head
+  int64_t lo[kTokensTogether], hi[kTokensTogether];
+  int64_t lo_min = kv_len, hi_max = 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t p = pos[t];
+    hi[t - t0] = std::min<int64_t>(p + 1, kv_len);
+    lo[t - t0] = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+    if (hi[t - t0] > lo[t - t0]) {
+      lo_min = std::min(lo_min, lo[t - t0]);
+      hi_max = std::max(hi_max, hi[t - t0]);
+    }
+  }
+  const int64_t base = hi_max > lo_min ? lo_min / kLanes * kLanes : 0;
+  const int64_t width = std::max<int64_t>(hi_max - base + kLanes - 1, 0) / kLanes * kLanes;
+  const int64_t queries = (t1 - t0) * G;
+  s.scores.assign(static_cast<size_t>(queries * width), -INFINITY);
+  s.inv.resize(queries);
+  // Scores 16 keys at a time: the block's keys transposed ([Dh][16]), then each query's 16 scores
+  // as Dh multiply-adds of its broadcast entries (d ascending).
+  s.kt.resize(static_cast<size_t>(Dh) * kLanes);
+  for (int64_t b0 = base; b0 < hi_max; b0 += kLanes) {
+    const int64_t b1 = std::min<int64_t>(b0 + kLanes, hi_max);
+    for (int64_t j = b0; j < b1; ++j) {
+      const float* kj = kc + j * kstride + kh * Dh;
+      // The cache is cold inside a forward (the experts' weights stream through between layers):
+      // ask for keys and values well ahead of their use.
+      for (int64_t d = 0; d < Dh; d += kLanes) {
+        __builtin_prefetch(kj + kPrefetchKeys * kstride + d);
+        __builtin_prefetch(vc + (j + kPrefetchKeys) * kstride + kh * Dh + d);
+      }
+    }
+    // Whole vectors of 16 dims through the shuffle transpose, the rest one entry at a time.
+    const int64_t dv = Dh / kLanes * kLanes;
+    for (int64_t d0 = 0; d0 < dv; d0 += kLanes) {
+      vf rows[kLanes];
+      for (int64_t j = b0; j < b0 + kLanes; ++j)
+        rows[j - b0] = j < b1 ? load(kc + j * kstride + kh * Dh + d0) : vf{};
+      transpose16(rows);
+      for (int l = 0; l < kLanes; ++l) store(s.kt.data() + (d0 + l) * kLanes, rows[l]);
+    }
+    for (int64_t j = b0; j < b0 + kLanes; ++j)
+      for (int64_t d = dv; d < Dh; ++d) s.kt[d * kLanes + (j - b0)] = j < b1 ? kc[j * kstride + kh * Dh + d] : 0.0f;
+    // The queries that see a key of this block, up to kQueriesTogether at a time: their d-ascending
+    // sums run side by side (one chain each would wait on every multiply-add).
+    int64_t seen[kTokensTogether * kMaxGroup];
+    int64_t num_seen = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tl = t - t0;
+      if (b1 <= lo[tl] || b0 >= hi[tl]) continue;  // no key of this block is visible to it
+      for (int64_t g = 0; g < G; ++g) seen[num_seen++] = tl * G + g;
+    }
+    for (int64_t first = 0; first < num_seen; first += kQueriesTogether) {
+      const int64_t n = std::min<int64_t>(kQueriesTogether, num_seen - first);
+      const float* qv[kQueriesTogether];
+      vf acc[kQueriesTogether] = {};
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t i = seen[first + r];
+        qv[r] = q + ((t0 + i / G) * H + kh * G + i % G) * Dh;
+      }
+      const float* kt = s.kt.data();
+      for (int64_t d = 0; d < Dh; ++d) {
+        const vf kd = load(kt + d * kLanes);
+        for (int64_t r = 0; r < n; ++r) acc[r] += splat(qv[r][d]) * kd;
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t i = seen[first + r], tl = i / G;
+        float* sc = s.scores.data() + i * width + (b0 - base);
+        store(sc, acc[r] * scale);
+        for (int64_t j = b0; j < b0 + kLanes; ++j)
+          if (j < lo[tl] || j >= hi[tl]) sc[j - b0] = -INFINITY;
+      }
+    }
+  }
+  for (int64_t i = 0; i < queries; ++i) {
+    float* sc = s.scores.data() + i * width;
+    vf vmax = splat(-INFINITY);
+    for (int64_t c = 0; c < width; c += kLanes) {
+      const vf x = load(sc + c);
+      vmax = vmax > x ? vmax : x;
+    }
+    float m = vmax[0];
+    for (int l = 1; l < kLanes; ++l) m = std::max(m, vmax[l]);
+    if (m == -INFINITY) {  // sees no key (only a padding query can): zeros
+      s.inv[i] = 0.0f;
+      continue;
+    }
+    vf vsum = {};
+    for (int64_t c = 0; c < width; c += kLanes) {
+      const vf e = exp_nonpositive(load(sc + c) - m);  // keys it does not see: exp(-inf) = 0
+      store(sc + c, e);
+      vsum += e;
+    }
+    s.inv[i] = 1.0f / sum_lanes(vsum);
+  }
+  // out = sum_j p_j v_j per query, j ascending: the query heads of a token together.
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t tl = t - t0;
+    const float* p[kMaxGroup];
+    float* o[kMaxGroup];
+    float inv[kMaxGroup];
+    int64_t n = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t i = tl * G + g;
+      float* og = out + (t * H + kh * G + g) * Dh;
+      if (hi[tl] <= lo[tl] || s.inv[i] == 0.0f) {  // sees no key: zeros
+        std::memset(og, 0, sizeof(float) * Dh);
+        continue;
+      }
+      p[n] = s.scores.data() + i * width - base;  // p[n][j]: key j's weight before 1 / sum
+      o[n] = og;
+      inv[n++] = s.inv[i];
+    }
+    const float* v0 = vc + kh * Dh;
+    switch (Dh) {
+      case 16: weighted_sums_any_group<1>(p, v0, kstride, lo[tl], hi[tl], inv, o, n); break;
+      case 32: weighted_sums_any_group<2>(p, v0, kstride, lo[tl], hi[tl], inv, o, n); break;
+      case 64: weighted_sums_any_group<4>(p, v0, kstride, lo[tl], hi[tl], inv, o, n); break;
+      case 128: weighted_sums_any_group<8>(p, v0, kstride, lo[tl], hi[tl], inv, o, n); break;
+      default:
+        for (int64_t r = 0; r < n; ++r) weighted_sum_any(p[r], v0, kstride, lo[tl], hi[tl], inv[r], o[r], Dh);
+    }
+  }
+}
+
+// One (row, kv head): every query token and query head of the group.
+void attend_group(const float* q, const float* kc, const float* vc, const int32_t* pos, float* out, int64_t T,
+                  int64_t H, int64_t G, int64_t Dh, int64_t KVH, int64_t kv_len, int64_t window, int64_t kh,
+                  Scratch& s) {
+  for (int64_t t0 = 0; t0 < T; t0 += kTokensTogether)
+    attend_tokens(q, kc, vc, pos, out, t0, std::min(T, t0 + kTokensTogether), H, G, Dh, KVH, kv_len, window, kh, s);
 }
 
 ffi::Error SlotAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -110,7 +229,7 @@ ffi::Error SlotAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
     return ffi::Error::InvalidArgument("slot_attention: q [B, T, H, Dh], k/v [L, S, M, KVH, Dh]");
   const int64_t B = qd[0], T = qd[1], H = qd[2], Dh = qd[3];
   const int64_t L = kd[0], S = kd[1], M = kd[2], KVH = kd[3];
-  if (kd[4] != Dh || KVH == 0 || H % KVH != 0 || Dh > kMaxHeadDim || layer < 0 || layer >= L ||
+  if (kd[4] != Dh || KVH == 0 || H % KVH != 0 || H / KVH > kMaxGroup || layer < 0 || layer >= L ||
       !std::equal(kd.begin(), kd.end(), v.dimensions().begin()) || slots.dimensions()[0] != B ||
       positions.dimensions()[0] != B || positions.dimensions()[1] != T)
     return ffi::Error::InvalidArgument("slot_attention: shapes do not agree");

@@ -18,7 +18,7 @@ import numpy as np
 from cpu_kernels import native
 
 TARGET = "jaxspec_slot_attention"
-MAX_HEAD_DIM = 256  # the kernel's accumulator
+MAX_GROUP = 64  # query heads per kv head (the kernel's kMaxGroup)
 
 
 def unavailable_reason() -> str | None:
@@ -44,8 +44,8 @@ def slot_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, slots: 
     if k_cache.ndim != 5 or k_cache.shape != v_cache.shape or k_cache.shape[4] != dh or h % k_cache.shape[3]:
         raise ValueError(f"k_cache and v_cache must be [L, S, M, KVH, {dh}] with KVH dividing {h}; got "
                          f"{k_cache.shape} and {v_cache.shape}")
-    if dh > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {dh} exceeds the kernel's {MAX_HEAD_DIM}")
+    if h // k_cache.shape[3] > MAX_GROUP:
+        raise ValueError(f"{h // k_cache.shape[3]} query heads per kv head exceed the kernel's {MAX_GROUP}")
     if slots.shape != (b,) or positions.shape != (b, t):
         raise ValueError(f"slots must be [{b}] and positions [{b}, {t}]; got {slots.shape} and {positions.shape}")
     if not 0 <= layer < k_cache.shape[0]:

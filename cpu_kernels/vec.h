@@ -27,6 +27,23 @@ inline vf load(const float* p) {
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float a) { return vf{} + a; }
 
+// rows[16] of 16 lanes transposed in place: four rounds swapping off-diagonal blocks of 8, 4, 2, 1.
+inline void transpose16(vf rows[kLanes]) {
+  for (int b = kLanes / 2; b > 0; b /= 2) {
+    vi lo, hi;
+    for (int l = 0; l < kLanes; ++l) {
+      lo[l] = (l & b) == 0 ? l : kLanes + l - b;
+      hi[l] = (l & b) == 0 ? l + b : kLanes + l;
+    }
+    for (int i = 0; i < kLanes; ++i) {
+      if (i & b) continue;
+      const vf a = rows[i], c = rows[i + b];
+      rows[i] = __builtin_shuffle(a, c, lo);
+      rows[i + b] = __builtin_shuffle(a, c, hi);
+    }
+  }
+}
+
 // exp(x) for x <= 0: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6 (Cephes' expf
 // coefficients; relative error about 2e-7); 0 below -87, where exp is under the smallest normal float.
 inline vf exp_nonpositive(vf x) {

@@ -131,10 +131,12 @@ def cpu_attention_unfit(cfg, placement: Placement | None = None, page_size: int 
         return "it reads a float32 slot cache (not a paged or int8 one)"
     if jnp.dtype(cfg.dtype) != jnp.float32:
         return f"it takes float32 models, not {cfg.dtype}"
-    from cpu_kernels.slot_attention import MAX_HEAD_DIM, unavailable_reason
-
-    if cfg.head_dim > MAX_HEAD_DIM:
-        return f"head_dim {cfg.head_dim} exceeds its {MAX_HEAD_DIM}"
+    try:
+        from cpu_kernels.slot_attention import MAX_GROUP, unavailable_reason
+    except ImportError as e:  # an install without the package
+        return f"cpu_kernels cannot be imported: {e}"
+    if cfg.num_heads // cfg.num_kv_heads > MAX_GROUP:
+        return f"{cfg.num_heads // cfg.num_kv_heads} query heads per kv head exceed its {MAX_GROUP}"
     return unavailable_reason()
 
 
