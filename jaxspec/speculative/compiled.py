@@ -42,8 +42,8 @@ class CompiledSteps:
         fn = self._fused_fns.get((kb, kv_len, mixed))
         if fn is None:
             target, prop = self.target, self.proposer
-            key = ("fused", mixed, target.graphdef, target.statics, prop.graphdef, prop.moe_backend, kb, kv_len,
-                   self.verify_backend)
+            key = ("fused", mixed, target.graphdef, target.statics, prop.graphdef, prop.moe_backend,
+                   getattr(prop, "attention", None), kb, kv_len, self.verify_backend)
 
             def make():
                 if mixed:

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.engine.model_runner import kv_buckets, prefill_buckets, slots_unsplit
+from jaxspec.engine.model_runner import cpu_attention_unfit, kv_buckets, prefill_buckets, slots_unsplit
 from jaxspec.engine.steps import params_tree, params_variables
 from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
@@ -47,14 +47,15 @@ PENDING_BLOCK = 2  # pending tokens step 0 can absorb (last proposal + bonus)
 CALL_ROWS = 64  # a call's fixed cost, in token rows computed, when choosing how to catch up
 
 
-def _make_extend(graphdef, backend):
+def _make_extend(graphdef, backend, attention: str = "xla"):
     def extend(state, cache, tokens, start, slot_ids, num_valid):
-        return nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend).cache
+        return nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend,
+                                          attention_backend=attention).cache
 
     return extend
 
 
-def _make_loop(graphdef, backend, kb: int, kv_len: int, identity_rows: bool):
+def _make_loop(graphdef, backend, kb: int, kv_len: int, identity_rows: bool, attention: str = "xla"):
     def loop(state, cache, slot_ids, block, block_valid, start, sampling: BatchSampling, out_pos):
         """B rows (row b is slot slot_ids[b]; padding rows: slot id S and block_valid 0; with
         ``identity_rows`` row b is slot b)."""
@@ -69,14 +70,16 @@ def _make_loop(graphdef, backend, kb: int, kv_len: int, identity_rows: bool):
             noise = batch_noise(sampling.seed, pos, vocab, PURPOSE_DRAFT, all_greedy)
             return sample_from_probs(q, noise), q
 
-        out = model(block, start, cache, slot_ids, block_valid, moe_backend=backend, kv_len=kv_len)
+        out = model(block, start, cache, slot_ids, block_valid, moe_backend=backend, kv_len=kv_len,
+                    attention_backend=attention)
         last = jnp.take_along_axis(out.logits, jnp.maximum(block_valid - 1, 0)[:, None, None], axis=1)[:, 0]
         tok0, q0 = draw(last, out_pos)
         first = start + block_valid  # cache position where d_0 goes
 
         def step(carry, i):
             cache, tok = carry
-            o = model(tok[:, None], first + i - 1, cache, slot_ids, live, moe_backend=backend, kv_len=kv_len)
+            o = model(tok[:, None], first + i - 1, cache, slot_ids, live, moe_backend=backend, kv_len=kv_len,
+                      attention_backend=attention)
             t, q = draw(o.logits[:, 0], out_pos + i)
             return (o.cache, t), (t, q)
 
@@ -115,6 +118,7 @@ class DraftModelProposer:
         self.placement: Placement | None = None
         self.paging: tuple[int, int, int] | None = None
         self._state_sharding = self._cache_sharding = None
+        self.attention = "xla"  # decided in ``attach``, once the cache's layout is known
 
     def use_placement(self, target: Placement, num_slots: int = 0, max_len: int = 0) -> None:
         """Run on the target's mesh (call before ``attach``): weights replicated when the draft with
@@ -147,6 +151,9 @@ class DraftModelProposer:
         self.num_slots, self.max_len = num_slots, max_len
         # Paged like the target, page for page: the target's table is the draft's too.
         self.paging = paging
+        # The C++ attention kernel where it can serve the draft's cache, as make_runner's "auto".
+        unfit = cpu_attention_unfit(self.cfg, self.placement, paging[1] if paging is not None else None, self.kv_dtype)
+        self.attention = "xla" if unfit else "cpu"
         pages = dict(num_pages=paging[0], page_size=paging[1], page_groups=paging[2]) if paging is not None else {}
         pages["kv_dtype"] = self.kv_dtype
         self.page_table = None if paging is None else np.full((num_slots, max_len // paging[1]), paging[0], np.int32)
@@ -181,16 +188,17 @@ class DraftModelProposer:
                 kwargs["out_shardings"] = self._cache_sharding if num_outputs == 1 else (
                     self._cache_sharding, *[rep] * (num_outputs - 1))
                 key = (*key, self.placement, self.num_slots, self.max_len, self.paging, self.kv_dtype)
-            fn = self._fns[name] = cached_jit(("draft", self.graphdef, self.moe_backend, *key), make, **kwargs)
+            fn = self._fns[name] = cached_jit(("draft", self.graphdef, self.moe_backend, self.attention, *key), make,
+                                              **kwargs)
         return fn
 
     def _extend(self):
-        return self._jit(("extend", 0), lambda: _make_extend(self.graphdef, self.moe_backend), 1)
+        return self._jit(("extend", 0), lambda: _make_extend(self.graphdef, self.moe_backend, self.attention), 1)
 
     def _loop(self, kb: int, kv_len: int):
         identity = not self.compact_rows
         return self._jit(("loop", kb, kv_len, identity),
-                         lambda: _make_loop(self.graphdef, self.moe_backend, kb, kv_len, identity), 3)
+                         lambda: _make_loop(self.graphdef, self.moe_backend, kb, kv_len, identity, self.attention), 3)
 
     def _sync_lengths(self) -> None:
         # Back to the cache's own (committed) layout: an uncommitted host array here would change
@@ -296,7 +304,7 @@ class DraftModelProposer:
     def loop_fn(self, kb: int, kv_len: int):
         """The round as a pure function (state, cache, slot_ids, block, pending, lengths, sampling,
         out_pos) -> (cache, tokens [B, kb], q's [B, kb, V]), for a runner to fuse into its step."""
-        return _make_loop(self.graphdef, self.moe_backend, kb, kv_len, not self.compact_rows)
+        return _make_loop(self.graphdef, self.moe_backend, kb, kv_len, not self.compact_rows, self.attention)
 
     def set_committed(self, slots: np.ndarray, last_pos: np.ndarray, num_accepted: np.ndarray, kb: int) -> None:
         """``commit``'s host lengths where a fused step already set the device's: ``slots`` fed
