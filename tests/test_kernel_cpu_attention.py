@@ -135,3 +135,10 @@ def test_make_runner_takes_the_kernel_where_it_applies(model):
         ModelRunner(bf16, num_slots=2, max_len=32, attention_backend="cpu")
     with pytest.raises(ValueError, match="attention must be one of"):
         make_runner(model, num_slots=2, max_len=32, attention="flash")
+    # A draft model's own steps take it too where its cache is a float32 slot cache.
+    draft = scaled_model("tiny-dense", seed=1)
+    spec = make_runner(model, num_slots=2, max_len=32, spec_method="draft", draft=draft, num_speculative_tokens=2)
+    assert spec.proposer.attention == "cpu"
+    paged = make_runner(model, num_slots=2, max_len=32, spec_method="draft", draft=draft, num_speculative_tokens=2,
+                        page_size=8)
+    assert paged.proposer.attention == "xla"

@@ -36,7 +36,8 @@ def test_wheel_holds_configs_assets_and_every_package(wheel):
     for name in ("jaxspec/configs/models/builtin-target.json", "jaxspec/configs/models/qwen3-30b-a3b.json",
                  "jaxspec/configs/meshes/tpu-v5e-8.json", "jaxspec/configs/targets/h100-sxm-80gb.textproto",
                  "jaxspec/assets/tokenizer/tokenizer.model", "jaxspec/assets/target/config.json",
-                 "serving/server.py", "serving/pb/jaxspec_pb2.py", "pallas_kernels/gmm.py"):
+                 "serving/server.py", "serving/pb/jaxspec_pb2.py", "pallas_kernels/gmm.py",
+                 "cpu_kernels/moe_ffn.cc", "cpu_kernels/slot_attention.cc", "cpu_kernels/vec.h"):
         assert name in names, name
     configs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.json")}
     assert {"jaxspec/" + c for c in configs} <= names
