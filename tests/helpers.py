@@ -109,18 +109,26 @@ def xla_flags(device_count: int | None) -> str:
     return " ".join(kept + count)
 
 
-def moe_backend(name: str):
-    """The MoE dispatch backend ``name``, its module loaded; the C++ kernel's (``cpu_fused``) skips the
-    test only where this machine has no C++ compiler to build it with (a failed build fails)."""
+def require_cpu_kernel(kernel_module) -> None:
+    """Build a ``cpu_kernels`` module's kernel here: skip the test only where this machine has no C++
+    compiler to build it with (a failed build fails)."""
     import pytest
 
+    from cpu_kernels import native
+
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler here to build the CPU kernel with")
+    assert kernel_module.available(), kernel_module.unavailable_reason()
+
+
+def moe_backend(name: str):
+    """The MoE dispatch backend ``name``, its module loaded (the C++ kernel's, ``cpu_fused``, as
+    ``require_cpu_kernel``)."""
     from jaxspec.models.moe_dispatch import BACKENDS, load_backend
 
     if name == "cpu_fused":
-        from cpu_kernels import moe_ffn, native
+        from cpu_kernels import moe_ffn
 
-        if native.compiler() is None:
-            pytest.skip("no C++ compiler here to build the CPU kernel with")
-        assert moe_ffn.available(), moe_ffn.unavailable_reason()
+        require_cpu_kernel(moe_ffn)
     assert load_backend(name), name
     return BACKENDS[name]

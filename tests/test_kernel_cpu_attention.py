@@ -12,19 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpu_kernels import native
 from cpu_kernels import slot_attention as kernel_module
 from cpu_kernels.slot_attention_reference import slot_attention_reference
-from helpers import scaled_model
+from helpers import require_cpu_kernel, scaled_model
 
 TOL = dict(rtol=2e-6, atol=2e-6)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _built():
-    if native.compiler() is None:
-        pytest.skip("no C++ compiler here to build the CPU kernel with")
-    assert kernel_module.available(), kernel_module.unavailable_reason()
+    require_cpu_kernel(kernel_module)
 
 
 attend = jax.jit(kernel_module.slot_attention, static_argnames=("layer", "kv_len", "window"))

@@ -14,15 +14,14 @@ import pytest
 from cpu_kernels import moe_ffn as kernel_module
 from cpu_kernels import native
 from cpu_kernels.moe_ffn_reference import moe_ffn_reference
+from helpers import require_cpu_kernel
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _built():
-    if native.compiler() is None:
-        pytest.skip("no C++ compiler here to build the CPU kernel with")
-    assert kernel_module.available(), kernel_module.unavailable_reason()
+    require_cpu_kernel(kernel_module)
 
 
 def _problem(n, e, d, f, k, seed=0):
