@@ -264,7 +264,9 @@ def test_the_cpu_kernel_is_a_candidate_for_float32_experts_only():
     from helpers import moe_backend
 
     moe_backend("cpu_fused")
-    assert moe_tuning.with_kernel(_cfg(), ("dense",)) == ("dense", "cpu_fused")
+    assert moe_tuning.with_kernel(_cfg(), ("dense",)) == ("cpu_fused", "dense")  # first: ties go to it
+    tied = moe_tuning.table_from_times({1: {"cpu_fused": 1.03, "dense": 1.0}})
+    assert tied.choices == ((1, "cpu_fused"),)
     assert moe_tuning.with_kernel(_cfg(dtype="bfloat16"), ("dense",)) == ("dense",)
     table = moe_tuning.DispatchTable(((1, "cpu_fused"), (8, "expert_chunks")), "dense")
     assert table.backends() == {"cpu_fused", "expert_chunks", "dense"} and moe_tuning.uses_expert_slices(table)
