@@ -32,8 +32,8 @@ Backends (``BACKENDS``):
   expert_parallel  experts split over the mesh of ``jax.set_mesh`` (``moe_parallel``).
   cpu_fused  every routed (row, expert) pair in one C++ call per layer (``cpu_kernels.moe_ffn``,
           ``moe_cpu``): chosen experts read once, in place, over XLA's threads; float32, CPU, forward
-          only. Chosen by measurement: here it won every count for the Mixtral-shaped benchmark model
-          and every count from 4 routed tokens for the built-in target (docs/kernels.md).
+          only. Chosen by measurement (the first candidate: ties go to it); on this machine it wins
+          or ties every count for the built-in target and the Mixtral-shaped model (docs/kernels.md).
 ``pallas``, ``expert_parallel`` and ``cpu_fused`` live in their own modules, which import this one and
 register themselves; ``choose_backend`` imports them by module path on first use
 (``load_backend``), so importing jaxspec loads no Pallas code, and no module imports
