@@ -12,11 +12,8 @@
 //
 // Portable C++ (vec.h); built for the host it runs on (cpu_kernels/native.py).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"

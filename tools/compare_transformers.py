@@ -430,9 +430,9 @@ def in_process_rows(args, prompts: Prompts, hf_model, model, served, rows: list,
     if engine is not None:
         attention = engine.attention
     else:  # as make_runner's "auto": the C++ kernel where it applies
-        from jaxspec.engine.model_runner import cpu_attention_unfit
+        from jaxspec.engine.model_runner import auto_attention
 
-        attention = "cpu" if cpu_attention_unfit(model.cfg) is None else "xla"
+        attention = auto_attention(model.cfg)
     loop = jaxspec_loop(model, args.new_tokens, getattr(engine, "moe_backend", None),
                         getattr(engine, "expert_slices", False), attention)
     for batch in args.batch_sizes:

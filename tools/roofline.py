@@ -209,9 +209,9 @@ def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool
     cfg = model.cfg
     attention = args.attention
     if attention == "auto":
-        from jaxspec.engine.model_runner import cpu_attention_unfit
+        from jaxspec.engine.model_runner import auto_attention
 
-        attention = "cpu" if cpu_attention_unfit(cfg) is None else "xla"
+        attention = auto_attention(cfg)
     backend, state = dispatch_for(model, args.moe_dispatch, max(args.batch), max(args.tokens), args.max_len, attention)
     print(f"# {name}: attention {attention}", file=sys.stderr, flush=True)
     if backend is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from jaxspec.engine.runner import PlainRunner, StepRunner
-from jaxspec.engine.model_runner import ModelRunner, cpu_attention_unfit
+from jaxspec.engine.model_runner import ModelRunner, auto_attention
 from jaxspec.mesh import Placement
 from jaxspec.models import Transformer
 from jaxspec.models.kv_cache import page_groups, whole_groups
@@ -17,7 +17,7 @@ KV_CACHES = ("slot", "paged")
 # elsewhere as "auto") or one backend's name (``jaxspec.models.moe_dispatch.BACKENDS``).
 MOE_DISPATCH_MODES = ("auto", "measured")
 # Attention: "auto" is the C++ kernel (``cpu_kernels.slot_attention``) where it can serve the runner
-# (a single CPU device, float32 model and slot cache; ``model_runner.cpu_attention_unfit``), else XLA.
+# (a single CPU device, float32 model and slot cache; ``model_runner.auto_attention``), else XLA.
 ATTENTION_MODES = ("auto", "xla", "cpu", "pallas")
 
 log = logging.getLogger("jaxspec")
@@ -52,7 +52,7 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     if attention == "auto":
-        attention = "cpu" if cpu_attention_unfit(model.cfg, placement, page_size, kv_dtype) is None else "xla"
+        attention = auto_attention(model.cfg, placement, page_size, kv_dtype)
     target = ModelRunner(model, num_slots, max_len, moe_backend=backend, placement=placement, page_size=page_size,
                          num_pages=num_pages, prefill_chunk=prefill_chunk, kv_dtype=kv_dtype,
                          mixed_prefill=mixed_prefill, attention_backend=attention)

@@ -140,6 +140,13 @@ def cpu_attention_unfit(cfg, placement: Placement | None = None, page_size: int 
     return unavailable_reason()
 
 
+def auto_attention(cfg, placement: Placement | None = None, page_size: int | None = None,
+                   kv_dtype: str | None = None) -> str:
+    """The attention backend "auto" means for such a runner: "cpu" where the C++ kernel can serve
+    it (``cpu_attention_unfit``), else "xla"."""
+    return "xla" if cpu_attention_unfit(cfg, placement, page_size, kv_dtype) else "cpu"
+
+
 class ModelRunner:
     """Jitted prefill / decode over a slot cache for one model.
 
@@ -348,12 +355,8 @@ class ModelRunner:
 
         return seconds
 
-    def cpu_attention_unfit(self, page_size: int | None = None) -> str | None:
-        """Why attention backend "cpu" cannot serve this runner's steps, or None (``cpu_attention_unfit``)."""
-        return cpu_attention_unfit(self.cfg, self.placement, page_size, self.kv_dtype)
-
     def _check_cpu_attention(self, page_size: int | None) -> None:
-        reason = self.cpu_attention_unfit(page_size)
+        reason = cpu_attention_unfit(self.cfg, self.placement, page_size, self.kv_dtype)
         if reason is not None:
             raise ValueError(f"the cpu attention backend cannot serve this runner: {reason}")
 

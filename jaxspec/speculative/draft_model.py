@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.engine.model_runner import cpu_attention_unfit, kv_buckets, prefill_buckets, slots_unsplit
+from jaxspec.engine.model_runner import auto_attention, kv_buckets, prefill_buckets, slots_unsplit
 from jaxspec.engine.steps import params_tree, params_variables
 from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
@@ -152,8 +152,8 @@ class DraftModelProposer:
         # Paged like the target, page for page: the target's table is the draft's too.
         self.paging = paging
         # The C++ attention kernel where it can serve the draft's cache, as make_runner's "auto".
-        unfit = cpu_attention_unfit(self.cfg, self.placement, paging[1] if paging is not None else None, self.kv_dtype)
-        self.attention = "xla" if unfit else "cpu"
+        self.attention = auto_attention(self.cfg, self.placement, paging[1] if paging is not None else None,
+                                        self.kv_dtype)
         pages = dict(num_pages=paging[0], page_size=paging[1], page_groups=paging[2]) if paging is not None else {}
         pages["kv_dtype"] = self.kv_dtype
         self.page_table = None if paging is None else np.full((num_slots, max_len // paging[1]), paging[0], np.int32)
