@@ -329,9 +329,9 @@ def test_period_and_host_gap_follow_every_new_observation_after_being_read():
     assert costs.period(2) == pytest.approx(6e-3) and costs.period(4) is None  # per bucket
 
 
-def test_observed_costs_are_bounded_by_the_steps_own_times_on_the_side_of_plain_decoding():
-    """Noise in the periods cannot make drafting look cheap: a plain step's cost is at most its own
-    (waited for) time and a drafting step's at least its own."""
+def test_observed_costs_bound_plain_by_its_own_time_and_take_drafting_periods_as_seen():
+    """A plain step's cost is at most its own (waited for) time; a drafting bucket seen in serving
+    costs its period, below warm-up's own time where queued steps hide the host's work."""
     from jaxspec.speculative.adaptive import MIN_PERIODS
 
     costs = _costs(1e-3, 0.1)
@@ -341,7 +341,7 @@ def test_observed_costs_are_bounded_by_the_steps_own_times_on_the_side_of_plain_
         costs.observe_period(2, 0.7 * own2)
     assert costs.period(0) == pytest.approx(1.6 * own0) and costs.period(2) == pytest.approx(0.7 * own2)
     assert costs.step_cost(0) == pytest.approx(own0)
-    assert costs.step_cost(2) == pytest.approx(own2)
+    assert costs.step_cost(2) == pytest.approx(0.7 * own2)
     costs = _costs(1e-3, 0.1)
     for _ in range(MIN_PERIODS):
         costs.observe_period(0, 0.5 * own0)

@@ -22,7 +22,7 @@ def test_the_scheduler_prices_a_probe_by_its_wall_time():
         costs = CostModel({0: 0.0, **{b: 0.1 * b for b in BUCKETS}}, {0: 1e-2, **{b: 1e-2 for b in BUCKETS}})
         clock = [0.0]
         sched = SpecScheduler(1, BUCKETS, 8, None, rows_for=lambda n: 1, measure=lambda rows: costs,
-                              probe_every=4, clock=lambda: clock[0])
+                              probe_every=4, clock=lambda: clock[0], trial_steps=0)
         slots, act = _running(sched, 1, 100_000)
         kbs = []
         for _ in range(400):
@@ -52,16 +52,17 @@ def _running(sched, n: int, max_tokens: int):
     return slots, np.arange(n)
 
 
-def _clocked(costs: CostModel):
+def _clocked(costs: CostModel, trial_steps: int = 0, max_tokens: int = 200):
     """A scheduler over 4 running requests whose clock moves by each step's time; (scheduler,
-    slots, active ids, run(kb, tokens_per_row, step_s)) where run feeds one step's result."""
+    slots, active ids, run(kb, tokens_per_row, step_s)) where run feeds one step's result.
+    Without trials unless asked (the tests of trials ask)."""
     from jaxspec.engine.step import StepResult
     from jaxspec.speculative.scheduling import SpecScheduler
 
     clock = [0.0]
     sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
-                          clock=lambda: clock[0])
-    slots, act = _running(sched, 4, 200)
+                          clock=lambda: clock[0], trial_steps=trial_steps)
+    slots, act = _running(sched, 4, max_tokens)
 
     def run(kb: int, tokens_per_row: int, step_s: float) -> None:
         clock[0] += step_s  # the wall period from the step before
@@ -126,7 +127,7 @@ def test_a_drafting_bucket_not_seen_yet_costs_its_own_time_plus_the_hosts_time_b
     costs = _costs(1e-3, 0.1)
     clock = [0.0]
     sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
-                          clock=lambda: clock[0])
+                          clock=lambda: clock[0], trial_steps=0)
     slots, act = _running(sched, 4, 200)
     own0, gap = costs.own_cost(0), 0.03
     kbs = []
@@ -140,7 +141,7 @@ def test_a_drafting_bucket_not_seen_yet_costs_its_own_time_plus_the_hosts_time_b
     assert kbs[-1] == 0
     # The same scheduler without the host's gap drafts.
     quick = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: _costs(1e-3, 0.1),
-                          clock=lambda: clock[0])
+                          clock=lambda: clock[0], trial_steps=0)
     slots, act = _running(quick, 4, 200)
     _accepted_so_far(quick)
     for _ in range(8):
@@ -192,7 +193,7 @@ def test_scheduler_leaves_out_buckets_that_realise_less_than_plain():
     _learn_plain_period(sched, slots, act, run, plain)
     first = sched.plan(slots, act).kb
     assert first > 0
-    for _ in range(MIN_REALISED_STEPS):
+    for _ in range(MIN_REALISED_STEPS + 1):  # (the switch's step has no period)
         run(first, 2, 3 * plain)  # 2 tokens per row in 3 plain steps' time: worse than plain
     assert first in sched._blocked(4, costs)
     assert sched.plan(slots, act).kb != first
@@ -269,7 +270,9 @@ def test_scheduler_stops_drafting_when_served_periods_say_plain_is_faster():
                                 costs.own_cost(plan.kb))
         sched.update(result)
         slots.num_generated[0] += len(result.tokens[0])
-    assert sched.bucket_steps[0] > 150
+    # Drafting ran in its trials (one per bucket, to see its periods) and hardly otherwise.
+    drafting = sum(n for kb, n in sched.bucket_steps.items() if kb)
+    assert drafting <= len(sched.buckets) * sched.trial_steps + 10
     assert sched.plan(slots, act).kb == 0
     assert sched.costs_for(1).step_cost(0) == pytest.approx(0.5 * plain)
 
@@ -465,3 +468,100 @@ def test_a_new_batch_bucket_borrows_what_other_buckets_saw_in_serving():
     for _ in range(MIN_PERIODS):  # its own observations win once it has them
         new.observe_period(0, 0.9 * new.own_cost(0))
     assert new.step_cost(0) == pytest.approx(0.9 * new.own_cost(0))
+
+
+def _drafting_dear_on_paper() -> CostModel:
+    """Warm-up's own times: a drafting step (waited for, over a long span) 4x a plain one."""
+    return CostModel({0: 0.0, **{b: 0.0 for b in BUCKETS}}, {0: 1e-2, **{b: 4e-2 for b in BUCKETS}})
+
+
+def _serve(sched, slots, act, run, steps: int, period: dict[int, float], tokens: dict[int, int]) -> list[int]:
+    """``steps`` planned steps, each taking ``period[kb]`` and emitting ``tokens[kb]`` per row; the kbs."""
+    kbs = []
+    for _ in range(steps):
+        kb = sched.plan(slots, act).kb
+        kbs.append(kb)
+        run(kb, tokens[kb], period[kb])
+        slots.num_generated[act] += tokens[kb]
+    return kbs
+
+
+def test_a_trial_prices_drafting_at_its_period_in_serving():
+    """Where queued drafting steps beat plain ones but warm-up's waited-for times say otherwise, the
+    scheduler, speculation off, tries each bucket (TRIAL_STEPS steps, the smallest first) and the
+    policy then weighs the periods it saw: it drafts, at the bucket that pays best. Without trials
+    it stays plain but for its probes."""
+    from jaxspec.speculative.scheduling import TRIAL_STEPS
+
+    plain = 1e-2
+    period = {0: plain, **{b: 1.2 * plain for b in BUCKETS}}  # every drafting step: 1.2 plain steps
+    tokens = {0: 1, **{b: b + 1 for b in BUCKETS}}  # every draft accepted
+    runs = {}
+    expected = [b for b in BUCKETS for _ in range(TRIAL_STEPS)]
+    steps = len(expected) + 20
+    for trials in (0, TRIAL_STEPS):
+        sched, slots, act, run = _clocked(_drafting_dear_on_paper(), trial_steps=trials, max_tokens=100_000)
+        _accepted_so_far(sched, 95.0, 5.0)
+        _learn_plain_period(sched, slots, act, run, plain)
+        runs[trials] = _serve(sched, slots, act, run, steps, period, tokens)
+    assert runs[0].count(0) >= steps - 6  # plain steps, and the odd probe
+    tried = runs[TRIAL_STEPS]
+    assert tried[:len(expected)] == expected
+    assert tried[len(expected):] == [BUCKETS[-1]] * 20
+
+
+def test_trials_climb_while_rates_rise_and_come_back_after_their_wait():
+    """Buckets are tried from the smallest up, no further once one realised less than plain steps and
+    less than the bucket before it; a bucket is tried again once TRIAL_TTL_S have passed."""
+    from jaxspec.speculative.scheduling import TRIAL_TTL_S
+
+    plain = 1e-2
+    # Per row-second: bucket 1 gives 0.8 of plain, bucket 2 0.6, buckets 4 and 8 would pay.
+    period = {0: plain, 1: 2.5 * plain, 2: 5 * plain, 4: 1.2 * plain, 8: 1.2 * plain}
+    tokens = {0: 1, 1: 2, 2: 3, 4: 5, 8: 9}
+    sched, slots, act, run = _clocked(_drafting_dear_on_paper(), trial_steps=4, max_tokens=10_000)
+    _accepted_so_far(sched, 95.0, 5.0)
+    _learn_plain_period(sched, slots, act, run, plain)
+    kbs = _serve(sched, slots, act, run, 80, period, tokens)
+    assert kbs[:8] == [1] * 4 + [2] * 4
+    assert 4 not in kbs and 8 not in kbs and kbs[-20:].count(0) >= 18  # and the odd probe (bucket 1)
+    run(0, 1, TRIAL_TTL_S)  # a long while later (one long step)
+    kbs = _serve(sched, slots, act, run, 40, period, tokens)
+    assert [1] * 4 in [kbs[i:i + 4] for i in range(len(kbs) - 3)]  # bucket 1 tried again
+
+
+def test_no_trials_over_more_rows_while_drafting_lost_over_fewer():
+    """A verification's extra tokens cost more the more rows share the step: while recent trials at
+    a batch bucket found no bucket beating plain steps, larger batch buckets skip their trials (each
+    would pay the draft's catch-up for every row); once those trials are TRIAL_TTL_S old, they run."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import TRIAL_TTL_S, SpecScheduler
+
+    clock = [0.0]
+    costs = {2: _drafting_dear_on_paper(), 4: _drafting_dear_on_paper()}
+    sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 2 if n <= 2 else 4,
+                          measure=lambda rows: costs[rows], clock=lambda: clock[0], trial_steps=4)
+    slots, act = _running(sched, 4, 10_000)
+    _accepted_so_far(sched, 95.0, 5.0)
+    plain = 1e-2
+    period = {0: plain, 1: 2.5 * plain, 2: 5 * plain, 4: 5 * plain, 8: 5 * plain}  # drafting loses
+    tokens = {0: 1, 1: 2, 2: 3, 4: 5, 8: 9}
+
+    def serve(rows: np.ndarray, steps: int) -> list[int]:
+        kbs = []
+        for _ in range(steps):
+            kb = sched.plan(slots, rows).kb
+            kbs.append(kb)
+            clock[0] += period[kb]
+            n = len(rows)
+            sched.update(StepResult(rows, [[0] * tokens[kb]] * n, np.full(n, kb), np.full(n, tokens[kb] - 1),
+                                    kb, 0.0, period[kb]))
+            slots.num_generated[rows] += tokens[kb]
+        return kbs
+
+    assert serve(act[:2], 16)[4:12] == [1] * 4 + [2] * 4  # plain first, then trials that lose
+    four = serve(act, 40)
+    assert four.count(0) >= 38  # no trial over 4 rows (the odd probe only)
+    clock[0] += TRIAL_TTL_S
+    four = serve(act, 40)
+    assert [1] * 4 in [four[i:i + 4] for i in range(len(four) - 3)]

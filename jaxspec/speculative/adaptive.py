@@ -197,14 +197,14 @@ class CostModel:
         observed = self.period(kb)
         own = self.own_cost(kb)
         if observed is not None:
-            # Periods are noisy (another process, a collection, a burst of outputs); their errors
-            # are bounded by the steps' own times, each on the side that keeps plain decoding: a
-            # queued plain step costs no more than one waited for, and a drafting step no less
-            # than its own time. And where the machine's speed changed within the window, the
-            # latest periods win on that side too: a plain period read while the machine was busy
-            # must not make drafting look cheap once it is quiet again.
+            # Periods are noisy (another process, a collection, a burst of outputs); a queued plain
+            # step costs no more than one waited for. A drafting step's own time is no floor: it was
+            # timed at warm-up over a typical span, waited for, and queued drafting steps take less.
+            # Where the machine's speed changed within the window, the latest periods win on the
+            # side that keeps plain decoding: a plain period read while the machine was busy must
+            # not make drafting look cheap once it is quiet again.
             recent = self.recent_period(kb)
-            return min(observed, recent, own) if kb == 0 else max(observed, recent, own)
+            return min(observed, recent, own) if kb == 0 else max(observed, recent)
         lent_ratio, lent_extra = self.lent
         if kb == 0:
             return own * (lent_ratio if lent_ratio is not None else 1.0)
@@ -323,7 +323,7 @@ class KPolicy:
 
     def __init__(self, buckets: list[int], probe_every: int = 16, min_gain: float = 0.02,
                  max_probe_every: int = 512, switch_gain: float = 0.3, probe_budget: float = 0.01,
-                 max_budget_wait: int = 4096):
+                 max_budget_wait: int = 4096, tried_gain: float = 0.05):
         self.buckets = list(buckets)
         self.probe_every = probe_every
         self.max_probe_every = max(max_probe_every, probe_every)
@@ -340,21 +340,26 @@ class KPolicy:
         # tokens. Measured on the built-in pair at 8 requests: predicted 25% over plain, realised 5%
         # on its steps and a loss end to end.
         self.switch_gain = switch_gain
+        # A bucket whose steps were seen in serving (``tried``: a trial run, ``SpecScheduler``) is
+        # weighed at its observed period, which holds the switch's hidden costs but the catch-up:
+        # it turns speculation on at this smaller margin, from any bucket, at the mean acceptance.
+        self.tried_gain = tried_gain
         self._last_kb = 0  # the last choice's bucket (0: off)
         self._off_steps = 0
         self._wait = probe_every  # steps off before the next probe (doubles while probes fail)
         self._probed = False
         self.last_rates: dict[int, float] = {}
     def choose(self, alphas: np.ndarray, caps: np.ndarray, forced: np.ndarray, cost: CostModel,
-               blocked: frozenset[int] = frozenset(), cautious: np.ndarray | None = None) -> int:
+               blocked: frozenset[int] = frozenset(), cautious: np.ndarray | None = None,
+               tried: frozenset[int] = frozenset()) -> int:
         """alphas/caps/forced per active slot (forced < 0: free). ``blocked``: buckets whose steps
         have realised fewer tokens/s than plain steps (left out, except as a probe). ``cautious``:
         acceptance at the low end of its estimate (``AcceptanceEstimator.lower``), weighed instead
         of ``alphas`` while speculation is off: turning it on must pay even there, since the
         estimate then rests on a few probe tokens and is highest exactly when it says to switch.
+        ``tried``: buckets whose cost is their observed period in serving (``tried_gain``).
         Returns kb."""
-        if cautious is not None and not self.drafting:
-            alphas = cautious
+        weighed = cautious if cautious is not None and not self.drafting else alphas
         forced_k = np.minimum(forced, caps)
         floor = bucket_for(int(forced_k.max(initial=0)), self.buckets)
         free = forced < 0
@@ -362,19 +367,26 @@ class KPolicy:
         # Acceptance is known at the positions drafted so far (a probe drafts one bucket[0]), and real
         # drafts agree less the further they guess: the i.i.d. estimate from short steps overstates
         # long ones. So drafting turns on at the smallest bucket and climbs one bucket per choice,
-        # each bucket then proving itself in the steps it runs (``SpecScheduler._blocked``).
+        # each bucket then proving itself in the steps it runs (``SpecScheduler._blocked``); a
+        # bucket already tried in serving is reachable at once.
         reach = self.buckets[0] if self._last_kb == 0 else self._above(self._last_kb)
         candidates = [kb for kb in [0, *self.buckets]
-                      if floor <= kb <= max(reach, floor) and (kb not in blocked or kb == floor)]
+                      if (floor <= kb <= max(reach, floor) or kb in tried) and (kb not in blocked or kb == floor)]
         # Every candidate bucket at once ([buckets, slots]): this runs on every decode step.
         kbs = np.asarray(candidates)[:, None]
         k = np.where(free[None, :], np.minimum(kbs, caps[None, :]), forced_k[None, :])
-        tokens = expected_tokens(np.broadcast_to(alphas, k.shape), k).sum(axis=1)
+        tokens = expected_tokens(np.broadcast_to(weighed, k.shape), k).sum(axis=1)
+        if weighed is not alphas and tried:
+            at_mean = expected_tokens(np.broadcast_to(alphas, k.shape), k).sum(axis=1)
+            tokens = np.where(np.isin(candidates, list(tried)), at_mean, tokens)
         self.last_rates = {}
         for kb, expected in zip(candidates, tokens.tolist()):
             rate = expected / cost.step_cost(kb)
             self.last_rates[kb] = rate
-            gain = self.switch_gain if best_kb == 0 and not self.drafting else self.min_gain
+            if best_kb == 0 and not self.drafting:
+                gain = self.tried_gain if kb in tried else self.switch_gain
+            else:
+                gain = self.min_gain
             if best_kb is None or rate > best_rate * (1.0 + gain):
                 best_kb, best_rate = kb, rate
         self._last_kb = best_kb

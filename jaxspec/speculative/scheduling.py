@@ -24,7 +24,7 @@ from jaxspec.engine.step import DecodePlan, StepResult
 from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy, bucket_for
 
 
-REALISED_WEIGHT = 0.2  # of each step in a bucket's running realised rate
+REALISED_WINDOW = 32  # recent steps of a bucket whose tokens over row-seconds are its realised rate
 MIN_REALISED_STEPS = 3  # steps of a bucket before its realised rate can leave it out
 OFF_REFRESH_STEPS = 32  # steps with speculation off between two full choices (costs drift meanwhile; a full
 # choice costs about a third of a 1-request step here, and probes already turn speculation back on)
@@ -38,6 +38,11 @@ PLAIN_REFRESH_STEPS = 6
 WALL_WINDOW = 64  # recent intervals kept per (batch bucket, plain or drafting)
 WALL_MIN = 24  # intervals of each kind before the two are compared
 WALL_TTL_S = 30.0  # intervals are forgotten after this long (drafting left out is tried again)
+# A trial: consecutive drafting steps at one proposal bucket, run with speculation off so that the
+# bucket's period in serving is observed (periods price a bucket; a probe's lone step has none).
+TRIAL_STEPS = 16  # the first pays the switch; the rest are periods (fewer are too noisy to price a bucket)
+TRIAL_TTL_S = 20.0  # a bucket neither tried nor run for this long at a batch bucket is tried again
+TRIAL_BUDGET = 0.05  # and not before its last trial is at most this share of the time since
 
 
 class SpecScheduler:
@@ -45,7 +50,8 @@ class SpecScheduler:
                  rows_for: Callable[[int], int], measure: Callable[[int], CostModel],
                  cost_model: CostModel | None = None, probe_every: int = 16,
                  clock: Callable[[], float] = time.perf_counter,
-                 would_propose: Callable[[np.ndarray], np.ndarray] | None = None, probe_one_slot: bool = False):
+                 would_propose: Callable[[np.ndarray], np.ndarray] | None = None, probe_one_slot: bool = False,
+                 trial_steps: int = TRIAL_STEPS):
         """``default_k``: the fixed proposal length, or None for adaptive k. ``rows_for(n)``: the
         compiled batch bucket a step over n slots runs at (costs are kept per bucket).
         ``measure(rows)`` times the compiled steps at a bucket (the runner's ``measure_costs``),
@@ -56,7 +62,8 @@ class SpecScheduler:
         whose slots could is a plain step (which the engine can queue ahead). ``probe_one_slot``: a
         probe (speculation off) drafts for one slot, the one with the shortest context, in a step
         over that slot alone (``_probe_plan``): for a proposer that catches up on the steps it skipped
-        (``Proposer.catches_up``), which a probe over the batch would pay for every slot."""
+        (``Proposer.catches_up``), which a probe over the batch would pay for every slot.
+        ``trial_steps``: the drafting steps of a trial run (``_trial_due``; 0: none)."""
         self.would_propose = would_propose
         self.probe_one_slot = probe_one_slot
         self._rows_for = functools.lru_cache(maxsize=None)(rows_for)
@@ -73,11 +80,12 @@ class SpecScheduler:
         self.estimator = AcceptanceEstimator(num_slots)
         self.policy = KPolicy(self.buckets, probe_every=probe_every)
         self.bucket_steps: Counter[int] = Counter()  # decode steps per proposal length run (reporting)
-        # Tokens per row per second that steps of each (batch bucket, kb > 0) realised (running
-        # average, step count). The policy's prediction assumes i.i.d. acceptance and counts only
-        # the step's own time; a bucket that keeps emitting fewer tokens per row-second than a
-        # plain step is left out until a probe of it does better.
-        self.realised: dict[tuple[int, int], tuple[float, int]] = {}
+        # (tokens, row-seconds) of the recent steps of each (batch bucket, kb > 0) that had a period.
+        # The policy's prediction assumes i.i.d. acceptance; a bucket whose steps keep emitting fewer
+        # tokens per row-second than a plain step is left out until a trial or probe does better.
+        # Sums over a window, not a running mean of per-step rates: a request's last step, capped
+        # by its budget, emits little and must not price the next request's steps.
+        self.realised: dict[tuple[int, int], collections.deque] = {}
         # The wall period of a step is the time from the update of the step before to its own: the
         # step, its planning and the host's work on the outputs before it, which is what serving
         # pays per step. A batch change (start, release) starts a new run of consecutive steps.
@@ -100,6 +108,11 @@ class SpecScheduler:
         self._wall_last: tuple[float, int] | None = None
         self._wall: dict[tuple[int, bool], collections.deque] = {}  # (rows, drafting) -> (clock, tokens, row-seconds)
         self._running = 0  # requests started and not released
+        self.trial_steps = trial_steps
+        # (batch bucket, kb, steps left, clock at its start) of a trial run under way.
+        self._trial: tuple[int, int, int, float] | None = None
+        self._tried_at: dict[tuple[int, int], float] = {}  # (batch bucket, kb) -> clock of its last period
+        self._trial_wait: dict[int, float] = {}  # per batch bucket: seconds its last trial asks to wait
 
     # ------------------------------------------------------------ slots
     def start(self, slot: int, request: Request) -> None:
@@ -166,14 +179,26 @@ class SpecScheduler:
         finish and are replaced one by one instead of together)."""
         if costs.smoothing <= 0:
             return frozenset()
-        plain_wall, drafting_wall = self._wall_rate(rows, False), self._wall_rate(rows, True)
-        if plain_wall is not None and drafting_wall is not None and drafting_wall < plain_wall:
+        if self._wall_blocked(rows):
             return frozenset(self.buckets)
         if not self.realised:
             return frozenset()
         plain = 1.0 / costs.step_cost(0)
-        return frozenset(kb for (r, kb), (rate, count) in self.realised.items()
-                         if r == rows and count >= MIN_REALISED_STEPS and rate < plain)
+        return frozenset(kb for (r, kb) in self.realised
+                         if r == rows and (rate := self.realised_rate(r, kb)) is not None and rate < plain)
+
+    def _wall_blocked(self, rows: int) -> bool:
+        """Whether drafting runs realised less end to end than plain ones at this batch bucket."""
+        plain_wall, drafting_wall = self._wall_rate(rows, False), self._wall_rate(rows, True)
+        return plain_wall is not None and drafting_wall is not None and drafting_wall < plain_wall
+
+    def realised_rate(self, rows: int, kb: int) -> float | None:
+        """Tokens per row-second of bucket kb's recent steps at a batch bucket (None: too few seen)."""
+        seen = self.realised.get((rows, kb))
+        if not seen or len(seen) < MIN_REALISED_STEPS:
+            return None
+        row_s = sum(x[1] for x in seen)
+        return sum(x[0] for x in seen) / row_s if row_s > 0 else None
 
     def _plain_first(self, rows: int, costs: CostModel) -> bool:
         """Whether a step at this batch bucket runs plain to learn what a plain step costs in
@@ -222,6 +247,13 @@ class SpecScheduler:
             # A refresh run: plain steps while drafting, so the next choices weigh plain's current period.
             self._refresh_left -= 1
             return DecodePlan(act, k, 0)
+        if self._trial is not None:
+            t_rows, t_kb, left, began = self._trial
+            if t_rows == rows and left > 0:
+                self._trial = (rows, t_kb, left - 1, began)
+                return self._plan_for(act, t_kb, forced, caps)
+            self._trial = None
+            self._trial_wait[t_rows] = (self._clock() - began) / TRIAL_BUDGET
         if self._off_run is not None and self._off_run < OFF_REFRESH_STEPS and self._off_rows == rows:
             # Speculation is off and nothing the choice depends on moved but the costs' slow drift:
             # no new choice, only the policy's count towards its next probe.
@@ -232,11 +264,20 @@ class SpecScheduler:
             self._lend(rows, costs)
             if self._plain_first(rows, costs):
                 kb, self._off_run = 0, None
+            elif (trial := self._trial_due(rows, costs, caps, forced)) is not None:
+                now = self._clock()
+                self._trial, self._off_run = (rows, trial, self.trial_steps - 1, now), None
+                self._tried_at[(rows, trial)] = now
+                costs.forget_periods(trial)
+                self.realised.pop((rows, trial), None)
+                return self._plan_for(act, trial, forced, caps)
             else:
                 alphas = self.estimator.mean(act)
                 # Only a switch on weighs the estimate's low end (KPolicy.choose): not computed while drafting.
                 cautious = None if self.policy.drafting else self.estimator.lower(act, alphas)
-                kb = self.policy.choose(alphas, caps, forced, costs, self._blocked(rows, costs), cautious=cautious)
+                tried = frozenset(b for b in self.buckets if costs.period(b) is not None)
+                kb = self.policy.choose(alphas, caps, forced, costs, self._blocked(rows, costs), cautious=cautious,
+                                        tried=tried)
                 self._off_run, self._off_rows = (0 if kb == 0 else None), rows
         if kb > 0 and self.policy.probing:
             return self._probe_plan(slots, act, kb, forced, caps)
@@ -249,6 +290,46 @@ class SpecScheduler:
             self._off_left = int(room[forced < 0].max(initial=0))
             self._off_plan = plan if self._off_left > 0 else None
         return plan
+
+    def _trial_due(self, rows: int, costs: CostModel, caps: np.ndarray, forced: np.ndarray) -> int | None:
+        """The proposal bucket to try at this batch bucket now, if any: with speculation off, the
+        smallest bucket neither tried nor run for ``TRIAL_TTL_S`` (and for long enough that the last
+        trial here took at most ``TRIAL_BUDGET`` of the time), unless drafting as a whole realised
+        less end to end than plain steps here (``_blocked``) or recent trials at a smaller batch
+        bucket found no bucket that beat plain steps there: a verification's extra tokens cost more
+        the more rows share the step, so drafting that lost over fewer rows loses over more, and a
+        trial that would show it costs the switch's catch-up for every row. The policy prices a bucket it has
+        not seen run by its step's own time, a call waited for, which holds host work that queued
+        steps hide, and which a host-bound plain step does not get back: tried, a bucket is weighed
+        at what it costs in serving. Buckets are tried from the smallest up and no further once
+        one realised less than plain steps and less than the bucket before it."""
+        if (self.trial_steps <= 0 or costs.smoothing <= 0 or self.policy.drafting
+                or not self.policy.can_probe(caps, forced) or self._wall_blocked(rows)):
+            return None
+        now, plain, before = self._clock(), 1.0 / costs.step_cost(0), None
+        if any(self._drafting_lost(r, now) for r in self.cost_models if r < rows):
+            return None
+        wait = max(TRIAL_TTL_S, self._trial_wait.get(rows, 0.0))
+        for kb in self.buckets:
+            seen = self._tried_at.get((rows, kb))
+            if seen is None or now - seen >= wait:
+                return kb
+            rate = self.realised_rate(rows, kb)
+            if rate is not None and rate < plain and before is not None and rate < before:
+                return None
+            before = rate if rate is not None else before
+        return None
+
+    def _drafting_lost(self, rows: int, now: float) -> bool:
+        """Whether the buckets tried or run at this batch bucket within TRIAL_TTL_S all realised less
+        than its plain steps."""
+        costs = self.cost_models.get(rows)
+        if costs is None or costs.period(0) is None:
+            return False
+        rates = [rate for kb in self.buckets
+                 if (seen := self._tried_at.get((rows, kb))) is not None and now - seen < TRIAL_TTL_S
+                 and (rate := self.realised_rate(rows, kb)) is not None]
+        return bool(rates) and max(rates) < 1.0 / costs.step_cost(0)
 
     def _repeat_off(self, slots: SlotTable, act: np.ndarray) -> DecodePlan | None:
         """The repeated off plan for this step, or None (a full plan is due)."""
@@ -353,17 +434,17 @@ class SpecScheduler:
                 costs.forget_periods(0)
         if period is not None:
             costs.observe_period(result.kb, period)
+            if result.kb > 0:
+                self._tried_at[(rows, result.kb)] = now
         # A queued step's own time is not its cost (StepResult.queued), nor is a switching step's (it
         # holds the draft's catch-up).
         if not (result.queued or switching):
             costs.observe(result.kb, *times)
-        # What serving paid for the step: its period, or, not queued, its own time.
-        step_s = period if period is not None else (None if result.queued else times[0] + times[1])
-        if self.adaptive and result.kb > 0 and step_s and len(result.slots):
-            rate = emitted / (len(result.slots) * step_s)
-            key = (rows, result.kb)
-            mean, count = self.realised.get(key, (rate, 0))
-            self.realised[key] = (mean + REALISED_WEIGHT * (rate - mean) if count else rate, count + 1)
+        # What serving paid for the step: its period (a step after a batch change has none; its
+        # time then holds work that is not drafting's).
+        if self.adaptive and result.kb > 0 and period and len(result.slots):
+            seen = self.realised.setdefault((rows, result.kb), collections.deque(maxlen=REALISED_WINDOW))
+            seen.append((emitted, len(result.slots) * period))
         return times
 
     def _observe_wall(self, now: float, rows: int, result: StepResult, emitted: int) -> None:
