@@ -109,7 +109,7 @@ def test_drafting_turns_on_at_the_smallest_bucket_and_climbs_one_bucket_per_choi
     # A request's own k is its floor, whatever the climb.
     assert KPolicy(BUCKETS).choose(high, caps, np.array([4, -1, -1, -1]), cheap) == 4
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    assert "it turns on at the smallest proposal length and moves up at most one length per step" in readme
+    assert "an untried length is reached from the smallest one up, at most one length per step" in readme
 
 
 def test_turning_drafting_on_weighs_acceptance_at_the_low_end_of_its_estimate():
@@ -131,7 +131,24 @@ def test_turning_drafting_on_weighs_acceptance_at_the_low_end_of_its_estimate():
     assert policy.choose(np.full(1, 0.6), caps, free, costs, cautious=np.full(1, 0.6)) == 2
     assert policy.choose(np.full(1, 0.6), caps, free, costs, cautious=np.full(1, 0.1)) == 2  # on: the mean
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    assert "weighing each request's acceptance one standard deviation below its estimate" in readme
+    assert "one not tried 30%, at one standard deviation below the estimate" in readme
+
+
+def test_a_bucket_tried_in_serving_turns_drafting_on_at_a_small_gain_at_the_mean_acceptance():
+    """A bucket whose cost is its period in serving (``tried``) needs ``tried_gain`` over plain steps,
+    weighed at the mean acceptance, and is reachable past the smallest bucket; an untried one needs
+    ``switch_gain`` at the cautious acceptance and is reached from the smallest up."""
+    costs = CostModel({0: 0.0, 1: 0.0, 2: 0.0}, {0: 1e-2, 1: 1e-2 * 1.5, 2: 1.96 / 118})  # 2: 18% over plain at 0.6
+    caps, free = np.full(1, 8), np.full(1, -1)
+    mean, low = np.full(1, 0.6), np.full(1, 0.45)
+    assert KPolicy([1, 2]).choose(mean, caps, free, costs, cautious=low) == 0
+    assert KPolicy([1, 2]).choose(mean, caps, free, costs, cautious=low, tried=frozenset({2})) == 2
+    # Tried: weighed at the mean (at the cautious 0.45 it would not beat plain steps at all).
+    assert KPolicy([1, 2], tried_gain=0.1).choose(mean, caps, free, costs, cautious=low, tried=frozenset({2})) == 2
+    assert KPolicy([1, 2], tried_gain=0.2).choose(mean, caps, free, costs, cautious=low, tried=frozenset({2})) == 0
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "a length tried in serving must promise 5% more tokens per second" in readme
+    assert KPolicy([1]).tried_gain == 0.05
 
 
 def test_policy_turns_drafting_on_only_for_a_clear_gain_and_keeps_it_at_a_small_one():

@@ -424,11 +424,17 @@ def test_probe_schedule_defaults_match_the_readme():
     assert inspect.signature(SpeculativeRunner).parameters["probe_every"].default == 16
     policy = KPolicy([1, 2])
     assert (policy.probe_every, policy.max_probe_every) == (16, 512)
-    # "drafting must promise 30% more tokens per second than plain steps to turn it on ... 2% keeps it on"
-    assert (policy.switch_gain, policy.min_gain) == (0.3, 0.02)
+    # "a length tried in serving must promise 5% more ... one not tried 30% ... 2% keeps it on"
+    assert (policy.tried_gain, policy.switch_gain, policy.min_gain) == (0.05, 0.3, 0.02)
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    assert "promise 30% more tokens per second than plain steps to turn it on" in readme
-    assert "and 2% keeps it on" in readme
+    assert "must promise 5% more tokens per second than plain steps to turn it on" in readme
+    assert "one not tried 30%" in readme and "2% keeps it on" in readme
+    from jaxspec.speculative.scheduling import TRIAL_BUDGET, TRIAL_EVIDENCE_S, TRIAL_STEPS, TRIAL_TTL_S
+
+    assert (TRIAL_STEPS, TRIAL_TTL_S, TRIAL_BUDGET, TRIAL_EVIDENCE_S) == (8, 20.0, 0.05, 300.0)
+    assert "a trial runs each proposal length for 8 steps" in readme
+    assert "tried or run in the last 20 s is not tried again (nor before its last trial is 5% of the time since)" in readme
+    assert "tried or run in the last 5 minutes" in readme
     from jaxspec.speculative.scheduling import PLAIN_FIRST_STEPS
 
     assert PLAIN_FIRST_STEPS == 24 and "until their served period is known (at most 24)" in readme
@@ -533,9 +539,9 @@ def test_trials_climb_while_rates_rise_and_come_back_after_their_wait():
 def test_no_trials_over_more_rows_while_drafting_lost_over_fewer():
     """A verification's extra tokens cost more the more rows share the step: while recent trials at
     a batch bucket found no bucket beating plain steps, larger batch buckets skip their trials (each
-    would pay the draft's catch-up for every row); once those trials are TRIAL_TTL_S old, they run."""
+    would pay the draft's catch-up for every row); once those trials are TRIAL_EVIDENCE_S old, they run."""
     from jaxspec.engine.step import StepResult
-    from jaxspec.speculative.scheduling import TRIAL_TTL_S, SpecScheduler
+    from jaxspec.speculative.scheduling import TRIAL_EVIDENCE_S, SpecScheduler
 
     clock = [0.0]
     costs = {2: _drafting_dear_on_paper(), 4: _drafting_dear_on_paper()}
@@ -562,6 +568,6 @@ def test_no_trials_over_more_rows_while_drafting_lost_over_fewer():
     assert serve(act[:2], 16)[4:12] == [1] * 4 + [2] * 4  # plain first, then trials that lose
     four = serve(act, 40)
     assert four.count(0) >= 38  # no trial over 4 rows (the odd probe only)
-    clock[0] += TRIAL_TTL_S
+    clock[0] += TRIAL_EVIDENCE_S
     four = serve(act, 40)
     assert [1] * 4 in [four[i:i + 4] for i in range(len(four) - 3)]

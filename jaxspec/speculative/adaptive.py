@@ -23,7 +23,11 @@ Costs are measured, not guessed: the runner times every compiled draft loop and
 verification at warm-up (per compiled batch bucket), and the scheduler then
 weighs the wall periods the steps actually take in serving (``CostModel.step_cost``):
 a plain step queued behind the previous one hides the host's work, a drafting
-step does not, and a policy fed only device times drafts where plain is faster.
+step hides less of it, and a policy fed only device times drafts where plain is
+faster. Warm-up's time of a drafting step (a call waited for, over a typical
+span) also overstates what queued drafting steps take, so with speculation off
+the scheduler runs short trials of each bucket (``SpecScheduler._trial_due``)
+and the policy weighs a bucket seen in serving at its period (``tried``).
 ``CostModel.analytic`` is a roofline model (weight bytes read, with an MoE layer
 reading the ``N * (1 - (1 - top_k/N)^T)`` experts that T tokens touch, plus FLOPs)
 for planning and deterministic tests; the engine does not use it unless asked.

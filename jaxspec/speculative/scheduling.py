@@ -40,9 +40,10 @@ WALL_MIN = 24  # intervals of each kind before the two are compared
 WALL_TTL_S = 30.0  # intervals are forgotten after this long (drafting left out is tried again)
 # A trial: consecutive drafting steps at one proposal bucket, run with speculation off so that the
 # bucket's period in serving is observed (periods price a bucket; a probe's lone step has none).
-TRIAL_STEPS = 16  # the first pays the switch; the rest are periods (fewer are too noisy to price a bucket)
+TRIAL_STEPS = 8  # the first pays the switch; the rest are periods
 TRIAL_TTL_S = 20.0  # a bucket neither tried nor run for this long at a batch bucket is tried again
 TRIAL_BUDGET = 0.05  # and not before its last trial is at most this share of the time since
+TRIAL_EVIDENCE_S = 300.0  # how long what trials found at a batch bucket decides trials at larger ones
 
 
 class SpecScheduler:
@@ -295,10 +296,11 @@ class SpecScheduler:
         """The proposal bucket to try at this batch bucket now, if any: with speculation off, the
         smallest bucket neither tried nor run for ``TRIAL_TTL_S`` (and for long enough that the last
         trial here took at most ``TRIAL_BUDGET`` of the time), unless drafting as a whole realised
-        less end to end than plain steps here (``_blocked``) or recent trials at a smaller batch
-        bucket found no bucket that beat plain steps there: a verification's extra tokens cost more
-        the more rows share the step, so drafting that lost over fewer rows loses over more, and a
-        trial that would show it costs the switch's catch-up for every row. The policy prices a bucket it has
+        less end to end than plain steps here (``_blocked``) or, at the nearest smaller batch bucket
+        with buckets tried or run in the last TRIAL_EVIDENCE_S, none beat plain steps: a
+        verification's extra tokens cost more the more rows share the step, so drafting that lost
+        over fewer rows loses over more, and a trial that would show it again costs the switch's
+        catch-up (the draft feeding every row's whole context) for every row. The policy prices a bucket it has
         not seen run by its step's own time, a call waited for, which holds host work that queued
         steps hide, and which a host-bound plain step does not get back: tried, a bucket is weighed
         at what it costs in serving. Buckets are tried from the smallest up and no further once
@@ -307,7 +309,8 @@ class SpecScheduler:
                 or not self.policy.can_probe(caps, forced) or self._wall_blocked(rows)):
             return None
         now, plain, before = self._clock(), 1.0 / costs.step_cost(0), None
-        if any(self._drafting_lost(r, now) for r in self.cost_models if r < rows):
+        smaller = (self._drafting_won(r, now) for r in sorted(self.cost_models, reverse=True) if r < rows)
+        if next((won for won in smaller if won is not None), True) is False:
             return None
         wait = max(TRIAL_TTL_S, self._trial_wait.get(rows, 0.0))
         for kb in self.buckets:
@@ -320,16 +323,16 @@ class SpecScheduler:
             before = rate if rate is not None else before
         return None
 
-    def _drafting_lost(self, rows: int, now: float) -> bool:
-        """Whether the buckets tried or run at this batch bucket within TRIAL_TTL_S all realised less
-        than its plain steps."""
+    def _drafting_won(self, rows: int, now: float) -> bool | None:
+        """Whether a bucket tried or run at this batch bucket within TRIAL_EVIDENCE_S realised more
+        than its plain steps (None: none was)."""
         costs = self.cost_models.get(rows)
         if costs is None or costs.period(0) is None:
-            return False
+            return None
         rates = [rate for kb in self.buckets
-                 if (seen := self._tried_at.get((rows, kb))) is not None and now - seen < TRIAL_TTL_S
+                 if (seen := self._tried_at.get((rows, kb))) is not None and now - seen < TRIAL_EVIDENCE_S
                  and (rate := self.realised_rate(rows, kb)) is not None]
-        return bool(rates) and max(rates) < 1.0 / costs.step_cost(0)
+        return max(rates) >= 1.0 / costs.step_cost(0) if rates else None
 
     def _repeat_off(self, slots: SlotTable, act: np.ndarray) -> DecodePlan | None:
         """The repeated off plan for this step, or None (a full plan is due)."""
