@@ -571,3 +571,34 @@ def test_no_trials_over_more_rows_while_drafting_lost_over_fewer():
     clock[0] += TRIAL_EVIDENCE_S
     four = serve(act, 40)
     assert [1] * 4 in [four[i:i + 4] for i in range(len(four) - 3)]
+
+
+def test_drafting_keeps_its_bucket_between_full_choices_unless_the_bucket_is_left_out():
+    """While drafting over the same batch, the choice is made afresh every ON_REFRESH_STEPS steps, not
+    every step: a request's last tokens (not drafted) dip the rates for a step or two, and a switch
+    off and on again drains the queue and pays the draft's catch-up. A bucket that realises less
+    than plain steps stops at once."""
+    from jaxspec.speculative.scheduling import MIN_REALISED_STEPS, ON_REFRESH_STEPS
+
+    costs = _costs(1e-4, 0.02)  # drafting nearly free on paper
+    sched, slots, act, run = _clocked(costs)
+    _accepted_so_far(sched)
+    plain = costs.verify_s[0]
+    _learn_plain_period(sched, slots, act, run, plain)
+    kb = sched.plan(slots, act).kb
+    assert kb > 0
+    run(kb, kb + 1, 1.1 * plain)
+    sched.estimator.acc[:] = 0.0  # every slot's acceptance collapses: a full choice would stop
+    sched.estimator.rej[:] = 1e6
+    kbs = [sched.plan(slots, act).kb for _ in range(ON_REFRESH_STEPS)]
+    assert kbs == [kb] * ON_REFRESH_STEPS
+    assert sched.plan(slots, act).kb == 0  # the next full choice
+    # Left out (realised below plain) while within the run: stops at the next step.
+    costs = _costs(1e-4, 0.02)
+    sched, slots, act, run = _clocked(costs)
+    _accepted_so_far(sched)
+    _learn_plain_period(sched, slots, act, run, plain)
+    kb = sched.plan(slots, act).kb
+    for _ in range(MIN_REALISED_STEPS + 1):
+        run(kb, 1, 3 * plain)
+    assert sched.plan(slots, act).kb != kb

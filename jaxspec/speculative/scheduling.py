@@ -26,6 +26,8 @@ from jaxspec.speculative.adaptive import AcceptanceEstimator, CostModel, KPolicy
 
 REALISED_WINDOW = 32  # recent steps of a bucket whose tokens over row-seconds are its realised rate
 MIN_REALISED_STEPS = 3  # steps of a bucket before its realised rate can leave it out
+ON_REFRESH_STEPS = 8  # drafting steps over the same batch between two full choices (a request's last tokens,
+# not drafted, dip the rates for a step or two; a switch off and on again drains the queue and catches up)
 OFF_REFRESH_STEPS = 32  # steps with speculation off between two full choices (costs drift meanwhile; a full
 # choice costs about a third of a 1-request step here, and probes already turn speculation back on)
 PLAIN_FIRST_STEPS = 24  # most plain steps a batch bucket runs to learn its plain period (_plain_first)
@@ -109,6 +111,7 @@ class SpecScheduler:
         self._wall_last: tuple[float, int] | None = None
         self._wall: dict[tuple[int, bool], collections.deque] = {}  # (rows, drafting) -> (clock, tokens, row-seconds)
         self._running = 0  # requests started and not released
+        self._on_run: tuple[int, int, int] | None = None  # (kb, steps, batch bucket) since drafting was chosen
         self.trial_steps = trial_steps
         # (batch bucket, kb, steps left, clock at its start) of a trial run under way.
         self._trial: tuple[int, int, int, float] | None = None
@@ -125,13 +128,13 @@ class SpecScheduler:
         self.prompt_len[slot] = len(request.prompt_ids)
         self.estimator.reset(slot)
         self._last_update = None  # the admission's prefill is not part of the next step's period
-        self._off_run = self._off_plan = None
+        self._off_run = self._off_plan = self._on_run = None
         self._running += 1
 
     def release(self, slot: int) -> None:
         self.override[slot] = -1
         self.estimator.reset(slot)
-        self._last_update = self._off_run = self._off_plan = None
+        self._last_update = self._off_run = self._off_plan = self._on_run = None
         self._running = max(0, self._running - 1)
         if not self._running:  # what follows is idle time, not a step's
             self._wall_last = None
@@ -255,6 +258,13 @@ class SpecScheduler:
                 return self._plan_for(act, t_kb, forced, caps)
             self._trial = None
             self._trial_wait[t_rows] = (self._clock() - began) / TRIAL_BUDGET
+        if self._on_run is not None:
+            on_kb, steps, on_rows = self._on_run
+            if (steps < ON_REFRESH_STEPS and on_rows == rows and self.policy.drafting
+                    and on_kb not in self._blocked(rows, self.costs_for(rows))):
+                self._on_run = (on_kb, steps + 1, rows)
+                return self._plan_for(act, on_kb, forced, caps)
+            self._on_run = None
         if self._off_run is not None and self._off_run < OFF_REFRESH_STEPS and self._off_rows == rows:
             # Speculation is off and nothing the choice depends on moved but the costs' slow drift:
             # no new choice, only the policy's count towards its next probe.
@@ -280,6 +290,7 @@ class SpecScheduler:
                 kb = self.policy.choose(alphas, caps, forced, costs, self._blocked(rows, costs), cautious=cautious,
                                         tried=tried)
                 self._off_run, self._off_rows = (0 if kb == 0 else None), rows
+                self._on_run = (kb, 0, rows) if kb > 0 and not self.policy.probing else None
         if kb > 0 and self.policy.probing:
             return self._probe_plan(slots, act, kb, forced, caps)
         plan = self._plan_for(act, kb, forced, caps)
