@@ -263,7 +263,9 @@ class SpecScheduler:
             if (steps < ON_REFRESH_STEPS and on_rows == rows and self.policy.drafting
                     and on_kb not in self._blocked(rows, self.costs_for(rows))):
                 self._on_run = (on_kb, steps + 1, rows)
-                return self._plan_for(act, on_kb, forced, caps)
+                plan = self._plan_for(act, on_kb, forced, caps)
+                # The bucket's shape, or the smaller one that holds every slot's k once requests near their ends.
+                return DecodePlan(plan.slots, plan.k, bucket_for(int(plan.k.max(initial=0)), self.buckets))
             self._on_run = None
         if self._off_run is not None and self._off_run < OFF_REFRESH_STEPS and self._off_rows == rows:
             # Speculation is off and nothing the choice depends on moved but the costs' slow drift:
