@@ -43,6 +43,7 @@ WALL_TTL_S = 30.0  # intervals are forgotten after this long (drafting left out 
 # A trial: consecutive drafting steps at one proposal bucket, run with speculation off so that the
 # bucket's period in serving is observed (periods price a bucket; a probe's lone step has none).
 TRIAL_STEPS = 8  # the first pays the switch; the rest are periods
+TRIAL_SETTLE = 2  # a trial's first periods left out: its first steps after plain ones run slower (measured)
 TRIAL_TTL_S = 20.0  # a bucket neither tried nor run for this long at a batch bucket is tried again
 TRIAL_BUDGET = 0.05  # and not before its last trial is at most this share of the time since
 TRIAL_EVIDENCE_S = 300.0  # how long what trials found at a batch bucket decides trials at larger ones
@@ -117,6 +118,7 @@ class SpecScheduler:
         self._trial: tuple[int, int, int, float] | None = None
         self._tried_at: dict[tuple[int, int], float] = {}  # (batch bucket, kb) -> clock of its last period
         self._trial_wait: dict[int, float] = {}  # per batch bucket: seconds its last trial asks to wait
+        self._settle: tuple[int, int] | None = None  # (kb, periods still to leave out) of a trial started
 
     # ------------------------------------------------------------ slots
     def start(self, slot: int, request: Request) -> None:
@@ -281,6 +283,7 @@ class SpecScheduler:
                 now = self._clock()
                 self._trial, self._off_run = (rows, trial, self.trial_steps - 1, now), None
                 self._tried_at[(rows, trial)] = now
+                self._settle = (trial, TRIAL_SETTLE + 1)  # its switching step and its first periods
                 costs.forget_periods(trial)
                 self.realised.pop((rows, trial), None)
                 return self._plan_for(act, trial, forced, caps)
@@ -448,6 +451,10 @@ class SpecScheduler:
             if self._drafting_run >= PLAIN_REFRESH_EVERY:
                 self._drafting_run, self._refresh_left = 0, PLAIN_REFRESH_STEPS
                 costs.forget_periods(0)
+        if self._settle is not None and self._settle[0] == result.kb:
+            left = self._settle[1] - 1
+            self._settle = (result.kb, left) if left > 0 else None
+            period = None
         if period is not None:
             costs.observe_period(result.kb, period)
             if result.kb > 0:
