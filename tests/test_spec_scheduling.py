@@ -621,3 +621,32 @@ def test_a_trials_first_periods_are_left_out():
         slots.num_generated[act] += 2
     assert list(costs.periods[1]) == pytest.approx([plain] * (TRIAL_STEPS - 1 - TRIAL_SETTLE))
     assert sched.realised_rate(4, 1) == pytest.approx(2 / plain)
+
+
+def test_a_stray_drafting_period_does_not_stand_for_a_trial():
+    """Drafting steps over 2 rows that end with one row left record a period or two at 1 row: too few
+    to price a bucket, so the bucket is still tried there."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    clock = [0.0]
+    costs = {1: _drafting_dear_on_paper(), 2: _drafting_dear_on_paper()}
+    sched = SpecScheduler(2, BUCKETS, 8, None, rows_for=lambda n: n, measure=lambda rows: costs[rows],
+                          clock=lambda: clock[0], trial_steps=8)
+    slots, act = _running(sched, 2, 10_000)
+    _accepted_so_far(sched, 95.0, 5.0)
+    one = act[:1]
+
+    def step(rows: np.ndarray, kb: int, seconds: float) -> None:
+        clock[0] += seconds
+        sched.update(StepResult(rows, [[0] * (kb + 1)] * len(rows), np.full(len(rows), kb),
+                                np.full(len(rows), kb), kb, 0.0, seconds))
+
+    for _ in range(4):  # plain steps at 1 row: its plain period is known
+        assert sched.plan(slots, one).kb == 0
+        step(one, 0, 1e-2)
+    step(one, 2, 1.2e-2)  # a drafting run's last two steps, after its other row ended
+    step(one, 2, 1.2e-2)
+    assert costs[1].period(2) is None
+    assert sched.plan(slots, one).kb == 1  # bucket 1 is tried, then bucket 2 too
+    assert (1, 2) not in sched._tried_at

@@ -457,7 +457,9 @@ class SpecScheduler:
             period = None
         if period is not None:
             costs.observe_period(result.kb, period)
-            if result.kb > 0:
+            # Run, a bucket needs no trial while it has periods enough to be priced: a stray period
+            # or two (the tail of a run over more rows, as requests end) is not a trial's worth.
+            if result.kb > 0 and costs.period(result.kb) is not None:
                 self._tried_at[(rows, result.kb)] = now
         # A queued step's own time is not its cost (StepResult.queued), nor is a switching step's (it
         # holds the draft's catch-up).
