@@ -116,7 +116,8 @@ class SpecScheduler:
         self.trial_steps = trial_steps
         # (batch bucket, kb, steps left, clock at its start) of a trial run under way.
         self._trial: tuple[int, int, int, float] | None = None
-        self._tried_at: dict[tuple[int, int], float] = {}  # (batch bucket, kb) -> clock of its last period
+        # (batch bucket, kb) -> clock of its trial's start or its last period once it can be priced.
+        self._tried_at: dict[tuple[int, int], float] = {}
         self._trial_wait: dict[int, float] = {}  # per batch bucket: seconds its last trial asks to wait
         self._settle: tuple[int, int] | None = None  # (kb, periods still to leave out) of a trial started
 
@@ -312,15 +313,15 @@ class SpecScheduler:
         """The proposal bucket to try at this batch bucket now, if any: with speculation off, the
         smallest bucket neither tried nor run for ``TRIAL_TTL_S`` (and for long enough that the last
         trial here took at most ``TRIAL_BUDGET`` of the time), unless drafting as a whole realised
-        less end to end than plain steps here (``_blocked``) or, at the nearest smaller batch bucket
-        with buckets tried or run in the last TRIAL_EVIDENCE_S, none beat plain steps: a
+        less end to end than plain steps here (``_wall_blocked``) or, at the nearest smaller batch
+        bucket with buckets tried or run in the last TRIAL_EVIDENCE_S, none beat plain steps: a
         verification's extra tokens cost more the more rows share the step, so drafting that lost
         over fewer rows loses over more, and a trial that would show it again costs the switch's
-        catch-up (the draft feeding every row's whole context) for every row. The policy prices a bucket it has
-        not seen run by its step's own time, a call waited for, which holds host work that queued
-        steps hide, and which a host-bound plain step does not get back: tried, a bucket is weighed
-        at what it costs in serving. Buckets are tried from the smallest up and no further once
-        one realised less than plain steps and less than the bucket before it."""
+        catch-up (the draft feeding every row's whole context) for every row. The policy prices a
+        bucket it has not seen run by its step's own time, a call waited for, which holds host work
+        that queued steps hide, and which a host-bound plain step does not get back: tried, a
+        bucket is weighed at what it costs in serving. Buckets are tried from the smallest up and
+        no further once one realised less than plain steps and less than the bucket before it."""
         if (self.trial_steps <= 0 or costs.smoothing <= 0 or self.policy.drafting
                 or not self.policy.can_probe(caps, forced) or self._wall_blocked(rows)):
             return None
