@@ -94,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--no-overlap", action="store_true",
                    help="plain decoding: apply each decode step on the host before queuing the next (by default "
                    "step n+1 runs on the device while step n's tokens are checked and sent)")
+    m.add_argument("--decode-steps", type=int, metavar="N", default=EngineOptions.decode_steps,
+                   help="plain decoding on one device: run up to N decode steps as one device call while no "
+                   "request waits to be admitted (each step's fixed cost paid once for N; tokens reach clients "
+                   "N at a time, and an arriving request waits for the call in flight); 1: one step a call")
     m.add_argument("--kv-admission", choices=KV_ADMISSIONS, default="optimistic",
                    help="--kv-cache paged: 'optimistic' admits a request when its prompt fits and gives it pages "
                    "as it grows, preempting (and later recomputing) the newest request if the pool runs dry; "
@@ -164,7 +168,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         kernel_selftest=args.kernel_selftest == "on", kv_cache=args.kv_cache, page_size=args.page_size,
         kv_cache_dtype=args.kv_cache_dtype, draft_kv_cache_dtype=args.draft_kv_cache_dtype,
         kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, overlap=not args.no_overlap, max_step_tokens=args.max_step_tokens, kv_admission=args.kv_admission,
-        mixed_prefill=args.mixed_prefill, moe_dispatch=args.moe_dispatch,
+        mixed_prefill=args.mixed_prefill, moe_dispatch=args.moe_dispatch, decode_steps=args.decode_steps,
     )
     engine.validate()
     server = ServerOptions(

@@ -64,6 +64,7 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"  # target's KV cache: "auto" (the model's dtype) or "int8" (models.kv_cache)
     draft_kv_cache_dtype: str = "auto"  # a draft model's or EAGLE-3 head's own KV cache, likewise
     moe_dispatch: str = "auto"  # "measured" at start-up, "auto" (fixed rule) or a backend (engine.factory)
+    decode_steps: int = 4  # plain decoding on one device: decode steps per call while nothing waits
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
@@ -96,6 +97,8 @@ class EngineOptions:
             raise ConfigError(f"page_size {self.page_size} must be >= 1 and divide max_len ({self.max_len})")
         if self.max_step_tokens < 1:
             raise ConfigError(f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
+        if self.decode_steps < 1:
+            raise ConfigError(f"decode_steps must be >= 1, got {self.decode_steps}")
         if self.mixed_prefill not in MIXED_PREFILL:
             raise ConfigError(f"mixed_prefill must be one of {', '.join(MIXED_PREFILL)}, got {self.mixed_prefill!r}")
         if self.kv_admission not in KV_ADMISSIONS:
@@ -203,7 +206,7 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
                            page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=kv_pages,
                            prefill_chunk=opts.max_step_tokens, kv_dtype=opts.kv_cache_dtype,
                            draft_kv_dtype=opts.draft_kv_cache_dtype, mixed_prefill=opts.mixed_prefill,
-                           moe_dispatch=opts.moe_dispatch)
+                           moe_dispatch=opts.moe_dispatch, decode_steps=opts.decode_steps)
     except ValueError as e:  # incompatible draft (vocabulary, context length)
         raise ConfigError(str(e)) from e
 

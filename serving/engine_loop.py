@@ -133,6 +133,7 @@ class WrappedRunner:
         self.reuses_prefix = runner.reuses_prefix
         self.prefix_key_tokens = runner.prefix_key_tokens
         self.lookahead = runner.lookahead
+        self.decode_steps = runner.decode_steps
         self.prefill_chunk = runner.prefill_chunk
 
     @property

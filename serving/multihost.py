@@ -126,6 +126,7 @@ class BroadcastingRunner(WrappedRunner):
     def __init__(self, runner: Any, channel: StepChannel, *, stall_s: float = 30.0, dead_after_s: float = 5.0,
                  on_lost: Callable[[str], None] | None = None):
         super().__init__(runner)
+        self.decode_steps = 1  # a follower replays one published step per call
         host_lengths_for_reads(runner)
         self.channel = channel
         self.stall_s = stall_s

@@ -36,9 +36,9 @@ class SpyRunner(PlainRunner):
         self.fail_next = 0
         inner = model_runner._steps[1]
 
-        def spy(state, cache, slot_ids, *args, kv_len):
+        def spy(state, cache, slot_ids, *args, kv_len, steps=1):
             self.shapes.append((len(slot_ids), kv_len))
-            return inner(state, cache, slot_ids, *args, kv_len=kv_len)
+            return inner(state, cache, slot_ids, *args, kv_len=kv_len, steps=steps)
 
         model_runner._steps = (model_runner._steps[0], spy)
 

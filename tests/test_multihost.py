@@ -161,7 +161,7 @@ class _Recorder:
 
     cfg = type("Cfg", (), {"vocab_size": 259, "eos_ids": ()})()
     num_slots, max_len, max_prefill_rows = 4, 64, 4
-    reuses_prefix, prefix_key_tokens, lookahead, prefill_chunk = True, 0, 0, None
+    reuses_prefix, prefix_key_tokens, lookahead, prefill_chunk, decode_steps = True, 0, 0, None, 1
 
     def __init__(self, fail_on: str | None = None, kb: int = 0):
         self.calls, self.fail_on, self.kb = [], fail_on, kb

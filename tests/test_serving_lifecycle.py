@@ -25,7 +25,8 @@ from serving.testing import BackgroundServer, ControlledRunner, compilation_cach
     persistent_compilation_cache
 
 REPO = Path(__file__).resolve().parent.parent
-OPTS = EngineOptions(model="tiny-moe", slots=16, max_len=64, default_max_tokens=8)
+# One decode step per call: the drain test times its requests in steps of an injected delay per call.
+OPTS = EngineOptions(model="tiny-moe", slots=16, max_len=64, default_max_tokens=8, decode_steps=1)
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:

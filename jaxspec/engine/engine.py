@@ -124,7 +124,7 @@ class Engine:
         self._seed_rng = random.Random()
         self._in_flight: set[str] = set()
         self.scheduler = Scheduler(runner.max_prefill_rows, prefill_token_budget, runner.padded_length, spec_policy,
-                                   chunk=runner.prefill_chunk)
+                                   chunk=runner.prefill_chunk, decode_steps=runner.decode_steps)
         self.prefilling: dict[int, int] = {}  # slot -> prompt tokens in its cache, for prompts prefilled in chunks
         paging = runner.paging()
         self.pages = None if paging is None else PagePool(*paging, prefix_caching=prefix_caching and runner.reuses_prefix,
@@ -312,8 +312,8 @@ class Engine:
 
     # ------------------------------------------------------- overlapped steps
     def _advance(self) -> int:
-        """Tokens the step in flight can add to each of its requests (its proposals and one more)."""
-        return self._in_flight_step.queued.plan.kb + 1
+        """Tokens the step in flight can add to each of its requests (its proposals and one more, or its steps)."""
+        return self._in_flight_step.queued.plan.advance
 
     def _can_chain(self, kb: int = 0) -> bool:
         """Whether the next decode step (proposing up to ``kb`` tokens a slot) can be queued behind
@@ -513,7 +513,8 @@ class Engine:
         plan, self._planned = self._planned, None
         if plan is not None and np.array_equal(plan.slots, np.flatnonzero(self.slots.active)):
             return plan
-        return self.scheduler.plan_decode(self.slots)
+        ahead = 0 if self._in_flight_step is None else self._advance()
+        return self.scheduler.plan_decode(self.slots, ahead, several=not (self.waiting or self.prefilling))
 
     def _prefill_with_decode(self, chunks: list[PrefillChunk]) -> list[int] | None:
         """A long prompt's chunk and the running requests' plain decode step in one call, where the

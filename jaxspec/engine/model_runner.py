@@ -92,10 +92,12 @@ class DecodeHandle:
 
     rows: np.ndarray  # [n] the slots it stepped
     where: np.ndarray  # [n] the batch row of each
-    tokens: jax.Array  # [B] one token per batch row
+    tokens: jax.Array  # [B] one token per batch row; [B, steps] for a call of several steps
     load: jax.Array
     num_valid: jax.Array  # [B] its inputs kept on the device for a chained step
     sampling: BatchSampling
+    last: jax.Array  # [B] the tokens a chained step feeds (the last step's)
+    steps: int = 1
 
 
 def scatter_rows(x, where: np.ndarray, rows: int, value) -> np.ndarray:
@@ -173,6 +175,7 @@ class ModelRunner:
         prefill_chunk: int | None = None,
         kv_dtype: str | None = None,
         mixed_prefill: str = "auto",
+        decode_steps: int = 1,
     ):
         """``placement``: run on a mesh (parameters moved to their shardings if they are not
         there yet; ``moe_backend`` then names the per-device expert computation's backend only
@@ -184,7 +187,12 @@ class ModelRunner:
         ``kv_dtype``: "int8" stores keys and values in int8 with per-head-per-token scales (see
         kv_cache); None or "auto": the model's dtype. ``mixed_prefill`` (with ``prefill_chunk``):
         "on" runs a full chunk and a decode step as one call (``mixed_step``), "off" as two,
-        "auto" mixes on accelerators only (see ``mixed_step`` for why not on a CPU)."""
+        "auto" mixes on accelerators only (see ``mixed_step`` for why not on a CPU).
+        ``decode_steps``: the most plain decode steps one call may run (``dispatch_decode``'s
+        ``steps``), each compiled beside the single step; 1 on a mesh (``max_decode_steps``)."""
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        self.decode_steps = decode_steps
         self.cfg = model.cfg
         self.num_slots = num_slots
         self.max_len = max_len or self.cfg.max_seq_len
@@ -464,38 +472,52 @@ class ModelRunner:
         return self.collect_decode(self.dispatch_decode(rows, last_tokens, sampling, out_positions))
 
     @property
+    def max_decode_steps(self) -> int:
+        """The most decode steps one call runs: ``decode_steps`` where steps chain on one device and
+        return no hidden features, else 1."""
+        return self.decode_steps if self.can_chain and not self.statics.aux_layers else 1
+
+    @property
     def can_chain(self) -> bool:
         """Whether a decode step can take the previous one's tokens where they are (on the device):
         single-device runners, whose step outputs need no resharding to be inputs again."""
         return self.placement is None
 
     def dispatch_decode(self, rows: np.ndarray, last_tokens: np.ndarray | None, sampling: BatchSampling | None,
-                        out_positions: np.ndarray, after: "DecodeHandle | None" = None) -> "DecodeHandle":
+                        out_positions: np.ndarray, after: "DecodeHandle | None" = None, steps: int = 1
+                        ) -> "DecodeHandle":
         """``decode_rows`` without waiting: the step is queued and its tokens stay on the device.
         ``after``: the step just queued over the same ``rows``, not yet collected; its tokens are this
         step's inputs and its settings are reused (``last_tokens`` and ``sampling`` are then ignored),
-        so the host prepares step n+1 while the device still runs step n."""
+        so the host prepares step n+1 while the device still runs step n. ``steps`` (1 or
+        ``max_decode_steps``): decode steps in this call, each row's positions and output positions
+        advancing by one a step; every row must have room for them under its request's limit."""
+        if steps != 1 and steps != self.max_decode_steps:
+            raise ValueError(f"a decode call runs 1 or {self.max_decode_steps} steps on this runner, not {steps}")
         row_slots, where = self.row_layout(rows)
         b = len(row_slots)
         start = self.host_lengths[rows]
-        kv_len = self.kv_bucket_for(int(start.max()) + 1)
+        kv_len = self.kv_bucket_for(int(start.max()) + steps)
         if after is not None:
             if not self.can_chain or not np.array_equal(after.rows, rows):
                 raise ValueError("a chained decode step runs over the same rows of a single-device runner")
-            tokens_in, valid, row_sampling = after.tokens, after.num_valid, after.sampling
+            tokens_in, valid, row_sampling = after.last, after.num_valid, after.sampling
         else:
             tokens_in = self._decode_tokens(scatter_rows(last_tokens, where, b, 0))
             # Host arrays, kept by the handle for a chained step: jit's own transfer of a small host
             # array costs a few microseconds, a jax.device_put about 60 (0.4 ms a step for these six).
             valid = scatter_rows(np.ones(len(rows), np.int32), where, b, 0)
             row_sampling = scatter_sampling(sampling, where, b)
-        self.cache, tokens, load, *aux = self._steps[1](
+        self.cache, tokens, load, *rest = self._steps[1](
             self.state, self.cache, row_slots, tokens_in, self.row_starts(row_slots, where, start), valid,
-            row_sampling, scatter_rows(out_positions, where, b, 0), kv_len=kv_len,
+            row_sampling, scatter_rows(out_positions, where, b, 0), kv_len=kv_len, steps=steps,
         )
-        self.captured = aux[0] if aux else None
-        self.host_lengths[rows] += 1
-        return DecodeHandle(np.asarray(rows), where, tokens, load, valid, row_sampling)
+        if steps > 1:
+            last, self.captured = rest[0], None
+        else:
+            last, self.captured = tokens, rest[0] if rest else None
+        self.host_lengths[rows] += steps
+        return DecodeHandle(np.asarray(rows), where, tokens, load, valid, row_sampling, last, steps)
 
     def _decode_tokens(self, tokens: np.ndarray):
         """A decode step's input tokens placed as a step's output tokens are (committed to the
@@ -504,7 +526,7 @@ class ModelRunner:
         return jax.device_put(tokens, self.cache.lengths.sharding) if self.can_chain else tokens
 
     def collect_decode(self, handle: "DecodeHandle") -> np.ndarray:
-        """Wait for a dispatched step: its tokens [n] on the host."""
+        """Wait for a dispatched step: its tokens [n] on the host ([n, steps] for several steps)."""
         tokens = np.asarray(handle.tokens)
         self.add_expert_load(handle.load)
         return tokens[handle.where]
@@ -517,9 +539,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         act = plan.slots
         if after is None:
-            handle = self.dispatch_decode(act, last_tokens, slots.sampling(act), slots.num_generated[act])
-        else:  # the step before is not applied yet: every slot is one token further than the table says
-            handle = self.dispatch_decode(act, None, None, slots.num_generated[act] + 1, after=after.handle)
+            handle = self.dispatch_decode(act, last_tokens, slots.sampling(act), slots.num_generated[act],
+                                          steps=plan.steps)
+        else:  # the call before is not applied yet: every slot is its steps further than the table says
+            handle = self.dispatch_decode(act, None, None, slots.num_generated[act] + after.plan.steps,
+                                          after=after.handle, steps=plan.steps)
         return QueuedStep(plan, handle, t0)
 
     def collect_step(self, queued: QueuedStep, overlapped: bool = True) -> StepResult:
@@ -527,17 +551,18 @@ class ModelRunner:
         tokens = self.collect_decode(queued.handle)
         return StepResult.plain(queued.plan.slots, tokens, time.perf_counter() - queued.t0, queued=overlapped)
 
-    def idle_decode(self, rows: int, kv_len: int, live: bool = False) -> None:
-        """A decode step of ``rows`` rows that touches no slot (every write lands past the cache end
-        or on the padding slot id), waited for: compiles that bucket, or, ``live``, times it with
-        valid random tokens, which route to experts as real traffic does."""
+    def idle_decode(self, rows: int, kv_len: int, live: bool = False, steps: int = 1) -> None:
+        """A decode step (``steps`` of them in one call) of ``rows`` rows that touches no slot (every
+        write lands past the cache end or on the padding slot id), waited for: compiles that bucket,
+        or, ``live``, times it with valid random tokens, which route to experts as real traffic does."""
         s = self.num_slots
         zeros = np.zeros(rows, np.int32)
         tokens = np.random.default_rng(rows).integers(0, self.cfg.vocab_size, rows).astype(np.int32) if live else zeros
         self.cache, out, *_ = self._steps[1](
             self.state, self.cache, np.full(rows, s, np.int32), self._decode_tokens(tokens),
             np.full(rows, self.max_len, np.int32),
-            np.full(rows, int(live), np.int32), pad_sampling(SlotTable(0).sampling(), rows), zeros, kv_len=kv_len)
+            np.full(rows, int(live), np.int32), pad_sampling(SlotTable(0).sampling(), rows), zeros, kv_len=kv_len,
+            steps=steps)
         out.block_until_ready()
         if not self.compact_rows:
             self.sync_lengths()
@@ -621,7 +646,8 @@ class ModelRunner:
                     pad_sampling(SlotTable(0).sampling(), rows))
         for b in self.batch_buckets if decode else ():
             for kv_len in self.kv_buckets:
-                self.idle_decode(b, kv_len)
+                for steps in sorted({1, self.max_decode_steps}):
+                    self.idle_decode(b, kv_len, steps=steps)
         if self.offset_prefill_widths:
             self.warmup_offset_prefill()
         if self.mixed_length is not None:

@@ -75,8 +75,11 @@ class StepRunner(Protocol):
     # block depend on them: 1 for an EAGLE-3 head).
     reuses_prefix: bool
     prefix_key_tokens: int
-    # Positions past a request's last token that one step may write (speculative look-ahead).
+    # Positions past a request's last token that one step may write (speculative look-ahead, or a
+    # call's further decode steps).
     lookahead: int
+    # The most plain decode steps one call runs (``DecodePlan.steps``; 1 where each step is a call).
+    decode_steps: int
 
     def assign_pages(self, slot: int, pages: list[int]) -> None:
         """Paged caches: ``slot`` holds its positions in ``pages`` (empty: none) from now on."""
@@ -120,8 +123,16 @@ class PlainRunner:
 
     reuses_prefix = True
     prefix_key_tokens = 0
-    lookahead = 0
     queues_drafting = False
+
+    @property
+    def decode_steps(self) -> int:
+        return self.runner.max_decode_steps
+
+    @property
+    def lookahead(self) -> int:
+        # A call of several steps writes that many positions: the paged cache grows by them.
+        return self.decode_steps - 1
 
     def paging(self) -> tuple[int, int, int] | None:
         return self.runner.paging

@@ -38,11 +38,17 @@ class DecodePlan:
     slots: np.ndarray  # [n] int, the slots the step runs in ascending order: the active ones (a probe: one)
     k: np.ndarray  # [n] int, draft tokens each slot proposes (0: plain decoding for that slot)
     kb: int  # the step's compiled proposal length, >= k.max() (0: a plain decode step)
+    steps: int = 1  # plain decode steps run as one call (kb = 0 only)
 
     @classmethod
-    def plain(cls, slots: np.ndarray) -> "DecodePlan":
+    def plain(cls, slots: np.ndarray, steps: int = 1) -> "DecodePlan":
         slots = np.asarray(slots, np.int64)
-        return cls(slots, np.zeros(len(slots), np.int32), 0)
+        return cls(slots, np.zeros(len(slots), np.int32), 0, steps)
+
+    @property
+    def advance(self) -> int:
+        """Tokens the step adds to each of its requests at most (its proposals and one more, or its steps)."""
+        return self.kb + 1 if self.kb else self.steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +78,11 @@ class StepResult:
 
     @classmethod
     def plain(cls, slots: np.ndarray, tokens: np.ndarray, step_s: float = 0.0, queued: bool = False) -> "StepResult":
+        """Plain decoding's result: ``tokens`` [n], or [n, steps] for a call of several steps."""
         n = len(slots)
         zeros = np.zeros(n, np.int32)
-        return cls(np.asarray(slots), [[int(t)] for t in np.asarray(tokens).tolist()], zeros, zeros, 0, 0.0, step_s,
-                   queued=queued)
+        per_slot = np.asarray(tokens).reshape(n, -1).tolist()
+        return cls(np.asarray(slots), per_slot, zeros, zeros, 0, 0.0, step_s, queued=queued)
 
     def items(self):
         """(slot, tokens, drafted, accepted) per slot."""

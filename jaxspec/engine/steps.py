@@ -114,14 +114,36 @@ def _aux(out) -> tuple:
 
 
 def _decode_impl(graphdef, statics, state, cache, slot_ids, last_tokens, start, num_valid, sampling: BatchSampling,
-                 out_positions, *, kv_len: int, identity_rows: bool = False):
+                 out_positions, *, kv_len: int, identity_rows: bool = False, steps: int = 1):
     """One token for each of B rows: slot_ids/last_tokens/start/num_valid/out_positions [B] (padding
     rows: slot id S, num_valid 0) -> (cache, tokens [B], expert load). Attends over kv_len positions.
-    ``identity_rows``: row b is slot b (slot_ids ignored; no gather of cache rows)."""
+    ``identity_rows``: row b is slot b (slot_ids ignored; no gather of cache rows). ``steps`` > 1:
+    that many decode steps in one call, each feeding the token the step before sampled (``_steps``)."""
     ids = None if identity_rows else slot_ids
+    if steps > 1:
+        return _steps(graphdef, statics, state, cache, ids, last_tokens, start, num_valid, sampling, out_positions,
+                      kv_len, steps)
     out = _forward(graphdef, statics, state, last_tokens[:, None], start, cache, ids, num_valid, kv_len=kv_len)
     tokens = sample_tokens(out.logits[:, 0], sampling, out_positions)
     return (out.cache, tokens, out.expert_load, *_aux(out))
+
+
+def _steps(graphdef, statics, state, cache, ids, last_tokens, start, num_valid, sampling, out_positions, kv_len, steps):
+    """``steps`` plain decode steps as one call -> (cache, tokens [B, steps], expert load summed, last
+    tokens [B]). Step i feeds position start + i and samples output position out_positions + i,
+    exactly as the i-th of ``steps`` single calls would: the same tokens, for a fixed per-call cost
+    (dispatch, argument handling, the runtime's set-up) paid once. Needs kv_len >= start + steps."""
+    if statics.aux_layers:
+        raise ValueError("decode steps returning hidden features run one at a time")
+
+    def one(carry, i):
+        cache, tokens = carry
+        out = _forward(graphdef, statics, state, tokens[:, None], start + i, cache, ids, num_valid, kv_len=kv_len)
+        nxt = sample_tokens(out.logits[:, 0], sampling, out_positions + i)
+        return (out.cache, nxt), (nxt, out.expert_load)
+
+    (cache, last), (tokens, loads) = jax.lax.scan(one, (cache, last_tokens), jnp.arange(steps, dtype=jnp.int32))
+    return cache, tokens.T, loads.sum(axis=0).astype(loads.dtype), last
 
 
 # Jitted steps with the graphdef bound, resolved once per runner: hashing a graphdef
@@ -134,18 +156,20 @@ class SpanSteps:
     bound into each jitted function (not a static keyword), so it works with explicit
     in/out shardings too."""
 
-    def __init__(self, make: Callable[[int], Callable]):
+    def __init__(self, make: Callable[..., Callable]):
         self._make = make
-        self._fns: dict[int, Callable] = {}
+        self._fns: dict[tuple[int, int], Callable] = {}
 
-    def for_span(self, kv_len: int) -> Callable:
-        fn = self._fns.get(kv_len)
+    def for_span(self, kv_len: int, steps: int = 1) -> Callable:
+        """The step for this span; ``steps`` > 1: that many decode steps in one call (``make``
+        takes it as a second argument; steps that cannot run several have a ``make`` of one)."""
+        fn = self._fns.get((kv_len, steps))
         if fn is None:
-            fn = self._fns[kv_len] = self._make(kv_len)
+            fn = self._fns[kv_len, steps] = self._make(kv_len) if steps == 1 else self._make(kv_len, steps)
         return fn
 
-    def __call__(self, *args, kv_len: int):
-        return self.for_span(kv_len)(*args)
+    def __call__(self, *args, kv_len: int, steps: int = 1):
+        return self.for_span(kv_len, steps)(*args)
 
 
 def unplaced_steps(graphdef, statics: StepStatics) -> tuple[Callable, SpanSteps, SpanSteps]:
@@ -156,8 +180,8 @@ def unplaced_steps(graphdef, statics: StepStatics) -> tuple[Callable, SpanSteps,
     if steps is None:
         steps = _STEPS[key] = (
             jax.jit(functools.partial(_prefill_impl, graphdef, statics), donate_argnums=(1,)),
-            SpanSteps(lambda kv_len: jax.jit(functools.partial(_decode_impl, graphdef, statics, kv_len=kv_len),
-                                             donate_argnums=(1,))),
+            SpanSteps(lambda kv_len, steps=1: jax.jit(
+                functools.partial(_decode_impl, graphdef, statics, kv_len=kv_len, steps=steps), donate_argnums=(1,))),
             SpanSteps(lambda kv_len: jax.jit(functools.partial(_prefill_at_impl, graphdef, statics, kv_len=kv_len),
                                              donate_argnums=(1,))),
         )

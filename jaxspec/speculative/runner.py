@@ -175,6 +175,8 @@ class SpeculativeRunner(CompiledSteps):
         """Positions past a request's last token a step may write (verification of k_max drafts)."""
         return self.k_max
 
+    decode_steps = 1  # a plain step waits for its token before the policy plans the next
+
     def assign_pages(self, slot: int, pages: list[int]) -> None:
         self.target.assign_pages(slot, pages)
         if self.target.paging is not None:
