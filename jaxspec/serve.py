@@ -95,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="plain decoding: apply each decode step on the host before queuing the next (by default "
                    "step n+1 runs on the device while step n's tokens are checked and sent)")
     m.add_argument("--decode-steps", type=int, metavar="N", default=EngineOptions.decode_steps,
-                   help="plain decoding on one device: run up to N decode steps as one device call while no "
+                   help="plain decode steps on one device (no speculation, or adaptive k at 0): run up to N "
+                   "as one device call while no "
                    "request waits to be admitted (each step's fixed cost paid once for N; tokens reach clients "
                    "N at a time, and an arriving request waits for the call in flight); 1: one step a call")
     m.add_argument("--kv-admission", choices=KV_ADMISSIONS, default="optimistic",

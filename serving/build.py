@@ -64,7 +64,7 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"  # target's KV cache: "auto" (the model's dtype) or "int8" (models.kv_cache)
     draft_kv_cache_dtype: str = "auto"  # a draft model's or EAGLE-3 head's own KV cache, likewise
     moe_dispatch: str = "auto"  # "measured" at start-up, "auto" (fixed rule) or a backend (engine.factory)
-    decode_steps: int = 4  # plain decoding on one device: decode steps per call while nothing waits
+    decode_steps: int = 4  # plain decode steps on one device: up to this many per call while nothing waits
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:

@@ -135,10 +135,12 @@ def test_runners_that_cannot_run_several_steps_say_so(model):
                                steps=3)
     with pytest.raises(ValueError, match="decode_steps must be >= 1"):
         ModelRunner(model, num_slots=2, max_len=64, decode_steps=0)
+    runner.capture_hidden([1])  # steps that return hidden features (an EAGLE-3 head's) run one at a time
+    assert runner.max_decode_steps == 1
     from jaxspec.engine.factory import make_runner
 
     spec = make_runner(model, num_slots=2, max_len=64, spec_method="ngram", num_speculative_tokens=2, decode_steps=STEPS)
-    assert spec.decode_steps == 1
+    assert spec.decode_steps == STEPS and spec.lookahead == max(spec.k_max, STEPS - 1)  # its plain steps
 
 
 def test_serve_runs_several_steps_by_default():
@@ -162,3 +164,65 @@ def test_the_readme_states_the_default():
     from jaxspec.engine.factory import make_runner
 
     assert inspect.signature(make_runner).parameters["decode_steps"].default == 1
+
+
+# ------------------------------------------------------------------ speculative runners
+class PlanCounter:
+    """Wraps a SpeculativeRunner's dispatch: the (kb, steps) of every queued call."""
+
+    def __init__(self, runner):
+        self.plans: list[tuple[int, int]] = []
+        real = runner.dispatch
+
+        def dispatch(slots, plan, after=None):
+            self.plans.append((plan.kb, plan.steps))
+            return real(slots, plan, after)
+
+        runner.dispatch = dispatch
+
+
+@pytest.mark.parametrize("kind", ["identical", "noisy"])
+def test_adaptive_speculation_runs_its_plain_steps_several_to_a_call(kind):
+    """With speculation off (drafting priced out) the plain steps run 4 to a call, probes draft
+    between them, and the tokens equal one step per call's (greedy and seeded sampled)."""
+    from test_engine_overlap import _expensive_drafting
+    from test_spec_greedy import K_MAX, MAX_LEN, PROMPTS, TARGET, TOK, proposer
+
+    from jaxspec.speculative import SpeculativeRunner
+
+    def runner(steps):
+        return SpeculativeRunner(ModelRunner(TARGET, 4, MAX_LEN, decode_steps=steps), proposer(kind),
+                                 num_speculative_tokens="auto", k_max=K_MAX, cost_model=_expensive_drafting(),
+                                 probe_every=3)
+
+    for params in (SamplingParams(max_tokens=20, ignore_eos=True),
+                   SamplingParams(temperature=0.8, seed=5, max_tokens=20, ignore_eos=True)):
+        want = Engine(runner(1), TOK, overlap=True).generate(PROMPTS, params)
+        r = runner(STEPS)
+        assert r.decode_steps == STEPS and r.lookahead == max(K_MAX, STEPS - 1)
+        counter = PlanCounter(r)
+        eng = Engine(r, TOK, overlap=True)
+        got = eng.generate(PROMPTS, params)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert (0, STEPS) in counter.plans  # plain calls of several steps ran
+        assert all(steps == 1 for kb, steps in counter.plans if kb > 0)
+        assert eng.spec_stats.num_draft_tokens > 0  # and probes drafted between them
+
+
+def test_a_calls_period_prices_one_step():
+    """The adaptive policy weighs a plain step at its share of a call's period (a call of 4 steps
+    taking 4 ms is a 1 ms step), not at the call's."""
+    from jaxspec.engine.step import StepResult
+    from jaxspec.speculative.adaptive import CostModel
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    now = [0.0]
+    costs = CostModel({0: 0.0, 1: 1e-3}, {0: 2e-3, 1: 3e-3})
+    sched = SpecScheduler(2, [1], 1, None, lambda n: 1, lambda rows: costs, clock=lambda: now[0], trial_steps=0)
+    assert sched.costs_for(1) is costs
+    slots = np.array([0])
+    for _ in range(12):
+        now[0] += 4e-3
+        sched.update(StepResult.plain(slots, np.array([[5, 6, 7, 8]]), 3.6e-3, queued=True))
+    assert sched.bucket_steps[0] == 48
+    assert costs.period(0) == pytest.approx(1e-3)

@@ -276,8 +276,8 @@ def test_a_probe_catches_up_and_drafts_for_one_request_while_several_run():
     runner = spec_runner("identical", "auto", cost_model=expensive, probe_every=3)
     events, plan_fn = [], runner.spec.plan
 
-    def plan(slots, act):
-        p = plan_fn(slots, act)
+    def plan(slots, act, steps=1):
+        p = plan_fn(slots, act, steps)
         events.append(("plan", len(act), p.slots.tolist(), p.kb))
         return p
 

@@ -41,8 +41,8 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
     ``mixed_prefill``: a full prompt chunk and a plain decode step in one call ("on"), two ("off"),
     or one on accelerators only ("auto"; ``jaxspec.engine.mixed_step``).
     ``moe_dispatch``: ``MOE_DISPATCH_MODES`` or a backend name. ``attention``: ``ATTENTION_MODES``.
-    ``decode_steps``: plain decoding on one device runs up to this many decode steps per call while
-    nothing waits (``Scheduler.plan_decode``); speculative steps run one at a time.
+    ``decode_steps``: plain decode steps on one device (speculation off, or none) run up to this
+    many per call while nothing waits (``Scheduler.plan_decode``); a drafting step is one call.
     Raises ValueError for an unknown method or an incompatible draft."""
     if spec_method not in SPEC_METHODS:
         raise ValueError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {spec_method!r}")
@@ -58,7 +58,7 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
     target = ModelRunner(model, num_slots, max_len, moe_backend=backend, placement=placement, page_size=page_size,
                          num_pages=num_pages, prefill_chunk=prefill_chunk, kv_dtype=kv_dtype,
                          mixed_prefill=mixed_prefill, attention_backend=attention,
-                         decode_steps=decode_steps if spec_method == "none" else 1)
+                         decode_steps=decode_steps)
     k_max = max(k_max, num_speculative_tokens if isinstance(num_speculative_tokens, int) else 0)
     if moe_dispatch == "measured":
         # Before any step is built: verification steps take the target's backend when they are made.

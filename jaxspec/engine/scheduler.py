@@ -40,7 +40,9 @@ class SpecPolicy(Protocol):
 
     def release(self, slot: int) -> None: ...
 
-    def plan(self, slots: SlotTable, act: np.ndarray) -> DecodePlan: ...
+    def plan(self, slots: SlotTable, act: np.ndarray, steps: int = 1) -> DecodePlan:
+        """The step over ``act``; a plain one may run up to ``steps`` decode steps as one call."""
+        ...
 
     def update(self, result: StepResult) -> tuple[float, float]:
         """Learn from a step; returns its (draft_s, verify_s)."""
@@ -130,14 +132,15 @@ class Scheduler:
         stops within the call had the rest of its rows computed for nothing, and a request that
         arrives meanwhile waits for the call."""
         act = np.flatnonzero(slots.active)
-        if self.spec is not None:
-            return self.spec.plan(slots, act)
         steps = self.decode_steps
         if steps > 1 and several and act.size:
             room = min(slots.requests[s].params.max_tokens - int(slots.num_generated[s]) for s in act.tolist())
-            if room - ahead >= steps:
-                return DecodePlan.plain(act, steps)
-        return DecodePlan.plain(act)
+            steps = steps if room - ahead >= steps else 1
+        else:
+            steps = 1
+        if self.spec is not None:  # the speculation policy's plain steps may run them too
+            return self.spec.plan(slots, act, steps)
+        return DecodePlan.plain(act, steps)
 
     def refit(self, plan: DecodePlan, slots: SlotTable) -> DecodePlan:
         """``plan`` once the step queued before it has been applied: over the slots still active,

@@ -75,14 +75,16 @@ class StepResult:
     # Queued ahead and collected a step later (``QueuedStep``): its wall time spans the host's work
     # on the step before, so it is no measure of the step's own cost.
     queued: bool = False
+    steps: int = 1  # plain decode steps the call ran (each slot's tokens; its times cover them all)
 
     @classmethod
     def plain(cls, slots: np.ndarray, tokens: np.ndarray, step_s: float = 0.0, queued: bool = False) -> "StepResult":
         """Plain decoding's result: ``tokens`` [n], or [n, steps] for a call of several steps."""
         n = len(slots)
         zeros = np.zeros(n, np.int32)
-        per_slot = np.asarray(tokens).reshape(n, -1).tolist()
-        return cls(np.asarray(slots), per_slot, zeros, zeros, 0, 0.0, step_s, queued=queued)
+        tokens = np.asarray(tokens).reshape(n, -1)
+        return cls(np.asarray(slots), tokens.tolist(), zeros, zeros, 0, 0.0, step_s, queued=queued,
+                   steps=tokens.shape[1] if n else 1)
 
     def items(self):
         """(slot, tokens, drafted, accepted) per slot."""

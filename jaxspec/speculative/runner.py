@@ -172,10 +172,14 @@ class SpeculativeRunner(CompiledSteps):
 
     @property
     def lookahead(self) -> int:
-        """Positions past a request's last token a step may write (verification of k_max drafts)."""
-        return self.k_max
+        """Positions past a request's last token a step may write (verification of k_max drafts, or
+        a plain call's steps)."""
+        return max(self.k_max, self.decode_steps - 1)
 
-    decode_steps = 1  # a plain step waits for its token before the policy plans the next
+    @property
+    def decode_steps(self) -> int:
+        """Plain steps (speculation off) run several to a call where they are queued (``pipelined``)."""
+        return self.target.max_decode_steps if self.pipelined else 1
 
     def assign_pages(self, slot: int, pages: list[int]) -> None:
         self.target.assign_pages(slot, pages)
@@ -493,7 +497,7 @@ class SpeculativeRunner(CompiledSteps):
             return self._collect_drafting(queued, h, overlapped)
         result = self.target.collect_step(queued, overlapped)
         for s, tokens in zip(result.slots.tolist(), result.tokens):
-            self.history.append(s, tokens[0])
+            self.history.extend(s, tokens)
         return result
 
     def _collect_drafting(self, queued: QueuedStep, h: "_DraftHandle", overlapped: bool) -> StepResult:

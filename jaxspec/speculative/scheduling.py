@@ -10,6 +10,7 @@ wall time). The engine asks it for a ``DecodePlan`` before each decode step and 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import statistics
 import time
@@ -221,7 +222,15 @@ class SpecScheduler:
         return True
 
     # ------------------------------------------------------------ the step
-    def plan(self, slots: SlotTable, act: np.ndarray) -> DecodePlan:
+    def plan(self, slots: SlotTable, act: np.ndarray, steps: int = 1) -> DecodePlan:
+        """``_plan``'s step; a plain one over every active slot runs ``steps`` decode steps as one
+        call (the engine's room for them), unless the proposer looks for proposals every step."""
+        plan = self._plan(slots, act)
+        if steps > 1 and plan.kb == 0 and self.would_propose is None and len(plan.slots) == len(act):
+            return dataclasses.replace(plan, steps=steps)
+        return plan
+
+    def _plan(self, slots: SlotTable, act: np.ndarray) -> DecodePlan:
         """k per active slot and the step's proposal bucket kb >= their max.
 
         A slot's k is capped by the tokens its request can still use, but with a fixed k the
@@ -418,7 +427,7 @@ class SpecScheduler:
             for slot, _, drafted, accepted in result.items():
                 self.estimator.update(slot, drafted, accepted)
             self._off_run = self._off_plan = None
-        self.bucket_steps[result.kb] += 1
+        self.bucket_steps[result.kb] += result.steps
         rows = self._rows_for(len(result.slots))
         last, self._last_update = self._last_update, (now, rows)
         self._gap_open = True  # the next plan measures the host's time since (CostModel.host_gap)
@@ -440,13 +449,14 @@ class SpecScheduler:
             return times
         if result.fused:
             times = costs.split(result.kb, result.draft_s + result.verify_s)
+        per_step = tuple(t / result.steps for t in times)  # a plain call of several steps: each one's share
         # Costs held fixed (smoothing 0: synthetic or given) are not seconds of this machine's steps.
         if costs.smoothing <= 0:
             return times
         # The first plain step after drafting ones waits out the switch: not a plain run's period either.
         unswitching = result.kb == 0 and previous_kb > 0
-        period = (now - last[0] if last is not None and last[1] == rows and not (switching or unswitching)
-                  else None)
+        period = ((now - last[0]) / result.steps if last is not None and last[1] == rows
+                  and not (switching or unswitching) else None)
         if self.adaptive:
             self._drafting_run = self._drafting_run + 1 if result.kb > 0 else 0
             if self._drafting_run >= PLAIN_REFRESH_EVERY:
@@ -465,7 +475,7 @@ class SpecScheduler:
         # A queued step's own time is not its cost (StepResult.queued), nor is a switching step's (it
         # holds the draft's catch-up).
         if not (result.queued or switching):
-            costs.observe(result.kb, *times)
+            costs.observe(result.kb, *per_step)
         # What serving paid for the step: its period (a step after a batch change has none; its
         # time then holds work that is not drafting's).
         if self.adaptive and result.kb > 0 and period and len(result.slots):
