@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from helpers import CompileCounter, scaled_model
-from jaxspec.engine import Engine, FinishReason, ModelRunner, PlainRunner
-from jaxspec.engine.engine import StepFailed
+from jaxspec.engine import Engine, FinishReason, ModelRunner
 from jaxspec.engine.scheduler import Scheduler
 from jaxspec.engine.slots import SlotTable
 from jaxspec.sampling import SamplingParams
-from jaxspec.tokenizer import ByteTokenizer
+from test_engine_overlap import make_engine as overlap_engine
 from test_engine_overlap import mixed_workload, run_workload
 
 STEPS = 4
@@ -24,21 +23,8 @@ def model():
     return scaled_model("tiny-moe", scale=3.0)
 
 
-class StepsRunner(PlainRunner):
-    """Counts the decode steps of each dispatched call."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.calls: list[int] = []
-
-    def dispatch(self, slots, plan, after=None):
-        self.calls.append(plan.steps)
-        return super().dispatch(slots, plan, after)
-
-
 def make_engine(model, decode_steps=STEPS, overlap=True, slots=4, max_len=96, **runner_kw):
-    runner = StepsRunner(ModelRunner(model, num_slots=slots, max_len=max_len, decode_steps=decode_steps, **runner_kw))
-    return Engine(runner, ByteTokenizer(), overlap=overlap)
+    return overlap_engine(model, overlap, slots, max_len, decode_steps, runner_kw)
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
@@ -89,21 +75,6 @@ def test_no_compilation_after_warmup(model):
     mixed_workload(eng, seed=3, steps=60, limit=12)
     assert STEPS in eng.runner.calls
     assert counter.count == 0, f"{counter.count} compilation(s) after warm-up"
-
-
-def test_a_failing_call_ends_every_request_in_it(model):
-    eng = make_engine(model)
-    ids = [eng.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True)) for p in ("aa", "bb")]
-    outs = eng.step() + eng.step()
-    assert eng._in_flight_step is not None and eng._in_flight_step.queued.plan.steps == STEPS
-    eng.runner.collect = lambda queued: (_ for _ in ()).throw(RuntimeError("device fault"))
-    with pytest.raises(StepFailed) as info:
-        for _ in range(3):
-            outs += eng.step()
-    final = {o.request_id: o for o in info.value.outputs if o.finished}
-    assert set(final) == set(ids)
-    assert all(o.finish_reason == FinishReason.ERROR and "device fault" in o.error for o in final.values())
-    assert not eng.has_unfinished()
 
 
 def _slots(max_tokens, generated):

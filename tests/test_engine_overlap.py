@@ -22,21 +22,24 @@ def model():
 
 
 class CountingRunner(PlainRunner):
-    """Counts dispatches fed by the previous step's device tokens."""
+    """Counts dispatches fed by the previous step's device tokens; records each call's decode steps."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.chained = 0
         self.dispatched = 0
+        self.calls: list[int] = []
 
     def dispatch(self, slots, plan, after=None):
         self.dispatched += 1
         self.chained += after is not None
+        self.calls.append(plan.steps)
         return super().dispatch(slots, plan, after)
 
 
-def make_engine(model, overlap=True, slots=4, max_len=96, **kw):
-    runner = CountingRunner(ModelRunner(model, num_slots=slots, max_len=max_len))
+def make_engine(model, overlap=True, slots=4, max_len=96, decode_steps=1, runner_kw=None, **kw):
+    runner = CountingRunner(ModelRunner(model, num_slots=slots, max_len=max_len, decode_steps=decode_steps,
+                                        **(runner_kw or {})))
     return Engine(runner, ByteTokenizer(), overlap=overlap, **kw)
 
 
@@ -150,11 +153,12 @@ def test_deadline_expiry_during_overlap(model):
     assert finals[slow].finish_reason == FinishReason.DEADLINE
 
 
-def test_a_failing_step_ends_every_request_in_it(model):
-    eng = make_engine(model)
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_a_failing_step_ends_every_request_in_it(model, decode_steps):
+    eng = make_engine(model, decode_steps=decode_steps)
     ids = [eng.add_request(p, SamplingParams(max_tokens=30, ignore_eos=True)) for p in ("aa", "bb")]
     outs = eng.step() + eng.step() + eng.step()
-    assert eng._in_flight_step is not None
+    assert eng._in_flight_step is not None and eng._in_flight_step.queued.plan.steps == decode_steps
     real = eng.runner.collect
 
     def broken(queued):
