@@ -127,7 +127,7 @@ class Scheduler:
         """The decode step over every active slot. Plain decoding with ``several`` (nothing waits to
         be admitted or prefilled) runs ``decode_steps`` steps in one call where every request has
         room for them after the ``ahead`` tokens of a call still in flight: a call's fixed cost is
-        paid once for them (a third of a 1-row step of a small model on a CPU). Each step feeds
+        paid once for them (about a quarter of a 1-row step of a small model on a CPU). Each step feeds
         the token the one before sampled, so the tokens are those of single steps; a request that
         stops within the call had the rest of its rows computed for nothing, and a request that
         arrives meanwhile waits for the call."""
