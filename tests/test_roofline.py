@@ -78,7 +78,10 @@ def test_cli_smoke(tmp_path, capsys, kv_len):
         assert r["context"] == (16 if kv_len else 32)  # the bound counts what was attended
         assert len(r["experts_touched"]) == 2 and all(1 <= e <= 4 for e in r["experts_touched"])
     assert rows[0]["experts_touched"] == [2, 2]  # one token, top-2
+    assert all(r["call_ms"] > 0 for r in rows if r["T"] == 1)  # a step inside a decode call of 4
+    assert not any("call_ms" in r for r in rows if r["T"] > 1)
     written = json.loads(path.read_text())
     assert written["rows"] == rows and written["kv_len_used"] is kv_len
     out = capsys.readouterr().out
     assert "| tiny-moe | 2 | 3 |" in out and "measured t(T)/t(1)" in out
+    assert "in a decode call: ms a step" in out

@@ -18,7 +18,9 @@ experts counted) is reproducible. The forward attends over the C positions in
 use (``kv_len``, as the engine's steps do), or with ``--full-cache`` over the
 whole cache (max length M); the bound counts what was attended. MoE layers dispatch as
 ``serve`` does by default (``--moe-dispatch measured``: the fastest exact backend per step size,
-timed first, with the expert weights held as the runner holds them).
+timed first, with the expert weights held as the runner holds them). T = 1 forwards are also
+timed inside one call of ``--decode-steps`` of them, each fed the argmax of the one before, as the
+server runs plain decoding: the call's fixed cost (dispatch, argument handling) is then shared.
 
     python tools/roofline.py                                   # builtin, mixtral, dense
     python tools/roofline.py --models mixtral --batch 1 8 32 --tokens 1 5 9
@@ -167,6 +169,42 @@ def _forward_for(graphdef, kv_len, moe_backend=None, attention="xla"):
     return jax.jit(functools.partial(_forward_impl, graphdef, kv_len, moe_backend, attention), donate_argnums=(1,))
 
 
+def _decode_call_impl(graphdef, kv_len, moe_backend, attention, steps, state, cache, tokens, start):
+    """``steps`` 1-token forwards in one call, each fed the argmax of the one before (as the engine's
+    plain decode calls of several steps): tokens [B, steps]."""
+    def one(carry, i):
+        cache, tok = carry
+        logits, cache, _ = _forward_impl(graphdef, kv_len, moe_backend, attention, state, cache, tok[:, None], start + i)
+        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        return (cache, nxt), nxt
+
+    (cache, _), toks = jax.lax.scan(one, (cache, tokens[:, 0]), jnp.arange(steps, dtype=jnp.int32))
+    return toks.T, cache
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_call_for(graphdef, kv_len, moe_backend, attention, steps):
+    return jax.jit(functools.partial(_decode_call_impl, graphdef, kv_len, moe_backend, attention, steps),
+                   donate_argnums=(1,))
+
+
+def time_decode_call(graphdef, state, cfg: ModelConfig, rows: int, steps: int, context: int, max_len: int,
+                     kv_len: int | None, reps: int, seed: int = 0, moe_backend=None, attention: str = "xla") -> float:
+    """Median seconds per 1-token forward inside a call of ``steps`` of them (the call's fixed cost
+    shared), the last one ending at position ``context``."""
+    call = _decode_call_for(graphdef, kv_len, moe_backend, attention, steps)
+    cache = KVCache.create(cfg, rows, max_len)
+    toks = jnp.asarray(np.random.default_rng(seed).integers(3, cfg.vocab_size, (rows, 1)), jnp.int32)
+    start = jnp.full((rows,), context - steps, jnp.int32)
+    times = []
+    for i in range(reps + 2):  # compile, then one warm call
+        t = time.perf_counter()
+        out, cache = call(state, cache, toks, start)
+        jax.block_until_ready((out, cache))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[2:]) / steps
+
+
 def dispatch_for(model: Transformer, how: str, rows: int, tokens: int, max_len: int, attention: str = "xla"):
     """(MoE dispatch, parameters) the forwards run: ``auto`` (None: the config's rule), a backend
     name, or ``measured``: the table and parameter layout (experts held per expert on a CPU) of a
@@ -233,6 +271,9 @@ def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool
                         "ratio": sec / bound["bound_s"], "experts_touched": touched, "num_experts": cfg.num_experts,
                         "bytes_ms": bound["bytes_s"] * 1e3, "flops_ms": bound["flops_s"] * 1e3})
             r = out[-1]
+            if t == 1 and args.decode_steps > 1 and args.context >= args.decode_steps:
+                r["call_ms"] = 1e3 * time_decode_call(graphdef, state, cfg, b, args.decode_steps, args.context,
+                                                      args.max_len, kv_len, args.reps, args.seed, backend, attention)
             print(f"# {name} B={b} T={t}: {r['measured_ms']:.3f} ms (bound {r['bound_ms']:.3f} ms)",
                   file=sys.stderr, flush=True)
     return out
@@ -245,12 +286,14 @@ def _experts_cell(row: dict) -> str:
 
 
 def print_tables(rows: list[dict]) -> None:
-    print("| model | B | T | measured ms | bound ms | bound by | MB read | GFLOP | measured/bound | experts/layer |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | B | T | measured ms | bound ms | bound by | MB read | GFLOP | measured/bound | experts/layer "
+          "| in a decode call: ms a step | its /bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        call = (f"{r['call_ms']:.3f} | {r['call_ms'] / r['bound_ms']:.2f}") if "call_ms" in r else "- | -"
         print(f"| {r['model']} | {r['B']} | {r['T']} | {r['measured_ms']:.3f} | {r['bound_ms']:.3f} | "
               f"{r['bound_by']} | {r['mb_read']:.2f} | {r['gflop']:.4f} | {r['ratio']:.2f} | "
-              f"{_experts_cell(r)} |")
+              f"{_experts_cell(r)} | {call} |")
     # How much more a T-token step costs than a 1-token one (the price of verifying T - 1 drafts).
     by_key = {(r["model"], r["B"], r["T"]): r for r in rows}
     t0 = min(r["T"] for r in rows)
@@ -283,6 +326,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "per step size, timed here first), 'auto' (the fixed rule) or a backend name")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cpu"),
                    help="attention of the forwards: 'auto' (as serve: the C++ kernel where it applies), 'xla', 'cpu'")
+    p.add_argument("--decode-steps", type=int, default=4, metavar="N",
+                   help="also time T = 1 forwards inside one call of N (the server's plain decode calls, "
+                   "--decode-steps; the call's fixed cost shared); 1: not")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     if not max(args.tokens) <= args.context <= args.max_len:
