@@ -192,8 +192,9 @@ class BroadcastingRunner(WrappedRunner):
 
     def stop(self) -> None:
         """Tell the followers to exit (they return 0). Idempotent; safe after a failure."""
-        # A step stuck in a collective holds the lock for good: then there is nobody to stop.
-        if not self._lock.acquire(timeout=10.0):
+        # A step stuck in a collective holds the lock for good: then there is nobody to stop. With a
+        # peer known lost, waiting for it only delays the exit until the coordination service aborts.
+        if not self._lock.acquire(timeout=0.0 if self.lost is not None else 10.0):
             log.error("a step is still running; not publishing the stop record")
             return
         try:
@@ -402,12 +403,7 @@ def run(info, engine_opts, server_opts, *, stall_s: float = 60.0) -> int:
     channel = StepChannel()
     if not info.is_leader:
         return run_follower(engine_opts, channel, server_opts)
-    code, leader = asyncio.run(serve_leader(engine_opts, server_opts, channel, stall_s=stall_s))
-    if leader is not None and leader.lost is not None:
-        # A dead peer can leave jax's own shutdown (a barrier over every process) waiting for minutes.
-        log.critical("exiting: %s", leader.lost)
-        logging.shutdown()
-        os._exit(EXIT_FOLLOWER_LOST)
+    code, _ = asyncio.run(serve_leader(engine_opts, server_opts, channel, stall_s=stall_s))
     return code
 
 
@@ -491,4 +487,9 @@ async def serve_leader(engine_opts, server_opts, channel: StepChannel, *, stall_
             holder[0].stop()
         else:  # loading failed before the runner existed: the followers still wait for record 1
             channel.publish(encode(STOP, False))
+    if holder and holder[0].lost is not None:
+        # Every request has had its answer. Exit now: asyncio.run's shutdown joins the thread stuck in
+        # the dead peer's collective, and jax's own shutdown waits on a barrier over every process,
+        # while the coordination service aborts this process once it sees the peer gone.
+        _exit_lost(holder[0].lost)
     return code, (holder[0] if holder else None)
