@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k-max", type=int, default=4)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--moe-dispatch", default="measured")
+    p.add_argument("--decode-steps", type=int, default=4, help="plain decode steps per call, as serve's default")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--requests", type=int, default=32)
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     draft = load_any(args.draft, role="draft")[0]
     k = args.k if args.k == "auto" else int(args.k)
     spec_runner = make_runner(model, num_slots=args.slots, spec_method="draft", draft=draft,
-                              num_speculative_tokens=k, k_max=args.k_max, moe_dispatch=args.moe_dispatch)
+                              num_speculative_tokens=k, k_max=args.k_max, moe_dispatch=args.moe_dispatch,
+                              decode_steps=args.decode_steps)
     spec_runner.warmup()
     plain_runner = PlainRunner(spec_runner.target)  # the same ModelRunner: same executables and cache
     engines = {"plain": Engine(plain_runner, tok, overlap=True), "spec": Engine(spec_runner, tok, overlap=True)}
