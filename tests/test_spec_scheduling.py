@@ -52,16 +52,17 @@ def _running(sched, n: int, max_tokens: int):
     return slots, np.arange(n)
 
 
-def _clocked(costs: CostModel, trial_steps: int = 0, max_tokens: int = 200):
+def _clocked(costs: CostModel, trial_steps: int = 0, max_tokens: int = 200, trial_budget: float = 1.0):
     """A scheduler over 4 running requests whose clock moves by each step's time; (scheduler,
     slots, active ids, run(kb, tokens_per_row, step_s)) where run feeds one step's result.
-    Without trials unless asked (the tests of trials ask)."""
+    Without trials unless asked (the tests of trials ask); a trial may follow the last one at once
+    unless ``trial_budget`` says otherwise (the serving default spaces them)."""
     from jaxspec.engine.step import StepResult
     from jaxspec.speculative.scheduling import SpecScheduler
 
     clock = [0.0]
     sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 4, measure=lambda rows: costs,
-                          clock=lambda: clock[0], trial_steps=trial_steps)
+                          clock=lambda: clock[0], trial_steps=trial_steps, trial_budget=trial_budget)
     slots, act = _running(sched, 4, max_tokens)
 
     def run(kb: int, tokens_per_row: int, step_s: float) -> None:
@@ -435,6 +436,11 @@ def test_probe_schedule_defaults_match_the_readme():
     assert "a trial runs each proposal length for 8 steps" in readme
     assert "tried or run in the last 20 s is not tried again (nor before its last trial is 5% of the time since)" in readme
     assert "tried or run in the last 5 minutes" in readme
+    from jaxspec.speculative.scheduling import SpecScheduler
+
+    assert inspect.signature(SpecScheduler).parameters["trial_budget"].default == TRIAL_BUDGET
+    assert ("Trials never run back to back: none starts, at any batch bucket, before the last one is at most 5% "
+            "of the time since its start") in readme
     from jaxspec.speculative.scheduling import PLAIN_FIRST_STEPS
 
     assert PLAIN_FIRST_STEPS == 24 and "until their served period is known (at most 24)" in readme
@@ -536,6 +542,39 @@ def test_trials_climb_while_rates_rise_and_come_back_after_their_wait():
     assert [1] * 6 in [kbs[i:i + 6] for i in range(len(kbs) - 5)]  # bucket 1 tried again
 
 
+def test_trials_are_spaced_so_that_no_request_pays_for_two():
+    """A trial's cost falls on the requests running through it. With the serving default, the
+    climb over proposal buckets does not run its trials back to back: each starts once the one
+    before took at most TRIAL_BUDGET of the time since that one's start."""
+    from jaxspec.speculative.scheduling import TRIAL_BUDGET
+
+    plain = 1e-2
+    # Per row-second: bucket 1 gives 0.8 of plain, bucket 2 0.6, buckets 4 and 8 would pay.
+    period = {0: plain, 1: 2.5 * plain, 2: 5 * plain, 4: 1.2 * plain, 8: 1.2 * plain}
+    tokens = {0: 1, 1: 2, 2: 3, 4: 5, 8: 9}
+    sched, slots, act, run = _clocked(_drafting_dear_on_paper(), trial_steps=6, max_tokens=100_000,
+                                      trial_budget=TRIAL_BUDGET)
+    _accepted_so_far(sched, 95.0, 5.0)
+    _learn_plain_period(sched, slots, act, run, plain)
+    starts, kbs = [], []
+    for _ in range(2000):
+        kb = sched.plan(slots, act).kb
+        if kb and sched._trial is not None and (not kbs or kbs[-1] != kb):
+            starts.append((sched._clock(), kb))
+        kbs.append(kb)
+        run(kb, tokens[kb], period[kb])
+        slots.num_generated[act] += tokens[kb]
+    assert [kb for _, kb in starts[:2]] == [1, 2]  # the same climb as back to back
+    took = 6 * period[1]  # the first trial's steps (its start is the clock before the first)
+    assert starts[1][0] - starts[0][0] >= took / TRIAL_BUDGET
+    assert 0 in kbs[kbs.index(1) + 6:kbs.index(2)]  # plain steps between the two trials
+    # Back to back (a budget of 1: the next may start once the last ended), the climb is immediate.
+    sched, slots, act, run = _clocked(_drafting_dear_on_paper(), trial_steps=6, max_tokens=100_000)
+    _accepted_so_far(sched, 95.0, 5.0)
+    _learn_plain_period(sched, slots, act, run, plain)
+    assert _serve(sched, slots, act, run, 12, period, tokens) == [1] * 6 + [2] * 6
+
+
 def test_no_trials_over_more_rows_while_drafting_lost_over_fewer():
     """A verification's extra tokens cost more the more rows share the step: while recent trials at
     a batch bucket found no bucket beating plain steps, larger batch buckets skip their trials (each
@@ -546,7 +585,7 @@ def test_no_trials_over_more_rows_while_drafting_lost_over_fewer():
     clock = [0.0]
     costs = {2: _drafting_dear_on_paper(), 4: _drafting_dear_on_paper()}
     sched = SpecScheduler(4, BUCKETS, 8, None, rows_for=lambda n: 2 if n <= 2 else 4,
-                          measure=lambda rows: costs[rows], clock=lambda: clock[0], trial_steps=6)
+                          measure=lambda rows: costs[rows], clock=lambda: clock[0], trial_steps=6, trial_budget=1.0)
     slots, act = _running(sched, 4, 10_000)
     _accepted_so_far(sched, 95.0, 5.0)
     plain = 1e-2

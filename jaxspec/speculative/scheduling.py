@@ -56,7 +56,7 @@ class SpecScheduler:
                  cost_model: CostModel | None = None, probe_every: int = 16,
                  clock: Callable[[], float] = time.perf_counter,
                  would_propose: Callable[[np.ndarray], np.ndarray] | None = None, probe_one_slot: bool = False,
-                 trial_steps: int = TRIAL_STEPS):
+                 trial_steps: int = TRIAL_STEPS, trial_budget: float = TRIAL_BUDGET):
         """``default_k``: the fixed proposal length, or None for adaptive k. ``rows_for(n)``: the
         compiled batch bucket a step over n slots runs at (costs are kept per bucket).
         ``measure(rows)`` times the compiled steps at a bucket (the runner's ``measure_costs``),
@@ -68,7 +68,8 @@ class SpecScheduler:
         probe (speculation off) drafts for one slot, the one with the shortest context, in a step
         over that slot alone (``_probe_plan``): for a proposer that catches up on the steps it skipped
         (``Proposer.catches_up``), which a probe over the batch would pay for every slot.
-        ``trial_steps``: the drafting steps of a trial run (``_trial_due``; 0: none)."""
+        ``trial_steps``: the drafting steps of a trial run (``_trial_due``; 0: none); ``trial_budget``:
+        the most share of the time since a trial's start that it may have taken before the next."""
         self.would_propose = would_propose
         self.probe_one_slot = probe_one_slot
         self._rows_for = functools.lru_cache(maxsize=None)(rows_for)
@@ -115,11 +116,16 @@ class SpecScheduler:
         self._running = 0  # requests started and not released
         self._on_run: tuple[int, int, int] | None = None  # (kb, steps, batch bucket) since drafting was chosen
         self.trial_steps = trial_steps
+        self.trial_budget = trial_budget
         # (batch bucket, kb, steps left, clock at its start) of a trial run under way.
         self._trial: tuple[int, int, int, float] | None = None
         # (batch bucket, kb) -> clock of its trial's start or its last period once it can be priced.
         self._tried_at: dict[tuple[int, int], float] = {}
         self._trial_wait: dict[int, float] = {}  # per batch bucket: seconds its last trial asks to wait
+        # No trial starts before this clock: the last one is then at most trial_budget of the time since
+        # its start. A trial's cost falls on the requests running through it; trials back to back (the
+        # climb over proposal buckets, the next batch bucket) would put all of it on the same requests.
+        self._trial_next = float("-inf")
         self._settle: tuple[int, int] | None = None  # (kb, periods still to leave out) of a trial started
 
     # ------------------------------------------------------------ slots
@@ -269,7 +275,8 @@ class SpecScheduler:
                 self._trial = (rows, t_kb, left - 1, began)
                 return self._plan_for(act, t_kb, forced, caps)
             self._trial = None
-            self._trial_wait[t_rows] = (self._clock() - began) / TRIAL_BUDGET
+            self._trial_wait[t_rows] = (self._clock() - began) / self.trial_budget
+            self._trial_next = began + self._trial_wait[t_rows]
         if self._on_run is not None:
             on_kb, steps, on_rows = self._on_run
             if (steps < ON_REFRESH_STEPS and on_rows == rows and self.policy.drafting
@@ -330,11 +337,15 @@ class SpecScheduler:
         bucket it has not seen run by its step's own time, a call waited for, which holds host work
         that queued steps hide, and which a host-bound plain step does not get back: tried, a
         bucket is weighed at what it costs in serving. Buckets are tried from the smallest up and
-        no further once one realised less than plain steps and less than the bucket before it."""
+        no further once one realised less than plain steps and less than the bucket before it; no
+        trial, at any batch bucket, before the last one is at most ``trial_budget`` of the time
+        since its start, so that no request pays for more than one."""
         if (self.trial_steps <= 0 or costs.smoothing <= 0 or self.policy.drafting
                 or not self.policy.can_probe(caps, forced) or self._wall_blocked(rows)):
             return None
         now, plain, before = self._clock(), 1.0 / costs.step_cost(0), None
+        if now < self._trial_next:
+            return None
         smaller = (self._drafting_won(r, now) for r in sorted(self.cost_models, reverse=True) if r < rows)
         if next((won for won in smaller if won is not None), True) is False:
             return None
