@@ -540,6 +540,21 @@ def test_two_processes_generate_what_one_process_does(tmp_path, spec):
     assert got["calls"] >= 1 + len(PROMPTS) + 1 + (1 if spec == "draft" else MAX_TOKENS - 1)
 
 
+def _settled_health(port: int, timeout: float = 30.0) -> dict:
+    """The follower's /health once its replayed calls stop moving: the leader may still queue a step
+    ahead after the last reply (the engine's overlap), which the follower replays a moment later."""
+    url = f"http://127.0.0.1:{port}/health"
+    health = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        if again["replayed_calls"] == health["replayed_calls"]:
+            return again
+        health = again
+    raise AssertionError(f"the follower's replayed calls kept moving: {health}")
+
+
 def _wait_serving(client, job: _Job, timeout: float) -> None:
     import grpc
 
@@ -615,7 +630,7 @@ def test_leader_serves_speculative_decoding_with_adaptive_k(tmp_path, spec):
             _wait_serving(client, job, TIMEOUT_S)
             got = [list(client.generate(p, max_tokens=SPEC_TOKENS, temperature=0.0, ignore_eos=True).token_ids)
                    for p in PROMPTS]
-        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/health", timeout=10).read())
+        health = _settled_health(metrics_port)
         job.procs[0].send_signal(signal.SIGTERM)
         codes = job.wait(120)
         assert codes == [0, 0], f"exit codes {codes}\n{job.tails()}"  # 4: the follower diverged
