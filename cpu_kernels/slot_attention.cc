@@ -55,12 +55,25 @@ void weighted_sums(const float* const* p, const float* v, int64_t stride, int64_
     for (int c = 0; c < DV; ++c) store(o[g] + c * kLanes, acc[g][c]);
 }
 
+// Up to 8 queries at a time, so that 8 / DV accumulation chains (each waits on its multiply-adds)
+// run side by side.
 template <int DV>
 void weighted_sums_any_group(const float* const* p, const float* v, int64_t stride, int64_t lo, int64_t hi,
                              const float* inv, float* const* o, int64_t n) {
-  int64_t g = 0;
-  for (; g + 4 <= n; g += 4) weighted_sums<DV, 4>(p + g, v, stride, lo, hi, inv + g, o + g);
-  for (; g < n; ++g) weighted_sums<DV, 1>(p + g, v, stride, lo, hi, inv + g, o + g);
+  for (int64_t g = 0; g < n; g += 8) {
+    float* const* og = o + g;
+    const float* const* pg = p + g;
+    switch (std::min<int64_t>(8, n - g)) {
+      case 1: weighted_sums<DV, 1>(pg, v, stride, lo, hi, inv + g, og); break;
+      case 2: weighted_sums<DV, 2>(pg, v, stride, lo, hi, inv + g, og); break;
+      case 3: weighted_sums<DV, 3>(pg, v, stride, lo, hi, inv + g, og); break;
+      case 4: weighted_sums<DV, 4>(pg, v, stride, lo, hi, inv + g, og); break;
+      case 5: weighted_sums<DV, 5>(pg, v, stride, lo, hi, inv + g, og); break;
+      case 6: weighted_sums<DV, 6>(pg, v, stride, lo, hi, inv + g, og); break;
+      case 7: weighted_sums<DV, 7>(pg, v, stride, lo, hi, inv + g, og); break;
+      default: weighted_sums<DV, 8>(pg, v, stride, lo, hi, inv + g, og); break;
+    }
+  }
 }
 
 // The same for any head dim, one key at a time.

@@ -36,10 +36,11 @@ def _problem(b, t, h, kvh, dh, layers, slots, m, seed=0):
     return q, k, v, rows, r
 
 
-# Group sizes 1-4, head dims whole vectors and not (40, 8), windows, spans shorter than the cache.
+# Group sizes 1-8 and 12 (query heads summed 8 at a time), head dims whole vectors and not (40, 8),
+# windows, spans shorter than the cache.
 @pytest.mark.parametrize("b,t,h,kvh,dh,m,kv_len,window", [
     (1, 1, 8, 2, 32, 64, 64, None), (3, 5, 6, 2, 32, 128, 100, None), (2, 3, 4, 4, 40, 50, 50, 7),
-    (4, 2, 8, 1, 16, 33, 20, None), (2, 4, 2, 2, 8, 40, 40, 1)])
+    (4, 2, 8, 1, 16, 33, 20, None), (2, 4, 2, 2, 8, 40, 40, 1), (2, 3, 12, 1, 64, 40, 40, None)])
 def test_matches_the_reference(b, t, h, kvh, dh, m, kv_len, window):
     q, k, v, rows, r = _problem(b, t, h, kvh, dh, 2, b + 1, m, seed=b * t)
     pos = jnp.asarray(r.integers(0, kv_len, (b, t)), jnp.int32)
