@@ -17,62 +17,13 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "gemm.h"
 #include "vec.h"
 
 namespace ffi = xla::ffi;
 using namespace cpu_kernels;
 
 namespace {
-
-constexpr int kVecs = 4;                  // vectors per row of a block
-constexpr int kCols = kLanes * kVecs;     // output columns per block
-constexpr int kRows = 6;                  // rows per block: kRows * kVecs accumulators in registers
-constexpr int kPrefetchRows = 8;          // weight rows ahead of the one being read
-
-// c[m, 0:kCols] = sum_k a[m][k] * b[k, 0:kCols] for m < R.
-template <int R>
-void block(const float* const* a, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc) {
-  vf acc[R][kVecs] = {};
-  for (int64_t k = 0; k < depth; ++k) {
-    const float* row = b + k * ldb;
-    for (int v = 0; v < kVecs; ++v) __builtin_prefetch(row + kPrefetchRows * ldb + v * kLanes);
-    vf bv[kVecs];
-    for (int v = 0; v < kVecs; ++v) bv[v] = load(row + v * kLanes);
-    for (int m = 0; m < R; ++m) {
-      const vf av = splat(a[m][k]);
-      for (int v = 0; v < kVecs; ++v) acc[m][v] += av * bv[v];
-    }
-  }
-  for (int m = 0; m < R; ++m)
-    for (int v = 0; v < kVecs; ++v) store(c + m * ldc + v * kLanes, acc[m][v]);
-}
-
-// The last columns of a row, fewer than kCols: one at a time, same order of terms.
-void narrow(const float* const* a, int64_t rows, const float* b, int64_t ldb, int64_t depth, float* c,
-            int64_t ldc, int cols) {
-  for (int64_t m = 0; m < rows; ++m)
-    for (int j = 0; j < cols; ++j) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < depth; ++k) acc += a[m][k] * b[k * ldb + j];
-      c[m * ldc + j] = acc;
-    }
-}
-
-// c[0:rows, 0:cols] = a[0:rows] (row pointers, depth long) @ b[0:depth, 0:cols] (row stride ldb).
-void matmul(const float* const* a, int64_t rows, const float* b, int64_t ldb, int64_t depth, float* c,
-            int64_t ldc, int cols) {
-  if (cols < kCols) return narrow(a, rows, b, ldb, depth, c, ldc, cols);
-  int64_t m = 0;
-  for (; m + kRows <= rows; m += kRows) block<kRows>(a + m, b, ldb, depth, c + m * ldc, ldc);
-  switch (rows - m) {
-    case 1: block<1>(a + m, b, ldb, depth, c + m * ldc, ldc); break;
-    case 2: block<2>(a + m, b, ldb, depth, c + m * ldc, ldc); break;
-    case 3: block<3>(a + m, b, ldb, depth, c + m * ldc, ldc); break;
-    case 4: block<4>(a + m, b, ldb, depth, c + m * ldc, ldc); break;
-    case 5: block<5>(a + m, b, ldb, depth, c + m * ldc, ldc); break;
-    default: break;
-  }
-}
 
 // h = silu(g) * u in place, g = h; silu(g) = g / (1 + exp(-g)), written with exp(-|g|) so it never
 // overflows: g >= 0: g / (1 + e); g < 0: g * e / (1 + e), e = exp(-|g|).

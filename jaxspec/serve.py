@@ -30,7 +30,7 @@ from jaxspec.models.kv_cache import KV_DTYPES
 from jaxspec.models.quant import MODES as QUANT_MODES
 from jaxspec.engine.model_runner import MIXED_PREFILL
 from serving.auth import load_token
-from serving.build import KV_ADMISSIONS, KV_CACHES, SPEC_METHODS, EngineOptions, load_engine
+from serving.build import KV_ADMISSIONS, KV_CACHES, MATMUL_MODES, SPEC_METHODS, EngineOptions, load_engine
 from serving.server import JaxSpecServer, ServerOptions
 
 log = logging.getLogger("jaxspec.serving")
@@ -108,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "on this machine for each step size and keeps the fastest (a CPU, one device, float experts "
                    "over 1 MiB a layer; elsewhere as 'auto'), 'auto' a fixed rule per platform, or one backend "
                    "(dense, per_expert, per_expert_static, expert_rows, sorted, ragged, pallas)")
+    m.add_argument("--matmul", choices=MATMUL_MODES, default=EngineOptions.matmul,
+                   help="dense projections (attention, dense MLPs, the output head) of up to 64 rows: 'auto' "
+                   "computes them with the C++ kernel that streams each weight once for all rows where it "
+                   "applies (one CPU device, float32 unquantized weights), else XLA; 'xla' or 'cpu' force one")
     m.add_argument("--mixed-prefill", choices=MIXED_PREFILL, default="auto",
                    help="run a full --max-step-tokens chunk of a long prompt and the running requests' decode "
                    "step as one call, so each layer's weights (the experts) are read once for both: 'auto' on "
@@ -170,6 +174,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[EngineOptions, ServerOp
         kv_cache_dtype=args.kv_cache_dtype, draft_kv_cache_dtype=args.draft_kv_cache_dtype,
         kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction, prefix_cache=not args.no_prefix_cache, overlap=not args.no_overlap, max_step_tokens=args.max_step_tokens, kv_admission=args.kv_admission,
         mixed_prefill=args.mixed_prefill, moe_dispatch=args.moe_dispatch, decode_steps=args.decode_steps,
+        matmul=args.matmul,
     )
     engine.validate()
     server = ServerOptions(

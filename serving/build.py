@@ -18,7 +18,7 @@ from flax import nnx
 from jaxspec.config import ConfigError
 from jaxspec.engine import Engine, StepRunner
 from jaxspec.engine.kv_admission import KV_ADMISSIONS
-from jaxspec.engine.factory import KV_CACHES, check_moe_dispatch, make_runner
+from jaxspec.engine.factory import KV_CACHES, MATMUL_MODES, check_moe_dispatch, make_runner
 from jaxspec.engine.model_runner import MIXED_PREFILL
 from jaxspec import builtin, compilation_cache, kernels
 from jaxspec.loading import DEFAULT_MODEL, draft_load_placement, load_any
@@ -65,6 +65,7 @@ class EngineOptions:
     draft_kv_cache_dtype: str = "auto"  # a draft model's or EAGLE-3 head's own KV cache, likewise
     moe_dispatch: str = "auto"  # "measured" at start-up, "auto" (fixed rule) or a backend (engine.factory)
     decode_steps: int = 4  # plain decode steps on one device: up to this many per call while nothing waits
+    matmul: str = "auto"  # dense projections: the C++ products of few rows where they apply, XLA, or C++ (engine.factory)
 
     def validate(self) -> None:
         if self.spec_method not in SPEC_METHODS:
@@ -99,6 +100,8 @@ class EngineOptions:
             raise ConfigError(f"max_step_tokens must be >= 1, got {self.max_step_tokens}")
         if self.decode_steps < 1:
             raise ConfigError(f"decode_steps must be >= 1, got {self.decode_steps}")
+        if self.matmul not in MATMUL_MODES:
+            raise ConfigError(f"matmul must be one of {', '.join(MATMUL_MODES)}, got {self.matmul!r}")
         if self.mixed_prefill not in MIXED_PREFILL:
             raise ConfigError(f"mixed_prefill must be one of {', '.join(MIXED_PREFILL)}, got {self.mixed_prefill!r}")
         if self.kv_admission not in KV_ADMISSIONS:
@@ -206,7 +209,7 @@ def build_runner(opts: EngineOptions, model: Transformer, tokenizer: Tokenizer) 
                            page_size=opts.page_size if opts.kv_cache == "paged" else None, num_pages=kv_pages,
                            prefill_chunk=opts.max_step_tokens, kv_dtype=opts.kv_cache_dtype,
                            draft_kv_dtype=opts.draft_kv_cache_dtype, mixed_prefill=opts.mixed_prefill,
-                           moe_dispatch=opts.moe_dispatch, decode_steps=opts.decode_steps)
+                           moe_dispatch=opts.moe_dispatch, decode_steps=opts.decode_steps, matmul=opts.matmul)
     except ValueError as e:  # incompatible draft (vocabulary, context length)
         raise ConfigError(str(e)) from e
 

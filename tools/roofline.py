@@ -155,26 +155,27 @@ def build_model(name: str, max_len: int) -> Transformer:
     return load_any(name)[0]  # a config name or path: random weights
 
 
-def _forward_impl(graphdef, kv_len, moe_backend, attention, state, cache, tokens, start):
+def _forward_impl(graphdef, kv_len, moe_backend, backends, state, cache, tokens, start):
+    """``backends``: (attention, matmul) backend names."""
     kwargs = {} if kv_len is None else {"kv_len": kv_len}
     out = nnx.merge(graphdef, state)(tokens, start, cache, None, None, moe_backend=moe_backend,
-                                     attention_backend=attention, **kwargs)
+                                     attention_backend=backends[0], matmul_backend=backends[1], **kwargs)
     return out.logits, out.cache, out.expert_load
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_for(graphdef, kv_len, moe_backend=None, attention="xla"):
+def _forward_for(graphdef, kv_len, moe_backend=None, backends=("xla", "xla")):
     """The jitted forward with the graph bound, as the engine binds it: a static graphdef argument
     would be hashed on every call (about 1 ms of host time, timed as if it were the forward's)."""
-    return jax.jit(functools.partial(_forward_impl, graphdef, kv_len, moe_backend, attention), donate_argnums=(1,))
+    return jax.jit(functools.partial(_forward_impl, graphdef, kv_len, moe_backend, backends), donate_argnums=(1,))
 
 
-def _decode_call_impl(graphdef, kv_len, moe_backend, attention, steps, state, cache, tokens, start):
+def _decode_call_impl(graphdef, kv_len, moe_backend, backends, steps, state, cache, tokens, start):
     """``steps`` 1-token forwards in one call, each fed the argmax of the one before (as the engine's
     plain decode calls of several steps): tokens [B, steps]."""
     def one(carry, i):
         cache, tok = carry
-        logits, cache, _ = _forward_impl(graphdef, kv_len, moe_backend, attention, state, cache, tok[:, None], start + i)
+        logits, cache, _ = _forward_impl(graphdef, kv_len, moe_backend, backends, state, cache, tok[:, None], start + i)
         nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         return (cache, nxt), nxt
 
@@ -183,16 +184,17 @@ def _decode_call_impl(graphdef, kv_len, moe_backend, attention, steps, state, ca
 
 
 @functools.lru_cache(maxsize=None)
-def _decode_call_for(graphdef, kv_len, moe_backend, attention, steps):
-    return jax.jit(functools.partial(_decode_call_impl, graphdef, kv_len, moe_backend, attention, steps),
+def _decode_call_for(graphdef, kv_len, moe_backend, backends, steps):
+    return jax.jit(functools.partial(_decode_call_impl, graphdef, kv_len, moe_backend, backends, steps),
                    donate_argnums=(1,))
 
 
 def time_decode_call(graphdef, state, cfg: ModelConfig, rows: int, steps: int, context: int, max_len: int,
-                     kv_len: int | None, reps: int, seed: int = 0, moe_backend=None, attention: str = "xla") -> float:
+                     kv_len: int | None, reps: int, seed: int = 0, moe_backend=None,
+                     backends: tuple[str, str] = ("xla", "xla")) -> float:
     """Median seconds per 1-token forward inside a call of ``steps`` of them (the call's fixed cost
     shared), the last one ending at position ``context``."""
-    call = _decode_call_for(graphdef, kv_len, moe_backend, attention, steps)
+    call = _decode_call_for(graphdef, kv_len, moe_backend, backends, steps)
     cache = KVCache.create(cfg, rows, max_len)
     toks = jnp.asarray(np.random.default_rng(seed).integers(3, cfg.vocab_size, (rows, 1)), jnp.int32)
     start = jnp.full((rows,), context - steps, jnp.int32)
@@ -205,7 +207,8 @@ def time_decode_call(graphdef, state, cfg: ModelConfig, rows: int, steps: int, c
     return statistics.median(times[2:]) / steps
 
 
-def dispatch_for(model: Transformer, how: str, rows: int, tokens: int, max_len: int, attention: str = "xla"):
+def dispatch_for(model: Transformer, how: str, rows: int, tokens: int, max_len: int,
+                 backends: tuple[str, str] = ("xla", "xla")):
     """(MoE dispatch, parameters) the forwards run: ``auto`` (None: the config's rule), a backend
     name, or ``measured``: the table and parameter layout (experts held per expert on a CPU) of a
     runner that ``serve --moe-dispatch measured`` builds for steps of up to ``rows`` x ``tokens``."""
@@ -217,16 +220,16 @@ def dispatch_for(model: Transformer, how: str, rows: int, tokens: int, max_len: 
         return None, params
     if how != "measured":
         return how, params
-    runner = ModelRunner(model, rows, max_len=max_len, attention_backend=attention)
+    runner = ModelRunner(model, rows, max_len=max_len, attention_backend=backends[0], matmul_backend=backends[1])
     table = runner.tune_moe_dispatch(tokens_per_row=range(1, tokens + 1))
     return table, (runner.state if table is not None else params)
 
 
 def time_forward(graphdef, state, cfg: ModelConfig, rows: int, tokens: int, context: int, max_len: int,
                  kv_len: int | None, reps: int, seed: int = 0, moe_backend=None,
-                 attention: str = "xla") -> tuple[float, np.ndarray]:
+                 backends: tuple[str, str] = ("xla", "xla")) -> tuple[float, np.ndarray]:
     """Median seconds of the jitted forward at start = context - tokens, and its expert load [L, E]."""
-    step = _forward_for(graphdef, kv_len, moe_backend, attention)
+    step = _forward_for(graphdef, kv_len, moe_backend, backends)
     cache = KVCache.create(cfg, rows, max_len)
     toks = jnp.asarray(np.random.default_rng(seed).integers(3, cfg.vocab_size, (rows, tokens)), jnp.int32)
     start = jnp.full((rows,), context - tokens, jnp.int32)
@@ -245,13 +248,13 @@ def time_forward(graphdef, state, cfg: ModelConfig, rows: int, tokens: int, cont
 def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool) -> list[dict]:
     model = build_model(name, args.max_len)
     cfg = model.cfg
-    attention = args.attention
-    if attention == "auto":
-        from jaxspec.engine.model_runner import auto_attention
+    from jaxspec.engine.model_runner import auto_attention, auto_matmul
 
-        attention = auto_attention(cfg)
-    backend, state = dispatch_for(model, args.moe_dispatch, max(args.batch), max(args.tokens), args.max_len, attention)
-    print(f"# {name}: attention {attention}", file=sys.stderr, flush=True)
+    attention = auto_attention(cfg) if args.attention == "auto" else args.attention
+    matmul = auto_matmul(cfg) if args.matmul == "auto" else args.matmul
+    backends = (attention, matmul)
+    backend, state = dispatch_for(model, args.moe_dispatch, max(args.batch), max(args.tokens), args.max_len, backends)
+    print(f"# {name}: attention {attention}, matmul {matmul}", file=sys.stderr, flush=True)
     if backend is not None:
         print(f"# {name}: MoE dispatch {getattr(backend, 'choices', backend)}", file=sys.stderr, flush=True)
     graphdef = nnx.graphdef(model)
@@ -262,7 +265,7 @@ def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool
     for b in args.batch:
         for t in args.tokens:
             sec, load = time_forward(graphdef, state, cfg, b, t, args.context, args.max_len, kv_len, args.reps,
-                                     args.seed, backend, attention)
+                                     args.seed, backend, backends)
             touched = [int((load[i] > 0).sum()) if cfg.layer_is_moe(i) else 0 for i in range(cfg.num_layers)]
             bound = forward_bound(cfg, b, t, attended, touched, itemsize, peak, bandwidth)
             out.append({"model": name, "B": b, "T": t, "context": attended, "measured_ms": sec * 1e3,
@@ -273,7 +276,7 @@ def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool
             r = out[-1]
             if t == 1 and args.decode_steps > 1 and args.context >= args.decode_steps:
                 r["call_ms"] = 1e3 * time_decode_call(graphdef, state, cfg, b, args.decode_steps, args.context,
-                                                      args.max_len, kv_len, args.reps, args.seed, backend, attention)
+                                                      args.max_len, kv_len, args.reps, args.seed, backend, backends)
             print(f"# {name} B={b} T={t}: {r['measured_ms']:.3f} ms (bound {r['bound_ms']:.3f} ms)",
                   file=sys.stderr, flush=True)
     return out
@@ -326,6 +329,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "per step size, timed here first), 'auto' (the fixed rule) or a backend name")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cpu"),
                    help="attention of the forwards: 'auto' (as serve: the C++ kernel where it applies), 'xla', 'cpu'")
+    p.add_argument("--matmul", default="auto", choices=("auto", "xla", "cpu"),
+                   help="dense projections of the forwards: 'auto' (as serve: the C++ products where they apply), "
+                   "'xla', 'cpu'")
     p.add_argument("--decode-steps", type=int, default=4, metavar="N",
                    help="also time T = 1 forwards inside one call of N (the server's plain decode calls, "
                    "--decode-steps; the call's fixed cost shared); 1: not")

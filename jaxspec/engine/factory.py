@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from jaxspec.engine.runner import PlainRunner, StepRunner
-from jaxspec.engine.model_runner import ModelRunner, auto_attention
+from jaxspec.engine.model_runner import ModelRunner, auto_attention, auto_matmul
 from jaxspec.mesh import Placement
 from jaxspec.models import Transformer
 from jaxspec.models.kv_cache import page_groups, whole_groups
@@ -19,6 +19,10 @@ MOE_DISPATCH_MODES = ("auto", "measured")
 # Attention: "auto" is the C++ kernel (``cpu_kernels.slot_attention``) where it can serve the runner
 # (a single CPU device, float32 model and slot cache; ``model_runner.auto_attention``), else XLA.
 ATTENTION_MODES = ("auto", "xla", "cpu", "pallas")
+# Dense projections: "auto" is the C++ products of few rows (``jaxspec.models.dense_cpu``) where they
+# can serve the runner (a single CPU device, float32 unquantized weights; ``model_runner.auto_matmul``),
+# else XLA.
+MATMUL_MODES = ("auto", "xla", "cpu")
 
 log = logging.getLogger("jaxspec")
 
@@ -29,7 +33,8 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
                 page_size: int | None = None, num_pages: int | None = None,
                 prefill_chunk: int | None = None, kv_dtype: str | None = None,
                 draft_kv_dtype: str | None = None, mixed_prefill: str = "auto",
-                moe_dispatch: str = "auto", attention: str = "auto", decode_steps: int = 1) -> StepRunner:
+                moe_dispatch: str = "auto", attention: str = "auto", decode_steps: int = 1,
+                matmul: str = "auto") -> StepRunner:
     """A ``PlainRunner`` for ``spec_method="none"``, else a ``SpeculativeRunner`` whose proposer is
     ``draft`` ("draft": a ``Transformer``; "eagle3": an ``Eagle3Head``, which reads this target's hidden
     states) or prompt lookup ("ngram"), with k fixed or "auto" (adaptive, up to k_max).
@@ -41,6 +46,7 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
     ``mixed_prefill``: a full prompt chunk and a plain decode step in one call ("on"), two ("off"),
     or one on accelerators only ("auto"; ``jaxspec.engine.mixed_step``).
     ``moe_dispatch``: ``MOE_DISPATCH_MODES`` or a backend name. ``attention``: ``ATTENTION_MODES``.
+    ``matmul``: ``MATMUL_MODES`` (the target's and a draft model's dense projections).
     ``decode_steps``: plain decode steps on one device (speculation off, or none) run up to this
     many per call while nothing waits (``Scheduler.plan_decode``); a drafting step is one call.
     Raises ValueError for an unknown method or an incompatible draft."""
@@ -55,10 +61,14 @@ def make_runner(model: Transformer, *, num_slots: int, max_len: int | None = Non
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     if attention == "auto":
         attention = auto_attention(model.cfg, placement, page_size, kv_dtype)
+    if matmul not in MATMUL_MODES:
+        raise ValueError(f"matmul must be one of {', '.join(MATMUL_MODES)}, got {matmul!r}")
+    if matmul == "auto":
+        matmul = auto_matmul(model.cfg, placement)
     target = ModelRunner(model, num_slots, max_len, moe_backend=backend, placement=placement, page_size=page_size,
                          num_pages=num_pages, prefill_chunk=prefill_chunk, kv_dtype=kv_dtype,
                          mixed_prefill=mixed_prefill, attention_backend=attention,
-                         decode_steps=decode_steps)
+                         decode_steps=decode_steps, matmul_backend=matmul)
     k_max = max(k_max, num_speculative_tokens if isinstance(num_speculative_tokens, int) else 0)
     if moe_dispatch == "measured":
         # Before any step is built: verification steps take the target's backend when they are made.

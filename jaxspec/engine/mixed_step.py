@@ -41,10 +41,11 @@ def forward_mixed(graphdef, statics, state, cache, segments: tuple[Segment, ...]
     placed = statics.moe_backend if isinstance(statics.moe_backend, PlacedBackend) else None
     backend = placed.dispatch if placed is not None else statics.moe_backend
     model = nnx.merge(graphdef, state)
-    hs, cache, load = model.forward_segments(segments, cache, kv_lens, backend, statics.attention_backend)
+    hs, cache, load = model.forward_segments(segments, cache, kv_lens, backend, statics.attention_backend,
+                                             statics.matmul_backend)
     if placed is not None:
         cache = jax.lax.with_sharding_constraint(cache, placed.placement.cache_shardings(cache))
-    return [model.logits(h) for h in hs], cache, load
+    return [model.logits(h, statics.matmul_backend) for h in hs], cache, load
 
 
 def chunk_token(logits, p_valid, p_sampling: BatchSampling):

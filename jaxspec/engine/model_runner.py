@@ -30,6 +30,7 @@ from jaxspec.engine.step import DecodePlan, QueuedStep, StepResult
 from jaxspec.engine.steps import (PlacedBackend, SpanSteps, StepStatics, _forward, params_tree, placed_steps,
                                   slots_unsplit, unplaced_steps)
 from jaxspec.mesh import Placement, check_placement
+from jaxspec.models.dense_cpu import check_matmul_backend
 from jaxspec.models.layers import check_attention_backend
 from jaxspec.models import KVCache, Transformer
 from jaxspec.models.kv_cache import check_kv_dtype, page_groups, set_table_row
@@ -142,6 +143,27 @@ def cpu_attention_unfit(cfg, placement: Placement | None = None, page_size: int 
     return unavailable_reason()
 
 
+def cpu_matmul_unfit(cfg, placement: Placement | None = None) -> str | None:
+    """Why the C++ dense products (``dense_cpu``, matmul backend "cpu") cannot serve a runner's
+    steps, or None when they can: a single-device CPU runner of a float32, unquantized model, where
+    the kernels build."""
+    if placement is not None or jax.default_backend() != "cpu":
+        return "they run on a single CPU device only"
+    if jnp.dtype(cfg.dtype) != jnp.float32 or cfg.quantization is not None:
+        return f"they take float32 weights, not {cfg.quantization or cfg.dtype}"
+    try:
+        from cpu_kernels import dense_matmul, moe_ffn
+    except ImportError as e:  # an install without the package
+        return f"cpu_kernels cannot be imported: {e}"
+    return dense_matmul.unavailable_reason() or moe_ffn.unavailable_reason()
+
+
+def auto_matmul(cfg, placement: Placement | None = None) -> str:
+    """The matmul backend "auto" means for such a runner: "cpu" where the C++ products can serve it
+    (``cpu_matmul_unfit``), else "xla"."""
+    return "xla" if cpu_matmul_unfit(cfg, placement) else "cpu"
+
+
 def auto_attention(cfg, placement: Placement | None = None, page_size: int | None = None,
                    kv_dtype: str | None = None) -> str:
     """The attention backend "auto" means for such a runner: "cpu" where the C++ kernel can serve
@@ -176,6 +198,7 @@ class ModelRunner:
         kv_dtype: str | None = None,
         mixed_prefill: str = "auto",
         decode_steps: int = 1,
+        matmul_backend: str = "xla",
     ):
         """``placement``: run on a mesh (parameters moved to their shardings if they are not
         there yet; ``moe_backend`` then names the per-device expert computation's backend only
@@ -189,7 +212,9 @@ class ModelRunner:
         "on" runs a full chunk and a decode step as one call (``mixed_step``), "off" as two,
         "auto" mixes on accelerators only (see ``mixed_step`` for why not on a CPU).
         ``decode_steps``: the most plain decode steps one call may run (``dispatch_decode``'s
-        ``steps``), each compiled beside the single step; 1 on a mesh (``max_decode_steps``)."""
+        ``steps``), each compiled beside the single step; 1 on a mesh (``max_decode_steps``).
+        ``matmul_backend``: ``dense_cpu.MATMUL_BACKENDS``, the dense projections' ("cpu": the C++
+        products of few rows, where ``cpu_matmul_unfit`` finds nothing against them)."""
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
         self.decode_steps = decode_steps
@@ -199,6 +224,7 @@ class ModelRunner:
         if self.max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len {self.max_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
         check_attention_backend(attention_backend)
+        check_matmul_backend(matmul_backend)
         self.kv_dtype = check_kv_dtype(kv_dtype)
         self.moe_backend = moe_backend
         self.placement = placement
@@ -209,11 +235,13 @@ class ModelRunner:
         if placement is not None:
             check_placement(self.cfg, placement)
             self.moe_backend = PlacedBackend(moe_backend_for(placement) or moe_backend, placement)
-        self.statics = StepStatics(self.moe_backend, attention_backend)
+        self.statics = StepStatics(self.moe_backend, attention_backend, matmul_backend=matmul_backend)
         self._steps = unplaced_steps(self.graphdef, self.statics)
         groups = page_groups(placement, num_slots, page_size)
         if attention_backend == "cpu":
             self._check_cpu_attention(page_size)
+        if matmul_backend == "cpu":
+            self._check_cpu_matmul()
         if groups > 1 and attention_backend == "pallas":
             raise ValueError(f"the pallas attention backend reads whole pages; pages split {groups} ways over the "
                              "mesh's data axis need the xla backend")
@@ -328,7 +356,7 @@ class ModelRunner:
         self.state = split if held else stacked
         table = dataclasses.replace(table, expert_slices=held)
         self.moe_backend = table
-        self.statics = StepStatics(table, self.statics.attention_backend, self.statics.aux_layers)
+        self.statics = self.statics._replace(moe_backend=table)
         self._steps = unplaced_steps(self.graphdef, self.statics)
         return table
 
@@ -344,7 +372,7 @@ class ModelRunner:
 
         def seconds(backend: str, tokens: int) -> float:
             if backend not in fns:
-                statics = StepStatics(backend, self.statics.attention_backend)
+                statics = StepStatics(backend, self.statics.attention_backend, matmul_backend=self.statics.matmul_backend)
                 fns[backend] = jax.jit(functools.partial(_forward, self.graphdef, statics), static_argnames=("kv_len",))
             state = split if split is not None and backend in SLICE_BACKENDS else stacked
             rows = min(tokens, max(self.batch_buckets))
@@ -368,18 +396,26 @@ class ModelRunner:
         if reason is not None:
             raise ValueError(f"the cpu attention backend cannot serve this runner: {reason}")
 
-    def set_backends(self, *, moe: str | None = None, attention: str | None = None) -> None:
-        """Use these MoE dispatch / attention backends in every step (single-device runners; call
-        before the first step: the kernel self-test's fallback)."""
+    def _check_cpu_matmul(self) -> None:
+        reason = cpu_matmul_unfit(self.cfg, self.placement)
+        if reason is not None:
+            raise ValueError(f"the cpu matmul backend cannot serve this runner: {reason}")
+
+    def set_backends(self, *, moe: str | None = None, attention: str | None = None, matmul: str | None = None) -> None:
+        """Use these MoE dispatch / attention / matmul backends in every step (single-device runners;
+        call before the first step: the kernel self-test's fallback)."""
         if self.placement is not None:
             raise NotImplementedError("changing the backends of a runner on a mesh")
         if attention is not None:
             check_attention_backend(attention)
             if attention == "cpu":
                 self._check_cpu_attention(self.paging[1] if self.paging else None)
+        if matmul is not None and check_matmul_backend(matmul) == "cpu":
+            self._check_cpu_matmul()
         self.moe_backend = moe if moe is not None else self.moe_backend
-        self.statics = StepStatics(self.moe_backend, attention or self.statics.attention_backend,
-                                   self.statics.aux_layers)
+        self.statics = self.statics._replace(moe_backend=self.moe_backend,
+                                             attention_backend=attention or self.statics.attention_backend,
+                                             matmul_backend=matmul or self.statics.matmul_backend)
         self._steps = unplaced_steps(self.graphdef, self.statics)
 
     def capture_hidden(self, layers: Sequence[int]) -> None:
@@ -389,7 +425,7 @@ class ModelRunner:
         like the logits."""
         layers = tuple(int(i) for i in layers)
         check_aux_layers(layers, self.cfg.num_layers)
-        self.statics = StepStatics(self.statics.moe_backend, self.statics.attention_backend, layers)
+        self.statics = self.statics._replace(aux_layers=layers)
         self._steps = unplaced_steps(self.graphdef, self.statics) if self.placement is None else self._placed()
 
     # -------------------------------------------------------------- host API

@@ -50,6 +50,7 @@ class StepStatics(NamedTuple):
     # Layers whose input hidden states the steps also return (EAGLE-3 features; ``()``: none, and
     # the steps are exactly the plain ones).
     aux_layers: tuple[int, ...] = ()
+    matmul_backend: str = "xla"  # the dense projections' (``dense_cpu.MATMUL_BACKENDS``)
 
 
 class PlacedBackend(NamedTuple):
@@ -70,7 +71,7 @@ def _forward(graphdef, statics: StepStatics, state, tokens, start, cache, slot_i
     backend = placed.dispatch if placed else moe_backend
     out = nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend, kv_len=kv_len,
                                      attention_backend=statics.attention_backend, aux_layers=statics.aux_layers,
-                                     logits_at=logits_at)
+                                     logits_at=logits_at, matmul_backend=statics.matmul_backend)
     if placed is not None:
         out = out._replace(cache=jax.lax.with_sharding_constraint(out.cache, placed.placement.cache_shardings(out.cache)))
     return out

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxspec.config import ModelConfig
 from jaxspec.models.kv_cache import KVCache, write_and_read, write_slots, write_through_tables
+from jaxspec.models.dense_cpu import dense_ffn, project
 from jaxspec.models.quant import qeinsum  # a weight read with self.w[...] may be quantized (models.quant)
 
 _MASK_VALUE = -1e30  # finite, so fully masked rows (padding) give uniform weights, never NaN
@@ -158,13 +159,15 @@ class Attention(nnx.Module):
         inv_freq: jax.Array,
         kv_len: int | None = None,
         attention_backend: str = "xla",
+        matmul_backend: str = "xla",
     ) -> tuple[jax.Array, KVCache]:
         """``kv_len`` (static): attend over cache positions [0, kv_len) only; every query
-        position must be < kv_len (the caller buckets it over the rows' lengths)."""
+        position must be < kv_len (the caller buckets it over the rows' lengths).
+        ``matmul_backend`` (static): ``dense_cpu.MATMUL_BACKENDS``, for the projections."""
         cfg = self.cfg
-        q = qeinsum("btd,dhk->bthk", x, self.wq[...])
-        k = qeinsum("btd,dhk->bthk", x, self.wk[...])
-        v = qeinsum("btd,dhk->bthk", x, self.wv[...])
+        q = project("btd,dhk->bthk", x, self.wq[...], matmul_backend)
+        k = project("btd,dhk->bthk", x, self.wk[...], matmul_backend)
+        v = project("btd,dhk->bthk", x, self.wv[...], matmul_backend)
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
         if cfg.qk_norm:
@@ -180,7 +183,7 @@ class Attention(nnx.Module):
             cache = write_slots(cache, layer, rows, positions, k, v)
             kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
             attn = slot_attention(q, cache.k, cache.v, rows, positions, layer, kv_len, cfg.sliding_window)
-            return qeinsum("bthk,hkd->btd", attn.astype(q.dtype), self.wo[...]), cache
+            return project("bthk,hkd->btd", attn.astype(q.dtype), self.wo[...], matmul_backend), cache
         if cache.page_table is not None and attention_backend == "pallas" and not cache.quantized:
             # The kernel reads the pool through the tables in place: no gathered copy of the pages.
             from pallas_kernels.paged_attention import paged_attention
@@ -188,12 +191,12 @@ class Attention(nnx.Module):
             cache, tables = write_through_tables(cache, layer, rows, positions, k, v)
             kv_len = cache.max_len if kv_len is None else min(kv_len, cache.max_len)
             attn = paged_attention(q, cache.k[layer], cache.v[layer], tables, positions, kv_len, cfg.sliding_window)
-            return qeinsum("bthk,hkd->btd", attn, self.wo[...]), cache
+            return project("bthk,hkd->btd", attn, self.wo[...], matmul_backend), cache
         # XLA, a slot cache, or an int8 pool (the paged kernel has no int8 input yet): the rows' keys
         # and values (pages gathered and dequantized), attended below (pallas: verify_attention).
         cache, keys, values = write_and_read(cache, layer, rows, slot_ids, positions, k, v, kv_len)
         attn = attention(q, keys, values, positions, cfg.sliding_window, attention_backend)
-        out = qeinsum("bthk,hkd->btd", attn, self.wo[...])
+        out = project("bthk,hkd->btd", attn, self.wo[...], matmul_backend)
         return out, cache
 
 
@@ -205,6 +208,10 @@ class MLP(nnx.Module):
         self.w_up = param(rngs, (d_model, mlp_dim), ("embed", "mlp"), dtype)
         self.w_down = param(rngs, (mlp_dim, d_model), ("mlp", "embed"), dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, matmul_backend: str = "xla") -> jax.Array:
+        """x [..., D] -> [..., D]; ``matmul_backend`` (static): ``dense_cpu.MATMUL_BACKENDS``."""
+        fused = dense_ffn(x, self.w_gate[...], self.w_up[...], self.w_down[...], matmul_backend)
+        if fused is not None:
+            return fused
         h = jax.nn.silu(qeinsum("...d,df->...f", x, self.w_gate[...])) * qeinsum("...d,df->...f", x, self.w_up[...])
         return qeinsum("...f,fd->...d", h, self.w_down[...])

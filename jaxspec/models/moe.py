@@ -69,6 +69,7 @@ class MoEBlock(nnx.Module):
         backend: str | None = None,
         router_stats: bool = False,
         capacity_factor: float | None = None,
+        matmul_backend: str = "xla",  # the shared expert's (``dense_cpu.MATMUL_BACKENDS``)
     ) -> tuple[jax.Array, jax.Array]:
         """x [B, T, D], valid [B, T] bool -> (out [B, T, D], tokens routed per expert [E] over valid tokens)."""
         cfg = self.cfg
@@ -93,7 +94,7 @@ class MoEBlock(nnx.Module):
         )
         if cfg.shared_expert_mlp_dim:
             gate = jax.nn.sigmoid(flat @ self.shared_gate[...])
-            out = out + gate * self.shared_expert(flat)
+            out = out + gate * self.shared_expert(flat, matmul_backend)
         counts = jnp.sum(
             jax.nn.one_hot(expert_ids, cfg.num_experts, dtype=jnp.int32) * valid.reshape(-1, 1, 1), axis=(0, 1)
         )

@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxspec.config import ModelConfig
 from jaxspec.models.kv_cache import KVCache
+from jaxspec.models.dense_cpu import project
 from jaxspec.models.layers import MLP, Attention, RMSNorm, param, rope_inv_frequencies
 from jaxspec.models.moe import MoEBlock
 from jaxspec.models.quant import qeinsum
@@ -69,25 +70,28 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.d_model, cfg.mlp_dim, dt, rngs)
 
     def __call__(self, x, positions, cache: KVCache, slot_ids, valid, inv_freq, moe_backend,
-                 router_stats=False, capacity_factor=None, kv_len=None, attention_backend="xla"):
-        x, cache = self.attend(x, positions, cache, slot_ids, inv_freq, kv_len, attention_backend)
-        x, counts = self.feed_forward(x, valid, moe_backend, router_stats, capacity_factor)
+                 router_stats=False, capacity_factor=None, kv_len=None, attention_backend="xla",
+                 matmul_backend="xla"):
+        x, cache = self.attend(x, positions, cache, slot_ids, inv_freq, kv_len, attention_backend, matmul_backend)
+        x, counts = self.feed_forward(x, valid, moe_backend, router_stats, capacity_factor, matmul_backend)
         return x, cache, counts
 
-    def attend(self, x, positions, cache: KVCache, slot_ids, inv_freq, kv_len=None, attention_backend="xla"):
+    def attend(self, x, positions, cache: KVCache, slot_ids, inv_freq, kv_len=None, attention_backend="xla",
+               matmul_backend="xla"):
         """The attention half: x [B, T, D] -> (x + attention, cache with the rows' K/V written)."""
         attn_out, cache = self.attn(
             self.attn_norm(x), positions, cache, self.layer, slot_ids, inv_freq, kv_len, attention_backend,
+            matmul_backend,
         )
         return x + attn_out, cache
 
-    def feed_forward(self, x, valid, moe_backend, router_stats=False, capacity_factor=None):
+    def feed_forward(self, x, valid, moe_backend, router_stats=False, capacity_factor=None, matmul_backend="xla"):
         """The MLP or MoE half: x [B, T, D], valid [B, T] -> (x + feed-forward, tokens per expert or None)."""
         h = self.mlp_norm(x)
         if self.is_moe:
-            mlp_out, counts = self.moe(h, valid, moe_backend, router_stats, capacity_factor)
+            mlp_out, counts = self.moe(h, valid, moe_backend, router_stats, capacity_factor, matmul_backend)
         else:
-            mlp_out, counts = self.mlp(h), None
+            mlp_out, counts = self.mlp(h, matmul_backend), None
         return x + mlp_out, counts
 
 
@@ -115,6 +119,7 @@ class Transformer(nnx.Module):
         attention_backend: str = "xla",  # static: layers.ATTENTION_BACKENDS
         aux_layers: tuple[int, ...] = (),  # static: also return these layers' input hidden states
         logits_at: jax.Array | None = None,  # [B] int32: logits at this position of each row only -> [B, 1, V]
+        matmul_backend: str = "xla",  # static: dense_cpu.MATMUL_BACKENDS (the dense projections)
     ) -> ForwardOutput:
         cfg = self.cfg
         b, t = tokens.shape
@@ -133,7 +138,7 @@ class Transformer(nnx.Module):
                 captured[i] = x
             x, cache, counts = layer(
                 x, positions, cache, slot_ids, valid, inv_freq, moe_backend, router_stats, capacity_factor,
-                kv_len, attention_backend,
+                kv_len, attention_backend, matmul_backend,
             )
             loads.append(counts if counts is not None else jnp.zeros((max(cfg.num_experts, 1),), jnp.int32))
         if cfg.num_layers in aux_layers:
@@ -143,7 +148,8 @@ class Transformer(nnx.Module):
         # A prefill needs each row's last position only: the output projection of every other
         # position would cost as much as several layers.
         logits = self.logits(hidden if logits_at is None else
-                             jnp.take_along_axis(hidden, logits_at[:, None, None].astype(jnp.int32), axis=1))
+                             jnp.take_along_axis(hidden, logits_at[:, None, None].astype(jnp.int32), axis=1),
+                             matmul_backend)
 
         rows = jnp.arange(b) if slot_ids is None else slot_ids
         lengths = cache.lengths.at[rows].set(start + num_valid, mode="drop")
@@ -156,6 +162,7 @@ class Transformer(nnx.Module):
         kv_lens: tuple[int, ...],  # static: each segment's attention span (as ``kv_len``)
         moe_backend: str | None = None,
         attention_backend: str = "xla",
+        matmul_backend: str = "xla",
     ) -> tuple[list[jax.Array], KVCache, jax.Array]:
         """One pass over segments of different shapes (decode rows and a prefill chunk): each
         attends with its own shape and span, and the feed-forward of every layer runs once over
@@ -178,9 +185,9 @@ class Transformer(nnx.Module):
         for layer in self.layers:
             for g, seg in enumerate(segments):
                 xs[g], cache = layer.attend(xs[g], positions[g], cache, seg.slot_ids, inv_freq, kv_lens[g],
-                                            attention_backend)
+                                            attention_backend, matmul_backend)
             flat = jnp.concatenate([x.reshape(1, -1, cfg.d_model) for x in xs], axis=1)  # [1, N, D]
-            flat, counts = layer.feed_forward(flat, valid, moe_backend)
+            flat, counts = layer.feed_forward(flat, valid, moe_backend, matmul_backend=matmul_backend)
             xs = [part.reshape(x.shape) for part, x in zip(jnp.split(flat, offsets, axis=1), xs)]
             loads.append(counts if counts is not None else jnp.zeros((max(cfg.num_experts, 1),), jnp.int32))
         lengths = cache.lengths
@@ -188,10 +195,13 @@ class Transformer(nnx.Module):
             lengths = lengths.at[seg.slot_ids].set(seg.start + seg.num_valid, mode="drop")
         return [self.final_norm(x) for x in xs], cache.with_lengths(lengths), jnp.stack(loads)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
+    def logits(self, hidden: jax.Array, matmul_backend: str = "xla") -> jax.Array:
         """Final hidden states [B, T, D] -> logits [B, T, V] float32."""
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        return qeinsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
+        if self.cfg.tie_embeddings:  # XLA reads the embedding as it lies; the kernel would need a transposed copy
+            return qeinsum("btd,dv->btv", hidden, self.embed[...].T, preferred_element_type=jnp.float32)
+        if hidden.dtype == jnp.float32:
+            return project("btd,dv->btv", hidden, self.lm_head[...], matmul_backend)
+        return qeinsum("btd,dv->btv", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
 
 
 def check_aux_layers(aux_layers: tuple[int, ...], num_layers: int) -> None:

@@ -43,7 +43,7 @@ class CompiledSteps:
         if fn is None:
             target, prop = self.target, self.proposer
             key = ("fused", mixed, target.graphdef, target.statics, prop.graphdef, prop.moe_backend,
-                   getattr(prop, "attention", None), kb, kv_len, self.verify_backend)
+                   getattr(prop, "backends", None), kb, kv_len, self.verify_backend)
 
             def make():
                 if mixed:

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.engine.model_runner import auto_attention, kv_buckets, prefill_buckets, slots_unsplit
+from jaxspec.engine.model_runner import auto_attention, auto_matmul, kv_buckets, prefill_buckets, slots_unsplit
 from jaxspec.engine.steps import params_tree, params_variables
 from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
@@ -47,15 +47,16 @@ PENDING_BLOCK = 2  # pending tokens step 0 can absorb (last proposal + bonus)
 CALL_ROWS = 64  # a call's fixed cost, in token rows computed, when choosing how to catch up
 
 
-def _make_extend(graphdef, backend, attention: str = "xla"):
+def _make_extend(graphdef, backend, attention: str = "xla", matmul: str = "xla"):
     def extend(state, cache, tokens, start, slot_ids, num_valid):
         return nnx.merge(graphdef, state)(tokens, start, cache, slot_ids, num_valid, moe_backend=backend,
-                                          attention_backend=attention).cache
+                                          attention_backend=attention, matmul_backend=matmul).cache
 
     return extend
 
 
-def _make_loop(graphdef, backend, kb: int, kv_len: int, identity_rows: bool, attention: str = "xla"):
+def _make_loop(graphdef, backend, kb: int, kv_len: int, identity_rows: bool, attention: str = "xla",
+               matmul: str = "xla"):
     def loop(state, cache, slot_ids, block, block_valid, start, sampling: BatchSampling, out_pos):
         """B rows (row b is slot slot_ids[b]; padding rows: slot id S and block_valid 0; with
         ``identity_rows`` row b is slot b)."""
@@ -71,7 +72,7 @@ def _make_loop(graphdef, backend, kb: int, kv_len: int, identity_rows: bool, att
             return sample_from_probs(q, noise), q
 
         out = model(block, start, cache, slot_ids, block_valid, moe_backend=backend, kv_len=kv_len,
-                    attention_backend=attention)
+                    attention_backend=attention, matmul_backend=matmul)
         last = jnp.take_along_axis(out.logits, jnp.maximum(block_valid - 1, 0)[:, None, None], axis=1)[:, 0]
         tok0, q0 = draw(last, out_pos)
         first = start + block_valid  # cache position where d_0 goes
@@ -79,7 +80,7 @@ def _make_loop(graphdef, backend, kb: int, kv_len: int, identity_rows: bool, att
         def step(carry, i):
             cache, tok = carry
             o = model(tok[:, None], first + i - 1, cache, slot_ids, live, moe_backend=backend, kv_len=kv_len,
-                      attention_backend=attention)
+                      attention_backend=attention, matmul_backend=matmul)
             t, q = draw(o.logits[:, 0], out_pos + i)
             return (o.cache, t), (t, q)
 
@@ -119,6 +120,12 @@ class DraftModelProposer:
         self.paging: tuple[int, int, int] | None = None
         self._state_sharding = self._cache_sharding = None
         self.attention = "xla"  # decided in ``attach``, once the cache's layout is known
+        self.matmul = "xla"  # the dense projections' backend, decided in ``attach`` too
+
+    @property
+    def backends(self) -> tuple[str, str]:
+        """(attention, matmul) backends of the draft's forwards: part of every compiled step's key."""
+        return self.attention, self.matmul
 
     def use_placement(self, target: Placement, num_slots: int = 0, max_len: int = 0) -> None:
         """Run on the target's mesh (call before ``attach``): weights replicated when the draft with
@@ -154,6 +161,7 @@ class DraftModelProposer:
         # The C++ attention kernel where it can serve the draft's cache, as make_runner's "auto".
         self.attention = auto_attention(self.cfg, self.placement, paging[1] if paging is not None else None,
                                         self.kv_dtype)
+        self.matmul = auto_matmul(self.cfg, self.placement)
         pages = dict(num_pages=paging[0], page_size=paging[1], page_groups=paging[2]) if paging is not None else {}
         pages["kv_dtype"] = self.kv_dtype
         self.page_table = None if paging is None else np.full((num_slots, max_len // paging[1]), paging[0], np.int32)
@@ -188,17 +196,17 @@ class DraftModelProposer:
                 kwargs["out_shardings"] = self._cache_sharding if num_outputs == 1 else (
                     self._cache_sharding, *[rep] * (num_outputs - 1))
                 key = (*key, self.placement, self.num_slots, self.max_len, self.paging, self.kv_dtype)
-            fn = self._fns[name] = cached_jit(("draft", self.graphdef, self.moe_backend, self.attention, *key), make,
+            fn = self._fns[name] = cached_jit(("draft", self.graphdef, self.moe_backend, *self.backends, *key), make,
                                               **kwargs)
         return fn
 
     def _extend(self):
-        return self._jit(("extend", 0), lambda: _make_extend(self.graphdef, self.moe_backend, self.attention), 1)
+        return self._jit(("extend", 0), lambda: _make_extend(self.graphdef, self.moe_backend, *self.backends), 1)
 
     def _loop(self, kb: int, kv_len: int):
         identity = not self.compact_rows
         return self._jit(("loop", kb, kv_len, identity),
-                         lambda: _make_loop(self.graphdef, self.moe_backend, kb, kv_len, identity, self.attention), 3)
+                         lambda: _make_loop(self.graphdef, self.moe_backend, kb, kv_len, identity, *self.backends), 3)
 
     def _sync_lengths(self) -> None:
         # Back to the cache's own (committed) layout: an uncommitted host array here would change
@@ -304,7 +312,7 @@ class DraftModelProposer:
     def loop_fn(self, kb: int, kv_len: int):
         """The round as a pure function (state, cache, slot_ids, block, pending, lengths, sampling,
         out_pos) -> (cache, tokens [B, kb], q's [B, kb, V]), for a runner to fuse into its step."""
-        return _make_loop(self.graphdef, self.moe_backend, kb, kv_len, not self.compact_rows, self.attention)
+        return _make_loop(self.graphdef, self.moe_backend, kb, kv_len, not self.compact_rows, *self.backends)
 
     def set_committed(self, slots: np.ndarray, last_pos: np.ndarray, num_accepted: np.ndarray, kb: int) -> None:
         """``commit``'s host lengths where a fused step already set the device's: ``slots`` fed

@@ -1,0 +1,39 @@
+"""A few rows times a dense float32 weight matrix on the CPU, in one XLA FFI call (``dense_matmul.cc``).
+
+``dense_matmul(x, w)`` is ``x [N, D] @ w [D, F]`` with each output element summed over d in
+ascending order: a row's result does not depend on the other rows of the call, so a verification
+and a decode step give a token the same bits. The weights are read where they lie, once per block of
+output columns. Forward only (no derivative is defined).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cpu_kernels import native
+
+TARGET = "jaxspec_dense_matmul"
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here (built on the first call), or None when it can."""
+    return native.register("dense_matmul", (TARGET,))
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [N, D] f32, w [D, F] f32 -> [N, F] f32."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the CPU dense matmul kernel is unavailable here: {reason}")
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"dense_matmul takes x [N, D] and w [D, F]; got {x.shape} and {w.shape}")
+    for name, a in (("x", x), ("w", w)):
+        if a.dtype != jnp.float32:
+            raise TypeError(f"dense_matmul takes float32 arrays; {name} is {a.dtype}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))
+    return call(x, w)
