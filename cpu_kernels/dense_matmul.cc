@@ -1,9 +1,9 @@
 // A few rows times a dense weight matrix on the CPU, as an XLA FFI handler: y[N, F] = x[N, D] @ w[D, F].
 //
-// XLA:CPU runs a product of 2-8 rows by a weight matrix at a third to a quarter of its one-row
-// speed (a general matrix product that packs its operands), so a verification's projections cost
-// several times a decode step's. Here each block of output columns streams its weight rows once
-// for every row of the call, with the column blocks split over XLA's intra-op threads.
+// XLA:CPU took about 3x as long for a product of 5 rows by a weight matrix as for 1 (a general
+// matrix product that packs its operands), so a verification's projections cost several times a
+// decode step's. Here each weight row is read once for every row of the call (gemm.h), with panels
+// of output columns split over XLA's intra-op threads.
 //
 // Every output element is a sum over d in ascending order, one fused multiply-add per term
 // (gemm.h): a row's result does not depend on the other rows of the call, nor on how work is
@@ -23,6 +23,8 @@ using namespace cpu_kernels;
 
 namespace {
 
+constexpr int64_t kMinThreadedMacs = 1 << 17;  // multiply-adds below which one thread computes
+
 ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
@@ -38,11 +40,12 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   rows.resize(N);
   for (int64_t n = 0; n < N; ++n) rows[n] = xp + n * D;
   const float* const* a = rows.data();
-  const int64_t blocks = (F + kCols - 1) / kCols;
-  const int64_t helpers = std::max<int64_t>(pool.num_threads(), 1) - 1;
-  parallel_for(pool, blocks, helpers, [&](int64_t item) {
-    const int64_t c0 = item * kCols;
-    const int cols = static_cast<int>(std::min<int64_t>(kCols, F - c0));
+  // A small product stays on this thread: handing work to another costs more than it saves.
+  const int64_t threads = N * D * F < kMinThreadedMacs ? 1 : std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t width = panel_width(F, threads), panels = (F + width - 1) / width;
+  parallel_for(pool, panels, threads - 1, [&](int64_t item) {
+    const int64_t c0 = item * width;
+    const int cols = static_cast<int>(std::min<int64_t>(width, F - c0));
     matmul(a, N, wp + c0, F, D, yp + c0, F, cols);
   });
   return ffi::Error::Success();

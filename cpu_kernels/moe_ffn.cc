@@ -104,22 +104,22 @@ ffi::Error MoeFfn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
 
   const int64_t helpers = std::max<int64_t>(pool.num_threads(), 1) - 1;
   const int64_t num_active = static_cast<int64_t>(s.active.size());
-  // Gate and up products, (expert, column block) per item, then silu(gate) * up.
-  const int64_t fblocks = (F + kCols - 1) / kCols;
+  // Gate and up products, (expert, panel of columns) per item, then silu(gate) * up.
+  const int64_t fwidth = panel_width(F, helpers + 1), fblocks = (F + fwidth - 1) / fwidth;
   parallel_for(pool, num_active * fblocks, helpers, [&](int64_t item) {
-    const int64_t e = s.active[item / fblocks], c0 = (item % fblocks) * kCols;
-    const int cols = static_cast<int>(std::min<int64_t>(kCols, F - c0));
+    const int64_t e = s.active[item / fblocks], c0 = (item % fblocks) * fwidth;
+    const int cols = static_cast<int>(std::min<int64_t>(fwidth, F - c0));
     const int64_t r0 = s.start[e], rows = s.count[e];
     const float* const* a = s.xrows.data() + r0;
     matmul(a, rows, w_gate.typed_data() + e * D * F + c0, F, D, s.h.data() + r0 * F + c0, F, cols);
     matmul(a, rows, w_up.typed_data() + e * D * F + c0, F, D, s.u.data() + r0 * F + c0, F, cols);
     for (int64_t r = r0; r < r0 + rows; ++r) swiglu(s.h.data() + r * F + c0, s.u.data() + r * F + c0, cols);
   });
-  // Down products into each routed row's own output, (expert, column block) per item.
-  const int64_t dblocks = (D + kCols - 1) / kCols;
+  // Down products into each routed row's own output, (expert, panel of columns) per item.
+  const int64_t dwidth = panel_width(D, helpers + 1), dblocks = (D + dwidth - 1) / dwidth;
   parallel_for(pool, num_active * dblocks, helpers, [&](int64_t item) {
-    const int64_t e = s.active[item / dblocks], c0 = (item % dblocks) * kCols;
-    const int cols = static_cast<int>(std::min<int64_t>(kCols, D - c0));
+    const int64_t e = s.active[item / dblocks], c0 = (item % dblocks) * dwidth;
+    const int cols = static_cast<int>(std::min<int64_t>(dwidth, D - c0));
     const int64_t r0 = s.start[e];
     matmul(s.hrows.data() + r0, s.count[e], w_down.typed_data() + e * F * D + c0, D, F,
            s.out.data() + r0 * D + c0, D, cols);
