@@ -51,7 +51,86 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+constexpr int kRowsNt = 8;  // rows whose sums stay in registers at once in the transposed product
+
+// y[m, f0:f0+16] for m < R, w given as [F, D] rows: 16 rows of w at a time, transposed 16 columns
+// at a time, so each output's sum still runs over d ascending, one multiply-add per term.
+template <int R>
+void block_nt(const float* const* x, const float* w, int64_t D, int64_t f0, int64_t fcount, float* y,
+              int64_t ldy) {
+  vf acc[R] = {};
+  const int64_t dv = D / kLanes * kLanes;
+  for (int64_t d0 = 0; d0 < dv; d0 += kLanes) {
+    vf t[kLanes];
+    for (int l = 0; l < kLanes; ++l) t[l] = l < fcount ? load(w + (f0 + l) * D + d0) : vf{};
+    transpose16(t);  // t[d][l] = w[f0 + l, d0 + d]
+    for (int d = 0; d < kLanes; ++d)
+      for (int m = 0; m < R; ++m) acc[m] += splat(x[m][d0 + d]) * t[d];
+  }
+  for (int64_t d = dv; d < D; ++d) {
+    vf t = {};
+    for (int l = 0; l < fcount; ++l) t[l] = w[(f0 + l) * D + d];
+    for (int m = 0; m < R; ++m) acc[m] += splat(x[m][d]) * t;
+  }
+  for (int m = 0; m < R; ++m) {
+    if (fcount == kLanes) {
+      store(y + m * ldy + f0, acc[m]);
+    } else {
+      for (int l = 0; l < fcount; ++l) y[m * ldy + f0 + l] = acc[m][l];
+    }
+  }
+}
+
+// y[N, F] = x[N, D] @ w[F, D]^T: a weight stored with its contracted axis last (a tied embedding
+// read as the output head), without the transposed copy XLA's product would read it through.
+ffi::Error DenseMatmulNt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("dense_matmul_nt: x [N, D] and w [F, D]");
+  const int64_t N = xd[0], D = xd[1], F = wd[0];
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  if (N == 0 || F == 0) return ffi::Error::Success();
+
+  thread_local std::vector<const float*> rows;
+  rows.resize(N);
+  for (int64_t n = 0; n < N; ++n) rows[n] = xp + n * D;
+  const float* const* a = rows.data();
+  const int64_t threads = N * D * F < kMinThreadedMacs ? 1 : std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t width = panel_width(F, threads), panels = (F + width - 1) / width;
+  parallel_for(pool, panels, threads - 1, [&](int64_t item) {
+    const int64_t end = std::min<int64_t>(F, (item + 1) * width);
+    for (int64_t f0 = item * width; f0 < end; f0 += kLanes) {
+      const int64_t fcount = std::min<int64_t>(kLanes, end - f0);
+      for (int64_t m = 0; m < N; m += kRowsNt) {
+        const float* const* am = a + m;
+        float* ym = yp + m * F;
+        switch (std::min<int64_t>(kRowsNt, N - m)) {
+          case 1: block_nt<1>(am, wp, D, f0, fcount, ym, F); break;
+          case 2: block_nt<2>(am, wp, D, f0, fcount, ym, F); break;
+          case 3: block_nt<3>(am, wp, D, f0, fcount, ym, F); break;
+          case 4: block_nt<4>(am, wp, D, f0, fcount, ym, F); break;
+          case 5: block_nt<5>(am, wp, D, f0, fcount, ym, F); break;
+          case 6: block_nt<6>(am, wp, D, f0, fcount, ym, F); break;
+          case 7: block_nt<7>(am, wp, D, f0, fcount, ym, F); break;
+          default: block_nt<8>(am, wp, D, f0, fcount, ym, F); break;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_dense_matmul_nt, DenseMatmulNt,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [F, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y [N, F]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxspec_dense_matmul, DenseMatmul,
                               ffi::Ffi::Bind()

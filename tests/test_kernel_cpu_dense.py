@@ -52,12 +52,26 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch():
     np.testing.assert_array_equal(np.asarray(matmul(x[order], w)), full[order])
 
 
+@pytest.mark.parametrize("n,d,f", [(1, 64, 4096), (2, 70, 100), (9, 35, 33), (17, 16, 17)])
+def test_the_transposed_product_is_the_product_by_the_transpose_bit_for_bit(n, d, f):
+    r = np.random.default_rng(n + f)
+    x, w = _array(r, n, d), _array(r, f, d, scale=d ** -0.5)  # w [F, D]: a tied embedding's layout
+    got = jax.jit(kernel_module.dense_matmul_nt)(x, w)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(matmul(x, w.T)))
+    np.testing.assert_allclose(got, dense_matmul_reference(x, w.T), **TOL)
+    tied = jax.jit(dense_cpu.head_tied, static_argnums=2)
+    np.testing.assert_array_equal(np.asarray(tied(x[None], w, "cpu"))[0], np.asarray(got))
+    np.testing.assert_allclose(tied(x[None], w, "xla")[0], got, **TOL)
+
+
 def test_bad_input_is_refused_by_name():
     x, w = jnp.ones((2, 8), jnp.float32), jnp.ones((8, 4), jnp.float32)
     with pytest.raises(TypeError, match="float32 arrays; w is bfloat16"):
         kernel_module.dense_matmul(x, w.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match=r"x \[N, D\] and w \[D, F\]"):
         kernel_module.dense_matmul(x, jnp.ones((7, 4), jnp.float32))
+    with pytest.raises(ValueError, match=r"x \[N, D\] and w \[F, D\]"):
+        kernel_module.dense_matmul_nt(x, jnp.ones((4, 7), jnp.float32))
 
 
 @pytest.mark.parametrize("spec,x_shape,w_shape", [
@@ -112,7 +126,7 @@ def test_dense_ffn_is_the_swiglu_mlp():
     assert dense_cpu.dense_ffn(_array(r, dense_cpu.MAX_ROWS + 1, 32), wg, wu, wd, "cpu") is None
 
 
-@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
+@pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe", "builtin-draft"])
 def test_a_forward_with_cpu_products_matches_xla_and_a_token_gets_the_same_bits_in_decode_and_verification(name):
     from jaxspec.models.kv_cache import KVCache
 

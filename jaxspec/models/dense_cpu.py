@@ -8,7 +8,9 @@ a decode step's. With matmul backend "cpu" (a static argument of the forward, ch
   leading axes, then the contracted ones; w's contracted axes first) through
   ``cpu_kernels.dense_matmul``, which streams each weight once for all rows;
 * ``dense_ffn(x, w_gate, w_up, w_down, "cpu")``: a SwiGLU MLP as one call of
-  ``cpu_kernels.moe_ffn`` with a single expert that every row takes at weight 1.
+  ``cpu_kernels.moe_ffn`` with a single expert that every row takes at weight 1;
+* ``head_tied(hidden, embed, "cpu")``: the logits of a model whose head is its embedding [V, D],
+  read as it lies (XLA's product read it through a transposed operand, several times slower).
 
 Both apply to float32 weights (not quantized) and at most ``MAX_ROWS`` rows (a prefill's hundreds
 of rows go to XLA's general product); otherwise XLA computes them. The kernels sum in one fixed
@@ -68,6 +70,19 @@ def project(spec: str, x: jax.Array, w, backend: str = "xla") -> jax.Array:
                 y = dense_matmul(x.reshape(rows, depth), w.reshape(depth, -1))
                 return y.reshape(*x.shape[:len(x_free)], *w.shape[len(contracted):])
     return qeinsum(spec, x, w)
+
+
+def head_tied(hidden: jax.Array, embed, backend: str = "xla") -> jax.Array:
+    """Logits ``hidden [..., D] @ embed [V, D]^T`` (float32) of a model whose output head is its
+    embedding: through ``cpu_kernels.dense_matmul.dense_matmul_nt`` where ``backend`` is "cpu" and it
+    applies (the embedding read as it lies), else XLA."""
+    rows = math.prod(hidden.shape[:-1])
+    if check_matmul_backend(backend) == "cpu" and _float32(hidden, embed) and rows <= MAX_ROWS:
+        from cpu_kernels.dense_matmul import dense_matmul_nt
+
+        y = dense_matmul_nt(hidden.reshape(rows, hidden.shape[-1]), embed)
+        return y.reshape(*hidden.shape[:-1], embed.shape[0])
+    return qeinsum("...d,dv->...v", hidden, embed.T, preferred_element_type=jnp.float32)
 
 
 def dense_ffn(x: jax.Array, w_gate, w_up, w_down, backend: str = "xla") -> jax.Array | None:

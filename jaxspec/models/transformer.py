@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxspec.config import ModelConfig
 from jaxspec.models.kv_cache import KVCache
-from jaxspec.models.dense_cpu import project
+from jaxspec.models.dense_cpu import head_tied, project
 from jaxspec.models.layers import MLP, Attention, RMSNorm, param, rope_inv_frequencies
 from jaxspec.models.moe import MoEBlock
 from jaxspec.models.quant import qeinsum
@@ -197,8 +197,8 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array, matmul_backend: str = "xla") -> jax.Array:
         """Final hidden states [B, T, D] -> logits [B, T, V] float32."""
-        if self.cfg.tie_embeddings:  # XLA reads the embedding as it lies; the kernel would need a transposed copy
-            return qeinsum("btd,dv->btv", hidden, self.embed[...].T, preferred_element_type=jnp.float32)
+        if self.cfg.tie_embeddings:
+            return head_tied(hidden, self.embed[...], matmul_backend)
         if hidden.dtype == jnp.float32:
             return project("btd,dv->btv", hidden, self.lm_head[...], matmul_backend)
         return qeinsum("btd,dv->btv", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
