@@ -152,6 +152,9 @@ class WrappedRunner:
     def attention_backend(self) -> str:
         return self._inner.attention_backend()
 
+    def matmul_backend(self) -> str:
+        return self._inner.matmul_backend()
+
     def padded_length(self, prompt_len: int) -> int:
         return self._inner.padded_length(prompt_len)
 

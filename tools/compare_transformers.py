@@ -180,11 +180,12 @@ def pow2_bucket(n: int) -> int:
 
 
 def jaxspec_loop(model: Transformer, new_tokens: int, moe_backend=None,
-                 expert_slices: bool = False, attention: str = "xla") -> Callable[[Prompts], np.ndarray]:
+                 expert_slices: bool = False, attention: str = "xla",
+                 matmul: str = "xla") -> Callable[[Prompts], np.ndarray]:
     """Greedy generation: jitted prefill, then a jitted fori_loop of decode steps (cache donated).
     ``moe_backend``: the MoE dispatch (the engine's measured table, so both run the same experts' code);
     ``expert_slices``: the expert weights one array per expert, as the engine holds them then;
-    ``attention``: the engine's attention backend."""
+    ``attention``, ``matmul``: the engine's attention and dense-projection backends."""
     graphdef, state = nnx.split(model)
     if expert_slices:
         state = split_experts(nnx.to_pure_dict(state))
@@ -193,7 +194,8 @@ def jaxspec_loop(model: Transformer, new_tokens: int, moe_backend=None,
     def prefill(state, tokens, lengths, cache):
         # Right-padded rows: num_valid masks the padding and sets each row's cache length.
         out = nnx.merge(graphdef, state)(tokens, jnp.zeros_like(lengths), cache, num_valid=lengths,
-                                         moe_backend=moe_backend, logits_at=lengths - 1, attention_backend=attention)
+                                         moe_backend=moe_backend, logits_at=lengths - 1, attention_backend=attention,
+                                         matmul_backend=matmul)
         last = out.logits[:, 0]
         return jnp.argmax(last, axis=-1).astype(jnp.int32), out.cache
 
@@ -205,7 +207,8 @@ def jaxspec_loop(model: Transformer, new_tokens: int, moe_backend=None,
         def step(i, carry):
             tokens, cache, out = carry
             # each row at its own length
-            o = model(tokens[:, None], cache.lengths, cache, moe_backend=moe_backend, attention_backend=attention)
+            o = model(tokens[:, None], cache.lengths, cache, moe_backend=moe_backend, attention_backend=attention,
+                      matmul_backend=matmul)
             nxt = jnp.argmax(o.logits[:, 0], axis=-1).astype(jnp.int32)
             return nxt, o.cache, out.at[:, i + 1].set(nxt)
 
@@ -245,6 +248,7 @@ def jaxspec_engine(served: argparse.Namespace, new_tokens: int):
     # The layout the table was measured for is the one the engine's runner holds (``tune_moe_dispatch``).
     run.expert_slices = getattr(run.moe_backend, "expert_slices", False)
     run.attention = engine.runner.attention_backend()
+    run.matmul = engine.runner.matmul_backend()
     return run
 
 
@@ -428,13 +432,13 @@ def in_process_rows(args, prompts: Prompts, hf_model, model, served, rows: list,
     """transformers, bare loop and engine rows; ``tokens[(impl, batch)]`` keeps what each decoded."""
     engine = None if args.no_engine else jaxspec_engine(served, args.new_tokens)
     if engine is not None:
-        attention = engine.attention
-    else:  # as make_runner's "auto": the C++ kernel where it applies
-        from jaxspec.engine.model_runner import auto_attention
+        attention, matmul = engine.attention, engine.matmul
+    else:  # as make_runner's "auto": the C++ kernels where they apply
+        from jaxspec.engine.model_runner import auto_attention, auto_matmul
 
-        attention = auto_attention(model.cfg)
+        attention, matmul = auto_attention(model.cfg), auto_matmul(model.cfg)
     loop = jaxspec_loop(model, args.new_tokens, getattr(engine, "moe_backend", None),
-                        getattr(engine, "expert_slices", False), attention)
+                        getattr(engine, "expert_slices", False), attention, matmul)
     for batch in args.batch_sizes:
         pool = prompts[: workload(args, batch)]
         sides = [] if args.no_transformers else [

@@ -201,6 +201,10 @@ class PlainRunner:
         """The attention backend the steps run (``layers.ATTENTION_BACKENDS``)."""
         return self.runner.statics.attention_backend
 
+    def matmul_backend(self) -> str:
+        """The dense projections' backend the steps run (``dense_cpu.MATMUL_BACKENDS``)."""
+        return self.runner.statics.matmul_backend
+
     def release(self, slot: int) -> None:
         self.runner.set_length(slot, 0)
 

@@ -306,6 +306,10 @@ class SpeculativeRunner(CompiledSteps):
         """The target's attention backend (``layers.ATTENTION_BACKENDS``)."""
         return self.target.statics.attention_backend
 
+    def matmul_backend(self) -> str:
+        """The target's dense projections' backend (``dense_cpu.MATMUL_BACKENDS``)."""
+        return self.target.statics.matmul_backend
+
     @property
     def cost_model(self) -> CostModel | None:
         return self.spec.cost_model
