@@ -7,6 +7,10 @@ explains why two servers will not do on a shared machine). Prints tokens/s per r
 the ratio, and whether the greedy outputs matched.
 
     python tools/ab_matmul.py --model builtin --concurrency 1 8 --rounds 4
+
+``--forwards builtin mixtral dense`` instead times single jitted forwards of those models
+(``tools/roofline.py``'s, B rows x T tokens over 256 cached positions), the two backends' calls
+alternating, and prints each one's median and the median of the paired ratios.
 """
 
 from __future__ import annotations
@@ -24,6 +28,63 @@ from ab_engine import drive  # noqa: E402
 BACKENDS = ("xla", "cpu")
 
 
+def forwards(models: list[str], shapes: list[tuple[int, int]], reps: int) -> list[dict]:
+    """Per (model, B, T): median ms of the forward with each backend and the median of the paired
+    cpu / xla ratios. Every rep runs every shape with both backends (the order alternating), so the
+    machine's drift hits shapes and backends alike."""
+    import statistics
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import roofline
+    from jaxspec.engine.model_runner import auto_attention
+    from jaxspec.models.kv_cache import KVCache
+
+    rows = []
+    for name in models:
+        model = roofline.build_model(name, 512)
+        cfg = model.cfg
+        attention = auto_attention(cfg)
+        moe, state = roofline.dispatch_for(model, "measured", max(b for b, _ in shapes), max(t for _, t in shapes),
+                                           512, (attention, "xla"))
+        if not cfg.is_moe:
+            state = nnx.split(model)[1]
+        graphdef = nnx.graphdef(model)
+        cases = {}
+        for b, t in shapes:
+            for mm in BACKENDS:
+                tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (b, t)), jnp.int32)
+                cases[(b, t, mm)] = [roofline._forward_for(graphdef, 256, moe, (attention, mm)),
+                                     KVCache.create(cfg, b, 512), tokens, jnp.full((b,), 256 - t, jnp.int32), []]
+        for i in range(reps + 2):  # compile, then one warm call each
+            for b, t in shapes:
+                for mm in (BACKENDS if i % 2 == 0 else BACKENDS[::-1]):
+                    case = cases[(b, t, mm)]
+                    t0 = time.perf_counter()
+                    logits, case[1], _ = case[0](state, case[1], case[2], case[3])
+                    jax.block_until_ready((logits, case[1]))
+                    if i >= 2:
+                        case[4].append(time.perf_counter() - t0)
+        for b, t in shapes:
+            xs, cs = cases[(b, t, "xla")][4], cases[(b, t, "cpu")][4]
+            rows.append({"model": name, "B": b, "T": t, "xla_ms": 1e3 * statistics.median(xs),
+                         "cpu_ms": 1e3 * statistics.median(cs),
+                         "ratio": statistics.median(c / x for x, c in zip(xs, cs))})
+    one = {(r["model"], r["B"]): r for r in rows if r["T"] == 1}
+    print("\n| model | B | T | matmul xla ms | matmul cpu ms | paired cpu / xla | t(T)/t(1) xla | t(T)/t(1) cpu |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        base = one.get((r["model"], r["B"]))
+        per = (f"{r['xla_ms'] / base['xla_ms']:.2f} | {r['cpu_ms'] / base['cpu_ms']:.2f}"
+               if base is not None and r["T"] > 1 else "- | -")
+        print(f"| {r['model']} | {r['B']} | {r['T']} | {r['xla_ms']:.3f} | {r['cpu_ms']:.3f} | {r['ratio']:.2f} | {per} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin", help="a built-in name, config name or checkpoint")
@@ -36,7 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--forwards", nargs="+", default=None, metavar="MODEL",
+                   help="time single forwards of these tools/roofline.py models instead (builtin, mixtral, dense, ...)")
+    p.add_argument("--shapes", nargs="+", default=["1x1", "1x5", "8x1", "8x5"], help="with --forwards: BxT")
+    p.add_argument("--reps", type=int, default=40, help="with --forwards: timed calls per backend")
     args = p.parse_args(argv)
+    if args.forwards:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+        rows = forwards(args.forwards, shapes, args.reps)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "forwards": rows}, f, indent=1)
+        return 0
 
     from jaxspec import compilation_cache
     from jaxspec.bench.workloads import make_workload

@@ -339,7 +339,8 @@ class SpecScheduler:
         bucket is weighed at what it costs in serving. Buckets are tried from the smallest up and
         no further once one realised less than plain steps and less than the bucket before it; no
         trial, at any batch bucket, before the last one is at most ``trial_budget`` of the time
-        since its start, so that no request pays for more than one."""
+        since its start, so that trials take at most about that share of the time and no request
+        runs through several in a row."""
         if (self.trial_steps <= 0 or costs.smoothing <= 0 or self.policy.drafting
                 or not self.policy.can_probe(caps, forced) or self._wall_blocked(rows)):
             return None
