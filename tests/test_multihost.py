@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -475,9 +474,9 @@ def test_multihost_meshes_span_16_devices_and_split_mixtral(mesh):
 
 # ------------------------------------------------------------------------------ the tests
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from helpers import free_port
+
+    return free_port()
 
 
 class _Job:

@@ -450,11 +450,9 @@ def test_two_processes_load_a_hugging_face_folder_each_reading_its_own_experts(t
 
 
 def _free_port() -> int:
-    import socket
+    from helpers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "worker":
