@@ -27,29 +27,24 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [N, D] f32, w [D, F] f32 -> [N, F] f32."""
+def _call(target: str, name: str, x: jax.Array, w: jax.Array, contracted: int, out: int) -> jax.Array:
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU dense matmul kernel is unavailable here: {reason}")
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"dense_matmul takes x [N, D] and w [D, F]; got {x.shape} and {w.shape}")
-    for name, a in (("x", x), ("w", w)):
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[contracted]:
+        layout = "[D, F]" if contracted == 0 else "[F, D]"
+        raise ValueError(f"{name} takes x [N, D] and w {layout}; got {x.shape} and {w.shape}")
+    for arg, a in (("x", x), ("w", w)):
         if a.dtype != jnp.float32:
-            raise TypeError(f"dense_matmul takes float32 arrays; {name} is {a.dtype}")
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))
-    return call(x, w)
+            raise TypeError(f"{name} takes float32 arrays; {arg} is {a.dtype}")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[out]), jnp.float32))(x, w)
+
+
+def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [N, D] f32, w [D, F] f32 -> [N, F] f32."""
+    return _call(TARGET, "dense_matmul", x, w, contracted=0, out=1)
 
 
 def dense_matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [N, D] f32, w [F, D] f32 -> x @ w.T [N, F] f32 (the same bits as ``dense_matmul(x, w.T)``)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"the CPU dense matmul kernel is unavailable here: {reason}")
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"dense_matmul_nt takes x [N, D] and w [F, D]; got {x.shape} and {w.shape}")
-    for name, a in (("x", x), ("w", w)):
-        if a.dtype != jnp.float32:
-            raise TypeError(f"dense_matmul_nt takes float32 arrays; {name} is {a.dtype}")
-    call = jax.ffi.ffi_call(TARGET_NT, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
-    return call(x, w)
+    return _call(TARGET_NT, "dense_matmul_nt", x, w, contracted=1, out=0)
