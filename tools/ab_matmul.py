@@ -9,7 +9,7 @@ the ratio, and whether the greedy outputs matched.
     python tools/ab_matmul.py --model builtin --concurrency 1 8 --rounds 4
 
 ``--forwards builtin mixtral dense`` instead times single jitted forwards of those models
-(``tools/roofline.py``'s, B rows x T tokens over 256 cached positions), the two backends' calls
+(``tools/roofline.py``'s, B rows x T tokens ending at --context, 256, cached positions), the two backends' calls
 alternating, and prints each one's median and the median of the paired ratios.
 """
 
@@ -28,7 +28,8 @@ from ab_engine import drive  # noqa: E402
 BACKENDS = ("xla", "cpu")
 
 
-def forwards(models: list[str], shapes: list[tuple[int, int]], reps: int) -> list[dict]:
+def forwards(models: list[str], shapes: list[tuple[int, int]], reps: int, context: int = 256,
+             max_len: int = 512) -> list[dict]:
     """Per (model, B, T): median ms of the forward with each backend and the median of the paired
     cpu / xla ratios. Every rep runs every shape with both backends (the order alternating), so the
     machine's drift hits shapes and backends alike."""
@@ -46,11 +47,11 @@ def forwards(models: list[str], shapes: list[tuple[int, int]], reps: int) -> lis
 
     rows = []
     for name in models:
-        model = roofline.build_model(name, 512)
+        model = roofline.build_model(name, max_len)
         cfg = model.cfg
         attention = auto_attention(cfg)
         moe, state = roofline.dispatch_for(model, "measured", max(b for b, _ in shapes), max(t for _, t in shapes),
-                                           512, (attention, "xla"))
+                                           max_len, (attention, "xla"))
         if not cfg.is_moe:
             state = nnx.split(model)[1]
         graphdef = nnx.graphdef(model)
@@ -58,8 +59,8 @@ def forwards(models: list[str], shapes: list[tuple[int, int]], reps: int) -> lis
         for b, t in shapes:
             for mm in BACKENDS:
                 tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (b, t)), jnp.int32)
-                cases[(b, t, mm)] = [roofline._forward_for(graphdef, 256, moe, (attention, mm)),
-                                     KVCache.create(cfg, b, 512), tokens, jnp.full((b,), 256 - t, jnp.int32), []]
+                cases[(b, t, mm)] = [roofline._forward_for(graphdef, context, moe, (attention, mm)),
+                                     KVCache.create(cfg, b, max_len), tokens, jnp.full((b,), context - t, jnp.int32), []]
         for i in range(reps + 2):  # compile, then one warm call each
             for b, t in shapes:
                 for mm in (BACKENDS if i % 2 == 0 else BACKENDS[::-1]):
@@ -101,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="time single forwards of these tools/roofline.py models instead (builtin, mixtral, dense, ...)")
     p.add_argument("--shapes", nargs="+", default=["1x1", "1x5", "8x1", "8x5"], help="with --forwards: BxT")
     p.add_argument("--reps", type=int, default=40, help="with --forwards: timed calls per backend")
+    p.add_argument("--context", type=int, default=256, help="with --forwards: positions attended after the step")
+    p.add_argument("--max-len", type=int, default=512, help="with --forwards: cache length per row")
     args = p.parse_args(argv)
     if args.forwards:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
-        rows = forwards(args.forwards, shapes, args.reps)
+        rows = forwards(args.forwards, shapes, args.reps, args.context, args.max_len)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "forwards": rows}, f, indent=1)
