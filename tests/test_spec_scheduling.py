@@ -542,7 +542,7 @@ def test_trials_climb_while_rates_rise_and_come_back_after_their_wait():
     assert [1] * 6 in [kbs[i:i + 6] for i in range(len(kbs) - 5)]  # bucket 1 tried again
 
 
-def test_trials_are_spaced_so_that_no_request_pays_for_two():
+def test_trials_are_spaced_so_that_no_request_runs_through_several_in_a_row():
     """A trial's cost falls on the requests running through it. With the serving default, the
     climb over proposal buckets does not run its trials back to back: each starts once the one
     before took at most TRIAL_BUDGET of the time since that one's start."""
