@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ports import free_port
 
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 80], list(range(30, 52))]
 MAX_TOKENS = 8
@@ -473,12 +474,6 @@ def test_multihost_meshes_span_16_devices_and_split_mixtral(mesh):
 
 
 # ------------------------------------------------------------------------------ the tests
-def _free_port() -> int:
-    from helpers import free_port
-
-    return free_port()
-
-
 class _Job:
     """Two worker processes, killed in any case when the test ends."""
 
@@ -520,7 +515,7 @@ class _Job:
 @pytest.mark.parametrize("spec", ["none", "draft", "paged"])
 def test_two_processes_generate_what_one_process_does(tmp_path, spec):
     out = tmp_path / "leader.json"
-    job = _Job(tmp_path, "worker", str(_free_port()), str(out), spec)
+    job = _Job(tmp_path, "worker", str(free_port()), str(out), spec)
     try:
         codes = job.wait(TIMEOUT_S)  # a hang fails the test instead of blocking the suite
     finally:
@@ -542,12 +537,11 @@ def test_two_processes_generate_what_one_process_does(tmp_path, spec):
 def _settled_health(port: int, timeout: float = 30.0) -> dict:
     """The follower's /health once its replayed calls stop moving: the leader may still queue a step
     ahead after the last reply (the engine's overlap), which the follower replays a moment later."""
-    url = f"http://127.0.0.1:{port}/health"
-    health = json.loads(urllib.request.urlopen(url, timeout=10).read())
-    deadline = time.monotonic() + timeout
+    read = lambda: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())  # noqa: E731
+    health, deadline = read(), time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        again = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        again = read()
         if again["replayed_calls"] == health["replayed_calls"]:
             return again
         health = again
@@ -588,8 +582,8 @@ def _serve_reference() -> list[list[int]]:
 def test_leader_serves_grpc_and_sigterm_stops_every_process(tmp_path):
     from serving.client import JaxSpecClient
 
-    grpc_port, metrics_port = _free_port(), _free_port()
-    job = _Job(tmp_path, "serve", str(_free_port()), str(grpc_port), str(metrics_port))
+    grpc_port, metrics_port = free_port(), free_port()
+    job = _Job(tmp_path, "serve", str(free_port()), str(grpc_port), str(metrics_port))
     try:
         with JaxSpecClient(f"127.0.0.1:{grpc_port}", timeout=TIMEOUT_S) as client:
             _wait_serving(client, job, TIMEOUT_S)
@@ -622,8 +616,8 @@ def test_leader_serves_speculative_decoding_with_adaptive_k(tmp_path, spec):
     from serving.client import JaxSpecClient
 
     _save_models(tmp_path)
-    grpc_port, metrics_port = _free_port(), _free_port()
-    job = _Job(tmp_path, "serve-spec", str(_free_port()), str(grpc_port), str(metrics_port), str(tmp_path), spec)
+    grpc_port, metrics_port = free_port(), free_port()
+    job = _Job(tmp_path, "serve-spec", str(free_port()), str(grpc_port), str(metrics_port), str(tmp_path), spec)
     try:
         with JaxSpecClient(f"127.0.0.1:{grpc_port}", timeout=TIMEOUT_S) as client:
             _wait_serving(client, job, TIMEOUT_S)
@@ -663,8 +657,8 @@ def test_follower_killed_fails_requests_and_the_leader_exits_non_zero(tmp_path):
     from serving.multihost import EXIT_FOLLOWER_LOST
     from serving.pb import jaxspec_pb2 as pb
 
-    grpc_port = _free_port()
-    job = _Job(tmp_path, "serve", str(_free_port()), str(grpc_port))
+    grpc_port = free_port()
+    job = _Job(tmp_path, "serve", str(free_port()), str(grpc_port))
     failures = []
     try:
         with JaxSpecClient(f"127.0.0.1:{grpc_port}", timeout=TIMEOUT_S) as client:

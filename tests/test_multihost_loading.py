@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ports import free_port
 
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 80], list(range(30, 52))]
 MAX_TOKENS = 8
@@ -376,7 +377,7 @@ def _run_job(tmp_path: Path, kind: str) -> list[dict]:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(4),
            "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"worker-p{i}.log" for i in range(2)]
     out = tmp_path / "out"
     procs = [subprocess.Popen([sys.executable, __file__, "worker", str(i), str(port), str(out), str(tmp_path), kind],
@@ -447,12 +448,6 @@ def test_two_processes_load_a_hugging_face_folder_each_reading_its_own_experts(t
         assert experts and all(e == {2 * i, 2 * i + 1} for e in experts.values()), (i, experts)
         others = [t for t in g["reads"]["tensors"] if ".experts." not in t]
         assert len(others) == len(set(others)) and "model.embed_tokens.weight" in others
-
-
-def _free_port() -> int:
-    from helpers import free_port
-
-    return free_port()
 
 
 if __name__ == "__main__" and len(sys.argv) >= 2 and sys.argv[1] == "worker":

@@ -42,7 +42,7 @@ def forwards(models: list[str], shapes: list[tuple[int, int]], reps: int, contex
     from flax import nnx
 
     import roofline
-    from jaxspec.engine.model_runner import auto_attention
+    from jaxspec.engine.cpu_backends import auto_attention
     from jaxspec.models.kv_cache import KVCache
 
     rows = []

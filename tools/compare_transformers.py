@@ -434,7 +434,7 @@ def in_process_rows(args, prompts: Prompts, hf_model, model, served, rows: list,
     if engine is not None:
         attention, matmul = engine.attention, engine.matmul
     else:  # as make_runner's "auto": the C++ kernels where they apply
-        from jaxspec.engine.model_runner import auto_attention, auto_matmul
+        from jaxspec.engine.cpu_backends import auto_attention, auto_matmul
 
         attention, matmul = auto_attention(model.cfg), auto_matmul(model.cfg)
     loop = jaxspec_loop(model, args.new_tokens, getattr(engine, "moe_backend", None),

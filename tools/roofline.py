@@ -248,7 +248,7 @@ def time_forward(graphdef, state, cfg: ModelConfig, rows: int, tokens: int, cont
 def run_model(name: str, args, peak: float, bandwidth: float, kv_supported: bool) -> list[dict]:
     model = build_model(name, args.max_len)
     cfg = model.cfg
-    from jaxspec.engine.model_runner import auto_attention, auto_matmul
+    from jaxspec.engine.cpu_backends import auto_attention, auto_matmul
 
     attention = auto_attention(cfg) if args.attention == "auto" else args.attention
     matmul = auto_matmul(cfg) if args.matmul == "auto" else args.matmul

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from jaxspec.engine.runner import PlainRunner, StepRunner
-from jaxspec.engine.model_runner import ModelRunner, auto_attention, auto_matmul
+from jaxspec.engine.cpu_backends import auto_attention, auto_matmul
+from jaxspec.engine.model_runner import ModelRunner
 from jaxspec.mesh import Placement
 from jaxspec.models import Transformer
 from jaxspec.models.kv_cache import page_groups, whole_groups
@@ -17,10 +18,10 @@ KV_CACHES = ("slot", "paged")
 # elsewhere as "auto") or one backend's name (``jaxspec.models.moe_dispatch.BACKENDS``).
 MOE_DISPATCH_MODES = ("auto", "measured")
 # Attention: "auto" is the C++ kernel (``cpu_kernels.slot_attention``) where it can serve the runner
-# (a single CPU device, float32 model and slot cache; ``model_runner.auto_attention``), else XLA.
+# (a single CPU device, float32 model and slot cache; ``cpu_backends.auto_attention``), else XLA.
 ATTENTION_MODES = ("auto", "xla", "cpu", "pallas")
 # Dense projections: "auto" is the C++ products of few rows (``jaxspec.models.dense_cpu``) where they
-# can serve the runner (a single CPU device, float32 unquantized weights; ``model_runner.auto_matmul``),
+# can serve the runner (a single CPU device, float32 unquantized weights; ``cpu_backends.auto_matmul``),
 # else XLA.
 MATMUL_MODES = ("auto", "xla", "cpu")
 

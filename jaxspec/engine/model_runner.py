@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxspec.engine.cpu_backends import cpu_attention_unfit, cpu_matmul_unfit, require_fit
 from jaxspec.engine.mixed_step import forward_mixed, mixed_step
 from jaxspec.engine.slots import SlotTable
 from jaxspec.engine.step import DecodePlan, QueuedStep, StepResult
@@ -123,54 +124,6 @@ def pad_rows(x: np.ndarray, rows: int, value) -> np.ndarray:
     return np.concatenate([x, np.full((rows - len(x), *x.shape[1:]), value, x.dtype)])
 
 
-def cpu_attention_unfit(cfg, placement: Placement | None = None, page_size: int | None = None,
-                        kv_dtype: str | None = None) -> str | None:
-    """Why the C++ attention kernel (``cpu_kernels.slot_attention``, attention backend "cpu") cannot
-    serve a runner's steps, or None when it can: a single-device CPU runner of a float32 model over a
-    float32 slot cache, where the kernel builds."""
-    if placement is not None or jax.default_backend() != "cpu":
-        return "it runs on a single CPU device only"
-    if page_size is not None or check_kv_dtype(kv_dtype) is not None:
-        return "it reads a float32 slot cache (not a paged or int8 one)"
-    if jnp.dtype(cfg.dtype) != jnp.float32:
-        return f"it takes float32 models, not {cfg.dtype}"
-    try:
-        from cpu_kernels.slot_attention import MAX_GROUP, unavailable_reason
-    except ImportError as e:  # an install without the package
-        return f"cpu_kernels cannot be imported: {e}"
-    if cfg.num_heads // cfg.num_kv_heads > MAX_GROUP:
-        return f"{cfg.num_heads // cfg.num_kv_heads} query heads per kv head exceed its {MAX_GROUP}"
-    return unavailable_reason()
-
-
-def cpu_matmul_unfit(cfg, placement: Placement | None = None) -> str | None:
-    """Why the C++ dense products (``dense_cpu``, matmul backend "cpu") cannot serve a runner's
-    steps, or None when they can: a single-device CPU runner of a float32, unquantized model, where
-    the kernels build."""
-    if placement is not None or jax.default_backend() != "cpu":
-        return "they run on a single CPU device only"
-    if jnp.dtype(cfg.dtype) != jnp.float32 or cfg.quantization is not None:
-        return f"they take float32 weights, not {cfg.quantization or cfg.dtype}"
-    try:
-        from cpu_kernels import dense_matmul, moe_ffn
-    except ImportError as e:  # an install without the package
-        return f"cpu_kernels cannot be imported: {e}"
-    return dense_matmul.unavailable_reason() or moe_ffn.unavailable_reason()
-
-
-def auto_matmul(cfg, placement: Placement | None = None) -> str:
-    """The matmul backend "auto" means for such a runner: "cpu" where the C++ products can serve it
-    (``cpu_matmul_unfit``), else "xla"."""
-    return "xla" if cpu_matmul_unfit(cfg, placement) else "cpu"
-
-
-def auto_attention(cfg, placement: Placement | None = None, page_size: int | None = None,
-                   kv_dtype: str | None = None) -> str:
-    """The attention backend "auto" means for such a runner: "cpu" where the C++ kernel can serve
-    it (``cpu_attention_unfit``), else "xla"."""
-    return "xla" if cpu_attention_unfit(cfg, placement, page_size, kv_dtype) else "cpu"
-
-
 class ModelRunner:
     """Jitted prefill / decode over a slot cache for one model.
 
@@ -214,7 +167,7 @@ class ModelRunner:
         ``decode_steps``: the most plain decode steps one call may run (``dispatch_decode``'s
         ``steps``), each compiled beside the single step; 1 on a mesh (``max_decode_steps``).
         ``matmul_backend``: ``dense_cpu.MATMUL_BACKENDS``, the dense projections' ("cpu": the C++
-        products of few rows, where ``cpu_matmul_unfit`` finds nothing against them)."""
+        products of few rows, where ``cpu_backends.cpu_matmul_unfit`` finds nothing against them)."""
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
         self.decode_steps = decode_steps
@@ -239,9 +192,9 @@ class ModelRunner:
         self._steps = unplaced_steps(self.graphdef, self.statics)
         groups = page_groups(placement, num_slots, page_size)
         if attention_backend == "cpu":
-            self._check_cpu_attention(page_size)
+            require_fit("attention", cpu_attention_unfit(self.cfg, placement, page_size, self.kv_dtype))
         if matmul_backend == "cpu":
-            self._check_cpu_matmul()
+            require_fit("matmul", cpu_matmul_unfit(self.cfg, placement))
         if groups > 1 and attention_backend == "pallas":
             raise ValueError(f"the pallas attention backend reads whole pages; pages split {groups} ways over the "
                              "mesh's data axis need the xla backend")
@@ -391,16 +344,6 @@ class ModelRunner:
 
         return seconds
 
-    def _check_cpu_attention(self, page_size: int | None) -> None:
-        reason = cpu_attention_unfit(self.cfg, self.placement, page_size, self.kv_dtype)
-        if reason is not None:
-            raise ValueError(f"the cpu attention backend cannot serve this runner: {reason}")
-
-    def _check_cpu_matmul(self) -> None:
-        reason = cpu_matmul_unfit(self.cfg, self.placement)
-        if reason is not None:
-            raise ValueError(f"the cpu matmul backend cannot serve this runner: {reason}")
-
     def set_backends(self, *, moe: str | None = None, attention: str | None = None, matmul: str | None = None) -> None:
         """Use these MoE dispatch / attention / matmul backends in every step (single-device runners;
         call before the first step: the kernel self-test's fallback)."""
@@ -409,9 +352,10 @@ class ModelRunner:
         if attention is not None:
             check_attention_backend(attention)
             if attention == "cpu":
-                self._check_cpu_attention(self.paging[1] if self.paging else None)
+                page_size = self.paging[1] if self.paging else None
+                require_fit("attention", cpu_attention_unfit(self.cfg, self.placement, page_size, self.kv_dtype))
         if matmul is not None and check_matmul_backend(matmul) == "cpu":
-            self._check_cpu_matmul()
+            require_fit("matmul", cpu_matmul_unfit(self.cfg, self.placement))
         self.moe_backend = moe if moe is not None else self.moe_backend
         self.statics = self.statics._replace(moe_backend=self.moe_backend,
                                              attention_backend=attention or self.statics.attention_backend,

@@ -12,7 +12,7 @@ a decode step's. With matmul backend "cpu" (a static argument of the forward, ch
 * ``head_tied(hidden, embed, "cpu")``: the logits of a model whose head is its embedding [V, D],
   read as it lies (XLA's product read it through a transposed operand, several times slower).
 
-Both apply to float32 weights (not quantized) and at most ``MAX_ROWS`` rows (a prefill's hundreds
+Each applies to float32 weights (not quantized) and at most ``MAX_ROWS`` rows (a prefill's hundreds
 of rows go to XLA's general product); otherwise XLA computes them. The kernels sum in one fixed
 order, so a row's result does not depend on the other rows of the call: a token gets the same bits
 in a decode and in a verification.
@@ -56,8 +56,9 @@ def split_spec(spec: str, x_ndim: int) -> tuple[str, str, str] | None:
     return x_free, contracted, w_free
 
 
-def project(spec: str, x: jax.Array, w, backend: str = "xla") -> jax.Array:
-    """``qeinsum(spec, x, w)``, through ``cpu_kernels.dense_matmul`` where ``backend`` is "cpu" and it applies."""
+def project(spec: str, x: jax.Array, w, backend: str = "xla", preferred_element_type=None) -> jax.Array:
+    """``qeinsum(spec, x, w, preferred_element_type=...)``, through ``cpu_kernels.dense_matmul`` where
+    ``backend`` is "cpu" and it applies (float32 in, float32 out)."""
     if check_matmul_backend(backend) == "cpu" and _float32(x, w):
         parts = split_spec(spec, x.ndim)
         if parts is not None:
@@ -69,7 +70,7 @@ def project(spec: str, x: jax.Array, w, backend: str = "xla") -> jax.Array:
                 depth = math.prod(x.shape[len(x_free):])
                 y = dense_matmul(x.reshape(rows, depth), w.reshape(depth, -1))
                 return y.reshape(*x.shape[:len(x_free)], *w.shape[len(contracted):])
-    return qeinsum(spec, x, w)
+    return qeinsum(spec, x, w, preferred_element_type=preferred_element_type)
 
 
 def head_tied(hidden: jax.Array, embed, backend: str = "xla") -> jax.Array:

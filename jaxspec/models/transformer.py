@@ -35,7 +35,6 @@ from jaxspec.models.kv_cache import KVCache
 from jaxspec.models.dense_cpu import head_tied, project
 from jaxspec.models.layers import MLP, Attention, RMSNorm, param, rope_inv_frequencies
 from jaxspec.models.moe import MoEBlock
-from jaxspec.models.quant import qeinsum
 
 
 class ForwardOutput(NamedTuple):
@@ -199,9 +198,7 @@ class Transformer(nnx.Module):
         """Final hidden states [B, T, D] -> logits [B, T, V] float32."""
         if self.cfg.tie_embeddings:
             return head_tied(hidden, self.embed[...], matmul_backend)
-        if hidden.dtype == jnp.float32:
-            return project("btd,dv->btv", hidden, self.lm_head[...], matmul_backend)
-        return qeinsum("btd,dv->btv", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+        return project("btd,dv->btv", hidden, self.lm_head[...], matmul_backend, preferred_element_type=jnp.float32)
 
 
 def check_aux_layers(aux_layers: tuple[int, ...], num_layers: int) -> None:

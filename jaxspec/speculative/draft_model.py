@@ -33,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from jaxspec.config import ModelConfig
-from jaxspec.engine.model_runner import auto_attention, auto_matmul, kv_buckets, prefill_buckets, slots_unsplit
+from jaxspec.engine.cpu_backends import auto_attention, auto_matmul
+from jaxspec.engine.model_runner import kv_buckets, prefill_buckets, slots_unsplit
 from jaxspec.engine.steps import params_tree, params_variables
 from jaxspec.mesh import Placement, check_placement, device_memory_bytes, draft_placement
 from jaxspec.models import KVCache, Transformer
